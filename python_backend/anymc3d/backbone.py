@@ -1,0 +1,274 @@
+"""Frozen 2D foundation backbones (DINOv2 / DINOv3 from timm), local weight loading and fingerprints.
+
+The backbone is built by timm from a short name and never edited; weights come only from a local
+file (safetensors, or an official ``.pth`` read with ``weights_only=True``), mapped by the family's
+own timm ``checkpoint_filter_fn`` and loaded strictly. A fingerprint of the loaded weights lets a
+plugin refuse a backbone it was not made for.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from torch import nn
+
+from anymc3d.errors import BackboneError
+from anymc3d.fileio import atomic_path
+
+logger = logging.getLogger(__name__)
+
+#: short name -> timm architecture. DINOv3 maps to timm's bias-free variants on purpose: the ``_qkvb``
+#: variants compute qkv with ``F.linear(x, qkv.weight)``, which would bypass a LoRA wrapper on ``qkv``.
+BACKBONES: dict[str, str] = {
+    "dinov2_vits14": "vit_small_patch14_dinov2",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2",
+    "dinov2_vitb14": "vit_base_patch14_dinov2",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
+    "dinov2_vitl14": "vit_large_patch14_dinov2",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2",
+    "dinov2_vitg14": "vit_giant_patch14_dinov2",
+    "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
+    "dinov3_vits16": "vit_small_patch16_dinov3",
+    "dinov3_vitb16": "vit_base_patch16_dinov3",
+    "dinov3_vitl16": "vit_large_patch16_dinov3",
+}
+
+#: safetensors metadata key under which our own backbone files record their architecture.
+SPEC_METADATA_KEY = "anymc3d.backbone"
+
+
+def family(name: str) -> str:
+    """'dinov2' or 'dinov3' for a short backbone name."""
+    return name.split("_", 1)[0]
+
+
+@dataclass
+class BackboneSpec:
+    """Which architecture to build; JSON-serialisable, stored in plugins and in our backbone files."""
+
+    name: str = field(metadata={"help": f"Short backbone name, one of {sorted(BACKBONES)}."})
+    img_size: int = field(default=224, metadata={"help": "Nominal input size; other multiples of the patch size work too."})
+    depth: Optional[int] = field(default=None, metadata={"help": "Override the block count (small test/demo backbones)."})
+    embed_dim: Optional[int] = field(default=None, metadata={"help": "Override the width (small test/demo backbones)."})
+    num_heads: Optional[int] = field(default=None, metadata={"help": "Override the head count (small test/demo backbones)."})
+
+    def __post_init__(self):
+        if self.name not in BACKBONES:
+            raise ValueError(f"backbone.name: unknown backbone {self.name!r}; known: {', '.join(sorted(BACKBONES))}")
+        if not isinstance(self.img_size, int) or self.img_size < 1:
+            raise ValueError(f"backbone.img_size: must be a positive integer, got {self.img_size!r}")
+        for f in ("depth", "embed_dim", "num_heads"):
+            value = getattr(self, f)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"backbone.{f}: must be a positive integer or null, got {value!r}")
+
+    @property
+    def timm_name(self) -> str:
+        return BACKBONES[self.name]
+
+    @property
+    def patch_size(self) -> int:
+        return 14 if family(self.name) == "dinov2" else 16
+
+    def same_architecture(self, other: "BackboneSpec") -> bool:
+        """True when weights of one fit the other (img_size may differ: inputs are sized dynamically)."""
+        a, b = asdict(self), asdict(other)
+        a.pop("img_size"), b.pop("img_size")
+        return a == b
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BackboneSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"backbone: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def create_backbone(spec: BackboneSpec) -> nn.Module:
+    """Build the timm model for ``spec`` with random init, frozen, in eval mode, no classifier.
+
+    ``dynamic_img_size`` lets plugins with other slice sizes share the resident backbone.
+    """
+    overrides = {k: v for k, v in (("depth", spec.depth), ("embed_dim", spec.embed_dim), ("num_heads", spec.num_heads)) if v}
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=spec.img_size,
+                                  dynamic_img_size=True, **overrides)
+    except Exception as exc:  # timm raises assorted errors for impossible overrides
+        raise BackboneError(f"cannot build backbone {spec.name} with {overrides or 'default settings'}: {exc}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def embed_dim(model: nn.Module) -> int:
+    return int(model.embed_dim)
+
+
+def patch_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """Patch-grid size (h, w) for a (height, width) input."""
+    ph, pw = model.patch_embed.patch_size
+    return height // ph, width // pw
+
+
+def read_weights(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a state dict and its metadata from safetensors or a ``.pth`` file, never unpickling objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"{path}: backbone weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            metadata = {}
+    except Exception as exc:
+        raise BackboneError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from exc
+    for key in ("teacher", "model", "state_dict"):  # official checkpoints sometimes nest the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path}: not a state dict of tensors")
+    state = {k.removeprefix("backbone."): v for k, v in state.items()}
+    return state, metadata
+
+
+def spec_from_file(path: os.PathLike | str) -> Optional[BackboneSpec]:
+    """The architecture recorded in one of our backbone files, or None for official/third-party files."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(SPEC_METADATA_KEY)
+    except Exception as exc:
+        raise BackboneError(f"{path}: cannot read backbone weights ({exc})") from exc
+    if raw is None:
+        return None
+    try:
+        return BackboneSpec.from_dict(json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise BackboneError(f"{path}: bad architecture metadata: {exc}") from exc
+
+
+def _filter_fn(spec: BackboneSpec):
+    if family(spec.name) == "dinov2":
+        from timm.models.vision_transformer import checkpoint_filter_fn
+    else:
+        from timm.models.eva import checkpoint_filter_fn
+    return checkpoint_filter_fn
+
+
+def _check_dinov3_qkv_bias(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """timm's filter silently drops ``qkv.bias`` when the model has none; refuse non-zero ones instead."""
+    has_bias = any(name.endswith("q_bias") for name, _ in model.named_parameters())
+    bad = [k for k, v in state.items() if k.endswith("attn.qkv.bias") and torch.count_nonzero(v) > 0]
+    if bad and not has_bias:
+        raise BackboneError(f"{path}: checkpoint has non-zero qkv biases ({bad[0]}), which this DINOv3 architecture "
+                            "does not have; it is not a supported DINOv3 checkpoint")
+
+
+def load_weights(model: nn.Module, spec: BackboneSpec, path: os.PathLike | str) -> None:
+    """Load ``path`` into ``model`` strictly, mapping official key layouts with timm's filter."""
+    path = Path(path)
+    state, _ = read_weights(path)
+    if family(spec.name) == "dinov3":
+        _check_dinov3_qkv_bias(state, model, path)
+    try:
+        state = _filter_fn(spec)(state, model)
+    except Exception as exc:
+        raise BackboneError(f"{path}: weights cannot be mapped to {spec.name} ({type(exc).__name__}: {exc})") from exc
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        parts = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
+                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                      ("mismatched shapes", wrong_shape)) if items]
+        raise BackboneError(f"{path}: weights do not fit backbone {spec.name}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the backbone's weights (names, shapes, float32 values): the same weights give the same
+    fingerprint whatever file layout they came from, and attached LoRA adapters do not change it."""
+    digest = hashlib.sha256()
+    base = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    for name, tensor in sorted(base.items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedBackbone:
+    """A built, weight-loaded, frozen backbone with what identifies it."""
+
+    model: nn.Module
+    spec: BackboneSpec
+    fingerprint: str
+    path: Optional[Path] = None
+
+
+def load_backbone(path: os.PathLike | str, spec: Optional[BackboneSpec] = None) -> LoadedBackbone:
+    """Build the architecture (from ``spec``, else from the file's metadata) and load the file into it."""
+    path = Path(path)
+    file_spec = spec_from_file(path)
+    spec = spec or file_spec
+    if spec is None:
+        raise BackboneError(f"{path}: the file does not say which architecture it holds; give the backbone name "
+                            "(it is taken from the plugin when one is given)")
+    if file_spec is not None and not file_spec.same_architecture(spec):
+        raise BackboneError(f"{path}: holds {file_spec.name} {file_spec.to_dict()}, but {spec.to_dict()} was asked for")
+    model = create_backbone(spec)
+    load_weights(model, spec, path)
+    return LoadedBackbone(model=model, spec=spec, fingerprint=fingerprint(model), path=path)
+
+
+def save_backbone(model: nn.Module, spec: BackboneSpec, path: os.PathLike | str) -> Path:
+    """Write the model's weights as safetensors with the architecture in the metadata (atomic rename)."""
+    path = Path(path)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(state, str(tmp), metadata={SPEC_METADATA_KEY: json.dumps(spec.to_dict())})
+    return path
+
+
+@torch.no_grad()
+def make_load_bearing(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-initialise a random backbone so that every block changes its input (demo and test backbones).
+
+    timm's DINO init starts LayerScale at 1e-5, so a random DINO backbone is near-identity and
+    attention near-uniform: tests would pass whatever the code does. Here linear and conv weights get
+    std 1/sqrt(fan_in), LayerScale gammas 0.3-1, tokens and position embeddings std 0.5.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim >= 2 and not name.endswith(("pos_embed", "cls_token", "reg_token")):
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+        elif name.endswith(("gamma", "gamma_1", "gamma_2")):
+            p.copy_(torch.rand(p.shape, generator=g) * 0.7 + 0.3)
+        elif name.endswith(("pos_embed", "cls_token", "reg_token")):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        elif name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model

@@ -1,0 +1,134 @@
+"""Heatmaps: where the model looked, per slice, weighted by slice importance and stacked to 3D.
+
+- ``attention`` (the paper's map): last block CLS -> patch attention, mean over heads, registers excluded.
+- ``rollout``: attention rollout (Abnar & Zuidema 2020) over all blocks, head mean, residual added.
+- ``grad_rollout`` / ``grad_last``: gradient-weighted attention (Chefer et al. 2021) for one finding,
+  rolled out over all blocks or taken from the last block only.
+
+Attention is read by hooking ``attn.attn_drop`` with ``fused_attn`` off: the hook sees the softmaxed
+(B, heads, N, N) matrix for timm's ``Attention`` and ``EvaAttention`` alike and leaves the output unchanged.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+METHODS = ("attention", "rollout", "grad_rollout", "grad_last")
+GRADIENT_METHODS = ("grad_rollout", "grad_last")
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"heatmap method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+class AttentionRecorder:
+    """Context manager recording the attention matrices of some blocks during a forward pass.
+
+    Args:
+        blocks: the transformer blocks to record (each has ``.attn.attn_drop``).
+        reduce: applied to each (B, heads, N, N) matrix before it is kept (e.g. keep the CLS row
+            only, to save memory); None keeps the matrix as it is.
+        retain_grad: keep the gradient of each recorded matrix (for gradient methods; ``reduce``
+            must then be None and the forward must build a graph).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], reduce: Optional[Callable] = None, retain_grad: bool = False):
+        if retain_grad and reduce is not None:
+            raise ValueError("retain_grad needs the full attention matrices (reduce=None)")
+        self.blocks = list(blocks)
+        self.reduce = reduce
+        self.retain_grad = retain_grad
+        self.maps: list[torch.Tensor] = []
+        self._handles: list = []
+        self._fused: list[bool] = []
+
+    def _hook(self, module, inputs, output):
+        if self.retain_grad and output.requires_grad:
+            output.retain_grad()
+        self.maps.append(output if self.reduce is None else self.reduce(output))
+
+    def __enter__(self) -> "AttentionRecorder":
+        self.maps = []
+        try:
+            for blk in self.blocks:
+                self._fused.append(blk.attn.fused_attn)
+                blk.attn.fused_attn = False
+                self._handles.append(blk.attn.attn_drop.register_forward_hook(self._hook))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for blk, fused in zip(self.blocks, self._fused):
+            blk.attn.fused_attn = fused
+        self._handles, self._fused = [], []
+
+
+def cls_row_mean(attn: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, N) -> (B, N): the CLS query's attention averaged over heads."""
+    return attn[:, :, 0, :].float().mean(dim=1)
+
+
+def head_mean(attn: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, N) -> (B, N, N)."""
+    return attn.float().mean(dim=1)
+
+
+def cls_attention(cls_rows: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """(B, N) CLS rows -> (B, P) attention on the patch tokens (CLS and registers dropped)."""
+    return cls_rows[:, num_prefix_tokens:]
+
+
+def attention_rollout(attentions: Sequence[torch.Tensor], num_prefix_tokens: int) -> torch.Tensor:
+    """Rollout of head-averaged attentions [(B, N, N) per block, first to last] -> (B, P).
+
+    Each block's matrix gets the identity (the residual path) and is row-normalised; the product over
+    blocks says how much each input token reaches the final CLS token.
+    """
+    b, n, _ = attentions[0].shape
+    eye = torch.eye(n, device=attentions[0].device)
+    rollout = eye.expand(b, n, n)
+    for a in attentions:
+        a = a.float() + eye
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a @ rollout  # (B, N, N)
+    return rollout[:, 0, num_prefix_tokens:]
+
+
+def gradient_rollout(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], num_prefix_tokens: int,
+                     last_only: bool = False) -> torch.Tensor:
+    """Gradient-weighted attention relevance [(B, heads, N, N) per block, first to last] -> (B, P).
+
+    A_l = mean_heads(relu(grad_l * attn_l)); rollout R = prod_l (I + A_l) applied as R <- R + A_l R;
+    ``last_only`` returns the last block's A_L CLS row.
+    """
+    weighted = [(g.float() * a.float()).clamp(min=0).mean(dim=1) for a, g in zip(attentions, grads)]  # (B, N, N)
+    if last_only:
+        return weighted[-1][:, 0, num_prefix_tokens:]
+    b, n, _ = weighted[0].shape
+    relevance = torch.eye(n, device=weighted[0].device).expand(b, n, n)
+    for a in weighted:
+        relevance = relevance + a @ relevance  # (B, N, N)
+    return relevance[:, 0, num_prefix_tokens:]
+
+
+def to_grid(patch_maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(S, P) per-patch values -> (S, h, w) on the patch grid (timm flattens patches row-major)."""
+    return patch_maps.reshape(patch_maps.shape[0], *grid)
+
+
+def weight_by_importance(slice_maps: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """Stack per-slice maps (S, h, w) into the volume heatmap: each slice weighted by a_s, max -> 1.
+
+    A map that is zero everywhere stays zero (no division by zero).
+    """
+    volume = slice_maps.float() * importance.float().reshape(-1, 1, 1)  # (S, h, w)
+    peak = volume.max()
+    return volume / peak if peak > 0 else volume

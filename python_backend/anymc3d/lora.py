@@ -1,0 +1,142 @@
+"""LoRA adapters (peft) on the frozen backbone: one named adapter per plugin view.
+
+Several plugins share one resident backbone: each view of each plugin is a named peft adapter on the
+patch embedding and every attention qkv / output projection; switching plugins switches the active
+adapter, never the backbone. Adapter weights travel as plain tensors in the plugin file.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+from peft import LoraConfig
+from peft.functional import (delete_adapter, get_peft_model_state_dict, inject_adapter_in_model,
+                             set_adapter, set_peft_model_state_dict)
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from anymc3d.errors import PluginError
+
+#: regex over module names: the patch-embedding conv and each block's attention qkv / output projection.
+DEFAULT_TARGET = r".*(patch_embed\.proj|attn\.qkv|attn\.proj)"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters of a plugin (the paper: rank 8, alpha 16, B zero-initialised)."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input during training."})
+    target_modules: str = field(default=DEFAULT_TARGET, metadata={"help": "Regex of the module names to adapt."})
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank: must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha: must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError("lora.target_modules: must be a non-empty regex")
+
+    def to_peft(self) -> LoraConfig:
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, init_lora_weights=True)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraSettings":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"lora: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def lora_layers(model: nn.Module) -> dict[str, BaseTunerLayer]:
+    """The adapted modules of ``model`` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def adapter_names(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for layer in lora_layers(model).values():
+        names.update(layer.lora_A.keys())
+    return names
+
+
+def add_adapter(model: nn.Module, name: str, settings: LoraSettings) -> None:
+    """Inject a fresh adapter (B = 0, so the backbone output is unchanged) named ``name``.
+
+    The active adapter stays what it was, and every weight stays frozen: training marks what it trains
+    with :func:`set_trainable`.
+    """
+    if name in adapter_names(model):
+        raise PluginError(f"adapter {name!r} is already attached")
+    active = active_adapter(model) if lora_layers(model) else None
+    with warnings.catch_warnings():  # peft warns that several adapters share the model: that is the design
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        inject_adapter_in_model(settings.to_peft(), model, adapter_name=name)
+    model.requires_grad_(False)
+    activate(model, active)
+
+
+def set_trainable(model: nn.Module, name: Optional[str]) -> None:
+    """Only adapter ``name``'s weights require grad (None: nothing in the backbone does)."""
+    for pname, p in model.named_parameters():
+        p.requires_grad_(name is not None and f".{name}." in pname)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    delete_adapter(model, name)
+
+
+def active_adapter(model: nn.Module) -> Optional[str]:
+    """The active adapter, or None when the bare backbone runs."""
+    for layer in lora_layers(model).values():
+        if layer.disable_adapters:
+            return None
+        return layer.active_adapters[0] if layer.active_adapters else None
+    return None
+
+
+def activate(model: nn.Module, name: Optional[str]) -> None:
+    """Make adapter ``name`` the active one; None runs the bare backbone. Costs no weight copy."""
+    layers = lora_layers(model)
+    if name is not None and name not in adapter_names(model):
+        raise PluginError(f"no adapter {name!r} is attached")
+    # peft's switches also flip requires_grad; trainability is the caller's choice, so keep it
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    if name is not None:
+        set_adapter(model, name)
+    for layer in layers.values():
+        layer.enable_adapters(name is not None)
+    for n, p in model.named_parameters():
+        p.requires_grad_(requires_grad[n])
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, keyed by module path without the adapter name (portable across names)."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+
+
+def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Load tensors from :func:`adapter_state` into adapter ``name``, refusing missing or misshaped keys."""
+    expected = get_peft_model_state_dict(model, adapter_name=name)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise PluginError(f"LoRA weights do not fit the backbone: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, mismatched shapes {wrong[:3]}")
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    if getattr(result, "unexpected_keys", None):
+        raise PluginError(f"LoRA weights were not all used: {result.unexpected_keys[:3]}")
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

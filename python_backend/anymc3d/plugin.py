@@ -1,0 +1,341 @@
+"""Task plugins: the ~1 M parameters that turn the frozen backbone into a classifier for one task.
+
+A plugin is ``plugin.json`` (task, labels, preprocessing, LoRA settings, backbone name and fingerprint,
+Platt calibration, thresholds, format version) plus ``plugin.safetensors`` (per-view LoRA, queries,
+head). On disk it is a folder holding those two files, or a ``.anymc3d`` file: an uncompressed zip of
+the same two files. Loading never unpickles; the JSON is validated against a schema and against the
+tensors, and the tensors against a hash recorded in the JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jsonschema
+import safetensors.torch
+import torch
+from torch import nn
+
+from anymc3d import __version__
+from anymc3d.backbone import BackboneSpec
+from anymc3d.errors import PluginError
+from anymc3d.fileio import atomic_path
+from anymc3d.lora import LoraSettings
+from anymc3d.pooling import TaskQueryPool
+from anymc3d.preprocessing import PreprocessConfig
+
+FORMAT_VERSION = 1
+KINDS = ("slice_lora",)  # the PlaneCycle lifted-feature head will be a second kind
+TASKS = ("multilabel", "multiclass")
+JSON_NAME, WEIGHTS_NAME = "plugin.json", "plugin.safetensors"
+PLUGIN_SUFFIX = ".anymc3d"
+MAX_MEMBER_BYTES = 4 * 1024 ** 3
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a plugin or label name."""
+    return _SAFE_NAME.sub("_", name)
+
+
+@dataclass
+class PluginConfig:
+    """The metadata of a plugin, as stored in ``plugin.json``."""
+
+    name: str = field(metadata={"help": "Task name, shown to the user and used in output file names."})
+    labels: list[str] = field(metadata={"help": "Finding names, in head output order."})
+    task: str = field(metadata={"help": "'multilabel' (sigmoid per finding) or 'multiclass' (softmax)."})
+    backbone: BackboneSpec = field(metadata={"help": "The backbone architecture the plugin was made for."})
+    backbone_fingerprint: str = field(metadata={"help": "SHA-256 of that backbone's weights."})
+    views: list[str] = field(default_factory=lambda: ["image"], metadata={"help": "View names, in input order."})
+    preprocessing: list[PreprocessConfig] = field(default_factory=lambda: [PreprocessConfig()],
+                                                  metadata={"help": "Preprocessing recipe per view."})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings (same for every view)."})
+    calibration_a: Optional[list[float]] = field(default=None, metadata={"help": "Platt slope per finding (default 1)."})
+    calibration_b: Optional[list[float]] = field(default=None, metadata={"help": "Platt offset per finding (default 0)."})
+    thresholds: Optional[list[float]] = field(default=None, metadata={"help": "Decision threshold per finding on the calibrated probability (default 0.5)."})
+    description: str = field(default="", metadata={"help": "Free text: data, intended use, limits."})
+    kind: str = field(default="slice_lora", metadata={"help": f"Plugin kind, one of {KINDS}."})
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Plugin file format version."})
+    anymc3d_version: str = field(default=__version__, metadata={"help": "Version of anymc3d that wrote it."})
+    weights_sha256: str = field(default="", metadata={"help": "SHA-256 of plugin.safetensors (set on save)."})
+
+    def __post_init__(self):
+        n = len(self.labels)
+        self.calibration_a = [1.0] * n if self.calibration_a is None else [float(x) for x in self.calibration_a]
+        self.calibration_b = [0.0] * n if self.calibration_b is None else [float(x) for x in self.calibration_b]
+        self.thresholds = [0.5] * n if self.thresholds is None else [float(x) for x in self.thresholds]
+        self._validate()
+
+    def _validate(self):
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"format_version: this anymc3d reads version {FORMAT_VERSION}, the plugin is {self.format_version}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: must be one of {KINDS}, got {self.kind!r}")
+        if not self.name.strip():
+            raise ValueError("name: must not be empty")
+        if not self.labels or len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
+            raise ValueError(f"labels: need one or more distinct, non-empty names, got {self.labels!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task: must be one of {TASKS}, got {self.task!r}")
+        if self.task == "multiclass" and len(self.labels) < 2:
+            raise ValueError("labels: a multiclass task needs at least two classes")
+        if not self.views or len(set(self.views)) != len(self.views):
+            raise ValueError(f"views: need one or more distinct names, got {self.views!r}")
+        if len(self.preprocessing) != len(self.views):
+            raise ValueError(f"preprocessing: one recipe per view expected ({len(self.views)}), got {len(self.preprocessing)}")
+        for key in ("calibration_a", "calibration_b", "thresholds"):
+            values = getattr(self, key)
+            if len(values) != len(self.labels):
+                raise ValueError(f"{key}: {len(values)} values for {len(self.labels)} labels")
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{key}: values must be finite")
+        if not all(a > 0 for a in self.calibration_a):
+            raise ValueError("calibration_a: Platt slopes must be positive (a negative slope would invert the ranking)")
+        if not all(0.0 < t < 1.0 for t in self.thresholds):
+            raise ValueError("thresholds: must lie strictly between 0 and 1")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.backbone_fingerprint):
+            raise ValueError("backbone_fingerprint: must be a SHA-256 hex digest")
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": self.format_version, "kind": self.kind, "name": self.name, "labels": list(self.labels),
+            "task": self.task, "views": list(self.views), "preprocessing": [p.to_dict() for p in self.preprocessing],
+            "lora": self.lora.to_dict(), "backbone": self.backbone.to_dict(),
+            "backbone_fingerprint": self.backbone_fingerprint, "calibration_a": self.calibration_a,
+            "calibration_b": self.calibration_b, "thresholds": self.thresholds, "description": self.description,
+            "anymc3d_version": self.anymc3d_version, "weights_sha256": self.weights_sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PluginConfig":
+        d = dict(d)
+        d["backbone"] = BackboneSpec.from_dict(d["backbone"])
+        d["lora"] = LoraSettings.from_dict(d["lora"])
+        d["preprocessing"] = [PreprocessConfig.from_dict(p) for p in d["preprocessing"]]
+        return cls(**d)
+
+
+def _schema() -> dict:
+    return json.loads(resources.files("anymc3d").joinpath("schemas/plugin.schema.json").read_text())
+
+
+def validate_metadata(d: dict, source: str | os.PathLike = "plugin") -> PluginConfig:
+    """Check ``plugin.json`` contents against the schema and the semantic rules; name the problem."""
+    try:
+        jsonschema.validate(d, _schema())
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise PluginError(f"{source}: invalid plugin metadata at {where}: {exc.message}") from None
+    try:
+        return PluginConfig.from_dict(d)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise PluginError(f"{source}: invalid plugin metadata: {exc}") from None
+
+
+class TaskPlugin(nn.Module):
+    """Query pooling and linear head of a plugin (its LoRA lives on the shared backbone).
+
+    Single view: the task query pools the slices. Several views: a query per view pools that view's
+    slices, then the task query pools the view embeddings (late fusion).
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, num_views: int = 1, *, device=None, dtype=None):
+        """
+        Args:
+            embed_dim: backbone width C.
+            num_classes: number of findings (head outputs).
+            num_views: number of views (one LoRA adapter and one view query each when > 1).
+            device, dtype: where the parameters are created.
+        """
+        super().__init__()
+        self.embed_dim, self.num_classes, self.num_views = embed_dim, num_classes, num_views
+        self.view_pools = nn.ModuleList(
+            [TaskQueryPool(embed_dim, device=device, dtype=dtype) for _ in range(num_views)]) if num_views > 1 else None
+        self.task_pool = TaskQueryPool(embed_dim, device=device, dtype=dtype)
+        self.head = nn.Linear(embed_dim, num_classes, device=device, dtype=dtype)
+
+    def pool(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Pool slice embeddings of each view into one case embedding.
+
+        Args:
+            views: one (B, S_v, C) tensor of slice embeddings per view.
+
+        Returns:
+            v: (B, C) case embedding; slice_importance: one (B, S_v) tensor per view.
+        """
+        if self.view_pools is None:
+            v, a = self.task_pool(views[0])
+            return v, [a]
+        pooled = [pool(h) for pool, h in zip(self.view_pools, views)]
+        view_embeddings = torch.stack([v for v, _ in pooled], dim=1)  # (B, V, C)
+        v, _ = self.task_pool(view_embeddings)
+        return v, [a for _, a in pooled]
+
+    def forward_head(self, v: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C) -> (B, num_classes) logits (or the embedding itself when ``pre_logits``)."""
+        return v if pre_logits else self.head(v)
+
+    def forward(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        v, _ = self.pool(views)
+        return self.forward_head(v)
+
+
+def calibrated_logits(logits: torch.Tensor, config: PluginConfig) -> torch.Tensor:
+    """Platt scaling per finding: a_c * z + b_c."""
+    a = torch.tensor(config.calibration_a, dtype=logits.dtype, device=logits.device)
+    b = torch.tensor(config.calibration_b, dtype=logits.dtype, device=logits.device)
+    return logits * a + b
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Sigmoid per finding (multilabel) or softmax over findings (multiclass)."""
+    return logits.sigmoid() if task == "multilabel" else logits.softmax(dim=-1)
+
+
+@dataclass
+class LoadedPlugin:
+    """A plugin read from disk: metadata, head module and per-view LoRA tensors."""
+
+    config: PluginConfig
+    head: TaskPlugin
+    lora: list[dict[str, torch.Tensor]]
+    path: Optional[Path] = None
+
+
+def _split_tensors(tensors: dict[str, torch.Tensor], config: PluginConfig, source) -> tuple[TaskPlugin, list[dict]]:
+    head_w = tensors.get("head.weight")
+    if head_w is None or head_w.ndim != 2:
+        raise PluginError(f"{source}: the weights have no head")
+    num_classes, embed_dim = head_w.shape
+    if num_classes != len(config.labels):
+        raise PluginError(f"{source}: plugin.json lists {len(config.labels)} labels but the head has {num_classes} outputs")
+    head = TaskPlugin(embed_dim, num_classes, len(config.views))
+    head_state = {k: v for k, v in tensors.items() if not k.startswith("lora.")}
+    try:
+        head.load_state_dict(head_state, strict=True)
+    except RuntimeError as exc:
+        raise PluginError(f"{source}: head weights do not fit {len(config.views)} view(s): {str(exc).splitlines()[0]}") from None
+    lora = [{} for _ in config.views]
+    for key, value in tensors.items():
+        if key.startswith("lora."):
+            _, view, rest = key.split(".", 2)
+            if not view.isdigit() or int(view) >= len(lora):
+                raise PluginError(f"{source}: LoRA tensor {key} names view {view}, the plugin has {len(lora)}")
+            lora[int(view)][rest] = value
+    if not all(lora):
+        raise PluginError(f"{source}: some views have no LoRA weights")
+    return head, lora
+
+
+def _join_tensors(head: TaskPlugin, lora: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    for view, state in enumerate(lora):
+        tensors.update({f"lora.{view}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
+    return tensors
+
+
+def plugin_bytes(config: PluginConfig, head: TaskPlugin, lora: Sequence[dict[str, torch.Tensor]]) -> tuple[bytes, bytes]:
+    """The two members of a plugin: (plugin.json bytes, plugin.safetensors bytes); sets the weights hash."""
+    if len(lora) != len(config.views):
+        raise PluginError(f"plugin {config.name}: {len(lora)} LoRA states for {len(config.views)} views")
+    if head.num_classes != len(config.labels):
+        raise PluginError(f"plugin {config.name}: head has {head.num_classes} outputs for {len(config.labels)} labels")
+    weights = safetensors.torch.save(_join_tensors(head, lora))
+    config.weights_sha256 = hashlib.sha256(weights).hexdigest()
+    meta = json.dumps(config.to_dict(), indent=2, sort_keys=True).encode()
+    return meta, weights
+
+
+def save_plugin(path: os.PathLike | str, config: PluginConfig, head: TaskPlugin,
+                lora: Sequence[dict[str, torch.Tensor]]) -> Path:
+    """Write a plugin: a ``.anymc3d`` file, or a folder for any other path. Atomic: temp name, then rename."""
+    path = Path(path)
+    meta, weights = plugin_bytes(config, head, lora)
+    if path.suffix == PLUGIN_SUFFIX:
+        with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for name, data in ((JSON_NAME, meta), (WEIGHTS_NAME, weights)):
+                zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+        return path
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        (tmp_dir / JSON_NAME).write_bytes(meta)
+        (tmp_dir / WEIGHTS_NAME).write_bytes(weights)
+        if path.exists():
+            raise PluginError(f"{path}: exists already; remove it first")
+        os.replace(tmp_dir, path)
+    finally:
+        if tmp_dir.exists():
+            for child in tmp_dir.iterdir():
+                child.unlink()
+            tmp_dir.rmdir()
+    return path
+
+
+def _read_members(path: Path) -> tuple[bytes, bytes]:
+    if path.is_dir():
+        files = [path / JSON_NAME, path / WEIGHTS_NAME]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise PluginError(f"{path}: plugin folder lacks {', '.join(missing)}")
+        return files[0].read_bytes(), files[1].read_bytes()
+    if not path.is_file():
+        raise PluginError(f"{path}: plugin not found")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if names != {JSON_NAME, WEIGHTS_NAME}:
+                raise PluginError(f"{path}: a plugin file holds exactly {JSON_NAME} and {WEIGHTS_NAME}, found {sorted(names)}")
+            if any(zf.getinfo(n).file_size > MAX_MEMBER_BYTES for n in names):
+                raise PluginError(f"{path}: plugin member larger than {MAX_MEMBER_BYTES} bytes")
+            return zf.read(JSON_NAME), zf.read(WEIGHTS_NAME)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise PluginError(f"{path}: not a readable plugin file ({exc})") from None
+
+
+def _parse_json(raw: bytes, path: Path) -> dict:
+    try:
+        d = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PluginError(f"{path}: {JSON_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise PluginError(f"{path}: {JSON_NAME} must hold a JSON object")
+    return d
+
+
+def read_plugin_metadata(path: os.PathLike | str) -> dict:
+    """The validated ``plugin.json`` of a plugin file or folder, as a dict (for listings and ``info``)."""
+    path = Path(path)
+    raw, _ = _read_members(path)
+    return validate_metadata(_parse_json(raw, path), path).to_dict()
+
+
+def load_plugin(path: os.PathLike | str) -> LoadedPlugin:
+    """Read and check a plugin: schema, weights hash, label count against the head, views against LoRA."""
+    path = Path(path)
+    raw, weights = _read_members(path)
+    config = validate_metadata(_parse_json(raw, path), path)
+    if hashlib.sha256(weights).hexdigest() != config.weights_sha256:
+        raise PluginError(f"{path}: {WEIGHTS_NAME} does not match the hash in {JSON_NAME} (file altered or damaged)")
+    try:
+        tensors = safetensors.torch.load(weights)
+    except Exception as exc:
+        raise PluginError(f"{path}: cannot read {WEIGHTS_NAME} ({exc})") from None
+    head, lora = _split_tensors(tensors, config, path)
+    return LoadedPlugin(config=config, head=head, lora=lora, path=path)
+
+
+def find_plugins(folder: os.PathLike | str) -> list[Path]:
+    """Plugins in a folder: ``*.anymc3d`` files and sub-folders holding a ``plugin.json``, sorted."""
+    folder = Path(folder)
+    found = [p for p in folder.iterdir() if (p.suffix == PLUGIN_SUFFIX and p.is_file()) or (p / JSON_NAME).is_file()]
+    return sorted(found)
