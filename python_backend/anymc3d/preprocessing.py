@@ -233,7 +233,7 @@ def find_images(folder: PathLike) -> list[Path]:
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_file() and _has_image_suffix(entry.name) or entry.is_dir() and _dicom_series(entry):
+        if (entry.is_file() and _has_image_suffix(entry.name)) or (entry.is_dir() and _dicom_series(entry)):
             found.append(entry)
     return found
 
@@ -280,18 +280,25 @@ def _check_header(
 
 
 def _check_nifti_voxels(path: Path) -> None:
-    """Second look at NIfTI voxels with nibabel: truncated data and NaN/Inf (SimpleITK hides both)."""
+    """Second look at NIfTI voxels with nibabel: truncated data and NaN/Inf (SimpleITK hides both).
+
+    A plain .nii is checked against its size from the header; its voxels are read only if they are
+    floating point. A .nii.gz is decompressed in full (nibabel raises on a truncated stream).
+    Unscaled on-disk values are used: a finite scale keeps finite values finite.
+    """
     try:
-        nifti = nib.load(str(path))
-        proxy = nifti.dataobj
+        proxy = nib.load(str(path)).dataobj
+        dtype = np.dtype(proxy.dtype)
         if not path.name.lower().endswith(".gz"):
-            expected = int(proxy.offset) + math.prod(proxy.shape) * np.dtype(proxy.dtype).itemsize
+            expected = int(proxy.offset) + math.prod(proxy.shape) * dtype.itemsize
             actual = path.stat().st_size
             if actual < expected:
                 raise InputError(
                     path, f"NIfTI data is truncated: the file has {actual} bytes, the header needs {expected}"
                 )
-        data = np.asanyarray(proxy)
+            if dtype.kind not in "fc":
+                return
+        data = proxy.get_unscaled()
     except InputError:
         raise
     except (EOFError, OSError, ValueError) as error:
@@ -424,28 +431,28 @@ def normalize_intensity(voxels: np.ndarray, config: PreprocessConfig) -> np.ndar
         config: uses ``intensity``, the CT window, ``percentiles`` and ``zscore_clip``.
 
     Returns:
-        float32 array of the same shape, values in [0, 1] (a constant volume gives no NaN).
+        float32 array of the same shape in [0, 1]; a constant volume gives 0 (0.5 for mri_zscore), never NaN.
     """
     x = np.asarray(voxels, dtype=np.float32)
     if config.intensity == "ct":
         center, width = config.ct_window()
-        lo = center - width / 2
-        out = (np.clip(x, lo, lo + width) - lo) / width
+        lo, hi = center - width / 2, center + width / 2
     elif config.intensity == "mri_zscore":
         foreground = x[x > np.percentile(x, 1)]
         if foreground.size == 0:
             foreground = x
-        mean, std = float(foreground.mean()), float(foreground.std())
-        c = config.zscore_clip
-        z = np.clip((x - mean) / max(std, 1e-8), -c, c)
-        out = (z + c) / (2 * c)
+        mean, std = float(foreground.mean()), max(float(foreground.std()), 1e-8)
+        lo, hi = mean - config.zscore_clip * std, mean + config.zscore_clip * std  # z in [-c, c] -> [0, 1]
     elif config.intensity == "mri_percentile":
-        lo, hi = np.percentile(x, config.percentiles)
-        out = (np.clip(x, lo, hi) - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+        lo, hi = (float(p) for p in np.percentile(x, config.percentiles))
     else:  # "none": min-max
         lo, hi = float(x.min()), float(x.max())
-        out = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+    if not hi > lo:
+        return np.zeros(x.shape, dtype=np.float32)
+    out = np.clip(x, lo, hi)  # a new array: the input is never changed
+    out -= lo
+    out /= hi - lo
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _axis_map(input_direction: np.ndarray, oriented_direction: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, ...]]:
@@ -506,7 +513,10 @@ class SliceGeometry:
         Returns:
             float32 ``sitk.Image`` with exactly the input's size, origin, spacing and direction.
         """
-        v = torch.as_tensor(volume).detach().to("cpu", torch.float32)
+        if torch.is_tensor(volume):
+            v = volume.detach().to("cpu", torch.float32)
+        else:
+            v = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
         if v.ndim != 3:
             raise ValueError(f"volume must be (S, h, w), got shape {tuple(v.shape)}")
         target = self.slice_shape
@@ -590,7 +600,8 @@ def prepare(
         direction=tuple(image.GetDirection()),
     )
     voxels = normalize_intensity(sitk.GetArrayViewFromImage(oriented), config)  # (K, J, I) oriented
-    slices = torch.from_numpy(np.moveaxis(voxels, _numpy_slice_axis(oriented_axis), 0).copy())  # (S, H, W)
+    slices = np.moveaxis(voxels, _numpy_slice_axis(oriented_axis), 0)  # (S, H, W)
+    slices = torch.from_numpy(np.ascontiguousarray(slices))
     m = config.input_size
     if slices.shape[1:] != (m, m):
         slices = F.interpolate(slices[:, None], size=(m, m), mode="bilinear", antialias=True, align_corners=False)[:, 0]

@@ -263,7 +263,7 @@ def test_to_input_inverts_slicing_exactly(orientation, direction_name, slice_axi
     _assert_same_geometry(back, image)
     assert back.GetPixelID() == sitk.sitkFloat32
     np.testing.assert_allclose(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image), atol=1e-5)
-    back_torch = geometry.to_input(torch.from_numpy(slice_space.copy()))
+    back_torch = geometry.to_input(torch.from_numpy(slice_space.copy()))  # also: a non-contiguous array above
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back_torch), sitk.GetArrayFromImage(back))
 
 
@@ -363,6 +363,9 @@ def test_read_image_nifti_and_nrrd(tmp_path):
     assert image.GetSize() == (6, 5, 4) and image.GetPixelID() == sitk.sitkFloat32
     np.testing.assert_allclose(image.GetSpacing(), (0.8, 0.9, 2.5), atol=1e-6)
     np.testing.assert_allclose(sitk.GetArrayFromImage(image), data.transpose(2, 1, 0), atol=1e-6)
+    integers = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    image = read_image(_write_nifti(tmp_path / "int.nii", integers))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), integers.transpose(2, 1, 0))
     short = sitk.Cast(make_ct_volume(size=(8, 7, 5)), sitk.sitkInt16)
     sitk.WriteImage(short, str(tmp_path / "ok.nrrd"))
     back = read_image(tmp_path / "ok.nrrd")
@@ -483,9 +486,9 @@ def test_validate_image_in_memory():
     pp.validate_image(make_ct_volume(size=(8, 8, 4)))
 
 
-def _write_dicom_series(image, folder):
+def _write_dicom_series(image, folder, series_number=1, prefix=""):
     """SimpleITK's 'Dicom Series From Array' pattern: one file per slice with per-slice tags."""
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     date, clock = time.strftime("%Y%m%d"), time.strftime("%H%M%S")
@@ -494,9 +497,10 @@ def _write_dicom_series(image, folder):
         ("0008|0031", clock),
         ("0008|0021", date),
         ("0008|0008", "DERIVED\\SECONDARY"),
-        ("0020|000e", f"1.2.826.0.1.3680043.2.1125.{date}.1{clock}"),
+        ("0020|000e", f"1.2.826.0.1.3680043.2.1125.{date}.{series_number}{clock}"),
+        ("0020|0011", str(series_number)),
         ("0020|0037", "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))),
-        ("0008|103e", "anymc3d test"),
+        ("0008|103e", f"anymc3d test {series_number}"),
         ("0008|0060", "CT"),
     ]
     for k in range(image.GetDepth()):
@@ -507,8 +511,19 @@ def _write_dicom_series(image, folder):
         piece.SetMetaData("0008|0013", clock)
         piece.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
         piece.SetMetaData("0020|0013", str(k))
-        writer.SetFileName(str(folder / f"{k}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{k}.dcm"))
         writer.Execute(piece)
+
+
+def test_read_dicom_folder_with_two_series_takes_the_larger(tmp_path, caplog):
+    large = sitk.Cast(make_ct_volume(size=(8, 8, 5), spacing=(1.0, 1.0, 2.0)), sitk.sitkInt16)
+    small = sitk.Cast(make_ct_volume(size=(6, 6, 3), spacing=(1.0, 1.0, 3.0)), sitk.sitkInt16)
+    _write_dicom_series(small, tmp_path / "mixed", series_number=1, prefix="a")
+    _write_dicom_series(large, tmp_path / "mixed", series_number=2, prefix="b")
+    with caplog.at_level("WARNING", logger="anymc3d.preprocessing"):
+        image = read_image(tmp_path / "mixed")
+    assert image.GetSize() == (8, 8, 5)
+    assert "2 DICOM series found" in caplog.text
 
 
 def test_read_dicom_series_and_find_images(tmp_path):
