@@ -1,0 +1,570 @@
+"""AnyMC3DSlicerLogic: moves data between the MRML scene and the ``anymc3d`` backend process.
+
+The Logic gets the scene and a process runner in its constructor, so the same code runs in the Slicer
+application (``QProcessRunner``) and in pytest on a slicer-core scene (``SubprocessRunner`` or a fake runner).
+A prediction is asynchronous: ``startPrediction`` writes the inputs to a fresh temporary folder, starts
+``anymc3d predict ... --progress json`` and returns a ``PredictionJob``; progress arrives by stage through a
+callback, and at the end the results are imported only if the exit code is 0 and every expected output exists.
+The temporary folder is removed whatever the outcome; a failed or cancelled run leaves the scene as it was.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import slicer
+
+from . import outputs
+from .parameters import GRADIENT_METHODS, DisplayOptions, PredictionOptions
+from .process import ExitCode, SubprocessRunner, lastErrorLine, parseEventLine
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+INPUT_FORMAT = "nrrd"  # NRRD stores the geometry in double precision (NIfTI in float32): IJK-to-RAS kept exactly
+
+# Share of the progress bar per stage of one case.
+STAGE_RANGES = {"starting": (0.0, 0.0), "reading": (0.0, 0.05), "encoding": (0.05, 0.8), "heatmap": (0.8, 0.9),
+                "writing": (0.9, 0.95), "importing": (0.95, 1.0), "done": (1.0, 1.0)}
+
+
+@dataclasses.dataclass
+class Progress:
+    """One progress report: ``stage`` is starting, reading, encoding, heatmap, writing, importing or done."""
+
+    stage: str
+    fraction: float
+    done: int = 0
+    total: int = 0
+    case: int = 0
+    cases: int = 1
+
+    @property
+    def message(self):
+        if self.stage == "encoding" and self.total:
+            return f"Encoding slices {self.done}/{self.total}"
+        return {"starting": "Starting the backend", "reading": "Reading the volume", "heatmap": "Computing the heatmap",
+                "writing": "Writing the results", "importing": "Importing the results", "done": "Done"}.get(self.stage, self.stage)
+
+
+@dataclasses.dataclass
+class PredictionOutputs:
+    """The nodes a successful prediction added to the scene."""
+
+    inputNode: object
+    tableNode: object
+    heatmapNodes: list
+    importanceTableNode: object
+    chartNode: object
+    folderItem: int
+    record: dict
+
+
+@dataclasses.dataclass
+class CaseResult:
+    """Outcome of one case: ``status`` is "ok", "failed" or "cancelled"."""
+
+    name: str
+    status: str
+    message: str = ""
+    exitCode: int = 0
+    outputs: PredictionOutputs = None
+
+
+def fileSafe(name):
+    """File-safe name, as the backend makes label and plugin names (``[^A-Za-z0-9_.-]`` -> ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(name)) or "volume"
+
+
+def imageStem(path):
+    name = os.path.basename(path)
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def imageFilesInFolder(folder):
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(folder, name)))
+
+
+def defaultRunner():
+    try:
+        import qt  # noqa: F401
+    except ImportError:
+        return SubprocessRunner()
+    from .process import QProcessRunner
+
+    return QProcessRunner()
+
+
+def defaultBackendCommand():
+    """``PythonSlicer -m anymc3d`` in Slicer (PythonSlicer is on PATH there), else this Python."""
+    return [shutil.which("PythonSlicer") or sys.executable, "-m", "anymc3d"]
+
+
+def _moduleLogic(scene, moduleName, className):
+    modules = getattr(slicer, "modules", None)
+    if modules is not None and hasattr(modules, moduleName):
+        return getattr(modules, moduleName).logic()
+    logic = getattr(slicer, className)()
+    logic.SetMRMLScene(scene)
+    return logic
+
+
+class PredictionJob:
+    """One running ``anymc3d predict`` process and the import of its results."""
+
+    def __init__(self, logic, name, inputs, command, tempDir, pluginCount, options, displayOptions, onProgress, onFinished):
+        self.logic = logic
+        self.name = name
+        self.inputs = inputs
+        self.command = command
+        self.tempDir = tempDir
+        self.pluginCount = pluginCount
+        self.options = options
+        self.displayOptions = displayOptions
+        self.onProgress = onProgress
+        self.onFinished = onFinished
+        self.jsonPath = os.path.join(tempDir, "results.json")
+        self.heatmapDir = os.path.join(tempDir, "heatmaps")
+        self.stdoutLog = []
+        self.stderrLog = []
+        self.events = []
+        self.caseErrors = []
+        self.result = None
+        self._caseBase = None
+
+    @property
+    def done(self):
+        return self.result is not None
+
+    def start(self):
+        self._report(Progress("starting", 0.0))
+        try:
+            self.logic.runner.start(self.command, self._onStdoutLine, self._onStderrLine, self._onFinished,
+                                    env=self.logic.backendEnvironment())
+        except Exception as error:
+            self._finish(CaseResult(self.name, "failed", f"Cannot start the backend: {error}", int(ExitCode.FATAL)))
+
+    def cancel(self):
+        if not self.done:
+            self.logic.runner.cancel()
+
+    def wait(self, timeout=None):
+        """Deliver the runner's callbacks until the job is finished (tests, self-test). False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            self.logic.runner.processEvents(0.05)
+        return True
+
+    # Backend output
+
+    def _onStdoutLine(self, line):
+        event = parseEventLine(line)
+        if event is None:
+            self.stdoutLog.append(line)
+            return
+        self.events.append(event)
+        kind = event["event"]
+        if kind == "progress":
+            case, cases = int(event.get("case", 0)), max(1, int(event.get("cases", 1)))
+            if self._caseBase is None:
+                self._caseBase = 0 if case == 0 else 1  # the contract does not say whether cases count from 0 or 1
+            caseIndex = min(max(case - self._caseBase, 0), cases - 1)
+            stage = str(event.get("stage", ""))
+            done, total = int(event.get("done", 0)), int(event.get("total", 0))
+            low, high = STAGE_RANGES.get(stage, (0.0, 0.95))
+            within = low + (high - low) * (done / total if total else 0.0)
+            self._report(Progress(stage, (caseIndex + within) / cases, done, total, caseIndex, cases))
+        elif kind == "case_done" and event.get("status") != "ok":
+            self.caseErrors.append(str(event.get("error") or "unknown error"))
+
+    def _onStderrLine(self, line):
+        self.stderrLog.append(line)
+        del self.stderrLog[:-200]
+
+    def _onFinished(self, exitCode):
+        try:
+            if exitCode == ExitCode.CANCELLED:
+                result = CaseResult(self.name, "cancelled", "Cancelled", int(ExitCode.CANCELLED))
+            elif exitCode != 0:
+                message = "; ".join(self.caseErrors) or lastErrorLine(self.stderrLog) or f"The backend exited with code {exitCode}"
+                result = CaseResult(self.name, "failed", message, int(exitCode))
+            else:
+                self._report(Progress("importing", STAGE_RANGES["importing"][0]))
+                try:
+                    record = self.logic.readRecord(self.jsonPath, self.pluginCount, self.tempDir, self.options)
+                    importedOutputs = self.logic.importResults(record, self.inputs, self.options, self.displayOptions)
+                    result = CaseResult(self.name, "ok", "", 0, importedOutputs)
+                except Exception as error:
+                    result = CaseResult(self.name, "failed", f"Cannot import the results: {error}", 0)
+        finally:
+            shutil.rmtree(self.tempDir, ignore_errors=True)
+        self._finish(result)
+
+    def _finish(self, result):
+        shutil.rmtree(self.tempDir, ignore_errors=True)
+        self.result = result
+        if result.status == "ok":
+            self._report(Progress("done", 1.0))
+        if self.onFinished:
+            self.onFinished(result)
+
+    def _report(self, progress):
+        if self.onProgress:
+            self.onProgress(progress)
+
+
+class BatchJob:
+    """Cases run one after another; a bad case is reported and skipped. ``results``: one CaseResult per case."""
+
+    def __init__(self, logic, cases, startCase, onCaseDone, onFinished, onProgress):
+        self.logic = logic
+        self.cases = list(cases)
+        self.startCase = startCase
+        self.onCaseDone = onCaseDone
+        self.onFinished = onFinished
+        self.onProgress = onProgress
+        self.results = []
+        self.current = None
+        self.cancelled = False
+        self.done = False
+
+    def start(self):
+        self._next()
+
+    def _next(self):
+        index = len(self.results)
+        if self.cancelled or index >= len(self.cases):
+            self.done = True
+            if self.onFinished:
+                self.onFinished(self.results)
+            return
+
+        def caseProgress(progress):
+            if self.onProgress:
+                self.onProgress(dataclasses.replace(progress, case=index, cases=len(self.cases),
+                                                    fraction=(index + progress.fraction) / len(self.cases)))
+
+        self.current = self.startCase(self.cases[index], caseProgress, self._onCaseFinished)
+
+    def _onCaseFinished(self, result):
+        self.results.append(result)
+        if result.status == "cancelled":
+            self.cancelled = True
+        if self.onCaseDone:
+            self.onCaseDone(result)
+        self._next()
+
+    def cancel(self):
+        self.cancelled = True
+        if self.current is not None:
+            self.current.cancel()
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            self.logic.runner.processEvents(0.05)
+        return True
+
+
+class AnyMC3DSlicerLogic:
+    """Runs the backend on scene volumes (or image files) and imports its results into the scene.
+
+    Args:
+        scene: the vtkMRMLScene (``slicer.mrmlScene`` in the application).
+        runner: a ProcessRunner; default QProcessRunner in Slicer, SubprocessRunner elsewhere.
+        backendCommand: the command prefix that runs the CLI; default ``[PythonSlicer, "-m", "anymc3d"]``.
+        backendPath: a folder holding the ``anymc3d`` package, put first on the process's PYTHONPATH (or None).
+        volumesLogic, volumeRenderingLogic: the module logics; default Slicer's, or new ones on ``scene``.
+        tempRoot: where the per-run temporary folders are made (default: the system's).
+    """
+
+    def __init__(self, scene, runner=None, backendCommand=None, backendPath=None, volumesLogic=None,
+                 volumeRenderingLogic=None, tempRoot=None):
+        self.scene = scene
+        self.runner = runner if runner is not None else defaultRunner()
+        self.backendCommand = list(backendCommand) if backendCommand else defaultBackendCommand()
+        self.backendPath = backendPath
+        self.volumesLogic = volumesLogic or _moduleLogic(scene, "volumes", "vtkSlicerVolumesLogic")
+        self.volumeRenderingLogic = volumeRenderingLogic or _moduleLogic(scene, "volumerendering", "vtkSlicerVolumeRenderingLogic")
+        self.tempRoot = tempRoot
+
+    # Command line -------------------------------------------------------------------------------------------
+
+    def backendEnvironment(self):
+        env = dict(os.environ)
+        if self.backendPath:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.backendPath), env.get("PYTHONPATH", "")) if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def buildCommand(self, imageArguments, backbonePath, pluginPaths, heatmapDir, jsonPath, options):
+        """``anymc3d predict IMAGE... --backbone W --plugin P... --heatmap DIR --json OUT --progress json ...``"""
+        command = self.backendCommand + ["predict", *[str(image) for image in imageArguments], "--backbone", str(backbonePath)]
+        for pluginPath in pluginPaths:
+            command += ["--plugin", str(pluginPath)]
+        command += ["--heatmap", str(heatmapDir), "--heatmap-format", INPUT_FORMAT, "--json", str(jsonPath), "--progress", "json"]
+        return command + options.commandLineArguments()
+
+    def writeInputVolume(self, volumeNode, path):
+        """Write a volume node to ``path`` with its IJK-to-RAS (the storage node converts RAS to the file's LPS)."""
+        writer = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene
+        writer.SetFileName(str(path))
+        writer.SetUseCompression(False)
+        if not writer.WriteData(volumeNode):
+            raise OSError(f"Cannot write {volumeNode.GetName()} to {path}")
+
+    # Prediction ---------------------------------------------------------------------------------------------
+
+    def startPrediction(self, inputs, backbonePath, pluginPaths, options=None, displayOptions=None, onProgress=None,
+                        onFinished=None, name=None):
+        """Start one case. ``inputs``: volume nodes or image files, one per view in the plugin's view order."""
+        options = options if options is not None else PredictionOptions()
+        displayOptions = displayOptions if displayOptions is not None else DisplayOptions()
+        inputs = list(inputs)
+        if not inputs:
+            raise ValueError("No input volume")
+        if not pluginPaths:
+            raise ValueError("No plugin selected")
+        name = name or self.inputName(inputs[0])
+        tempDir = tempfile.mkdtemp(prefix="AnyMC3D-", dir=self.tempRoot)
+        try:
+            imagePaths = []
+            for index, item in enumerate(inputs):
+                if isinstance(item, (str, os.PathLike)):
+                    imagePaths.append(os.path.abspath(item))
+                else:
+                    os.makedirs(os.path.join(tempDir, "inputs"), exist_ok=True)
+                    prefix = f"view{index}_" if len(inputs) > 1 else ""
+                    path = os.path.join(tempDir, "inputs", f"{prefix}{fileSafe(item.GetName())}.{INPUT_FORMAT}")
+                    self.writeInputVolume(item, path)
+                    imagePaths.append(path)
+            job = PredictionJob(self, name, inputs, None, tempDir, 1 if options.ensemble else len(pluginPaths),
+                                options, displayOptions, onProgress, onFinished)
+            os.makedirs(job.heatmapDir)
+            job.command = self.buildCommand(["+".join(imagePaths)], backbonePath, pluginPaths, job.heatmapDir, job.jsonPath, options)
+        except Exception:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        job.start()
+        return job
+
+    def runPrediction(self, inputs, backbonePath, pluginPaths, options=None, displayOptions=None, onProgress=None, timeout=None):
+        """Blocking variant (tests, scripts, self-test): returns the CaseResult."""
+        job = self.startPrediction(inputs, backbonePath, pluginPaths, options, displayOptions, onProgress)
+        if not job.wait(timeout):
+            job.cancel()
+            job.wait(30)
+        return job.result
+
+    def startBatch(self, cases, backbonePath, pluginPaths, options=None, displayOptions=None, onCaseDone=None,
+                   onFinished=None, onProgress=None):
+        """Run cases one after another. A case is a volume node, an image file, or a list of them (views)."""
+        def startCase(case, onCaseProgress, onCaseFinished):
+            inputs = case if isinstance(case, (list, tuple)) else [case]
+            try:
+                return self.startPrediction(inputs, backbonePath, pluginPaths, options, displayOptions,
+                                            onCaseProgress, onCaseFinished)
+            except Exception as error:  # e.g. a volume that cannot be written: report it, go on
+                onCaseFinished(CaseResult(self.inputName(inputs[0]), "failed", str(error), int(ExitCode.FATAL)))
+                return None
+
+        batch = BatchJob(self, cases, startCase, onCaseDone, onFinished, onProgress)
+        batch.start()
+        return batch
+
+    def runBatch(self, cases, backbonePath, pluginPaths, options=None, displayOptions=None, onCaseDone=None, timeout=None):
+        batch = self.startBatch(cases, backbonePath, pluginPaths, options, displayOptions, onCaseDone)
+        if not batch.wait(timeout):
+            batch.cancel()
+            batch.wait(30)
+        return batch.results
+
+    @staticmethod
+    def batchCasesFromFolder(folder):
+        return imageFilesInFolder(folder)
+
+    @staticmethod
+    def inputName(item):
+        return imageStem(str(item)) if isinstance(item, (str, os.PathLike)) else item.GetName()
+
+    # Results ------------------------------------------------------------------------------------------------
+
+    def readRecord(self, jsonPath, pluginCount, tempDir, options):
+        """Read the backend's JSON and check that every expected output exists (else raise ValueError)."""
+        if not os.path.isfile(jsonPath):
+            raise ValueError(f"The backend wrote no result file {jsonPath}")
+        with open(jsonPath, encoding="utf-8") as file:
+            records = json.load(file)
+        if not isinstance(records, list) or len(records) != 1:
+            raise ValueError("Expected one JSON record")
+        record = records[0]
+        if record.get("status") != "ok":
+            raise ValueError(record.get("error") or "The case failed")
+        results = record.get("results") or []
+        if len(results) != pluginCount:
+            raise ValueError(f"Expected {pluginCount} plugin result(s), got {len(results)}")
+        gradient = options.heatmapMethod in GRADIENT_METHODS
+        for result in results:
+            paths = list((result.get("finding_heatmaps") or {}).values()) if gradient else [result.get("heatmap")]
+            if gradient and set(result.get("finding_heatmaps") or {}) != set(result["labels"]):
+                raise ValueError(f"Plugin {result['plugin']}: expected one heatmap per finding")
+            for path in paths:
+                if not path or not os.path.isfile(path):
+                    raise ValueError(f"Plugin {result['plugin']}: heatmap file missing ({path})")
+            if len(result.get("slice_importance") or []) != int(record["num_slices"]):
+                raise ValueError(f"Plugin {result['plugin']}: slice importance does not have num_slices values")
+        return record
+
+    def importResults(self, record, inputs, options=None, displayOptions=None):
+        """Add the table, heatmaps, displays and chart of one record. All or nothing: on error, nothing is left."""
+        options = options if options is not None else PredictionOptions()
+        displayOptions = displayOptions if displayOptions is not None else DisplayOptions()
+        nodesBefore = {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
+        folderItem = 0
+        try:
+            inputNodes = [self.loadInputFile(item) if isinstance(item, (str, os.PathLike)) else item for item in inputs]
+            outputs_, folderItem = self._importResults(record, inputNodes[0], options, displayOptions)
+            return outputs_
+        except Exception:
+            if folderItem:
+                slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene).RemoveItem(folderItem, False, False)
+            added = [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())]
+            for node in added:
+                if node.GetID() not in nodesBefore:
+                    self.scene.RemoveNode(node)
+            raise
+
+    def loadInputFile(self, path):
+        node = self.volumesLogic.AddArchetypeVolume(str(path), imageStem(str(path)), 0)
+        if node is None:
+            raise ValueError(f"Cannot load {path}")
+        return node
+
+    def _importResults(self, record, inputNode, options, displayOptions):
+        results = record["results"]
+        uniqueNames = self._uniquePluginNames([result["plugin"] for result in results])
+        inputName = inputNode.GetName()
+        pluginTitle = " + ".join(uniqueNames)
+        colorNode = outputs.heatmapColorTableNode(self.scene)
+        gradient = options.heatmapMethod in GRADIENT_METHODS
+
+        rows, rowHeatmaps, heatmapNodes = [], [], []
+        for pluginName, result in zip(uniqueNames, results):
+            if gradient:
+                byLabel = {label: outputs.loadHeatmapVolume(self.scene, path, inputNode, f"{inputName} {pluginName} heatmap {label}")
+                           for label, path in result["finding_heatmaps"].items()}
+                heatmapNodes += list(byLabel.values())
+            else:
+                heatmapNode = outputs.loadHeatmapVolume(self.scene, result["heatmap"], inputNode, f"{inputName} {pluginName} heatmap")
+                heatmapNodes.append(heatmapNode)
+            for label in result["labels"]:
+                rows.append({"Plugin": pluginName, "Finding": label,
+                             "Probability": float(result["probabilities"][label]),
+                             "Threshold": float((result.get("thresholds") or {}).get(label, float("nan"))),
+                             "Decision": "positive" if (result.get("decisions") or {}).get(label) else "negative"})
+                rowHeatmaps.append(byLabel[label] if gradient else heatmapNode)
+
+        tableNode = outputs.createFindingsTable(self.scene, f"{inputName} {pluginTitle} findings", rows)
+        tableNode.SetAttribute(outputs.SLICING_AXIS_ATTRIBUTE, str(int(record["slicing_axis"])))
+        tableNode.SetAttribute("AnyMC3D.HeatmapMethod", options.heatmapMethod)
+        tableNode.AddNodeReferenceID(outputs.INPUT_REFERENCE, inputNode.GetID())
+        for heatmapNode in rowHeatmaps:
+            tableNode.AddNodeReferenceID(outputs.HEATMAP_REFERENCE, heatmapNode.GetID())
+
+        importanceTableNode, chartNode, seriesNodes = outputs.createImportanceChart(
+            self.scene, f"{inputName} {pluginTitle} slice importance", int(record["slicing_axis"]),
+            {name: result["slice_importance"] for name, result in zip(uniqueNames, results)})
+        tableNode.SetNodeReferenceID(outputs.IMPORTANCE_REFERENCE, importanceTableNode.GetID())
+        tableNode.SetNodeReferenceID(outputs.CHART_REFERENCE, chartNode.GetID())
+
+        shownRow = int(np.argmax([row["Probability"] for row in rows])) if rows else 0
+        for heatmapNode in heatmapNodes:
+            outputs.setUpHeatmapDisplay(heatmapNode, colorNode, displayOptions.threshold)
+            if displayOptions.volumeRendering:
+                outputs.setUpVolumeRendering(self.volumeRenderingLogic, heatmapNode, displayOptions.threshold,
+                                             visible=heatmapNode is rowHeatmaps[shownRow])
+        folderItem = outputs.placeInSubjectHierarchy(
+            self.scene, inputNode, f"AnyMC3D {pluginTitle}: {inputName}",
+            [tableNode, *heatmapNodes, importanceTableNode, chartNode, *seriesNodes])
+        self.selectFinding(tableNode, shownRow, displayOptions)
+        return PredictionOutputs(inputNode, tableNode, heatmapNodes, importanceTableNode, chartNode, folderItem, record), folderItem
+
+    @staticmethod
+    def _uniquePluginNames(names):
+        unique = []
+        for name in names:
+            candidate, counter = name, 2
+            while candidate in unique:
+                candidate, counter = f"{name} ({counter})", counter + 1
+            unique.append(candidate)
+        return unique
+
+    # Display and navigation ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def heatmapNodeForRow(tableNode, row):
+        return tableNode.GetNthNodeReference(outputs.HEATMAP_REFERENCE, int(row))
+
+    def selectFinding(self, tableNode, row, displayOptions=None):
+        """Show the heatmap of a findings-table row: slice-view foreground, the only visible volume rendering."""
+        displayOptions = displayOptions if displayOptions is not None else DisplayOptions()
+        shown = self.heatmapNodeForRow(tableNode, row)
+        for index in range(tableNode.GetNumberOfNodeReferences(outputs.HEATMAP_REFERENCE)):
+            heatmapNode = tableNode.GetNthNodeReference(outputs.HEATMAP_REFERENCE, index)
+            for displayIndex in range(heatmapNode.GetNumberOfDisplayNodes()):
+                displayNode = heatmapNode.GetNthDisplayNode(displayIndex)
+                if displayNode is not None and displayNode.IsA("vtkMRMLVolumeRenderingDisplayNode"):
+                    displayNode.SetVisibility(heatmapNode is shown and displayOptions.volumeRendering)
+        outputs.showHeatmapInSliceViews(self.scene, shown, tableNode.GetNodeReference(outputs.INPUT_REFERENCE),
+                                        displayOptions.opacity)
+        return shown
+
+    def setHeatmapThreshold(self, heatmapNode, threshold):
+        heatmapNode.GetDisplayNode().SetThreshold(float(threshold), 1.0)
+        for displayIndex in range(heatmapNode.GetNumberOfDisplayNodes()):
+            displayNode = heatmapNode.GetNthDisplayNode(displayIndex)
+            if displayNode is not None and displayNode.IsA("vtkMRMLVolumeRenderingDisplayNode"):
+                outputs.setHeatmapTransferFunctions(displayNode.GetVolumePropertyNode().GetVolumeProperty(), threshold)
+
+    @staticmethod
+    def heatmapMaximumRAS(heatmapNode):
+        """RAS position of the heatmap's maximum voxel."""
+        voxels = outputs.arrayFromVolumeNode(heatmapNode)
+        k, j, i = np.unravel_index(int(np.argmax(voxels)), voxels.shape)
+        return outputs.voxelToRas(heatmapNode, (i, j, k))
+
+    @staticmethod
+    def mostImportantSliceRAS(tableNode, row=0):
+        """RAS position of the centre of the most important slice for the plugin of ``row``."""
+        inputNode = tableNode.GetNodeReference(outputs.INPUT_REFERENCE)
+        importanceTable = tableNode.GetNodeReference(outputs.IMPORTANCE_REFERENCE).GetTable()
+        plugin = tableNode.GetCellText(int(row), 0)
+        column = importanceTable.GetColumnByName(plugin) or importanceTable.GetColumn(1)
+        importance = [column.GetValue(index) for index in range(column.GetNumberOfTuples())]
+        axis = int(tableNode.GetAttribute(outputs.SLICING_AXIS_ATTRIBUTE))
+        ijk = [(size - 1) / 2.0 for size in inputNode.GetImageData().GetDimensions()]
+        ijk[axis] = int(np.argmax(importance))
+        return outputs.voxelToRas(inputNode, ijk)
+
+    def jumpSlicesTo(self, ras):
+        """Centre every slice view on ``ras`` (no-op without slice views)."""
+        slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, float(ras[0]), float(ras[1]), float(ras[2]),
+                                              slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+    @staticmethod
+    def estimatedSeconds(numSlices, device):
+        """A rough expected run time, for the CPU note in the GUI (ViT-B: ~0.3 s per slice on a CPU)."""
+        perSlice = 0.3 if device == "cpu" else 0.02
+        return 10.0 + perSlice * int(numSlices)

@@ -1,0 +1,267 @@
+"""Import backend results into the MRML scene: findings table, heatmap volumes, display, slice-importance chart.
+
+Only MRML / logic classes, vtk and numpy are used, so this runs on slicer-core's scene as in the application.
+Output nodes are linked by node references (saved with the scene) so a reloaded scene still works:
+
+- findings table --``AnyMC3DInput``--> input volume, --``AnyMC3DHeatmap``--> one heatmap per table row (in row
+  order), --``AnyMC3DImportance``--> slice-importance table, --``AnyMC3DChart``--> chart.
+"""
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+INPUT_REFERENCE = "AnyMC3DInput"
+HEATMAP_REFERENCE = "AnyMC3DHeatmap"
+IMPORTANCE_REFERENCE = "AnyMC3DImportance"
+CHART_REFERENCE = "AnyMC3DChart"
+SLICING_AXIS_ATTRIBUTE = "AnyMC3D.SlicingAxis"
+ROLE_ATTRIBUTE = "AnyMC3D.Role"
+COLOR_TABLE_NAME = "AnyMC3D Heatmap"
+
+# Blue -> cyan -> green -> yellow -> red (Slicer's "Rainbow" ends in violet, which reads badly as a heatmap).
+HEATMAP_COLOR_STOPS = ((0.0, (0.0, 0.0, 1.0)), (0.25, (0.0, 1.0, 1.0)), (0.5, (0.0, 1.0, 0.0)),
+                       (0.75, (1.0, 1.0, 0.0)), (1.0, (1.0, 0.0, 0.0)))
+TABLE_COLUMNS = ("Plugin", "Finding", "Probability", "Threshold", "Decision")
+MAX_VOLUME_RENDERING_OPACITY = 0.6
+
+
+def heatmapColor(value):
+    """RGB of the heatmap colour map at ``value`` in [0, 1]."""
+    value = min(max(float(value), 0.0), 1.0)
+    for (x0, c0), (x1, c1) in zip(HEATMAP_COLOR_STOPS[:-1], HEATMAP_COLOR_STOPS[1:]):
+        if value <= x1:
+            t = (value - x0) / (x1 - x0)
+            return tuple(a + t * (b - a) for a, b in zip(c0, c1))
+    return HEATMAP_COLOR_STOPS[-1][1]
+
+
+def ijkToRasMatrix(volumeNode):
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def matrixToArray(matrix):
+    return np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def arrayFromVolumeNode(volumeNode):
+    """Voxels as a (K, J, I) numpy view, like ``slicer.util.arrayFromVolume``."""
+    imageData = volumeNode.GetImageData()
+    dims = imageData.GetDimensions()
+    return numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(dims[::-1])
+
+
+def voxelToRas(volumeNode, ijk):
+    """RAS (world) position of voxel ``ijk``, through the node's parent transforms if any."""
+    ras = ijkToRasMatrix(volumeNode).MultiplyPoint([float(ijk[0]), float(ijk[1]), float(ijk[2]), 1.0])[:3]
+    transformNode = volumeNode.GetParentTransformNode()
+    if transformNode is not None:
+        toWorld = vtk.vtkGeneralTransform()
+        transformNode.GetTransformToWorld(toWorld)
+        ras = toWorld.TransformPoint(ras)
+    return tuple(float(x) for x in ras)
+
+
+def copyGeometryExactly(targetNode, referenceNode):
+    """Give ``targetNode`` the reference's origin, spacing and directions, bit for bit.
+
+    The volume node's setters ignore changes within a fuzzy tolerance, so a matrix read from a file (float
+    rounding) would survive a plain ``CopyOrientation``: move every component away first, then copy.
+    """
+    targetNode.SetIJKToRASDirections([[0.0] * 3 for _ in range(3)])
+    targetNode.SetSpacing(-1.0, -1.0, -1.0)
+    targetNode.SetOrigin(1e30, 1e30, 1e30)
+    targetNode.CopyOrientation(referenceNode)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Colour table
+
+
+def heatmapColorTableNode(scene):
+    """The blue -> red colour table, created once per scene (and saved with it)."""
+    for node in _nodesByClass(scene, "vtkMRMLColorTableNode"):
+        if node.GetName() == COLOR_TABLE_NAME:
+            return node
+    colorNode = scene.AddNewNodeByClass("vtkMRMLColorTableNode", COLOR_TABLE_NAME)
+    colorNode.SetTypeToUser()
+    colorNode.SetNumberOfColors(256)
+    colorNode.SetNamesInitialised(True)
+    for index in range(256):
+        r, g, b = heatmapColor(index / 255.0)
+        colorNode.SetColor(index, f"{index / 255.0:.3f}", r, g, b, 1.0)
+    colorNode.SetAttribute("Category", "AnyMC3D")
+    colorNode.AddDefaultStorageNode()
+    return colorNode
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nodes
+
+
+def loadHeatmapVolume(scene, path, referenceVolumeNode, name):
+    """Read a backend heatmap file into a new scalar volume with exactly the reference volume's IJK-to-RAS.
+
+    The file must have the reference's geometry (cli-contract.md); it is checked, then the matrix is copied so
+    that the file's float rounding cannot shift the overlay.
+    """
+    reader = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene: used only to read
+    reader.SetFileName(str(path))
+    heatmapNode = slicer.vtkMRMLScalarVolumeNode()
+    heatmapNode.SetName(name)
+    if not reader.ReadData(heatmapNode):
+        raise ValueError(f"Cannot read heatmap file {path}")
+    expectedDims = referenceVolumeNode.GetImageData().GetDimensions()
+    if heatmapNode.GetImageData().GetDimensions() != expectedDims:
+        raise ValueError(f"Heatmap {path} has size {heatmapNode.GetImageData().GetDimensions()}, "
+                         f"the input has {expectedDims}")
+    reference = matrixToArray(ijkToRasMatrix(referenceVolumeNode))
+    scale = max(1.0, float(np.abs(reference).max()))
+    if not np.allclose(matrixToArray(ijkToRasMatrix(heatmapNode)), reference, rtol=0, atol=1e-4 * scale):
+        raise ValueError(f"Heatmap {path} does not have the input's geometry")
+    copyGeometryExactly(heatmapNode, referenceVolumeNode)
+    scene.AddNode(heatmapNode)
+    if referenceVolumeNode.GetParentTransformNode() is not None:
+        heatmapNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetParentTransformNode().GetID())
+    heatmapNode.SetAttribute(ROLE_ATTRIBUTE, "heatmap")
+    heatmapNode.AddDefaultStorageNode()  # no file name yet: written when the scene is saved
+    return heatmapNode
+
+
+def setUpHeatmapDisplay(heatmapNode, colorNode, threshold):
+    """Slice-view display: blue -> red colour table on [0, 1], voxels under ``threshold`` transparent."""
+    heatmapNode.CreateDefaultDisplayNodes()
+    displayNode = heatmapNode.GetDisplayNode()
+    displayNode.SetAndObserveColorNodeID(colorNode.GetID())
+    displayNode.SetAutoWindowLevel(False)
+    displayNode.SetWindowLevelMinMax(0.0, 1.0)
+    displayNode.SetAutoThreshold(False)
+    displayNode.SetThreshold(float(threshold), 1.0)
+    displayNode.SetApplyThreshold(True)
+    return displayNode
+
+
+def setUpVolumeRendering(volumeRenderingLogic, heatmapNode, threshold, visible):
+    """3D display: a volume rendering display node with the heatmap transfer functions."""
+    displayNode = volumeRenderingLogic.CreateDefaultVolumeRenderingNodes(heatmapNode)
+    propertyNode = displayNode.GetVolumePropertyNode()
+    propertyNode.SetName(f"{heatmapNode.GetName()} transfer function")
+    setHeatmapTransferFunctions(propertyNode.GetVolumeProperty(), threshold)
+    propertyNode.Modified()
+    displayNode.SetVisibility(bool(visible))
+    return displayNode
+
+
+def setHeatmapTransferFunctions(volumeProperty, threshold):
+    """Scalar opacity: 0 up to ``threshold``, then a linear ramp to MAX_VOLUME_RENDERING_OPACITY at 1; colour blue -> red."""
+    threshold = min(max(float(threshold), 0.0), 0.99)
+    opacity = volumeProperty.GetScalarOpacity()
+    opacity.RemoveAllPoints()
+    opacity.AddPoint(0.0, 0.0)
+    opacity.AddPoint(threshold, 0.0)
+    opacity.AddPoint(1.0, MAX_VOLUME_RENDERING_OPACITY)
+    colors = volumeProperty.GetRGBTransferFunction()
+    colors.RemoveAllPoints()
+    for value, (r, g, b) in HEATMAP_COLOR_STOPS:
+        colors.AddRGBPoint(value, r, g, b)
+    volumeProperty.SetInterpolationTypeToLinear()
+    volumeProperty.ShadeOff()
+
+
+def createFindingsTable(scene, name, rows):
+    """Table node with one row per finding. ``rows``: dicts with the keys of TABLE_COLUMNS."""
+    tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    for column in TABLE_COLUMNS:
+        array = vtk.vtkDoubleArray() if column in ("Probability", "Threshold") else vtk.vtkStringArray()
+        array.SetName(column)
+        tableNode.AddColumn(array)
+    table = tableNode.GetTable()
+    for row in rows:
+        index = tableNode.AddEmptyRow()
+        for columnIndex, column in enumerate(TABLE_COLUMNS):
+            value = row[column]
+            if isinstance(value, float):
+                table.SetValue(index, columnIndex, vtk.vtkVariant(value))
+            else:
+                tableNode.SetCellText(index, columnIndex, str(value))
+    tableNode.SetColumnDescription("Probability", "Calibrated probability (Platt scaling)")
+    tableNode.SetColumnDescription("Decision", "Calibrated probability at or above the plugin's threshold")
+    tableNode.SetAttribute(ROLE_ATTRIBUTE, "findings")
+    tableNode.Modified()
+    tableNode.AddDefaultStorageNode()
+    return tableNode
+
+
+def createImportanceChart(scene, name, slicingAxis, importanceByPlugin):
+    """Table of slice index vs importance (a column per plugin), a line series per plugin, one chart."""
+    tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} table")
+    numSlices = len(next(iter(importanceByPlugin.values())))
+    sliceArray = numpy_support.numpy_to_vtk(np.arange(numSlices, dtype=np.float64), deep=True)
+    sliceArray.SetName("Slice")
+    tableNode.AddColumn(sliceArray)
+    for plugin, importance in importanceByPlugin.items():
+        column = numpy_support.numpy_to_vtk(np.asarray(importance, dtype=np.float64), deep=True)
+        column.SetName(plugin)
+        tableNode.AddColumn(column)
+    tableNode.SetAttribute(ROLE_ATTRIBUTE, "importance")
+    tableNode.AddDefaultStorageNode()
+
+    chartNode = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
+    chartNode.SetTitle(name)
+    chartNode.SetXAxisTitle(f"Slice index ({'IJK'[slicingAxis]})")
+    chartNode.SetYAxisTitle("Importance")
+    seriesNodes = []
+    for index, plugin in enumerate(importanceByPlugin):
+        seriesNode = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name} {plugin}")
+        seriesNode.SetAndObserveTableNodeID(tableNode.GetID())
+        seriesNode.SetXColumnName("Slice")
+        seriesNode.SetYColumnName(plugin)
+        seriesNode.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        seriesNode.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+        seriesNode.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleSolid)
+        seriesNode.SetColor(*heatmapColor(1.0 - index / max(1, len(importanceByPlugin))))
+        chartNode.AddAndObservePlotSeriesNodeID(seriesNode.GetID())
+        seriesNodes.append(seriesNode)
+    chartNode.SetAttribute(ROLE_ATTRIBUTE, "chart")
+    return tableNode, chartNode, seriesNodes
+
+
+def showHeatmapInSliceViews(scene, heatmapNode, backgroundVolumeNode, opacity):
+    """Heatmap as foreground of every slice view present (none on slicer-core without views)."""
+    for compositeNode in _nodesByClass(scene, "vtkMRMLSliceCompositeNode"):
+        if backgroundVolumeNode is not None and not compositeNode.GetBackgroundVolumeID():
+            compositeNode.SetBackgroundVolumeID(backgroundVolumeNode.GetID())
+        compositeNode.SetForegroundVolumeID(heatmapNode.GetID() if heatmapNode is not None else None)
+        compositeNode.SetForegroundOpacity(float(opacity))
+
+
+def placeInSubjectHierarchy(scene, inputNode, folderName, nodes):
+    """Put ``nodes`` in a folder under the input's study (or under the input's parent when there is no study)."""
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    inputItem = shNode.GetItemByDataNode(inputNode)
+    if not inputItem:
+        inputItem = shNode.CreateItem(shNode.GetSceneItemID(), inputNode)
+    studyLevel = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy()
+    parentItem = shNode.GetItemParent(inputItem)
+    item = parentItem
+    while item and item != shNode.GetSceneItemID():
+        if shNode.GetItemLevel(item) == studyLevel:
+            parentItem = item
+            break
+        item = shNode.GetItemParent(item)
+    folderItem = shNode.CreateFolderItem(parentItem, folderName)
+    for node in nodes:
+        nodeItem = shNode.GetItemByDataNode(node)
+        if nodeItem:
+            shNode.SetItemParent(nodeItem, folderItem)
+        else:
+            shNode.CreateItem(folderItem, node)
+    return folderItem
+
+
+def _nodesByClass(scene, className):
+    collection = scene.GetNodesByClass(className)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]

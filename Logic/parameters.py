@@ -1,0 +1,62 @@
+"""Run and display options of the module, as ``@parameterPack`` classes.
+
+Inside Slicer these are real ``slicer.parameterNodeWrapper.parameterPack`` classes (the Widget's parameter node
+holds them and binds them to the .ui). Outside Slicer (slicer-core, tests) ``parameterPack`` falls back to a
+plain dataclass, so the Logic takes the same objects in both places.
+"""
+
+import dataclasses
+from typing import Annotated
+
+try:
+    from slicer.parameterNodeWrapper import Choice, Maximum, Minimum, parameterPack
+except ImportError:  # slicer-core has no parameterNodeWrapper
+    parameterPack = dataclasses.dataclass
+
+    def Choice(options):  # noqa: N802 - same name as Slicer's validator
+        return ("choice", tuple(options))
+
+    def Minimum(value):  # noqa: N802
+        return ("minimum", value)
+
+    def Maximum(value):  # noqa: N802
+        return ("maximum", value)
+
+
+DEVICES = ("auto", "cuda", "cpu")
+HEATMAP_METHODS = ("attention", "rollout", "grad_rollout", "grad_last")
+GRADIENT_METHODS = ("grad_rollout", "grad_last")
+
+
+@parameterPack
+class PredictionOptions:
+    """Options passed to ``anymc3d predict``."""
+
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    heatmapMethod: Annotated[str, Choice(HEATMAP_METHODS)] = "attention"
+    ensemble: bool = False
+    chunkSize: Annotated[int, Minimum(1)] = 32
+
+    def validate(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.heatmapMethod not in HEATMAP_METHODS:
+            raise ValueError(f"heatmapMethod must be one of {HEATMAP_METHODS}, got {self.heatmapMethod!r}")
+        if int(self.chunkSize) < 1:
+            raise ValueError(f"chunkSize must be >= 1, got {self.chunkSize!r}")
+
+    def commandLineArguments(self):
+        self.validate()
+        arguments = ["--device", self.device, "--heatmap-method", self.heatmapMethod, "--chunk-size", str(int(self.chunkSize))]
+        if self.ensemble:
+            arguments.append("--ensemble")
+        return arguments
+
+
+@parameterPack
+class DisplayOptions:
+    """How heatmaps are shown: slice-view overlay opacity and the threshold under which voxels are transparent."""
+
+    opacity: Annotated[float, Minimum(0.0), Maximum(1.0)] = 0.5
+    threshold: Annotated[float, Minimum(0.0), Maximum(1.0)] = 0.2
+    volumeRendering: bool = True

@@ -1,0 +1,122 @@
+"""The installed task plugins: a folder of ``*.anymc3d`` plugins that can be listed, imported and removed."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+PLUGIN_SUFFIX = ".anymc3d"
+
+
+class PluginInfo:
+    """What the module shows of one plugin: name, task, labels, backbone (read from the plugin's metadata)."""
+
+    def __init__(self, path, metadata):
+        self.path = os.path.abspath(path)
+        self.metadata = dict(metadata)
+        stem = os.path.basename(self.path)[: -len(PLUGIN_SUFFIX)] if self.path.endswith(PLUGIN_SUFFIX) else os.path.basename(self.path)
+        self.name = str(metadata.get("name") or stem)
+        self.task = str(metadata.get("task") or "")
+        self.labels = [str(label) for label in metadata.get("labels") or []]
+        self.backbone = _backboneName(metadata)
+        self.views = _views(metadata)
+
+    def description(self):
+        labels = ", ".join(self.labels)
+        return f"{self.name} ({self.task}; backbone {self.backbone or '?'}): {labels}"
+
+    def __repr__(self):
+        return f"PluginInfo({self.name!r}, {self.path!r})"
+
+
+def _backboneName(metadata):
+    backbone = metadata.get("backbone")
+    if isinstance(backbone, dict):
+        return str(backbone.get("name") or backbone.get("architecture") or "")
+    return str(backbone or metadata.get("backbone_name") or "")
+
+
+def _views(metadata):
+    views = metadata.get("views")
+    if isinstance(views, list) and views:
+        return [str(v) for v in views]
+    return []
+
+
+def backendMetadataReader(pythonExecutable=None, env=None, timeout=120):
+    """A metadata reader: ``anymc3d.plugin.read_plugin_metadata`` when importable, else ``anymc3d info P --json``."""
+
+    def read(path):
+        try:
+            from anymc3d.plugin import read_plugin_metadata
+        except ImportError:
+            read_plugin_metadata = None
+        if read_plugin_metadata is not None:
+            return read_plugin_metadata(path)
+        command = [pythonExecutable or sys.executable, "-m", "anymc3d", "info", str(path), "--json"]
+        completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        if completed.returncode != 0:
+            message = (completed.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise ValueError(f"Cannot read plugin {path}: {message}")
+        return json.loads(completed.stdout)
+
+    return read
+
+
+class PluginLibrary:
+    """The plugins folder (configurable). ``metadataReader(path) -> dict`` reads one plugin's metadata."""
+
+    def __init__(self, folder, metadataReader=None):
+        self.folder = os.path.abspath(folder)
+        self.metadataReader = metadataReader or backendMetadataReader()
+        self._cache = {}
+
+    def pluginPaths(self):
+        if not os.path.isdir(self.folder):
+            return []
+        return sorted(os.path.join(self.folder, name) for name in os.listdir(self.folder) if name.endswith(PLUGIN_SUFFIX))
+
+    def plugins(self):
+        """Return (plugins, problems): the readable plugins and a list of (path, message) for unreadable ones."""
+        plugins, problems = [], []
+        for path in self.pluginPaths():
+            try:
+                plugins.append(self.plugin(path))
+            except Exception as error:  # one bad plugin must not hide the others
+                problems.append((path, str(error)))
+        return plugins, problems
+
+    def plugin(self, path):
+        key = (os.path.abspath(path), os.path.getmtime(path))
+        if key not in self._cache:
+            self._cache[key] = PluginInfo(path, self.metadataReader(path))
+        return self._cache[key]
+
+    def importPlugin(self, sourcePath, overwrite=False):
+        """Copy a plugin (file or folder) into the folder after checking that its metadata can be read."""
+        sourcePath = os.path.abspath(sourcePath)
+        if not sourcePath.endswith(PLUGIN_SUFFIX):
+            raise ValueError(f"A plugin file ends with {PLUGIN_SUFFIX}: {sourcePath}")
+        PluginInfo(sourcePath, self.metadataReader(sourcePath))  # raises on a bad plugin: nothing copied
+        os.makedirs(self.folder, exist_ok=True)
+        destination = os.path.join(self.folder, os.path.basename(sourcePath))
+        if os.path.exists(destination):
+            if not overwrite:
+                raise FileExistsError(f"A plugin with this file name is already installed: {destination}")
+            self.removePlugin(destination)
+        if os.path.isdir(sourcePath):
+            shutil.copytree(sourcePath, destination)
+        else:
+            shutil.copy2(sourcePath, destination)
+        return self.plugin(destination)
+
+    def removePlugin(self, path):
+        path = os.path.abspath(path)
+        if os.path.dirname(path) != self.folder or not path.endswith(PLUGIN_SUFFIX):
+            raise ValueError(f"Not a plugin of {self.folder}: {path}")
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        self._cache = {key: info for key, info in self._cache.items() if key[0] != path}
