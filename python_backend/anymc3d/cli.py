@@ -108,7 +108,12 @@ def _expand_images(items: Sequence[str]) -> list[list[Path]]:
 def _is_dicom_folder(folder: Path) -> bool:
     import SimpleITK as sitk
 
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without a series
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _stem(path: Path) -> str:
@@ -117,6 +122,16 @@ def _stem(path: Path) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _unique_stem(path: Path, used: set) -> str:
+    """The image's stem, numbered when another case of this run had the same one."""
+    stem, n = _stem(path), 1
+    while stem in used:
+        n += 1
+        stem = f"{_stem(path)}_{n}"
+    used.add(stem)
+    return stem
 
 
 class _Reporter:
@@ -219,7 +234,7 @@ def _cmd_predict(args) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
     cases = _expand_images(args.images)
     reporter = _Reporter(args.progress, len(cases))
-    records, failed = [], 0
+    records, failed, stems = [], 0, set()
     for index, views in enumerate(cases):
         image = "+".join(str(v.resolve()) for v in views)
         reporter.case, reporter.image = index, image
@@ -229,7 +244,9 @@ def _cmd_predict(args) -> int:
             if args.ensemble:
                 result.predictions = [ensemble(result.predictions)]
             reporter.stage("writing", 0, 1)
-            written = _write_heatmaps(result, args.heatmap, _stem(views[0]), args.heatmap_format) if args.heatmap else {}
+            written = {}
+            if args.heatmap:
+                written = _write_heatmaps(result, args.heatmap, _unique_stem(views[0], stems), args.heatmap_format)
             records.append(_record(result, written, image))
             reporter.case_done("ok", None)
         except (AnyMC3DError, OSError, RuntimeError, ValueError) as exc:

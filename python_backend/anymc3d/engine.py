@@ -127,6 +127,10 @@ class Engine:
                 f"{mine.fingerprint[:12]} ({mine.path}); use the backbone the plugin was trained on")
         if plugin.head.embed_dim != self.model.embed_dim:
             raise PluginError(f"{source}: head width {plugin.head.embed_dim} != backbone width {self.model.embed_dim}")
+        patch = self.backbone.spec.patch_size
+        sizes = [recipe.input_size for recipe in config.preprocessing]
+        if any(size % patch for size in sizes):
+            raise PluginError(f"{source}: slice size {sizes} is not a multiple of the backbone's patch size {patch}")
         name = name or config.name
         if name in self.plugins:
             raise PluginError(f"{source}: a plugin named {name!r} is attached already")
