@@ -44,14 +44,17 @@ def _views(metadata):
     return []
 
 
-def backendMetadataReader(pythonExecutable=None, env=None, timeout=120):
-    """A metadata reader: ``anymc3d.plugin.read_plugin_metadata`` when importable, else ``anymc3d info P --json``."""
+def backendMetadataReader(pythonExecutable=None, env=None, timeout=120, inProcess=True):
+    """A metadata reader: ``anymc3d.plugin.read_plugin_metadata`` when importable (and ``inProcess``), else
+    ``anymc3d info P --json`` in a child process."""
 
     def read(path):
-        try:
-            from anymc3d.plugin import read_plugin_metadata
-        except ImportError:
-            read_plugin_metadata = None
+        read_plugin_metadata = None
+        if inProcess:
+            try:
+                from anymc3d.plugin import read_plugin_metadata
+            except ImportError:
+                pass
         if read_plugin_metadata is not None:
             return read_plugin_metadata(path)
         command = [pythonExecutable or sys.executable, "-m", "anymc3d", "info", str(path), "--json"]
@@ -98,7 +101,8 @@ class PluginLibrary:
         sourcePath = os.path.abspath(sourcePath)
         if not sourcePath.endswith(PLUGIN_SUFFIX):
             raise ValueError(f"A plugin file ends with {PLUGIN_SUFFIX}: {sourcePath}")
-        PluginInfo(sourcePath, self.metadataReader(sourcePath))  # raises on a bad plugin: nothing copied
+        metadata = self.metadataReader(sourcePath)  # raises on a bad plugin: nothing copied
+        PluginInfo(sourcePath, metadata)
         os.makedirs(self.folder, exist_ok=True)
         destination = os.path.join(self.folder, os.path.basename(sourcePath))
         if os.path.exists(destination):
@@ -109,7 +113,9 @@ class PluginLibrary:
             shutil.copytree(sourcePath, destination)
         else:
             shutil.copy2(sourcePath, destination)
-        return self.plugin(destination)
+        info = PluginInfo(destination, metadata)
+        self._cache[(destination, os.path.getmtime(destination))] = info
+        return info
 
     def removePlugin(self, path):
         path = os.path.abspath(path)

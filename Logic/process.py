@@ -106,20 +106,20 @@ def parseEventLine(line):
     return event
 
 
-def lastErrorLine(stderrLines):
+def lastErrorLine(stderrLines, maxLength=300):
     """A short, clear message from the backend's stderr, not the whole traceback.
 
-    The last line that reports an error (``ERROR ...``, ``...Error: ...``, ``error: ...``), else the last
-    meaningful line.
+    Preference: the last logged error (``ERROR ...``, ``anymc3d: error: ...``), then the last line naming an
+    error, then the last meaningful line; cut to ``maxLength`` characters.
     """
     lines = [line.strip() for line in stderrLines if line.strip()]
-    for line in reversed(lines):
-        lowered = line.lower()
-        if lowered.startswith("error") or "error:" in lowered or lowered.startswith("anymc3d: error"):
-            return line
-    for line in reversed(lines):
-        if not line.startswith(("File ", "Traceback", "^", "~")):
-            return line
+    tests = (lambda low: low.startswith("error") or "anymc3d: error" in low,
+             lambda low: "error" in low and not low.startswith(("file ", "traceback")),
+             lambda low: not low.startswith(("file ", "traceback", "^", "~")))
+    for test in tests:
+        for line in reversed(lines):
+            if test(line.lower()):
+                return line if len(line) <= maxLength else line[: maxLength - 1] + "\u2026"
     return ""
 
 

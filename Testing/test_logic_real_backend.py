@@ -1,0 +1,195 @@
+"""The Logic with the REAL backend process (``python -m anymc3d``) on an oblique, anisotropic volume.
+
+Skipped when the backend is not importable. The demo backbone and plugin come from ``anymc3d demo``.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import REPO_ROOT, writeObliqueVolume
+
+from Logic import AnyMC3DSlicerLogic, DisplayOptions, ExitCode, PluginLibrary, PredictionOptions, SubprocessRunner
+from Logic import outputs as out
+from Logic.plugins import backendMetadataReader
+
+pytest.importorskip("anymc3d.cli", reason="the anymc3d backend CLI is not importable")
+BACKEND_PATH = os.path.join(REPO_ROOT, "python_backend")
+
+
+def backendEnv():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (BACKEND_PATH, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    completed = subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder)], env=backendEnv(),
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    return {"backbone": str(folder / "backbone.safetensors"), "plugin": str(folder / "plugin.anymc3d"),
+            "volume": str(folder / "volume.nii.gz")}
+
+
+@pytest.fixture
+def realLogic(sceneContext, tempRoot):
+    return AnyMC3DSlicerLogic(sceneContext.scene, runner=SubprocessRunner(), backendCommand=[sys.executable, "-m", "anymc3d"],
+                              backendPath=BACKEND_PATH, volumesLogic=sceneContext.volumesLogic,
+                              volumeRenderingLogic=sceneContext.volumeRenderingLogic, tempRoot=tempRoot)
+
+
+@pytest.fixture
+def obliqueSmall(tmp_path):
+    return writeObliqueVolume(tmp_path / "oblique.nii.gz", size=(24, 20, 10))
+
+
+def captureBackendOutputs(logic, keepDir):
+    """Wrap importResults to keep the backend's JSON record and heatmap files before the temporary folder goes."""
+    captured = {}
+    original = logic.importResults
+
+    def importResults(record, inputs, options=None, displayOptions=None):
+        captured["record"] = json.loads(json.dumps(record))
+        captured["files"] = {}
+        for result in record["results"]:
+            for path in [result["heatmap"], *result["finding_heatmaps"].values()]:
+                if path:
+                    kept = os.path.join(keepDir, os.path.basename(path))
+                    shutil.copy(path, kept)
+                    captured["files"][path] = kept
+        return original(record, inputs, options, displayOptions)
+
+    logic.importResults = importResults
+    return captured
+
+
+def test_real_backend_end_to_end(sceneContext, realLogic, demo, obliqueSmall, tmp_path, tempRoot):
+    volume = sceneContext.loadVolume(obliqueSmall, "Oblique")
+    captured = captureBackendOutputs(realLogic, str(tmp_path))
+    progress = []
+    result = realLogic.runPrediction([volume], demo["backbone"], [demo["plugin"]], PredictionOptions(device="cpu"),
+                                     DisplayOptions(threshold=0.25), onProgress=progress.append, timeout=300)
+    assert result.status == "ok", result.message
+    assert os.listdir(tempRoot) == []
+    assert {"starting", "reading", "encoding", "importing", "done"} <= {p.stage for p in progress}
+    record = captured["record"]
+    assert record["status"] == "ok"
+    dims = volume.GetImageData().GetDimensions()
+    assert record["num_slices"] == dims[record["slicing_axis"]]
+    assert record["slicing_axis"] == 2  # the 3 mm axis is the coarsest
+
+    # Table == the backend's JSON
+    (backendResult,) = record["results"]
+    table = result.outputs.tableNode
+    assert table.GetNumberOfRows() == len(backendResult["labels"])
+    for row, label in enumerate(backendResult["labels"]):
+        assert table.GetCellText(row, 0) == backendResult["plugin"]
+        assert table.GetCellText(row, 1) == label
+        assert table.GetTable().GetValue(row, 2).ToDouble() == pytest.approx(backendResult["probabilities"][label], abs=1e-12)
+        assert table.GetTable().GetValue(row, 3).ToDouble() == pytest.approx(backendResult["thresholds"][label], abs=1e-12)
+        assert table.GetCellText(row, 4) == ("positive" if backendResult["decisions"][label] else "negative")
+
+    # Heatmap: the contract's file name, the input's IJK-to-RAS exactly, the file's voxels exactly
+    assert os.path.basename(backendResult["heatmap"]) == "Oblique__demo_findings.nrrd"
+    (heatmap,) = result.outputs.heatmapNodes
+    np.testing.assert_array_equal(out.matrixToArray(out.ijkToRasMatrix(heatmap)), out.matrixToArray(out.ijkToRasMatrix(volume)))
+    backendFile = sitk.ReadImage(captured["files"][backendResult["heatmap"]])
+    assert backendFile.GetSize() == dims
+    np.testing.assert_array_equal(out.arrayFromVolumeNode(heatmap), sitk.GetArrayFromImage(backendFile))
+    voxels = out.arrayFromVolumeNode(heatmap)
+    # Contract: values in [0, 1], max-normalised. (The backend's maximum after resampling to the input grid can be < 1.)
+    assert voxels.dtype == np.float32 and voxels.min() >= 0.0 and 0.5 < voxels.max() <= 1.0
+
+    # Volume rendering with the heatmap transfer function
+    vr = sceneContext.volumeRenderingLogic.GetFirstVolumeRenderingDisplayNode(heatmap)
+    assert vr is not None and vr.GetVisibility()
+    prop = vr.GetVolumePropertyNode().GetVolumeProperty()
+    assert [prop.GetScalarOpacity().GetValue(x) for x in (0.0, 0.25, 1.0)] == pytest.approx([0, 0, out.MAX_VOLUME_RENDERING_OPACITY])
+    assert prop.GetRGBTransferFunction().GetColor(1.0) == pytest.approx((1.0, 0.0, 0.0))
+
+    # Slice importance chart == the JSON
+    importanceTable = result.outputs.importanceTableNode.GetTable()
+    importance = [importanceTable.GetValue(r, 1).ToDouble() for r in range(importanceTable.GetNumberOfRows())]
+    assert importance == pytest.approx(backendResult["slice_importance"])
+
+
+def test_real_backend_cancel_mid_run(sceneContext, realLogic, demo, obliqueSmall, tempRoot):
+    volume = sceneContext.loadVolume(obliqueSmall)
+    before = sceneContext.nodeCount()
+    job = None
+    seen = []
+
+    def onProgress(progress):
+        seen.append(progress.stage)
+        if progress.stage in ("reading", "encoding"):
+            job.cancel()
+
+    job = realLogic.startPrediction([volume], demo["backbone"], [demo["plugin"]], PredictionOptions(device="cpu", chunkSize=1),
+                                    onProgress=onProgress)
+    pid = realLogic.runner.pid
+    assert job.wait(300)
+    assert job.result.status == "cancelled" and job.result.exitCode == ExitCode.CANCELLED
+    assert "reading" in seen or "encoding" in seen
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert sceneContext.nodeCount() == before
+    assert os.listdir(tempRoot) == []
+
+
+def test_real_backend_corrupt_file_adds_no_nodes_and_batch_goes_on(sceneContext, realLogic, demo, obliqueSmall, tmp_path, tempRoot):
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    before = sceneContext.nodeCount()
+    result = realLogic.runPrediction([str(corrupt)], demo["backbone"], [demo["plugin"]], PredictionOptions(device="cpu"), timeout=300)
+    assert result.status == "failed" and result.exitCode == 1
+    assert "corrupt" in result.message and "Traceback" not in result.message
+    assert sceneContext.nodeCount() == before
+    assert os.listdir(tempRoot) == []
+
+    volume = sceneContext.loadVolume(obliqueSmall, "Loaded")
+    results = realLogic.runBatch([str(corrupt), volume], demo["backbone"], [demo["plugin"]], PredictionOptions(device="cpu"),
+                                 timeout=600)
+    assert [r.status for r in results] == ["failed", "ok"]
+    assert results[1].outputs.tableNode.GetNumberOfRows() == 3
+    assert os.listdir(tempRoot) == []
+
+
+def test_real_backend_fatal_error_is_a_clear_message(sceneContext, realLogic, demo, obliqueSmall, tempRoot):
+    volume = sceneContext.loadVolume(obliqueSmall)
+    before = sceneContext.nodeCount()
+    result = realLogic.runPrediction([volume], obliqueSmall, [demo["plugin"]], PredictionOptions(device="cpu"), timeout=300)
+    assert result.status == "failed" and result.exitCode == 2
+    assert "backbone" in result.message and "Traceback" not in result.message
+    assert sceneContext.nodeCount() == before
+
+
+def test_plugin_library_info_subprocess(demo, tmp_path):
+    """Without the backend importable in Slicer's Python, metadata come from ``anymc3d info P --json``."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    shutil.copy(demo["plugin"], folder)
+    plugins, problems = PluginLibrary(folder, backendMetadataReader(env=backendEnv(), inProcess=False)).plugins()
+    assert problems == [] and [(p.name, p.labels) for p in plugins] == [("demo_findings", ["lesion", "effusion", "fracture"])]
+
+
+def test_plugin_library_with_real_plugin(demo, tmp_path):
+    library = PluginLibrary(tmp_path / "plugins", backendMetadataReader(env=backendEnv()))
+    assert library.plugins() == ([], [])
+    info = library.importPlugin(demo["plugin"])
+    assert info.name == "demo_findings" and info.task == "multilabel"
+    assert info.labels == ["lesion", "effusion", "fracture"] and info.backbone == "dinov2_vits14_reg"
+    (bad := tmp_path / "plugins" / "broken.anymc3d").write_bytes(b"not a plugin")
+    plugins, problems = library.plugins()
+    assert [p.name for p in plugins] == ["demo_findings"] and [os.path.basename(p) for p, _ in problems] == ["broken.anymc3d"]
+    with pytest.raises(FileExistsError):
+        library.importPlugin(demo["plugin"])
+    library.removePlugin(plugins[0].path)
+    library.removePlugin(str(bad))
+    assert library.plugins() == ([], [])
