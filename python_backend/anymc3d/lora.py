@@ -92,7 +92,11 @@ def set_trainable(model: nn.Module, name: Optional[str]) -> None:
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
-    delete_adapter(model, name)
+    """Delete adapter ``name``; the active adapter stays active (the bare backbone if it was ``name``)."""
+    active = active_adapter(model)
+    delete_adapter(model, name, prefix="lora_")
+    getattr(model, "peft_config", {}).pop(name, None)
+    activate(model, None if active == name else active)
 
 
 def active_adapter(model: nn.Module) -> Optional[str]:

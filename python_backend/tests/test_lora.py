@@ -7,7 +7,7 @@ import torch
 
 from anymc3d.backbone import BackboneSpec, create_backbone
 from anymc3d.lora import (LoraSettings, activate, active_adapter, adapter_state, add_adapter, load_adapter_state,
-                          lora_layers, set_trainable, trainable_parameters)
+                          lora_layers, remove_adapter, set_trainable, trainable_parameters)
 from anymc3d.errors import PluginError
 from anymc3d.plugin import TaskPlugin
 from conftest import small_backbone
@@ -97,6 +97,10 @@ def test_switching_adapters_is_exact_and_none_is_the_bare_backbone():
     assert (outputs["p"][0] - outputs["q"][0]).abs().max() > 1e-3
     with pytest.raises(PluginError, match="no adapter 'zz'"):
         activate(bb.model, "zz")
+    remove_adapter(bb.model, "q")  # removing another adapter keeps the active one and its output
+    assert active_adapter(bb.model) == "p"
+    with torch.no_grad():
+        assert torch.equal(bb.model.forward_features(x), outputs["p"][0])
 
 
 def test_backward_reaches_every_plugin_parameter_and_no_frozen_one(family):

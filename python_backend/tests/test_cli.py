@@ -1,0 +1,159 @@
+"""The CLI contract (docs/cli-contract.md): the golden demo run, batches that go on past bad cases,
+exit codes, JSON progress lines, and no half-written outputs."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from anymc3d.cli import main
+from anymc3d.engine import Engine
+from anymc3d.plugin import read_plugin_metadata
+from anymc3d.synthetic import make_ct_volume, random_oblique_direction
+
+
+def _predict(demo_dir, *extra):
+    return ["predict", "--backbone", str(demo_dir / "backbone.safetensors"), "--plugin", str(demo_dir / "plugin.anymc3d"),
+            "--device", "cpu", "--progress", "none", *map(str, extra)]
+
+
+def _no_partial_files(folder):
+    return not [p for p in folder.rglob("*") if ".partial" in p.name]
+
+
+def test_golden_demo_run_as_a_user_would(demo_dir, tmp_path):
+    """`python -m anymc3d predict` on the demo: JSON record, heatmap file in the input geometry, and
+    probabilities equal to the engine's own."""
+    out, heat = tmp_path / "results.json", tmp_path / "heatmaps"
+    run = subprocess.run([sys.executable, "-m", "anymc3d", *_predict(demo_dir, demo_dir / "volume.nii.gz", "--heatmap",
+                                                                      heat, "--json", out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (record,) = json.loads(out.read_text())
+    (result,) = record["results"]
+    assert record["status"] == "ok" and record["slicing_axis"] == 2 and record["num_slices"] == 40
+    assert result["labels"] == ["lesion", "effusion", "fracture"] and result["heatmap_method"] == "attention"
+    assert np.isclose(sum(result["slice_importance"]), 1.0) and len(result["slice_importance"]) == 40
+    volume = sitk.ReadImage(str(demo_dir / "volume.nii.gz"))
+    heatmap = sitk.ReadImage(result["heatmap"])
+    assert heatmap.GetSize() == volume.GetSize() and heatmap.GetSpacing() == volume.GetSpacing()
+    assert heatmap.GetOrigin() == volume.GetOrigin() and heatmap.GetDirection() == volume.GetDirection()
+    engine = Engine(demo_dir / "backbone.safetensors", device="cpu")
+    engine.add_plugin(demo_dir / "plugin.anymc3d")
+    case = engine.predict_file(demo_dir / "volume.nii.gz", heatmap="attention")
+    pred = case.predictions[0]
+    assert np.allclose([result["probabilities"][k] for k in result["labels"]], pred.probabilities, atol=1e-6)
+    assert result["decisions"] == {k: bool(p >= 0.5) for k, p in result["probabilities"].items()}
+    expected = sitk.GetArrayFromImage(case.heatmap_image(pred))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(heatmap), expected, atol=1e-6)
+    assert _no_partial_files(tmp_path)
+
+
+def _write_bad_inputs(folder):
+    """A corrupt file, a truncated gzip, 2D, 4D, NaN, zero spacing and a single slice, with the expected words."""
+    good = make_ct_volume(size=(30, 30, 8), seed=1)
+    arr = sitk.GetArrayFromImage(good)
+    (folder / "corrupt.nii.gz").write_bytes(os.urandom(3000))
+    sitk.WriteImage(good, str(folder / "full.nii.gz"))
+    data = (folder / "full.nii.gz").read_bytes()
+    (folder / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    (folder / "full.nii.gz").unlink()
+    sitk.WriteImage(sitk.Image(30, 30, sitk.sitkFloat32), str(folder / "flat2d.nrrd"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 8, 30, 30), np.float32), isVector=False), str(folder / "time4d.nii.gz"))
+    nan = arr.copy()
+    nan[2, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(np.transpose(nan, (2, 1, 0)), np.eye(4)), str(folder / "nan.nii.gz"))
+    (folder / "zero_spacing.mha").write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementSpacing = 0 1 1\n"
+                                             "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    with open(folder / "zero_spacing.mha", "ab") as f:
+        f.write(np.zeros(64, np.float32).tobytes())
+    single = sitk.GetImageFromArray(arr[:1])
+    sitk.WriteImage(single, str(folder / "single.nii.gz"))
+    return {"corrupt": "", "truncated": "truncated", "flat2d": "2D", "time4d": "4D", "nan": "NaN",
+            "zero_spacing": "spacing", "single": "single slice"}
+
+
+def test_a_batch_goes_on_past_bad_cases_and_names_each_problem(demo_dir, tmp_path, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    expected = _write_bad_inputs(cases)
+    sitk.WriteImage(make_ct_volume(size=(48, 40, 10), spacing=(0.7, 0.9, 3.0), direction=random_oblique_direction(2),
+                                   origin=(5.0, -3.0, 11.0), lesion=True, seed=3), str(cases / "good.nii.gz"))
+    out, heat = tmp_path / "r.json", tmp_path / "heat"
+    code = main(_predict(demo_dir, cases, "--heatmap", heat, "--json", out))
+    assert code == 1
+    records = {os.path.basename(r["image"]).split(".")[0]: r for r in json.loads(out.read_text())}
+    assert set(records) == set(expected) | {"good"}
+    assert records["good"]["status"] == "ok"
+    for name, words in expected.items():
+        record = records[name]
+        assert record["status"] == "error" and record["results"] == []
+        assert name in record["error"] and words in record["error"], record["error"]
+        assert "Traceback" not in record["error"]
+    assert [p.name for p in heat.iterdir()] == ["good__demo_findings.nii.gz"]
+    written = sitk.ReadImage(str(heat / "good__demo_findings.nii.gz"))
+    good = sitk.ReadImage(str(cases / "good.nii.gz"))
+    assert written.GetSize() == good.GetSize() and np.allclose(written.GetDirection(), good.GetDirection(), atol=1e-6)
+    assert _no_partial_files(tmp_path)
+
+
+def test_backbone_plugin_mismatch_is_a_usage_error(demo_dir, tmp_path, caplog):
+    from anymc3d.demo import DEMO_SPEC, demo_backbone
+    from anymc3d.backbone import save_backbone
+
+    save_backbone(demo_backbone(seed=5), DEMO_SPEC, tmp_path / "other.safetensors")
+    args = _predict(demo_dir, demo_dir / "volume.nii.gz", "--json", tmp_path / "r.json")
+    args[args.index("--backbone") + 1] = str(tmp_path / "other.safetensors")
+    assert main(args) == 2
+    assert "plugin was made for backbone dinov2_vits14_reg with weights" in caplog.text
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_json_progress_lines_for_a_process_runner(demo_dir, tmp_path, capsys):
+    args = _predict(demo_dir, demo_dir / "volume.nii.gz", tmp_path / "missing.nii.gz", "--json", tmp_path / "r.json",
+                    "--chunk-size", "16")
+    args[args.index("--progress") + 1] = "json"
+    code = main(args)
+    assert code == 1
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[0] == {"event": "start", "cases": 2}
+    stages = [e["stage"] for e in events if e["event"] == "progress" and e["case"] == 0]
+    assert stages == ["reading", "encoding", "encoding", "encoding", "writing"]
+    assert [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "encoding"] == [16, 32, 40]
+    done = [e for e in events if e["event"] == "case_done"]
+    assert [d["status"] for d in done] == ["ok", "error"] and "missing.nii.gz" in done[1]["error"]
+    assert events[-1] == {"event": "done", "ok": 1, "failed": 1, "json": str(tmp_path / "r.json")}
+
+
+def test_gradient_heatmaps_are_written_per_finding_and_an_ensemble_is_one_result(demo_dir, tmp_path):
+    heat = tmp_path / "heat"
+    args = _predict(demo_dir, demo_dir / "volume.nii.gz", "--heatmap", heat, "--heatmap-method", "grad_last",
+                    "--heatmap-format", "nrrd", "--json", tmp_path / "r.json", "--ensemble", "--plugin",
+                    demo_dir / "plugin.anymc3d")
+    assert main(args) == 0
+    (result,) = json.loads((tmp_path / "r.json").read_text())[0]["results"]
+    assert result["plugin"] == "ensemble" and len(result["plugin_path"]) == 2
+    assert sorted(p.name for p in heat.iterdir()) == [f"volume__ensemble__{k}.nrrd" for k in sorted(result["labels"])]
+    top = max(result["probabilities"], key=result["probabilities"].get)
+    assert result["heatmap"] == result["finding_heatmaps"][top]
+
+
+def test_info_prints_the_plugin_metadata(demo_dir, capsys):
+    assert main(["info", str(demo_dir / "plugin.anymc3d"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == read_plugin_metadata(demo_dir / "plugin.anymc3d")
+    assert main(["info", str(demo_dir / "plugin.anymc3d")]) == 0
+    assert "lesion, effusion, fracture" in capsys.readouterr().out
+    assert main(["info", str(demo_dir / "volume.nii.gz")]) == 2
+
+
+def test_demo_files_are_complete_and_loadable(demo_dir):
+    assert {p.name for p in demo_dir.iterdir()} >= {"backbone.safetensors", "plugin.anymc3d", "volume.nii.gz"}
+    with gzip.open(demo_dir / "volume.nii.gz") as f:
+        assert f.read(4)  # a real gzip
