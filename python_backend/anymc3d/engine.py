@@ -118,7 +118,8 @@ class Engine:
     def add_plugin(self, plugin: Union[str, os.PathLike, LoadedPlugin], name: Optional[str] = None) -> str:
         """Attach a plugin (file, folder or loaded) to the resident backbone; returns its name here."""
         plugin = plugin if isinstance(plugin, LoadedPlugin) else load_plugin(plugin)
-        config, source = plugin.config, plugin.path or config.name
+        config = plugin.config
+        source = plugin.path or config.name
         mine = self.backbone
         if not config.backbone.same_architecture(mine.spec) or config.backbone_fingerprint != mine.fingerprint:
             raise PluginError(

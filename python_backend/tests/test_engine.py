@@ -181,3 +181,16 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     with pytest.raises(AnyMC3DError, match="no CUDA GPU is available"):
         engine_module.resolve_device("cuda")
     assert engine_module.resolve_device("auto").type == "cpu"
+
+
+def test_a_plugin_made_in_memory_attaches_like_a_file(tmp_path, volume):
+    from anymc3d.plugin import LoadedPlugin, load_plugin
+
+    path = _plugin(tmp_path)
+    loaded = load_plugin(path)
+    in_memory = LoadedPlugin(config=loaded.config, head=loaded.head, lora=loaded.lora)  # no path, e.g. after training
+    engine, _ = _engine()
+    name = engine.add_plugin(in_memory)
+    assert name == "p"
+    _same(engine.predict_file(volume, heatmap="attention").predictions[0],
+          _engine(path)[0].predict_file(volume, heatmap="attention").predictions[0])
