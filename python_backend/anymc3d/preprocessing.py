@@ -17,7 +17,6 @@ exactly the input image's size, origin, spacing and direction, even for oblique 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from anymc3d.errors import InputError
+from anymc3d.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -651,7 +651,7 @@ def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
     """Write an image under a temporary name in the same folder, then rename it into place.
 
     The temporary name keeps the real suffix so SimpleITK picks the right writer
-    (``.case1.partial-<pid>.nii.gz``). Detached-header formats (.mhd, .nhdr) are refused: their
+    (``.case1.nii.gz.<random>.partial.nii.gz``). Detached-header formats (.mhd, .nhdr) are refused: their
     separate data file could not be renamed with them.
 
     Returns:
@@ -661,16 +661,13 @@ def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
         InputError: naming ``path``; no temporary file is left behind.
     """
     path = Path(path)
-    stem, suffix = _split_suffix(path.name)
+    _, suffix = _split_suffix(path.name)
     if suffix.lower() in (".mhd", ".nhdr"):
         raise InputError(path, f"cannot be written atomically as {suffix} (detached data file); use .mha or .nrrd")
-    temporary = path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
     try:
-        sitk.WriteImage(image, str(temporary), useCompression=True)
-        os.replace(temporary, path)
+        with atomic_path(path, suffix) as temporary:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
     except Exception as error:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
         reason = _itk_reason(error) if isinstance(error, RuntimeError) else str(error)
         raise InputError(path, f"could not be written ({reason})") from None
     return path

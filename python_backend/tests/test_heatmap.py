@@ -9,7 +9,7 @@ import torch
 from anymc3d import heatmap as hm
 from anymc3d.demo import random_plugin
 from anymc3d.engine import Engine
-from anymc3d.plugin import load_plugin, save_plugin
+from anymc3d.plugin import save_plugin
 from anymc3d.preprocessing import to_model_input
 from conftest import small_backbone
 
