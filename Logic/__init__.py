@@ -1,13 +1,27 @@
+# ruff: noqa: N999 - the design names this folder Logic (installed as AnyMC3DSlicerLogic)
 """Slicer-side logic of AnyMC3D: moves data between the MRML scene and the ``anymc3d`` backend process.
 
 Importable without Qt (slicer-core is enough); the Widget in ``AnyMC3DSlicer/AnyMC3DSlicer.py`` wires it to the GUI.
 """
 
 from .dependencies import DependencyChecker, InstallError
-from .logic import AnyMC3DSlicerLogic, BatchJob, CaseResult, PredictionJob, PredictionOutputs, Progress
+from .logic import (
+    AnyMC3DSlicerLogic,
+    BatchJob,
+    CaseResult,
+    PredictionJob,
+    PredictionOutputs,
+    Progress,
+)
 from .parameters import DisplayOptions, PredictionOptions
 from .plugins import PluginInfo, PluginLibrary
-from .process import ExitCode, ProcessRunner, QProcessRunner, SubprocessRunner, killProcessTree
+from .process import (
+    ExitCode,
+    ProcessRunner,
+    QProcessRunner,
+    SubprocessRunner,
+    killProcessTree,
+)
 
 __all__ = [
     "AnyMC3DSlicerLogic", "BatchJob", "CaseResult", "DependencyChecker", "DisplayOptions", "ExitCode", "InstallError",

@@ -149,7 +149,7 @@ class PredictionJob:
         try:
             self.logic.runner.start(self.command, self._onStdoutLine, self._onStderrLine, self._onFinished,
                                     env=self.logic.backendEnvironment())
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any start failure is a failed case
             self._finish(CaseResult(self.name, "failed", f"Cannot start the backend: {error}", int(ExitCode.FATAL)))
 
     def cancel(self):
@@ -204,7 +204,7 @@ class PredictionJob:
                     record = self.logic.readRecord(self.jsonPath, self.pluginCount, self.tempDir, self.options)
                     importedOutputs = self.logic.importResults(record, self.inputs, self.options, self.displayOptions)
                     result = CaseResult(self.name, "ok", "", 0, importedOutputs)
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001 - a failed import is a failed case (scene rolled back)
                     result = CaseResult(self.name, "failed", f"Cannot import the results: {error}", 0)
         finally:
             shutil.rmtree(self.tempDir, ignore_errors=True)
@@ -376,7 +376,7 @@ class AnyMC3DSlicerLogic:
             try:
                 return self.startPrediction(inputs, backbonePath, pluginPaths, options, displayOptions,
                                             onCaseProgress, onCaseFinished)
-            except Exception as error:  # e.g. a volume that cannot be written: report it, go on
+            except Exception as error:  # noqa: BLE001 - e.g. a volume that cannot be written: report it, go on
                 onCaseFinished(CaseResult(self.inputName(inputs[0]), "failed", str(error), int(ExitCode.FATAL)))
                 return None
 

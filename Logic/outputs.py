@@ -7,6 +7,8 @@ Output nodes are linked by node references (saved with the scene) so a reloaded 
   order), --``AnyMC3DImportance``--> slice-importance table, --``AnyMC3DChart``--> chart.
 """
 
+import itertools
+
 import numpy as np
 import slicer
 import vtk
@@ -30,7 +32,7 @@ MAX_VOLUME_RENDERING_OPACITY = 0.6
 def heatmapColor(value):
     """RGB of the heatmap colour map at ``value`` in [0, 1]."""
     value = min(max(float(value), 0.0), 1.0)
-    for (x0, c0), (x1, c1) in zip(HEATMAP_COLOR_STOPS[:-1], HEATMAP_COLOR_STOPS[1:]):
+    for (x0, c0), (x1, c1) in itertools.pairwise(HEATMAP_COLOR_STOPS):
         if value <= x1:
             t = (value - x0) / (x1 - x0)
             return tuple(a + t * (b - a) for a, b in zip(c0, c1))
@@ -189,6 +191,8 @@ def createFindingsTable(scene, name, rows):
                 tableNode.SetCellText(index, columnIndex, str(value))
     tableNode.SetColumnDescription("Probability", "Calibrated probability (Platt scaling)")
     tableNode.SetColumnDescription("Decision", "Calibrated probability at or above the plugin's threshold")
+    tableNode.SetUseColumnNameAsColumnHeader(True)
+    tableNode.SetLocked(True)  # results: not editable in the table view
     tableNode.SetAttribute(ROLE_ATTRIBUTE, "findings")
     tableNode.Modified()
     tableNode.AddDefaultStorageNode()

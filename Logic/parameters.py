@@ -13,13 +13,13 @@ try:
 except ImportError:  # slicer-core has no parameterNodeWrapper
     parameterPack = dataclasses.dataclass
 
-    def Choice(options):  # noqa: N802 - same name as Slicer's validator
+    def Choice(options):
         return ("choice", tuple(options))
 
-    def Minimum(value):  # noqa: N802
+    def Minimum(value):
         return ("minimum", value)
 
-    def Maximum(value):  # noqa: N802
+    def Maximum(value):
         return ("maximum", value)
 
 

@@ -58,7 +58,7 @@ def backendMetadataReader(pythonExecutable=None, env=None, timeout=120, inProces
         if read_plugin_metadata is not None:
             return read_plugin_metadata(path)
         command = [pythonExecutable or sys.executable, "-m", "anymc3d", "info", str(path), "--json"]
-        completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        completed = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=timeout)
         if completed.returncode != 0:
             message = (completed.stderr.strip().splitlines() or ["unknown error"])[-1]
             raise ValueError(f"Cannot read plugin {path}: {message}")
@@ -86,7 +86,7 @@ class PluginLibrary:
         for path in self.pluginPaths():
             try:
                 plugins.append(self.plugin(path))
-            except Exception as error:  # one bad plugin must not hide the others
+            except Exception as error:  # noqa: BLE001 - one bad plugin must not hide the others
                 problems.append((path, str(error)))
         return plugins, problems
 

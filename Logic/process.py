@@ -73,7 +73,7 @@ def killProcessTree(pid, processGroup=False):
             so the whole group is killed too, which also catches descendants already re-parented.
     """
     if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], check=False, capture_output=True)
         return
     pids = [pid] + descendantPids(pid)  # collect first: killed parents re-parent their children
     if processGroup:

@@ -126,7 +126,7 @@ def main():
         try:
             records.append(predictOne(image, plugins, args, index, len(args.images)))
             emit(event="case_done", case=index, image=image, status="ok", error=None)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - like the backend: report the case, go on
             failed += 1
             records.append({"image": image, "status": "error", "error": str(error), "slicing_axis": None,
                             "num_slices": None, "results": []})

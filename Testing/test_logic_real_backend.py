@@ -14,7 +14,14 @@ import pytest
 import SimpleITK as sitk
 from conftest import REPO_ROOT, writeObliqueVolume
 
-from Logic import AnyMC3DSlicerLogic, DisplayOptions, ExitCode, PluginLibrary, PredictionOptions, SubprocessRunner
+from Logic import (
+    AnyMC3DSlicerLogic,
+    DisplayOptions,
+    ExitCode,
+    PluginLibrary,
+    PredictionOptions,
+    SubprocessRunner,
+)
 from Logic import outputs as out
 from Logic.plugins import backendMetadataReader
 
@@ -31,7 +38,7 @@ def backendEnv():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo")
-    completed = subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder)], env=backendEnv(),
+    completed = subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder)], check=False, env=backendEnv(),
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     return {"backbone": str(folder / "backbone.safetensors"), "plugin": str(folder / "plugin.anymc3d"),
@@ -193,3 +200,25 @@ def test_plugin_library_with_real_plugin(demo, tmp_path):
     library.removePlugin(plugins[0].path)
     library.removePlugin(str(bad))
     assert library.plugins() == ([], [])
+
+
+def test_real_backend_gradient_ensemble_per_finding_heatmaps(sceneContext, realLogic, demo, obliqueSmall, tempRoot):
+    """An ensemble of two plugins with a gradient method: one table, one heatmap per finding, rows switch them."""
+    volume = sceneContext.loadVolume(obliqueSmall, "Oblique")
+    options = PredictionOptions(device="cpu", heatmapMethod="grad_last", ensemble=True)
+    result = realLogic.runPrediction([volume], demo["backbone"], [demo["plugin"], demo["plugin"]], options, timeout=300)
+    assert result.status == "ok", result.message
+    (backendResult,) = result.outputs.record["results"]
+    assert backendResult["plugin"] == "ensemble"
+    assert {os.path.basename(p) for p in backendResult["finding_heatmaps"].values()} == \
+        {f"Oblique__ensemble__{label}.nrrd" for label in backendResult["labels"]}
+    table = result.outputs.tableNode
+    assert [table.GetCellText(row, 0) for row in range(table.GetNumberOfRows())] == ["ensemble"] * 3
+    heatmaps = result.outputs.heatmapNodes
+    assert len(heatmaps) == 3
+    for row in range(3):
+        shown = realLogic.selectFinding(table, row)
+        assert shown.GetName() == f"Oblique ensemble heatmap {backendResult['labels'][row]}"
+        visible = [sceneContext.volumeRenderingLogic.GetFirstVolumeRenderingDisplayNode(h).GetVisibility() for h in heatmaps]
+        assert visible == [int(h is shown) for h in heatmaps]
+    assert os.listdir(tempRoot) == []

@@ -1,0 +1,497 @@
+"""AnyMC3D: classify 3D medical images with a frozen 2D foundation model and small task plugins.
+
+The Module, a thin Widget that wires Resources/UI/AnyMC3DSlicer.ui to the Logic, and the self-test. All scene and
+process work is in the Logic package (``Logic/`` in the source tree, installed as ``AnyMC3DSlicerLogic``).
+"""
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+SETTINGS_BACKBONE = "AnyMC3D/BackbonePath"
+SETTINGS_PLUGIN_FOLDER = "AnyMC3D/PluginFolder"
+SAMPLE_NAME = "AnyMC3DSyntheticCT"
+
+
+def importLogicPackage():
+    """The Logic package: ``AnyMC3DSlicerLogic`` when installed, ``Logic`` from the source tree."""
+    try:
+        return importlib.import_module("AnyMC3DSlicerLogic")
+    except ModuleNotFoundError:
+        repositoryRoot = os.path.dirname(MODULE_DIR)
+        if repositoryRoot not in sys.path:
+            sys.path.insert(0, repositoryRoot)
+        return importlib.import_module("Logic")
+
+
+LogicPackage = importLogicPackage()
+DEVICES = LogicPackage.parameters.DEVICES
+HEATMAP_METHODS = LogicPackage.parameters.HEATMAP_METHODS
+
+
+def backendPath():
+    """The folder that holds the ``anymc3d`` package: bundled with the module, else the source tree's."""
+    for candidate in (MODULE_DIR, os.path.join(os.path.dirname(MODULE_DIR), "python_backend")):
+        if os.path.isdir(os.path.join(candidate, "anymc3d")):
+            return candidate
+    return None
+
+
+def resourcePath(*parts):
+    for root in (os.path.join(MODULE_DIR, "Resources"), os.path.join(os.path.dirname(MODULE_DIR), "Resources")):
+        if os.path.exists(os.path.join(root, *parts)):
+            return os.path.join(root, *parts)
+    return os.path.join(MODULE_DIR, "Resources", *parts)
+
+
+#
+# Module
+#
+
+
+class AnyMC3DSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("AnyMC3D")
+        self.parent.categories = ["Classification"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["AnyMC3D contributors"]
+        self.parent.helpText = _(
+            "Classify a 3D volume (CT, MRI) with a frozen 2D foundation model (DINOv2/DINOv3) and a small task "
+            "plugin. Shows calibrated probabilities per finding, a heatmap overlay and volume rendering, and the "
+            "importance of each slice. Inference runs in a background process; Cancel stops it. "
+            "Research use only: not a medical device.")
+        self.parent.acknowledgementText = _("Uses timm, peft and PyTorch. Process handling follows SlicerMONAIAuto3DSeg.")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """A small synthetic CT-like volume shipped with the module, for the self-test and for trying the module."""
+    import SampleData
+
+    path = resourcePath("SampleData", f"{SAMPLE_NAME}.nrrd")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="AnyMC3D", sampleName=SAMPLE_NAME, uris=qt.QUrl.fromLocalFile(path).toString(),
+        fileNames=f"{SAMPLE_NAME}.nrrd", nodeNames=SAMPLE_NAME, thumbnailFileName=resourcePath("Icons", "AnyMC3DSlicer.png"),
+        loadFileType="VolumeFile")
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class AnyMC3DSlicerParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    secondView: vtkMRMLScalarVolumeNode  # multi-view plugins: the second view, in the plugin's view order
+    options: LogicPackage.PredictionOptions
+    display: LogicPackage.DisplayOptions
+    resultTable: vtkMRMLTableNode
+
+
+#
+# Widget
+#
+
+
+class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.pluginLibrary = None
+        self.job = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._dependenciesChecked = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(resourcePath("UI", "AnyMC3DSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = AnyMC3DSlicerLogic()
+
+        settings = qt.QSettings()
+        self.ui.backbonePathLineEdit.currentPath = settings.value(SETTINGS_BACKBONE, "")
+        defaultFolder = os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "AnyMC3D", "plugins")
+        self.ui.pluginFolderPathLineEdit.currentPath = settings.value(SETTINGS_PLUGIN_FOLDER, defaultFolder)
+        self.ui.deviceComboBox.addItems([_("auto"), _("GPU"), _("CPU")])
+        self.ui.heatmapMethodComboBox.addItems(list(HEATMAP_METHODS))
+        self.ui.cancelButton.enabled = False
+        self.ui.progressBar.hide()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.backbonePathLineEdit.connect("currentPathChanged(QString)", lambda path: qt.QSettings().setValue(SETTINGS_BACKBONE, path))
+        self.ui.pluginFolderPathLineEdit.connect("currentPathChanged(QString)", self.onPluginFolderChanged)
+        self.ui.importPluginButton.connect("clicked(bool)", self.onImportPlugin)
+        self.ui.removePluginButton.connect("clicked(bool)", self.onRemovePlugin)
+        self.ui.refreshPluginsButton.connect("clicked(bool)", self.refreshPlugins)
+        self.ui.pluginListWidget.connect("itemSelectionChanged()", self.onPluginSelectionChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.heatmapMethodComboBox.connect("currentIndexChanged(int)", self.onHeatmapMethodChanged)
+        self.ui.resultTableSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onResultTableChanged)
+        self.ui.findingsTableView.connect("selectionChanged()", self.onFindingSelected)
+        self.ui.opacitySliderWidget.connect("valueChanged(double)", lambda value: self.updateHeatmapDisplay())
+        self.ui.thresholdSliderWidget.connect("valueChanged(double)", lambda value: self.updateHeatmapDisplay())
+        self.ui.jumpToMaximumButton.connect("clicked(bool)", self.onJumpToMaximum)
+        self.ui.jumpToSliceButton.connect("clicked(bool)", self.onJumpToSlice)
+        self.ui.batchRunButton.connect("clicked(bool)", self.onBatchRun)
+
+        self.onPluginFolderChanged(self.ui.pluginFolderPathLineEdit.currentPath)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        if self.job is not None:
+            self.job.cancel()
+        self.removeObservers()
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event):
+        if self.job is not None:
+            self.job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            # Widgets with a SlicerParameterName property in the .ui (e.g. "display.opacity") follow the node.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.ui.deviceComboBox.currentIndex = DEVICES.index(self._parameterNode.options.device)
+            self.ui.heatmapMethodComboBox.currentIndex = HEATMAP_METHODS.index(self._parameterNode.options.heatmapMethod)
+
+    # Plugins
+
+    def onPluginFolderChanged(self, folder):
+        qt.QSettings().setValue(SETTINGS_PLUGIN_FOLDER, folder)
+        self.pluginLibrary = LogicPackage.PluginLibrary(folder, LogicPackage.plugins.backendMetadataReader(
+            pythonExecutable=self.logic.backendCommand[0], env=self.logic.backendEnvironment()))
+        self.refreshPlugins()
+
+    def refreshPlugins(self):
+        self.ui.pluginListWidget.clear()
+        with slicer.util.WaitCursor():
+            plugins, problems = self.pluginLibrary.plugins()
+        for plugin in plugins:
+            item = qt.QListWidgetItem(plugin.name)
+            item.setData(qt.Qt.UserRole, plugin.path)
+            item.setToolTip(plugin.description())
+            self.ui.pluginListWidget.addItem(item)
+        for path, message in problems:
+            slicer.util.showStatusMessage(_("Cannot read plugin {path}: {message}").format(path=path, message=message), 5000)
+
+    def selectedPlugins(self):
+        return [self.pluginLibrary.plugin(item.data(qt.Qt.UserRole)) for item in self.ui.pluginListWidget.selectedItems()]
+
+    def onPluginSelectionChanged(self):
+        self.ui.pluginInfoLabel.text = "\n".join(plugin.description() for plugin in self.selectedPlugins())
+
+    def onImportPlugin(self):
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Import plugin"), "", _("AnyMC3D plugin (*.anymc3d)"))
+        if path:
+            with slicer.util.tryWithErrorDisplay(_("Cannot import the plugin."), waitCursor=True):
+                self.pluginLibrary.importPlugin(path)
+            self.refreshPlugins()
+
+    def onRemovePlugin(self):
+        plugins = self.selectedPlugins()
+        if plugins and slicer.util.confirmYesNoDisplay(_("Remove {names}?").format(names=", ".join(p.name for p in plugins))):
+            for plugin in plugins:
+                self.pluginLibrary.removePlugin(plugin.path)
+            self.refreshPlugins()
+
+    # Options
+
+    def onDeviceChanged(self, index):
+        if self._parameterNode:
+            self._parameterNode.options.device = DEVICES[index]
+        self.updateDeviceNote()
+
+    def onHeatmapMethodChanged(self, index):
+        if self._parameterNode:
+            self._parameterNode.options.heatmapMethod = HEATMAP_METHODS[index]
+
+    def updateDeviceNote(self):
+        device = DEVICES[self.ui.deviceComboBox.currentIndex]
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        if device == "auto":
+            device = "cuda" if self.logic.cudaAvailable() else "cpu"
+        if device == "cpu" and volume is not None and volume.GetImageData() is not None:
+            seconds = LogicPackage.AnyMC3DSlicerLogic.estimatedSeconds(max(volume.GetImageData().GetDimensions()), "cpu")
+            self.ui.deviceNoteLabel.text = _("No GPU in use: expect about {minutes:.0f} min on the CPU.").format(minutes=max(1, seconds / 60))
+        else:
+            self.ui.deviceNoteLabel.text = ""
+
+    # Run
+
+    def ensureDependencies(self):
+        if self._dependenciesChecked:
+            return True
+        checker = LogicPackage.DependencyChecker()
+        missing = checker.missingPackages()
+        try:
+            checker.install(missing, confirm=lambda lines: slicer.util.confirmOkCancelDisplay(
+                _("AnyMC3D needs these Python packages, which will be downloaded and installed now:") + "\n\n" + "\n".join(lines)))
+        except LogicPackage.InstallError as error:
+            if error.restartRequired and slicer.util.confirmOkCancelDisplay(error.message + "\n\n" + _("Restart Slicer now?")):
+                slicer.util.restart()
+            else:
+                slicer.util.errorDisplay(error.message)
+            return False
+        self._dependenciesChecked = True
+        return True
+
+    def onApplyButton(self):
+        inputs = [node for node in (self._parameterNode.inputVolume, self._parameterNode.secondView) if node]
+        plugins = self.selectedPlugins()
+        backbone = self.ui.backbonePathLineEdit.currentPath
+        if not inputs or not plugins or not os.path.isfile(backbone):
+            slicer.util.errorDisplay(_("Select an input volume, at least one plugin and the backbone weights file."))
+            return
+        if not self.ensureDependencies():
+            return
+        self.updateDeviceNote()
+        self.startJob(lambda onProgress, onFinished: self.logic.startPrediction(
+            inputs, backbone, [p.path for p in plugins], self._parameterNode.options, self._parameterNode.display,
+            onProgress=onProgress, onFinished=onFinished))
+
+    def onBatchRun(self):
+        folder = self.ui.batchFolderPathLineEdit.currentPath
+        plugins = self.selectedPlugins()
+        if not os.path.isdir(folder) or not plugins or not self.ensureDependencies():
+            slicer.util.errorDisplay(_("Select a folder of images, at least one plugin and the backbone weights file."))
+            return
+        cases = self.logic.batchCasesFromFolder(folder)
+        self.ui.batchResultsTableWidget.setRowCount(0)
+        self.startJob(lambda onProgress, onFinished: self.logic.startBatch(
+            cases, self.ui.backbonePathLineEdit.currentPath, [p.path for p in plugins], self._parameterNode.options,
+            self._parameterNode.display, onCaseDone=self.onBatchCaseDone, onFinished=onFinished, onProgress=onProgress))
+
+    def startJob(self, start):
+        self.ui.applyButton.enabled = self.ui.batchRunButton.enabled = False
+        self.ui.cancelButton.enabled = True
+        self.ui.progressBar.show()
+        self.ui.progressBar.value = 0
+        try:
+            self.job = start(self.onProgress, self.onJobFinished)
+        except Exception as error:  # noqa: BLE001 - shown to the user, the GUI stays usable
+            self.onJobFinished(LogicPackage.CaseResult("", "failed", str(error)))
+
+    def onProgress(self, progress):
+        self.ui.progressBar.value = int(100 * progress.fraction)
+        prefix = f"{progress.case + 1}/{progress.cases}: " if progress.cases > 1 else ""
+        self.ui.statusLabel.text = prefix + progress.message
+
+    def onBatchCaseDone(self, result):
+        table = self.ui.batchResultsTableWidget
+        row = table.rowCount
+        table.insertRow(row)
+        for column, text in enumerate((result.name, result.status, result.message)):
+            table.setItem(row, column, qt.QTableWidgetItem(text))
+
+    def onJobFinished(self, result):
+        self.job = None
+        self.ui.applyButton.enabled = self.ui.batchRunButton.enabled = True
+        self.ui.cancelButton.enabled = False
+        self.ui.progressBar.hide()
+        results = result if isinstance(result, list) else [result]
+        done = [r for r in results if r.status == "ok"]
+        if any(r.status == "cancelled" for r in results):
+            self.ui.statusLabel.text = _("Cancelled: the scene is unchanged") if not done else _("Cancelled")
+        else:
+            self.ui.statusLabel.text = _("{ok} of {total} done").format(ok=len(done), total=len(results))
+        if done:
+            outputs = done[-1].outputs
+            self._parameterNode.resultTable = outputs.tableNode
+            slicer.modules.plots.logic().ShowChartInLayout(outputs.chartNode)
+        failed = [r for r in results if r.status == "failed"]
+        if failed and not isinstance(result, list):
+            slicer.util.errorDisplay(_("AnyMC3D failed: {message}").format(message=failed[0].message))
+
+    def onCancelButton(self):
+        if self.job is not None:
+            self.job.cancel()
+
+    # Results
+
+    def onResultTableChanged(self, tableNode):
+        self.ui.findingsTableView.setMRMLTableNode(tableNode)
+        enabled = tableNode is not None and tableNode.GetAttribute(LogicPackage.outputs.ROLE_ATTRIBUTE) == "findings"
+        self.ui.jumpToMaximumButton.enabled = self.ui.jumpToSliceButton.enabled = enabled
+
+    def selectedRow(self):
+        view = self.ui.findingsTableView
+        indexes = view.selectionModel().selectedIndexes() if view.selectionModel() else []
+        if not indexes:
+            return 0
+        return view.tableModel().mrmlTableRowIndex(view.sortFilterProxyModel().mapToSource(indexes[0]))
+
+    def onFindingSelected(self):
+        tableNode = self._parameterNode.resultTable
+        if tableNode is not None:
+            self.logic.selectFinding(tableNode, self.selectedRow(), self._parameterNode.display)
+
+    def updateHeatmapDisplay(self):
+        tableNode = self._parameterNode.resultTable if self._parameterNode else None
+        if tableNode is None:
+            return
+        heatmapNode = self.logic.heatmapNodeForRow(tableNode, self.selectedRow())
+        self.logic.setHeatmapThreshold(heatmapNode, self._parameterNode.display.threshold)
+        self.logic.selectFinding(tableNode, self.selectedRow(), self._parameterNode.display)
+
+    def onJumpToMaximum(self):
+        tableNode = self._parameterNode.resultTable
+        self.logic.jumpSlicesTo(self.logic.heatmapMaximumRAS(self.logic.heatmapNodeForRow(tableNode, self.selectedRow())))
+
+    def onJumpToSlice(self):
+        self.logic.jumpSlicesTo(self.logic.mostImportantSliceRAS(self._parameterNode.resultTable, self.selectedRow()))
+
+
+#
+# Logic
+#
+
+
+class AnyMC3DSlicerLogic(ScriptedLoadableModuleLogic, LogicPackage.AnyMC3DSlicerLogic):
+    """The module logic: the scene-level Logic on ``slicer.mrmlScene`` plus the parameter node."""
+
+    def __init__(self, runner=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        LogicPackage.AnyMC3DSlicerLogic.__init__(self, slicer.mrmlScene, runner=runner, backendPath=backendPath())
+
+    def getParameterNode(self):
+        return AnyMC3DSlicerParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def cudaAvailable():
+        try:
+            import torch
+        except ImportError:
+            return False
+        return torch.cuda.is_available()
+
+
+#
+# Test
+#
+
+
+class AnyMC3DSlicerTest(ScriptedLoadableModuleTest):
+    """End to end on the CPU: demo backbone and plugin, a synthetic oblique volume, the real backend process."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+        self.tempDir = tempfile.mkdtemp(prefix="AnyMC3DTest-")
+
+    def tearDown(self):
+        shutil.rmtree(self.tempDir, ignore_errors=True)
+
+    def runTest(self):
+        self.setUp()
+        try:
+            self.test_EndToEnd()
+        finally:
+            self.tearDown()
+
+    def test_EndToEnd(self):
+        import numpy as np
+
+        self.delayDisplay("Checking dependencies")
+        checker = LogicPackage.DependencyChecker()
+        checker.install(checker.missingPackages(), confirm=lambda lines: True)
+
+        self.delayDisplay("Creating the demo backbone and plugin")
+        logic = AnyMC3DSlicerLogic()
+        subprocess.run([*logic.backendCommand, "demo", self.tempDir], env=logic.backendEnvironment(), check=True,
+                       capture_output=True)
+
+        self.delayDisplay("Loading the sample volume")
+        import SampleData
+
+        registerSampleData()
+        inputVolume = SampleData.downloadSample(SAMPLE_NAME)
+        self.assertIsNotNone(inputVolume)
+        # Make it oblique and anisotropic: the heatmap must follow the exact geometry
+        ijkToRas = vtk.vtkMatrix4x4()
+        inputVolume.GetIJKToRASMatrix(ijkToRas)
+        rotation = vtk.vtkTransform()
+        rotation.RotateZ(20)
+        rotation.RotateX(10)
+        rotation.Scale(0.8, 0.9, 2.5)
+        oblique = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Multiply4x4(rotation.GetMatrix(), ijkToRas, oblique)
+        inputVolume.SetIJKToRASMatrix(oblique)
+
+        self.delayDisplay("Running the backend on the CPU")
+        stages = []
+        result = logic.runPrediction([inputVolume], os.path.join(self.tempDir, "backbone.safetensors"),
+                                     [os.path.join(self.tempDir, "plugin.anymc3d")],
+                                     LogicPackage.PredictionOptions(device="cpu"), onProgress=lambda p: stages.append(p.stage),
+                                     timeout=600)
+        self.assertEqual(result.status, "ok", result.message)
+        self.assertIn("encoding", stages)
+
+        outputs = result.outputs
+        (backendResult,) = outputs.record["results"]
+        table = outputs.tableNode
+        self.assertEqual(table.GetNumberOfRows(), len(backendResult["labels"]))
+        for row, label in enumerate(backendResult["labels"]):
+            self.assertEqual(table.GetCellText(row, 1), label)
+            self.assertAlmostEqual(float(table.GetCellText(row, 2)), backendResult["probabilities"][label], places=5)
+
+        (heatmap,) = outputs.heatmapNodes
+        heatmapMatrix = vtk.vtkMatrix4x4()
+        heatmap.GetIJKToRASMatrix(heatmapMatrix)
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVTKMatrix(heatmapMatrix), slicer.util.arrayFromVTKMatrix(oblique)))
+        self.assertEqual(heatmap.GetImageData().GetDimensions(), inputVolume.GetImageData().GetDimensions())
+        self.assertEqual(heatmap.GetDisplayNode().GetColorNode().GetName(), LogicPackage.outputs.COLOR_TABLE_NAME)
+        volumeRendering = slicer.modules.volumerendering.logic().GetFirstVolumeRenderingDisplayNode(heatmap)
+        self.assertIsNotNone(volumeRendering)
+        self.assertTrue(volumeRendering.GetVisibility())
+        for compositeNode in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):  # none with --no-main-window
+            self.assertEqual(compositeNode.GetForegroundVolumeID(), heatmap.GetID())
+        self.assertEqual(outputs.chartNode.GetNumberOfPlotSeriesNodes(), 1)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,108 @@
+"""Checks of the files that can only run inside Slicer: the module file, the .ui, the CMake lists."""
+
+import ast
+import dataclasses
+import os
+import py_compile
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+from conftest import REPO_ROOT
+
+from Logic.parameters import DisplayOptions, PredictionOptions
+
+MODULE_FILE = os.path.join(REPO_ROOT, "AnyMC3DSlicer", "AnyMC3DSlicer.py")
+UI_FILE = os.path.join(REPO_ROOT, "Resources", "UI", "AnyMC3DSlicer.ui")
+MODULE_CMAKE = os.path.join(REPO_ROOT, "AnyMC3DSlicer", "CMakeLists.txt")
+TOP_CMAKE = os.path.join(REPO_ROOT, "CMakeLists.txt")
+
+
+def read(path):
+    with open(path, encoding="utf-8") as file:
+        return file.read()
+
+
+def test_module_file_compiles(tmp_path):
+    py_compile.compile(MODULE_FILE, cfile=str(tmp_path / "module.pyc"), doraise=True)
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff") or pytest.skip("ruff is not installed")
+    paths = [MODULE_FILE, os.path.join(REPO_ROOT, "Logic"), os.path.join(REPO_ROOT, "Testing")]
+    completed = subprocess.run([ruff, "check", *paths], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_module_classes_follow_slicer_conventions():
+    tree = ast.parse(read(MODULE_FILE))
+    classes = {node.name: [base.id if isinstance(base, ast.Name) else ast.unparse(base) for base in node.bases]
+               for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert "ScriptedLoadableModule" in classes["AnyMC3DSlicer"]
+    assert "ScriptedLoadableModuleWidget" in classes["AnyMC3DSlicerWidget"]
+    assert "ScriptedLoadableModuleLogic" in classes["AnyMC3DSlicerLogic"]
+    assert "ScriptedLoadableModuleTest" in classes["AnyMC3DSlicerTest"]
+    source = read(MODULE_FILE)
+    assert 'categories = ["Classification"]' in source
+    assert "import imp\n" not in source
+
+
+def uiWidgets():
+    root = ET.parse(UI_FILE).getroot()
+    return {widget.get("name"): widget for widget in root.iter("widget")}
+
+
+def test_ui_has_every_widget_the_module_uses():
+    widgets = uiWidgets()
+    used = set(re.findall(r"self\.ui\.([A-Za-z0-9_]+)", read(MODULE_FILE)))
+    missing = sorted(used - set(widgets))
+    assert not missing, missing
+
+
+def test_ui_parameter_names_exist_in_the_parameter_node():
+    packs = {"options": PredictionOptions, "display": DisplayOptions}
+    topLevel = {"inputVolume", "secondView", "options", "display", "resultTable"}
+    source = read(MODULE_FILE)
+    for name in topLevel:
+        assert re.search(rf"^    {name}: ", source, re.MULTILINE), name
+    for name, widget in uiWidgets().items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                parameter = prop.find("string").text
+                head, _, member = parameter.partition(".")
+                assert head in topLevel, (name, parameter)
+                if member:
+                    assert member in {field.name for field in dataclasses.fields(packs[head])}, (name, parameter)
+
+
+def test_cmake_lists_name_every_logic_file_and_resource():
+    cmake = read(MODULE_CMAKE)
+    logicFiles = sorted(name for name in os.listdir(os.path.join(REPO_ROOT, "Logic")) if name.endswith(".py"))
+    block = re.search(r"set\(MODULE_LOGIC_SCRIPTS(.*?)\)", cmake, re.DOTALL).group(1).split()
+    assert sorted(block) == logicFiles
+    resources = re.search(r"set\(MODULE_RESOURCES(.*?)\)", cmake, re.DOTALL).group(1).split()
+    for resource in resources:
+        assert os.path.isfile(os.path.join(REPO_ROOT, "Resources", resource.replace("${MODULE_NAME}", "AnyMC3DSlicer"))), resource
+    assert "slicerMacroBuildScriptedModule" in cmake and "WITH_GENERIC_TESTS" in cmake
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
+    top = read(TOP_CMAKE)
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({key} ", top), key
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in top and "add_subdirectory(AnyMC3DSlicer)" in top
+
+
+def test_icon_is_a_png():
+    with open(os.path.join(REPO_ROOT, "Resources", "Icons", "AnyMC3DSlicer.png"), "rb") as file:
+        assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_logic_imports_no_qt():
+    """The Logic must import without Qt: qt appears only inside QProcessRunner / the dependency installer."""
+    code = "import sys, Logic; assert 'qt' not in sys.modules and 'ctk' not in sys.modules"
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert completed.returncode == 0, completed.stderr
