@@ -56,7 +56,39 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--chunk-size", type=int, default=32, help="Slices per backbone forward (default: 32).")
     pred.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
                       help="Progress display: a bar on stderr, JSON lines on stdout, or none (default: bar).")
+    _add_extension_commands(sub)
     return parser
+
+
+#: commands that live in other packages (they may import Slicer's scene classes; this package may not)
+EXTENSION_HINTS = {"review": "the web review app is not installed: pip install -e WebReview (see README)"}
+
+
+def _add_extension_commands(sub) -> None:
+    """Subcommands registered by other packages under the entry-point group ``anymc3d.commands``.
+
+    Each entry point is ``register(subparsers)``: it adds its parser and sets ``handler=fn(args) -> int``.
+    A known command whose package is missing gets a parser that says how to install it.
+    """
+    from importlib.metadata import entry_points
+
+    found = set()
+    for ep in entry_points(group="anymc3d.commands"):
+        try:
+            ep.load()(sub)
+            found.add(ep.name)
+        except Exception as exc:  # a broken extension must not break predict
+            logger.warning("command %r from %s could not be loaded: %s", ep.name, ep.value, exc)
+    for name, hint in EXTENSION_HINTS.items():
+        if name not in found:
+            missing = sub.add_parser(name, help=f"(not installed) {hint}")
+            missing.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            missing.set_defaults(handler=lambda args, hint=hint: _missing(hint))
+
+
+def _missing(hint: str) -> int:
+    logger.error("%s", hint)
+    return EXIT_USAGE
 
 
 def _cmd_demo(args) -> int:
@@ -268,8 +300,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     commands = {"demo": _cmd_demo, "info": _cmd_info, "predict": _cmd_predict}
+    handler = getattr(args, "handler", None) or commands[args.command]
     try:
-        return commands[args.command](args)
+        return handler(args)
     except AnyMC3DError as exc:
         logger.error("%s", exc)
         return EXIT_USAGE

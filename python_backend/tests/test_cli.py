@@ -156,3 +156,27 @@ def test_demo_files_are_complete_and_loadable(demo_dir):
     assert {p.name for p in demo_dir.iterdir()} >= {"backbone.safetensors", "plugin.anymc3d", "volume.nii.gz"}
     with gzip.open(demo_dir / "volume.nii.gz") as f:
         assert f.read(4)  # a real gzip
+
+
+def test_a_command_from_another_package_is_found_by_entry_point(monkeypatch, caplog):
+    """The web review registers `anymc3d review` from its own package, so the backend never imports Slicer."""
+    import importlib.metadata as md
+
+    calls = []
+
+    def register(sub):
+        p = sub.add_parser("review")
+        p.add_argument("folder")
+        p.set_defaults(handler=lambda args: calls.append(args.folder) or 0)
+
+    class EP:
+        name, value = "review", "tests:register"
+
+        def load(self):
+            return register
+
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [EP()] if group == "anymc3d.commands" else [])
+    assert main(["review", "cases"]) == 0 and calls == ["cases"]
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [])
+    assert main(["review", "cases"]) == 2
+    assert "web review app is not installed" in caplog.text
