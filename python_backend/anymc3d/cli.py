@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="Heatmap method (default: attention, the last-block CLS attention of the paper).")
     pred.add_argument("--heatmap-format", default="nii.gz", choices=["nii.gz", "nrrd"],
                       help="Heatmap file format (default: nii.gz).")
+    pred.add_argument("--embedding", action="store_true",
+                      help="Add each plugin's volume embedding v (C floats) to the JSON records (default: off).")
     pred.add_argument("--json", type=Path, default=None, help="Write the JSON records here (default: print them on stdout).")
     pred.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                       help="Compute device (default: auto = CUDA if available, else CPU).")
@@ -103,6 +105,8 @@ def _cmd_demo(args) -> int:
 def _cmd_info(args) -> int:
     from anymc3d.plugin import read_plugin_metadata
 
+    from anymc3d.plugin import load_plugin
+
     meta = read_plugin_metadata(args.plugin)
     if args.json:
         print(json.dumps(meta, indent=2))
@@ -114,6 +118,10 @@ def _cmd_info(args) -> int:
              f"LoRA         rank {meta['lora']['rank']}, alpha {meta['lora']['alpha']}",
              f"thresholds   {meta['thresholds']}", f"calibration  a={meta['calibration_a']} b={meta['calibration_b']}",
              f"format       v{meta['format_version']}, written by anymc3d {meta['anymc3d_version']}"]
+    loaded = load_plugin(args.plugin)
+    lora = sum(t.numel() for view in loaded.lora for t in view.values())
+    head = sum(p.numel() for p in loaded.head.parameters())
+    lines.append(f"parameters   {lora + head:,} ({lora:,} LoRA, {head:,} queries and head)")
     if meta.get("description"):
         lines.append(f"description  {meta['description']}")
     print("\n".join(lines))
@@ -199,7 +207,7 @@ class _Reporter:
         self.emit(event="done", ok=ok, failed=failed, json=None if json_path is None else str(json_path), **extra)
 
 
-def _record(result, written: dict, image: str) -> dict:
+def _record(result, written: dict, image: str, embedding: bool = False) -> dict:
     geometry = result.geometries[0]
     record = {"image": image, "status": "ok", "error": None, "slicing_axis": geometry.slice_axis,
               "num_slices": geometry.num_input_slices, "results": []}
@@ -218,6 +226,7 @@ def _record(result, written: dict, image: str) -> dict:
             "heatmap_method": pred.heatmap_method if files else None,
             "heatmap": files.get(None),
             "finding_heatmaps": {k: v for k, v in files.items() if k is not None},
+            **({"embedding": [float(x) for x in pred.embedding]} if embedding else {}),
         })
     return record
 
@@ -279,7 +288,7 @@ def _cmd_predict(args) -> int:
             written = {}
             if args.heatmap:
                 written = _write_heatmaps(result, args.heatmap, _unique_stem(views[0], stems), args.heatmap_format)
-            records.append(_record(result, written, image))
+            records.append(_record(result, written, image, args.embedding))
             reporter.case_done("ok", None)
         except (AnyMC3DError, OSError, RuntimeError, ValueError) as exc:
             message = str(exc) if isinstance(exc, AnyMC3DError) else f"{image}: {type(exc).__name__}: {exc}"

@@ -148,7 +148,10 @@ def test_info_prints_the_plugin_metadata(demo_dir, capsys):
     assert main(["info", str(demo_dir / "plugin.anymc3d"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == read_plugin_metadata(demo_dir / "plugin.anymc3d")
     assert main(["info", str(demo_dir / "plugin.anymc3d")]) == 0
-    assert "lesion, effusion, fracture" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "lesion, effusion, fracture" in text
+    lora = 3 * 14 * 14 * 8 + 8 * 192 + 6 * (192 * 8 + 8 * 576 + 192 * 8 + 8 * 192)  # demo: width 192, 6 blocks
+    assert f"parameters   {lora + 192 + 192 * 3 + 3:,} ({lora:,} LoRA" in text
     assert main(["info", str(demo_dir / "volume.nii.gz")]) == 2
 
 
@@ -180,3 +183,27 @@ def test_a_command_from_another_package_is_found_by_entry_point(monkeypatch, cap
     monkeypatch.setattr(md, "entry_points", lambda group=None: [])
     assert main(["review", "cases"]) == 2
     assert "web review app is not installed" in caplog.text
+
+
+def test_multi_view_case_joined_with_plus(demo_dir, tmp_path):
+    from anymc3d.backbone import load_backbone
+    from anymc3d.demo import random_plugin
+    from anymc3d.plugin import save_plugin
+
+    bb = load_backbone(demo_dir / "backbone.safetensors")
+    config, head, lora = random_plugin(bb.model, bb.spec, name="two_views", views=("sag", "cor"))
+    plugin = save_plugin(tmp_path / "mv.anymc3d", config, head, lora)
+    sag, cor = tmp_path / "sag.nii.gz", tmp_path / "cor.nii.gz"
+    sitk.WriteImage(make_ct_volume(size=(10, 40, 36), spacing=(3.0, 0.9, 0.9), seed=1), str(sag))
+    sitk.WriteImage(make_ct_volume(size=(40, 10, 36), spacing=(0.9, 3.0, 0.9), seed=2), str(cor))
+    args = _predict(demo_dir, f"{sag}+{cor}", "--json", tmp_path / "r.json", "--heatmap", tmp_path / "h", "--embedding")
+    args[args.index("--plugin") + 1] = str(plugin)
+    assert main(args) == 0
+    (record,) = json.loads((tmp_path / "r.json").read_text())
+    (result,) = record["results"]
+    assert record["image"] == f"{sag}+{cor}" and record["slicing_axis"] == 0 and record["num_slices"] == 10
+    assert len(result["embedding"]) == 192 and sitk.ReadImage(result["heatmap"]).GetSize() == (10, 40, 36)
+    args[args.index("--embedding")] = "--ensemble"  # one view given to a two-view plugin: a clear case error
+    args[args.index(f"{sag}+{cor}")] = str(sag)
+    assert main(args) == 1
+    assert "takes 2 view(s) ['sag', 'cor'], got 1" in json.loads((tmp_path / "r.json").read_text())[0]["error"]
