@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer
-from conftest import writeObliqueVolume
 
 from Logic import AnyMC3DSlicerLogic, DisplayOptions, ExitCode, PredictionOptions
 from Logic import outputs as out
+
+from .slicer_testing import writeObliqueVolume
 
 
 def ijkToRas(node):
@@ -286,7 +287,7 @@ def test_scene_saves_and_reloads_with_display(sceneContext, obliqueVolumePath, f
     assert "Oblique demo_findings heatmap.nrrd" in saved
     assert any(name.endswith(".tsv") and "findings" in name for name in saved)
 
-    from conftest import SceneContext
+    from .slicer_testing import SceneContext
 
     reloaded = SceneContext()
     reloaded.scene.SetURL(str(bundle / "bundle.mrml"))

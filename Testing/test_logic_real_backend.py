@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import REPO_ROOT, writeObliqueVolume
 
 from Logic import (
     AnyMC3DSlicerLogic,
@@ -24,6 +23,8 @@ from Logic import (
 )
 from Logic import outputs as out
 from Logic.plugins import backendMetadataReader
+
+from .slicer_testing import REPO_ROOT, writeObliqueVolume
 
 pytest.importorskip("anymc3d.cli", reason="the anymc3d backend CLI is not importable")
 BACKEND_PATH = os.path.join(REPO_ROOT, "python_backend")

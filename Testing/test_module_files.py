@@ -11,9 +11,10 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-from conftest import REPO_ROOT
 
 from Logic.parameters import DisplayOptions, PredictionOptions
+
+from .slicer_testing import REPO_ROOT
 
 MODULE_FILE = os.path.join(REPO_ROOT, "AnyMC3DSlicer", "AnyMC3DSlicer.py")
 UI_FILE = os.path.join(REPO_ROOT, "Resources", "UI", "AnyMC3DSlicer.ui")
