@@ -208,7 +208,7 @@ class _Reporter:
 
 
 def _record(result, written: dict, image: str, embedding: bool = False) -> dict:
-    geometry = result.geometries[0]
+    geometry = result.predictions[0].geometry
     record = {"image": image, "status": "ok", "error": None, "slicing_axis": geometry.slice_axis,
               "num_slices": geometry.num_input_slices, "results": []}
     for pred in result.predictions:
@@ -222,7 +222,8 @@ def _record(result, written: dict, image: str, embedding: bool = False) -> dict:
             "probabilities_raw": dict(zip(labels, map(float, pred.probabilities_raw))),
             "thresholds": dict(zip(labels, map(float, pred.thresholds))),
             "decisions": dict(zip(labels, map(bool, pred.decisions))),
-            "slice_importance": [float(x) for x in geometry.importance_to_input(pred.slice_importance[0])],
+            "slicing_axis": pred.geometry.slice_axis,
+            "slice_importance": [float(x) for x in pred.importance_per_input_slice()],
             "heatmap_method": pred.heatmap_method if files else None,
             "heatmap": files.get(None),
             "finding_heatmaps": {k: v for k, v in files.items() if k is not None},

@@ -59,6 +59,7 @@ class Prediction:
     heatmap: Optional[np.ndarray] = None  # (S, h, w) on the patch grid, weighted by a_s, max 1
     finding_heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # gradient methods: per label
     plugin_paths: list[str] = field(default_factory=list)
+    geometry: Optional[SliceGeometry] = None  # how view 0 was sliced: maps heatmap and importance back
 
     @property
     def decisions(self) -> np.ndarray:
@@ -68,20 +69,27 @@ class Prediction:
         return self.probabilities >= self.thresholds
 
 
+    def heatmap_image(self, label: Optional[str] = None) -> sitk.Image:
+        """The heatmap in the first view's input geometry (same size, origin, spacing, direction)."""
+        volume = self.finding_heatmaps[label] if label is not None else self.heatmap
+        if volume is None or self.geometry is None:
+            raise AnyMC3DError(f"no heatmap was computed for {self.plugin}")
+        return self.geometry.to_input(volume)
+
+    def importance_per_input_slice(self) -> np.ndarray:
+        """a_s per input slice index along the slicing axis of view 0 (sums to 1)."""
+        return self.geometry.importance_to_input(self.slice_importance[0])
+
+
 @dataclass
 class CaseResult:
-    """Predictions of every plugin for one case, with what maps them back onto the input images."""
+    """Predictions of every plugin for one case."""
 
     sources: list[str]
-    geometries: list[SliceGeometry]  # per view
     predictions: list[Prediction]
 
     def heatmap_image(self, prediction: Prediction, label: Optional[str] = None) -> sitk.Image:
-        """The heatmap in the first view's input geometry (same size, origin, spacing, direction)."""
-        volume = prediction.finding_heatmaps[label] if label is not None else prediction.heatmap
-        if volume is None:
-            raise AnyMC3DError(f"no heatmap was computed for {prediction.plugin}")
-        return self.geometries[0].to_input(volume)
+        return prediction.heatmap_image(label)
 
 
 @dataclass
@@ -323,7 +331,7 @@ class Engine:
         for image, source in zip(images, sources):
             validate_image(image, source)
         prepared: dict[tuple[int, str], tuple[torch.Tensor, SliceGeometry]] = {}
-        predictions, geometries = [], None
+        predictions = []
         for name in plugins:
             config = self.plugins[name].plugin.config
             if len(images) != len(config.views):
@@ -335,9 +343,10 @@ class Engine:
                 if key not in prepared:
                     prepared[key] = prepare(images[i], recipe, sources[i])
                 views.append(prepared[key])
-            geometries = geometries or [g for _, g in views]
-            predictions.append(self.predict_slices([s for s, _ in views], name, heatmap, progress))
-        return CaseResult(sources=[str(s) for s in sources], geometries=geometries, predictions=predictions)
+            prediction = self.predict_slices([s for s, _ in views], name, heatmap, progress)
+            prediction.geometry = views[0][1]
+            predictions.append(prediction)
+        return CaseResult(sources=[str(s) for s in sources], predictions=predictions)
 
     def predict_file(self, paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
                      plugins: Optional[Sequence[str]] = None, heatmap: Optional[str] = None,
@@ -357,6 +366,9 @@ def ensemble(predictions: Sequence[Prediction], name: str = "ensemble") -> Predi
         if p.labels != first.labels or p.task != first.task:
             raise PluginError(f"ensemble members must share labels and task: {first.plugin} has {first.labels} "
                               f"({first.task}), {p.plugin} has {p.labels} ({p.task})")
+        if p.geometry != first.geometry or [len(a) for a in p.slice_importance] != [len(a) for a in first.slice_importance]:
+            raise PluginError(f"ensemble members must slice the images alike: {first.plugin} and {p.plugin} "
+                              "have different preprocessing")
     mean = lambda arrays: np.mean(np.stack(arrays), axis=0)  # noqa: E731
     logits, calibrated = mean([p.logits for p in predictions]), mean([p.calibrated_logits for p in predictions])
     prob = lambda z: probabilities(torch.from_numpy(z), first.task).numpy()  # noqa: E731
@@ -370,5 +382,5 @@ def ensemble(predictions: Sequence[Prediction], name: str = "ensemble") -> Predi
         heatmap=mean(heatmaps) if len(heatmaps) == len(predictions) else None,
         finding_heatmaps={k: mean([p.finding_heatmaps[k] for p in predictions]) for k in first.finding_heatmaps
                           if all(k in p.finding_heatmaps for p in predictions)},
-        plugin_paths=[path for p in predictions for path in p.plugin_paths],
+        plugin_paths=[path for p in predictions for path in p.plugin_paths], geometry=first.geometry,
     )

@@ -143,7 +143,7 @@ def test_multi_view_plugin_takes_one_image_per_view(tmp_path):
     cor = make_ct_volume(size=(40, 12, 36), spacing=(0.9, 3.0, 0.9), seed=2)
     result = engine.predict_image([sag, cor], heatmap="attention")
     pred = result.predictions[0]
-    assert [g.slice_axis for g in result.geometries] == [0, 1]
+    assert pred.geometry.slice_axis == 0
     assert [len(a) for a in pred.slice_importance] == [12, 12]
     assert result.heatmap_image(pred).GetSize() == sag.GetSize()
     with pytest.raises(InputError, match=r"takes 2 view\(s\) \['sag', 'cor'\], got 1"):
@@ -194,3 +194,27 @@ def test_a_plugin_made_in_memory_attaches_like_a_file(tmp_path, volume):
     assert name == "p"
     _same(engine.predict_file(volume, heatmap="attention").predictions[0],
           _engine(path)[0].predict_file(volume, heatmap="attention").predictions[0])
+
+
+def test_plugins_that_slice_differently_each_map_back_correctly(tmp_path):
+    """One plugin slices along the coarsest axis (K), another along I: each heatmap and importance
+    comes back on the input grid along its own axis."""
+    along_i = PreprocessConfig(input_size=SMALL["dinov2"].img_size, slice_axis=0)
+    engine, _ = _engine(_plugin(tmp_path, "auto_axis", seed=1), _plugin(tmp_path, "i_axis", seed=2, preprocessing=along_i))
+    image = make_ct_volume(size=(30, 26, 9), spacing=(0.8, 0.8, 3.0), direction=random_oblique_direction(3), seed=6)
+    auto, fixed = engine.predict_image(image, heatmap="attention").predictions
+    assert (auto.geometry.slice_axis, fixed.geometry.slice_axis) == (2, 0)
+    assert len(auto.importance_per_input_slice()) == 9 and len(fixed.importance_per_input_slice()) == 30
+    for pred in (auto, fixed):
+        heat = pred.heatmap_image()
+        assert heat.GetSize() == image.GetSize() and np.allclose(heat.GetDirection(), image.GetDirection())
+    # a one-hot model slice lands on the input I-index that the importance mapping names for it
+    for s in (3, 20):
+        one_hot = np.zeros_like(fixed.heatmap)
+        one_hot[s] = 1.0
+        fixed.heatmap = one_hot
+        lit = sitk.GetArrayFromImage(fixed.heatmap_image()).max(axis=(0, 1))  # per input I-index
+        expected = fixed.geometry.importance_to_input(np.eye(len(one_hot))[s])
+        assert np.argmax(lit) == np.argmax(expected) and lit[np.argmax(lit)] > 0.99
+    with pytest.raises(AnyMC3DError, match="must slice the images alike"):
+        ensemble([auto, fixed])
