@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import slicer
 from Logic import AnyMC3DSlicerLogic, DisplayOptions, ExitCode, PredictionOptions
 from Logic import outputs as out
 
-from .slicer_testing import writeObliqueVolume
+from .slicer_testing import FAKE_BACKEND, writeObliqueVolume
 
 
 def ijkToRas(node):
@@ -125,10 +126,9 @@ def test_successful_run_imports_everything(sceneContext, obliqueVolumePath, fake
     assert chart.GetNumberOfPlotSeriesNodes() == 2
     series = chart.GetNthPlotSeriesNode(0)
     assert series.GetXColumnName() == "Slice" and series.GetYColumnName() == "demo_findings"
-    importance = slicer.util.arrayFromTableColumn(outputs.importanceTableNode, "demo_findings") \
-        if hasattr(slicer.util, "arrayFromTableColumn") and getattr(slicer, "mrmlScene", None) else None
-    assert outputs.importanceTableNode.GetTable().GetNumberOfRows() == volume.GetImageData().GetDimensions()[2]
-    del importance
+    importanceTable = outputs.importanceTableNode.GetTable()
+    assert importanceTable.GetNumberOfRows() == volume.GetImageData().GetDimensions()[2]
+    importance = [importanceTable.GetValue(row, 1).ToDouble() for row in range(importanceTable.GetNumberOfRows())]
 
     # Subject hierarchy: every output in one folder under the input's parent
     shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(sceneContext.scene)
@@ -143,9 +143,7 @@ def test_successful_run_imports_everything(sceneContext, obliqueVolumePath, fake
     assert maxRas == pytest.approx(tuple(ijkToRas(volume) @ [i, j, k, 1])[:3])
     sliceRas = logic.mostImportantSliceRAS(table, 0)
     dims = volume.GetImageData().GetDimensions()
-    expectedK = int(np.argmax(slicer.util.arrayFromTableColumn(outputs.importanceTableNode, "demo_findings"))) \
-        if False else int(np.argmax([outputs.importanceTableNode.GetTable().GetValue(r, 1).ToDouble()
-                                     for r in range(dims[2])]))
+    expectedK = int(np.argmax(importance))
     assert expectedK == dims[2] // 2
     assert sliceRas == pytest.approx(tuple(ijkToRas(volume) @ [(dims[0] - 1) / 2, (dims[1] - 1) / 2, expectedK, 1])[:3])
 
@@ -308,3 +306,24 @@ def test_scene_saves_and_reloads_with_display(sceneContext, obliqueVolumePath, f
     assert reloaded.volumeRenderingLogic is not None
     ras = AnyMC3DSlicerLogic.mostImportantSliceRAS(table, 0)
     assert ras == pytest.approx(logic.mostImportantSliceRAS(result.outputs.tableNode, 0))
+
+
+def test_multi_view_inputs_are_joined_and_outputs_follow_the_first_view(sceneContext, fakePlugins, fakeRunnerClass, tmp_path, tempRoot):
+    first = sceneContext.loadVolume(writeObliqueVolume(tmp_path / "sag.nii.gz", seed=3), "Sagittal")
+    second = sceneContext.loadVolume(writeObliqueVolume(tmp_path / "cor.nii.gz", size=(8, 12, 10), seed=4), "Coronal")
+    runner = fakeRunnerClass(lambda command: ([], 2))
+    logic = AnyMC3DSlicerLogic(sceneContext.scene, runner=runner, backendCommand=["anymc3d"], tempRoot=tempRoot,
+                               volumesLogic=sceneContext.volumesLogic, volumeRenderingLogic=sceneContext.volumeRenderingLogic)
+    result = logic.runPrediction([first, second], "b.safetensors", fakePlugins[:1], timeout=10)
+    image = runner.commands[0][2]
+    views = image.split("+")
+    assert [os.path.basename(v) for v in views] == ["view0_Sagittal.nrrd", "view1_Coronal.nrrd"]
+    assert result.status == "failed" and result.message == "The backend exited with code 2"
+    assert os.listdir(tempRoot) == []
+
+    fakeLogicRun = AnyMC3DSlicerLogic(sceneContext.scene, backendCommand=[sys.executable, FAKE_BACKEND], tempRoot=tempRoot,
+                                      volumesLogic=sceneContext.volumesLogic, volumeRenderingLogic=sceneContext.volumeRenderingLogic)
+    result = fakeLogicRun.runPrediction([first, second], "b.safetensors", fakePlugins[:1], timeout=60)
+    assert result.status == "ok", result.message
+    assert result.outputs.inputNode is first
+    np.testing.assert_array_equal(ijkToRas(result.outputs.heatmapNodes[0]), ijkToRas(first))

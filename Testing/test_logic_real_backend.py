@@ -154,17 +154,15 @@ def test_real_backend_cancel_mid_run(sceneContext, realLogic, demo, obliqueSmall
 def test_real_backend_corrupt_file_adds_no_nodes_and_batch_goes_on(sceneContext, realLogic, demo, obliqueSmall, tmp_path, tempRoot):
     corrupt = tmp_path / "corrupt.nii.gz"
     corrupt.write_bytes(b"\x1f\x8b this is not a NIfTI file")
-    before = sceneContext.nodeCount()
-    result = realLogic.runPrediction([str(corrupt)], demo["backbone"], [demo["plugin"]], PredictionOptions(device="cpu"), timeout=300)
-    assert result.status == "failed" and result.exitCode == 1
-    assert "corrupt" in result.message and "Traceback" not in result.message
-    assert sceneContext.nodeCount() == before
-    assert os.listdir(tempRoot) == []
-
     volume = sceneContext.loadVolume(obliqueSmall, "Loaded")
+    before = sceneContext.nodeCount()
+    countsAfterCase = []
     results = realLogic.runBatch([str(corrupt), volume], demo["backbone"], [demo["plugin"]], PredictionOptions(device="cpu"),
-                                 timeout=600)
+                                 onCaseDone=lambda result: countsAfterCase.append(sceneContext.nodeCount()), timeout=600)
     assert [r.status for r in results] == ["failed", "ok"]
+    failed = results[0]
+    assert failed.exitCode == 1 and "corrupt" in failed.message and "Traceback" not in failed.message
+    assert countsAfterCase[0] == before  # the corrupt case added no nodes
     assert results[1].outputs.tableNode.GetNumberOfRows() == 3
     assert os.listdir(tempRoot) == []
 
