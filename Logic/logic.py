@@ -192,25 +192,23 @@ class PredictionJob:
         del self.stderrLog[:-200]
 
     def _onFinished(self, exitCode):
-        try:
-            if exitCode == ExitCode.CANCELLED:
-                result = CaseResult(self.name, "cancelled", "Cancelled", int(ExitCode.CANCELLED))
-            elif exitCode != 0:
-                message = "; ".join(self.caseErrors) or lastErrorLine(self.stderrLog) or f"The backend exited with code {exitCode}"
-                result = CaseResult(self.name, "failed", message, int(exitCode))
-            else:
+        if exitCode == ExitCode.CANCELLED:
+            result = CaseResult(self.name, "cancelled", "Cancelled", int(ExitCode.CANCELLED))
+        elif exitCode != 0:
+            message = "; ".join(self.caseErrors) or lastErrorLine(self.stderrLog) or f"The backend exited with code {exitCode}"
+            result = CaseResult(self.name, "failed", message, int(exitCode))
+        else:
+            try:
                 self._report(Progress("importing", STAGE_RANGES["importing"][0]))
-                try:
-                    record = self.logic.readRecord(self.jsonPath, self.pluginCount, self.tempDir, self.options)
-                    importedOutputs = self.logic.importResults(record, self.inputs, self.options, self.displayOptions)
-                    result = CaseResult(self.name, "ok", "", 0, importedOutputs)
-                except Exception as error:  # noqa: BLE001 - a failed import is a failed case (scene rolled back)
-                    result = CaseResult(self.name, "failed", f"Cannot import the results: {error}", 0)
-        finally:
-            shutil.rmtree(self.tempDir, ignore_errors=True)
+                record = self.logic.readRecord(self.jsonPath, self.pluginCount, self.tempDir, self.options)
+                importedOutputs = self.logic.importResults(record, self.inputs, self.options, self.displayOptions)
+                result = CaseResult(self.name, "ok", "", 0, importedOutputs)
+            except Exception as error:  # noqa: BLE001 - a failed import is a failed case (scene rolled back)
+                result = CaseResult(self.name, "failed", f"Cannot import the results: {error}", 0)
         self._finish(result)
 
     def _finish(self, result):
+        """Remove the temporary folder (whatever the outcome), then report."""
         shutil.rmtree(self.tempDir, ignore_errors=True)
         self.result = result
         if result.status == "ok":
@@ -423,6 +421,8 @@ class AnyMC3DSlicerLogic:
             for path in paths:
                 if not path or not os.path.isfile(path):
                     raise ValueError(f"Plugin {result['plugin']}: heatmap file missing ({path})")
+                if os.path.commonpath([os.path.realpath(path), os.path.realpath(tempDir)]) != os.path.realpath(tempDir):
+                    raise ValueError(f"Plugin {result['plugin']}: heatmap outside the run's folder ({path})")
             if len(result.get("slice_importance") or []) != int(record["num_slices"]):
                 raise ValueError(f"Plugin {result['plugin']}: slice importance does not have num_slices values")
         return record
