@@ -107,3 +107,56 @@ def test_logic_imports_no_qt():
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert completed.returncode == 0, completed.stderr
+
+
+STUB_APPLICATION = '''
+import sys, types, dataclasses
+import slicer
+
+def module(name, **attributes):
+    stub = types.ModuleType(name)
+    stub.__dict__.update(attributes)
+    sys.modules[name] = stub
+    return stub
+
+class Base:
+    def __init__(self, *args, **kwargs):
+        pass
+
+class ScriptedLoadableModuleLogic(Base):
+    def getParameterNode(self):
+        return "parameter node"
+
+module("qt")
+module("slicer.ScriptedLoadableModule", ScriptedLoadableModule=Base, ScriptedLoadableModuleWidget=Base,
+       ScriptedLoadableModuleLogic=ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest=Base)
+module("slicer.i18n", tr=lambda text: text)
+def parameterNodeWrapper(cls):
+    return type(cls.__name__, (), {"__init__": lambda self, node: setattr(self, "node", node)})
+
+module("slicer.parameterNodeWrapper", parameterNodeWrapper=parameterNodeWrapper, parameterPack=dataclasses.dataclass,
+       Choice=lambda options: None, Minimum=lambda value: None, Maximum=lambda value: None)
+slicer.mrmlScene = slicer.vtkMRMLScene()
+slicer.app = None
+sys.path.insert(0, sys.argv[1])
+import AnyMC3DSlicer as m
+
+logic = m.AnyMC3DSlicerLogic()
+assert logic.scene is slicer.mrmlScene
+assert type(logic.runner).__name__ == "QProcessRunner"
+assert logic.backendPath and logic.backendPath.endswith("python_backend"), logic.backendPath
+assert isinstance(logic.getParameterNode(), m.AnyMC3DSlicerParameterNode)
+assert logic.getParameterNode().node == "parameter node"
+assert m.LogicPackage.__name__ == "Logic"
+assert m.resourcePath("UI", "AnyMC3DSlicer.ui").endswith("Resources/UI/AnyMC3DSlicer.ui")
+print("ok")
+'''
+
+
+def test_module_file_imports_with_stub_application(tmp_path):
+    """Execute the module file's top level and build its Logic, with Qt and the application replaced by stubs."""
+    script = tmp_path / "run.py"
+    script.write_text(STUB_APPLICATION)
+    completed = subprocess.run([sys.executable, str(script), os.path.dirname(MODULE_FILE)], capture_output=True, text=True,
+                               check=False, cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=""))
+    assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stdout + completed.stderr
