@@ -1,0 +1,514 @@
+"""The review page: trame-slicer views of the session's scene, the case list, findings table, chart and controls.
+
+What the page can send, and what the server does with it (nothing else is exposed):
+
+- state ``case_index`` (int, an index of the listing), ``row`` (int, a row of the findings table),
+  ``threshold`` / ``opacity`` (floats, clamped to [0, 1]); anything else is refused and the state is reset;
+- triggers ``review_next`` / ``review_previous`` (keyboard), ``review_jump_maximum``, ``review_jump_important``,
+  ``review_chart_click(x)``, ``review_camera(action)`` (one of CAMERA_ACTIONS), ``review_run`` (the built-in
+  prediction on the shown case, through the Logic and the backend process), ``review_cancel``;
+- the views' mouse events and slice sliders (trame-slicer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+if not os.environ.get("DISPLAY"):
+    # No X server: VTK's EGL window renders off screen on Mesa (llvmpipe) or a GPU, with no display.
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+from trame.app import get_server  # noqa: E402
+from trame.decorators import TrameApp, change, controller, trigger  # noqa: E402
+from trame.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
+from trame.widgets import client, html  # noqa: E402
+from trame.widgets import vuetify3 as v3  # noqa: E402
+from trame_server.utils.asynchronous import create_task  # noqa: E402
+from trame_slicer import module as trame_slicer_module  # noqa: E402
+from trame_slicer.core import LayoutManager, SlicerApp  # noqa: E402
+from trame_slicer.rca_view import register_rca_factories  # noqa: E402
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
+
+from .cases import CaseFolder, RecordError  # noqa: E402
+from .chart import colorbar_gradient, importance_svg, slice_from_chart_x  # noqa: E402
+from .session import ReviewSession  # noqa: E402
+
+logger = logging.getLogger("anymc3d.review")
+
+LAYOUT_ID = "AnyMC3D review"
+VIEW_TITLES = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal", "ThreeD": "3D"}
+CAMERA_ACTIONS = ("left", "right", "up", "down", "zoom_in", "zoom_out", "reset", "anterior", "left_side", "superior")
+STATUS_TEXT = {"results": "results", "none": "no results", "error": "error", "running": "running"}
+STATUS_COLOR = {"results": "green", "none": "grey", "error": "red", "running": "amber"}
+
+KEYBOARD_JS = (
+    "window.addEventListener('keydown', (e) => {"
+    " const t = e.target; const tag = (t && t.tagName || '').toLowerCase();"
+    " if (tag === 'input' || tag === 'textarea' || tag === 'select' || e.altKey || e.ctrlKey || e.metaKey) return;"
+    " if (e.key === 'ArrowDown' || e.key === 'n' || e.key === 'PageDown') { e.preventDefault(); trigger('review_next'); }"
+    " else if (e.key === 'ArrowUp' || e.key === 'p' || e.key === 'PageUp') { e.preventDefault(); trigger('review_previous'); }"
+    " else if (e.key === 'm') { trigger('review_jump_maximum'); } })"
+)
+
+
+def _view_label(view_id, view):
+    """A label naming the view; ``data-view`` lets tests and the benchmark find each view's image."""
+    name = view.get_singleton_tag()
+    html.Div(VIEW_TITLES.get(name, name), classes="view-label text-caption", __properties=[("data_view", "data-view")],
+             data_view=name, style="position: absolute; top: 4px; right: 8px; color: #ddd; pointer-events: none;")
+
+
+def _slice_view_ui(server, view_id, view):
+    from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui
+
+    create_vertical_slice_view_gutter_ui(server, view_id, view)
+    _view_label(view_id, view)
+
+
+def _threed_view_ui(server, view_id, view):
+    from trame_slicer.app.ui import create_vertical_view_gutter_ui
+
+    create_vertical_view_gutter_ui(server, view_id, view)
+    _view_label(view_id, view)
+
+
+def review_layout() -> Layout:
+    axial, coronal = ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view()
+    sagittal, threed = ViewLayoutDefinition.sagittal_view(), ViewLayoutDefinition.threed_view()
+    return Layout(LayoutDirection.Horizontal, [Layout(LayoutDirection.Vertical, [axial, coronal]),
+                                               Layout(LayoutDirection.Vertical, [threed, sagittal])])
+
+
+@TrameApp()
+class ReviewApp:
+    """Args: folder (a CaseFolder or a path), backbone / plugins (for runs from the page), server (trame's)."""
+
+    def __init__(self, folder, backbone=None, plugins=(), server=None, heatmap_method="attention", device="auto",
+                 cache_size=3, preload=True):
+        self.server = get_server(server, client_type="vue3")
+        self.server.enable_module(trame_slicer_module)
+        self.folder = folder if isinstance(folder, CaseFolder) else CaseFolder(folder)
+        self.slicer_app = SlicerApp()
+        register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=_slice_view_ui,
+                               three_d_view_ui_f=_threed_view_ui, target_fps=20.0, blur_fps=20.0)
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
+        self.layout_manager.register_layout(LAYOUT_ID, review_layout())
+        self.layout_manager.set_layout(LAYOUT_ID)
+        self.session = ReviewSession(
+            self.slicer_app.scene, self.slicer_app.volumes_logic,
+            self.slicer_app.app_logic.GetModuleLogic("VolumeRendering"), self.folder, backbone=backbone,
+            plugins=plugins, views=self.slicer_app.view_manager, cache_size=cache_size, device=device,
+            heatmap_method=heatmap_method)
+        self._poll_task = None
+        self._cursor_task = None
+        self._server_ready = False
+        self.server.controller.on_server_ready.add(self._on_server_ready)
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.modified.connect(self._on_slice_view_modified)
+        self._init_state()
+        self._build_ui()
+        if preload and self.folder.cases:
+            self._show(0)  # before any page connects: the first frame only waits for rendering
+
+    @property
+    def state(self):
+        return self.server.state
+
+    # State -------------------------------------------------------------------------------------------------
+
+    def _init_state(self):
+        s = self.state
+        s.trame__title = "AnyMC3D review"
+        s.folder_name = self.folder.root.name
+        s.case_index = -1        # what the page asks for
+        s.shown_case = -1        # what the scene shows
+        s.scene_version = 0      # +1 after every scene change the page asked for (tests, benchmark)
+        s.case_error = ""
+        s.loading = False
+        s.rows = []
+        s.row = 0
+        s.threshold = self.session.display.threshold
+        s.opacity = self.session.display.opacity
+        s.colorbar = colorbar_gradient()
+        s.chart_svg = ""
+        s.chart_slices = 0
+        s.cursor_ijk = None
+        s.maximum_ijk = None
+        s.camera = None
+        s.can_run = self.session.can_run
+        s.running = False
+        s.run_case = -1
+        s.run_progress = 0
+        s.run_message = ""
+        s.has_heatmap = False
+        self._publish_cases()
+
+    def _publish_cases(self):
+        running = self.session.job_case if self.state.running else None
+        self.state.cases = [{"index": c.index, "name": c.name,
+                             "status": "running" if c.index == running else ("error" if self.session.run_errors.get(c.index) else c.status),
+                             "error": self.session.case_error(c.index)} for c in self.folder.cases]
+        for item in self.state.cases:
+            item["status_text"] = STATUS_TEXT[item["status"]]
+            item["color"] = STATUS_COLOR[item["status"]]
+
+    def _publish_scene(self):
+        """Everything the page shows about the scene, after a change."""
+        s, session = self.state, self.session
+        rows = session.table_rows()
+        s.rows = [{**r, "probability_text": f"{r['probability']:.4f}", "threshold_text": f"{r['threshold']:.2f}"}
+                  for r in rows]
+        s.row = session.row
+        s.has_heatmap = bool(rows)
+        s.shown_case = session.current.index if session.current is not None else -1
+        self._publish_cursor()
+        heatmap = session.shown_heatmap()
+        s.maximum_ijk = self._maximum_ijk(heatmap) if heatmap is not None else None
+        self._publish_camera()
+        s.scene_version += 1
+
+    def _publish_cursor(self):
+        s, session = self.state, self.session
+        s.cursor_ijk = session.cursor_ijk()
+        axis, series = session.importance()
+        current = s.cursor_ijk[axis] if (s.cursor_ijk and axis is not None) else None
+        s.chart_svg = importance_svg(series, axis, current)
+        s.chart_slices = max((len(v) for v in series.values()), default=0)
+
+    @staticmethod
+    def _maximum_ijk(heatmap):
+        import numpy as np
+
+        from Logic import outputs
+
+        voxels = outputs.arrayFromVolumeNode(heatmap)
+        k, j, i = np.unravel_index(int(np.argmax(voxels)), voxels.shape)
+        return [int(i), int(j), int(k)]
+
+    def _publish_camera(self):
+        views = self.slicer_app.view_manager.get_threed_views()
+        camera_node = views[0].get_camera_node() if views else None
+        if camera_node is not None:
+            self.state.camera = [round(x, 2) for x in camera_node.GetPosition()]
+
+    # Case selection ----------------------------------------------------------------------------------------
+
+    def _show(self, index):
+        s = self.state
+        try:
+            self.session.show_case(index)
+            s.case_error = self.session.case_error(index) if self.session.current.outputs is None else ""
+        except Exception as error:  # noqa: BLE001 - a case that cannot be shown says why; the list goes on
+            if not isinstance(error, RecordError):
+                logger.exception("cannot show case %s", index)
+            s.case_error = str(error) or type(error).__name__
+            s.shown_case = -1
+            self._clear_views()
+        s.case_index = index
+        self._publish_scene()
+
+    def _clear_views(self):
+        """A case that cannot be shown: empty views (never the previous case's images under this case's name)."""
+        session = self.session
+        for loaded in session.loaded.values():
+            session._set_volume_rendering_visible(loaded, False)
+        from Logic import outputs
+
+        for composite in outputs._nodesByClass(session.scene, "vtkMRMLSliceCompositeNode"):
+            composite.SetBackgroundVolumeID(None)
+            composite.SetForegroundVolumeID(None)
+        session.current = None
+
+    @change("case_index")
+    def _on_case_index(self, case_index, **_):
+        if not isinstance(case_index, int) or isinstance(case_index, bool) or not 0 <= case_index < len(self.folder.cases):
+            self.state.case_index = self.state.shown_case  # refused: only indices of the listing
+            return
+        if case_index == self.state.shown_case and not self.state.case_error:
+            return
+        self.state.loading = True
+        create_task(self._show_async(case_index))
+
+    async def _show_async(self, index):
+        await asyncio.sleep(0)  # let the "loading" state reach the page first
+        with self.state:
+            if index == self.state.case_index:
+                self._show(index)
+            self.state.loading = False
+
+    @trigger("review_next")
+    def _next(self):
+        self._step(+1)
+
+    @trigger("review_previous")
+    def _previous(self):
+        self._step(-1)
+
+    def _step(self, delta):
+        if self.folder.cases:
+            current = self.state.case_index if self.state.case_index >= 0 else 0
+            self.state.case_index = (current + delta) % len(self.folder.cases)
+
+    # Findings and display ----------------------------------------------------------------------------------
+
+    @change("row")
+    def _on_row(self, row, **_):
+        if row == self.session.row or self.session.current is None or self.session.current.outputs is None:
+            return
+        try:
+            self.session.select_finding(row)
+        except RecordError:
+            self.state.row = self.session.row
+            return
+        self._publish_scene()
+
+    @change("threshold")
+    def _on_threshold(self, threshold, **_):
+        try:
+            value = float(threshold)
+        except (TypeError, ValueError):
+            self.state.threshold = self.session.display.threshold
+            return
+        if value != self.session.display.threshold:
+            self.session.set_threshold(value)
+
+    @change("opacity")
+    def _on_opacity(self, opacity, **_):
+        try:
+            value = float(opacity)
+        except (TypeError, ValueError):
+            self.state.opacity = self.session.display.opacity
+            return
+        if value != self.session.display.opacity:
+            self.session.set_opacity(value)
+
+    @trigger("review_jump_maximum")
+    def _jump_maximum(self):
+        if self.session.jump_to_maximum() is not None:
+            self._publish_scene()
+
+    @trigger("review_jump_important")
+    def _jump_important(self):
+        if self.session.jump_to_most_important_slice() is not None:
+            self._publish_scene()
+
+    @trigger("review_chart_click")
+    def _chart_click(self, offset_x):
+        try:
+            index = slice_from_chart_x(float(offset_x), int(self.state.chart_slices))
+        except (TypeError, ValueError):
+            return
+        if self.session.jump_to_slice(index) is not None:
+            self._publish_scene()
+
+    def _on_server_ready(self, **_):
+        self._server_ready = True
+
+    def _on_slice_view_modified(self, *_):
+        """A slice moved (slider, mouse): refresh the cursor and the chart marker, at most every 0.2 s."""
+        if not self._server_ready:
+            return
+        if self._cursor_task is None or self._cursor_task.done():
+            self._cursor_task = create_task(self._publish_cursor_later())
+
+    async def _publish_cursor_later(self):
+        await asyncio.sleep(0.2)
+        with self.state:
+            self._publish_cursor()
+
+    @trigger("review_camera")
+    def _camera(self, action):
+        if action not in CAMERA_ACTIONS:
+            return
+        views = self.slicer_app.view_manager.get_threed_views()
+        if not views:
+            return
+        view = views[0]
+        camera_node = view.get_camera_node()
+        if action == "reset":
+            view.reset_view()
+        elif action in ("anterior", "left_side", "superior"):
+            from trame_slicer.views.threed_view import ViewDirection
+
+            view.rotate_to_view_direction({"anterior": ViewDirection.ANTERIOR, "left_side": ViewDirection.LEFT,
+                                           "superior": ViewDirection.SUPERIOR}[action])
+        elif action in ("zoom_in", "zoom_out"):
+            view.zoom_in() if action == "zoom_in" else view.zoom_out()
+        elif camera_node is not None:
+            camera = camera_node.GetCamera()
+            if action in ("left", "right"):
+                camera.Azimuth(30.0 if action == "left" else -30.0)
+            else:
+                camera.Elevation(30.0 if action == "up" else -30.0)
+            camera.OrthogonalizeViewUp()
+            camera_node.ResetClippingRange()
+        view.schedule_render()
+        self._publish_camera()
+        self.state.scene_version += 1
+
+    # Runs --------------------------------------------------------------------------------------------------
+
+    @trigger("review_run")
+    def _run(self):
+        index = self.state.shown_case if self.state.shown_case >= 0 else self.state.case_index
+        if self.state.running or not self.session.can_run or not isinstance(index, int) or index < 0:
+            return
+        try:
+            self.session.start_run(index, self._on_progress, self._on_finished)
+        except RecordError as error:
+            self.state.case_error = str(error)
+            return
+        self.state.running, self.state.run_case = True, index
+        self.state.run_progress, self.state.run_message = 0, "Starting the backend"
+        self._publish_cases()
+        self._poll_task = create_task(self._poll())
+
+    @trigger("review_cancel")
+    def _cancel(self):
+        self.session.cancel_run()
+
+    async def _poll(self):
+        while True:
+            with self.state:
+                busy = self.session.poll()
+            if not busy:
+                break
+            await asyncio.sleep(0.1)
+
+    def _on_progress(self, progress):
+        self.state.run_progress = round(100 * progress.fraction)
+        self.state.run_message = progress.message
+
+    def _on_finished(self, result):
+        s = self.state
+        s.running = False
+        s.run_message = "Done" if result.status == "ok" else f"{result.status}: {result.message}"
+        s.run_progress = 100 if result.status == "ok" else 0
+        self._publish_cases()
+        if s.shown_case == s.run_case or s.case_index == s.run_case:
+            index = s.run_case
+            s.case_error = "" if result.status == "ok" else self.session.case_error(index)
+            if result.status == "ok":
+                s.shown_case = -1
+                self._show(index)
+        self._publish_scene()
+
+    # Page --------------------------------------------------------------------------------------------------
+
+    def _build_ui(self):
+        with SinglePageWithDrawerLayout(self.server, theme="dark", full_height=True) as layout:
+            layout.title.set_text("AnyMC3D review")
+            layout.root.classes = "anymc3d-review"
+            client.ClientTriggers(mounted=KEYBOARD_JS)
+            client.Style(
+                ".anymc3d-review .v-navigation-drawer__content { overflow-y: auto; }"
+                " .findings-table tr.selected td { background: rgba(255,255,255,0.12); }"
+                " .findings-table td, .findings-table th { padding: 0 6px !important; height: 26px !important; }"
+                " .case-list .v-list-item { min-height: 30px !important; }")
+            with layout.toolbar:
+                html.Div("{{ folder_name }}", classes="text-caption text-grey ml-2")
+                v3.VSpacer()
+                html.Div("↑/↓ or p/n: previous / next case · m: jump to the maximum",
+                         classes="text-caption text-grey mr-4")
+                v3.VProgressLinear(indeterminate=True, absolute=True, location="bottom", color="amber",
+                                   v_show="loading", classes="loading-bar")
+            with layout.drawer as drawer:
+                drawer.width = 360
+                self._build_panel()
+            with layout.content:
+                with html.Div(style="position: relative; width: 100%; display: flex;"
+                                    " height: calc(100vh - var(--v-layout-top, 64px) - var(--v-layout-bottom, 0px));"):
+                    self.layout_manager.initialize_layout_grid(layout)
+        self.ui = layout
+
+    def _build_panel(self):
+        with html.Div(classes="pa-2"):
+            html.Div("Cases", classes="text-subtitle-2")
+            with v3.VList(density="compact", classes="case-list", max_height=220, style="overflow-y: auto;"):
+                with v3.VListItem(v_for="item in cases", key="item.index", click="case_index = item.index",
+                                  active=("item.index === case_index",), classes="case-item",
+                                  __properties=[("data_case", "data-case")], data_case=("item.name",)):
+                    with html.Div(classes="d-flex align-center"):
+                        html.Span("{{ item.name }}", classes="text-body-2 case-name", style="flex: 1;")
+                        v3.VChip("{{ item.status_text }}", size="x-small", color=("item.color",), classes="case-status")
+
+            with html.Div(v_if="case_error", classes="mt-2"):
+                v3.VAlert("{{ case_error }}", type="error", density="compact", variant="tonal", classes="case-error")
+            with html.Div(v_if="can_run && shown_case >= 0 && !has_heatmap && !running", classes="mt-2"):
+                v3.VBtn("Run prediction", click="trigger('review_run')", color="primary", size="small",
+                        block=True, classes="run-button")
+            with html.Div(v_if="running", classes="mt-2"):
+                html.Div("Running {{ cases[run_case] && cases[run_case].name }}: {{ run_message }}",
+                         classes="text-caption run-message")
+                v3.VProgressLinear(model_value=("run_progress",), color="amber", height=8, classes="run-progress")
+                v3.VBtn("Cancel", click="trigger('review_cancel')", size="x-small", variant="text")
+            with html.Div(v_if="!running && run_message", classes="text-caption text-grey mt-1 run-result"):
+                html.Span("Last run: {{ run_message }}")
+            with html.Div(v_if="!can_run && shown_case >= 0 && !has_heatmap && !case_error",
+                          classes="text-caption text-grey mt-2"):
+                html.Span("No results. Start the app with --backbone and --plugin to run cases from here.")
+
+            v3.VDivider(classes="my-2")
+            html.Div("Findings", classes="text-subtitle-2")
+            with v3.VTable(density="compact", classes="findings-table", v_if="rows.length"):
+                with html.Thead():
+                    with html.Tr():
+                        html.Th("Plugin", v_if="new Set(rows.map(r => r.plugin)).size > 1")
+                        html.Th("Finding")
+                        html.Th("Probability")
+                        html.Th("Threshold")
+                        html.Th("Decision")
+                with html.Tbody():
+                    with html.Tr(v_for="r in rows", key="r.row", click="row = r.row",
+                                 classes=("r.row === row ? 'finding-row selected' : 'finding-row'",),
+                                 style="cursor: pointer;"):
+                        html.Td("{{ r.plugin }}", v_if="new Set(rows.map(r => r.plugin)).size > 1")
+                        html.Td("{{ r.finding }}", classes="finding-label")
+                        html.Td("{{ r.probability_text }}", classes="finding-probability")
+                        html.Td("{{ r.threshold_text }}", classes="finding-threshold")
+                        with html.Td(classes="finding-decision"):
+                            v3.VChip("{{ r.decision }}", size="x-small",
+                                     color=("r.decision === 'positive' ? 'red' : 'grey'",))
+            html.Div("No findings for this case.", v_if="!rows.length", classes="text-caption text-grey")
+
+            with html.Div(v_if="rows.length"):
+                v3.VDivider(classes="my-2")
+                html.Div("Heatmap", classes="text-subtitle-2")
+                with html.Div(classes="d-flex align-center"):
+                    html.Span("Opacity", classes="text-caption", style="width: 70px;")
+                    v3.VSlider(v_model=("opacity",), min=0, max=1, step=0.05, hide_details=True, density="compact",
+                               classes="opacity-slider")
+                with html.Div(classes="d-flex align-center"):
+                    html.Span("Threshold", classes="text-caption", style="width: 70px;")
+                    v3.VSlider(v_model=("threshold",), min=0, max=0.95, step=0.05, hide_details=True,
+                               density="compact", classes="threshold-slider")
+                with html.Div(classes="colorbar mt-1", style="position: relative;"):
+                    html.Div(style=("{ height: '12px', background: colorbar, borderRadius: '2px' }",))
+                    html.Div(style=("{ position: 'absolute', top: 0, left: 0, height: '12px', width: (threshold * 100) + '%',"
+                                    " background: 'rgba(0,0,0,0.6)' }",))
+                    with html.Div(classes="d-flex text-caption text-grey"):
+                        html.Span("0")
+                        v3.VSpacer()
+                        html.Span("heatmap (shaded: under the threshold)")
+                        v3.VSpacer()
+                        html.Span("1")
+                with html.Div(classes="d-flex mt-1", style="gap: 4px;"):
+                    v3.VBtn("Jump to maximum", click="trigger('review_jump_maximum')", size="small",
+                            classes="jump-maximum")
+                    v3.VBtn("Most important slice", click="trigger('review_jump_important')", size="small",
+                            classes="jump-important")
+                html.Div("Slice importance", classes="text-subtitle-2 mt-2")
+                html.Div(v_html=("chart_svg",), classes="importance-chart-box", style="cursor: crosshair;",
+                         click="trigger('review_chart_click', [$event.offsetX])")
+
+            v3.VDivider(classes="my-2")
+            html.Div("3D view", classes="text-subtitle-2")
+            with html.Div(classes="d-flex flex-wrap", style="gap: 4px;"):
+                for action, label in (("left", "⟲ Rotate left"), ("right", "Rotate right ⟳"), ("up", "Tilt up"),
+                                      ("down", "Tilt down"), ("zoom_in", "Zoom +"), ("zoom_out", "Zoom −"),
+                                      ("anterior", "Anterior"), ("left_side", "Left"), ("superior", "Superior"),
+                                      ("reset", "Reset")):
+                    v3.VBtn(label, click=f"trigger('review_camera', ['{action}'])", size="x-small",
+                            classes=f"camera-{action}")

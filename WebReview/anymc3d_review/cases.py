@@ -1,0 +1,157 @@
+"""The cases of a review folder and where their results are (docs/review.md).
+
+A case is an image file directly in FOLDER (``*.nii``, ``*.nii.gz``, ``*.nrrd``, ``*.nhdr``, ``*.mha``, ``*.mhd``,
+as the Logic lists them). Its results are the record of ``anymc3d predict --json`` output found in
+``FOLDER/results/*.json`` whose ``"image"`` is that file; when several files hold a record for the same image, the
+newest file wins. Running a case from the page writes ``FOLDER/results/<stem>.json`` and the heatmaps into
+``FOLDER/results/heatmaps/``.
+
+Security: the page refers to a case by its index in this listing only. Every path read from a results file (the
+image and the heatmaps) must resolve inside FOLDER, or the record is refused; nothing else is ever opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from ._logic_path import ensure_logic_importable
+
+ensure_logic_importable()
+
+from Logic.logic import imageFilesInFolder, imageStem  # noqa: E402
+
+RESULTS_DIR = "results"
+HEATMAPS_DIR = "heatmaps"
+MAX_RESULTS_FILE_BYTES = 64 * 1024 * 1024
+
+
+class RecordError(ValueError):
+    """A results record that cannot be shown (refused path, bad JSON, failed case)."""
+
+
+@dataclasses.dataclass
+class Case:
+    index: int
+    path: Path            # resolved, inside the folder
+    name: str             # file name, as listed on the page
+    stem: str
+    record: dict | None = None   # the backend's record, when results exist
+    results_file: Path | None = None
+    error: str = ""       # why the results cannot be shown, or the backend's error for the case
+
+    @property
+    def status(self) -> str:
+        if self.record is not None and self.record.get("status") == "ok" and not self.error:
+            return "results"
+        if self.error or self.record is not None:
+            return "error"
+        return "none"
+
+
+class CaseFolder:
+    def __init__(self, folder: os.PathLike | str):
+        self.root = Path(folder).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Not a folder: {folder}")
+        self.results_dir = self.root / RESULTS_DIR
+        self.heatmap_dir = self.results_dir / HEATMAPS_DIR
+        self.cases: list[Case] = []
+        self.refresh()
+
+    # Listing -----------------------------------------------------------------------------------------------
+
+    def refresh(self) -> list[Case]:
+        paths = [Path(p).resolve() for p in imageFilesInFolder(str(self.root))]
+        paths = [p for p in paths if self.contains(p) and p.is_file()]  # a symlink out of the folder is not a case
+        self.cases = [Case(i, p, p.name, imageStem(str(p))) for i, p in enumerate(paths)]
+        by_path = {case.path: case for case in self.cases}
+        for results_file in self._results_files():
+            try:
+                records = self._read_json(results_file)
+            except RecordError:
+                continue  # a broken file says nothing about which case it belongs to
+            for record in records:
+                image = record.get("image") if isinstance(record, dict) else None
+                if not isinstance(image, str):
+                    continue
+                case = by_path.get(Path(image).resolve()) if os.path.isabs(image) else None
+                if case is not None:
+                    self._attach(case, record, results_file)
+        return self.cases
+
+    def _results_files(self) -> list[Path]:
+        if not self.results_dir.is_dir():
+            return []
+        files = [p for p in self.results_dir.glob("*.json") if p.is_file() and self.contains(p.resolve())]
+        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))  # oldest first: the newest record wins
+
+    @staticmethod
+    def _read_json(path: Path) -> list:
+        try:
+            if path.stat().st_size > MAX_RESULTS_FILE_BYTES:
+                raise RecordError(f"{path.name} is too large")
+            with open(path, encoding="utf-8") as file:
+                data = json.load(file)
+        except (OSError, ValueError) as error:
+            raise RecordError(f"Cannot read {path.name}: {error}") from error
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list):
+            raise RecordError(f"{path.name} does not hold a list of records")
+        return data
+
+    def _attach(self, case: Case, record: dict, results_file: Path) -> None:
+        case.record, case.results_file, case.error = record, results_file, ""
+        if record.get("status") != "ok":
+            case.error = str(record.get("error") or "The case failed")
+            return
+        try:
+            self.check_record_paths(record)
+        except RecordError as error:
+            case.error = str(error)
+
+    def case(self, index) -> Case:
+        """The case at ``index`` of the listing; anything else (a name, a path, out of range) is refused."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise RecordError(f"A case is chosen by its index, not {type(index).__name__}")
+        if not 0 <= index < len(self.cases):
+            raise RecordError(f"No case {index}")
+        return self.cases[index]
+
+    def index_of(self, name: str) -> int:
+        """Index of the case listed under ``name`` (a file name of the listing, nothing else)."""
+        for case in self.cases:
+            if case.name == name:
+                return case.index
+        raise RecordError(f"No case named {name!r}")
+
+    # Paths -------------------------------------------------------------------------------------------------
+
+    def contains(self, path: Path) -> bool:
+        path = Path(path).resolve()
+        return path == self.root or self.root in path.parents
+
+    def check_record_paths(self, record: dict) -> None:
+        """Every file the record names must resolve inside the folder and exist."""
+        image = record.get("image")
+        paths = [image] if isinstance(image, str) else []
+        for result in record.get("results") or []:
+            if not isinstance(result, dict):
+                raise RecordError("Malformed results record")
+            if result.get("heatmap"):
+                paths.append(result["heatmap"])
+            paths += list((result.get("finding_heatmaps") or {}).values())
+        for path in paths:
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise RecordError(f"The results name a file by a relative or invalid path: {path!r}")
+            if not self.contains(Path(path)):
+                raise RecordError(f"The results name a file outside the review folder: {path}")
+            if not Path(path).is_file():
+                raise RecordError(f"A results file is missing (moved folder? run the case again): {path}")
+
+    def results_paths(self, case: Case) -> tuple[Path, Path]:
+        """Where a run from the page writes: ``results/<stem>.json`` and ``results/heatmaps/``."""
+        return self.results_dir / f"{case.stem}.json", self.heatmap_dir

@@ -1,0 +1,477 @@
+"""The review session on the MRML scene: which case is shown, and every scene change the page asks for.
+
+No web code here (testable on a bare slicer-core scene). Every result node is made by the Slicer module's Logic:
+``readRecord`` checks a record, ``importResults`` makes the table, heatmaps, displays, volume renderings and chart,
+``selectFinding`` / ``setHeatmapThreshold`` / ``heatmapMaximumRAS`` / ``mostImportantSliceRAS`` / ``jumpSlicesTo``
+drive the display and ``loadInputFile`` loads a case without results. This module only keeps a few loaded cases
+in the scene (switching back is then instant), points the slice views' background at the shown case, and hides the
+volume renderings of the cases not shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from ._logic_path import ensure_logic_importable
+from .cases import Case, CaseFolder, RecordError
+
+ensure_logic_importable()
+
+import slicer  # noqa: E402
+import vtk  # noqa: E402
+
+from Logic import AnyMC3DSlicerLogic, DisplayOptions, PredictionOptions, SubprocessRunner  # noqa: E402
+from Logic import outputs as logic_outputs  # noqa: E402
+from Logic.parameters import GRADIENT_METHODS, HEATMAP_METHODS  # noqa: E402
+
+
+@dataclasses.dataclass
+class LoadedCase:
+    index: int
+    input_node: object
+    outputs: object = None       # the Logic's PredictionOutputs, None for a case without results
+    node_ids: tuple = ()         # every node this case added to the scene (removed when it leaves the cache)
+    folder_item: int = 0
+    load_seconds: float = 0.0
+
+    @property
+    def table_node(self):
+        return self.outputs.tableNode if self.outputs is not None else None
+
+    def heatmap_nodes(self):
+        return list(self.outputs.heatmapNodes) if self.outputs is not None else []
+
+
+def _node_ids(scene):
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def _nodes_by_class(scene, class_name):
+    collection = scene.GetNodesByClass(class_name)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
+def record_options(record) -> PredictionOptions:
+    """The PredictionOptions a record was made with (what the Logic's readRecord / importResults need)."""
+    results = record.get("results") or []
+    methods = {result.get("heatmap_method") for result in results if isinstance(result, dict)}
+    method = methods.pop() if len(methods) == 1 else "attention"
+    if method not in HEATMAP_METHODS:
+        raise RecordError(f"Unknown heatmap method {method!r}")
+    ensemble = any(result.get("plugin") == "ensemble" and isinstance(result.get("plugin_path"), list) for result in results)
+    return PredictionOptions(heatmapMethod=method, ensemble=ensemble)
+
+
+def check_record(logic, record, options, root) -> dict:
+    """The Logic's own record check: outputs present and inside ``root``, one heatmap per finding, slice importance
+    complete.
+
+    ``AnyMC3DSlicerLogic.readRecord`` takes a one-record file; a results file may hold several records (one
+    ``anymc3d predict`` over a folder), so the case's record is handed to it through a one-record temporary file.
+    (With the ``checkRecord`` split proposed for the Logic in docs/review.md, this becomes a direct call.)
+    """
+    count = len(record.get("results") or [])
+    if hasattr(logic, "checkRecord"):
+        return logic.checkRecord(record, count, str(root), options)
+    with tempfile.TemporaryDirectory(prefix="anymc3d-review-") as folder:
+        path = os.path.join(folder, "record.json")
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump([record], file)
+        return logic.readRecord(path, count, str(root), options)
+
+
+class ReviewSession:
+    """Args:
+        scene, volumes_logic, volume_rendering_logic: the scene and the module logics (trame-slicer's SlicerApp).
+        folder: the CaseFolder.
+        backbone, plugins: what a run from the page uses (runs are disabled without them).
+        views: an object with ``get_slice_views()`` / ``get_threed_views()`` (trame-slicer's ViewManager), or None.
+        cache_size: how many cases stay loaded in the scene.
+    """
+
+    def __init__(self, scene, volumes_logic, volume_rendering_logic, folder: CaseFolder, backbone=None, plugins=(),
+                 views=None, cache_size=3, runner=None, backend_command=None, temp_root=None, device="auto",
+                 heatmap_method="attention"):
+        self.scene = scene
+        self.folder = folder
+        self.backbone = str(backbone) if backbone else None
+        self.plugins = [str(p) for p in plugins or ()]
+        self.views = views
+        self.cache_size = max(1, int(cache_size))
+        self.device = device
+        self.heatmap_method = heatmap_method
+        self.logic = AnyMC3DSlicerLogic(scene, runner=runner or SubprocessRunner(),
+                                        backendCommand=backend_command or [sys.executable, "-m", "anymc3d"],
+                                        volumesLogic=volumes_logic, volumeRenderingLogic=volume_rendering_logic,
+                                        tempRoot=temp_root)
+        self.display = DisplayOptions()
+        self.loaded: OrderedDict[int, LoadedCase] = OrderedDict()
+        self.current: LoadedCase | None = None
+        self.row = 0
+        self.job = None
+        self.job_case = None
+        self._before_poll = set()
+        self.run_errors: dict[int, str] = {}  # errors of runs from the page that left no results file
+
+    # Cases -------------------------------------------------------------------------------------------------
+
+    @property
+    def can_run(self) -> bool:
+        return bool(self.backbone and self.plugins)
+
+    def show_case(self, index: int) -> LoadedCase:
+        """Show case ``index`` (loading it if needed). Raises RecordError when its results cannot be shown."""
+        case = self.folder.case(index)
+        loaded = self.loaded.get(index)
+        if loaded is None:
+            loaded = self._load(case)
+        self.loaded.move_to_end(index)
+        self._show(loaded)
+        self._evict()
+        return loaded
+
+    def _load(self, case: Case) -> LoadedCase:
+        started = time.perf_counter()
+        before = _node_ids(self.scene)
+        shared = {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
+                  if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
+        if case.status == "results":
+            record = case.record
+            self.folder.check_record_paths(record)  # confinement first: nothing outside the folder is opened
+            options = record_options(record)
+            try:
+                check_record(self.logic, record, options, self.folder.root)
+            except ValueError as error:
+                raise RecordError(str(error)) from error
+            outputs = self.logic.importResults(record, [str(case.path)], options, self.display)
+            loaded = LoadedCase(case.index, outputs.inputNode, outputs, folder_item=outputs.folderItem)
+        elif case.status == "error":
+            raise RecordError(case.error)
+        else:
+            try:
+                loaded = LoadedCase(case.index, self.logic.loadInputFile(str(case.path)))
+            except ValueError as error:
+                raise RecordError(str(error)) from error
+        added = _node_ids(self.scene) - before
+        made_shared = {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
+                       if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
+        loaded.node_ids = tuple(sorted(added - shared - made_shared))
+        loaded.load_seconds = time.perf_counter() - started
+        self.loaded[case.index] = loaded
+        return loaded
+
+    def _show(self, loaded: LoadedCase) -> None:
+        previous = self.current
+        self.current = loaded
+        for other in self.loaded.values():
+            if other is not loaded:
+                self._set_volume_rendering_visible(other, False)
+        for composite in _nodes_by_class(self.scene, "vtkMRMLSliceCompositeNode"):
+            composite.SetBackgroundVolumeID(loaded.input_node.GetID())
+        if loaded.outputs is not None:
+            self.row = self._default_row(loaded) if previous is not loaded else self.row
+            self.logic.selectFinding(loaded.table_node, self.row, self.display)
+        else:
+            self.row = 0
+            logic_outputs.showHeatmapInSliceViews(self.scene, None, loaded.input_node, self.display.opacity)
+        if previous is None or previous.input_node is not loaded.input_node:
+            self.reset_views(same_geometry=previous is not None and self._same_geometry(previous.input_node, loaded.input_node))
+
+    @staticmethod
+    def _default_row(loaded):
+        """The row the Logic shows first after an import: the most probable finding."""
+        table = loaded.table_node
+        column = table.GetTable().GetColumnByName("Probability")
+        values = [column.GetValue(i) for i in range(column.GetNumberOfTuples())]
+        return int(np.argmax(values)) if values else 0
+
+    @staticmethod
+    def _same_geometry(a, b):
+        ma, mb = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        a.GetIJKToRASMatrix(ma)
+        b.GetIJKToRASMatrix(mb)
+        return (a.GetImageData().GetDimensions() == b.GetImageData().GetDimensions()
+                and all(abs(ma.GetElement(i, j) - mb.GetElement(i, j)) < 1e-6 for i in range(4) for j in range(4)))
+
+    def _set_volume_rendering_visible(self, loaded, visible):
+        for heatmap in loaded.heatmap_nodes():
+            for index in range(heatmap.GetNumberOfDisplayNodes()):
+                display = heatmap.GetNthDisplayNode(index)
+                if display is not None and display.IsA("vtkMRMLVolumeRenderingDisplayNode"):
+                    display.SetVisibility(bool(visible))
+
+    def _evict(self):
+        while len(self.loaded) > self.cache_size:
+            index, loaded = next(iter(self.loaded.items()))
+            if loaded is self.current:
+                break
+            self.unload(index)
+
+    def unload(self, index):
+        loaded = self.loaded.pop(index, None)
+        if loaded is None:
+            return
+        if loaded.folder_item:
+            shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+            shNode.RemoveItem(loaded.folder_item, False, False)
+        for node_id in loaded.node_ids:
+            node = self.scene.GetNodeByID(node_id)
+            if node is not None:
+                self.scene.RemoveNode(node)
+        if self.current is loaded:
+            self.current = None
+
+    def reset_views(self, same_geometry=False):
+        if self.views is None:
+            return
+        if not same_geometry:
+            for view in self.views.get_slice_views():
+                view.fit_view_to_content()
+        for view in self.views.get_threed_views():
+            view.reset_view()
+
+    # Findings and display ----------------------------------------------------------------------------------
+
+    def table_rows(self) -> list[dict]:
+        """The findings table node's rows (what the Logic wrote), for the page."""
+        if self.current is None or self.current.table_node is None:
+            return []
+        table_node = self.current.table_node
+        table = table_node.GetTable()
+        rows = []
+        for row in range(table.GetNumberOfRows()):
+            rows.append({"row": row,
+                         "plugin": table_node.GetCellText(row, 0),
+                         "finding": table_node.GetCellText(row, 1),
+                         "probability": float(table.GetValue(row, 2).ToDouble()),
+                         "threshold": float(table.GetValue(row, 3).ToDouble()),
+                         "decision": table_node.GetCellText(row, 4)})
+        return rows
+
+    def select_finding(self, row: int):
+        if self.current is None or self.current.table_node is None:
+            return None
+        count = self.current.table_node.GetNumberOfRows()
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < count:
+            raise RecordError(f"No finding {row!r}")
+        self.row = row
+        return self.logic.selectFinding(self.current.table_node, row, self.display)
+
+    def shown_heatmap(self):
+        if self.current is None or self.current.table_node is None:
+            return None
+        return self.logic.heatmapNodeForRow(self.current.table_node, self.row)
+
+    def set_threshold(self, threshold: float):
+        self.display.threshold = min(max(float(threshold), 0.0), 1.0)
+        for loaded in self.loaded.values():
+            for heatmap in loaded.heatmap_nodes():
+                self.logic.setHeatmapThreshold(heatmap, self.display.threshold)
+
+    def set_opacity(self, opacity: float):
+        self.display.opacity = min(max(float(opacity), 0.0), 1.0)
+        for composite in _nodes_by_class(self.scene, "vtkMRMLSliceCompositeNode"):
+            composite.SetForegroundOpacity(self.display.opacity)
+
+    def jump_to_maximum(self):
+        heatmap = self.shown_heatmap()
+        if heatmap is None:
+            return None
+        ras = self.logic.heatmapMaximumRAS(heatmap)
+        self.logic.jumpSlicesTo(ras)
+        return ras
+
+    def jump_to_most_important_slice(self):
+        if self.current is None or self.current.table_node is None:
+            return None
+        ras = self.logic.mostImportantSliceRAS(self.current.table_node, self.row)
+        self.logic.jumpSlicesTo(ras)
+        return ras
+
+    def jump_to_slice(self, index: int):
+        """Move the slice views to slice ``index`` along the slicing axis (a click on the chart)."""
+        if self.current is None or self.current.table_node is None:
+            return None
+        axis = int(self.current.table_node.GetAttribute(logic_outputs.SLICING_AXIS_ATTRIBUTE))
+        ijk = list(self.cursor_ijk(rounded=False) or [0.0, 0.0, 0.0])
+        dims = self.current.input_node.GetImageData().GetDimensions()
+        ijk[axis] = min(max(int(index), 0), dims[axis] - 1)
+        ras = logic_outputs.voxelToRas(self.current.input_node, ijk)
+        self.logic.jumpSlicesTo(ras)
+        return ras
+
+    def importance(self):
+        """``(slicing_axis, {plugin: [importance per slice]})`` from the Logic's importance table node."""
+        if self.current is None or self.current.table_node is None:
+            return None, {}
+        table_node = self.current.table_node
+        table = table_node.GetNodeReference(logic_outputs.IMPORTANCE_REFERENCE).GetTable()
+        series = {}
+        for column_index in range(1, table.GetNumberOfColumns()):
+            column = table.GetColumn(column_index)
+            series[column.GetName()] = [float(column.GetValue(i)) for i in range(column.GetNumberOfTuples())]
+        return int(table_node.GetAttribute(logic_outputs.SLICING_AXIS_ATTRIBUTE)), series
+
+    # Where the slice views are -----------------------------------------------------------------------------
+
+    def cursor_ras(self):
+        """The point where the three slice planes meet (None without three independent slice views)."""
+        normals, offsets = [], []
+        for slice_node in _nodes_by_class(self.scene, "vtkMRMLSliceNode"):
+            matrix = slice_node.GetSliceToRAS()
+            normal = np.array([matrix.GetElement(i, 2) for i in range(3)])
+            origin = np.array([matrix.GetElement(i, 3) for i in range(3)])
+            normals.append(normal)
+            offsets.append(float(normal @ origin))
+        if len(normals) < 3:
+            return None
+        normals, offsets = np.array(normals[:3]), np.array(offsets[:3])
+        if abs(np.linalg.det(normals)) < 1e-6:
+            return None
+        return tuple(float(x) for x in np.linalg.solve(normals, offsets))
+
+    def cursor_ijk(self, rounded=True):
+        """The cursor as a voxel index (I, J, K) of the shown case's input volume."""
+        ras = self.cursor_ras()
+        if ras is None or self.current is None:
+            return None
+        matrix = vtk.vtkMatrix4x4()
+        self.current.input_node.GetRASToIJKMatrix(matrix)
+        ijk = matrix.MultiplyPoint([*ras, 1.0])[:3]
+        return [int(round(x)) for x in ijk] if rounded else [float(x) for x in ijk]
+
+    def slice_offsets(self):
+        return {node.GetName(): float(node.GetSliceOffset()) for node in _nodes_by_class(self.scene, "vtkMRMLSliceNode")}
+
+    # Runs --------------------------------------------------------------------------------------------------
+
+    def start_run(self, index: int, on_progress=None, on_finished=None):
+        """Run the built-in prediction on listed case ``index``; writes ``results/<stem>.json`` and its heatmaps.
+
+        The Logic's PredictionJob runs ``anymc3d predict`` through the SubprocessRunner and imports the results
+        with ``readRecord`` + ``importResults``; here its output paths point into the results folder (kept)
+        instead of its temporary folder (removed). Only the backbone and plugins given on the command line are used.
+        """
+        if not self.can_run:
+            raise RecordError("Runs need --backbone and --plugin on the command line")
+        if self.job is not None and not self.job.done:
+            raise RecordError("A run is already in progress")
+        case = self.folder.case(index)
+        json_path, heatmap_dir = self.folder.results_paths(case)
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+        options = PredictionOptions(device=self.device, heatmapMethod=self.heatmap_method)
+        self.run_errors.pop(index, None)
+
+        def finished(result):
+            self._run_finished(index, result)
+            if on_finished:
+                on_finished(result)
+
+        job = start_prediction_into(self.logic, str(case.path), self.backbone, self.plugins, str(json_path),
+                                    str(heatmap_dir), options, self.display, on_progress, finished)
+        self.job, self.job_case = job, index
+        return job
+
+    def _run_finished(self, index, result):
+        """The Logic imported the results (or failed): reload the listing; keep the imported nodes as the case."""
+        shown = self.current.index if self.current is not None else None
+        self.folder.refresh()
+        if result.status == "ok" and result.outputs is not None:
+            outputs = result.outputs
+            if index in self.loaded:
+                self.unload(index)
+            added = _node_ids(self.scene) - self._before_poll
+            added -= {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
+                      if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
+            self.loaded[index] = LoadedCase(index, outputs.inputNode, outputs, tuple(sorted(added)), outputs.folderItem)
+            self.loaded.move_to_end(index, last=False)  # the least recently shown, unless shown now
+        elif result.status != "ok" and self.folder.case(index).status == "none":
+            self.run_errors[index] = result.message or "The run failed"
+        # The import pointed the slice views at the new case: put the shown one back (or show the new one).
+        if shown is not None and (shown in self.loaded or shown == index):
+            self.current = None
+            try:
+                self.show_case(shown)
+            except RecordError:
+                pass
+
+    def poll(self):
+        """Deliver the runner's callbacks (call it from the event loop while a run is in progress)."""
+        if self.job is not None and not self.job.done:
+            self._before_poll = _node_ids(self.scene)  # what the import adds is this case's (see _run_finished)
+            self.logic.runner.processEvents(0)
+        return self.job is not None and not self.job.done
+
+    def cancel_run(self):
+        if self.job is not None and not self.job.done:
+            self.job.cancel()
+
+    def case_error(self, index) -> str:
+        case = self.folder.case(index)
+        return self.run_errors.get(index) or case.error
+
+
+def start_prediction_into(logic, image_path, backbone, plugins, json_path, heatmap_dir, options, display_options,
+                          on_progress, on_finished):
+    """``AnyMC3DSlicerLogic.startPrediction`` on one image file, with its outputs also kept in the results folder.
+
+    The Logic's PredictionJob does everything (command line, SubprocessRunner, progress, errors, readRecord,
+    importResults, removal of its temporary folder). When the backend has finished successfully and before the
+    Logic imports (its "importing" progress report), the record and heatmaps are copied from the job's temporary
+    folder to ``heatmap_dir`` and ``json_path``, with the record's heatmap paths pointing at the copies. A copy that
+    fails makes the run fail (the Logic reports it as a failed import). With the ``outputDir`` argument proposed
+    for ``startPrediction`` in docs/review.md the backend would write there directly.
+    """
+    holder = {}
+
+    def progress(report):
+        if report.stage == "importing" and "job" in holder:
+            save_job_outputs(holder["job"], json_path, heatmap_dir)
+        if on_progress:
+            on_progress(report)
+
+    job = logic.startPrediction([image_path], backbone, plugins, options, display_options, progress, on_finished,
+                                name=os.path.basename(image_path))
+    holder["job"] = job
+    return job
+
+
+def save_job_outputs(job, json_path, heatmap_dir):
+    """Copy a finished job's record and heatmaps out of its temporary folder (atomic renames, paths rewritten)."""
+    with open(job.jsonPath, encoding="utf-8") as file:
+        records = json.load(file)
+    os.makedirs(heatmap_dir, exist_ok=True)
+    job_dir = os.path.realpath(job.heatmapDir)
+
+    def keep(path):
+        if not path:
+            return path
+        source = os.path.realpath(path)
+        if os.path.dirname(source) != job_dir:
+            raise ValueError(f"unexpected heatmap path {path}")
+        target = os.path.join(heatmap_dir, os.path.basename(source))
+        partial = target + ".partial"
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+        return target
+
+    for record in records:
+        for result in record.get("results") or []:
+            result["heatmap"] = keep(result.get("heatmap"))
+            result["finding_heatmaps"] = {label: keep(path) for label, path in (result.get("finding_heatmaps") or {}).items()}
+    partial = str(json_path) + ".partial"
+    with open(partial, "w", encoding="utf-8") as file:
+        json.dump(records, file, indent=2)
+    os.replace(partial, json_path)
+
+
+__all__ = ["GRADIENT_METHODS", "LoadedCase", "ReviewSession", "check_record", "record_options", "start_prediction_into"]

@@ -1,0 +1,163 @@
+"""The review page in a real browser (Chromium driven by Playwright), over the demo folder.
+
+Pixel checks are tolerant: a "heatmap colour" is a strongly coloured pixel (CT grey has none), counted as a share
+of the view; image changes are mean absolute differences. Waits are on frames and on the page's state, never on a
+fixed sleep alone.
+"""
+
+import numpy as np
+import SimpleITK as sitk
+
+from anymc3d_review.testing import (
+    SLICE_VIEWS,
+    VIEWS,
+    heatmap_fraction,
+    now,
+    settle,
+    state,
+    view_pixels,
+    wait_frames,
+    wait_state,
+)
+
+HEATMAP_SHARE = 0.02   # a view showing a heatmap: at least 2 % heatmap-coloured pixels
+CONTROL_SHARE = 0.002  # a view without one: under 0.2 % (labels, anti-aliasing)
+
+
+def case_index(page, name):
+    cases = state(page, "cases")
+    return next(c["index"] for c in cases if c["name"] == name)
+
+
+def show_case(page, name, views=VIEWS):
+    """Select a case by clicking it in the list; wait for the scene and every view's new frame."""
+    index = case_index(page, name)
+    version = state(page, "scene_version")
+    if state(page, "shown_case") == index:
+        return index
+    page.locator(".case-item", has_text=name).click()
+    since = wait_state(page, f"s('shown_case') === {index} && s('scene_version') > {version}")
+    wait_frames(page, since, views)
+    settle(page, views)
+    return index
+
+
+def record_for(results_json, name):
+    return next(r for r in results_json if r["image"].endswith("/" + name))
+
+
+def test_page_lists_cases_and_shows_heatmap_in_every_view(page):
+    names = [c["name"] for c in state(page, "cases")]
+    assert names == ["control.nii.gz", "second.nii.gz", "volume.nii.gz"]
+    statuses = {c["name"]: c["status"] for c in state(page, "cases")}
+    assert statuses == {"control.nii.gz": "none", "second.nii.gz": "results", "volume.nii.gz": "results"}
+    show_case(page, "volume.nii.gz")
+    for view in VIEWS:
+        share = heatmap_fraction(view_pixels(page, view))
+        assert share > HEATMAP_SHARE, f"{view}: only {share:.3%} heatmap-coloured pixels"
+
+
+def test_control_case_has_no_heatmap_colours(page):
+    show_case(page, "control.nii.gz")
+    assert state(page, "rows") == []
+    for view in VIEWS:
+        share = heatmap_fraction(view_pixels(page, view))
+        assert share < CONTROL_SHARE, f"{view}: {share:.3%} heatmap-coloured pixels in a case without heatmap"
+    # the CT itself is there (grey, not black) in the slice views
+    assert view_pixels(page, "Red").mean() > 10
+
+
+def test_table_text_equals_json_probabilities(page, results_json):
+    show_case(page, "second.nii.gz")
+    result = record_for(results_json, "second.nii.gz")["results"][0]
+    rows = page.locator("tr.finding-row")
+    assert rows.count() == len(result["labels"])
+    for i, label in enumerate(result["labels"]):
+        cells = rows.nth(i).locator("td")
+        assert page.locator("tr.finding-row td.finding-label").nth(i).inner_text().strip() == label
+        text = rows.nth(i).locator("td.finding-probability").inner_text().strip()
+        assert text == f"{result['probabilities'][label]:.4f}"
+        assert abs(float(text) - result["probabilities"][label]) <= 5e-5
+        decision = rows.nth(i).locator("td.finding-decision").inner_text().strip()
+        assert decision == ("positive" if result["decisions"][label] else "negative")
+        assert cells.count() >= 4
+
+
+def test_switching_finding_changes_overlay(page, results_json):
+    show_case(page, "volume.nii.gz")
+    result = record_for(results_json, "volume.nii.gz")["results"][0]
+    maps = [sitk.GetArrayFromImage(sitk.ReadImage(result["finding_heatmaps"][label])) for label in result["labels"]]
+    assert np.abs(maps[0] - maps[1]).max() > 0.05, "the demo's findings have identical maps: nothing to compare"
+    rows = page.locator("tr.finding-row")
+    row = state(page, "row")
+    other = 1 if row == 0 else 0
+    before = {view: view_pixels(page, view).astype(np.int16) for view in SLICE_VIEWS}
+    version = state(page, "scene_version")
+    rows.nth(other).click()
+    since = wait_state(page, f"s('row') === {other} && s('scene_version') > {version}")
+    wait_frames(page, since, SLICE_VIEWS)
+    settle(page)
+    assert "selected" in rows.nth(other).get_attribute("class")
+    changes = {view: float(np.abs(view_pixels(page, view).astype(np.int16) - before[view]).mean()) for view in SLICE_VIEWS}
+    assert max(changes.values()) > 2.0, changes
+
+
+def test_jump_to_maximum_moves_slices_to_heatmap_maximum(page, results_json):
+    show_case(page, "volume.nii.gz")
+    row = state(page, "row")
+    result = record_for(results_json, "volume.nii.gz")["results"][0]
+    label = result["labels"][row]
+    voxels = sitk.GetArrayFromImage(sitk.ReadImage(result["finding_heatmaps"][label]))
+    k, j, i = np.unravel_index(int(np.argmax(voxels)), voxels.shape)
+    assert state(page, "maximum_ijk") == [int(i), int(j), int(k)]
+    before = view_pixels(page, "Red").astype(np.int16)
+    cursor_before = state(page, "cursor_ijk")
+    version = state(page, "scene_version")
+    page.locator(".jump-maximum").click()
+    since = wait_state(page, f"s('scene_version') > {version}")
+    assert state(page, "cursor_ijk") == [int(i), int(j), int(k)]
+    if cursor_before[2] != int(k):  # the axial slice moved: its image changes
+        wait_frames(page, since, ("Red",))
+        settle(page)
+        assert float(np.abs(view_pixels(page, "Red").astype(np.int16) - before).mean()) > 1.0
+
+
+def test_camera_controls_move_the_3d_view(page):
+    show_case(page, "volume.nii.gz")
+    camera = state(page, "camera")
+    before = view_pixels(page, "ThreeD").astype(np.int16)
+    version = state(page, "scene_version")
+    page.locator(".camera-left").click()
+    since = wait_state(page, f"s('scene_version') > {version}")
+    assert state(page, "camera") != camera
+    wait_frames(page, since, ("ThreeD",))
+    settle(page, ("ThreeD",))
+    after = view_pixels(page, "ThreeD")
+    assert float(np.abs(after.astype(np.int16) - before).mean()) > 1.0
+    assert heatmap_fraction(after) > HEATMAP_SHARE / 2
+
+
+def test_keyboard_previous_next_case(page):
+    show_case(page, "control.nii.gz")
+    start = state(page, "shown_case")
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("ArrowDown")
+    wait_state(page, f"s('shown_case') === {(start + 1) % 3}")
+    page.keyboard.press("p")
+    wait_state(page, f"s('shown_case') === {start}")
+
+
+def test_page_cannot_name_anything_outside_the_listing(page):
+    shown = state(page, "shown_case")
+    version = state(page, "scene_version")
+    for bad in ("../../etc/passwd", "/etc/passwd", 99, -1, 1.5, None):
+        page.evaluate("(v) => window.trame.state.set('case_index', v)", bad)
+        wait_state(page, f"s('case_index') === {shown}")
+    assert state(page, "shown_case") == shown
+    assert state(page, "scene_version") == version
+    assert state(page, "case_error") == ""
+    # the only files served are the app's own assets
+    t0 = now(page)
+    response = page.request.get(page.url.rstrip("/") + "/../../etc/passwd")
+    assert response.status == 404 or "root:" not in response.text()
+    assert now(page) >= t0
