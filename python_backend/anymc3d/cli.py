@@ -232,25 +232,35 @@ def _record(result, written: dict, image: str, embedding: bool = False) -> dict:
     return record
 
 
-def _write_heatmaps(result, folder: Path, stem: str, fmt: str) -> dict:
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _write_heatmaps(result, folder: Path, stem: str, fmt: str, progress) -> dict:
     """Write each prediction's heatmap(s); on any failure remove what this case wrote and re-raise."""
     from anymc3d.plugin import safe_name
     from anymc3d.preprocessing import write_image_atomic
 
     written: dict[str, dict] = {}
     done: list[Path] = []
+    total = sum(len(p.finding_heatmaps) or int(p.heatmap is not None) for p in result.predictions)
     try:
         for pred in result.predictions:
             files: dict = {}
             base = f"{stem}__{safe_name(pred.plugin)}"
             for label in pred.finding_heatmaps:
+                progress("heatmap", len(done), total)
                 path = write_image_atomic(result.heatmap_image(pred, label), folder / f"{base}__{safe_name(label)}.{fmt}")
                 done.append(path)
                 files[label] = str(path.resolve())
             if pred.heatmap is not None:
                 top = max(pred.finding_heatmaps, key=lambda k: pred.probabilities[pred.labels.index(k)], default=None)
-                path = Path(files[top]) if top is not None else write_image_atomic(result.heatmap_image(pred), folder / f"{base}.{fmt}")
-                done.append(path)
+                if top is not None:
+                    path = Path(files[top])
+                else:
+                    progress("heatmap", len(done), total)
+                    path = write_image_atomic(result.heatmap_image(pred), folder / f"{base}.{fmt}")
+                    done.append(path)
                 files[None] = str(path.resolve())
             written[pred.plugin] = files
     except BaseException:
@@ -285,17 +295,19 @@ def _cmd_predict(args) -> int:
                                          progress=reporter.stage)
             if args.ensemble:
                 result.predictions = [ensemble(result.predictions)]
-            reporter.stage("writing", 0, 1)
             written = {}
             if args.heatmap:
-                written = _write_heatmaps(result, args.heatmap, _unique_stem(views[0], stems), args.heatmap_format)
+                written = _write_heatmaps(result, args.heatmap, _unique_stem(views[0], stems), args.heatmap_format,
+                                          reporter.stage)
+            reporter.stage("writing", 0, 1)
             records.append(_record(result, written, image, args.embedding))
             reporter.case_done("ok", None)
         except (AnyMC3DError, OSError, RuntimeError, ValueError) as exc:
-            message = str(exc) if isinstance(exc, AnyMC3DError) else f"{image}: {type(exc).__name__}: {exc}"
+            message = _one_line(str(exc) if isinstance(exc, AnyMC3DError) else f"{image}: {type(exc).__name__}: {exc}")
             logger.error("%s", message)
             failed += 1
-            records.append({"image": image, "status": "error", "error": message, "results": []})
+            records.append({"image": image, "status": "error", "error": message, "slicing_axis": None,
+                            "num_slices": None, "results": []})
             reporter.case_done("error", message)
     text = json.dumps(records, indent=2)
     if args.json is not None:
@@ -314,5 +326,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return handler(args)
     except AnyMC3DError as exc:
-        logger.error("%s", exc)
+        logger.error("%s", _one_line(str(exc)))
         return EXIT_USAGE

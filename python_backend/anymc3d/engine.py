@@ -74,7 +74,10 @@ class Prediction:
         volume = self.finding_heatmaps[label] if label is not None else self.heatmap
         if volume is None or self.geometry is None:
             raise AnyMC3DError(f"no heatmap was computed for {self.plugin}")
-        return self.geometry.to_input(volume)
+        image = self.geometry.to_input(volume)
+        peak = float(sitk.GetArrayViewFromImage(image).max())
+        # interpolation onto the input grid can lower the peak a little: keep the max at exactly 1
+        return sitk.Cast(image / peak, sitk.sitkFloat32) if peak > 0 else image
 
     def importance_per_input_slice(self) -> np.ndarray:
         """a_s per input slice index along the slicing axis of view 0 (sums to 1)."""

@@ -10,6 +10,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from anymc3d.cli import main
@@ -44,6 +45,9 @@ def test_golden_demo_run_as_a_user_would(demo_dir, tmp_path):
     heatmap = sitk.ReadImage(result["heatmap"])
     assert heatmap.GetSize() == volume.GetSize() and heatmap.GetSpacing() == volume.GetSpacing()
     assert heatmap.GetOrigin() == volume.GetOrigin() and heatmap.GetDirection() == volume.GetDirection()
+    values = sitk.GetArrayFromImage(heatmap)
+    assert values.dtype == np.float32 and values.min() >= 0
+    assert values.max() == pytest.approx(1.0, abs=1e-6)  # max-normalised on the input grid
     engine = Engine(demo_dir / "backbone.safetensors", device="cpu")
     engine.add_plugin(demo_dir / "plugin.anymc3d")
     case = engine.predict_file(demo_dir / "volume.nii.gz", heatmap="attention")
@@ -94,6 +98,7 @@ def test_a_batch_goes_on_past_bad_cases_and_names_each_problem(demo_dir, tmp_pat
     for name, words in expected.items():
         record = records[name]
         assert record["status"] == "error" and record["results"] == []
+        assert record["slicing_axis"] is None and record["num_slices"] is None and "\n" not in record["error"]
         assert name in record["error"] and words in record["error"], record["error"]
         assert "Traceback" not in record["error"]
     assert [p.name for p in heat.iterdir()] == ["good__demo_findings.nii.gz"]
@@ -117,14 +122,14 @@ def test_backbone_plugin_mismatch_is_a_usage_error(demo_dir, tmp_path, caplog):
 
 def test_json_progress_lines_for_a_process_runner(demo_dir, tmp_path, capsys):
     args = _predict(demo_dir, demo_dir / "volume.nii.gz", tmp_path / "missing.nii.gz", "--json", tmp_path / "r.json",
-                    "--chunk-size", "16")
+                    "--chunk-size", "16", "--heatmap", tmp_path / "h")
     args[args.index("--progress") + 1] = "json"
     code = main(args)
     assert code == 1
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert events[0] == {"event": "start", "cases": 2}
     stages = [e["stage"] for e in events if e["event"] == "progress" and e["case"] == 0]
-    assert stages == ["reading", "encoding", "encoding", "encoding", "writing"]
+    assert stages == ["reading", "encoding", "encoding", "encoding", "heatmap", "writing"]
     assert [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "encoding"] == [16, 32, 40]
     done = [e for e in events if e["event"] == "case_done"]
     assert [d["status"] for d in done] == ["ok", "error"] and "missing.nii.gz" in done[1]["error"]
