@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, fingerprint, make_load_bearing
+from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, make_load_bearing
 from anymc3d.demo import random_plugin
 from anymc3d.engine import Engine
 from anymc3d.plugin import LoadedPlugin
