@@ -117,6 +117,13 @@ def _moduleLogic(scene, moduleName, className):
     return logic
 
 
+def _waitOrCancel(job, timeout):
+    """Block until ``job`` ends; past ``timeout`` seconds cancel it and wait for the cancellation."""
+    if not job.wait(timeout):
+        job.cancel()
+        job.wait(30)
+
+
 class PredictionJob:
     """One running ``anymc3d predict`` process and the import of its results."""
 
@@ -361,9 +368,7 @@ class AnyMC3DSlicerLogic:
     def runPrediction(self, inputs, backbonePath, pluginPaths, options=None, displayOptions=None, onProgress=None, timeout=None):
         """Blocking variant (tests, scripts, self-test): returns the CaseResult."""
         job = self.startPrediction(inputs, backbonePath, pluginPaths, options, displayOptions, onProgress)
-        if not job.wait(timeout):
-            job.cancel()
-            job.wait(30)
+        _waitOrCancel(job, timeout)
         return job.result
 
     def startBatch(self, cases, backbonePath, pluginPaths, options=None, displayOptions=None, onCaseDone=None,
@@ -384,9 +389,7 @@ class AnyMC3DSlicerLogic:
 
     def runBatch(self, cases, backbonePath, pluginPaths, options=None, displayOptions=None, onCaseDone=None, timeout=None):
         batch = self.startBatch(cases, backbonePath, pluginPaths, options, displayOptions, onCaseDone)
-        if not batch.wait(timeout):
-            batch.cancel()
-            batch.wait(30)
+        _waitOrCancel(batch, timeout)
         return batch.results
 
     @staticmethod
