@@ -99,7 +99,7 @@ class ReviewSession:
     """
 
     def __init__(self, scene, volumes_logic, volume_rendering_logic, folder: CaseFolder, backbone=None, plugins=(),
-                 views=None, cache_size=3, runner=None, backend_command=None, temp_root=None, device="auto",
+                 views=None, cache_size=4, runner=None, backend_command=None, temp_root=None, device="auto",
                  heatmap_method="attention"):
         self.scene = scene
         self.folder = folder
@@ -120,6 +120,7 @@ class ReviewSession:
         self.job = None
         self.job_case = None
         self._before_poll = set()
+        self.prefetch_failed: set[int] = set()
         self.run_errors: dict[int, str] = {}  # errors of runs from the page that left no results file
 
     # Cases -------------------------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ class ReviewSession:
                 loaded = LoadedCase(case.index, self.logic.loadInputFile(str(case.path)))
             except ValueError as error:
                 raise RecordError(str(error)) from error
+        tune_volume_rendering(loaded.heatmap_nodes())
         added = _node_ids(self.scene) - before
         made_shared = {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
                        if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
@@ -209,12 +211,49 @@ class ReviewSession:
                 if display is not None and display.IsA("vtkMRMLVolumeRenderingDisplayNode"):
                     display.SetVisibility(bool(visible))
 
+    def neighbours(self, index=None):
+        """The cases next to ``index`` (default: the shown one) in the listing, next first."""
+        count = len(self.folder.cases)
+        index = self.current.index if index is None and self.current is not None else index
+        if index is None or count < 2:
+            return []
+        return list(dict.fromkeys(i for i in ((index + 1) % count, (index - 1) % count) if i != index))
+
     def _evict(self):
-        while len(self.loaded) > self.cache_size:
-            index, loaded = next(iter(self.loaded.items()))
-            if loaded is self.current:
+        """Drop the least recently shown cases beyond ``cache_size`` (never the shown case or its neighbours)."""
+        keep = {self.current.index} if self.current is not None else set()
+        keep |= set(self.neighbours())
+        for index in list(self.loaded):
+            if len(self.loaded) <= self.cache_size:
                 break
-            self.unload(index)
+            if index not in keep:
+                self.unload(index)
+
+    def prefetch(self, index) -> bool:
+        """Load case ``index`` into the scene without showing it (the shown case stays as it was).
+
+        The Logic's import shows what it imports (slice views, volume rendering): the shown case's display is put
+        back right after. Returns False when there was nothing to do or the case cannot be loaded.
+        """
+        if index in self.loaded or index in self.prefetch_failed or (self.job is not None and not self.job.done):
+            return False
+        case = self.folder.case(index)
+        if case.status == "error":
+            return False
+        shown = self.current
+        try:
+            self._load(case)
+        except (RecordError, ValueError, OSError):
+            self.prefetch_failed.add(index)
+            return False
+        finally:
+            if shown is not None:
+                self._show(shown)
+        if shown is None:
+            self._set_volume_rendering_visible(self.loaded[index], False)
+        self.loaded.move_to_end(index, last=False)
+        self._evict()
+        return True
 
     def unload(self, index):
         loaded = self.loaded.pop(index, None)
@@ -385,6 +424,7 @@ class ReviewSession:
         """The Logic imported the results (or failed): reload the listing; keep the imported nodes as the case."""
         shown = self.current.index if self.current is not None else None
         self.folder.refresh()
+        self.prefetch_failed.discard(index)
         if result.status == "ok" and result.outputs is not None:
             outputs = result.outputs
             if index in self.loaded:
@@ -392,6 +432,7 @@ class ReviewSession:
             added = _node_ids(self.scene) - self._before_poll
             added -= {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
                       if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
+            tune_volume_rendering(outputs.heatmapNodes)
             self.loaded[index] = LoadedCase(index, outputs.inputNode, outputs, tuple(sorted(added)), outputs.folderItem)
             self.loaded.move_to_end(index, last=False)  # the least recently shown, unless shown now
         elif result.status != "ok" and self.folder.case(index).status == "none":
@@ -418,6 +459,20 @@ class ReviewSession:
     def case_error(self, index) -> str:
         case = self.folder.case(index)
         return self.run_errors.get(index) or case.error
+
+
+def tune_volume_rendering(heatmap_nodes):
+    """Interim speed-up of the heatmaps' volume rendering, until the Logic does it (docs/review.md, Logic changes).
+
+    The default volume property made by ``CreateDefaultVolumeRenderingNodes`` carries a gradient-opacity function
+    that is 1 everywhere: it changes nothing on screen but makes the ray caster compute a gradient at every sample
+    (about 2.5x the render time on Mesa's llvmpipe). Disabling it keeps the image and the Logic's transfer functions.
+    """
+    for heatmap in heatmap_nodes:
+        for index in range(heatmap.GetNumberOfDisplayNodes()):
+            display = heatmap.GetNthDisplayNode(index)
+            if display is not None and display.IsA("vtkMRMLVolumeRenderingDisplayNode") and display.GetVolumePropertyNode():
+                display.GetVolumePropertyNode().GetVolumeProperty().DisableGradientOpacityOn()
 
 
 def start_prediction_into(logic, image_path, backbone, plugins, json_path, heatmap_dir, options, display_options,

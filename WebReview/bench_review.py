@@ -1,0 +1,187 @@
+"""Benchmark of the review page in a real browser: first frame after opening the page, switch of case and finding.
+
+Makes a folder with the demo backbone and plugin and three 256x256x120 CT volumes (two predicted with
+per-finding heatmaps, one without results), starts ``anymc3d review`` on it, and drives Chromium with Playwright:
+
+- first frame: from opening the page (navigation start) until every view (axial, coronal, sagittal, 3D) has shown
+  a frame, the case with its heatmap (checked: heatmap colours in the slice views);
+- case switch: from the key press (next case) until every view has shown a frame of the new case; "cold" is the
+  first visit of a case (read from disk, nodes made by the Logic), "warm" a case still loaded;
+- finding switch: from the click on a table row until the slice views and the 3D view have shown the new heatmap.
+
+Targets (issue 8, 2 CPU cores): first frame <= 3 s, switch <= 1.5 s.
+
+    python WebReview/bench_review.py [--repeat 5] [--keep DIR] [--screenshot docs/images/review.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from anymc3d_review.testing import (
+    SLICE_VIEWS,
+    VIEWS,
+    ReviewServer,
+    heatmap_fraction,
+    launch_browser,
+    now,
+    open_page,
+    settle,
+    state,
+    view_pixels,
+    wait_frames,
+    wait_state,
+)
+
+SIZE, SPACING = (256, 256, 120), (0.75, 0.75, 2.5)
+FIRST_FRAME_TARGET, SWITCH_TARGET = 3.0, 1.5
+
+
+def make_folder(folder: Path, heatmap_method: str) -> None:
+    import SimpleITK as sitk
+    from anymc3d.synthetic import make_ct_volume
+
+    subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder)], check=True, capture_output=True)
+    (folder / "volume.nii.gz").unlink()
+    for name, seed in (("ct_a.nii.gz", 1), ("ct_b.nii.gz", 2), ("ct_c.nii.gz", 3)):
+        sitk.WriteImage(make_ct_volume(size=SIZE, spacing=SPACING, lesion=True, seed=seed), str(folder / name))
+    (folder / "results" / "heatmaps").mkdir(parents=True)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "anymc3d", "predict", str(folder / "ct_a.nii.gz"), str(folder / "ct_b.nii.gz"),
+                    "--backbone", str(folder / "backbone.safetensors"), "--plugin", str(folder / "plugin.anymc3d"),
+                    "--heatmap-method", heatmap_method, "--heatmap", str(folder / "results" / "heatmaps"),
+                    "--json", str(folder / "results" / "predictions.json"), "--progress", "none"],
+                   check=True, capture_output=True)
+    print(f"(set-up: predict of two 256x256x120 volumes with {heatmap_method}: {time.perf_counter() - started:.0f} s)")
+
+
+def switch_case(page, index) -> float:
+    if state(page, "shown_case") == index:
+        return 0.0
+    version = state(page, "scene_version")
+    t0 = now(page)
+    page.evaluate("(i) => window.trame.state.set('case_index', i)", index)
+    since = wait_state(page, f"s('shown_case') === {index} && s('scene_version') > {version}", timeout=60)
+    done = wait_frames(page, since, VIEWS, timeout=60)
+    seconds = (done - t0) / 1000
+    settle(page)
+    return seconds
+
+
+def switch_finding(page, row) -> float:
+    version = state(page, "scene_version")
+    t0 = now(page)
+    page.locator("tr.finding-row").nth(row).click()
+    since = wait_state(page, f"s('row') === {row} && s('scene_version') > {version}", timeout=60)
+    done = wait_frames(page, since, (*SLICE_VIEWS, "ThreeD"), timeout=60)
+    seconds = (done - t0) / 1000
+    settle(page)
+    return seconds
+
+
+def summary(values):
+    return f"median {statistics.median(values):.2f} s, max {max(values):.2f} s (n={len(values)})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5, help="Repetitions of each measurement (default: 5).")
+    parser.add_argument("--heatmap-method", default="grad_rollout", help="Heatmap method of the results (default: "
+                        "grad_rollout, one map per finding, so a finding switch changes the overlay).")
+    parser.add_argument("--keep", type=Path, default=None, help="Make (or reuse) the case folder here, and keep it.")
+    parser.add_argument("--screenshot", type=Path, default=None, help="Save a screenshot of the page here.")
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    temp = None
+    if args.keep:
+        folder = args.keep.resolve()
+        if not (folder / "results" / "predictions.json").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            make_folder(folder, args.heatmap_method)
+    else:
+        temp = tempfile.mkdtemp(prefix="anymc3d-review-bench-")
+        folder = Path(temp)
+        make_folder(folder, args.heatmap_method)
+
+    print(f"review benchmark: {platform.node()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+          f"chromium {subprocess.run(['/usr/bin/chromium', '--version'], capture_output=True, text=True).stdout.split()[1:2]}")
+    print(f"cases: three {SIZE[0]}x{SIZE[1]}x{SIZE[2]} CT volumes (two with {args.heatmap_method} heatmaps, one without)")
+    results = {}
+    try:
+        with ReviewServer(folder, log=folder / "server.log") as server, sync_playwright() as playwright:
+            started = time.perf_counter()
+            server.wait_ready()
+            print(f"server start (process start to first HTTP answer, first case loaded): {time.perf_counter() - started:.1f} s")
+            browser = launch_browser(playwright)
+            first = []
+            for _ in range(args.repeat):
+                page = open_page(browser, server.url)
+                first.append(wait_frames(page, 0, VIEWS, timeout=60) / 1000)  # ms since navigation start
+                settle(page)
+                shares = [heatmap_fraction(view_pixels(page, view)) for view in SLICE_VIEWS]
+                assert min(shares) > 0.01, f"no heatmap in the first frame: {shares}"
+                page.close()
+            results["first frame after opening the page"] = first
+
+            page = open_page(browser, server.url)
+            wait_frames(page, 0, VIEWS, timeout=60)
+            settle(page)
+            names = [case["name"] for case in state(page, "cases")]
+            prefetched = [switch_case(page, names.index("ct_b.nii.gz")), switch_case(page, names.index("ct_c.nii.gz"))]
+            warm = []
+            for i in range(args.repeat):
+                warm.append(switch_case(page, names.index("ct_a.nii.gz" if i % 2 == 0 else "ct_b.nii.gz")))
+            results["case switch, first visit (neighbour loaded while idle)"] = prefetched
+            results["case switch, case visited before (still loaded)"] = warm
+            if state(page, "shown_case") != names.index("ct_a.nii.gz"):
+                switch_case(page, names.index("ct_a.nii.gz"))
+            rows = page.locator("tr.finding-row").count()
+            findings = [switch_finding(page, (state(page, "row") + 1) % rows) for _ in range(args.repeat)]
+            results["finding switch"] = findings
+            if args.screenshot:
+                args.screenshot.parent.mkdir(parents=True, exist_ok=True)
+                page.locator(".jump-maximum").click()
+                time.sleep(0.5)
+                settle(page)
+                page.screenshot(path=str(args.screenshot))
+            page.close()
+            cold = []
+            for _ in range(max(1, args.repeat // 2)):  # servers that do not load neighbours: every first visit is cold
+                with ReviewServer(folder, env={"ANYMC3D_REVIEW_PREFETCH": "0"}, log=folder / "server-cold.log") as cold_server:
+                    cold_server.wait_ready()
+                    page = open_page(browser, cold_server.url)
+                    wait_frames(page, 0, VIEWS, timeout=60)
+                    settle(page)
+                    cold += [switch_case(page, names.index("ct_b.nii.gz")), switch_case(page, names.index("ct_c.nii.gz"))]
+                    page.close()
+            results["case switch, cold (no prefetch: read + Logic import)"] = cold
+            browser.close()
+    finally:
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+
+    print()
+    worst_first = max(results["first frame after opening the page"])
+    worst_switch = max(max(v) for k, v in results.items() if "switch" in k)
+    for name, values in results.items():
+        print(f"{name:55s} {summary(values)}")
+    print()
+    print(f"first frame: worst {worst_first:.2f} s (target {FIRST_FRAME_TARGET} s) "
+          f"{'OK' if worst_first <= FIRST_FRAME_TARGET else 'OVER'}")
+    print(f"switch of case or finding: worst {worst_switch:.2f} s (target {SWITCH_TARGET} s) "
+          f"{'OK' if worst_switch <= SWITCH_TARGET else 'OVER'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
