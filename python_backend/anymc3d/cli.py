@@ -21,13 +21,25 @@ logger = logging.getLogger("anymc3d")
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+class _Subparsers:
+    """``add_parser`` that gives every subcommand the common options (extensions' commands too)."""
+
+    def __init__(self, actions, common: argparse.ArgumentParser):
+        self._actions, self._common = actions, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self._actions.add_parser(name, parents=[self._common, *kwargs.pop("parents", [])], **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anymc3d", description="AnyMC3D: 3D classification with a frozen 2D "
                                      "foundation model and task plugins, with 3D heatmaps.")
     parser.add_argument("--version", action="version", version=f"anymc3d {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="Logging level on stderr (default: INFO).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    parser.add_argument("--log-level", default="INFO", choices=levels, help="Logging level on stderr (default: INFO).")
+    common = argparse.ArgumentParser(add_help=False)  # so --log-level also works after the subcommand
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="Logging level on stderr (default: INFO).")
+    sub = _Subparsers(parser.add_subparsers(dest="command", required=True), common)
 
     demo = sub.add_parser("demo", help="Write a small demo backbone, plugin and volume (no downloads).")
     demo.add_argument("folder", type=Path, help="Folder to write backbone.safetensors, plugin.anymc3d, volume.nii.gz into.")

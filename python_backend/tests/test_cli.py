@@ -104,8 +104,24 @@ def test_a_batch_goes_on_past_bad_cases_and_names_each_problem(demo_dir, tmp_pat
     assert [p.name for p in heat.iterdir()] == ["good__demo_findings.nii.gz"]
     written = sitk.ReadImage(str(heat / "good__demo_findings.nii.gz"))
     good = sitk.ReadImage(str(cases / "good.nii.gz"))
-    assert written.GetSize() == good.GetSize() and np.allclose(written.GetDirection(), good.GetDirection(), atol=1e-6)
+    _assert_geometry(written, good, atol=1e-6)  # NIfTI stores the geometry in float32
     assert _no_partial_files(tmp_path)
+
+
+def _assert_geometry(a, b, atol):
+    assert a.GetSize() == b.GetSize()
+    for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+        np.testing.assert_allclose(getattr(a, get)(), getattr(b, get)(), rtol=0, atol=atol, err_msg=get)
+
+
+def test_nrrd_heatmap_of_an_oblique_anisotropic_input_keeps_its_geometry(demo_dir, tmp_path):
+    image = make_ct_volume(size=(44, 38, 9), spacing=(0.7, 0.9, 3.0), direction=random_oblique_direction(7),
+                           origin=(-20.5, 3.25, 41.0), seed=8)
+    sitk.WriteImage(image, str(tmp_path / "oblique.nrrd"))
+    assert main(_predict(demo_dir, tmp_path / "oblique.nrrd", "--heatmap", tmp_path / "h", "--heatmap-format", "nrrd",
+                         "--json", tmp_path / "r.json")) == 0
+    written = sitk.ReadImage(str(tmp_path / "h" / "oblique__demo_findings.nrrd"))
+    _assert_geometry(written, sitk.ReadImage(str(tmp_path / "oblique.nrrd")), atol=1e-12)  # NRRD keeps doubles
 
 
 def test_backbone_plugin_mismatch_is_a_usage_error(demo_dir, tmp_path, caplog):
@@ -147,6 +163,12 @@ def test_gradient_heatmaps_are_written_per_finding_and_an_ensemble_is_one_result
     assert sorted(p.name for p in heat.iterdir()) == [f"volume__ensemble__{k}.nrrd" for k in sorted(result["labels"])]
     top = max(result["probabilities"], key=result["probabilities"].get)
     assert result["heatmap"] == result["finding_heatmaps"][top]
+
+
+def test_log_level_works_before_and_after_the_subcommand(demo_dir, capsys):
+    for args in (["--log-level", "ERROR", "info", str(demo_dir / "plugin.anymc3d")],
+                 ["info", str(demo_dir / "plugin.anymc3d"), "--log-level", "ERROR"]):
+        assert main(args) == 0
 
 
 def test_info_prints_the_plugin_metadata(demo_dir, capsys):
