@@ -1,0 +1,154 @@
+"""Case listing, the results convention and its confinement to FOLDER; the command line; the session's nodes are
+the Logic's (no browser)."""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+
+import pytest
+
+from anymc3d_review.cases import CaseFolder, RecordError
+from anymc3d_review.cli import DEFAULT_HOST, is_loopback, register
+
+
+def copy_case(review_folder, tmp_path, with_results=True):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    shutil.copy(review_folder / "volume.nii.gz", folder / "volume.nii.gz")
+    if with_results:
+        records = json.loads((review_folder / "results" / "predictions.json").read_text())
+        record = next(r for r in records if r["image"].endswith("/volume.nii.gz"))
+        (folder / "results" / "heatmaps").mkdir(parents=True)
+        for result in record["results"]:
+            for label, path in result["finding_heatmaps"].items():
+                target = folder / "results" / "heatmaps" / os.path.basename(path)
+                shutil.copy(path, target)
+                result["finding_heatmaps"][label] = str(target)
+            result["heatmap"] = result["finding_heatmaps"][result["labels"][0]]
+        record["image"] = str(folder / "volume.nii.gz")
+        (folder / "results" / "volume.json").write_text(json.dumps([record]))
+    return folder
+
+
+def test_listing_and_results(review_folder):
+    folder = CaseFolder(review_folder)
+    assert [c.name for c in folder.cases] == ["control.nii.gz", "second.nii.gz", "volume.nii.gz"]
+    assert [c.status for c in folder.cases] == ["none", "results", "results"]
+    assert folder.case(2).record["image"] == str(review_folder / "volume.nii.gz")
+
+
+def test_cases_only_by_index_or_listed_name(review_folder):
+    folder = CaseFolder(review_folder)
+    for bad in ("volume.nii.gz", "../etc/passwd", 3, -1, True, 1.0, None):
+        with pytest.raises(RecordError):
+            folder.case(bad)
+    assert folder.index_of("volume.nii.gz") == 2
+    for bad in ("../volume.nii.gz", str(review_folder / "volume.nii.gz"), "backbone.safetensors"):
+        with pytest.raises(RecordError):
+            folder.index_of(bad)
+
+
+def test_symlink_out_of_the_folder_is_not_a_case(review_folder, tmp_path):
+    folder = copy_case(review_folder, tmp_path, with_results=False)
+    outside = tmp_path / "outside.nii.gz"
+    shutil.copy(review_folder / "control.nii.gz", outside)
+    os.symlink(outside, folder / "link.nii.gz")
+    assert [c.name for c in CaseFolder(folder).cases] == ["volume.nii.gz"]
+
+
+def test_results_naming_files_outside_the_folder_are_refused(review_folder, tmp_path):
+    folder = copy_case(review_folder, tmp_path)
+    assert CaseFolder(folder).case(0).status == "results"
+    path = folder / "results" / "volume.json"
+    record = json.loads(path.read_text())
+    outside = tmp_path / "outside.nii.gz"
+    shutil.copy(record[0]["results"][0]["heatmap"], outside)
+    record[0]["results"][0]["finding_heatmaps"]["lesion"] = str(outside)
+    path.write_text(json.dumps(record))
+    case = CaseFolder(folder).case(0)
+    assert case.status == "error" and "outside the review folder" in case.error
+    record[0]["results"][0]["finding_heatmaps"]["lesion"] = "results/heatmaps/x.nii.gz"
+    path.write_text(json.dumps(record))
+    assert "relative" in CaseFolder(folder).case(0).error
+
+
+def test_newest_results_file_wins_and_failed_records_show_their_error(review_folder, tmp_path):
+    folder = copy_case(review_folder, tmp_path)
+    failed = [{"image": str(folder / "volume.nii.gz"), "status": "error", "error": "Cannot read the image", "results": []}]
+    newer = folder / "results" / "zz_later.json"
+    newer.write_text(json.dumps(failed))
+    os.utime(newer, (os.path.getmtime(folder / "results" / "volume.json") + 10,) * 2)
+    case = CaseFolder(folder).case(0)
+    assert case.status == "error" and case.error == "Cannot read the image"
+
+
+def test_session_nodes_are_the_logics(review_folder, tmp_path):
+    """On a bare slicer-core scene: the table, heatmaps and references are those the Logic's importResults makes."""
+    from trame_slicer.core import SlicerApp
+
+    from anymc3d_review.session import ReviewSession, check_record, record_options
+    from Logic import outputs
+
+    app = SlicerApp()
+    folder = CaseFolder(review_folder)
+    session = ReviewSession(app.scene, app.volumes_logic, app.app_logic.GetModuleLogic("VolumeRendering"), folder)
+    loaded = session.show_case(2)
+    table = loaded.table_node
+    assert table.GetAttribute(outputs.ROLE_ATTRIBUTE) == "findings"
+    record = folder.case(2).record
+    labels = record["results"][0]["labels"]
+    assert [row["finding"] for row in session.table_rows()] == labels
+    assert [row["probability"] for row in session.table_rows()] == pytest.approx(
+        [record["results"][0]["probabilities"][label] for label in labels])
+    assert table.GetNumberOfNodeReferences(outputs.HEATMAP_REFERENCE) == len(labels)
+    shown = session.select_finding(1)
+    assert shown.GetID() == table.GetNthNodeReference(outputs.HEATMAP_REFERENCE, 1).GetID()
+    with pytest.raises(RecordError):
+        session.select_finding(7)
+    # the Logic's own check refuses heatmaps outside the folder
+    with pytest.raises(ValueError, match="outside"):
+        check_record(session.logic, record, record_options(record), tmp_path)
+    # switching away and back reuses the loaded nodes; the control case has no heatmap in the slice views
+    session.show_case(0)
+    composite = app.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    assert all(not composite.GetItemAsObject(i).GetForegroundVolumeID() for i in range(composite.GetNumberOfItems()))
+    assert session.show_case(2) is loaded
+
+
+def test_command_line_defaults_to_loopback(caplog, monkeypatch, tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["review", str(tmp_path)])
+    assert args.host == DEFAULT_HOST == "127.0.0.1" and args.plugin == [] and args.backbone is None
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+
+    started = {}
+
+    class FakeApp:
+        def __init__(self, *a, **k):
+            self.server = self
+
+        def start(self, **kwargs):
+            started.update(kwargs)
+
+    import anymc3d_review.app as app_module
+
+    monkeypatch.setattr(app_module, "ReviewApp", FakeApp)
+    with caplog.at_level(logging.WARNING, logger="anymc3d.review"):
+        assert args.handler(parser.parse_args(["review", str(tmp_path), "--host", "0.0.0.0"])) == 0
+    assert started["host"] == "0.0.0.0" and "other machines" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="anymc3d.review"):
+        assert args.handler(args) == 0
+    assert started["host"] == "127.0.0.1" and caplog.text == ""
+    assert args.handler(parser.parse_args(["review", str(tmp_path), "--plugin", "p.anymc3d"])) == 2  # no backbone
+
+
+def test_anymc3d_cli_has_the_review_command():
+    from anymc3d.cli import _parser
+
+    args = _parser().parse_args(["review", "somewhere", "--port", "9000"])
+    assert args.port == 9000 and args.host == "127.0.0.1" and callable(args.handler)
