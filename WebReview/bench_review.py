@@ -146,8 +146,9 @@ def main() -> int:
             if state(page, "shown_case") != names.index("ct_a.nii.gz"):
                 switch_case(page, names.index("ct_a.nii.gz"))
             rows = page.locator("tr.finding-row").count()
-            findings = [switch_finding(page, (state(page, "row") + 1) % rows) for _ in range(args.repeat)]
-            results["finding switch"] = findings
+            if args.heatmap_method in ("grad_rollout", "grad_last"):  # else all findings share one map: nothing changes
+                findings = [switch_finding(page, (state(page, "row") + 1) % rows) for _ in range(args.repeat)]
+                results["finding switch"] = findings
             if args.screenshot:
                 args.screenshot.parent.mkdir(parents=True, exist_ok=True)
                 page.locator(".jump-maximum").click()
