@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 
@@ -189,7 +190,7 @@ class ReviewApp:
         axis, series = session.importance()
         current = s.cursor_ijk[axis] if (s.cursor_ijk and axis is not None) else None
         s.chart_svg = importance_svg(series, axis, current)
-        s.chart_slices = max((len(v) for v in series.values()), default=0)
+        s.chart_slices = self._chart_slices = max((len(v) for v in series.values()), default=0)
 
     @staticmethod
     def _maximum_ijk(heatmap):
@@ -310,6 +311,8 @@ class ReviewApp:
         try:
             value = float(threshold)
         except (TypeError, ValueError):
+            value = float("nan")
+        if not math.isfinite(value):
             self.state.threshold = self.session.display.threshold
             return
         if value != self.session.display.threshold:
@@ -320,6 +323,8 @@ class ReviewApp:
         try:
             value = float(opacity)
         except (TypeError, ValueError):
+            value = float("nan")
+        if not math.isfinite(value):
             self.state.opacity = self.session.display.opacity
             return
         if value != self.session.display.opacity:
@@ -339,7 +344,7 @@ class ReviewApp:
     @trigger("review_chart_click")
     def _chart_click(self, offset_x):
         try:
-            index = slice_from_chart_x(float(offset_x), int(self.state.chart_slices))
+            index = slice_from_chart_x(float(offset_x), self._chart_slices)
         except (TypeError, ValueError):
             return
         if self.session.jump_to_slice(index) is not None:
@@ -405,9 +410,10 @@ class ReviewApp:
 
     @trigger("review_run")
     def _run(self):
-        index = self.state.shown_case if self.state.shown_case >= 0 else self.state.case_index
-        if self.state.running or not self.session.can_run or not isinstance(index, int) or index < 0:
+        current = self.session.current  # the case the scene shows (never a value sent by the page)
+        if self.state.running or not self.session.can_run or current is None:
             return
+        index = current.index
         try:
             self.session.start_run(index, self._on_progress, self._on_finished)
         except RecordError as error:
