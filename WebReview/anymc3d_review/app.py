@@ -560,7 +560,7 @@ class ReviewApp:
                             classes="jump-important")
                 html.Div("Slice importance", classes="text-subtitle-2 mt-2")
                 html.Div(v_html=("chart_svg",), classes="importance-chart-box", style="cursor: crosshair;",
-                         click="trigger('review_chart_click', [$event.offsetX])")
+                         click="trigger('review_chart_click', [$event.clientX - $event.currentTarget.getBoundingClientRect().left])")
 
             v3.VDivider(classes="my-2")
             html.Div("3D view", classes="text-subtitle-2")

@@ -161,3 +161,26 @@ def test_page_cannot_name_anything_outside_the_listing(page):
     response = page.request.get(page.url.rstrip("/") + "/../../etc/passwd")
     assert response.status == 404 or "root:" not in response.text()
     assert now(page) >= t0
+
+
+def test_most_important_slice_and_chart_click(page, results_json):
+    show_case(page, "volume.nii.gz")
+    result = record_for(results_json, "volume.nii.gz")["results"][0]
+    axis = record_for(results_json, "volume.nii.gz")["slicing_axis"]
+    version = state(page, "scene_version")
+    page.locator(".jump-important").click()
+    wait_state(page, f"s('scene_version') > {version}")
+    assert state(page, "cursor_ijk")[axis] == int(np.argmax(result["slice_importance"]))
+    # a click on the chart's left edge goes to the first slice; the chart marks the current slice
+    version = state(page, "scene_version")
+    box = page.locator(".importance-chart").bounding_box()
+    page.mouse.click(box["x"] + 34, box["y"] + box["height"] / 2)
+    wait_state(page, f"s('scene_version') > {version}")
+    assert state(page, "cursor_ijk")[axis] == 0
+    version = state(page, "scene_version")
+    middle = 34 + (320 - 34 - 8) / 2  # the plot's middle (chart.py margins)
+    page.mouse.click(box["x"] + middle, box["y"] + box["height"] / 2)
+    wait_state(page, f"s('scene_version') > {version}")
+    slices = len(result["slice_importance"])
+    assert abs(state(page, "cursor_ijk")[axis] - (slices - 1) / 2) <= 1
+    assert page.locator(".importance-chart .current-slice").count() == 1
