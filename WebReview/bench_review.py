@@ -70,8 +70,8 @@ def switch_case(page, index) -> float:
     version = state(page, "scene_version")
     t0 = now(page)
     page.evaluate("(i) => window.trame.state.set('case_index', i)", index)
-    since = wait_state(page, f"s('shown_case') === {index} && s('scene_version') > {version}", timeout=60)
-    done = wait_frames(page, since, VIEWS, timeout=60)
+    wait_state(page, f"s('shown_case') === {index} && s('scene_version') > {version}", timeout=60)
+    done = wait_frames(page, t0, VIEWS, timeout=60)  # settled before t0: every later frame is of the new case
     seconds = (done - t0) / 1000
     settle(page)
     return seconds
@@ -81,8 +81,8 @@ def switch_finding(page, row) -> float:
     version = state(page, "scene_version")
     t0 = now(page)
     page.locator("tr.finding-row").nth(row).click()
-    since = wait_state(page, f"s('row') === {row} && s('scene_version') > {version}", timeout=60)
-    done = wait_frames(page, since, (*SLICE_VIEWS, "ThreeD"), timeout=60)
+    wait_state(page, f"s('row') === {row} && s('scene_version') > {version}", timeout=60)
+    done = wait_frames(page, t0, (*SLICE_VIEWS, "ThreeD"), timeout=60)
     seconds = (done - t0) / 1000
     settle(page)
     return seconds

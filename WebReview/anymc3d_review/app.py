@@ -97,7 +97,8 @@ class ReviewApp:
         self.folder = folder if isinstance(folder, CaseFolder) else CaseFolder(folder)
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=_slice_view_ui,
-                               three_d_view_ui_f=_threed_view_ui, target_fps=20.0, blur_fps=20.0)
+                               three_d_view_ui_f=_threed_view_ui, target_fps=20.0, blur_fps=20.0,
+                               interactive_quality=90)  # = still quality: one render per change, not two
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout(LAYOUT_ID, review_layout())
         self.layout_manager.set_layout(LAYOUT_ID)

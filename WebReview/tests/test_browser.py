@@ -35,9 +35,11 @@ def show_case(page, name, views=VIEWS):
     version = state(page, "scene_version")
     if state(page, "shown_case") == index:
         return index
+    settle(page, views)
+    t0 = now(page)  # the page is settled: every frame after t0 comes from this change
     page.locator(".case-item", has_text=name).click()
-    since = wait_state(page, f"s('shown_case') === {index} && s('scene_version') > {version}")
-    wait_frames(page, since, views)
+    wait_state(page, f"s('shown_case') === {index} && s('scene_version') > {version}")
+    wait_frames(page, t0, views)
     settle(page, views)
     return index
 
@@ -93,9 +95,10 @@ def test_switching_finding_changes_overlay(page, results_json):
     other = 1 if row == 0 else 0
     before = {view: view_pixels(page, view).astype(np.int16) for view in SLICE_VIEWS}
     version = state(page, "scene_version")
+    t0 = now(page)
     rows.nth(other).click()
-    since = wait_state(page, f"s('row') === {other} && s('scene_version') > {version}")
-    wait_frames(page, since, SLICE_VIEWS)
+    wait_state(page, f"s('row') === {other} && s('scene_version') > {version}")
+    wait_frames(page, t0, SLICE_VIEWS)
     settle(page)
     assert "selected" in rows.nth(other).get_attribute("class")
     changes = {view: float(np.abs(view_pixels(page, view).astype(np.int16) - before[view]).mean()) for view in SLICE_VIEWS}
@@ -113,11 +116,12 @@ def test_jump_to_maximum_moves_slices_to_heatmap_maximum(page, results_json):
     before = view_pixels(page, "Red").astype(np.int16)
     cursor_before = state(page, "cursor_ijk")
     version = state(page, "scene_version")
+    t0 = now(page)
     page.locator(".jump-maximum").click()
-    since = wait_state(page, f"s('scene_version') > {version}")
+    wait_state(page, f"s('scene_version') > {version}")
     assert state(page, "cursor_ijk") == [int(i), int(j), int(k)]
     if cursor_before[2] != int(k):  # the axial slice moved: its image changes
-        wait_frames(page, since, ("Red",))
+        wait_frames(page, t0, ("Red",))
         settle(page)
         assert float(np.abs(view_pixels(page, "Red").astype(np.int16) - before).mean()) > 1.0
 
@@ -127,10 +131,11 @@ def test_camera_controls_move_the_3d_view(page):
     camera = state(page, "camera")
     before = view_pixels(page, "ThreeD").astype(np.int16)
     version = state(page, "scene_version")
+    t0 = now(page)
     page.locator(".camera-left").click()
-    since = wait_state(page, f"s('scene_version') > {version}")
+    wait_state(page, f"s('scene_version') > {version}")
     assert state(page, "camera") != camera
-    wait_frames(page, since, ("ThreeD",))
+    wait_frames(page, t0, ("ThreeD",))
     settle(page, ("ThreeD",))
     after = view_pixels(page, "ThreeD")
     assert float(np.abs(after.astype(np.int16) - before).mean()) > 1.0

@@ -54,9 +54,8 @@ def test_run_case_from_page_writes_results_and_shows_them(run_page, run_folder):
         page.wait_for_timeout(200)
     assert state(page, "run_message") == "Done", state(page, "run_message")
     assert len(progress_seen) >= 2, progress_seen  # the bar moved
-    since = wait_state(page, "s('shown_case') === 0 && s('rows').length > 0")
-    wait_frames(page, since - 2000, VIEWS)
-    settle(page)
+    wait_state(page, "s('shown_case') === 0 && s('rows').length > 0")
+    settle(page, VIEWS, quiet=1.0)
     # results written in the folder's convention, and shown
     results = json.loads((run_folder / "results" / "a_small.json").read_text())
     assert results[0]["status"] == "ok" and results[0]["image"] == str(run_folder / "a_small.nii.gz")
