@@ -46,7 +46,7 @@ SIZE, SPACING = (256, 256, 120), (0.75, 0.75, 2.5)
 FIRST_FRAME_TARGET, SWITCH_TARGET = 3.0, 1.5
 
 
-def make_folder(folder: Path, heatmap_method: str) -> None:
+def make_folder(folder: Path, heatmap_method: str, heatmap_format: str) -> None:
     import SimpleITK as sitk
     from anymc3d.synthetic import make_ct_volume
 
@@ -59,9 +59,11 @@ def make_folder(folder: Path, heatmap_method: str) -> None:
     subprocess.run([sys.executable, "-m", "anymc3d", "predict", str(folder / "ct_a.nii.gz"), str(folder / "ct_b.nii.gz"),
                     "--backbone", str(folder / "backbone.safetensors"), "--plugin", str(folder / "plugin.anymc3d"),
                     "--heatmap-method", heatmap_method, "--heatmap", str(folder / "results" / "heatmaps"),
+                    "--heatmap-format", heatmap_format,
                     "--json", str(folder / "results" / "predictions.json"), "--progress", "none"],
                    check=True, capture_output=True)
-    print(f"(set-up: predict of two 256x256x120 volumes with {heatmap_method}: {time.perf_counter() - started:.0f} s)")
+    print(f"(set-up: predict of two 256x256x120 volumes with {heatmap_method}, {heatmap_format} heatmaps: "
+          f"{time.perf_counter() - started:.0f} s)")
 
 
 def switch_case(page, index) -> float:
@@ -97,6 +99,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="Repetitions of each measurement (default: 5).")
     parser.add_argument("--heatmap-method", default="grad_rollout", help="Heatmap method of the results (default: "
                         "grad_rollout, one map per finding, so a finding switch changes the overlay).")
+    parser.add_argument("--heatmap-format", default="nii.gz", choices=["nii.gz", "nrrd"],
+                        help="Heatmap file format of the results (default: nii.gz, the CLI's default).")
     parser.add_argument("--keep", type=Path, default=None, help="Make (or reuse) the case folder here, and keep it.")
     parser.add_argument("--screenshot", type=Path, default=None, help="Save a screenshot of the page here.")
     args = parser.parse_args()
@@ -107,15 +111,16 @@ def main() -> int:
         folder = args.keep.resolve()
         if not (folder / "results" / "predictions.json").exists():
             folder.mkdir(parents=True, exist_ok=True)
-            make_folder(folder, args.heatmap_method)
+            make_folder(folder, args.heatmap_method, args.heatmap_format)
     else:
         temp = tempfile.mkdtemp(prefix="anymc3d-review-bench-")
         folder = Path(temp)
-        make_folder(folder, args.heatmap_method)
+        make_folder(folder, args.heatmap_method, args.heatmap_format)
 
     print(f"review benchmark: {platform.node()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
           f"chromium {subprocess.run(['/usr/bin/chromium', '--version'], capture_output=True, text=True).stdout.split()[1:2]}")
-    print(f"cases: three {SIZE[0]}x{SIZE[1]}x{SIZE[2]} CT volumes (two with {args.heatmap_method} heatmaps, one without)")
+    print(f"cases: three {SIZE[0]}x{SIZE[1]}x{SIZE[2]} CT volumes (two with {args.heatmap_method} heatmaps "
+          f"as {args.heatmap_format}, one without results)")
     results = {}
     try:
         with ReviewServer(folder, log=folder / "server.log") as server, sync_playwright() as playwright:
