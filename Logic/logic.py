@@ -410,7 +410,10 @@ class AnyMC3DSlicerLogic:
             records = json.load(file)
         if not isinstance(records, list) or len(records) != 1:
             raise ValueError("Expected one JSON record")
-        record = records[0]
+        return self.checkRecord(records[0], pluginCount, tempDir, options)
+
+    def checkRecord(self, record, pluginCount, rootDir, options):
+        """Check one record: status ok, one result per plugin, every heatmap present and inside ``rootDir``."""
         if record.get("status") != "ok":
             raise ValueError(record.get("error") or "The case failed")
         results = record.get("results") or []
@@ -424,7 +427,7 @@ class AnyMC3DSlicerLogic:
             for path in paths:
                 if not path or not os.path.isfile(path):
                     raise ValueError(f"Plugin {result['plugin']}: heatmap file missing ({path})")
-                if os.path.commonpath([os.path.realpath(path), os.path.realpath(tempDir)]) != os.path.realpath(tempDir):
+                if os.path.commonpath([os.path.realpath(path), os.path.realpath(rootDir)]) != os.path.realpath(rootDir):
                     raise ValueError(f"Plugin {result['plugin']}: heatmap outside the run's folder ({path})")
             if len(result.get("slice_importance") or []) != int(record["num_slices"]):
                 raise ValueError(f"Plugin {result['plugin']}: slice importance does not have num_slices values")

@@ -171,6 +171,9 @@ def setHeatmapTransferFunctions(volumeProperty, threshold):
         colors.AddRGBPoint(value, r, g, b)
     volumeProperty.SetInterpolationTypeToLinear()
     volumeProperty.ShadeOff()
+    # The default gradient opacity is 1 everywhere: no effect on screen, but the ray caster would still compute a
+    # gradient at every sample (about 2.5x the render time on a software renderer).
+    volumeProperty.DisableGradientOpacityOn()
 
 
 def createFindingsTable(scene, name, rows):

@@ -23,7 +23,7 @@ if not os.environ.get("DISPLAY"):
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 from trame.app import get_server  # noqa: E402
-from trame.decorators import TrameApp, change, controller, trigger  # noqa: E402
+from trame.decorators import TrameApp, change, trigger  # noqa: E402
 from trame.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
 from trame.widgets import client, html  # noqa: E402
 from trame.widgets import vuetify3 as v3  # noqa: E402

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 
@@ -69,24 +68,6 @@ def record_options(record) -> PredictionOptions:
         raise RecordError(f"Unknown heatmap method {method!r}")
     ensemble = any(result.get("plugin") == "ensemble" and isinstance(result.get("plugin_path"), list) for result in results)
     return PredictionOptions(heatmapMethod=method, ensemble=ensemble)
-
-
-def check_record(logic, record, options, root) -> dict:
-    """The Logic's own record check: outputs present and inside ``root``, one heatmap per finding, slice importance
-    complete.
-
-    ``AnyMC3DSlicerLogic.readRecord`` takes a one-record file; a results file may hold several records (one
-    ``anymc3d predict`` over a folder), so the case's record is handed to it through a one-record temporary file.
-    (With the ``checkRecord`` split proposed for the Logic in docs/review.md, this becomes a direct call.)
-    """
-    count = len(record.get("results") or [])
-    if hasattr(logic, "checkRecord"):
-        return logic.checkRecord(record, count, str(root), options)
-    with tempfile.TemporaryDirectory(prefix="anymc3d-review-") as folder:
-        path = os.path.join(folder, "record.json")
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump([record], file)
-        return logic.readRecord(path, count, str(root), options)
 
 
 class ReviewSession:
@@ -150,7 +131,7 @@ class ReviewSession:
             self.folder.check_record_paths(record)  # confinement first: nothing outside the folder is opened
             options = record_options(record)
             try:
-                check_record(self.logic, record, options, self.folder.root)
+                self.logic.checkRecord(record, len(record.get("results") or []), str(self.folder.root), options)
             except ValueError as error:
                 raise RecordError(str(error)) from error
             outputs = self.logic.importResults(record, [str(case.path)], options, self.display)
@@ -162,7 +143,6 @@ class ReviewSession:
                 loaded = LoadedCase(case.index, self.logic.loadInputFile(str(case.path)))
             except ValueError as error:
                 raise RecordError(str(error)) from error
-        tune_volume_rendering(loaded.heatmap_nodes())
         added = _node_ids(self.scene) - before
         made_shared = {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
                        if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
@@ -432,7 +412,6 @@ class ReviewSession:
             added = _node_ids(self.scene) - self._before_poll
             added -= {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
                       if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
-            tune_volume_rendering(outputs.heatmapNodes)
             self.loaded[index] = LoadedCase(index, outputs.inputNode, outputs, tuple(sorted(added)), outputs.folderItem)
             self.loaded.move_to_end(index, last=False)  # the least recently shown, unless shown now
         elif result.status != "ok" and self.folder.case(index).status == "none":
@@ -459,20 +438,6 @@ class ReviewSession:
     def case_error(self, index) -> str:
         case = self.folder.case(index)
         return self.run_errors.get(index) or case.error
-
-
-def tune_volume_rendering(heatmap_nodes):
-    """Interim speed-up of the heatmaps' volume rendering, until the Logic does it (docs/review.md, Logic changes).
-
-    The default volume property made by ``CreateDefaultVolumeRenderingNodes`` carries a gradient-opacity function
-    that is 1 everywhere: it changes nothing on screen but makes the ray caster compute a gradient at every sample
-    (about 2.5x the render time on Mesa's llvmpipe). Disabling it keeps the image and the Logic's transfer functions.
-    """
-    for heatmap in heatmap_nodes:
-        for index in range(heatmap.GetNumberOfDisplayNodes()):
-            display = heatmap.GetNthDisplayNode(index)
-            if display is not None and display.IsA("vtkMRMLVolumeRenderingDisplayNode") and display.GetVolumePropertyNode():
-                display.GetVolumePropertyNode().GetVolumeProperty().DisableGradientOpacityOn()
 
 
 def start_prediction_into(logic, image_path, backbone, plugins, json_path, heatmap_dir, options, display_options,
@@ -529,4 +494,4 @@ def save_job_outputs(job, json_path, heatmap_dir):
     os.replace(partial, json_path)
 
 
-__all__ = ["GRADIENT_METHODS", "LoadedCase", "ReviewSession", "check_record", "record_options", "start_prediction_into"]
+__all__ = ["GRADIENT_METHODS", "LoadedCase", "ReviewSession", "record_options", "start_prediction_into"]

@@ -88,7 +88,7 @@ def test_session_nodes_are_the_logics(review_folder, tmp_path):
     """On a bare slicer-core scene: the table, heatmaps and references are those the Logic's importResults makes."""
     from trame_slicer.core import SlicerApp
 
-    from anymc3d_review.session import ReviewSession, check_record, record_options
+    from anymc3d_review.session import ReviewSession, record_options
     from Logic import outputs
 
     app = SlicerApp()
@@ -109,7 +109,7 @@ def test_session_nodes_are_the_logics(review_folder, tmp_path):
         session.select_finding(7)
     # the Logic's own check refuses heatmaps outside the folder
     with pytest.raises(ValueError, match="outside"):
-        check_record(session.logic, record, record_options(record), tmp_path)
+        session.logic.checkRecord(record, len(record["results"]), str(tmp_path), record_options(record))
     # switching away and back reuses the loaded nodes; the control case has no heatmap in the slice views
     session.show_case(0)
     composite = app.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
