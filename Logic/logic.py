@@ -117,6 +117,16 @@ def _moduleLogic(scene, moduleName, className):
     return logic
 
 
+def _deliverUntilDone(job, timeout):
+    """Deliver the runner's callbacks until ``job.done``; False when ``timeout`` seconds pass first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not job.done:
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        job.logic.runner.processEvents(0.05)
+    return True
+
+
 def _waitOrCancel(job, timeout):
     """Block until ``job`` ends; past ``timeout`` seconds cancel it and wait for the cancellation."""
     if not job.wait(timeout):
@@ -165,12 +175,7 @@ class PredictionJob:
 
     def wait(self, timeout=None):
         """Deliver the runner's callbacks until the job is finished (tests, self-test). False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.done:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            self.logic.runner.processEvents(0.05)
-        return True
+        return _deliverUntilDone(self, timeout)
 
     # Backend output
 
@@ -275,12 +280,7 @@ class BatchJob:
             self.current.cancel()
 
     def wait(self, timeout=None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.done:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            self.logic.runner.processEvents(0.05)
-        return True
+        return _deliverUntilDone(self, timeout)
 
 
 class AnyMC3DSlicerLogic:

@@ -82,6 +82,12 @@ class ReviewServer:
             self.log.close()
 
     def __enter__(self):
+        """Wait until the server answers; stopped on exit whatever happens."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc):

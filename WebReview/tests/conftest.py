@@ -71,12 +71,8 @@ def browser():
 def server(review_folder, tmp_path_factory):
     """A review server over the demo folder (no runs: no --backbone/--plugin), stopped at the end of the module."""
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = ReviewServer(review_folder, log=log)
-    try:
-        srv.wait_ready()
+    with ReviewServer(review_folder, log=log) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

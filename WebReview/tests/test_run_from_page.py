@@ -24,13 +24,9 @@ def run_folder(demo_source, tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_server(run_folder, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "run-server.log"
-    srv = ReviewServer(run_folder, "--backbone", run_folder / "backbone.safetensors", "--plugin",
-                       run_folder / "plugin.anymc3d", "--device", "cpu", log=log)
-    try:
-        srv.wait_ready()
+    with ReviewServer(run_folder, "--backbone", run_folder / "backbone.safetensors", "--plugin",
+                      run_folder / "plugin.anymc3d", "--device", "cpu", log=log) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
