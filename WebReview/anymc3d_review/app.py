@@ -309,27 +309,23 @@ class ReviewApp:
 
     @change("threshold")
     def _on_threshold(self, threshold, **_):
-        try:
-            value = float(threshold)
-        except (TypeError, ValueError):
-            value = float("nan")
-        if not math.isfinite(value):
-            self.state.threshold = self.session.display.threshold
-            return
-        if value != self.session.display.threshold:
-            self.session.set_threshold(value)
+        self._slider("threshold", threshold, self.session.set_threshold)
 
     @change("opacity")
     def _on_opacity(self, opacity, **_):
+        self._slider("opacity", opacity, self.session.set_opacity)
+
+    def _slider(self, name, raw, apply):
+        """Apply a finite slider value from the page; anything else puts the shown value back."""
         try:
-            value = float(opacity)
+            value = float(raw)
         except (TypeError, ValueError):
             value = float("nan")
+        current = getattr(self.session.display, name)
         if not math.isfinite(value):
-            self.state.opacity = self.session.display.opacity
-            return
-        if value != self.session.display.opacity:
-            self.session.set_opacity(value)
+            self.state[name] = current
+        elif value != current:
+            apply(value)
 
     @trigger("review_jump_maximum")
     def _jump_maximum(self):
