@@ -142,12 +142,12 @@ def _cmd_info(args) -> int:
 
 def _expand_images(items: Sequence[str]) -> list[list[Path]]:
     """Each case is a list of view paths; a folder that is not a DICOM series means every image in it."""
-    from anymc3d.preprocessing import find_images
+    from anymc3d.preprocessing import find_images, is_dicom_folder
 
     cases: list[list[Path]] = []
     for item in items:
         views = [Path(p) for p in item.split("+")]
-        if len(views) == 1 and views[0].is_dir() and not _is_dicom_folder(views[0]):
+        if len(views) == 1 and views[0].is_dir() and not is_dicom_folder(views[0]):
             found = find_images(views[0])
             if not found:
                 logger.warning("%s: no images found in this folder", views[0])
@@ -157,31 +157,14 @@ def _expand_images(items: Sequence[str]) -> list[list[Path]]:
     return cases
 
 
-def _is_dicom_folder(folder: Path) -> bool:
-    import SimpleITK as sitk
-
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without a series
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _unique_stem(path: Path, used: set) -> str:
     """The image's stem, numbered when another case of this run had the same one."""
-    stem, n = _stem(path), 1
+    from anymc3d.preprocessing import image_stem
+
+    stem, n = image_stem(path), 1
     while stem in used:
         n += 1
-        stem = f"{_stem(path)}_{n}"
+        stem = f"{image_stem(path)}_{n}"
     used.add(stem)
     return stem
 
@@ -262,7 +245,7 @@ def _write_heatmaps(result, folder: Path, stem: str, fmt: str, progress) -> dict
             base = f"{stem}__{safe_name(pred.plugin)}"
             for label in pred.finding_heatmaps:
                 progress("heatmap", len(done), total)
-                path = write_image_atomic(result.heatmap_image(pred, label), folder / f"{base}__{safe_name(label)}.{fmt}")
+                path = write_image_atomic(pred.heatmap_image(label), folder / f"{base}__{safe_name(label)}.{fmt}")
                 done.append(path)
                 files[label] = str(path.resolve())
             if pred.heatmap is not None:
@@ -271,7 +254,7 @@ def _write_heatmaps(result, folder: Path, stem: str, fmt: str, progress) -> dict
                     path = Path(files[top])
                 else:
                     progress("heatmap", len(done), total)
-                    path = write_image_atomic(result.heatmap_image(pred), folder / f"{base}.{fmt}")
+                    path = write_image_atomic(pred.heatmap_image(), folder / f"{base}.{fmt}")
                     done.append(path)
                 files[None] = str(path.resolve())
             written[pred.plugin] = files

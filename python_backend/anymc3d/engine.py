@@ -91,9 +91,6 @@ class CaseResult:
     sources: list[str]
     predictions: list[Prediction]
 
-    def heatmap_image(self, prediction: Prediction, label: Optional[str] = None) -> sitk.Image:
-        return prediction.heatmap_image(label)
-
 
 @dataclass
 class _Attached:

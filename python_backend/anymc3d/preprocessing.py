@@ -212,9 +212,19 @@ def _has_image_suffix(name: str) -> bool:
 
 def _dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
     """(series id, file names) of each DICOM series in ``folder``, largest first."""
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
-    series = [(sid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid))) for sid in ids]
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without a series
+    try:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
+        series = [(sid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid))) for sid in ids]
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     return sorted(series, key=lambda s: -len(s[1]))
+
+
+def is_dicom_folder(folder: PathLike) -> bool:
+    """True when ``folder`` itself holds a DICOM series (it is then one image, not a folder of images)."""
+    return bool(_dicom_series(Path(folder)))
 
 
 def find_images(folder: PathLike) -> list[Path]:
@@ -645,6 +655,13 @@ def _split_suffix(name: str) -> tuple[str, str]:
             return name[: -len(suffix)], name[-len(suffix) :]
     stem, dot, ext = name.rpartition(".")
     return (stem, dot + ext) if dot and stem else (name, "")
+
+
+def image_stem(path: PathLike) -> str:
+    """The file name without its image suffix (``case1`` for ``case1.nii.gz``); other names as they are."""
+    name = Path(path).name
+    stem, suffix = _split_suffix(name)
+    return stem if suffix.lower() in IMAGE_SUFFIXES else name
 
 
 def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:

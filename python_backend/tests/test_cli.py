@@ -54,7 +54,7 @@ def test_golden_demo_run_as_a_user_would(demo_dir, tmp_path):
     pred = case.predictions[0]
     assert np.allclose([result["probabilities"][k] for k in result["labels"]], pred.probabilities, atol=1e-6)
     assert result["decisions"] == {k: bool(p >= 0.5) for k, p in result["probabilities"].items()}
-    expected = sitk.GetArrayFromImage(case.heatmap_image(pred))
+    expected = sitk.GetArrayFromImage(pred.heatmap_image())
     np.testing.assert_allclose(sitk.GetArrayFromImage(heatmap), expected, atol=1e-6)
     assert _no_partial_files(tmp_path)
 

@@ -145,7 +145,7 @@ def test_multi_view_plugin_takes_one_image_per_view(tmp_path):
     pred = result.predictions[0]
     assert pred.geometry.slice_axis == 0
     assert [len(a) for a in pred.slice_importance] == [12, 12]
-    assert result.heatmap_image(pred).GetSize() == sag.GetSize()
+    assert pred.heatmap_image().GetSize() == sag.GetSize()
     with pytest.raises(InputError, match=r"takes 2 view\(s\) \['sag', 'cor'\], got 1"):
         engine.predict_image(sag)
 
@@ -155,7 +155,7 @@ def test_heatmap_has_the_geometry_of_an_oblique_anisotropic_input(tmp_path):
     image = make_ct_volume(size=(44, 38, 10), spacing=(0.7, 0.9, 3.0), origin=(-12.5, 30.0, 7.25),
                            direction=random_oblique_direction(5), lesion=True, seed=4)
     result = engine.predict_image(image, heatmap="attention")
-    heat = result.heatmap_image(result.predictions[0])
+    heat = result.predictions[0].heatmap_image()
     assert heat.GetSize() == image.GetSize()
     assert np.allclose(heat.GetOrigin(), image.GetOrigin(), atol=0) and heat.GetSpacing() == image.GetSpacing()
     assert np.allclose(heat.GetDirection(), image.GetDirection(), atol=0)

@@ -638,3 +638,8 @@ def test_synthetic_lesion_is_bright_where_asked():
     assert with_lesion[region].max() > plain[region].max() + 50
     assert with_lesion[region].mean() == pytest.approx(160.0, abs=10.0)
     np.testing.assert_array_equal(with_lesion[distance > 1.5 * radius], plain[distance > 1.5 * radius])
+
+
+def test_image_stem_strips_only_image_suffixes():
+    assert [pp.image_stem(n) for n in ("case1.nii.gz", "CT.NRRD", "a.b.mha", "series.v2", "dicom_folder")] == [
+        "case1", "CT", "a.b", "series.v2", "dicom_folder"]
