@@ -262,6 +262,8 @@ class Engine:
             plugin: name of an attached plugin.
             heatmap: None or one of ``heatmap.METHODS``; computed for the first view.
         """
+        if heatmap is not None:
+            hm.check_method(heatmap)
         attached = self.plugins[plugin]
         config, head = attached.plugin.config, attached.plugin.head
         if len(views) != len(attached.adapters):
@@ -284,8 +286,6 @@ class Engine:
             maps = self._gradient_maps(views[0], attached.adapters[0], cls_grads, heatmap == "grad_last", progress)
             pred.finding_heatmaps = {label: self._volume(m, grid, importance[0][0]) for label, m in zip(config.labels, maps)}
             pred.heatmap = pred.finding_heatmaps[config.labels[int(np.argmax(pred.probabilities))]]
-        elif heatmap is not None:
-            hm.check_method(heatmap)
         return pred
 
     @staticmethod

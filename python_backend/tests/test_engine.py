@@ -218,3 +218,10 @@ def test_plugins_that_slice_differently_each_map_back_correctly(tmp_path):
         assert np.argmax(lit) == np.argmax(expected) and lit[np.argmax(lit)] > 0.99
     with pytest.raises(AnyMC3DError, match="must slice the images alike"):
         ensemble([auto, fixed])
+
+
+def test_an_unknown_heatmap_method_fails_before_any_slice_is_encoded(tmp_path, monkeypatch):
+    engine, (name,) = _engine(_plugin(tmp_path))
+    monkeypatch.setattr(engine, "encode", lambda *a, **k: pytest.fail("encoded before checking the method"))
+    with pytest.raises(ValueError, match="heatmap method must be one of"):
+        engine.predict_slices([torch.rand(3, 56, 56)], name, heatmap="saliency")
