@@ -15,8 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-METHODS = ("attention", "rollout", "grad_rollout", "grad_last")
-GRADIENT_METHODS = ("grad_rollout", "grad_last")
+from anymc3d.contract import GRADIENT_METHODS, HEATMAP_METHODS as METHODS  # noqa: F401 (re-exported)
 
 
 def check_method(method: str) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 
 from anymc3d import __version__
 from anymc3d.backbone import BackboneSpec
+from anymc3d.contract import safe_name  # noqa: F401 (re-exported)
 from anymc3d.errors import PluginError
 from anymc3d.fileio import atomic_path
 from anymc3d.lora import LoraSettings
@@ -39,12 +40,6 @@ TASKS = ("multilabel", "multiclass")
 JSON_NAME, WEIGHTS_NAME = "plugin.json", "plugin.safetensors"
 PLUGIN_SUFFIX = ".anymc3d"
 MAX_MEMBER_BYTES = 4 * 1024 ** 3
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-def safe_name(name: str) -> str:
-    """A file-name-safe form of a plugin or label name."""
-    return _SAFE_NAME.sub("_", name)
 
 
 @dataclass

@@ -33,6 +33,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from anymc3d.contract import IMAGE_SUFFIXES, image_stem, is_image_name, is_temporary, split_suffix  # noqa: F401 (re-exported)
 from anymc3d.errors import InputError
 from anymc3d.fileio import atomic_path
 
@@ -50,7 +51,6 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 INTENSITY_MODES = ("ct", "mri_zscore", "mri_percentile", "none")
 
 PathLike = str | os.PathLike
@@ -207,7 +207,7 @@ class PreprocessConfig:
 
 
 def _has_image_suffix(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES)
+    return is_image_name(name)
 
 
 def _dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
@@ -241,7 +241,7 @@ def find_images(folder: PathLike) -> list[Path]:
         raise InputError(folder, "is not a folder")
     found = []
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
+        if is_temporary(entry.name):
             continue
         if (entry.is_file() and _has_image_suffix(entry.name)) or (entry.is_dir() and _dicom_series(entry)):
             found.append(entry)
@@ -648,22 +648,6 @@ def to_model_input(slices: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _split_suffix(name: str) -> tuple[str, str]:
-    """('case1', '.nii.gz') from 'case1.nii.gz'; known image suffixes first, else the last suffix."""
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)], name[-len(suffix) :]
-    stem, dot, ext = name.rpartition(".")
-    return (stem, dot + ext) if dot and stem else (name, "")
-
-
-def image_stem(path: PathLike) -> str:
-    """The file name without its image suffix (``case1`` for ``case1.nii.gz``); other names as they are."""
-    name = Path(path).name
-    stem, suffix = _split_suffix(name)
-    return stem if suffix.lower() in IMAGE_SUFFIXES else name
-
-
 def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
     """Write an image under a temporary name in the same folder, then rename it into place.
 
@@ -678,7 +662,7 @@ def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
         InputError: naming ``path``; no temporary file is left behind.
     """
     path = Path(path)
-    _, suffix = _split_suffix(path.name)
+    _, suffix = split_suffix(path.name)
     if suffix.lower() in (".mhd", ".nhdr"):
         raise InputError(path, f"cannot be written atomically as {suffix} (detached data file); use .mha or .nrrd")
     try:

@@ -1,0 +1,216 @@
+"""The contract every layer shares, defined once: names, file conventions and the result record.
+
+Importable with the standard library alone (no torch, numpy or SimpleITK), so the Slicer module can use it
+before the backend's heavy dependencies are installed, and the web review and the Slicer Logic can read and
+check records with the very rules the backend writes them by. ``jsonschema`` is used when present; without it
+(a fresh Slicer) :func:`validate_record` still checks the schema's required fields and types by hand.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from importlib import resources
+from pathlib import PurePath
+from typing import Any, Optional
+
+#: heatmap methods of ``anymc3d predict --heatmap-method`` (first: the paper's map, the default)
+HEATMAP_METHODS = ("attention", "rollout", "grad_rollout", "grad_last")
+#: the methods that give one map per finding
+GRADIENT_METHODS = ("grad_rollout", "grad_last")
+#: ``--device`` choices
+DEVICES = ("auto", "cpu", "cuda")
+#: heatmap file formats (``--heatmap-format``)
+HEATMAP_FORMATS = ("nii.gz", "nrrd")
+#: image files that are cases (a folder holding a DICOM series is a case too)
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: every temporary output is a hidden file whose name holds this marker; readers skip both
+PARTIAL_MARKER = ".partial"
+#: exit codes of the CLI
+EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
+#: record statuses
+STATUS_OK, STATUS_ERROR = "ok", "error"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a plugin or label name (``[^A-Za-z0-9_.-]`` -> ``_``)."""
+    return _UNSAFE.sub("_", name)
+
+
+def split_suffix(name: str) -> tuple[str, str]:
+    """('case1', '.nii.gz') from 'case1.nii.gz'; known image suffixes first, else the last suffix."""
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], name[-len(suffix):]
+    stem, dot, ext = name.rpartition(".")
+    return (stem, dot + ext) if dot and stem else (name, "")
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """The file name without its image suffix (``case1`` for ``case1.nii.gz``); other names as they are."""
+    name = PurePath(path).name
+    stem, suffix = split_suffix(name)
+    return stem if suffix.lower() in IMAGE_SUFFIXES else name
+
+
+def is_temporary(name: str) -> bool:
+    """True for hidden files and the backend's own partial outputs: never a case, never a result."""
+    return name.startswith(".") or PARTIAL_MARKER in name
+
+
+def is_image_name(name: str) -> bool:
+    """True for a visible, finished file whose name ends in an image suffix."""
+    return not is_temporary(name) and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def heatmap_name(stem: str, plugin: str, label: Optional[str], fmt: str) -> str:
+    """``<stem>__<plugin>.<fmt>``, or ``<stem>__<plugin>__<label>.<fmt>`` for per-finding maps."""
+    parts = [stem, safe_name(plugin)] + ([safe_name(label)] if label is not None else [])
+    return "__".join(parts) + f".{fmt}"
+
+
+# ------------------------------------------------------------------------------------------ record
+def record_schema() -> dict:
+    """The JSON schema of one record of ``anymc3d predict`` (schemas/record.schema.json)."""
+    return json.loads(resources.files("anymc3d").joinpath("schemas/record.schema.json").read_text())
+
+
+class RecordError(ValueError):
+    """A result record that breaks the contract; the message names the field."""
+
+
+_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
+          "object": dict, "null": type(None)}
+
+
+def _type_ok(value: Any, kinds) -> bool:
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    for kind in kinds:
+        if kind in ("integer", "number") and isinstance(value, bool):
+            continue
+        if isinstance(value, _TYPES[kind]):
+            return True
+    return False
+
+
+def _check_minimal(value: Any, schema: dict, where: str) -> None:
+    """The subset of JSON schema the record schema uses (type, required, properties, items, enum, min/max,
+    additionalProperties as a schema): enough to check records where jsonschema is not installed."""
+    if "type" in schema and not _type_ok(value, schema["type"]):
+        raise RecordError(f"{where}: expected {schema['type']}, got {type(value).__name__}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise RecordError(f"{where}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            raise RecordError(f"{where}: {value} is below {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise RecordError(f"{where}: {value} is above {schema['maximum']}")
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                raise RecordError(f"{where}: '{key}' is a required property")
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        for key, item in value.items():
+            if key in props:
+                _check_minimal(item, props[key], f"{where}/{key}")
+            elif isinstance(extra, dict):
+                _check_minimal(item, extra, f"{where}/{key}")
+            elif extra is False:
+                raise RecordError(f"{where}: unexpected property '{key}'")
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            _check_minimal(item, schema["items"], f"{where}/{i}")
+
+
+def _check_semantics(record: dict) -> None:
+    """What a schema cannot say: per-label maps cover the labels, probabilities are probabilities, and
+    decisions follow from probability and threshold."""
+    if record["status"] == STATUS_ERROR:
+        if not record.get("error") or record["results"]:
+            raise RecordError("an error record needs a message and no results")
+        return
+    for i, result in enumerate(record["results"]):
+        where = f"results/{i}"
+        labels = result["labels"]
+        for key in ("probabilities", "probabilities_raw", "thresholds", "decisions"):
+            if sorted(result[key]) != sorted(labels):
+                raise RecordError(f"{where}/{key}: keys {sorted(result[key])} differ from labels {sorted(labels)}")
+        for key in ("probabilities", "probabilities_raw"):
+            for label, p in result[key].items():
+                if not (isinstance(p, (int, float)) and math.isfinite(p) and 0.0 <= p <= 1.0):
+                    raise RecordError(f"{where}/{key}/{label}: {p!r} is not a probability")
+        for label, t in result["thresholds"].items():
+            if not (math.isfinite(t) and 0.0 < t < 1.0):
+                raise RecordError(f"{where}/thresholds/{label}: {t!r} is not a threshold in (0, 1)")
+        probs = result["probabilities"]
+        if result["task"] == "multiclass":
+            top = max(labels, key=lambda k: probs[k])
+            expected = {k: k == top for k in labels}
+        else:
+            expected = {k: probs[k] >= result["thresholds"][k] for k in labels}
+        if result["decisions"] != expected:
+            raise RecordError(f"{where}/decisions: {result['decisions']} do not follow from the probabilities "
+                              f"and thresholds ({expected})")
+        importance = result["slice_importance"]
+        if importance and abs(sum(importance) - 1.0) > 1e-3:
+            raise RecordError(f"{where}/slice_importance: sums to {sum(importance):.4f}, not 1")
+        if any(k not in labels for k in result["finding_heatmaps"]):
+            raise RecordError(f"{where}/finding_heatmaps: names a finding that is not a label")
+
+
+def validate_record(record: Any) -> dict:
+    """Check one record against the schema and the contract's rules; raise :class:`RecordError` naming the
+    field. Returns the record, so readers can write ``validate_record(json.loads(...))``."""
+    schema = record_schema()
+    try:
+        import jsonschema
+    except ImportError:  # a fresh Slicer has no jsonschema: the hand check covers what the schema uses
+        _check_minimal(record, schema, "record")
+    else:
+        try:
+            jsonschema.validate(record, schema)
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+            raise RecordError(f"record/{where}: {exc.message}") from None
+    _check_semantics(record)
+    return record
+
+
+def validate_records(records: Any) -> list:
+    """A whole ``--json`` output: a list of records, each valid."""
+    if not isinstance(records, list):
+        raise RecordError("records: expected a JSON list of records")
+    for i, record in enumerate(records):
+        try:
+            validate_record(record)
+        except RecordError as exc:
+            raise RecordError(f"records/{i}: {exc}") from None
+    return records
+
+
+# ------------------------------------------------------------------------------------------ dependencies
+def requirements() -> list[str]:
+    """The backend's third-party requirements, read from its installed package metadata (never a hand list).
+
+    Environment markers and extras are left to the installer. Works wherever ``anymc3d`` is installed or
+    bundled with its ``.dist-info``.
+    """
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("anymc3d") or []
+    except PackageNotFoundError:
+        return list(_FALLBACK_REQUIREMENTS)
+    return [r for r in reqs if "extra ==" not in r]
+
+
+#: used only where the package metadata is absent (a source tree not installed); a test keeps it equal to
+#: pyproject.toml's dependencies.
+_FALLBACK_REQUIREMENTS = (
+    "torch>=2.3", "torchvision", "timm>=1.0.20,<1.1", "peft>=0.17", "SimpleITK>=2.3", "nibabel>=5",
+    "numpy>=1.24", "safetensors>=0.4", "jsonschema>=4", "tqdm>=4.60",
+)
