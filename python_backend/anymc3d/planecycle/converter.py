@@ -23,39 +23,8 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from anymc3d.planecycle.op import DEFAULT_CYCLE, PLANES, VARIANTS, plane_at, plane_cycle
-
-
-def parse_cycle(text: str | Sequence[str]) -> tuple[str, ...]:
-    """'HW,DW,DH,HW' (or a sequence of plane names) -> ('HW', 'DW', 'DH', 'HW'); ValueError naming 'cycle'."""
-    items = [p.strip().upper() for p in (text.split(",") if isinstance(text, str) else text)]
-    if not items or any(p not in PLANES for p in items):
-        raise ValueError(f"cycle: must be a comma-separated list of {', '.join(PLANES)}, got {text!r}")
-    return tuple(items)
-
-
-@dataclass
-class PlaneCycleConfig:
-    """How a 2D backbone is lifted; JSON-serialisable (stored with lifted features and plugins)."""
-
-    variant: str = field(default="pcg", metadata={"help": f"Global-token handling, one of {VARIANTS} (default pcg)."})
-    cycle: tuple[str, ...] = field(default=DEFAULT_CYCLE, metadata={
-        "help": "Plane of block i is cycle[i mod len(cycle)] (default HW,DW,DH,HW)."})
-
-    def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant: must be one of {VARIANTS}, got {self.variant!r}")
-        self.cycle = parse_cycle(self.cycle)
-
-    def to_dict(self) -> dict:
-        return {"variant": self.variant, "cycle": list(self.cycle)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PlaneCycleConfig":
-        unknown = set(d) - {"variant", "cycle"}
-        if unknown:
-            raise ValueError(f"planecycle: unknown keys {sorted(unknown)}")
-        return cls(**d)
+from anymc3d.planecycle.config import DEFAULT_CYCLE, PlaneCycleConfig, check_layers, parse_cycle
+from anymc3d.planecycle.op import plane_at, plane_cycle
 
 
 @dataclass
@@ -82,14 +51,6 @@ class VolumeFeatures:
     def volume_embedding(self) -> Tensor:
         """(B, C): mean of the per-slice CLS tokens."""
         return self.cls_tokens.mean(dim=1)
-
-
-def check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
-    """Block indices, 0-based, each in [0, depth); ValueError naming 'layers' otherwise."""
-    bad = [i for i in layers if not 0 <= int(i) < depth]
-    if bad:
-        raise ValueError(f"layers: block indices must be in 0..{depth - 1}, got {bad}")
-    return tuple(sorted(set(int(i) for i in layers)))
 
 
 class PlaneCycleEncoder(nn.Module):

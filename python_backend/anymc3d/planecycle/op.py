@@ -25,18 +25,13 @@ embeddings it takes ``rope``, a function from the active plane's grid (a, b) to 
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Plane = Literal["HW", "DW", "DH"]
-Variant = Literal["pcg", "pcm"]
-
-PLANES: tuple[str, ...] = ("HW", "DW", "DH")
-VARIANTS: tuple[str, ...] = ("pcg", "pcm")
-DEFAULT_CYCLE: tuple[str, ...] = ("HW", "DW", "DH", "HW")
+from anymc3d.planecycle.config import PLANES, VARIANTS
 
 #: the axis of (B, D, H, W, C) normal to each plane: it indexes the plane's sequences
 NORMAL_AXIS: dict[str, int] = {"HW": 1, "DW": 2, "DH": 3}
