@@ -62,10 +62,11 @@ def load_timm_backbone(path: Path, arch: str) -> nn.Module:
     """
     state, _ = read_weights(path)
     try:
-        model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
-        size = _pos_embed_img_size(model, state)
-        if size is not None and size != model.patch_embed.img_size[0]:
-            model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=size)
+        with torch.device("meta"):  # a free probe for the layout of the position embedding
+            probe = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+        size = _pos_embed_img_size(probe, state)
+        kwargs = {} if size is None else {"img_size": size}
+        model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
         model.load_state_dict(_timm_filter(model)(state, model), strict=True)
     except Exception as exc:  # timm/torch raise assorted errors for unknown names and mismatched weights
         raise BackboneError(f"{path}: cannot load as timm model {arch!r}: {' '.join(str(exc).split())[:300]}") from exc
