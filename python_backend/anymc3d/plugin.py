@@ -28,6 +28,7 @@ from torch import nn
 from anymc3d import __version__
 from anymc3d.backbone import BackboneSpec
 from anymc3d.contract import safe_name  # noqa: F401 (re-exported)
+from anymc3d.encoders import ENCODERS
 from anymc3d.errors import PluginError
 from anymc3d.fileio import atomic_path
 from anymc3d.lora import LoraSettings
@@ -35,7 +36,6 @@ from anymc3d.pooling import TaskQueryPool
 from anymc3d.preprocessing import PreprocessConfig
 
 FORMAT_VERSION = 1
-KINDS = ("slice_lora",)  # the PlaneCycle lifted-feature head will be a second kind
 TASKS = ("multilabel", "multiclass")
 JSON_NAME, WEIGHTS_NAME = "plugin.json", "plugin.safetensors"
 PLUGIN_SUFFIX = ".anymc3d"
@@ -59,7 +59,7 @@ class PluginConfig:
     calibration_b: Optional[list[float]] = field(default=None, metadata={"help": "Platt offset per finding (default 0)."})
     thresholds: Optional[list[float]] = field(default=None, metadata={"help": "Decision threshold per finding on the calibrated probability (default 0.5)."})
     description: str = field(default="", metadata={"help": "Free text: data, intended use, limits."})
-    kind: str = field(default="slice_lora", metadata={"help": f"Plugin kind, one of {KINDS}."})
+    kind: str = field(default="slice_lora", metadata={"help": "Plugin kind: the encoder kind it runs on (anymc3d.encoders)."})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Plugin file format version."})
     anymc3d_version: str = field(default=__version__, metadata={"help": "Version of anymc3d that wrote it."})
     weights_sha256: str = field(default="", metadata={"help": "SHA-256 of plugin.safetensors (set on save)."})
@@ -74,8 +74,8 @@ class PluginConfig:
     def _validate(self):
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"format_version: this anymc3d reads version {FORMAT_VERSION}, the plugin is {self.format_version}")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind: must be one of {KINDS}, got {self.kind!r}")
+        if self.kind not in ENCODERS:
+            raise ValueError(f"kind: must be one of the registered encoder kinds {sorted(ENCODERS)}, got {self.kind!r}")
         if not self.name.strip():
             raise ValueError("name: must not be empty")
         if not self.labels or len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
@@ -159,19 +159,22 @@ class TaskPlugin(nn.Module):
         self.task_pool = TaskQueryPool(embed_dim, device=device, dtype=dtype)
         self.head = nn.Linear(embed_dim, num_classes, device=device, dtype=dtype)
 
-    def pool(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def pool(self, views: Sequence[torch.Tensor], masks: Optional[Sequence[Optional[torch.Tensor]]] = None
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Pool slice embeddings of each view into one case embedding.
 
         Args:
             views: one (B, S_v, C) tensor of slice embeddings per view.
+            masks: one (B, S_v) bool tensor per view (True = real slice; padding gets weight 0), or None.
 
         Returns:
             v: (B, C) case embedding; slice_importance: one (B, S_v) tensor per view.
         """
+        masks = list(masks) if masks is not None else [None] * len(views)
         if self.view_pools is None:
-            v, a = self.task_pool(views[0])
+            v, a = self.task_pool(views[0], masks[0])
             return v, [a]
-        pooled = [pool(h) for pool, h in zip(self.view_pools, views)]
+        pooled = [pool(h, m) for pool, h, m in zip(self.view_pools, views, masks)]
         view_embeddings = torch.stack([v for v, _ in pooled], dim=1)  # (B, V, C)
         v, _ = self.task_pool(view_embeddings)
         return v, [a for _, a in pooled]
