@@ -210,13 +210,51 @@ class LoadedPlugin:
     path: Optional[Path] = None
 
 
-def _split_tensors(tensors: dict[str, torch.Tensor], config: PluginConfig, source) -> tuple[TaskPlugin, list[dict]]:
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def check_sizes(tensors: dict[str, torch.Tensor], config: PluginConfig, source) -> None:
+    """Every size plugin.json claims, checked against the tensors before anything is built from them.
+
+    A metadata file claiming LoRA rank 10^6 (or a width, depth, patch size, label or view count its weights
+    do not have) would otherwise make peft or torch allocate from the claim: a crash or a traceback instead of
+    an error naming the file.
+    """
+    def fail(problem: str):
+        raise PluginError(f"{source}: plugin.json does not match {WEIGHTS_NAME}: {problem}")
+
     head_w = tensors.get("head.weight")
     if head_w is None or head_w.ndim != 2:
         raise PluginError(f"{source}: the weights have no head")
-    num_classes, embed_dim = head_w.shape
+    num_classes, width = head_w.shape
     if num_classes != len(config.labels):
-        raise PluginError(f"{source}: plugin.json lists {len(config.labels)} labels but the head has {num_classes} outputs")
+        fail(f"plugin.json lists {len(config.labels)} labels but the head has {num_classes} outputs")
+    spec = config.backbone
+    if spec.embed_dim is not None and spec.embed_dim != width:
+        fail(f"backbone.embed_dim is {spec.embed_dim}, the head takes {width} features")
+    views = {key.split(".")[1] for key in tensors if key.startswith("lora.")}
+    if views != {str(i) for i in range(len(config.views))}:
+        fail(f"{len(config.views)} view(s) {config.views}, LoRA weights for view(s) {sorted(views)}")
+    rank = config.lora.rank
+    for key, value in tensors.items():
+        if not key.startswith("lora."):
+            continue
+        if key.endswith("lora_A.weight") and value.shape[0] != rank:
+            fail(f"lora.rank is {rank}, {key} has rank {value.shape[0]}")
+        if key.endswith("lora_B.weight") and (value.ndim < 2 or value.shape[1] != rank):
+            fail(f"lora.rank is {rank}, {key} has shape {tuple(value.shape)}")
+        block = _BLOCK.search(key)
+        if block and spec.depth is not None and int(block.group(1)) >= spec.depth:
+            fail(f"backbone.depth is {spec.depth}, {key} adapts block {block.group(1)}")
+        if "patch_embed.proj.lora_A" in key and tuple(value.shape[2:]) != (spec.patch_size, spec.patch_size):
+            fail(f"{spec.name} has {spec.patch_size}-pixel patches, {key} has shape {tuple(value.shape)}")
+        if key.endswith("lora_A.weight") and "patch_embed" not in key and value.shape[-1] != width:
+            fail(f"the head takes {width} features, {key} reads {value.shape[-1]}")
+
+
+def _split_tensors(tensors: dict[str, torch.Tensor], config: PluginConfig, source) -> tuple[TaskPlugin, list[dict]]:
+    check_sizes(tensors, config, source)
+    num_classes, embed_dim = tensors["head.weight"].shape
     head = TaskPlugin(embed_dim, num_classes, len(config.views))
     head_state = {k: v for k, v in tensors.items() if not k.startswith("lora.")}
     try:
