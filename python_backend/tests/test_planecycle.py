@@ -446,3 +446,43 @@ def test_similarity_seed_outside_the_image(backbone_files, tmp_path, caplog):
     assert rc == 2
     assert any("outside the image" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "s.nii.gz").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The lifted encoder as an encoder kind of the model module
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_lifted_encoder_kind_in_the_model(family):
+    """Kind 'planecycle': slice embeddings are the lifted per-slice CLS tokens; a padded batch gives each volume
+    its own unpadded result (padding never enters the lifted forward), and the result is not the 2D one."""
+    from anymc3d import encoders
+    from anymc3d.model import AnyMC3DModel
+    from anymc3d.planecycle import encoder  # noqa: F401 (registers the kind)
+    from anymc3d.plugin import TaskPlugin
+
+    assert encoders.ENCODERS["planecycle"] is encoder.LiftedEncoder
+    bb = small_backbone(family)
+    size = bb.spec.img_size
+    torch.manual_seed(0)
+    head = TaskPlugin(bb.model.embed_dim, 2)
+    model = AnyMC3DModel(bb.model, head, [None], kind="planecycle", cycle=("HW", "DW", "DH"))
+    cases = [torch.rand(5, size, size), torch.rand(3, size, size)]
+    padded = torch.zeros(2, 5, size, size)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    for i, c in enumerate(cases):
+        padded[i, :c.shape[0]], mask[i, :c.shape[0]] = c, True
+    out = model([padded], [mask], patch_tokens=True)
+    flat = AnyMC3DModel(bb.model, head, [None])([padded], [mask])  # the 2D kind on the same slices
+    for i, c in enumerate(cases):
+        ref = lift(bb.model, PlaneCycleConfig(cycle=("HW", "DW", "DH"))).forward_features(to_model_input(c)[None])
+        n = c.shape[0]
+        assert _rel(out.embeddings[0][i, :n], ref.cls_tokens[0]) <= 1e-5
+        assert _rel(out.patch_tokens[0][i, :n], ref.patch_tokens[0]) <= 1e-5
+        assert torch.all(out.embeddings[0][i, n:] == 0)
+        alone = model([c[None]])
+        assert torch.allclose(out.logits[i], alone.logits[0], atol=1e-5)
+        assert _rel(out.embeddings[0][i, :n], flat.embeddings[0][i, :n]) > 1e-3
+    with pytest.raises(ValueError, match="heatmap"):
+        model([padded], [mask], heatmap="attention")
