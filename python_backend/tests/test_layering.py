@@ -10,7 +10,7 @@ import anymc3d
 #: lowest first; a module may import only modules of a lower rank
 #: (subpackage modules by dotted name, e.g. "planecycle.op"; a subpackage's __init__ must stay import-free)
 ORDER = ["errors", "contract", "fileio", "planecycle.config", "backbone", "lora", "pooling", "planecycle.op",
-         "planecycle.converter", "heatmap", "preprocessing", "synthetic", "planecycle.features", "cases", "encoders",
+         "planecycle.converter", "planecycle.head", "heatmap", "preprocessing", "synthetic", "planecycle.features", "cases", "encoders",
          "planecycle.encoder", "plugin", "model", "engine", "records", "demo", "scoring", "planecycle.commands", "cli",
          "__main__"]
 FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "vtkmodules"}
