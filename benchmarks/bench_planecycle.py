@@ -33,7 +33,6 @@ def _worker(method: str, depth: int, size: int, repeats: int, threads: int) -> d
     import resource
 
     import torch
-
     from anymc3d.backbone import BackboneSpec, create_backbone, make_load_bearing
     from anymc3d.planecycle.converter import lift
 
@@ -43,7 +42,7 @@ def _worker(method: str, depth: int, size: int, repeats: int, threads: int) -> d
     encoder = lift(model)
 
     def full3d():
-        tokens, (h, w) = encoder.stem(volume[0])  # (D, G + h*w, C)
+        tokens, _ = encoder.stem(volume[0])  # (D, G + h*w, C)
         g = model.num_prefix_tokens
         x = torch.cat([tokens[:1, :g], tokens[:, g:].reshape(1, -1, tokens.shape[-1])], dim=1)  # (1, G + D*h*w, C)
         for blk in model.blocks:
@@ -93,8 +92,8 @@ def main() -> None:
                                  check=True, capture_output=True, text=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  done {method} {depth}x{size}", file=sys.stderr)
-    lines = [f"# bench_planecycle  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  "
-             f"{platform.processor() or platform.machine()}  torch threads {args.threads}",
+    lines = [(f"# bench_planecycle  {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  "
+              f"{platform.processor() or platform.machine()}  torch threads {args.threads}"),
              "# DINOv2 ViT-S/14 reg4, 12 blocks, fp32, CPU; time = median forward, peak = peak-RSS growth in the forward",
              f"{'volume':>14} {'tokens':>7} {'method':>10} {'time s':>9} {'peak MiB':>9} {'time/2D':>8} {'mem/2D':>8}"]
     for item in args.sizes.split(","):

@@ -46,7 +46,7 @@ def to_timm(model: onnx.ModelProto, grid: int = 16) -> dict[str, torch.Tensor]:
              "norm.weight": inits["backbone.layernorm.weight"], "norm.bias": inits["backbone.layernorm.bias"]}
     cls_pos = inits[used_by["/backbone/embeddings/Concat_6"][0]]  # (1, 1, C)
     patch_pos = inits[used_by["/backbone/embeddings/Reshape_1"][0]]  # (1, 37*37, C)
-    side = int(round(patch_pos.shape[1] ** 0.5))
+    side = round(patch_pos.shape[1] ** 0.5)
     pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
     pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
     state["pos_embed"] = torch.cat([cls_pos, pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
@@ -54,7 +54,7 @@ def to_timm(model: onnx.ModelProto, grid: int = 16) -> dict[str, torch.Tensor]:
     for i in range(depth):
         hf, node = f"backbone.encoder.layer.{i}", f"/backbone/encoder/layer.{i}"
 
-        def matmul(name: str) -> torch.Tensor:
+        def matmul(name: str, node: str = node) -> torch.Tensor:
             return inits[used_by[f"{node}/{name}/MatMul"][0]].T.contiguous()  # (in, out) -> (out, in)
 
         state.update({

@@ -22,13 +22,18 @@ import datetime
 import numpy as np
 import SimpleITK as sitk
 import torch
-from sklearn.metrics import roc_auc_score
-
 from anymc3d.backbone import BackboneSpec, create_backbone, make_load_bearing
 from anymc3d.planecycle.config import PlaneCycleConfig
-from anymc3d.planecycle.features import compute_features, cosine_map, dice, load_model, seed_token
+from anymc3d.planecycle.features import (
+    compute_features,
+    cosine_map,
+    dice,
+    load_model,
+    seed_token,
+)
 from anymc3d.preprocessing import PreprocessConfig, prepare, to_model_input
 from anymc3d.synthetic import make_ct_volume
+from sklearn.metrics import roc_auc_score
 
 SIZE, SPACING = (96, 96, 40), (0.8, 0.8, 2.5)  # (I, J, K); slices along K
 TUBE_HU, TUBE_RADIUS_MM = 300.0, 3.5
@@ -49,7 +54,7 @@ def tube_volume(seed: int = 0) -> tuple[sitk.Image, np.ndarray, list[tuple[int, 
     seeds = []
     for kk in (5, 12, 20, 28, 35):
         c_i, c_j = SIZE[0] / 2 - 12 + 14 * np.cos(2 * np.pi * kk / SIZE[2] * 1.2), SIZE[1] / 2 - 14 + 8 * np.sin(2 * np.pi * kk / SIZE[2] * 1.2)
-        seeds.append((int(round(c_i)), int(round(c_j)), kk))
+        seeds.append((round(c_i), round(c_j), kk))
     return out, mask, seeds
 
 
@@ -90,9 +95,9 @@ def main() -> None:
     image, mask, seeds = tube_volume()
     modes = [("slicewise", "slicewise", None), ("lifted PCg", "planecycle", PlaneCycleConfig()),
              ("lifted PCm", "planecycle", PlaneCycleConfig(variant="pcm"))]
-    header = [f"# planecycle_dice  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-              f"# volume {SIZE} voxels, spacing {SPACING} mm, tube radius {TUBE_RADIUS_MM} mm ({mask.sum()} voxels, "
-              f"{mask.mean():.2%}), {len(seeds)} seeds on its centre line; 224 px slices; mean over seeds",
+    header = [f"# planecycle_dice  {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+              (f"# volume {SIZE} voxels, spacing {SPACING} mm, tube radius {TUBE_RADIUS_MM} mm ({mask.sum()} voxels, "
+               f"{mask.mean():.2%}), {len(seeds)} seeds on its centre line; 224 px slices; mean over seeds"),
               f"{'backbone':>16} {'features':>14} " + " ".join(f"D@{t:<4}" for t in THRESHOLDS)
               + f" {'bestDice':>8} {'best_t':>6} {'AUC':>7}"]
     print("\n".join(header), flush=True)

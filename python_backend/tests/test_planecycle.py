@@ -16,7 +16,6 @@ import SimpleITK as sitk
 import timm
 import torch
 import torch.nn.functional as F
-
 from anymc3d import cli
 from anymc3d.backbone import make_load_bearing, save_backbone
 from anymc3d.planecycle import converter, features, op
@@ -179,7 +178,7 @@ def test_pool_slices_is_adaptive_average_pooling_by_definition():
 
 def test_plane_schedule_cycles():
     cycle = PlaneCycleConfig().cycle
-    assert [op.plane_at(cycle, i) for i in range(12)] == "HW DW DH HW HW DW DH HW HW DW DH HW".split()
+    assert [op.plane_at(cycle, i) for i in range(12)] == ["HW", "DW", "DH", "HW", "HW", "DW", "DH", "HW", "HW", "DW", "DH", "HW"]
     with pytest.raises(ValueError, match="cycle"):
         PlaneCycleConfig(cycle=("HW", "XY"))
     with pytest.raises(ValueError, match="variant"):
@@ -459,7 +458,7 @@ def test_lifted_encoder_kind_in_the_model(family):
     its own unpadded result (padding never enters the lifted forward), and the result is not the 2D one."""
     from anymc3d import encoders
     from anymc3d.model import AnyMC3DModel
-    from anymc3d.planecycle import encoder  # noqa: F401 (registers the kind)
+    from anymc3d.planecycle import encoder
     from anymc3d.plugin import TaskPlugin
 
     assert encoders.ENCODERS["planecycle"] is encoder.LiftedEncoder

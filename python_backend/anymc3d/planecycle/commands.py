@@ -10,7 +10,13 @@ import logging
 from pathlib import Path
 
 from anymc3d.contract import DEVICES, EXIT_OK, EXIT_USAGE
-from anymc3d.planecycle.config import DEFAULT_CYCLE, VARIANTS, PlaneCycleConfig, check_layers, parse_cycle
+from anymc3d.planecycle.config import (
+    DEFAULT_CYCLE,
+    VARIANTS,
+    PlaneCycleConfig,
+    check_layers,
+    parse_cycle,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +49,7 @@ def _add_common(parser: argparse.ArgumentParser, mode_required: bool) -> None:
     parser.add_argument("--arch", default=None,
                         help="timm model name (e.g. vit_small_patch14_reg4_dinov2) or short backbone name for weights "
                         "that do not record their architecture (default: read it from the file).")
-    mode = dict(required=True) if mode_required else dict(default="planecycle")
+    mode = {"required": True} if mode_required else {"default": "planecycle"}
     parser.add_argument("--mode", choices=["planecycle", "slicewise"], **mode,
                         help="planecycle: the 2D backbone lifted to 3D; slicewise: the 2D backbone on every slice"
                         + (" (required)." if mode_required else " (default: planecycle)."))
@@ -88,7 +94,13 @@ def _settings(args) -> tuple:
 
 
 def run_features(args) -> int:
-    from anymc3d.planecycle.features import compute_features, load_model, read_volume, resolve_device, write_features
+    from anymc3d.planecycle.features import (
+        compute_features,
+        load_model,
+        read_volume,
+        resolve_device,
+        write_features,
+    )
 
     try:
         config, preprocess = _settings(args)

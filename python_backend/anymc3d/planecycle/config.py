@@ -5,8 +5,8 @@ and PCm ('pcm', their mean).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 PLANES: tuple[str, ...] = ("HW", "DW", "DH")
 VARIANTS: tuple[str, ...] = ("pcg", "pcm")
@@ -26,7 +26,7 @@ def check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
     bad = [i for i in layers if not 0 <= int(i) < depth]
     if bad:
         raise ValueError(f"layers: block indices must be in 0..{depth - 1}, got {bad}")
-    return tuple(sorted(set(int(i) for i in layers)))
+    return tuple(sorted({int(i) for i in layers}))
 
 
 @dataclass
@@ -46,7 +46,7 @@ class PlaneCycleConfig:
         return {"variant": self.variant, "cycle": list(self.cycle)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PlaneCycleConfig":
+    def from_dict(cls, d: dict) -> PlaneCycleConfig:
         unknown = set(d) - {"variant", "cycle"}
         if unknown:
             raise ValueError(f"planecycle: unknown keys {sorted(unknown)}")

@@ -15,15 +15,20 @@ D of the order of h and w, a lifted block costs what a 2D block on all D slices 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from anymc3d.planecycle.config import DEFAULT_CYCLE, PlaneCycleConfig, check_layers, parse_cycle
+from anymc3d.planecycle.config import (
+    DEFAULT_CYCLE,
+    PlaneCycleConfig,
+    check_layers,
+    parse_cycle,
+)
 from anymc3d.planecycle.op import plane_at, plane_cycle
 
 
@@ -152,7 +157,7 @@ class PlaneCycleEncoder(nn.Module):
         return self.model
 
 
-def lift(model: nn.Module, config: Optional[PlaneCycleConfig] = None) -> PlaneCycleEncoder:
+def lift(model: nn.Module, config: PlaneCycleConfig | None = None) -> PlaneCycleEncoder:
     """Wrap ``model`` as a PlaneCycle 3D encoder (no copy, no edit)."""
     config = config or PlaneCycleConfig()
     return PlaneCycleEncoder(model, variant=config.variant, cycle=config.cycle)

@@ -11,7 +11,7 @@ here (no per-slice CLS attention row survives the plane mixing): ``heatmap_metho
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -39,8 +39,8 @@ class LiftedEncoder(Encoder):
         self.config = PlaneCycleConfig(variant=variant, cycle=cycle)
         PlaneCycleEncoder(backbone, variant=variant, cycle=cycle)  # refuse unsupported backbones now
 
-    def forward(self, slices: torch.Tensor, mask: Optional[torch.Tensor] = None, *, patch_tokens: bool = False,
-                heatmap: Optional[str] = None, progress: Optional[SliceProgress] = None) -> EncoderOutput:
+    def forward(self, slices: torch.Tensor, mask: torch.Tensor | None = None, *, patch_tokens: bool = False,
+                heatmap: str | None = None, progress: SliceProgress | None = None) -> EncoderOutput:
         """Encode a batch of volumes, one volume at a time.
 
         Args:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,12 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anymc3d.backbone import BACKBONES, BackboneSpec, fingerprint, load_backbone, read_weights
+from anymc3d.backbone import (
+    BACKBONES,
+    BackboneSpec,
+    fingerprint,
+    load_backbone,
+    read_weights,
+)
 from anymc3d.errors import BackboneError, InputError
 from anymc3d.fileio import atomic_path, write_text_atomic
 from anymc3d.planecycle.config import PlaneCycleConfig
 from anymc3d.planecycle.converter import VolumeFeatures, lift, slicewise_features
-from anymc3d.preprocessing import PreprocessConfig, SliceGeometry, prepare, read_image, to_model_input
+from anymc3d.preprocessing import (
+    PreprocessConfig,
+    SliceGeometry,
+    prepare,
+    read_image,
+    to_model_input,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +56,7 @@ def _timm_filter(model: nn.Module):
     return timm.models.vision_transformer.checkpoint_filter_fn
 
 
-def _pos_embed_img_size(model: nn.Module, state: dict[str, Tensor]) -> Optional[int]:
+def _pos_embed_img_size(model: nn.Module, state: dict[str, Tensor]) -> int | None:
     """The square input size whose absolute position embedding has the file's shape (None: nothing to match)."""
     if getattr(model, "pos_embed", None) is None or "pos_embed" not in state:
         return None
@@ -73,7 +85,7 @@ def load_timm_backbone(path: Path, arch: str) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def load_model(path: Path, arch: Optional[str] = None) -> tuple[nn.Module, str]:
+def load_model(path: Path, arch: str | None = None) -> tuple[nn.Module, str]:
     """The backbone for features: ``(model, fingerprint)``.
 
     Args:
@@ -98,7 +110,7 @@ def read_npy_volume(path: Path) -> Tensor:
     """A (D, 3, H, W) float32 array of normalised slices, used as is; InputError naming the file otherwise."""
     try:
         array = np.load(path, allow_pickle=False)
-    except Exception as exc:
+    except (OSError, ValueError, EOFError) as exc:  # missing, truncated, pickled or not a .npy file
         raise InputError(path, f"cannot be read as a .npy array ({type(exc).__name__}: {exc})") from None
     if array.dtype != np.float32 or array.ndim != 4 or array.shape[1] != 3 or min(array.shape) < 1:
         raise InputError(path, f"must be a float32 (D, 3, H, W) array, got {array.dtype} {array.shape}")
@@ -107,7 +119,7 @@ def read_npy_volume(path: Path) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def read_volume(path: Path, config: PreprocessConfig) -> tuple[Tensor, Optional[SliceGeometry]]:
+def read_volume(path: Path, config: PreprocessConfig) -> tuple[Tensor, SliceGeometry | None]:
     """INPUT of the CLI: ``(slices (D, 3, H, W), geometry)``; a .npy file has no geometry."""
     path = Path(path)
     if path.suffix == ".npy":
@@ -136,7 +148,7 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.inference_mode()
 def compute_features(model: nn.Module, volume: Tensor, mode: str = "planecycle",
-                     config: Optional[PlaneCycleConfig] = None, layers: Sequence[int] = (),
+                     config: PlaneCycleConfig | None = None, layers: Sequence[int] = (),
                      device: torch.device | str = "cpu") -> VolumeFeatures:
     """Features of one volume, on ``device`` in float32, returned on the CPU.
 
@@ -248,7 +260,7 @@ class SimilarityResult:
 
 
 def similarity(model: nn.Module, image_path: Path, ijk: Sequence[int], mode: str = "planecycle",
-               config: Optional[PlaneCycleConfig] = None, preprocess: Optional[PreprocessConfig] = None,
+               config: PlaneCycleConfig | None = None, preprocess: PreprocessConfig | None = None,
                device: torch.device | str = "cpu") -> SimilarityResult:
     """Seed-point similarity map of an image file, upsampled to the input geometry like heatmaps."""
     volume, geometry = read_volume(Path(image_path), preprocess or PreprocessConfig())

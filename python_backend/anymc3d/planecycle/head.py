@@ -11,8 +11,6 @@ logistic regression (a maintained solver) on the mean tokens and copies its coef
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from torch import nn
@@ -33,7 +31,7 @@ class MeanTokenHead(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes, device=device, dtype=dtype)
 
     @staticmethod
-    def _weights(patch_tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _weights(patch_tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(B, D, h, w) token weights 1/T at real slices, 0 at padding."""
         b, d, h, w, _ = patch_tokens.shape
         real = torch.ones(b, d, dtype=patch_tokens.dtype, device=patch_tokens.device) if mask is None \
@@ -41,23 +39,23 @@ class MeanTokenHead(nn.Module):
         per_token = real / (real.sum(dim=1, keepdim=True) * h * w)  # (B, D)
         return per_token[:, :, None, None].expand(b, d, h, w)
 
-    def pool(self, patch_tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def pool(self, patch_tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D, h, w, C) tokens, (B, D) bool mask -> (B, C) mean over the real tokens."""
         weights = self._weights(patch_tokens, mask)
         return torch.einsum("bdhw,bdhwc->bc", weights, patch_tokens)
 
-    def forward(self, patch_tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, patch_tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D, h, w, C) -> (B, K) logits."""
         return self.head(self.pool(patch_tokens, mask))
 
-    def contributions(self, patch_tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def contributions(self, patch_tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D, h, w, C) -> (B, K, D, h, w) per-token contributions; they sum to logits - bias."""
         weights = self._weights(patch_tokens, mask)  # (B, D, h, w)
         scores = torch.einsum("bdhwc,kc->bkdhw", patch_tokens, self.head.weight)  # w_k · p_t
         return scores * weights[:, None]
 
     @torch.no_grad()
-    def fit(self, pooled: np.ndarray, labels: np.ndarray, c: float = 1.0) -> "MeanTokenHead":
+    def fit(self, pooled: np.ndarray, labels: np.ndarray, c: float = 1.0) -> MeanTokenHead:
         """Fit each finding's logistic regression on mean tokens (N, C) with 0/1 labels (N, K); returns self."""
         from sklearn.linear_model import LogisticRegression
 

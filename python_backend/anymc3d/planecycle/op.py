@@ -25,7 +25,7 @@ embeddings it takes ``rope``, a function from the active plane's grid (a, b) to 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,7 @@ def enter_globals(global_tokens: Tensor, num_seq: int, variant: str) -> Tensor:
 
 
 def plane_cycle(patch_tokens: Tensor, global_tokens: Tensor, block: Callable[..., Tensor], plane: str,
-                variant: str = "pcg", rope: Optional[Callable[[tuple[int, int]], Tensor]] = None) -> tuple[Tensor, Tensor]:
+                variant: str = "pcg", rope: Callable[[tuple[int, int]], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Run one 2D block on every sequence of ``plane``.
 
     Args:
@@ -112,7 +112,7 @@ def plane_cycle(patch_tokens: Tensor, global_tokens: Tensor, block: Callable[...
         ``(patch_tokens, global_tokens)``: (B, D, H, W, C) and (B, D, G, C).
     """
     _check_plane(plane)
-    b, d, h, w, c = patch_tokens.shape
+    b, d, c = patch_tokens.shape[0], patch_tokens.shape[1], patch_tokens.shape[-1]
     g = global_tokens.shape[2]
     axis = NORMAL_AXIS[plane]
     p = patch_tokens.shape[axis]
