@@ -49,7 +49,7 @@ def tempRoot(tmp_path):
 @pytest.fixture
 def fakeLogic(sceneContext, tempRoot):
     """The Logic running the fake backend script through the real SubprocessRunner."""
-    from Logic import AnyMC3DSlicerLogic, SubprocessRunner
+    from AnyMC3DSlicerLogic import AnyMC3DSlicerLogic, SubprocessRunner
 
     def make(mode="ok", extraEnv=None):
         os.environ["FAKE_ANYMC3D_MODE"] = mode

@@ -6,15 +6,12 @@ both folders must not mix the two modules named conftest up.)
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import SimpleITK as sitk
 import slicer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 FAKE_BACKEND = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_anymc3d.py")
 
 
@@ -107,6 +104,6 @@ class FakeRunner:
             if self.cancelled:
                 break
         self._pending = None
-        from Logic import ExitCode
+        from AnyMC3DSlicerLogic import ExitCode
 
         onFinished(ExitCode.CANCELLED if self.cancelled else exitCode)

@@ -12,8 +12,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from Logic import (
+from AnyMC3DSlicerLogic import (
     AnyMC3DSlicerLogic,
     DisplayOptions,
     ExitCode,
@@ -21,8 +20,8 @@ from Logic import (
     PredictionOptions,
     SubprocessRunner,
 )
-from Logic import outputs as out
-from Logic.plugins import backendMetadataReader
+from AnyMC3DSlicerLogic import outputs as out
+from AnyMC3DSlicerLogic.plugins import backendMetadataReader
 
 from .slicer_testing import REPO_ROOT, writeObliqueVolume
 

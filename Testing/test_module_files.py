@@ -11,8 +11,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-
-from Logic.parameters import DisplayOptions, PredictionOptions
+from AnyMC3DSlicerLogic.parameters import DisplayOptions, PredictionOptions
 
 from .slicer_testing import REPO_ROOT
 
