@@ -16,9 +16,17 @@ from .slicer_testing import (
     FAKE_BACKEND,
     FakeRunner,
     SceneContext,
+    makeDemo,
     writeFakePlugin,
     writeObliqueVolume,
 )
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The backend's demo backbone, plugin and volume, made once per session (``anymc3d demo``)."""
+    pytest.importorskip("anymc3d.cli", reason="the anymc3d backend CLI is not importable")
+    return makeDemo(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture

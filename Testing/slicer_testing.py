@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import slicer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKEND_PATH = os.path.join(REPO_ROOT, "python_backend")
 FAKE_BACKEND = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_anymc3d.py")
 
 
@@ -107,3 +108,19 @@ class FakeRunner:
         from AnyMC3DSlicerLogic import ExitCode
 
         onFinished(ExitCode.CANCELLED if self.cancelled else exitCode)
+
+
+def backendEnv(extraPaths=()):
+    """This environment with the worktree's backend first on PYTHONPATH (for child processes)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*extraPaths, BACKEND_PATH, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def makeDemo(folder):
+    """``anymc3d demo``: a tiny backbone, a plugin made for it and a volume."""
+    completed = subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder)], check=False, env=backendEnv(),
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    return {"backbone": str(folder / "backbone.safetensors"), "plugin": str(folder / "plugin.anymc3d"),
+            "volume": str(folder / "volume.nii.gz")}
