@@ -12,9 +12,9 @@ import qt
 import slicer_app
 
 app = slicer_app.install()
-import slicer  # noqa: E402
+import slicer
 
-import AnyMC3DSlicer  # noqa: E402  (the module file, after the application is set up)
+import AnyMC3DSlicer
 
 
 def openModule(pluginFolder=None):

@@ -6,6 +6,8 @@ both folders must not mix the two modules named conftest up.)
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import SimpleITK as sitk

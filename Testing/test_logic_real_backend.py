@@ -6,7 +6,6 @@ Skipped when the backend is not importable. The demo backbone and plugin come fr
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np

@@ -13,6 +13,7 @@ Slicer's Qt widgets from Slicer/Slicer 583e9b3 Libs/MRML/Widgets, CTK 868d56c Li
 
 import subprocess
 import threading
+import typing
 import weakref
 import xml.etree.ElementTree as ET
 
@@ -450,7 +451,7 @@ class qMRMLTableView(QWidget):
 
 # ------------------------------------------------------------------------------------------- misc
 class QSettings:
-    store = {}
+    store: typing.ClassVar[dict] = {}
 
     def value(self, key, default=None):
         return self.store.get(key, default)
@@ -500,8 +501,8 @@ class QProcess(QObject):
     without a parent from Python, it is deleted with its last Python reference (see the module docstring)."""
 
     SIGNALS = ("readyReadStandardOutput", "readyReadStandardError", "finished")
-    live = weakref.WeakSet()
-    _running = []  # the "C++ side": (weak process, Popen, output holder), no strong reference to the wrapper
+    live: typing.ClassVar[weakref.WeakSet] = weakref.WeakSet()
+    _running: typing.ClassVar[list] = []  # the "C++ side": (weak process, Popen, output holder), no strong reference to the wrapper
 
     def __init__(self, parent=None):
         super().__init__(parent)

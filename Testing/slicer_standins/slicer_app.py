@@ -87,8 +87,7 @@ class ScriptedLoadableModuleWidget:
     def __init__(self, parent=None):
         super().__init__()
         self.moduleName = self.__class__.__name__
-        if self.moduleName.endswith("Widget"):
-            self.moduleName = self.moduleName[:-6]
+        self.moduleName = self.moduleName.removesuffix("Widget")
         self.parent = parent if parent is not None else ModulePanel()
         self.layout = self.parent.layout()
 
@@ -103,8 +102,7 @@ class ScriptedLoadableModuleLogic:
     def __init__(self, parent=None):
         super().__init__()
         self.moduleName = self.__class__.__name__
-        if self.moduleName.endswith("Logic"):
-            self.moduleName = self.moduleName[:-5]
+        self.moduleName = self.moduleName.removesuffix("Logic")
         self.isSingletonParameterNode = True
 
     def getParameterNode(self):
@@ -302,14 +300,14 @@ def parameterNodeWrapper(cls):
 
 # --------------------------------------------------------------------------- SampleData, PyTorchUtils
 class SampleDataLogic:
-    sources = {}
+    sources: typing.ClassVar[dict] = {}
 
     @staticmethod
     def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None, nodeNames=None,
                                        customDownloader=None, thumbnailFileName=None, loadFileTypes=None,
                                        loadFiles=None, loadFileProperties=None, checksums=None, loadFileType=None):
-        SampleDataLogic.sources[sampleName] = dict(uris=uris, fileNames=fileNames, nodeNames=nodeNames,
-                                                   checksums=checksums, loadFileType=loadFileType)
+        SampleDataLogic.sources[sampleName] = {"uris": uris, "fileNames": fileNames, "nodeNames": nodeNames,
+                                                   "checksums": checksums, "loadFileType": loadFileType}
 
 
 def downloadSample(sampleName):
@@ -327,7 +325,6 @@ class PyTorchUtilsLogic:
                      torchvisionVersionRequirement=None):
         slicer.app.torchInstalls.append({"askConfirmation": askConfirmation, "torch": torchVersionRequirement,
                                          "torchvision": torchvisionVersionRequirement})
-        return None
 
 
 # --------------------------------------------------------------------------- install

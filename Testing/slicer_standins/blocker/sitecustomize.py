@@ -20,7 +20,6 @@ class _Blocker(importlib.abc.MetaPathFinder):
                 with open(LOG, "a", encoding="utf-8") as log:
                     log.write(f"{os.getpid()} {name}\n")
             raise ModuleNotFoundError(f"No module named {name!r} (absent in this test)", name=name)
-        return None
 
 
 def _hide(function):
