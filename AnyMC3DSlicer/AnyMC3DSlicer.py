@@ -70,7 +70,11 @@ def importLogicPackage():
         if error.name != LOGIC_PACKAGE:
             raise
     repositoryRoot = os.path.dirname(MODULE_DIR)
-    if importlib.util.find_spec("anymc3d") is None:
+    try:
+        backendImportable = importlib.util.find_spec("anymc3d") is not None
+    except ImportError:
+        backendImportable = False
+    if not backendImportable:
         _loadSourcePackage("anymc3d", os.path.join(repositoryRoot, "python_backend", "anymc3d"))
     return _loadSourcePackage(LOGIC_PACKAGE, os.path.join(repositoryRoot, "Logic"))
 

@@ -11,6 +11,7 @@ Slicer's Qt widgets from Slicer/Slicer 583e9b3 Libs/MRML/Widgets, CTK 868d56c Li
   real application would crash). ``deleteLater()`` and ``QTimer.singleShot`` run from the event loop.
 """
 
+import inspect
 import subprocess
 import threading
 import typing
@@ -62,10 +63,21 @@ class Signal:
         ownerName = type(owner).__name__
         del owner  # dispatch holds no strong reference, as PythonQt's signal receiver
         for handler in list(self.handlers):
-            handler(*args)
+            handler(*args[: _acceptedArguments(handler, len(args))])
             if self._owner() is None:  # the object was deleted by a handler while its signal was dispatching
                 deletedDuringSignal.append((ownerName, self.name))
                 return
+
+
+def _acceptedArguments(handler, available):
+    """PythonQt passes a Python handler only as many signal arguments as it accepts (PythonQtSignalReceiver)."""
+    try:
+        parameters = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):
+        return available
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return available
+    return min(available, sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters))
 
 
 class QObject:
