@@ -1,6 +1,6 @@
 """Fixtures of the Logic tests (helpers in slicer_testing.py).
 
-Run from the repository root: ``PYTHONPATH=python_backend:. pytest -q Testing``. Testing is a package, so this
+Run from the repository root after ``pip install -e Logic`` (scripts/test.sh does it): ``pytest -q Testing``. Testing is a package, so this
 module is ``Testing.conftest`` and does not replace the backend tests' ``conftest`` in a run over both folders.
 """
 

@@ -49,11 +49,17 @@ def freshInstall(args):
     widget = openModule(args["pluginFolder"])
     listed = [item.text() for item in widget.ui.pluginListWidget.items]
     problems = [text for kind, text in app.dialogs if kind == "showStatusMessage"]
+    qt.QFileDialog.nextOpenFileName = args["importPlugin"]
+    widget.ui.importPluginButton.click()  # Import plugin: reads plugin.json only, copies the file in
+    afterImport = [item.text() for item in widget.ui.pluginListWidget.items]
     widget.ui.pluginListWidget.selectRow(0)
     widget.ui.backbonePathLineEdit.currentPath = args["backbone"]
     app.answers["confirmOkCancelDisplay"] = True
     widget.ui.applyButton.click()
-    return {"listed": listed, "problems": problems, "info": widget.ui.pluginInfoLabel.text,
+    widget.ui.batchFolderPathLineEdit.currentPath = args["batchFolder"]
+    app.answers["confirmOkCancelDisplay"] = False
+    widget.ui.batchRunButton.click()  # Batch asks too (the first install failed); declined: nothing runs
+    return {"listed": listed, "afterImport": afterImport, "problems": problems, "info": widget.ui.pluginInfoLabel.text,
             "inputVolume": widget._parameterNode.inputVolume.GetName(), "dialogs": app.dialogs,
             "torchInstalls": app.torchInstalls, "pipInstalls": app.pipInstalls, "jobStarted": widget.job is not None,
             "modules": sorted(name for name in ("torch", "timm", "peft", "jsonschema") if name in sys.modules)}

@@ -88,9 +88,11 @@ def test_installed_module_opens_without_torch_and_lists_plugins(installed, demo,
     assert seen["logicPackage"] == "AnyMC3DSlicerLogic" and seen["logicFile"].startswith(modules)
     assert seen["anymc3dFile"].startswith(modules) and seen["backendPath"] == modules
     assert seen["resources"].startswith(modules)
-    seen = runScenario("freshInstall", {"pluginFolder": str(folder), "backbone": demo["backbone"]}, moduleDir=modules,
-                       extraPaths=(), block=FRESH_SLICER_LACKS)
+    seen = runScenario("freshInstall", {"pluginFolder": str(folder), "backbone": demo["backbone"], "importPlugin": demo["plugin"],
+                                        "batchFolder": str(tmp_path)}, moduleDir=modules, extraPaths=(), block=FRESH_SLICER_LACKS)
     assert seen["listed"] == ["demo_findings"] and seen["torchInstalls"] and not seen["jobStarted"]
+    assert seen["afterImport"] == ["demo_findings"]  # same file name: refused (already installed), shown as an error
+    assert any("already installed" in text for kind, text in seen["dialogs"] if kind == "errorDisplay")
 
 
 def test_standin_macros_check_arguments_as_the_real_ones(installed, tmp_path):

@@ -71,13 +71,17 @@ def test_fresh_install_lists_plugins_and_apply_offers_installation(demo, tmp_pat
     os.makedirs(folder / ".half.x1.partial")
     shutil.copy(demo["plugin"], folder / ".half.x1.partial" / "plugin.json")
     log = tmp_path / "import-attempts.log"
-    seen = runScenario("freshInstall", {"pluginFolder": str(folder), "backbone": demo["backbone"]},
-                       block=FRESH_SLICER_LACKS, blockLog=str(log))
+    toImport = tmp_path / "downloads" / "second.anymc3d"
+    toImport.parent.mkdir()
+    shutil.copy(demo["plugin"], toImport)
+    seen = runScenario("freshInstall", {"pluginFolder": str(folder), "backbone": demo["backbone"], "importPlugin": str(toImport),
+                                        "batchFolder": str(tmp_path / "downloads")}, block=FRESH_SLICER_LACKS, blockLog=str(log))
     assert seen["listed"] == ["demo_findings"]
+    assert seen["afterImport"] == ["demo_findings", "demo_findings"] and (folder / "second.anymc3d").is_file()
     assert len(seen["problems"]) == 1 and "broken.anymc3d" in seen["problems"][0]
     assert "lesion, effusion, fracture" in seen["info"] and seen["inputVolume"] == "CT"
     confirm = [text for kind, text in seen["dialogs"] if kind == "confirmOkCancelDisplay"]
-    assert len(confirm) == 1
+    assert len(confirm) == 2 and confirm[0] == confirm[1]  # Apply, then Batch
     assert "torch>=2.3 (through the PyTorch extension)" in confirm[0] and "timm<1.1,>=1.0.20" in confirm[0]
     assert "jsonschema>=4" in confirm[0] and "tqdm>=4.60" in confirm[0] and "numpy" not in confirm[0]
     assert seen["torchInstalls"] == [{"askConfirmation": False, "torch": ">=2.3", "torchvision": ""}]
