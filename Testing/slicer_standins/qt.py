@@ -1,14 +1,17 @@
 """Stand-in for PythonQt's ``qt`` module: just the classes the module file uses, behaving as PythonQt does where
-it matters for the module (MeVisLab/pythonqt, src/PythonQtSignalReceiver.cpp and PythonQtInstanceWrapper.cpp;
-Slicer's Qt widgets from Slicer/Slicer 583e9b3 Libs/MRML/Widgets, CTK 868d56c Libs/Widgets):
+it matters for the module (MeVisLab/pythonqt 642c06b: src/PythonQtSignalReceiver.cpp, PythonQtSignalTarget::call;
+src/PythonQtInstanceWrapper.cpp, the wrapper's dealloc) and with the members Slicer's and CTK's widgets expose
+(Slicer/Slicer 583e9b3 Libs/MRML/Widgets: qMRMLNodeComboBox.h, qMRMLSortFilterProxyModel.h, qMRMLTableView.h,
+qMRMLTableModel.h; commontk/CTK 868d56c Libs/Widgets):
 
 - ``obj.connect("signal(args)", handler)`` and ``obj.signal.connect(handler)`` are the same signal; handlers run in
-  connection order, synchronously, when the signal is emitted (a widget value set from code emits it too).
+  connection order, synchronously, when the signal is emitted (a widget value set from code emits it too), and
+  get only as many of the signal's arguments as they accept (PythonQt reads the function's argument count).
 - Only slots, ``Q_INVOKABLE`` methods and properties of a C++ class are reachable from Python: e.g. the table
   view's ``tableModel()`` returns a model without ``mrmlTableRowIndex`` (a plain C++ method of qMRMLTableModel).
-- A QObject made from Python without a parent belongs to Python: it is deleted when its last Python reference
-  goes, at once, even while one of its own signals is being dispatched (``deletedDuringSignal`` records that; the
-  real application would crash). ``deleteLater()`` and ``QTimer.singleShot`` run from the event loop.
+- A QObject made from Python without a parent belongs to Python: its wrapper's dealloc deletes it when the last
+  Python reference goes, at once, even while one of its own signals is being dispatched (``deletedDuringSignal``
+  records that; the real application would crash). ``QTimer.singleShot`` callbacks run from the event loop.
 """
 
 import inspect
