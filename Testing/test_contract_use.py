@@ -90,3 +90,28 @@ def test_read_record_refuses_a_non_list(tmp_path):
     path.write_text(json.dumps(goodRecord(tmp_path)))
     with pytest.raises(contract.RecordError, match="list"):
         AnyMC3DSlicerLogic.AnyMC3DSlicerLogic.readRecord(None, str(path), 1, str(tmp_path), PredictionOptions())
+
+
+@pytest.mark.parametrize("breach", [
+    lambda r: None, lambda r: r.update(status="error"), lambda r: r.update(error="x"), lambda r: r.update(num_slices=None),
+    lambda r: r.update(status="error", error="bad", slicing_axis=None, num_slices=None),
+    lambda r: r.update(status="error", error="bad", slicing_axis=None, num_slices=None, results=[]),
+    lambda r: r.update(series=""), lambda r: r["results"][0].update(heatmap_method="nope"),
+    lambda r: r["results"][0]["thresholds"].update(a=2), lambda r: r.update(extra=1),
+])
+def test_without_jsonschema_records_are_checked_as_with_it(tmp_path, breach):
+    """A fresh Slicer has no jsonschema: the contract's hand checker accepts and refuses what jsonschema does."""
+    jsonschema = pytest.importorskip("jsonschema")
+    record = goodRecord(tmp_path)
+    breach(record)
+    try:
+        jsonschema.validate(record, contract.record_schema())
+        byJsonschema = True
+    except jsonschema.ValidationError:
+        byJsonschema = False
+    try:
+        contract.check_schema(record, contract.record_schema(), "record")
+        byHand = True
+    except contract.RecordError:
+        byHand = False
+    assert byHand == byJsonschema

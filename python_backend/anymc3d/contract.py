@@ -97,14 +97,27 @@ def _type_ok(value: Any, kinds) -> bool:
 
 
 def check_schema(value: Any, schema: dict, where: str) -> None:
-    """Check ``value`` against the subset of JSON schema the project's schemas use (type, enum, required,
-    properties, additionalProperties, items, minimum/maximum and their exclusive forms, minLength/maxLength,
-    minItems, pattern); raise :class:`RecordError` naming the place. Used where jsonschema is not installed (a
+    """Check ``value`` against the subset of JSON schema the project's schemas use (type, enum, const, allOf,
+    if/then/else, required, properties, additionalProperties, items, minimum/maximum and their exclusive forms,
+    minLength/maxLength, minItems/maxItems, pattern); raise :class:`RecordError` naming the place. Used where jsonschema is not installed (a
     fresh Slicer): hand-written because the point is to need no third-party package."""
     if "type" in schema and not _type_ok(value, schema["type"]):
         raise RecordError(f"{where}: expected {schema['type']}, got {type(value).__name__}")
     if "enum" in schema and value not in schema["enum"]:
         raise RecordError(f"{where}: {value!r} is not one of {schema['enum']}")
+    if "const" in schema and value != schema["const"]:
+        raise RecordError(f"{where}: {value!r} is not {schema['const']!r}")
+    for part in schema.get("allOf", []):
+        check_schema(value, part, where)
+    if "if" in schema:
+        try:
+            check_schema(value, schema["if"], where)
+        except RecordError:
+            branch = schema.get("else")
+        else:
+            branch = schema.get("then")
+        if branch is not None:
+            check_schema(value, branch, where)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         _check_bounds(value, schema, where)
     if isinstance(value, str):
@@ -129,6 +142,8 @@ def check_schema(value: Any, schema: dict, where: str) -> None:
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
             raise RecordError(f"{where}: fewer than {schema['minItems']} items")
+        if len(value) > schema.get("maxItems", math.inf):
+            raise RecordError(f"{where}: more than {schema['maxItems']} items")
         if isinstance(schema.get("items"), dict):
             for i, item in enumerate(value):
                 check_schema(item, schema["items"], f"{where}/{i}")

@@ -254,3 +254,30 @@ def test_partial_and_hidden_plugins_are_not_listed(tmp_path, made):
     (tmp_path / "one.anymc3d").rename(tmp_path / "three.partial.anymc3d")
     save_plugin(tmp_path / "four", config, head, lora)
     assert [p.name for p in find_plugins(tmp_path)] == ["four"]
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (lambda m: m["lora"].update(rank=10 ** 6), "lora.rank is 1000000, lora."),
+    (lambda m: m["lora"].update(rank=4), "lora.rank is 4, lora."),
+    (lambda m: m["backbone"].update(embed_dim=10 ** 6), "backbone.embed_dim is 1000000, the head takes 96 features"),
+    (lambda m: m["backbone"].update(depth=1), "backbone.depth is 1"),
+    (lambda m: m["backbone"].update(name="dinov3_vits16"), "has 16-pixel patches"),
+    (lambda m: m.update(views=["sag", "cor", "ax"], preprocessing=m["preprocessing"] + m["preprocessing"][:1]),
+     "3 view(s) ['sag', 'cor', 'ax'], LoRA weights for view(s) ['0', '1']"),
+])
+def test_sizes_in_the_metadata_are_checked_against_the_tensors_before_anything_is_built(tmp_path, made, tamper,
+                                                                                        message, monkeypatch):
+    """An absurd or wrong size in plugin.json is a PluginError naming the file, raised before any module is built
+    from the claim (peft would otherwise allocate a rank-10^6 adapter)."""
+    import anymc3d.plugin as plugin_module
+
+    _, config, head, lora = made
+    path = save_plugin(tmp_path / "p.anymc3d", config, head, lora)
+    meta = _meta(path)
+    tamper(meta)
+    _rewrite(path, meta=meta)
+    built = []
+    monkeypatch.setattr(plugin_module.TaskPlugin, "__init__", lambda *a, **k: built.append(a) or pytest.fail("built"))
+    with pytest.raises(PluginError, match=r"p\.anymc3d: plugin.json does not match plugin.safetensors") as err:
+        load_plugin(path)
+    assert message in str(err.value) and "\n" not in str(err.value) and built == []
