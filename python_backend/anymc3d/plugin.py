@@ -16,11 +16,9 @@ import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
-import jsonschema
 import safetensors.torch
 import torch
 from torch import nn
@@ -32,14 +30,21 @@ from anymc3d.encoders import ENCODERS
 from anymc3d.errors import PluginError
 from anymc3d.fileio import atomic_path
 from anymc3d.lora import LoraSettings
+from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free reading of a plugin)
+    JSON_NAME,
+    MAX_MEMBER_BYTES,
+    PLUGIN_SUFFIX,
+    WEIGHTS_NAME,
+    check_plugin_schema,
+    find_plugins,
+    parse_json,
+    read_members,
+)
 from anymc3d.pooling import TaskQueryPool
 from anymc3d.preprocessing import PreprocessConfig
 
 FORMAT_VERSION = 1
 TASKS = ("multilabel", "multiclass")
-JSON_NAME, WEIGHTS_NAME = "plugin.json", "plugin.safetensors"
-PLUGIN_SUFFIX = ".anymc3d"
-MAX_MEMBER_BYTES = 4 * 1024 ** 3
 
 
 @dataclass
@@ -120,17 +125,9 @@ class PluginConfig:
         return cls(**d)
 
 
-def _schema() -> dict:
-    return json.loads(resources.files("anymc3d").joinpath("schemas/plugin.schema.json").read_text())
-
-
 def validate_metadata(d: dict, source: str | os.PathLike = "plugin") -> PluginConfig:
     """Check ``plugin.json`` contents against the schema and the semantic rules; name the problem."""
-    try:
-        jsonschema.validate(d, _schema())
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise PluginError(f"{source}: invalid plugin metadata at {where}: {exc.message}") from None
+    check_plugin_schema(d, source)
     try:
         return PluginConfig.from_dict(d)
     except (ValueError, TypeError, KeyError) as exc:
@@ -317,49 +314,18 @@ def save_plugin(path: os.PathLike | str, config: PluginConfig, head: TaskPlugin,
     return path
 
 
-def _read_members(path: Path) -> tuple[bytes, bytes]:
-    if path.is_dir():
-        files = [path / JSON_NAME, path / WEIGHTS_NAME]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise PluginError(f"{path}: plugin folder lacks {', '.join(missing)}")
-        return files[0].read_bytes(), files[1].read_bytes()
-    if not path.is_file():
-        raise PluginError(f"{path}: plugin not found")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
-            if names != {JSON_NAME, WEIGHTS_NAME}:
-                raise PluginError(f"{path}: a plugin file holds exactly {JSON_NAME} and {WEIGHTS_NAME}, found {sorted(names)}")
-            if any(zf.getinfo(n).file_size > MAX_MEMBER_BYTES for n in names):
-                raise PluginError(f"{path}: plugin member larger than {MAX_MEMBER_BYTES} bytes")
-            return zf.read(JSON_NAME), zf.read(WEIGHTS_NAME)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise PluginError(f"{path}: not a readable plugin file ({exc})") from None
-
-
-def _parse_json(raw: bytes, path: Path) -> dict:
-    try:
-        d = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PluginError(f"{path}: {JSON_NAME} is not valid JSON ({exc})") from None
-    if not isinstance(d, dict):
-        raise PluginError(f"{path}: {JSON_NAME} must hold a JSON object")
-    return d
-
-
 def read_plugin_metadata(path: os.PathLike | str) -> dict:
     """The validated ``plugin.json`` of a plugin file or folder, as a dict (for listings and ``info``)."""
     path = Path(path)
-    raw, _ = _read_members(path)
-    return validate_metadata(_parse_json(raw, path), path).to_dict()
+    raw, _ = read_members(path, weights=False)
+    return validate_metadata(parse_json(raw, path), path).to_dict()
 
 
 def load_plugin(path: os.PathLike | str) -> LoadedPlugin:
     """Read and check a plugin: schema, weights hash, label count against the head, views against LoRA."""
     path = Path(path)
-    raw, weights = _read_members(path)
-    config = validate_metadata(_parse_json(raw, path), path)
+    raw, weights = read_members(path)
+    config = validate_metadata(parse_json(raw, path), path)
     if hashlib.sha256(weights).hexdigest() != config.weights_sha256:
         raise PluginError(f"{path}: {WEIGHTS_NAME} does not match the hash in {JSON_NAME} (file altered or damaged)")
     try:
@@ -370,8 +336,3 @@ def load_plugin(path: os.PathLike | str) -> LoadedPlugin:
     return LoadedPlugin(config=config, head=head, lora=lora, path=path)
 
 
-def find_plugins(folder: os.PathLike | str) -> list[Path]:
-    """Plugins in a folder: ``*.anymc3d`` files and sub-folders holding a ``plugin.json``, sorted."""
-    folder = Path(folder)
-    found = [p for p in folder.iterdir() if (p.suffix == PLUGIN_SUFFIX and p.is_file()) or (p / JSON_NAME).is_file()]
-    return sorted(found)
