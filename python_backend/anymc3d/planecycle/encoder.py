@@ -32,8 +32,6 @@ class LiftedEncoder(Encoder):
         cycle: plane schedule, e.g. ('HW', 'DW', 'DH', 'HW').
     """
 
-    heatmap_methods: tuple[str, ...] = ()
-
     def __init__(self, backbone: nn.Module, *, variant: str = "pcg", cycle: Sequence[str] | str = DEFAULT_CYCLE):
         super().__init__(backbone)
         self.config = PlaneCycleConfig(variant=variant, cycle=cycle)
