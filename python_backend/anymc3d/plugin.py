@@ -30,6 +30,7 @@ from anymc3d.encoders import ENCODERS
 from anymc3d.errors import PluginError
 from anymc3d.fileio import atomic_path
 from anymc3d.lora import LoraSettings
+from anymc3d.planecycle import encoder as _planecycle_encoder  # noqa: F401 (registers the lifted kinds)
 from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free reading of a plugin)
     JSON_NAME,
     MAX_MEMBER_BYTES,
@@ -65,6 +66,8 @@ class PluginConfig:
     thresholds: Optional[list[float]] = field(default=None, metadata={"help": "Decision threshold per finding on the calibrated probability (default 0.5)."})
     description: str = field(default="", metadata={"help": "Free text: data, intended use, limits."})
     kind: str = field(default="slice_lora", metadata={"help": "Plugin kind: the encoder kind it runs on (anymc3d.encoders)."})
+    encoder: dict = field(default_factory=dict, metadata={
+        "help": "Options of the encoder kind (lifted kinds: variant, cycle); written only when not empty."})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Plugin file format version."})
     anymc3d_version: str = field(default=__version__, metadata={"help": "Version of anymc3d that wrote it."})
     weights_sha256: str = field(default="", metadata={"help": "SHA-256 of plugin.safetensors (set on save)."})
@@ -81,6 +84,12 @@ class PluginConfig:
             raise ValueError(f"format_version: this anymc3d reads version {FORMAT_VERSION}, the plugin is {self.format_version}")
         if self.kind not in ENCODERS:
             raise ValueError(f"kind: must be one of the registered encoder kinds {sorted(ENCODERS)}, got {self.kind!r}")
+        if not isinstance(self.encoder, dict):
+            raise ValueError(f"encoder: must be an object of the kind's options, got {type(self.encoder).__name__}")
+        try:
+            self.encoder = ENCODERS[self.kind].validate_options(self.encoder)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"encoder: {exc}") from None
         if not self.name.strip():
             raise ValueError("name: must not be empty")
         if not self.labels or len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
@@ -107,7 +116,11 @@ class PluginConfig:
             raise ValueError("backbone_fingerprint: must be a SHA-256 hex digest")
 
     def to_dict(self) -> dict:
+        """plugin.json contents; ``encoder`` only when the kind has options (so readers of older files still read
+        2D plugins written now)."""
+        options = {"encoder": dict(self.encoder)} if self.encoder else {}
         return {
+            **options,
             "format_version": self.format_version, "kind": self.kind, "name": self.name, "labels": list(self.labels),
             "task": self.task, "views": list(self.views), "preprocessing": [p.to_dict() for p in self.preprocessing],
             "lora": self.lora.to_dict(), "backbone": self.backbone.to_dict(),
