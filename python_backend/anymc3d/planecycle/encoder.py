@@ -114,7 +114,8 @@ class LiftedLinearEncoder(LiftedEncoder):
         """(K, C) head weights, (B, S, h, w, C) tokens -> (K, B, S, h*w) per-token terms (w_k . p_{s,t}) / (h w)."""
         b, s, h, w, c = patch_tokens.shape
         flat = patch_tokens.reshape(b, s, h * w, c).float()
-        return torch.einsum("bstc,kc->kbst", flat, weight.float()) / (h * w)
+        with torch.no_grad():  # a map, not a training signal (the tokens may come from inference mode)
+            return torch.einsum("bstc,kc->kbst", flat, weight.detach().float()) / (h * w)
 
     def finding_maps(self, model, views, out, method: str, masks=None,
                      progress: SliceProgress | None = None) -> torch.Tensor:
