@@ -30,7 +30,7 @@ from anymc3d.encoders import ENCODERS
 from anymc3d.errors import PluginError
 from anymc3d.fileio import atomic_path
 from anymc3d.lora import LoraSettings
-from anymc3d.planecycle import encoder as _planecycle_encoder  # noqa: F401 (registers the lifted kinds)
+import anymc3d.planecycle.encoder  # noqa: F401 (registers the lifted encoder kinds)
 from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free reading of a plugin)
     JSON_NAME,
     MAX_MEMBER_BYTES,

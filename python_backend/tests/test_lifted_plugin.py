@@ -237,6 +237,7 @@ def test_lesion_changes_the_contribution_map_where_it_is(fitted, side):
     engine = Engine(fitted["backbone"], device="cpu")
     attached = engine.plugins[engine.add_plugin(fitted["real"])]
     model, recipe = attached.model, attached.plugin.config.preprocessing[0]
+    assert model.encoder.kind == "planecycle_linear" and model.encoder.config.cycle == CYCLE  # plugin.json's options
     maps, logits = [], []
     for path in _pair(fitted["folder"], side, seed=500 + int(side)):
         slices, _ = prepare(read_image(path), recipe, path)
