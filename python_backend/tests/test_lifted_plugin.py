@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from anymc3d import cli
 from anymc3d.backbone import save_backbone
 from anymc3d.contract import validate_record
@@ -21,10 +20,15 @@ from anymc3d.errors import PluginError
 from anymc3d.model import AnyMC3DModel
 from anymc3d.planecycle.converter import PlaneCycleEncoder
 from anymc3d.planecycle.encoder import LiftedLinearEncoder
-from anymc3d.plugin import JSON_NAME, TaskPlugin, load_plugin, read_plugin_metadata, save_plugin
+from anymc3d.plugin import (
+    JSON_NAME,
+    TaskPlugin,
+    load_plugin,
+    read_plugin_metadata,
+    save_plugin,
+)
 from anymc3d.preprocessing import to_model_input
 from anymc3d.synthetic import make_ct_volume
-
 from conftest import small_backbone
 
 CYCLE = ("HW", "DW", "DH")
@@ -149,9 +153,8 @@ def fitted(tmp_path_factory):
 
 def _auroc(plugin, backbone, folder, split, manifest="manifest.csv"):
     """Held-out AUROC recomputed from the engine's probabilities (not from fit-lifted's own report)."""
-    from sklearn.metrics import roc_auc_score
-
     from anymc3d.engine import Engine
+    from sklearn.metrics import roc_auc_score
 
     engine = Engine(backbone, device="cpu")
     name = engine.add_plugin(plugin)
@@ -218,7 +221,7 @@ def test_info_shows_kind_and_lifting(fitted, capsys):
 def _pair(folder, side, seed):
     """The same noisy volume with a lesion at I = ``side`` and without one."""
     center = (side, 20.0, 5.0)
-    kw = dict(size=SIZE, spacing=SPACING, lesion_radius_mm=6.0, seed=seed)
+    kw = {"size": SIZE, "spacing": SPACING, "lesion_radius_mm": 6.0, "seed": seed}
     paths = []
     for name, lesion in (("with", True), ("without", False)):
         path = folder / f"{name}.nii.gz"

@@ -17,15 +17,15 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from anymc3d.backbone import load_backbone
-from anymc3d.lora import LoraSettings, add_adapter, adapter_state, remove_adapter
+from anymc3d.lora import LoraSettings, adapter_state, add_adapter, remove_adapter
 from anymc3d.model import AnyMC3DModel
 from anymc3d.planecycle.config import PlaneCycleConfig
 from anymc3d.planecycle.head import MeanTokenHead
@@ -53,7 +53,7 @@ class Manifest:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=int)
 
 
-def read_manifest(path: Path | str, labels: Optional[Sequence[str]] = None) -> Manifest:
+def read_manifest(path: Path | str, labels: Sequence[str] | None = None) -> Manifest:
     """Read and check a manifest; ValueError naming the file and row (1 = the header) of the first problems."""
     path = Path(path)
     try:
@@ -127,7 +127,7 @@ def platt(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
     return a, b
 
 
-def _auroc(scores: np.ndarray, targets: np.ndarray) -> Optional[float]:
+def _auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(targets, scores)) if len(set(targets)) == 2 else None
@@ -139,13 +139,13 @@ class FitResult:
 
     path: Path
     counts: dict[str, int]
-    auroc: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
+    auroc: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
-def fit_lifted(manifest: Path | str, backbone: Path | str, out: Path | str, *, labels: Optional[Sequence[str]] = None,
+def fit_lifted(manifest: Path | str, backbone: Path | str, out: Path | str, *, labels: Sequence[str] | None = None,
                variant: str = "pcg", cycle: Sequence[str] | str = ("HW", "DW", "DH", "HW"),
-               input_size: Optional[int] = None, device: str = "cpu", c: float = 1.0,
-               name: Optional[str] = None) -> FitResult:
+               input_size: int | None = None, device: str = "cpu", c: float = 1.0,
+               name: str | None = None) -> FitResult:
     """Fit and save a ``planecycle_linear`` plugin (see the module docstring); ValueError for bad input."""
     data = read_manifest(manifest, labels)
     lifting = PlaneCycleConfig(variant=variant, cycle=cycle)
@@ -189,7 +189,7 @@ def fit_lifted(manifest: Path | str, backbone: Path | str, out: Path | str, *, l
                      f"patch token, logistic regression on {len(train)} cases of {data.path.name}"),
     )
     save_plugin(out, config, head.cpu(), [zero_lora])
-    counts = {s: int(len(data.rows(s))) for s in SPLITS}
+    counts = {s: len(data.rows(s)) for s in SPLITS}
     auroc = {s: {label: _auroc(logits[data.rows(s), k], data.targets[data.rows(s), k])
                  for k, label in enumerate(data.labels)} for s in SPLITS if counts[s]}
     return FitResult(path=out, counts=counts, auroc=auroc)
