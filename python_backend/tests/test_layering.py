@@ -8,8 +8,8 @@ from pathlib import Path
 import anymc3d
 
 #: lowest first; a module may import only modules of a lower rank
-ORDER = ["errors", "contract", "fileio", "backbone", "lora", "pooling", "heatmap", "preprocessing", "synthetic", "cases", "plugin",
-         "engine", "records", "demo", "scoring", "cli", "__main__"]
+ORDER = ["errors", "contract", "plugin_file", "fileio", "backbone", "lora", "pooling", "heatmap", "preprocessing", "synthetic",
+         "cases", "encoders", "plugin", "model", "engine", "records", "demo", "scoring", "cli", "__main__"]
 FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "vtkmodules"}
 PACKAGE = Path(anymc3d.__file__).parent
 
