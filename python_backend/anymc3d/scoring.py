@@ -84,8 +84,11 @@ def committed(run_dir: Path, case: Case) -> bool:
 
 
 def _run_options(args) -> dict:
-    value = lambda v: [str(x.resolve()) for x in v] if isinstance(v, list) else (  # noqa: E731
-        str(v.resolve()) if isinstance(v, Path) else v)
+    def value(v):
+        if isinstance(v, list):
+            return [str(x.resolve()) for x in v]
+        return str(v.resolve()) if isinstance(v, Path) else v
+
     return {k: value(getattr(args, k)) for k in _RUN_OPTIONS}
 
 
@@ -267,7 +270,7 @@ def run_ray(args) -> int:
                 _execute(ray, args, todo, run_dir, progress)
             except AnyMC3DError:
                 raise
-            except Exception as exc:  # a Ray failure: what was committed stays, --resume continues it
+            except Exception as exc:  # noqa: BLE001 (a Ray failure: what was committed stays, --resume continues it)
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise AnyMC3DError(f"the Ray run stopped after {progress.done} case(s) ({type(exc).__name__}: "
                                    f"{first}); committed records are kept in {run_dir}: rerun with --resume") from None
