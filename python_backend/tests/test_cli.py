@@ -396,3 +396,23 @@ def test_a_manifest_csv_lists_cases_relative_to_itself(demo_dir, tmp_path):
 def test_ray_options_without_ray_are_a_usage_error(demo_dir, tmp_path, caplog):
     assert main(_predict(demo_dir, demo_dir / "volume.nii.gz", "--resume", "--workers", "2")) == 2
     assert "--workers, --resume: only with --ray" in caplog.text
+
+
+def test_a_plugin_claiming_an_absurd_lora_rank_is_a_one_line_usage_error(demo_dir, tmp_path, caplog, capsys):
+    import zipfile
+
+    from anymc3d.plugin_file import JSON_NAME, WEIGHTS_NAME
+
+    with zipfile.ZipFile(demo_dir / "plugin.anymc3d") as zf:
+        meta, weights = json.loads(zf.read(JSON_NAME)), zf.read(WEIGHTS_NAME)
+    meta["lora"]["rank"] = 10 ** 6
+    with zipfile.ZipFile(tmp_path / "huge.anymc3d", "w") as zf:
+        zf.writestr(JSON_NAME, json.dumps(meta))
+        zf.writestr(WEIGHTS_NAME, weights)
+    args = _predict(demo_dir, demo_dir / "volume.nii.gz", "--json", tmp_path / "r.json")
+    args[args.index("--plugin") + 1] = str(tmp_path / "huge.anymc3d")
+    assert main(args) == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert message.startswith(f"{tmp_path / 'huge.anymc3d'}: plugin.json does not match plugin.safetensors: "
+                              "lora.rank is 1000000")
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "r.json").exists()
