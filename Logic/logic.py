@@ -19,7 +19,7 @@ import time
 import numpy as np
 import slicer
 from anymc3d.contract import (
-    GRADIENT_METHODS,
+    FINDING_METHODS,
     HEATMAP_FORMATS,
     heatmap_name,
     image_stem,
@@ -432,7 +432,7 @@ class AnyMC3DSlicerLogic:
         results = record["results"]
         if len(results) != pluginCount:
             raise ValueError(f"Expected {pluginCount} plugin result(s), got {len(results)}")
-        gradient = options.heatmapMethod in GRADIENT_METHODS
+        gradient = options.heatmapMethod in FINDING_METHODS
         root = os.path.realpath(rootDir)
         for result in results:
             if gradient and set(result["finding_heatmaps"]) != set(result["labels"]):
@@ -483,7 +483,7 @@ class AnyMC3DSlicerLogic:
         inputName = inputNode.GetName()
         pluginTitle = " + ".join(uniqueNames)
         colorNode = outputs.heatmapColorTableNode(self.scene)
-        gradient = options.heatmapMethod in GRADIENT_METHODS
+        gradient = options.heatmapMethod in FINDING_METHODS
 
         rows, rowHeatmaps, heatmapNodes = [], [], []
         for pluginName, result in zip(uniqueNames, results):

@@ -17,31 +17,50 @@ BACKEND = os.path.join(REPO_ROOT, "python_backend")
 
 
 def thirdPartyImports():
-    """Top-level names imported anywhere in python_backend/anymc3d/*.py (module level or inside functions)."""
-    names = set()
+    """{top-level name: imported at module level?} for python_backend/anymc3d/*.py (anywhere in the file)."""
+    found = {}
     folder = os.path.join(BACKEND, "anymc3d")
     for fileName in sorted(os.listdir(folder)):
         if not fileName.endswith(".py"):
             continue
         with open(os.path.join(folder, fileName), encoding="utf-8") as file:
             tree = ast.parse(file.read())
+        moduleLevel = {id(node) for node in tree.body}
         for node in ast.walk(tree):
+            names = []
             if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
+                names = [alias.name.split(".")[0] for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-    return sorted(names - set(sys.stdlib_module_names) - {"anymc3d", "__future__"})
+                names = [node.module.split(".")[0]]
+            for name in names:
+                found[name] = found.get(name, False) or id(node) in moduleLevel
+    return {name: top for name, top in found.items()
+            if name not in sys.stdlib_module_names and name not in ("anymc3d", "__future__")}
+
+
+def optionalExtras():
+    """Distributions of the backend's optional extras (e.g. ray for ``predict --ray``), test extra excluded."""
+    with open(os.path.join(BACKEND, "pyproject.toml"), "rb") as file:
+        extras = tomllib.load(file)["project"].get("optional-dependencies", {})
+    return {canonicalize_name(Requirement(r).name) for name, reqs in extras.items() if name != "test" for r in reqs}
 
 
 def test_every_backend_import_is_installed_by_the_slicer_side():
+    """Every third-party import is in the list the Slicer side installs; the only exceptions are imports made inside a
+    function for an optional extra the module never uses (ray, for ``predict --ray`` on a cluster)."""
     checker = DependencyChecker()  # the default: anymc3d.contract.requirements(), i.e. the package metadata
     installs = {canonicalize_name(r.name) for r in checker.requirements}
     distributions = importlib.metadata.packages_distributions()
     imports = thirdPartyImports()
     assert {"torch", "timm", "peft", "jsonschema", "tqdm", "SimpleITK"} <= set(imports)  # the scan sees them
-    uncovered = {name: distributions.get(name) for name in imports
-                 if not {canonicalize_name(d) for d in distributions.get(name, [name])} & installs}
+
+    def dists(name):
+        return {canonicalize_name(d) for d in distributions.get(name, [name])}
+
+    uncovered = {name: sorted(dists(name)) for name, moduleLevel in imports.items()
+                 if not dists(name) & installs and (moduleLevel or not dists(name) & optionalExtras())}
     assert not uncovered, f"imported by the backend, never installed in Slicer: {uncovered}"
+    assert not any(imports[name] for name in imports if dists(name) & optionalExtras() - installs)  # lazily only
 
 
 def test_each_requirement_has_a_route_and_keeps_its_pin():

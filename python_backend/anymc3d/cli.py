@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from anymc3d import __version__
-from anymc3d.contract import (DEVICES, EXIT_CASE_FAILED, EXIT_OK, EXIT_USAGE, HEATMAP_FORMATS, HEATMAP_METHODS,
-                              STATUS_ERROR)
+from anymc3d.contract import (AUTO_HEATMAP, DEVICES, EXIT_CASE_FAILED, EXIT_OK, EXIT_USAGE, HEATMAP_FORMATS,
+                              HEATMAP_METHODS, STATUS_ERROR)
 from anymc3d.errors import AnyMC3DError, one_line
 
 logger = logging.getLogger("anymc3d")
@@ -80,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--ensemble", action="store_true",
                       help="Treat the plugins as one ensemble: average calibrated logits (default: off).")
     pred.add_argument("--heatmap", type=Path, default=None, help="Folder for heatmap files (default: no heatmaps).")
-    pred.add_argument("--heatmap-method", default="attention", choices=HEATMAP_METHODS,
-                      help="Heatmap method (default: attention, the last-block CLS attention of the paper).")
+    pred.add_argument("--heatmap-method", default=AUTO_HEATMAP, choices=(AUTO_HEATMAP, *HEATMAP_METHODS),
+                      help="Heatmap method (default: auto = each plugin's own default map: attention, the paper's "
+                           "last-block CLS attention, for 2D plugins; contribution for lifted-feature plugins).")
     pred.add_argument("--heatmap-format", default=HEATMAP_FORMATS[0], choices=HEATMAP_FORMATS,
                       help="Heatmap file format (default: nii.gz).")
     pred.add_argument("--embedding", action="store_true",
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
                       help="Progress display: a bar on stderr, JSON lines on stdout, or none (default: bar).")
     _add_ray_options(pred)
+    from anymc3d.planecycle.commands import register as add_planecycle_commands; add_planecycle_commands(sub)  # noqa: E702
     _add_extension_commands(sub)
     return parser
 

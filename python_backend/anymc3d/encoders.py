@@ -59,8 +59,17 @@ class Encoder(nn.Module):
     no parameters and the resident backbone shared by plugins is never copied or changed."""
 
     kind = "abstract"
-    #: heatmap methods this kind can compute (see heatmap.METHODS)
-    heatmap_methods: tuple[str, ...] = ()
+    #: heatmaps computed during the forward pass: per slice of view 0, ``EncoderOutput.patch_maps``
+    forward_heatmaps: tuple[str, ...] = ()
+    #: heatmaps computed after it, one per finding, by :meth:`finding_maps`
+    finding_heatmaps: tuple[str, ...] = ()
+    #: whether :meth:`finding_maps` needs the forward's patch tokens
+    finding_needs_patch_tokens = False
+
+    @property
+    def heatmap_methods(self) -> tuple[str, ...]:
+        """Every heatmap this kind can give; the first is its default (``--heatmap-method auto``)."""
+        return self.forward_heatmaps + self.finding_heatmaps
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -70,9 +79,12 @@ class Encoder(nn.Module):
                 heatmap: Optional[str] = None, progress: Optional[SliceProgress] = None) -> EncoderOutput:
         raise NotImplementedError
 
-    def gradient_maps(self, slices: torch.Tensor, mask: Optional[torch.Tensor], cls_grads: torch.Tensor,
-                      last_only: bool, progress: Optional[SliceProgress] = None) -> torch.Tensor:
-        raise NotImplementedError(f"encoder kind {self.kind!r} has no gradient heatmaps")
+    def finding_maps(self, model, views, out, method: str, masks=None,
+                     progress: Optional[SliceProgress] = None) -> torch.Tensor:
+        """Per-finding maps of view 0 for ``method`` in :attr:`finding_heatmaps`: (K, B, S_0, P) per slice, to be
+        weighted by the slice importance a_s. ``model`` is the :class:`~anymc3d.model.AnyMC3DModel` (its pooling and
+        head), ``out`` its forward's output on ``views``."""
+        raise NotImplementedError(f"encoder kind {self.kind!r} has no per-finding heatmaps")
 
 
 def _flat_mask(slices: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -107,7 +119,8 @@ class SliceEncoder(Encoder):
             warning and falls back to eager for good. Training (grad enabled) always runs eager.
     """
 
-    heatmap_methods = hm.METHODS
+    forward_heatmaps = ("attention", "rollout")
+    finding_heatmaps = hm.GRADIENT_METHODS
 
     def __init__(self, backbone: nn.Module, *, chunk_size: int = 32, compile: bool = False):
         super().__init__(backbone)
@@ -211,6 +224,15 @@ class SliceEncoder(Encoder):
             patch_tokens=_scatter(torch.cat(patches), mask) if patch_tokens else None,
             patch_maps=_scatter(torch.cat(maps), mask) if heatmap is not None else None,
         )
+
+    def finding_maps(self, model, views, out, method: str, masks=None,
+                     progress: Optional[SliceProgress] = None) -> torch.Tensor:
+        """Gradient maps: d logit_k / d h_s through the pooling and head, then :meth:`gradient_maps`."""
+        if method not in self.finding_heatmaps:
+            raise ValueError(f"{method!r} is not one of {self.finding_heatmaps}")
+        cls_grads = model.logit_grads(out.embeddings, masks)
+        mask = masks[0] if masks is not None else None
+        return self.gradient_maps(views[0], mask, cls_grads, method == "grad_last", progress)
 
     def gradient_maps(self, slices: torch.Tensor, mask: Optional[torch.Tensor], cls_grads: torch.Tensor,
                       last_only: bool, progress: Optional[SliceProgress] = None) -> torch.Tensor:

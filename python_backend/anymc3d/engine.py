@@ -22,6 +22,7 @@ import torch
 from anymc3d import heatmap as hm
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, load_backbone, patch_grid
 from anymc3d.errors import AnyMC3DError, InputError, PluginError
+from anymc3d.contract import AUTO_HEATMAP
 from anymc3d.encoders import ENCODERS
 from anymc3d.lora import add_adapter, load_adapter_state, merge, remove_adapter
 from anymc3d.model import AnyMC3DModel
@@ -205,32 +206,38 @@ class Engine:
         Args:
             views: one (S_v, M, M) tensor in [0, 1] per plugin view (the output of ``prepare``).
             plugin: name of an attached plugin.
-            heatmap: None or one of ``heatmap.METHODS`` the plugin's kind supports; computed for the first view.
+            heatmap: None, "auto" (the kind's default) or one of ``heatmap.METHODS`` that the plugin's kind
+                supports (``encoder.heatmap_methods``); computed for the first view.
             geometry: how view 0 was sliced from its input image (``prepare``'s second output), if any.
         """
         attached = self.plugins[plugin]
         config, model = attached.plugin.config, attached.model
+        encoder = model.encoder
+        if heatmap == AUTO_HEATMAP:  # the kind's own default map
+            heatmap = encoder.heatmap_methods[0] if encoder.heatmap_methods else None
         if heatmap is not None:
             hm.check_method(heatmap)
-            if heatmap not in model.encoder.heatmap_methods:
+            if heatmap not in encoder.heatmap_methods:
                 raise PluginError(f"{plugin}: kind {config.kind!r} has no {heatmap!r} heatmap "
-                                  f"(it has {model.encoder.heatmap_methods})")
+                                  f"(it has {', '.join(encoder.heatmap_methods) or 'none'})")
         if len(views) != len(model.adapters):
             raise InputError(None, f"plugin {plugin} takes {len(config.views)} view(s) {config.views}, got {len(views)}")
         batch = [v[None] for v in views]  # (1, S_v, M, M): one case
         stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
         self._prepare_weights(model)
-        record = heatmap if heatmap in ("attention", "rollout") else None
+        record = heatmap if heatmap in encoder.forward_heatmaps else None
+        per_finding = heatmap in encoder.finding_heatmaps
         with torch.inference_mode(), self._autocast():
-            out = model(batch, heatmap=record, progress=stage("encoding"))
+            out = model(batch, heatmap=record, patch_tokens=per_finding and encoder.finding_needs_patch_tokens,
+                        progress=stage("encoding"))
         grid = patch_grid(self.model, *views[0].shape[-2:])
         importance = out.importance[0][0]  # (S_0,)
         heatmap_volume, finding_heatmaps = None, {}
         if record is not None:
             heatmap_volume = _volume(out.patch_maps[0], grid, importance)
-        elif heatmap in hm.GRADIENT_METHODS:
+        elif per_finding:
             with self._autocast():
-                maps = model.gradient_maps(batch, out, heatmap, progress=stage("heatmap"))  # (K, 1, S, P)
+                maps = model.finding_maps(batch, out, heatmap, progress=stage("heatmap"))  # (K, 1, S, P)
             finding_heatmaps = {label: _volume(m[0], grid, importance) for label, m in zip(config.labels, maps)}
         logits = out.logits[0].float()
         calibrated = calibrated_logits(logits, config)
@@ -260,7 +267,7 @@ class Engine:
         plugins = list(plugins or self.plugins)
         if not plugins:
             raise PluginError("no plugin is attached")
-        if heatmap is not None:
+        if heatmap not in (None, AUTO_HEATMAP):
             hm.check_method(heatmap)
         for image, source in zip(images, sources):
             validate_image(image, source)

@@ -14,7 +14,6 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from anymc3d import heatmap as hm
 from anymc3d.encoders import EncoderOutput, SliceProgress, create_encoder
 from anymc3d.lora import activate
 from anymc3d.plugin import TaskPlugin
@@ -119,16 +118,16 @@ class AnyMC3DModel(nn.Module):
                      for k in range(logits.shape[1])]
         return torch.stack(grads)
 
-    def gradient_maps(self, views: Sequence[torch.Tensor], out: ModelOutput, method: str,
-                      masks: Optional[Sequence[torch.Tensor]] = None,
-                      progress: Optional[SliceProgress] = None) -> torch.Tensor:
-        """Per-finding gradient heatmaps of view 0 (``grad_rollout`` / ``grad_last``): (K, B, S_0, P)."""
-        if method not in hm.GRADIENT_METHODS:
-            raise ValueError(f"{method!r} is not a gradient method {hm.GRADIENT_METHODS}")
-        mask = masks[0] if masks is not None else None
-        cls_grads = self.logit_grads(out.embeddings, masks)
+    def finding_maps(self, views: Sequence[torch.Tensor], out: ModelOutput, method: str,
+                     masks: Optional[Sequence[torch.Tensor]] = None,
+                     progress: Optional[SliceProgress] = None) -> torch.Tensor:
+        """Per-finding heatmaps of view 0 (the encoder kind's ``finding_heatmaps``, e.g. ``grad_rollout``):
+        (K, B, S_0, P) per slice, before weighting by the slice importance."""
+        if method not in self.encoder.finding_heatmaps:
+            raise ValueError(f"kind {self.encoder.kind!r} has no per-finding {method!r} map "
+                             f"(it has {self.encoder.finding_heatmaps})")
         activate(self.backbone, self.adapters[0])
-        return self.encoder.gradient_maps(views[0], mask, cls_grads, method == "grad_last", progress)
+        return self.encoder.finding_maps(self, views, out, method, masks, progress)
 
     # ------------------------------------------------------------------------------------- parameters
     def lora_parameters(self) -> Iterator[nn.Parameter]:

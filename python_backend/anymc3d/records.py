@@ -69,7 +69,7 @@ def result_record(result: CaseResult, image: str, heatmaps: Optional[dict] = Non
         record["results"].append({
             "plugin": pred.plugin,
             "plugin_path": pred.plugin_paths[0] if len(pred.plugin_paths) == 1 else list(pred.plugin_paths),
-            "task": pred.task, "labels": list(labels),
+            "kind": pred.kind, "task": pred.task, "labels": list(labels),
             "probabilities": dict(zip(labels, map(float, pred.probabilities))),
             "probabilities_raw": dict(zip(labels, map(float, pred.probabilities_raw))),
             "thresholds": dict(zip(labels, map(float, pred.thresholds))),
