@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
                       help="Progress display: a bar on stderr, JSON lines on stdout, or none (default: bar).")
     _add_ray_options(pred)
+    from anymc3d.planecycle.commands import register as add_planecycle_commands; add_planecycle_commands(sub)  # noqa: E702
     _add_extension_commands(sub)
     return parser
 

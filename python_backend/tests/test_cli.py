@@ -145,8 +145,9 @@ def test_json_progress_lines_for_a_process_runner(demo_dir, tmp_path, capsys):
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert events[0] == {"event": "start", "cases": 2}
     stages = [e["stage"] for e in events if e["event"] == "progress" and e["case"] == 0]
-    assert stages == ["reading", "encoding", "encoding", "encoding", "heatmap", "writing"]
-    assert [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "encoding"] == [16, 32, 40]
+    assert stages == ["reading", "encoding", "encoding", "encoding", "encoding", "heatmap", "writing"]
+    # done=0 when encoding starts (reading and preprocessing are over), then after each chunk of 16 slices
+    assert [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "encoding"] == [0, 16, 32, 40]
     done = [e for e in events if e["event"] == "case_done"]
     assert [d["status"] for d in done] == ["ok", "error"] and "missing.nii.gz" in done[1]["error"]
     assert events[-1] == {"event": "done", "ok": 1, "failed": 1, "json": str(tmp_path / "r.json")}
