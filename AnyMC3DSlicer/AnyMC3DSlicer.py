@@ -83,13 +83,15 @@ def checkVersions(slicerVersion=None):
     """Log an error when Slicer or its Python is older than this module supports; True when supported."""
     slicerVersion = slicerVersion or (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
     if tuple(slicerVersion) < MINIMUM_SLICER_VERSION or sys.version_info[:2] < MINIMUM_PYTHON:
-        logging.getLogger("AnyMC3D").error("AnyMC3D needs Slicer %d.%d or later (Python %d.%d or later); this is Slicer %d.%d, Python %d.%d",
-                      *MINIMUM_SLICER_VERSION, *MINIMUM_PYTHON, *slicerVersion, *sys.version_info[:2])
+        logging.getLogger("AnyMC3D").error(
+            "AnyMC3D needs Slicer %d.%d or later (Python %d.%d or later); this is Slicer %d.%d, Python %d.%d",
+            *MINIMUM_SLICER_VERSION, *MINIMUM_PYTHON, *slicerVersion, *sys.version_info[:2])
         return False
     return True
 
 
 LogicPackage = importLogicPackage()
+# after importLogicPackage(), which may load anymc3d from the source tree
 from anymc3d.contract import DEVICES, HEATMAP_METHODS
 
 

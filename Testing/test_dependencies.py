@@ -5,6 +5,7 @@ import importlib.metadata
 import os
 import sys
 import tomllib
+from pathlib import Path
 
 from AnyMC3DSlicerLogic import DependencyChecker
 from AnyMC3DSlicerLogic.dependencies import SHIPPED_WITH_SLICER, TORCH_DISTRIBUTIONS
@@ -17,13 +18,10 @@ BACKEND = os.path.join(REPO_ROOT, "python_backend")
 
 
 def thirdPartyImports():
-    """{top-level name: imported at module level?} for python_backend/anymc3d/*.py (anywhere in the file)."""
+    """{top-level name: imported at module level?} for python_backend/anymc3d/**/*.py (anywhere in a file)."""
     found = {}
-    folder = os.path.join(BACKEND, "anymc3d")
-    for fileName in sorted(os.listdir(folder)):
-        if not fileName.endswith(".py"):
-            continue
-        with open(os.path.join(folder, fileName), encoding="utf-8") as file:
+    for path in sorted(Path(BACKEND, "anymc3d").rglob("*.py")):  # subpackages too
+        with open(path, encoding="utf-8") as file:
             tree = ast.parse(file.read())
         moduleLevel = {id(node) for node in tree.body}
         for node in ast.walk(tree):

@@ -59,9 +59,11 @@ def test_installed_tree(installed):
     logicFiles = sorted(name for name in os.listdir(os.path.join(REPO_ROOT, "Logic")) if name.endswith(".py"))
     assert sorted(p.name for p in (modules / "AnyMC3DSlicerLogic").glob("*.py")) == logicFiles
     assert not (modules / "Logic").exists()
-    backendFiles = sorted(name for name in os.listdir(os.path.join(REPO_ROOT, "python_backend", "anymc3d")) if name.endswith(".py"))
-    assert sorted(p.name for p in (modules / "anymc3d").glob("*.py")) == backendFiles
-    assert "plugin_file.py" in backendFiles and "contract.py" in backendFiles
+    source = Path(REPO_ROOT, "python_backend", "anymc3d")
+    backendFiles = sorted(str(p.relative_to(source)) for p in source.rglob("*.py") if "__pycache__" not in p.parts)
+    assert sorted(str(p.relative_to(modules / "anymc3d")) for p in (modules / "anymc3d").rglob("*.py")
+                  if "__pycache__" not in p.parts) == backendFiles  # subpackages too
+    assert {"plugin_file.py", "contract.py", "planecycle/__init__.py"} <= set(backendFiles)
     assert sorted(p.name for p in (modules / "anymc3d" / "schemas").glob("*.json")) == ["plugin.schema.json", "record.schema.json"]
     for resource in ("Icons/AnyMC3DSlicer.png", "UI/AnyMC3DSlicer.ui", "SampleData/AnyMC3DSyntheticCT.nrrd"):
         assert (modules / "Resources" / resource).read_bytes() == Path(REPO_ROOT, "Resources", resource).read_bytes()

@@ -126,3 +126,25 @@ def test_color_table_without_deprecated_call(sceneContext):
     colorNode = outputs.heatmapColorTableNode(sceneContext.scene)
     assert colorNode.GetNumberOfColors() == 256 and colorNode.GetColorName(255) == "1.000"
     assert colorNode.GetColorName(51) == "0.200"
+
+
+def test_volume_node_redecomposes_the_matrix(sceneContext):
+    """Why the self-test compares IJK-to-RAS matrices with a tolerance: the node stores spacing, origin and
+    directions, so the sample made oblique as in the self-test reads back ~2.8e-17 off (an exact test fails)."""
+    import numpy as np
+    import vtk
+
+    node = sceneContext.loadVolume(os.path.join(REPO_ROOT, "Resources", "SampleData", "AnyMC3DSyntheticCT.nrrd"))
+    original, oblique, readBack = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(original)
+    rotation = vtk.vtkTransform()
+    rotation.RotateZ(20)
+    rotation.RotateX(10)
+    rotation.Scale(0.8, 0.9, 2.5)
+    vtk.vtkMatrix4x4.Multiply4x4(rotation.GetMatrix(), original, oblique)
+    node.SetIJKToRASMatrix(oblique)
+    node.GetIJKToRASMatrix(readBack)
+    a, b = (np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)]) for m in (readBack, oblique))
+    assert not np.array_equal(a, b) and np.allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max())
+    source = read(MODULE_FILE)
+    assert "assertMatricesClose(heatmapMatrix, oblique)" in source and "array_equal" not in source

@@ -6,6 +6,7 @@ import ast
 import os
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -29,9 +30,9 @@ REMOVED = {"imp", "distutils", "asynchat", "asyncore", "smtpd", "assertEquals", 
 
 def slicerSideFiles():
     files = [os.path.join(REPO_ROOT, "AnyMC3DSlicer", "AnyMC3DSlicer.py")]
-    for folder in ("Logic", os.path.join("python_backend", "anymc3d")):
-        files += sorted(os.path.join(REPO_ROOT, folder, n) for n in os.listdir(os.path.join(REPO_ROOT, folder)) if n.endswith(".py"))
-    return files
+    files += sorted(os.path.join(REPO_ROOT, "Logic", n) for n in os.listdir(os.path.join(REPO_ROOT, "Logic")) if n.endswith(".py"))
+    backend = Path(REPO_ROOT, "python_backend", "anymc3d")
+    return files + sorted(str(p) for p in backend.rglob("*.py") if "__pycache__" not in p.parts)  # subpackages too
 
 
 def newerNames(tree):

@@ -264,6 +264,11 @@ def _write_output(args, records: list) -> None:
 def _cmd_predict(args) -> int:
     from anymc3d.cases import expand_inputs
 
+    ray_only = {"--workers": args.workers is not None, "--resume": args.resume, "--run-dir": args.run_dir is not None,
+                "--num-gpus-per-worker": args.num_gpus_per_worker != 0, "--cpus-per-worker": args.cpus_per_worker != 1,
+                "--batch-size": args.batch_size != 1}
+    if args.ray is None and any(ray_only.values()):
+        raise AnyMC3DError(f"{', '.join(k for k, v in ray_only.items() if v)}: only with --ray (docs/scale.md)")
     _prepare_outputs(args)
     if args.ray is not None:
         from anymc3d.scoring import run_ray  # imports Ray only here; says how to install it when missing

@@ -141,7 +141,7 @@ def predict_case(engine: Engine, case: Case, plugins: Sequence[str], *, images=N
         files = write_heatmaps(result, heatmap_dir, case.stem, heatmap_format, progress) if heatmap_dir else {}
         progress("writing", 0, 1)
         return result_record(result, case.image, files, embedding, case.series)
-    except Exception as error:  # noqa: BLE001 (the contract: a bad case is an error record, the batch goes on)
+    except Exception as error:  # the contract: a bad case is an error record, the batch goes on
         logger.debug("case %s failed", case.image, exc_info=True)
         return error_record(case.image, error_message(case.image, error), case.series)
 

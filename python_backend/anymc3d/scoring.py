@@ -84,8 +84,11 @@ def committed(run_dir: Path, case: Case) -> bool:
 
 
 def _run_options(args) -> dict:
-    value = lambda v: [str(x.resolve()) for x in v] if isinstance(v, list) else (  # noqa: E731
-        str(v.resolve()) if isinstance(v, Path) else v)
+    def value(v):
+        if isinstance(v, list):
+            return [str(x.resolve()) for x in v]
+        return str(v.resolve()) if isinstance(v, Path) else v
+
     return {k: value(getattr(args, k)) for k in _RUN_OPTIONS}
 
 
@@ -253,6 +256,7 @@ def default_workers(resources: dict, gpus_per_worker: float, cpus_per_worker: fl
 def run_ray(args) -> int:
     """``anymc3d predict --ray``: the distributed run; returns the CLI exit code."""
     ray = import_ray()
+    _check_models(args)
     cases = expand_inputs(args.images)
     run_dir = _open_run_dir(args, cases)
     todo = [c for c in cases if not (args.resume and committed(run_dir, c))]
@@ -262,7 +266,14 @@ def run_ray(args) -> int:
     try:
         progress = _Progress(args.progress, len(todo), len(cases) - len(todo))
         if todo:
-            _execute(ray, args, todo, run_dir, progress)
+            try:
+                _execute(ray, args, todo, run_dir, progress)
+            except AnyMC3DError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (a Ray failure: what was committed stays, --resume continues it)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise AnyMC3DError(f"the Ray run stopped after {progress.done} case(s) ({type(exc).__name__}: "
+                                   f"{first}); committed records are kept in {run_dir}: rerun with --resume") from None
         records = _assemble(run_dir, cases)
         _remove_stale_heatmaps(args.heatmap, cases)
         failed = sum(r["status"] == STATUS_ERROR for r in records)
@@ -275,6 +286,20 @@ def run_ray(args) -> int:
         if started:
             ray.shutdown()
     return EXIT_CASE_FAILED if failed else EXIT_OK
+
+
+def _check_models(args) -> None:
+    """Backbone and plugins loaded and matched once on the driver (on CPU) before any worker starts: a bad plugin
+    or a backbone it was not made for is the same usage error (exit 2) as in the local run, not a worker that
+    dies in its constructor again and again."""
+    from anymc3d.backbone import spec_from_file
+    from anymc3d.engine import Engine
+    from anymc3d.plugin import load_plugin
+
+    plugins = [load_plugin(p.resolve()) for p in args.plugin]
+    engine = Engine(args.backbone, spec=spec_from_file(args.backbone) or plugins[0].config.backbone, device="cpu")
+    for i, plugin in enumerate(plugins):
+        engine.add_plugin(plugin, name=f"check{i}")
 
 
 def _execute(ray, args, todo: list[Case], run_dir: Path, progress: _Progress) -> None:

@@ -376,3 +376,43 @@ def test_an_output_path_that_cannot_be_used_is_a_usage_error(demo_dir, tmp_path,
     assert f"{tmp_path / 'file'}: cannot be used as the --heatmap folder" in caplog.text
     assert main(_predict(demo_dir, demo_dir / "volume.nii.gz", "--json", tmp_path)) == 2
     assert "--json names a folder" in caplog.text
+
+
+def test_a_manifest_csv_lists_cases_relative_to_itself(demo_dir, tmp_path):
+    """The training manifest's format as INPUTS: an `image` column, paths relative to the CSV; a bad row or a
+    manifest without the column is an error record naming it."""
+    archive = tmp_path / "archive"
+    (archive / "ct").mkdir(parents=True)
+    sitk.WriteImage(make_ct_volume(size=(24, 24, 5), seed=2), str(archive / "ct" / "p1.nii.gz"))
+    (archive / "list.csv").write_text("image,label\nct/p1.nii.gz,1\nct/p2.nii.gz,0\n")
+    (tmp_path / "wrong.csv").write_text("path\nct/p1.nii.gz\n")
+    assert main(_predict(demo_dir, archive / "list.csv", tmp_path / "wrong.csv", "--json", tmp_path / "r.json")) == 1
+    good, missing, wrong = _records(tmp_path / "r.json")
+    assert good["status"] == "ok" and good["image"] == str(archive / "ct" / "p1.nii.gz")
+    assert missing["error"] == f"{archive / 'ct' / 'p2.nii.gz'}: file or folder not found"
+    assert wrong["image"] == str(tmp_path / "wrong.csv") and "manifest has no 'image' column" in wrong["error"]
+
+
+def test_ray_options_without_ray_are_a_usage_error(demo_dir, tmp_path, caplog):
+    assert main(_predict(demo_dir, demo_dir / "volume.nii.gz", "--resume", "--workers", "2")) == 2
+    assert "--workers, --resume: only with --ray" in caplog.text
+
+
+def test_a_plugin_claiming_an_absurd_lora_rank_is_a_one_line_usage_error(demo_dir, tmp_path, caplog, capsys):
+    import zipfile
+
+    from anymc3d.plugin_file import JSON_NAME, WEIGHTS_NAME
+
+    with zipfile.ZipFile(demo_dir / "plugin.anymc3d") as zf:
+        meta, weights = json.loads(zf.read(JSON_NAME)), zf.read(WEIGHTS_NAME)
+    meta["lora"]["rank"] = 10 ** 6
+    with zipfile.ZipFile(tmp_path / "huge.anymc3d", "w") as zf:
+        zf.writestr(JSON_NAME, json.dumps(meta))
+        zf.writestr(WEIGHTS_NAME, weights)
+    args = _predict(demo_dir, demo_dir / "volume.nii.gz", "--json", tmp_path / "r.json")
+    args[args.index("--plugin") + 1] = str(tmp_path / "huge.anymc3d")
+    assert main(args) == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert message.startswith(f"{tmp_path / 'huge.anymc3d'}: plugin.json does not match plugin.safetensors: "
+                              "lora.rank is 1000000")
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "r.json").exists()

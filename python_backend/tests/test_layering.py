@@ -27,7 +27,7 @@ def _imports(path: Path) -> set[str]:
     """Absolute dotted names imported by ``path`` (relative imports resolved; ``from a import b`` gives a and a.b)."""
     package = ["anymc3d", *path.relative_to(PACKAGE).parts[:-1]]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

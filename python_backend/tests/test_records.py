@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from anymc3d.cases import Case, expand_inputs
 from anymc3d.contract import RecordError, heatmap_name, validate_record
 from anymc3d.engine import Engine
-from anymc3d.records import (error_record, predict_case, read_records, result_record, write_heatmaps, write_record,
+from anymc3d.records import (error_record, predict_case, read_records, write_heatmaps, write_record,
                              write_records)
 
 

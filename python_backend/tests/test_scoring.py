@@ -186,3 +186,16 @@ def test_without_ray_installed_the_flag_says_how_to_install_it(demo_dir, tmp_pat
                  tmp_path / "h", "--ray")
     assert main(args) == 2
     assert "--ray needs Ray Data: pip install 'anymc3d[ray]'" in caplog.text
+
+
+def test_a_plugin_made_for_another_backbone_is_a_usage_error_before_any_worker_starts(demo_dir, tmp_path, caplog):
+    from anymc3d.backbone import save_backbone
+    from anymc3d.demo import DEMO_SPEC, demo_backbone
+
+    save_backbone(demo_backbone(seed=5), DEMO_SPEC, tmp_path / "other.safetensors")
+    args = _args(demo_dir, [demo_dir / "plugin.anymc3d"], [demo_dir / "volume.nii.gz"], tmp_path / "r.json",
+                 tmp_path / "h", "--ray")
+    args[args.index("--backbone") + 1] = str(tmp_path / "other.safetensors")
+    assert main(args) == 2
+    assert "plugin was made for backbone dinov2_vits14_reg with weights" in caplog.text
+    assert not (tmp_path / "r.json.parts").exists() and not (tmp_path / "r.json").exists()
