@@ -8,8 +8,9 @@ from pathlib import Path
 import anymc3d
 
 #: lowest first; a module may import only modules of a lower rank
-ORDER = ["errors", "contract", "fileio", "backbone", "lora", "pooling", "heatmap", "preprocessing", "synthetic", "plugin",
-         "engine", "demo", "cli", "__main__"]
+ORDER = ["errors", "contract", "fileio", "backbone", "lora", "pooling", "heatmap", "preprocessing", "synthetic",
+         "augment", "losses", "calibration", "evaluation", "data", "decoder", "plugin", "model",
+         "engine", "train", "demo", "cli", "__main__"]
 FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "vtkmodules"}
 PACKAGE = Path(anymc3d.__file__).parent
 
