@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--chunk-size", type=int, default=32, help="Slices per backbone forward (default: 32).")
     pred.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
                       help="Progress display: a bar on stderr, JSON lines on stdout, or none (default: bar).")
+    from anymc3d.train import register as register_training; register_training(sub)  # noqa: E702 (train, eval)
     _add_extension_commands(sub)
     return parser
 
