@@ -22,6 +22,7 @@ if not os.environ.get("DISPLAY"):
     # No X server: VTK's EGL window renders off screen on Mesa (llvmpipe) or a GPU, with no display.
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
+import slicer  # noqa: E402  (after trame_slicer, which brings slicer-core)
 from trame.app import get_server  # noqa: E402
 from trame.decorators import TrameApp, change, trigger  # noqa: E402
 from trame.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
@@ -36,8 +37,6 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # 
 from .cases import CaseFolder, RecordError  # noqa: E402
 from .chart import colorbar_gradient, importance_svg, slice_from_chart_x  # noqa: E402
 from .session import ReviewSession  # noqa: E402
-
-import slicer  # noqa: E402  (after trame_slicer, which brings slicer-core)
 
 logger = logging.getLogger("anymc3d.review")
 
@@ -196,8 +195,7 @@ class ReviewApp:
     @staticmethod
     def _maximum_ijk(heatmap):
         import numpy as np
-
-        from Logic import outputs
+        from AnyMC3DSlicerLogic import outputs
 
         voxels = outputs.arrayFromVolumeNode(heatmap)
         k, j, i = np.unravel_index(int(np.argmax(voxels)), voxels.shape)
@@ -255,7 +253,7 @@ class ReviewApp:
         session = self.session
         for loaded in session.loaded.values():
             session._set_volume_rendering_visible(loaded, False)
-        from Logic import outputs
+        from AnyMC3DSlicerLogic import outputs
 
         for composite in outputs._nodesByClass(session.scene, "vtkMRMLSliceCompositeNode"):
             composite.SetBackgroundVolumeID(None)

@@ -17,11 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from ._logic_path import ensure_logic_importable
-
-ensure_logic_importable()
-
-from Logic.logic import imageFilesInFolder, imageStem  # noqa: E402
+from AnyMC3DSlicerLogic.logic import imageFilesInFolder, imageStem
 
 RESULTS_DIR = "results"
 HEATMAPS_DIR = "heatmaps"
