@@ -70,7 +70,7 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 2                  # volumes per micro-batch
-    accumulation: int = 2                # micro-batches per optimizer step (over all processes)
+    accumulation: int = 1                # micro-batches per optimizer step (over all processes)
     lr_lora: float = 1e-4
     wd_lora: float = 1e-5
     lr_head: float = 1e-3
@@ -387,7 +387,7 @@ class Trainer:
             mask = m if v == 0 else mask
         return PreparedCase(views=views, mask=mask, target=item.target)
 
-    def _loss(self, items: Sequence[PreparedCase]) -> tuple[torch.Tensor, float]:
+    def _loss(self, items: Sequence[PreparedCase]) -> tuple[torch.Tensor, float, Optional[float]]:
         views, masks, targets = collate(items, len(self.adapters))
         want_tokens = self.decoder is not None and any(it.mask is not None for it in items)
         with self._autocast():
@@ -403,14 +403,16 @@ class Trainer:
                 s = it.views[0].shape[0]
                 logits = self.decoder(out.patch_tokens[0][b:b + 1, :s], it.mask.shape[-2:])  # (1, S, M, M)
                 seg.append(dice_ce_loss(logits, it.mask[None].to(self.device)))
-            loss = loss + self.config.lambda_seg * torch.stack(seg).mean() * (len(seg) / len(items))
-        return loss, float(loss.detach())
+            seg_loss = torch.stack(seg).mean()
+            loss = loss + self.config.lambda_seg * seg_loss * (len(seg) / len(items))
+            return loss, float(loss.detach()), float(seg_loss.detach())
+        return loss, float(loss.detach()), None
 
     def _train_epoch(self, epoch: int, step0: int, total_steps: int) -> tuple[float, int]:
         self.head.train()
         params = list(self.trainable().values())
         warmup = int(self.config.warmup_fraction * total_steps)
-        loss_sum = torch.zeros(2, dtype=torch.float64)
+        loss_sum = torch.zeros(4, dtype=torch.float64)  # loss sum, cases, seg-loss sum, cases with masks
         step = step0
         for micro_batches in self._steps(epoch):
             n_step = sum(len(mb) for mb in micro_batches)
@@ -422,9 +424,10 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
             for mb in micro_batches[self.dist.rank::self.dist.world]:
                 items = [self._augmented(c, epoch) for c in mb]
-                loss, value = self._loss(items)
+                loss, value, seg = self._loss(items)
                 (loss * (len(mb) / n_step)).backward()
-                loss_sum += torch.tensor([value * len(mb), len(mb)], dtype=torch.float64)
+                loss_sum += torch.tensor([value * len(mb), len(mb), (seg or 0.0) * len(mb), len(mb) if seg is not None else 0],
+                                         dtype=torch.float64)
             if self.dist.world > 1:
                 flat = torch.cat([p.grad.reshape(-1) for p in params])
                 self.dist.all_sum(flat)
@@ -435,6 +438,7 @@ class Trainer:
             self.optimizer.step()
             step += 1
         loss_sum = self.dist.all_sum(loss_sum)
+        self.last_seg_loss = float(loss_sum[2] / loss_sum[3]) if loss_sum[3] > 0 else None
         return float(loss_sum[0] / max(1.0, float(loss_sum[1]))), step
 
     # -------------------------------------------------------------- validation
@@ -542,7 +546,7 @@ class Trainer:
             improved = score > best["score"]
             if improved:
                 best = {"epoch": epoch, "score": score, "state": self._snapshot()}
-            history.append({"epoch": epoch, "train_loss": loss, **metrics, "best": improved,
+            history.append({"epoch": epoch, "train_loss": loss, "train_seg_loss": self.last_seg_loss, **metrics, "best": improved,
                             "lr_head": self.optimizer.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2)})
             stopped = epoch - best["epoch"] >= self.config.patience
             epoch += 1
