@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from anymc3d.preprocessing import PreprocessConfig
 
 FORMAT_VERSION = 1
 TASKS = ("multilabel", "multiclass")
+TRAINING_KEY = "anymc3d.training"  # safetensors metadata key of the optional training summary
 
 
 @dataclass
@@ -290,23 +292,28 @@ def _join_tensors(head: TaskPlugin, lora: Sequence[dict[str, torch.Tensor]]) -> 
     return tensors
 
 
-def plugin_bytes(config: PluginConfig, head: TaskPlugin, lora: Sequence[dict[str, torch.Tensor]]) -> tuple[bytes, bytes]:
-    """The two members of a plugin: (plugin.json bytes, plugin.safetensors bytes); sets the weights hash."""
+def plugin_bytes(config: PluginConfig, head: TaskPlugin, lora: Sequence[dict[str, torch.Tensor]],
+                 training: Optional[dict] = None) -> tuple[bytes, bytes]:
+    """The two members of a plugin: (plugin.json bytes, plugin.safetensors bytes); sets the weights hash.
+
+    ``training`` (optional, JSON-serialisable): the training summary, kept in the safetensors header's
+    metadata (covered by the weights hash; readers that do not know it ignore it, so the format stays v1)."""
     if len(lora) != len(config.views):
         raise PluginError(f"plugin {config.name}: {len(lora)} LoRA states for {len(config.views)} views")
     if head.num_classes != len(config.labels):
         raise PluginError(f"plugin {config.name}: head has {head.num_classes} outputs for {len(config.labels)} labels")
-    weights = safetensors.torch.save(_join_tensors(head, lora))
+    metadata = None if training is None else {TRAINING_KEY: json.dumps(training, sort_keys=True)}
+    weights = safetensors.torch.save(_join_tensors(head, lora), metadata=metadata)
     config.weights_sha256 = hashlib.sha256(weights).hexdigest()
     meta = json.dumps(config.to_dict(), indent=2, sort_keys=True).encode()
     return meta, weights
 
 
 def save_plugin(path: os.PathLike | str, config: PluginConfig, head: TaskPlugin,
-                lora: Sequence[dict[str, torch.Tensor]]) -> Path:
+                lora: Sequence[dict[str, torch.Tensor]], training: Optional[dict] = None) -> Path:
     """Write a plugin: a ``.anymc3d`` file, or a folder for any other path. Atomic: temp name, then rename."""
     path = Path(path)
-    meta, weights = plugin_bytes(config, head, lora)
+    meta, weights = plugin_bytes(config, head, lora, training)
     if path.suffix == PLUGIN_SUFFIX:
         with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             for name, data in ((JSON_NAME, meta), (WEIGHTS_NAME, weights)):
@@ -349,3 +356,14 @@ def load_plugin(path: os.PathLike | str) -> LoadedPlugin:
     return LoadedPlugin(config=config, head=head, lora=lora, path=path)
 
 
+def read_training_summary(path: os.PathLike | str) -> Optional[dict]:
+    """The training summary a trained plugin carries (see :func:`plugin_bytes`), or None."""
+    path = Path(path)
+    _, weights = read_members(path)
+    try:
+        (length,) = struct.unpack("<Q", weights[:8])
+        header = json.loads(weights[8:8 + length])
+        raw = (header.get("__metadata__") or {}).get(TRAINING_KEY)
+        return None if raw is None else json.loads(raw)
+    except (struct.error, ValueError, AttributeError) as exc:
+        raise PluginError(f"{path}: unreadable training summary ({exc})") from None
