@@ -65,7 +65,7 @@ KEYBOARD_JS = (
     " const t = e.target; const tag = (t && t.tagName || '').toLowerCase();"
     " if (tag === 'input' || tag === 'textarea' || tag === 'select' || e.altKey || e.ctrlKey || e.metaKey) return;"
     " let view = null; const [x, y] = window.__reviewMouse;"
-    " let el = x >= 0 ? document.elementFromPoint(x, y) : null;"
+    " let el = x >= 0 ? window.document.elementFromPoint(x, y) : null;"
     " while (el && el.querySelectorAll && el.querySelectorAll('.view-label[data-view]').length !== 1) el = el.parentElement;"
     " if (el && el.querySelector) view = el.querySelector('.view-label[data-view]').getAttribute('data-view');"
     " const overSlice = view && view !== 'ThreeD';"
