@@ -173,6 +173,15 @@ class ReviewApp:
             # (about 4x faster than "Normal" on Mesa's llvmpipe, no visible difference for a smooth heatmap).
             view.get_view_node().SetVolumeRenderingQuality(slicer.vtkMRMLViewNode.Adaptive)
             view.get_view_node().SetExpectedFPS(8.0)
+            # where the patient is: an orientation marker (axes) (trame-slicer's 3D view has Slicer's
+            # vtkMRMLOrientationMarkerDisplayableManager)
+            view.set_orientation_marker(slicer.vtkMRMLAbstractViewNode.OrientationMarkerTypeAxes,
+                                        slicer.vtkMRMLAbstractViewNode.OrientationMarkerSizeSmall)
+        for view in self.slicer_app.view_manager.get_slice_views():
+            # the anatomy in 3D: the three CT planes (with their overlay) around the heatmap's volume rendering;
+            # a scale bar in each slice view
+            view.set_visible_in_3d(True)
+            view.set_ruler(slicer.vtkMRMLAbstractViewNode.RulerTypeThin, slicer.vtkMRMLAbstractViewNode.RulerColorWhite)
         self._poll_task = None
         self._cursor_task = None
         self._prefetch_task = None
