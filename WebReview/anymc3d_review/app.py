@@ -601,6 +601,8 @@ class ReviewApp:
                 " .case-list .v-list-item { min-height: 30px !important; }")
             with layout.toolbar:
                 html.Div("{{ folder_name }}", classes="text-caption text-grey ml-2")
+                html.Div("one shared view: every open tab shows the same case", classes="text-caption text-grey ml-4",
+                         title="all tabs of this address share one scene; a case switch in one moves the others")
                 v3.VSpacer()
                 html.Div("n/p (or ↑/↓ outside the views): next / previous case · ↑/↓ over a view: slices · "
                          "m: jump to the maximum",

@@ -277,3 +277,16 @@ def test_most_important_slice_and_chart_click(page, results_json):
     slices = len(result["slice_importance"])
     assert abs(state(page, "cursor_ijk")[axis] - (slices - 1) / 2) <= 1
     assert page.locator(".importance-chart .current-slice").count() == 1
+
+
+def test_ordinary_use_is_never_refused(page, server):
+    """The guard's whitelist covers what the page itself sends: a drag of a slice slider moves the slice, and
+    nothing the tests above did through the page's own controls was refused (only the deliberate bad indices)."""
+    show_case(page, "volume.nii.gz")
+    cursor = state(page, "cursor_ijk")
+    slider = page.locator(".slice-slider").first
+    box = slider.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.1, box["y"] + box["height"] / 2)
+    wait_state(page, f"s('cursor_ijk') && s('cursor_ijk').join(',') !== '{','.join(map(str, cursor))}'")
+    refused = [line for line in server.output().splitlines() if "refused: state change" in line]
+    assert all("'case_index'" in line for line in refused), refused

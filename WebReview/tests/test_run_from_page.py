@@ -120,6 +120,19 @@ def test_forced_rerun_is_refused_and_results_are_kept(run_page, run_server, run_
     assert json.loads(json_path.read_text())[0]["status"] == "ok"
 
 
+def test_rescan_lists_a_file_added_while_the_server_runs(run_page, run_folder):
+    page = run_page
+    before = [case["name"] for case in state(page, "cases")]
+    shown = before[state(page, "shown_case")]
+    write_volume(run_folder / "c_added.nii.gz", (32, 32, 8), seed=11)
+    page.locator(".rescan-button").click()
+    wait_state(page, f"s('cases').length === {len(before) + 1}")
+    after = [case["name"] for case in state(page, "cases")]
+    assert "c_added.nii.gz" in after and set(before) < set(after)
+    assert after[state(page, "shown_case")] == shown  # the shown case stays shown
+    assert next(c for c in state(page, "cases") if c["name"] == "c_added.nii.gz")["status"] == "none"
+
+
 def _backend_of(server, timeout=40.0):
     """The ``anymc3d predict`` process a run started (a descendant of the server), once it exists."""
     deadline = time.monotonic() + timeout
