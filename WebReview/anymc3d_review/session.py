@@ -486,6 +486,11 @@ class ReviewSession:
             inside = 0 <= index < dims[axis]
             letters["slice"] = (f"{index + 1}/{dims[axis]}" if inside else "outside") + \
                 f" · {slice_node.GetSliceOffset():.1f} mm"
+            # the view's in-plane centre (RAS): a jump that pans the view moves it, one that only moves the
+            # slice plane does not
+            normal = to_ras[:3, 2] / np.linalg.norm(to_ras[:3, 2])
+            origin = to_ras[:3, 3]
+            letters["center"] = [round(float(v), 3) for v in origin - float(origin @ normal) * normal]
             result[slice_node.GetName()] = letters
         return result
 
