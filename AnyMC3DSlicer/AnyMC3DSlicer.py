@@ -4,7 +4,10 @@ The Module, a thin Widget that wires Resources/UI/AnyMC3DSlicer.ui to the Logic,
 process work is in the Logic package (``Logic/`` in the source tree, installed as ``AnyMC3DSlicerLogic``).
 """
 
+import hashlib
 import importlib
+import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -29,30 +32,74 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SETTINGS_BACKBONE = "AnyMC3D/BackbonePath"
 SETTINGS_PLUGIN_FOLDER = "AnyMC3D/PluginFolder"
 SAMPLE_NAME = "AnyMC3DSyntheticCT"
+SAMPLE_SHA256 = "385a2ec06beb1726f5cdf0fd0ddab27ab256d1712c4de529679ebbe3c0fa7e86"
+#: Slicer 5.10 ships Python 3.12; the backend needs Python 3.10 or later (Slicer 5.8 ships 3.9).
+MINIMUM_SLICER_VERSION = (5, 10)
+MINIMUM_PYTHON = (3, 10)
+LOGIC_PACKAGE = "AnyMC3DSlicerLogic"
+DEVICE_LABELS = {"auto": "auto", "cuda": "GPU", "cpu": "CPU"}
+
+
+def _loadSourcePackage(name, folder):
+    """Import the package in ``folder`` under ``name`` (no ``sys.path`` change)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    try:
+        spec.loader.exec_module(package)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return package
 
 
 def importLogicPackage():
-    """The Logic package: ``AnyMC3DSlicerLogic`` when installed, ``Logic`` from the source tree."""
+    """The Logic package, always under its one name ``AnyMC3DSlicerLogic``.
+
+    Installed (the extension, or ``pip install -e Logic``): a plain import; the extension installs the package and
+    the ``anymc3d`` backend beside this file, in a folder Slicer puts on ``sys.path``.
+
+    Source tree (Slicer's *Additional module paths* pointing at ``AnyMC3DSlicer/``): the only fallback of the
+    project, used only when the installed package is absent. The repository's ``Logic/`` is loaded as
+    ``AnyMC3DSlicerLogic`` and, if ``anymc3d`` is not importable, ``python_backend/anymc3d`` as ``anymc3d``, by file
+    location: ``sys.path`` is not changed.
+    """
     try:
-        return importlib.import_module("AnyMC3DSlicerLogic")
-    except ModuleNotFoundError:
-        repositoryRoot = os.path.dirname(MODULE_DIR)
-        if repositoryRoot not in sys.path:
-            sys.path.insert(0, repositoryRoot)
-        return importlib.import_module("Logic")
+        return importlib.import_module(LOGIC_PACKAGE)
+    except ModuleNotFoundError as error:
+        if error.name != LOGIC_PACKAGE:
+            raise
+    repositoryRoot = os.path.dirname(MODULE_DIR)
+    try:
+        backendImportable = importlib.util.find_spec("anymc3d") is not None
+    except ImportError:
+        backendImportable = False
+    if not backendImportable:
+        _loadSourcePackage("anymc3d", os.path.join(repositoryRoot, "python_backend", "anymc3d"))
+    return _loadSourcePackage(LOGIC_PACKAGE, os.path.join(repositoryRoot, "Logic"))
+
+
+def checkVersions(slicerVersion=None):
+    """Log an error when Slicer or its Python is older than this module supports; True when supported."""
+    slicerVersion = slicerVersion or (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+    if tuple(slicerVersion) < MINIMUM_SLICER_VERSION or sys.version_info[:2] < MINIMUM_PYTHON:
+        logging.getLogger("AnyMC3D").error(
+            "AnyMC3D needs Slicer %d.%d or later (Python %d.%d or later); this is Slicer %d.%d, Python %d.%d",
+            *MINIMUM_SLICER_VERSION, *MINIMUM_PYTHON, *slicerVersion, *sys.version_info[:2])
+        return False
+    return True
 
 
 LogicPackage = importLogicPackage()
-DEVICES = LogicPackage.parameters.DEVICES
-HEATMAP_METHODS = LogicPackage.parameters.HEATMAP_METHODS
+# after importLogicPackage(), which may load anymc3d from the source tree
+from anymc3d.contract import DEVICES, HEATMAP_METHODS
 
 
 def backendPath():
-    """The folder that holds the ``anymc3d`` package: bundled with the module, else the source tree's."""
-    for candidate in (MODULE_DIR, os.path.join(os.path.dirname(MODULE_DIR), "python_backend")):
-        if os.path.isdir(os.path.join(candidate, "anymc3d")):
-            return candidate
-    return None
+    """The folder that holds the ``anymc3d`` package (put on the backend process's PYTHONPATH)."""
+    import anymc3d
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(anymc3d.__file__)))
 
 
 def resourcePath(*parts):
@@ -60,6 +107,11 @@ def resourcePath(*parts):
         if os.path.exists(os.path.join(root, *parts)):
             return os.path.join(root, *parts)
     return os.path.join(MODULE_DIR, "Resources", *parts)
+
+
+def gpuDriverPresent():
+    """Whether an NVIDIA driver is installed, found without importing torch (for the CPU-time note only)."""
+    return shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia/version")
 
 
 #
@@ -80,6 +132,7 @@ class AnyMC3DSlicer(ScriptedLoadableModule):
             "importance of each slice. Inference runs in a background process; Cancel stops it. "
             "Research use only: not a medical device.")
         self.parent.acknowledgementText = _("Uses timm, peft and PyTorch. Process handling follows SlicerMONAIAuto3DSeg.")
+        checkVersions()
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
@@ -91,7 +144,7 @@ def registerSampleData():
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="AnyMC3D", sampleName=SAMPLE_NAME, uris=qt.QUrl.fromLocalFile(path).toString(),
         fileNames=f"{SAMPLE_NAME}.nrrd", nodeNames=SAMPLE_NAME, thumbnailFileName=resourcePath("Icons", "AnyMC3DSlicer.png"),
-        loadFileType="VolumeFile")
+        checksums=f"SHA256:{SAMPLE_SHA256}", loadFileType="VolumeFile")
 
 
 #
@@ -122,6 +175,7 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._shownDisplay = None
         self._dependenciesChecked = False
 
     def setup(self):
@@ -136,13 +190,14 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.backbonePathLineEdit.currentPath = settings.value(SETTINGS_BACKBONE, "")
         defaultFolder = os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "AnyMC3D", "plugins")
         self.ui.pluginFolderPathLineEdit.currentPath = settings.value(SETTINGS_PLUGIN_FOLDER, defaultFolder)
-        self.ui.deviceComboBox.addItems([_("auto"), _("GPU"), _("CPU")])
+        self.ui.deviceComboBox.addItems([_(DEVICE_LABELS[device]) for device in DEVICES])
         self.ui.heatmapMethodComboBox.addItems(list(HEATMAP_METHODS))
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.hide()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, lambda caller, event: self.hideHeatmapsFromInputSelectors())
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.backbonePathLineEdit.connect("currentPathChanged(QString)", lambda path: qt.QSettings().setValue(SETTINGS_BACKBONE, path))
@@ -155,8 +210,9 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.heatmapMethodComboBox.connect("currentIndexChanged(int)", self.onHeatmapMethodChanged)
         self.ui.resultTableSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onResultTableChanged)
         self.ui.findingsTableView.connect("selectionChanged()", self.onFindingSelected)
-        self.ui.opacitySliderWidget.connect("valueChanged(double)", lambda value: self.updateHeatmapDisplay())
-        self.ui.thresholdSliderWidget.connect("valueChanged(double)", lambda value: self.updateHeatmapDisplay())
+        # The opacity/threshold/volume-rendering widgets are bound to the parameter node ("display.*" in the .ui):
+        # the display follows the node (onParameterNodeModified), never the widgets' signals, which PythonQt would
+        # deliver before the node has the new value when connected before connectGui.
         self.ui.jumpToMaximumButton.connect("clicked(bool)", self.onJumpToMaximum)
         self.ui.jumpToSliceButton.connect("clicked(bool)", self.onJumpToSlice)
         self.ui.batchRunButton.connect("clicked(bool)", self.onBatchRun)
@@ -167,9 +223,8 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         if self.job is not None:
             self.job.cancel()
+        self.setParameterNode(None)
         self.removeObservers()
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
 
     def enter(self):
         self.initializeParameterNode()
@@ -178,6 +233,7 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
         if self.job is not None:
@@ -191,24 +247,49 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            self._parameterNode.inputVolume = next(iter(self.inputVolumeCandidates()), None)
+        self.hideHeatmapsFromInputSelectors()
 
     def setParameterNode(self, parameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = parameterNode
+        self._shownDisplay = None
         if self._parameterNode:
             # Widgets with a SlicerParameterName property in the .ui (e.g. "display.opacity") follow the node.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.ui.deviceComboBox.currentIndex = DEVICES.index(self._parameterNode.options.device)
             self.ui.heatmapMethodComboBox.currentIndex = HEATMAP_METHODS.index(self._parameterNode.options.heatmapMethod)
+
+    def onParameterNodeModified(self, caller=None, event=None):
+        """The parameter node changed (a bound widget, a script, an undo): show the display options it now holds."""
+        display = self._parameterNode.display if self._parameterNode else None
+        shown = None if display is None else (display.opacity, display.threshold, display.volumeRendering)
+        if shown != self._shownDisplay:
+            self._shownDisplay = shown
+            self.updateHeatmapDisplay()
+
+    @staticmethod
+    def isHeatmap(node):
+        return node is not None and node.GetAttribute(LogicPackage.outputs.ROLE_ATTRIBUTE) == "heatmap"
+
+    def inputVolumeCandidates(self):
+        return [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not self.isHeatmap(node)]
+
+    def hideHeatmapsFromInputSelectors(self):
+        """AnyMC3D's own heatmaps are results, never inputs: hide them in the input selectors."""
+        heatmapIds = [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if self.isHeatmap(node)]
+        for selector in (self.ui.inputVolumeSelector, self.ui.secondViewSelector):
+            selector.sortFilterProxyModel().hiddenNodeIDs = heatmapIds
 
     # Plugins
 
     def onPluginFolderChanged(self, folder):
         qt.QSettings().setValue(SETTINGS_PLUGIN_FOLDER, folder)
-        self.pluginLibrary = LogicPackage.PluginLibrary(folder, LogicPackage.plugins.backendMetadataReader(
-            pythonExecutable=self.logic.backendCommand[0], env=self.logic.backendEnvironment()))
+        self.pluginLibrary = LogicPackage.PluginLibrary(folder)  # reads plugin.json only: no torch, no process
         self.refreshPlugins()
 
     def refreshPlugins(self):
@@ -258,7 +339,7 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         device = DEVICES[self.ui.deviceComboBox.currentIndex]
         volume = self._parameterNode.inputVolume if self._parameterNode else None
         if device == "auto":
-            device = "cuda" if self.logic.cudaAvailable() else "cpu"
+            device = "cuda" if gpuDriverPresent() else "cpu"
         if device == "cpu" and volume is not None and volume.GetImageData() is not None:
             seconds = LogicPackage.AnyMC3DSlicerLogic.estimatedSeconds(max(volume.GetImageData().GetDimensions()), "cpu")
             self.ui.deviceNoteLabel.text = _("No GPU in use: expect about {minutes:.0f} min on the CPU.").format(minutes=max(1, seconds / 60))
@@ -301,8 +382,10 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onBatchRun(self):
         folder = self.ui.batchFolderPathLineEdit.currentPath
         plugins = self.selectedPlugins()
-        if not os.path.isdir(folder) or not plugins or not self.ensureDependencies():
+        if not os.path.isdir(folder) or not plugins or not os.path.isfile(self.ui.backbonePathLineEdit.currentPath):
             slicer.util.errorDisplay(_("Select a folder of images, at least one plugin and the backbone weights file."))
+            return
+        if not self.ensureDependencies():
             return
         cases = self.logic.batchCasesFromFolder(folder)
         self.ui.batchResultsTableWidget.setRowCount(0)
@@ -347,6 +430,7 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             outputs = done[-1].outputs
             self._parameterNode.resultTable = outputs.tableNode
             slicer.modules.plots.logic().ShowChartInLayout(outputs.chartNode)
+        self.hideHeatmapsFromInputSelectors()
         failed = [r for r in results if r.status == "failed"]
         if failed and not isinstance(result, list):
             slicer.util.errorDisplay(_("AnyMC3D failed: {message}").format(message=failed[0].message))
@@ -363,11 +447,14 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpToMaximumButton.enabled = self.ui.jumpToSliceButton.enabled = enabled
 
     def selectedRow(self):
+        """The table-node row of the selected findings row (0 when none). The view may sort: its index is mapped to
+        the source model, whose rows are the table's (qMRMLTableModel::mrmlTableRowIndex is not callable from
+        Python: not a slot, Q_INVOKABLE or property)."""
         view = self.ui.findingsTableView
         indexes = view.selectionModel().selectedIndexes() if view.selectionModel() else []
         if not indexes:
             return 0
-        return view.tableModel().mrmlTableRowIndex(view.sortFilterProxyModel().mapToSource(indexes[0]))
+        return int(view.sortFilterProxyModel().mapToSource(indexes[0]).row())
 
     def onFindingSelected(self):
         tableNode = self._parameterNode.resultTable
@@ -395,8 +482,12 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class AnyMC3DSlicerLogic(ScriptedLoadableModuleLogic, LogicPackage.AnyMC3DSlicerLogic):
-    """The module logic: the scene-level Logic on ``slicer.mrmlScene`` plus the parameter node."""
+class AnyMC3DSlicerLogic(LogicPackage.AnyMC3DSlicerLogic, ScriptedLoadableModuleLogic):
+    """The module logic: the scene-level Logic on ``slicer.mrmlScene`` plus the parameter node.
+
+    The package's Logic comes first in the bases: Slicer's ``ScriptedLoadableModuleLogic.__init__`` calls
+    ``super().__init__()`` with no arguments, which must reach ``object``, not the Logic's ``__init__(scene, ...)``.
+    """
 
     def __init__(self, runner=None):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -405,14 +496,6 @@ class AnyMC3DSlicerLogic(ScriptedLoadableModuleLogic, LogicPackage.AnyMC3DSlicer
     def getParameterNode(self):
         return AnyMC3DSlicerParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def cudaAvailable():
-        try:
-            import torch
-        except ImportError:
-            return False
-        return torch.cuda.is_available()
-
 
 #
 # Test
@@ -420,7 +503,12 @@ class AnyMC3DSlicerLogic(ScriptedLoadableModuleLogic, LogicPackage.AnyMC3DSlicer
 
 
 class AnyMC3DSlicerTest(ScriptedLoadableModuleTest):
-    """End to end on the CPU: demo backbone and plugin, a synthetic oblique volume, the real backend process."""
+    """End to end on the CPU: demo backbone and plugin, the shipped sample volume, the real backend process.
+
+    The results are checked against the backend run directly on the sample file (same probabilities within
+    1e-4) and against the contract (probabilities in [0, 1], decisions from the thresholds, slice importance sums
+    to 1, heatmaps max-normalised on the input grid); geometry with a tolerance of 1e-6 of the matrix scale.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -436,7 +524,16 @@ class AnyMC3DSlicerTest(ScriptedLoadableModuleTest):
         finally:
             self.tearDown()
 
+    def assertMatricesClose(self, actual, expected, relative=1e-6):
+        import numpy as np
+
+        actual, expected = slicer.util.arrayFromVTKMatrix(actual), slicer.util.arrayFromVTKMatrix(expected)
+        scale = max(1.0, float(np.abs(expected).max()))
+        self.assertTrue(np.allclose(actual, expected, rtol=0, atol=relative * scale), f"{actual} != {expected}")
+
     def test_EndToEnd(self):
+        import json
+
         import numpy as np
 
         self.delayDisplay("Checking dependencies")
@@ -447,14 +544,50 @@ class AnyMC3DSlicerTest(ScriptedLoadableModuleTest):
         logic = AnyMC3DSlicerLogic()
         subprocess.run([*logic.backendCommand, "demo", self.tempDir], env=logic.backendEnvironment(), check=True,
                        capture_output=True)
+        backbone, plugin = os.path.join(self.tempDir, "backbone.safetensors"), os.path.join(self.tempDir, "plugin.anymc3d")
 
-        self.delayDisplay("Loading the sample volume")
+        self.delayDisplay("Running the backend directly on the sample file (the reference)")
         import SampleData
 
         registerSampleData()
+        samplePath = resourcePath("SampleData", f"{SAMPLE_NAME}.nrrd")
+        with open(samplePath, "rb") as file:
+            self.assertEqual(hashlib.sha256(file.read()).hexdigest(), SAMPLE_SHA256)
+        referenceJson = os.path.join(self.tempDir, "reference.json")
+        subprocess.run([*logic.backendCommand, "predict", samplePath, "--backbone", backbone, "--plugin", plugin,
+                        "--device", "cpu", "--json", referenceJson], env=logic.backendEnvironment(), check=True,
+                       capture_output=True)
+        with open(referenceJson, encoding="utf-8") as file:
+            (reference,) = json.load(file)
+        (referenceResult,) = reference["results"]
+
+        self.delayDisplay("Running the backend through the Logic on the loaded sample volume")
         inputVolume = SampleData.downloadSample(SAMPLE_NAME)
         self.assertIsNotNone(inputVolume)
-        # Make it oblique and anisotropic: the heatmap must follow the exact geometry
+        stages = []
+        result = logic.runPrediction([inputVolume], backbone, [plugin], LogicPackage.PredictionOptions(device="cpu"),
+                                     onProgress=lambda p: stages.append(p.stage), timeout=600)
+        self.assertEqual(result.status, "ok", result.message)
+        self.assertIn("encoding", stages)
+        (backendResult,) = result.outputs.record["results"]
+        table = result.outputs.tableNode
+        self.assertEqual(table.GetNumberOfRows(), len(referenceResult["labels"]))
+        for row, label in enumerate(referenceResult["labels"]):
+            probability = float(table.GetCellText(row, 2))
+            self.assertEqual(table.GetCellText(row, 1), label)
+            self.assertTrue(0.0 <= probability <= 1.0)
+            self.assertAlmostEqual(probability, referenceResult["probabilities"][label], delta=1e-4)
+            threshold = backendResult["thresholds"][label]
+            self.assertEqual(table.GetCellText(row, 4), "positive" if probability >= threshold else "negative")
+        self.assertAlmostEqual(sum(backendResult["slice_importance"]), 1.0, delta=1e-3)
+        self.assertEqual(len(backendResult["slice_importance"]), result.outputs.record["num_slices"])
+        np.testing.assert_allclose(backendResult["slice_importance"], referenceResult["slice_importance"], atol=1e-4)
+        (heatmap,) = result.outputs.heatmapNodes
+        voxels = slicer.util.arrayFromVolume(heatmap)
+        self.assertAlmostEqual(float(voxels.max()), 1.0, delta=1e-5)
+        self.assertGreaterEqual(float(voxels.min()), -1e-6)
+
+        self.delayDisplay("Running again on an oblique, anisotropic copy: the heatmap must follow the geometry")
         ijkToRas = vtk.vtkMatrix4x4()
         inputVolume.GetIJKToRASMatrix(ijkToRas)
         rotation = vtk.vtkTransform()
@@ -464,28 +597,14 @@ class AnyMC3DSlicerTest(ScriptedLoadableModuleTest):
         oblique = vtk.vtkMatrix4x4()
         vtk.vtkMatrix4x4.Multiply4x4(rotation.GetMatrix(), ijkToRas, oblique)
         inputVolume.SetIJKToRASMatrix(oblique)
-
-        self.delayDisplay("Running the backend on the CPU")
-        stages = []
-        result = logic.runPrediction([inputVolume], os.path.join(self.tempDir, "backbone.safetensors"),
-                                     [os.path.join(self.tempDir, "plugin.anymc3d")],
-                                     LogicPackage.PredictionOptions(device="cpu"), onProgress=lambda p: stages.append(p.stage),
-                                     timeout=600)
+        result = logic.runPrediction([inputVolume], backbone, [plugin], LogicPackage.PredictionOptions(device="cpu"), timeout=600)
         self.assertEqual(result.status, "ok", result.message)
-        self.assertIn("encoding", stages)
-
-        outputs = result.outputs
-        (backendResult,) = outputs.record["results"]
-        table = outputs.tableNode
-        self.assertEqual(table.GetNumberOfRows(), len(backendResult["labels"]))
-        for row, label in enumerate(backendResult["labels"]):
-            self.assertEqual(table.GetCellText(row, 1), label)
-            self.assertAlmostEqual(float(table.GetCellText(row, 2)), backendResult["probabilities"][label], places=5)
-
-        (heatmap,) = outputs.heatmapNodes
-        heatmapMatrix = vtk.vtkMatrix4x4()
+        (heatmap,) = result.outputs.heatmapNodes
+        heatmapMatrix, inputMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
         heatmap.GetIJKToRASMatrix(heatmapMatrix)
-        self.assertTrue(np.array_equal(slicer.util.arrayFromVTKMatrix(heatmapMatrix), slicer.util.arrayFromVTKMatrix(oblique)))
+        inputVolume.GetIJKToRASMatrix(inputMatrix)
+        self.assertMatricesClose(heatmapMatrix, inputMatrix)  # the node re-decomposes the matrix (~1e-17 off)
+        self.assertMatricesClose(heatmapMatrix, oblique)
         self.assertEqual(heatmap.GetImageData().GetDimensions(), inputVolume.GetImageData().GetDimensions())
         self.assertEqual(heatmap.GetDisplayNode().GetColorNode().GetName(), LogicPackage.outputs.COLOR_TABLE_NAME)
         volumeRendering = slicer.modules.volumerendering.logic().GetFirstVolumeRenderingDisplayNode(heatmap)
@@ -493,5 +612,5 @@ class AnyMC3DSlicerTest(ScriptedLoadableModuleTest):
         self.assertTrue(volumeRendering.GetVisibility())
         for compositeNode in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):  # none with --no-main-window
             self.assertEqual(compositeNode.GetForegroundVolumeID(), heatmap.GetID())
-        self.assertEqual(outputs.chartNode.GetNumberOfPlotSeriesNodes(), 1)
+        self.assertEqual(result.outputs.chartNode.GetNumberOfPlotSeriesNodes(), 1)
         self.delayDisplay("Test passed")

@@ -1,20 +1,25 @@
 """Python packages the backend needs inside Slicer: checked on the first Apply, installed after confirmation.
 
-``missingPackages()`` works anywhere; ``install()`` needs the Slicer application (``slicer.util.pip_install``,
-the PyTorch extension's ``PyTorchUtils``). Packages Slicer ships (numpy, SimpleITK, requests) are never replaced.
+The list is the backend's own (``anymc3d.contract.requirements()``, read from its package metadata, with its
+pins such as ``timm<1.1``), never a second hand-kept list. Each requirement is routed:
+
+- ``torch`` and ``torchvision``: the PyTorch extension's ``PyTorchUtils`` (it picks the wheel for the GPU driver);
+- packages Slicer ships (numpy, SimpleITK): never replaced by pip inside Slicer; a too-old one is reported;
+- everything else (timm, peft, safetensors, nibabel, jsonschema, tqdm, ...): ``slicer.util.pip_install`` with
+  the backend's version specifiers.
+
+``plan()`` and ``missingPackages()`` work anywhere, without torch; ``install()`` needs the Slicer application.
+Versions are read from distribution metadata (nothing is imported), so checking is fast and never loads torch.
 """
 
-import importlib.util
+import importlib
+import importlib.metadata
 
-TORCH_REQUIREMENT = ">=2.4"
-# import name -> pip requirement (versions the project is tested with, python_backend/constraints.txt)
-PIP_REQUIREMENTS = {
-    "timm": "timm>=1.0.20",
-    "peft": "peft>=0.17",
-    "safetensors": "safetensors",
-    "nibabel": "nibabel",
-}
-SHIPPED_WITH_SLICER = ("numpy", "SimpleITK")
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+TORCH_DISTRIBUTIONS = ("torch", "torchvision")  # installed through PyTorchUtils
+SHIPPED_WITH_SLICER = ("numpy", "simpleitk")  # canonical names; Slicer's own copies are never replaced
 
 
 class InstallError(RuntimeError):
@@ -26,40 +31,69 @@ class InstallError(RuntimeError):
         self.restartRequired = restartRequired
 
 
+def backendRequirements():
+    """The backend's requirements (strings), from ``anymc3d.contract`` (torch-free, importable in a fresh Slicer)."""
+    from anymc3d.contract import requirements
+
+    return list(requirements())
+
+
+def installedVersion(distribution):
+    """The installed version of a distribution, or None (read from metadata: nothing is imported)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 class DependencyChecker:
     """Args:
-        backendRequirement: pip requirement of the backend, or None when the extension bundles ``anymc3d``.
-        findSpec: ``importlib.util.find_spec``-like function (tests pass a fake).
+        requirements: requirement strings; default the backend's (``anymc3d.contract.requirements()``).
+        versionOf: ``distribution name -> version or None``; default from installed metadata (tests pass a fake).
     """
 
-    def __init__(self, backendRequirement=None, findSpec=None):
-        self.backendRequirement = backendRequirement
-        self.findSpec = findSpec or importlib.util.find_spec
+    def __init__(self, requirements=None, versionOf=None):
+        self.requirements = [Requirement(r) for r in (requirements if requirements is not None else backendRequirements())]
+        self.versionOf = versionOf or installedVersion
 
-    def _isImportable(self, name):
-        try:
-            return self.findSpec(name) is not None
-        except (ImportError, ValueError):
-            return False
+    def _applies(self, requirement):
+        return requirement.marker is None or requirement.marker.evaluate()
+
+    def isSatisfied(self, requirement):
+        version = self.versionOf(requirement.name)
+        return version is not None and requirement.specifier.contains(version, prereleases=True)
+
+    def unsatisfied(self):
+        """The requirements that are missing or installed at a version outside the backend's specifier."""
+        return [r for r in self.requirements if self._applies(r) and not self.isSatisfied(r)]
 
     def missingPackages(self):
-        """Import names that cannot be imported: torch first, then the pip packages, then the backend."""
-        names = ["torch", *PIP_REQUIREMENTS]
-        if self.backendRequirement:
-            names.append("anymc3d")
-        return [name for name in names if not self._isImportable(name)]
+        """Distribution names of the unsatisfied requirements (empty: nothing to install)."""
+        return [r.name for r in self.unsatisfied()]
 
-    def missingShippedPackages(self):
-        return [name for name in SHIPPED_WITH_SLICER if not self._isImportable(name)]
+    def plan(self, missing=None):
+        """How the unsatisfied requirements would be installed: ``{"torch": [...], "pip": [...], "shipped": [...]}``
+        (requirement strings; "shipped" ones cannot be fixed from the module)."""
+        missing = set(self.missingPackages() if missing is None else missing)
+        routes = {"torch": [], "pip": [], "shipped": []}
+        for requirement in self.requirements:
+            if requirement.name not in missing:
+                continue
+            name = canonicalize_name(requirement.name)
+            route = "torch" if name in TORCH_DISTRIBUTIONS else "shipped" if name in SHIPPED_WITH_SLICER else "pip"
+            routes[route].append(str(requirement))
+        return routes
 
     def installDescription(self, missing):
-        lines = []
-        if "torch" in missing:
-            lines.append(f"PyTorch {TORCH_REQUIREMENT} (through the PyTorch extension)")
-        lines += [PIP_REQUIREMENTS[name] for name in missing if name in PIP_REQUIREMENTS]
-        if "anymc3d" in missing:
-            lines.append(self.backendRequirement)
-        return lines
+        """Lines for the confirmation dialog."""
+        routes = self.plan(missing)
+        lines = [f"{r} (through the PyTorch extension)" for r in routes["torch"]]
+        return lines + routes["pip"]
+
+    def torchSpecifiers(self):
+        """(torch specifier, torchvision specifier) for ``PyTorchUtilsLogic.installTorch``, e.g. (">=2.3", "")."""
+        specifiers = {canonicalize_name(r.name): str(r.specifier) for r in self.requirements}
+        return specifiers.get("torch", ""), specifiers.get("torchvision", "")
 
     def install(self, missing, confirm):
         """Install ``missing`` after ``confirm(listOfLines) -> bool``. Raises InstallError (maybe restartRequired)."""
@@ -67,24 +101,24 @@ class DependencyChecker:
 
         if not missing:
             return
+        routes = self.plan(missing)
+        if routes["shipped"]:
+            raise InstallError(f"This Slicer's {', '.join(routes['shipped'])} is too old for AnyMC3D: update Slicer.")
         if not confirm(self.installDescription(missing)):
             raise InstallError("The required Python packages are not installed.")
-        if "torch" in missing:
+        if routes["torch"]:
             try:
                 import PyTorchUtils
             except ImportError as error:
                 raise InstallError("This module needs PyTorch: install the 'PyTorch' extension from the Extensions "
                                    "Manager, restart Slicer and try again.") from error
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
-                if torch is None:
-                    raise InstallError("PyTorch could not be installed.")
-        pipRequirements = [PIP_REQUIREMENTS[name] for name in missing if name in PIP_REQUIREMENTS]
-        if "anymc3d" in missing:
-            pipRequirements.append(self.backendRequirement)
-        if pipRequirements:
-            slicer.util.pip_install(pipRequirements)
+            torchSpecifier, torchvisionSpecifier = self.torchSpecifiers()
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=torchSpecifier, torchvisionVersionRequirement=torchvisionSpecifier)
+            if torch is None:
+                raise InstallError("PyTorch could not be installed.")
+        if routes["pip"]:
+            slicer.util.pip_install(routes["pip"])
         importlib.invalidate_caches()
         stillMissing = self.missingPackages()
         if stillMissing:

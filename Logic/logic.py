@@ -11,7 +11,6 @@ The temporary folder is removed whatever the outcome; a failed or cancelled run 
 import dataclasses
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -19,12 +18,21 @@ import time
 
 import numpy as np
 import slicer
+from anymc3d.contract import (
+    FINDING_METHODS,
+    HEATMAP_FORMATS,
+    heatmap_name,
+    image_stem,
+    is_image_name,
+    safe_name,
+    validate_record,
+    validate_records,
+)
 
 from . import outputs
-from .parameters import GRADIENT_METHODS, DisplayOptions, PredictionOptions
+from .parameters import DisplayOptions, PredictionOptions
 from .process import ExitCode, SubprocessRunner, lastErrorLine, parseEventLine
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 INPUT_FORMAT = "nrrd"  # NRRD stores the geometry in double precision (NIfTI in float32): IJK-to-RAS kept exactly
 
 # Share of the progress bar per stage of one case.
@@ -76,21 +84,20 @@ class CaseResult:
 
 
 def fileSafe(name):
-    """File-safe name, as the backend makes label and plugin names (``[^A-Za-z0-9_.-]`` -> ``_``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(name)) or "volume"
+    """File-safe name of a node, by the contract's rule (``anymc3d.contract.safe_name``); never empty."""
+    return safe_name(str(name)) or "volume"
 
 
 def imageStem(path):
-    name = os.path.basename(path)
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
+    """The contract's image stem (``case1`` for ``case1.nii.gz``)."""
+    return image_stem(str(path))
 
 
 def imageFilesInFolder(folder):
+    """The cases of a folder: finished image files by the contract's rule (the backend's own ``.partial`` and
+    hidden files are never cases)."""
     return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                  if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(folder, name)))
+                  if is_image_name(name) and os.path.isfile(os.path.join(folder, name)))
 
 
 def defaultRunner():
@@ -155,6 +162,7 @@ class PredictionJob:
         self.events = []
         self.caseErrors = []
         self.result = None
+        self.heatmapStem = None  # the stem the backend names this case's heatmaps by (set by startPrediction)
         self._caseBase = None
 
     @property
@@ -212,7 +220,8 @@ class PredictionJob:
         else:
             try:
                 self._report(Progress("importing", STAGE_RANGES["importing"][0]))
-                record = self.logic.readRecord(self.jsonPath, self.pluginCount, self.tempDir, self.options)
+                record = self.logic.readRecord(self.jsonPath, self.pluginCount, self.tempDir, self.options,
+                                               heatmapStem=self.heatmapStem)
                 importedOutputs = self.logic.importResults(record, self.inputs, self.options, self.displayOptions)
                 result = CaseResult(self.name, "ok", "", 0, importedOutputs)
             except Exception as error:  # noqa: BLE001 - a failed import is a failed case (scene rolled back)
@@ -358,6 +367,7 @@ class AnyMC3DSlicerLogic:
             job = PredictionJob(self, name, inputs, None, tempDir, 1 if options.ensemble else len(pluginPaths),
                                 options, displayOptions, onProgress, onFinished)
             os.makedirs(job.heatmapDir)
+            job.heatmapStem = imageStem(imagePaths[0])
             job.command = self.buildCommand(["+".join(imagePaths)], backbonePath, pluginPaths, job.heatmapDir, job.jsonPath, options)
         except Exception:
             shutil.rmtree(tempDir, ignore_errors=True)
@@ -402,34 +412,43 @@ class AnyMC3DSlicerLogic:
 
     # Results ------------------------------------------------------------------------------------------------
 
-    def readRecord(self, jsonPath, pluginCount, tempDir, options):
-        """Read the backend's JSON and check that every expected output exists (else raise ValueError)."""
+    def readRecord(self, jsonPath, pluginCount, tempDir, options, heatmapStem=None):
+        """Read the backend's JSON (checked by the contract's ``validate_records``) and check its one record."""
         if not os.path.isfile(jsonPath):
             raise ValueError(f"The backend wrote no result file {jsonPath}")
         with open(jsonPath, encoding="utf-8") as file:
-            records = json.load(file)
-        if not isinstance(records, list) or len(records) != 1:
-            raise ValueError("Expected one JSON record")
-        return self.checkRecord(records[0], pluginCount, tempDir, options)
+            records = validate_records(json.load(file))
+        if len(records) != 1:
+            raise ValueError(f"{jsonPath}: expected one JSON record, got {len(records)}")
+        return self.checkRecord(records[0], pluginCount, tempDir, options, heatmapStem=heatmapStem)
 
-    def checkRecord(self, record, pluginCount, rootDir, options):
-        """Check one record: status ok, one result per plugin, every heatmap present and inside ``rootDir``."""
-        if record.get("status") != "ok":
+    def checkRecord(self, record, pluginCount, rootDir, options, heatmapStem=None):
+        """Check one record: the contract (``anymc3d.contract.validate_record``: fields, types, probabilities,
+        decisions), then what this run asked for: status ok, one result per plugin, the heatmap method's maps,
+        each present, inside ``rootDir`` and, given ``heatmapStem``, named by the contract's ``heatmap_name``."""
+        validate_record(record)
+        if record["status"] != "ok":
             raise ValueError(record.get("error") or "The case failed")
-        results = record.get("results") or []
+        results = record["results"]
         if len(results) != pluginCount:
             raise ValueError(f"Expected {pluginCount} plugin result(s), got {len(results)}")
-        gradient = options.heatmapMethod in GRADIENT_METHODS
+        gradient = options.heatmapMethod in FINDING_METHODS
+        root = os.path.realpath(rootDir)
         for result in results:
-            paths = list((result.get("finding_heatmaps") or {}).values()) if gradient else [result.get("heatmap")]
-            if gradient and set(result.get("finding_heatmaps") or {}) != set(result["labels"]):
+            if gradient and set(result["finding_heatmaps"]) != set(result["labels"]):
                 raise ValueError(f"Plugin {result['plugin']}: expected one heatmap per finding")
-            for path in paths:
+            maps = dict(result["finding_heatmaps"]) if gradient else {None: result["heatmap"]}
+            for label, path in maps.items():
                 if not path or not os.path.isfile(path):
                     raise ValueError(f"Plugin {result['plugin']}: heatmap file missing ({path})")
-                if os.path.commonpath([os.path.realpath(path), os.path.realpath(rootDir)]) != os.path.realpath(rootDir):
+                if os.path.commonpath([os.path.realpath(path), root]) != root:
                     raise ValueError(f"Plugin {result['plugin']}: heatmap outside the run's folder ({path})")
-            if len(result.get("slice_importance") or []) != int(record["num_slices"]):
+                if heatmapStem is not None:
+                    names = {heatmap_name(heatmapStem, result["plugin"], label, fmt) for fmt in HEATMAP_FORMATS}
+                    if os.path.basename(path) not in names:
+                        raise ValueError(f"Plugin {result['plugin']}: heatmap {path} is not named by the contract "
+                                         f"({' or '.join(sorted(names))})")
+            if len(result["slice_importance"]) != int(record["num_slices"]):
                 raise ValueError(f"Plugin {result['plugin']}: slice importance does not have num_slices values")
         return record
 
@@ -464,7 +483,7 @@ class AnyMC3DSlicerLogic:
         inputName = inputNode.GetName()
         pluginTitle = " + ".join(uniqueNames)
         colorNode = outputs.heatmapColorTableNode(self.scene)
-        gradient = options.heatmapMethod in GRADIENT_METHODS
+        gradient = options.heatmapMethod in FINDING_METHODS
 
         rows, rowHeatmaps, heatmapNodes = [], [], []
         for pluginName, result in zip(uniqueNames, results):

@@ -91,7 +91,6 @@ def heatmapColorTableNode(scene):
     colorNode = scene.AddNewNodeByClass("vtkMRMLColorTableNode", COLOR_TABLE_NAME)
     colorNode.SetTypeToUser()
     colorNode.SetNumberOfColors(256)
-    colorNode.SetNamesInitialised(True)
     for index in range(256):
         r, g, b = heatmapColor(index / 255.0)
         colorNode.SetColor(index, f"{index / 255.0:.3f}", r, g, b, 1.0)

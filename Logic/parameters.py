@@ -8,6 +8,8 @@ plain dataclass, so the Logic takes the same objects in both places.
 import dataclasses
 from typing import Annotated
 
+from anymc3d.contract import DEVICES, GRADIENT_METHODS, HEATMAP_METHODS  # noqa: F401 (the contract's, re-exported)
+
 try:
     from slicer.parameterNodeWrapper import Choice, Maximum, Minimum, parameterPack
 except ImportError:  # slicer-core has no parameterNodeWrapper
@@ -21,11 +23,6 @@ except ImportError:  # slicer-core has no parameterNodeWrapper
 
     def Maximum(value):
         return ("maximum", value)
-
-
-DEVICES = ("auto", "cuda", "cpu")
-HEATMAP_METHODS = ("attention", "rollout", "grad_rollout", "grad_last")
-GRADIENT_METHODS = ("grad_rollout", "grad_last")
 
 
 @parameterPack

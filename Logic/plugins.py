@@ -1,12 +1,19 @@
-"""The installed task plugins: a folder of ``*.anymc3d`` plugins that can be listed, imported and removed."""
+"""The installed task plugins: a folder of plugins (``*.anymc3d`` files or plugin folders) that can be listed,
+imported and removed.
 
-import json
+Listing reads each plugin's ``plugin.json`` with ``anymc3d.plugin_file`` (standard library only: no torch, no
+child process), so opening the module is quick and works before the backend's dependencies are installed.
+"""
+
 import os
 import shutil
-import subprocess
-import sys
 
-PLUGIN_SUFFIX = ".anymc3d"
+from anymc3d.plugin_file import (
+    PLUGIN_SUFFIX,
+    find_plugins,
+    is_plugin_path,
+    read_plugin_json,
+)
 
 
 class PluginInfo:
@@ -44,41 +51,20 @@ def _views(metadata):
     return []
 
 
-def backendMetadataReader(pythonExecutable=None, env=None, timeout=120, inProcess=True):
-    """A metadata reader: ``anymc3d.plugin.read_plugin_metadata`` when importable (and ``inProcess``), else
-    ``anymc3d info P --json`` in a child process."""
-
-    def read(path):
-        read_plugin_metadata = None
-        if inProcess:
-            try:
-                from anymc3d.plugin import read_plugin_metadata
-            except ImportError:
-                pass
-        if read_plugin_metadata is not None:
-            return read_plugin_metadata(path)
-        command = [pythonExecutable or sys.executable, "-m", "anymc3d", "info", str(path), "--json"]
-        completed = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=timeout)
-        if completed.returncode != 0:
-            message = (completed.stderr.strip().splitlines() or ["unknown error"])[-1]
-            raise ValueError(f"Cannot read plugin {path}: {message}")
-        return json.loads(completed.stdout)
-
-    return read
-
-
 class PluginLibrary:
-    """The plugins folder (configurable). ``metadataReader(path) -> dict`` reads one plugin's metadata."""
+    """The plugins folder (configurable). ``metadataReader(path) -> dict`` reads one plugin's metadata; default
+    ``anymc3d.plugin_file.read_plugin_json`` (schema-checked, torch-free)."""
 
     def __init__(self, folder, metadataReader=None):
         self.folder = os.path.abspath(folder)
-        self.metadataReader = metadataReader or backendMetadataReader()
+        self.metadataReader = metadataReader or read_plugin_json
         self._cache = {}
 
     def pluginPaths(self):
+        """Finished plugins of the folder (a plugin being written, a hidden or ``.partial`` entry, is skipped)."""
         if not os.path.isdir(self.folder):
             return []
-        return sorted(os.path.join(self.folder, name) for name in os.listdir(self.folder) if name.endswith(PLUGIN_SUFFIX))
+        return [str(path) for path in find_plugins(self.folder)]
 
     def plugins(self):
         """Return (plugins, problems): the readable plugins and a list of (path, message) for unreadable ones."""
@@ -99,8 +85,8 @@ class PluginLibrary:
     def importPlugin(self, sourcePath, overwrite=False):
         """Copy a plugin (file or folder) into the folder after checking that its metadata can be read."""
         sourcePath = os.path.abspath(sourcePath)
-        if not sourcePath.endswith(PLUGIN_SUFFIX):
-            raise ValueError(f"A plugin file ends with {PLUGIN_SUFFIX}: {sourcePath}")
+        if not is_plugin_path(sourcePath):
+            raise ValueError(f"Not a plugin (a {PLUGIN_SUFFIX} file or a folder holding plugin.json): {sourcePath}")
         metadata = self.metadataReader(sourcePath)  # raises on a bad plugin: nothing copied
         PluginInfo(sourcePath, metadata)
         os.makedirs(self.folder, exist_ok=True)
@@ -119,7 +105,7 @@ class PluginLibrary:
 
     def removePlugin(self, path):
         path = os.path.abspath(path)
-        if os.path.dirname(path) != self.folder or not path.endswith(PLUGIN_SUFFIX):
+        if os.path.dirname(path) != self.folder or not is_plugin_path(path):
             raise ValueError(f"Not a plugin of {self.folder}: {path}")
         if os.path.isdir(path):
             shutil.rmtree(path)

@@ -245,6 +245,7 @@ class QProcessRunner(ProcessRunner):
         self._callbacks = None
         self._buffers = {"stdout": "", "stderr": ""}
         self._cancelled = False
+        self._retired = []  # finished QProcess objects, kept until control is back in the event loop
 
     def start(self, command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None):
         import qt
@@ -278,13 +279,24 @@ class QProcessRunner(ProcessRunner):
             callback(line.rstrip("\r"))
 
     def _onFinished(self, exitCode, exitStatus=None):
+        import qt
+
         for kind in ("stdout", "stderr"):
             self._onReadyRead(kind)
             if self._buffers[kind]:
                 (self._callbacks[0] if kind == "stdout" else self._callbacks[1])(self._buffers[kind])
                 self._buffers[kind] = ""
-        self._process = None
+        # This runs inside the QProcess's own finished() signal. PythonQt deletes a parentless QObject made from
+        # Python as soon as its last Python reference goes, even while that object's signal is being dispatched.
+        # So the finished process is kept in _retired and released by a zero-time timer, i.e. back in the event
+        # loop after this handler (and a next start() made from onFinished, as a batch does) has returned.
+        process, self._process = self._process, None
+        self._retired.append(process)
+        qt.QTimer.singleShot(0, self._releaseRetired)
         self._callbacks[2](ExitCode.CANCELLED if self._cancelled else exitCode)
+
+    def _releaseRetired(self):
+        self._retired = []
 
     def cancel(self):
         if self.isRunning():

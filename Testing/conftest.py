@@ -1,6 +1,6 @@
 """Fixtures of the Logic tests (helpers in slicer_testing.py).
 
-Run from the repository root: ``PYTHONPATH=python_backend:. pytest -q Testing``. Testing is a package, so this
+Run from the repository root after ``pip install -e Logic`` (scripts/test.sh does it): ``pytest -q Testing``. Testing is a package, so this
 module is ``Testing.conftest`` and does not replace the backend tests' ``conftest`` in a run over both folders.
 """
 
@@ -16,9 +16,17 @@ from .slicer_testing import (
     FAKE_BACKEND,
     FakeRunner,
     SceneContext,
+    makeDemo,
     writeFakePlugin,
     writeObliqueVolume,
 )
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The backend's demo backbone, plugin and volume, made once per session (``anymc3d demo``)."""
+    pytest.importorskip("anymc3d.cli", reason="the anymc3d backend CLI is not importable")
+    return makeDemo(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture
@@ -49,7 +57,7 @@ def tempRoot(tmp_path):
 @pytest.fixture
 def fakeLogic(sceneContext, tempRoot):
     """The Logic running the fake backend script through the real SubprocessRunner."""
-    from Logic import AnyMC3DSlicerLogic, SubprocessRunner
+    from AnyMC3DSlicerLogic import AnyMC3DSlicerLogic, SubprocessRunner
 
     def make(mode="ok", extraEnv=None):
         os.environ["FAKE_ANYMC3D_MODE"] = mode

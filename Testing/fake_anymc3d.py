@@ -12,28 +12,17 @@ no heatmap file: a contract breach the Logic must catch).
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
+
+from anymc3d.contract import GRADIENT_METHODS, PARTIAL_MARKER, heatmap_name, image_stem
 
 MODE = os.environ.get("FAKE_ANYMC3D_MODE", "ok")
 
 
 def emit(**event):
     print(json.dumps(event), flush=True)
-
-
-def safe(name):
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-def stem(path):
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def predictOne(image, plugins, args, index, cases):
@@ -43,7 +32,10 @@ def predictOne(image, plugins, args, index, cases):
     emit(event="progress", case=index, cases=cases, image=image, stage="reading", done=0, total=1)
     if MODE == "fail":
         raise ValueError(f"Cannot read {image}: not a valid image")
-    itkImage = sitk.ReadImage(image.split("+")[0])
+    try:
+        itkImage = sitk.ReadImage(image.split("+")[0])
+    except RuntimeError:
+        raise ValueError(f"{image}: not a readable image") from None
     voxels = sitk.GetArrayFromImage(itkImage).astype(np.float32)  # (K, J, I)
     numSlices = voxels.shape[0]
     for done in range(1, numSlices + 1):
@@ -58,15 +50,15 @@ def predictOne(image, plugins, args, index, cases):
     emit(event="progress", case=index, cases=cases, image=image, stage="writing", done=0, total=1)
     results = []
     for pluginIndex, plugin in enumerate(plugins):
-        gradient = args.heatmap_method in ("grad_rollout", "grad_last")
+        gradient = args.heatmap_method in GRADIENT_METHODS
         heatmaps = {}
         for label in (plugin["labels"] if gradient else [None]):
-            name = f"{stem(image.split('+')[0])}__{safe(plugin['name'])}" + (f"__{safe(label)}" if label else "")
-            path = os.path.abspath(os.path.join(args.heatmap, f"{name}.{args.heatmap_format}"))
+            name = heatmap_name(image_stem(image.split("+")[0]), plugin["name"], label, args.heatmap_format)
+            path = os.path.abspath(os.path.join(args.heatmap, name))
             out = sitk.GetImageFromArray(np.clip(heat * (1.0 - 0.1 * pluginIndex) ** (1 + len(heatmaps)), 0, 1).astype(np.float32))
             out.CopyInformation(itkImage)
             if MODE != "missing_heatmap":
-                temporary = path + ".tmp." + args.heatmap_format
+                temporary = os.path.join(args.heatmap, f".{name}{PARTIAL_MARKER}.{args.heatmap_format}")
                 sitk.WriteImage(out, temporary)
                 os.replace(temporary, path)
             heatmaps[label] = path
@@ -75,7 +67,7 @@ def predictOne(image, plugins, args, index, cases):
             "plugin": plugin["name"], "plugin_path": plugin["path"], "task": plugin["task"], "labels": plugin["labels"],
             "probabilities": probabilities, "probabilities_raw": probabilities, "thresholds": plugin["thresholds"],
             "decisions": {label: probabilities[label] >= plugin["thresholds"][label] for label in plugin["labels"]},
-            "slice_importance": importance.tolist(), "heatmap_method": args.heatmap_method,
+            "slicing_axis": 2, "slice_importance": importance.tolist(), "heatmap_method": args.heatmap_method,
             "heatmap": None if gradient else heatmaps[None],
             "finding_heatmaps": {label: path for label, path in heatmaps.items() if label} if gradient else {},
         })
@@ -86,9 +78,6 @@ def predictOne(image, plugins, args, index, cases):
 def main():
     parser = argparse.ArgumentParser(prog="anymc3d")
     commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info")
-    info.add_argument("plugin")
-    info.add_argument("--json", action="store_true")
     predict = commands.add_parser("predict")
     predict.add_argument("images", nargs="+")
     predict.add_argument("--backbone", required=True)
@@ -102,10 +91,6 @@ def main():
     predict.add_argument("--chunk-size", type=int, default=32)
     predict.add_argument("--progress", default="bar")
     args = parser.parse_args()
-    if args.command == "info":
-        with open(args.plugin) as file:
-            print(json.dumps(json.load(file)))
-        return 0
     if MODE == "fatal":
         print("anymc3d: error: the backbone file is not a safetensors file", file=sys.stderr)
         return 2

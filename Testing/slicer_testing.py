@@ -6,6 +6,7 @@ both folders must not mix the two modules named conftest up.)
 import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,8 +14,7 @@ import SimpleITK as sitk
 import slicer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+BACKEND_PATH = os.path.join(REPO_ROOT, "python_backend")
 FAKE_BACKEND = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_anymc3d.py")
 
 
@@ -107,6 +107,22 @@ class FakeRunner:
             if self.cancelled:
                 break
         self._pending = None
-        from Logic import ExitCode
+        from AnyMC3DSlicerLogic import ExitCode
 
         onFinished(ExitCode.CANCELLED if self.cancelled else exitCode)
+
+
+def backendEnv(extraPaths=()):
+    """This environment with the worktree's backend first on PYTHONPATH (for child processes)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*extraPaths, BACKEND_PATH, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def makeDemo(folder):
+    """``anymc3d demo``: a tiny backbone, a plugin made for it and a volume."""
+    completed = subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder)], check=False, env=backendEnv(),
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    return {"backbone": str(folder / "backbone.safetensors"), "plugin": str(folder / "plugin.anymc3d"),
+            "volume": str(folder / "volume.nii.gz")}

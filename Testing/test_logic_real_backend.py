@@ -6,14 +6,12 @@ Skipped when the backend is not importable. The demo backbone and plugin come fr
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from Logic import (
+from AnyMC3DSlicerLogic import (
     AnyMC3DSlicerLogic,
     DisplayOptions,
     ExitCode,
@@ -21,29 +19,11 @@ from Logic import (
     PredictionOptions,
     SubprocessRunner,
 )
-from Logic import outputs as out
-from Logic.plugins import backendMetadataReader
+from AnyMC3DSlicerLogic import outputs as out
 
-from .slicer_testing import REPO_ROOT, writeObliqueVolume
+from .slicer_testing import BACKEND_PATH, writeObliqueVolume
 
 pytest.importorskip("anymc3d.cli", reason="the anymc3d backend CLI is not importable")
-BACKEND_PATH = os.path.join(REPO_ROOT, "python_backend")
-
-
-def backendEnv():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (BACKEND_PATH, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("demo")
-    completed = subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder)], check=False, env=backendEnv(),
-                               capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr
-    return {"backbone": str(folder / "backbone.safetensors"), "plugin": str(folder / "plugin.anymc3d"),
-            "volume": str(folder / "volume.nii.gz")}
 
 
 @pytest.fixture
@@ -176,17 +156,9 @@ def test_real_backend_fatal_error_is_a_clear_message(sceneContext, realLogic, de
     assert sceneContext.nodeCount() == before
 
 
-def test_plugin_library_info_subprocess(demo, tmp_path):
-    """Without the backend importable in Slicer's Python, metadata come from ``anymc3d info P --json``."""
-    folder = tmp_path / "plugins"
-    folder.mkdir()
-    shutil.copy(demo["plugin"], folder)
-    plugins, problems = PluginLibrary(folder, backendMetadataReader(env=backendEnv(), inProcess=False)).plugins()
-    assert problems == [] and [(p.name, p.labels) for p in plugins] == [("demo_findings", ["lesion", "effusion", "fracture"])]
-
-
 def test_plugin_library_with_real_plugin(demo, tmp_path):
-    library = PluginLibrary(tmp_path / "plugins", backendMetadataReader(env=backendEnv()))
+    """The default reader (anymc3d.plugin_file: plugin.json only) lists, imports and removes real plugins."""
+    library = PluginLibrary(tmp_path / "plugins")
     assert library.plugins() == ([], [])
     info = library.importPlugin(demo["plugin"])
     assert info.name == "demo_findings" and info.task == "multilabel"

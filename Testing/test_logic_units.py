@@ -6,9 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from Logic import DependencyChecker, ExitCode, PluginLibrary, SubprocessRunner
-from Logic.process import lastErrorLine, parseEventLine
+from AnyMC3DSlicerLogic import (
+    DependencyChecker,
+    ExitCode,
+    PluginLibrary,
+    SubprocessRunner,
+)
+from AnyMC3DSlicerLogic.process import lastErrorLine, parseEventLine
 
 
 def test_parse_event_line():
@@ -46,15 +50,22 @@ def test_subprocess_runner_cancel_reports_cancelled():
     assert finished == [ExitCode.CANCELLED]
 
 
-def test_dependency_checker_lists_missing_packages():
-    present = {"torch", "timm", "safetensors"}
-    checker = DependencyChecker(backendRequirement="anymc3d==0.1.0", findSpec=lambda name: object() if name in present else None)
-    missing = checker.missingPackages()
-    assert missing == ["peft", "nibabel", "anymc3d"]
-    description = checker.installDescription(missing)
-    assert description[-1] == "anymc3d==0.1.0" and any(line.startswith("peft") for line in description)
-    assert DependencyChecker(findSpec=lambda name: None).missingPackages()[0] == "torch"
-    assert "numpy" not in DependencyChecker(findSpec=lambda name: None).missingPackages()
+def test_dependency_checker_routes_the_backends_own_pins():
+    """Versions come from metadata; each unsatisfied requirement is routed to PyTorchUtils, pip or "update Slicer"."""
+    requirements = ["torch>=2.3", "torchvision", "timm>=1.0.20,<1.1", "peft>=0.17", "numpy>=1.24", "jsonschema>=4",
+                    "tqdm>=4.60", "pywin32; sys_platform == 'nonexistent-platform'"]
+    installed = {"torch": "2.4.0+cu121", "timm": "1.1.2", "numpy": "1.26.4", "tqdm": "4.67.1"}
+    checker = DependencyChecker(requirements, versionOf=installed.get)
+    assert checker.missingPackages() == ["torchvision", "timm", "peft", "jsonschema"]  # timm 1.1.2 breaks the <1.1 pin
+    assert checker.plan() == {"torch": ["torchvision"], "pip": ["timm<1.1,>=1.0.20", "peft>=0.17", "jsonschema>=4"],
+                              "shipped": []}
+    assert checker.torchSpecifiers() == (">=2.3", "")
+    lines = checker.installDescription(checker.missingPackages())
+    assert lines[0] == "torchvision (through the PyTorch extension)" and "timm<1.1,>=1.0.20" in lines
+    assert DependencyChecker(requirements, versionOf={**installed, "numpy": "1.20"}.get).plan()["shipped"] == ["numpy>=1.24"]
+    everything = {"torch": "2.5", "torchvision": "0.20", "timm": "1.0.22", "peft": "0.17.1", "numpy": "2.1",
+                  "jsonschema": "4.23", "tqdm": "4.66"}
+    assert DependencyChecker(requirements, versionOf=everything.get).missingPackages() == []
 
 
 def test_plugin_library_with_fake_reader(tmp_path):

@@ -1,30 +1,43 @@
-"""Engine throughput against the plain timm forward, measured in the same run (not a timed test).
+"""Engine speed and memory, every number measured in this one run (not a timed test).
 
-For each backbone it times, on the same preprocessed slices:
-  timm      plain ``forward_features`` over the slices in chunks (fp32), no LoRA, no pooling: the floor;
-  engine    ``Engine.predict_slices``: active LoRA adapter, CLS, task-query pooling, head, calibration;
-  engine+hm the same with the paper's attention heatmap.
-and prints volumes/s and the ratios to the timm forward. Runs on CPU, and on CUDA where present
-(where the engine uses bf16 autocast, so the timm row is also given in bf16).
+1. Throughput on the same preprocessed slices (ViT-S/14 at 224^2, 64 slices by default):
+     timm            plain eager ``forward_features`` in chunks (fp32, no LoRA, no pooling): the floor;
+     engine          ``Engine.predict_slices`` with one plugin and the paper's attention heatmap, LoRA as adapters;
+     engine merged   the same with the plugin's LoRA merged into the weights (``merge_lora=True``);
+     engine compiled merged and ``torch.compile``d (``--compile``; falls back to eager where it cannot compile),
+   each as a time ratio to the timm row.
+2. Each extra plugin's cost: one case through 1, 2 and 3 plugins (their own LoRA, shared preprocessing).
+3. Peak memory (resident set of a fresh process) against slice count at a fixed chunk: flat beyond the chunk.
+4. The CLI, as the Slicer module runs it: time from process start to the record written for one volume, split
+   into start-up (interpreter, imports, backbone and plugin load), reading + preprocessing, encoding (with
+   the heatmap) and writing, from the arrival times of its ``--progress json`` events.
 
-    python benchmarks/bench_engine.py                      # CPU, ViT-S/14, 16 slices of 224^2
-    python benchmarks/bench_engine.py --device cuda --backbones dinov2_vitl14_reg --slices 64
+    python benchmarks/bench_engine.py                 # CPU; add --compile for the compiled row (minutes to compile)
+    python benchmarks/bench_engine.py --device cuda --backbones dinov2_vitl14_reg --slices 256
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, make_load_bearing
+from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, make_load_bearing, save_backbone
 from anymc3d.demo import random_plugin
 from anymc3d.engine import Engine
-from anymc3d.plugin import LoadedPlugin
-from anymc3d.preprocessing import to_model_input
+from anymc3d.plugin import LoadedPlugin, save_plugin
+from anymc3d.preprocessing import PreprocessConfig, to_model_input, write_image_atomic
+from anymc3d.synthetic import make_ct_volume
 
 
 def _sync(device):
@@ -33,7 +46,7 @@ def _sync(device):
 
 
 def _time(fn, device, repeats):
-    fn()  # warm-up
+    fn()  # warm-up (and compilation, for the compiled row)
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -44,52 +57,167 @@ def _time(fn, device, repeats):
     return statistics.median(times)
 
 
-def bench(name: str, device: torch.device, slices: int, size: int, chunk: int, repeats: int, depth=None) -> list[str]:
-    spec = BackboneSpec(name, img_size=size, depth=depth)
-    model = make_load_bearing(create_backbone(spec))
-    config, head, lora = random_plugin(model, spec, preprocessing=None)
-    plain = make_load_bearing(create_backbone(spec)).to(device)  # same weights, no adapters
-    engine = Engine(LoadedBackbone(model, spec, config.backbone_fingerprint), device=device, chunk_size=chunk)
-    plugin = engine.add_plugin(LoadedPlugin(config=config, head=head, lora=lora))
-    volume = torch.rand(slices, size, size)
-
-    def timm_forward(dtype=torch.float32):
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            for start in range(0, slices, chunk):
-                plain.forward_features(to_model_input(volume[start:start + chunk].to(device)))[:, 0]
-
-    rows = [("timm fp32", _time(timm_forward, device, repeats))]
-    if device.type == "cuda":
-        rows.append(("timm bf16", _time(lambda: timm_forward(torch.bfloat16), device, repeats)))
-    rows.append(("engine", _time(lambda: engine.predict_slices([volume], plugin), device, repeats)))
-    rows.append(("engine+heatmap", _time(lambda: engine.predict_slices([volume], plugin, heatmap="attention"),
-                                         device, repeats)))
-    base = rows[0][1]
-    out = [f"{name} ({'depth ' + str(depth) if depth else 'full depth'}), {slices} slices of {size}^2, chunk {chunk}, "
-           f"median of {repeats}"]
-    for label, seconds in rows:
-        out.append(f"  {label:16s} {seconds * 1000:9.1f} ms/volume  {1 / seconds:7.2f} volumes/s  "
-                   f"time ratio to timm fp32 {seconds / base:5.2f}")
+def _plugins(model, spec, n):
+    out = []
+    for seed in range(n):
+        config, head, lora = random_plugin(model, spec, name=f"p{seed}", seed=seed,
+                                           preprocessing=PreprocessConfig(input_size=spec.img_size))
+        out.append(LoadedPlugin(config=config, head=head, lora=lora))
     return out
 
 
+def throughput(name, device, slices, size, chunk, repeats, compile_row):
+    spec = BackboneSpec(name, img_size=size)
+    model = make_load_bearing(create_backbone(spec))
+    plugins = _plugins(model, spec, 3)
+    plain = make_load_bearing(create_backbone(spec)).to(device)  # same weights, no adapters
+    fp = plugins[0].config.backbone_fingerprint
+    volume = torch.rand(slices, size, size)
+
+    def engine_with(n=1, **options):
+        bb = make_load_bearing(create_backbone(spec))
+        engine = Engine(LoadedBackbone(bb, spec, fp), device=device, chunk_size=chunk, **options)
+        return engine, [engine.add_plugin(p) for p in plugins[:n]]
+
+    def timm_forward():
+        with torch.inference_mode():
+            for start in range(0, slices, chunk):
+                plain.forward_features(to_model_input(volume[start:start + chunk].to(device)))[:, 0]
+
+    rows = [("timm eager fp32", _time(timm_forward, device, repeats))]
+    variants = [("engine (adapters)", {}), ("engine merged", {"merge_lora": True})]
+    if compile_row:
+        variants.append(("engine merged+compiled", {"merge_lora": True, "compile": True}))
+    for label, options in variants:
+        engine, (plugin,) = engine_with(**options)
+        if options.get("compile"):
+            start = time.perf_counter()
+            engine.predict_slices([volume], plugin, heatmap="attention")
+            rows.append(("  (compilation, once)", time.perf_counter() - start))
+        rows.append((label, _time(lambda: engine.predict_slices([volume], plugin, heatmap="attention"), device, repeats)))
+    base = rows[0][1]
+    out = [f"## 1. {name}: {slices} slices of {size}^2, chunk {chunk}, attention heatmap, median of {repeats}"]
+    for label, seconds in rows:
+        out.append(f"  {label:24s} {seconds * 1000:9.1f} ms/volume   time ratio to timm eager {seconds / base:5.2f}")
+    out.append(f"## 2. {name}: each extra plugin (adapters, not merged; preprocessing shared)")
+    engine, names = engine_with(3)
+    costs = []
+    for n in (1, 2, 3):
+        costs.append(_time(lambda: [engine.predict_slices([volume], p, heatmap="attention") for p in names[:n]],
+                           device, repeats))
+        out.append(f"  {n} plugin(s)  {costs[-1] * 1000:9.1f} ms/volume   ratio to one plugin {costs[-1] / costs[0]:5.2f}")
+    out.append(f"  each extra plugin costs {((costs[2] - costs[0]) / 2) / costs[0]:.2f} of one plugin's time "
+               "(every plugin has its own LoRA, so the backbone runs again)")
+    return out
+
+
+def _peak_rss_worker(name, size, slices, chunk):
+    """Run in a fresh process: one prediction; print the peak resident set in MiB."""
+    spec = BackboneSpec(name, img_size=size)
+    model = make_load_bearing(create_backbone(spec))
+    (plugin,) = _plugins(model, spec, 1)
+    engine = Engine(LoadedBackbone(make_load_bearing(create_backbone(spec)), spec, plugin.config.backbone_fingerprint),
+                    device="cpu", chunk_size=chunk, merge_lora=True)
+    name = engine.add_plugin(plugin)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    engine.predict_slices([torch.rand(slices, size, size)], name, heatmap="attention")
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"before": before, "peak": after}))
+
+
+def memory(name, size, chunk, counts):
+    out = [f"## 3. {name}: peak resident memory of a fresh process against slice count (chunk {chunk}, CPU)"]
+    first = None
+    for n in counts:
+        run = subprocess.run([sys.executable, __file__, "--memory-worker", name, str(size), str(n), str(chunk)],
+                             capture_output=True, text=True, check=True)
+        m = json.loads(run.stdout.strip().splitlines()[-1])
+        growth = m["peak"] - m["before"]
+        first = first if first is not None else m["peak"]
+        input_mib = n * size * size * 4 / 2 ** 20
+        out.append(f"  {n:4d} slices  peak {m['peak']:7.0f} MiB   peak ratio to {counts[0]} slices {m['peak'] / first:5.2f}"
+                   f"   (+{growth:5.0f} MiB during prediction, of which the input slices {input_mib:5.1f} MiB)")
+    return out
+
+
+def cli_timing(name, size, slices, repeats):
+    """The CLI's wall time split by the arrival of its JSON progress events."""
+    out = [f"## 4. CLI `python -m anymc3d predict`, {name}, one {size}x{size}x{slices} CT volume, attention heatmap, "
+           f"median of {repeats}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        spec = BackboneSpec(name, img_size=size)
+        model = make_load_bearing(create_backbone(spec))
+        save_backbone(model, spec, tmp / "bb.safetensors")
+        (plugin,) = _plugins(model, spec, 1)
+        save_plugin(tmp / "p.anymc3d", plugin.config, plugin.head, plugin.lora)
+        write_image_atomic(make_ct_volume(size=(size, size, slices), spacing=(0.8, 0.8, 2.5), lesion=True, seed=0),
+                           tmp / "ct.nii.gz")
+        splits = []
+        for i in range(repeats + 1):
+            cmd = [sys.executable, "-m", "anymc3d", "predict", str(tmp / "ct.nii.gz"), "--backbone",
+                   str(tmp / "bb.safetensors"), "--plugin", str(tmp / "p.anymc3d"), "--device", "cpu",
+                   "--heatmap", str(tmp / f"h{i}"), "--json", str(tmp / f"r{i}.json"), "--progress", "json"]
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            times = {}
+            for line in proc.stdout:
+                event = json.loads(line)
+                key = event.get("stage") if event["event"] == "progress" else event["event"]
+                times.setdefault(key, time.perf_counter() - start)
+            proc.wait()
+            end = time.perf_counter() - start
+            if i == 0:
+                continue  # the first run warms the file cache
+            splits.append({"start-up (imports, backbone, plugin)": times["reading"],
+                           "reading + preprocessing": times["encoding"] - times["reading"],
+                           "encoding + heatmap": times["writing"] - times["encoding"],
+                           "writing (heatmap, record)": end - times["writing"], "total": end})
+    for key in splits[0]:
+        value = statistics.median(s[key] for s in splits)
+        out.append(f"  {key:38s} {value:6.2f} s")
+    importing = statistics.median(_import_time() for _ in range(3))
+    out.append(f"  of the start-up, `import anymc3d.engine` alone: {importing:.2f} s; target for start-up: <= 2 s")
+    return out
+
+
+def _import_time():
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import anymc3d.engine"], check=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-worker":
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+        _peak_rss_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu).")
-    parser.add_argument("--backbones", nargs="+", default=["dinov2_vits14_reg", "dinov3_vits16"],
-                        help="Short backbone names (default: dinov2_vits14_reg dinov3_vits16).")
-    parser.add_argument("--slices", type=int, default=16, help="Slices per volume (default: 16).")
-    parser.add_argument("--size", type=int, default=224, help="Slice size, a multiple of both patch sizes (default: 224).")
+    parser.add_argument("--backbones", nargs="+", default=["dinov2_vits14_reg"],
+                        help="Short backbone names (default: dinov2_vits14_reg).")
+    parser.add_argument("--slices", type=int, default=64, help="Slices per volume (default: 64).")
+    parser.add_argument("--size", type=int, default=224, help="Slice size, a multiple of the patch size (default: 224).")
     parser.add_argument("--chunk-size", type=int, default=16, help="Slices per forward (default: 16).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repeats, median reported (default: 3).")
-    parser.add_argument("--depth", type=int, default=None, help="Fewer blocks, for a quick smoke run (default: full).")
+    parser.add_argument("--compile", action="store_true", help="Add the torch.compile row (default: off; slow to compile).")
+    parser.add_argument("--memory-slices", default="16,64,256", help="Slice counts for the memory rows (default: 16,64,256).")
+    parser.add_argument("--skip", default="", help="Comma-separated sections to skip: throughput,memory,cli (default: none).")
     args = parser.parse_args()
     device = torch.device(args.device)
+    skip = set(filter(None, args.skip.split(",")))
     print(f"# anymc3d engine benchmark {datetime.date.today()}  device={device}  torch={torch.__version__}  "
-          f"threads={torch.get_num_threads()}  cpu={platform.processor() or platform.machine()}"
-          + (f"  gpu={torch.cuda.get_device_name()}" if device.type == "cuda" else ""))
+          f"threads={torch.get_num_threads()}  cpus={os.cpu_count()}  cpu={platform.processor() or platform.machine()}"
+          + (f"  gpu={torch.cuda.get_device_name()}" if device.type == "cuda" else ""), flush=True)
     for name in args.backbones:
-        print("\n".join(bench(name, device, args.slices, args.size, args.chunk_size, args.repeats, args.depth)))
+        if "throughput" not in skip:
+            print("\n".join(throughput(name, device, args.slices, args.size, args.chunk_size, args.repeats,
+                                       args.compile)), flush=True)
+        if "memory" not in skip and device.type == "cpu":
+            counts = [int(n) for n in args.memory_slices.split(",")]
+            print("\n".join(memory(name, args.size, args.chunk_size, counts)), flush=True)
+        if "cli" not in skip and device.type == "cpu":
+            print("\n".join(cli_timing(name, args.size, args.slices, args.repeats)), flush=True)
 
 
 if __name__ == "__main__":

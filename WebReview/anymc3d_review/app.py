@@ -28,6 +28,7 @@ if not os.environ.get("DISPLAY"):
     # No X server: VTK's EGL window renders off screen on Mesa (llvmpipe) or a GPU, with no display.
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
+import slicer  # noqa: E402  (after trame_slicer, which brings slicer-core)
 from trame.app import get_server  # noqa: E402
 from trame.decorators import TrameApp, change, trigger  # noqa: E402
 from trame.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
@@ -43,8 +44,6 @@ from .cases import CaseFolder, RecordError  # noqa: E402
 from .chart import CHART_HEIGHT, CHART_WIDTH, chart_data, colorbar_gradient, slice_from_chart_x  # noqa: E402
 from .guard import AccessGuard, boolean, finite_float, index_below, one_of  # noqa: E402
 from .session import WINDOW_PRESETS, ReviewSession  # noqa: E402
-
-import slicer  # noqa: E402  (after trame_slicer, which brings slicer-core)
 
 logger = logging.getLogger("anymc3d.review")
 
@@ -289,8 +288,7 @@ class ReviewApp:
     @staticmethod
     def _maximum_ijk(heatmap):
         import numpy as np
-
-        from Logic import outputs
+        from AnyMC3DSlicerLogic import outputs
 
         voxels = outputs.arrayFromVolumeNode(heatmap)
         k, j, i = np.unravel_index(int(np.argmax(voxels)), voxels.shape)
@@ -348,7 +346,7 @@ class ReviewApp:
         session = self.session
         for loaded in session.loaded.values():
             session._set_volume_rendering_visible(loaded, False)
-        from Logic import outputs
+        from AnyMC3DSlicerLogic import outputs
 
         for composite in outputs._nodesByClass(session.scene, "vtkMRMLSliceCompositeNode"):
             composite.SetBackgroundVolumeID(None)

@@ -17,13 +17,9 @@ import json
 import os
 from pathlib import Path
 
-from ._logic_path import ensure_logic_importable
-
-ensure_logic_importable()
-
-from anymc3d.contract import RecordError as ContractError  # noqa: E402
-from anymc3d.contract import is_temporary, validate_record  # noqa: E402
-from Logic.logic import imageFilesInFolder, imageStem  # noqa: E402
+from anymc3d.contract import RecordError as ContractError
+from anymc3d.contract import is_temporary, validate_record
+from AnyMC3DSlicerLogic.logic import imageFilesInFolder, imageStem
 
 RESULTS_DIR = "results"
 HEATMAPS_DIR = "heatmaps"

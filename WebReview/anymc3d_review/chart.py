@@ -1,16 +1,12 @@
 """The slice-importance chart (numbers for SVG elements of the page) and the colour bar (CSS) of the page.
 
 The data come from the Logic's nodes: the importance table (one column per plugin) and the heatmap colour map
-(``Logic.outputs.HEATMAP_COLOR_STOPS`` / ``heatmapColor``), so the bar shows exactly the overlay's colours.
+(``AnyMC3DSlicerLogic.outputs.HEATMAP_COLOR_STOPS`` / ``heatmapColor``), so the bar shows exactly the overlay's colours.
 """
 
 from __future__ import annotations
 
-from ._logic_path import ensure_logic_importable
-
-ensure_logic_importable()
-
-from Logic.outputs import HEATMAP_COLOR_STOPS, heatmapColor  # noqa: E402
+from AnyMC3DSlicerLogic.outputs import HEATMAP_COLOR_STOPS, heatmapColor
 
 CHART_WIDTH, CHART_HEIGHT = 320, 130
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 34, 8, 8, 22

@@ -21,18 +21,19 @@ import time
 from collections import OrderedDict
 
 import numpy as np
+import slicer
+import vtk
+from AnyMC3DSlicerLogic import (
+    AnyMC3DSlicerLogic,
+    DisplayOptions,
+    PredictionOptions,
+    SubprocessRunner,
+)
+from AnyMC3DSlicerLogic import outputs as logic_outputs
+from AnyMC3DSlicerLogic.parameters import GRADIENT_METHODS, HEATMAP_METHODS
 
-from ._logic_path import ensure_logic_importable
 from .cases import Case, CaseFolder, RecordError
 
-ensure_logic_importable()
-
-import slicer  # noqa: E402
-import vtk  # noqa: E402
-
-from Logic import AnyMC3DSlicerLogic, DisplayOptions, PredictionOptions, SubprocessRunner  # noqa: E402
-from Logic import outputs as logic_outputs  # noqa: E402
-from anymc3d.contract import GRADIENT_METHODS, HEATMAP_METHODS  # noqa: E402
 
 logger = logging.getLogger("anymc3d.review")
 

@@ -8,7 +8,6 @@ import os
 import shutil
 
 import pytest
-
 from anymc3d_review.cases import CaseFolder, RecordError
 from anymc3d_review.cli import DEFAULT_HOST, is_loopback, register
 
@@ -87,10 +86,9 @@ def test_newest_results_file_wins_and_failed_records_show_their_error(review_fol
 
 def test_session_nodes_are_the_logics(review_folder, tmp_path):
     """On a bare slicer-core scene: the table, heatmaps and references are those the Logic's importResults makes."""
-    from trame_slicer.core import SlicerApp
-
     from anymc3d_review.session import ReviewSession, record_options
-    from Logic import outputs
+    from AnyMC3DSlicerLogic import outputs
+    from trame_slicer.core import SlicerApp
 
     app = SlicerApp()
     folder = CaseFolder(review_folder)

@@ -13,12 +13,33 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from anymc3d import __version__
-from anymc3d.errors import AnyMC3DError
-from anymc3d.fileio import write_text_atomic
+from anymc3d.contract import (AUTO_HEATMAP, DEVICES, EXIT_CASE_FAILED, EXIT_OK, EXIT_USAGE, HEATMAP_FORMATS,
+                              HEATMAP_METHODS, STATUS_ERROR)
+from anymc3d.errors import AnyMC3DError, one_line
 
 logger = logging.getLogger("anymc3d")
 
-EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is a usage error, exit 2, not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 class _Subparsers:
@@ -50,26 +71,31 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="Print the plugin.json contents as JSON (default: a summary).")
 
     pred = sub.add_parser("predict", help="Predict findings and heatmaps for images.")
-    pred.add_argument("images", nargs="+", help="Image files, DICOM series folders, or folders of images; "
-                      "the views of a multi-view case joined with '+'.")
+    pred.add_argument("images", nargs="+", help="Image files, DICOM series folders (one case per series), folders of "
+                      "images, or manifest CSVs (an 'image' column, paths relative to the CSV); the views of a "
+                      "multi-view case joined with '+'.")
     pred.add_argument("--backbone", type=Path, required=True, help="Backbone weights file (required).")
     pred.add_argument("--plugin", type=Path, action="append", required=True,
                       help="Plugin file or folder; repeat for several plugins (required).")
     pred.add_argument("--ensemble", action="store_true",
                       help="Treat the plugins as one ensemble: average calibrated logits (default: off).")
     pred.add_argument("--heatmap", type=Path, default=None, help="Folder for heatmap files (default: no heatmaps).")
-    pred.add_argument("--heatmap-method", default="attention", choices=["attention", "rollout", "grad_rollout", "grad_last"],
-                      help="Heatmap method (default: attention, the last-block CLS attention of the paper).")
-    pred.add_argument("--heatmap-format", default="nii.gz", choices=["nii.gz", "nrrd"],
+    pred.add_argument("--heatmap-method", default=AUTO_HEATMAP, choices=(AUTO_HEATMAP, *HEATMAP_METHODS),
+                      help="Heatmap method (default: auto = each plugin's own default map: attention, the paper's "
+                           "last-block CLS attention, for 2D plugins; contribution for lifted-feature plugins).")
+    pred.add_argument("--heatmap-format", default=HEATMAP_FORMATS[0], choices=HEATMAP_FORMATS,
                       help="Heatmap file format (default: nii.gz).")
     pred.add_argument("--embedding", action="store_true",
                       help="Add each plugin's volume embedding v (C floats) to the JSON records (default: off).")
-    pred.add_argument("--json", type=Path, default=None, help="Write the JSON records here (default: print them on stdout).")
-    pred.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    pred.add_argument("--json", type=Path, default=None, help="Write the records here: a JSON list, or JSON Lines for a "
+                      ".jsonl path (default: print the JSON list on stdout).")
+    pred.add_argument("--device", default=DEVICES[0], choices=DEVICES,
                       help="Compute device (default: auto = CUDA if available, else CPU).")
-    pred.add_argument("--chunk-size", type=int, default=32, help="Slices per backbone forward (default: 32).")
+    pred.add_argument("--chunk-size", type=positive_int, default=32, help="Slices per backbone forward (default: 32).")
     pred.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
                       help="Progress display: a bar on stderr, JSON lines on stdout, or none (default: bar).")
+    _add_ray_options(pred)
+    from anymc3d.planecycle.commands import register as add_planecycle_commands; add_planecycle_commands(sub)  # noqa: E702
     _add_extension_commands(sub)
     return parser
 
@@ -140,35 +166,6 @@ def _cmd_info(args) -> int:
     return EXIT_OK
 
 
-def _expand_images(items: Sequence[str]) -> list[list[Path]]:
-    """Each case is a list of view paths; a folder that is not a DICOM series means every image in it."""
-    from anymc3d.preprocessing import find_images, is_dicom_folder
-
-    cases: list[list[Path]] = []
-    for item in items:
-        views = [Path(p) for p in item.split("+")]
-        if len(views) == 1 and views[0].is_dir() and not is_dicom_folder(views[0]):
-            found = find_images(views[0])
-            if not found:
-                logger.warning("%s: no images found in this folder", views[0])
-            cases.extend([p] for p in found)
-        else:
-            cases.append(views)
-    return cases
-
-
-def _unique_stem(path: Path, used: set) -> str:
-    """The image's stem, numbered when another case of this run had the same one."""
-    from anymc3d.preprocessing import image_stem
-
-    stem, n = image_stem(path), 1
-    while stem in used:
-        n += 1
-        stem = f"{image_stem(path)}_{n}"
-    used.add(stem)
-    return stem
-
-
 class _Reporter:
     """Progress as a tqdm bar, JSON lines on stdout, or nothing."""
 
@@ -202,72 +199,46 @@ class _Reporter:
         self.emit(event="done", ok=ok, failed=failed, json=None if json_path is None else str(json_path), **extra)
 
 
-def _record(result, written: dict, image: str, embedding: bool = False) -> dict:
-    geometry = result.predictions[0].geometry
-    record = {"image": image, "status": "ok", "error": None, "slicing_axis": geometry.slice_axis,
-              "num_slices": geometry.num_input_slices, "results": []}
-    for pred in result.predictions:
-        labels = pred.labels
-        files = written.get(pred.plugin, {})
-        record["results"].append({
-            "plugin": pred.plugin,
-            "plugin_path": pred.plugin_paths[0] if len(pred.plugin_paths) == 1 else pred.plugin_paths,
-            "task": pred.task, "labels": labels,
-            "probabilities": dict(zip(labels, map(float, pred.probabilities))),
-            "probabilities_raw": dict(zip(labels, map(float, pred.probabilities_raw))),
-            "thresholds": dict(zip(labels, map(float, pred.thresholds))),
-            "decisions": dict(zip(labels, map(bool, pred.decisions))),
-            "slicing_axis": pred.geometry.slice_axis,
-            "slice_importance": [float(x) for x in pred.importance_per_input_slice()],
-            "heatmap_method": pred.heatmap_method if files else None,
-            "heatmap": files.get(None),
-            "finding_heatmaps": {k: v for k, v in files.items() if k is not None},
-            **({"embedding": [float(x) for x in pred.embedding]} if embedding else {}),
-        })
-    return record
+def _add_ray_options(pred: argparse.ArgumentParser) -> None:
+    """Options of the distributed run (anymc3d.scoring, docs/scale.md)."""
+    ray = pred.add_argument_group("distributed run on Ray Data (pip install anymc3d[ray]; docs/scale.md)")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="Run on Ray: alone, start or join a local Ray instance; with ADDRESS ('auto' or "
+                     "'ray://host:10001'), join that cluster (default: off, run in this process).")
+    ray.add_argument("--workers", type=positive_int, default=None,
+                     help="Model workers (actors), each holding one resident backbone and every plugin "
+                     "(default: as many as the cluster's CPUs, or GPUs with --num-gpus-per-worker, allow).")
+    ray.add_argument("--num-gpus-per-worker", type=non_negative_float, default=0.0,
+                     help="GPUs reserved by each model worker, may be fractional (default: 0, CPU workers).")
+    ray.add_argument("--cpus-per-worker", type=non_negative_float, default=1.0,
+                     help="CPUs reserved by each model worker; the read stage takes 1 CPU per task (default: 1).")
+    ray.add_argument("--run-dir", type=Path, default=None,
+                     help="Folder of the per-case record files committed as cases finish (default: "
+                     "<--json>.parts next to the JSON output).")
+    ray.add_argument("--resume", action="store_true",
+                     help="Skip cases whose record is already committed in the run folder (default: off, "
+                     "a fresh run folder is required).")
+    ray.add_argument("--batch-size", type=positive_int, default=1,
+                     help="Cases per model-worker call (default: 1: volumes differ in size).")
 
 
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
+def _prepare_outputs(args) -> None:
+    """Create the output folders; a path that cannot be used is a usage error before any case runs."""
+    for folder, flag in ((args.heatmap, "--heatmap"), (None if args.json is None else args.json.parent, "--json")):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AnyMC3DError(f"{folder}: cannot be used as the {flag} folder ({exc.strerror or exc})") from None
+    if args.json is not None and args.json.is_dir():
+        raise AnyMC3DError(f"{args.json}: --json names a folder; give a file name")
 
 
-def _write_heatmaps(result, folder: Path, stem: str, fmt: str, progress) -> dict:
-    """Write each prediction's heatmap(s); on any failure remove what this case wrote and re-raise."""
-    from anymc3d.plugin import safe_name
-    from anymc3d.preprocessing import write_image_atomic
-
-    written: dict[str, dict] = {}
-    done: list[Path] = []
-    total = sum(len(p.finding_heatmaps) or int(p.heatmap is not None) for p in result.predictions)
-    try:
-        for pred in result.predictions:
-            files: dict = {}
-            base = f"{stem}__{safe_name(pred.plugin)}"
-            for label in pred.finding_heatmaps:
-                progress("heatmap", len(done), total)
-                path = write_image_atomic(pred.heatmap_image(label), folder / f"{base}__{safe_name(label)}.{fmt}")
-                done.append(path)
-                files[label] = str(path.resolve())
-            if pred.heatmap is not None:
-                top = max(pred.finding_heatmaps, key=lambda k: pred.probabilities[pred.labels.index(k)], default=None)
-                if top is not None:
-                    path = Path(files[top])
-                else:
-                    progress("heatmap", len(done), total)
-                    path = write_image_atomic(pred.heatmap_image(), folder / f"{base}.{fmt}")
-                    done.append(path)
-                files[None] = str(path.resolve())
-            written[pred.plugin] = files
-    except BaseException:
-        for path in done:
-            path.unlink(missing_ok=True)
-        raise
-    return written
-
-
-def _cmd_predict(args) -> int:
+def _load_engine(args):
+    """The engine with every plugin attached; returns (engine, attached plugin names)."""
     from anymc3d.backbone import spec_from_file
-    from anymc3d.engine import Engine, ensemble
+    from anymc3d.engine import Engine
     from anymc3d.plugin import load_plugin
 
     plugins = [load_plugin(p.resolve()) for p in args.plugin]
@@ -275,40 +246,48 @@ def _cmd_predict(args) -> int:
     engine = Engine(args.backbone, spec=spec, device=args.device, chunk_size=args.chunk_size)
     names = [engine.add_plugin(p, name=f"{p.config.name}#{i}" if any(
         q.config.name == p.config.name for q in plugins[:i]) else None) for i, p in enumerate(plugins)]
-    if args.heatmap is not None:
-        args.heatmap.mkdir(parents=True, exist_ok=True)
+    return engine, names
+
+
+def _write_output(args, records: list) -> None:
+    from anymc3d.records import write_records
+
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-    cases = _expand_images(args.images)
-    reporter = _Reporter(args.progress, len(cases))
-    records, failed, stems = [], 0, set()
-    for index, views in enumerate(cases):
-        image = "+".join(str(v.resolve()) for v in views)
-        reporter.case, reporter.image = index, image
-        try:
-            result = engine.predict_file(views, names, heatmap=args.heatmap_method if args.heatmap else None,
-                                         progress=reporter.stage)
-            if args.ensemble:
-                result.predictions = [ensemble(result.predictions)]
-            written = {}
-            if args.heatmap:
-                written = _write_heatmaps(result, args.heatmap, _unique_stem(views[0], stems), args.heatmap_format,
-                                          reporter.stage)
-            reporter.stage("writing", 0, 1)
-            records.append(_record(result, written, image, args.embedding))
-            reporter.case_done("ok", None)
-        except (AnyMC3DError, OSError, RuntimeError, ValueError) as exc:
-            message = _one_line(str(exc) if isinstance(exc, AnyMC3DError) else f"{image}: {type(exc).__name__}: {exc}")
-            logger.error("%s", message)
-            failed += 1
-            records.append({"image": image, "status": "error", "error": message, "slicing_axis": None,
-                            "num_slices": None, "results": []})
-            reporter.case_done("error", message)
-    text = json.dumps(records, indent=2)
-    if args.json is not None:
-        write_text_atomic(args.json, text)
+        write_records(args.json, records)
     elif args.progress != "json":
-        print(text)
+        print(json.dumps(records, indent=2))
+
+
+def _cmd_predict(args) -> int:
+    from anymc3d.cases import expand_inputs
+
+    ray_only = {"--workers": args.workers is not None, "--resume": args.resume, "--run-dir": args.run_dir is not None,
+                "--num-gpus-per-worker": args.num_gpus_per_worker != 0, "--cpus-per-worker": args.cpus_per_worker != 1,
+                "--batch-size": args.batch_size != 1}
+    if args.ray is None and any(ray_only.values()):
+        raise AnyMC3DError(f"{', '.join(k for k, v in ray_only.items() if v)}: only with --ray (docs/scale.md)")
+    _prepare_outputs(args)
+    if args.ray is not None:
+        from anymc3d.scoring import run_ray  # imports Ray only here; says how to install it when missing
+
+        return run_ray(args)
+    from anymc3d.records import predict_case
+
+    engine, names = _load_engine(args)
+    cases = expand_inputs(args.images)
+    reporter = _Reporter(args.progress, len(cases))
+    records = []
+    for index, case in enumerate(cases):
+        reporter.case, reporter.image = index, case.image
+        record = predict_case(engine, case, names, heatmap_method=args.heatmap_method, heatmap_dir=args.heatmap,
+                              heatmap_format=args.heatmap_format, ensemble_plugins=args.ensemble,
+                              embedding=args.embedding, progress=reporter.stage)
+        if record["status"] == STATUS_ERROR:
+            logger.error("%s", record["error"])
+        records.append(record)
+        reporter.case_done(record["status"], record["error"])
+    failed = sum(r["status"] == STATUS_ERROR for r in records)
+    _write_output(args, records)
     reporter.close(len(cases) - failed, failed, args.json, records)
     return EXIT_CASE_FAILED if failed else EXIT_OK
 
@@ -316,10 +295,11 @@ def _cmd_predict(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logger.setLevel(args.log_level)  # also where the root logger was configured before (an embedding host, pytest)
     commands = {"demo": _cmd_demo, "info": _cmd_info, "predict": _cmd_predict}
     handler = getattr(args, "handler", None) or commands[args.command]
     try:
         return handler(args)
     except AnyMC3DError as exc:
-        logger.error("%s", _one_line(str(exc)))
+        logger.error("%s", one_line(exc))
         return EXIT_USAGE

@@ -15,10 +15,15 @@ from importlib import resources
 from pathlib import PurePath
 from typing import Any, Optional
 
-#: heatmap methods of ``anymc3d predict --heatmap-method`` (first: the paper's map, the default)
-HEATMAP_METHODS = ("attention", "rollout", "grad_rollout", "grad_last")
-#: the methods that give one map per finding
+#: heatmap methods (first: the paper's map). Which ones a plugin can give depends on its kind: ``contribution`` is
+#: the exact per-token share of the logit of lifted-feature (PlaneCycle) plugins; the others are the 2D kind's.
+HEATMAP_METHODS = ("attention", "rollout", "grad_rollout", "grad_last", "contribution")
+#: ``--heatmap-method auto``: each plugin's own default map (``attention`` for 2D plugins)
+AUTO_HEATMAP = "auto"
+#: gradient-weighted attention methods (2D kind)
 GRADIENT_METHODS = ("grad_rollout", "grad_last")
+#: the methods that give one map per finding (records list them in ``finding_heatmaps``)
+FINDING_METHODS = GRADIENT_METHODS + ("contribution",)
 #: ``--device`` choices
 DEVICES = ("auto", "cpu", "cuda")
 #: heatmap file formats (``--heatmap-format``)
@@ -96,18 +101,36 @@ def _type_ok(value: Any, kinds) -> bool:
     return False
 
 
-def _check_minimal(value: Any, schema: dict, where: str) -> None:
-    """The subset of JSON schema the record schema uses (type, required, properties, items, enum, min/max,
-    additionalProperties as a schema): enough to check records where jsonschema is not installed."""
+def check_schema(value: Any, schema: dict, where: str) -> None:
+    """Check ``value`` against the subset of JSON schema the project's schemas use (type, enum, const, allOf,
+    if/then/else, required, properties, additionalProperties, items, minimum/maximum and their exclusive forms,
+    minLength/maxLength, minItems/maxItems, pattern); raise :class:`RecordError` naming the place. Used where jsonschema is not installed (a
+    fresh Slicer): hand-written because the point is to need no third-party package."""
     if "type" in schema and not _type_ok(value, schema["type"]):
         raise RecordError(f"{where}: expected {schema['type']}, got {type(value).__name__}")
     if "enum" in schema and value not in schema["enum"]:
         raise RecordError(f"{where}: {value!r} is not one of {schema['enum']}")
+    if "const" in schema and value != schema["const"]:
+        raise RecordError(f"{where}: {value!r} is not {schema['const']!r}")
+    for part in schema.get("allOf", []):
+        check_schema(value, part, where)
+    if "if" in schema:
+        try:
+            check_schema(value, schema["if"], where)
+        except RecordError:
+            branch = schema.get("else")
+        else:
+            branch = schema.get("then")
+        if branch is not None:
+            check_schema(value, branch, where)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            raise RecordError(f"{where}: {value} is below {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            raise RecordError(f"{where}: {value} is above {schema['maximum']}")
+        _check_bounds(value, schema, where)
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", math.inf):
+            raise RecordError(f"{where}: {value!r} has a length outside "
+                              f"[{schema.get('minLength', 0)}, {schema.get('maxLength', 'inf')}]")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            raise RecordError(f"{where}: {value!r} does not match {schema['pattern']!r}")
     if isinstance(value, dict):
         for key in schema.get("required", []):
             if key not in value:
@@ -116,14 +139,33 @@ def _check_minimal(value: Any, schema: dict, where: str) -> None:
         extra = schema.get("additionalProperties", True)
         for key, item in value.items():
             if key in props:
-                _check_minimal(item, props[key], f"{where}/{key}")
+                check_schema(item, props[key], f"{where}/{key}")
             elif isinstance(extra, dict):
-                _check_minimal(item, extra, f"{where}/{key}")
+                check_schema(item, extra, f"{where}/{key}")
             elif extra is False:
                 raise RecordError(f"{where}: unexpected property '{key}'")
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, item in enumerate(value):
-            _check_minimal(item, schema["items"], f"{where}/{i}")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            raise RecordError(f"{where}: fewer than {schema['minItems']} items")
+        if len(value) > schema.get("maxItems", math.inf):
+            raise RecordError(f"{where}: more than {schema['maxItems']} items")
+        if isinstance(schema.get("items"), dict):
+            for i, item in enumerate(value):
+                check_schema(item, schema["items"], f"{where}/{i}")
+
+
+def _check_bounds(value: float, schema: dict, where: str) -> None:
+    if "minimum" in schema and value < schema["minimum"]:
+        raise RecordError(f"{where}: {value} is below {schema['minimum']}")
+    if "maximum" in schema and value > schema["maximum"]:
+        raise RecordError(f"{where}: {value} is above {schema['maximum']}")
+    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+        raise RecordError(f"{where}: {value} is not above {schema['exclusiveMinimum']}")
+    if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+        raise RecordError(f"{where}: {value} is not below {schema['exclusiveMaximum']}")
+
+
+_check_minimal = check_schema  # the former private name
 
 
 def _check_semantics(record: dict) -> None:
@@ -169,7 +211,7 @@ def validate_record(record: Any) -> dict:
     try:
         import jsonschema
     except ImportError:  # a fresh Slicer has no jsonschema: the hand check covers what the schema uses
-        _check_minimal(record, schema, "record")
+        check_schema(record, schema, "record")
     else:
         try:
             jsonschema.validate(record, schema)

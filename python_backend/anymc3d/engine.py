@@ -1,12 +1,13 @@
 """Inference engine: one resident backbone serving many plugins and volumes.
 
-The engine owns the runtime options (device, autocast dtype, slice chunk), loads the backbone once,
-attaches plugins as named LoRA adapters, and predicts at three levels: image files, SimpleITK images,
-and tensors of preprocessed slices. Slices are encoded in chunks so memory does not grow with the
-slice count; a CUDA out-of-memory error halves the chunk and retries.
+The engine owns the runtime options (device, autocast dtype, slice chunk, LoRA merging), loads the backbone
+once, attaches each plugin as named LoRA adapters plus an :class:`~anymc3d.model.AnyMC3DModel` (the one
+forward), and predicts at three levels: image files, SimpleITK images, and tensors of preprocessed slices.
+Chunking and the out-of-memory retry belong to the plugin's encoder kind (:mod:`anymc3d.encoders`).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -21,9 +22,12 @@ import torch
 from anymc3d import heatmap as hm
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, load_backbone, patch_grid
 from anymc3d.errors import AnyMC3DError, InputError, PluginError
-from anymc3d.lora import activate, add_adapter, load_adapter_state, remove_adapter
+from anymc3d.contract import AUTO_HEATMAP
+from anymc3d.encoders import ENCODERS
+from anymc3d.lora import add_adapter, load_adapter_state, merge, remove_adapter
+from anymc3d.model import AnyMC3DModel
 from anymc3d.plugin import LoadedPlugin, calibrated_logits, load_plugin, probabilities
-from anymc3d.preprocessing import SliceGeometry, prepare, read_image, to_model_input, validate_image
+from anymc3d.preprocessing import SliceGeometry, prepare, read_image, validate_image
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @dataclass
 class Prediction:
-    """One plugin's (or ensemble's) answer for one case; arrays are numpy, slice space of view 0."""
+    """One plugin's (or ensemble's) answer for one case, built once and complete; arrays are numpy in the
+    slice space of view 0, and ``geometry`` maps them back to the input (None when predicted from slices)."""
 
     plugin: str
     labels: list[str]
@@ -60,6 +65,7 @@ class Prediction:
     finding_heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # gradient methods: per label
     plugin_paths: list[str] = field(default_factory=list)
     geometry: Optional[SliceGeometry] = None  # how view 0 was sliced: maps heatmap and importance back
+    kind: str = "slice_lora"
 
     @property
     def decisions(self) -> np.ndarray:
@@ -68,19 +74,24 @@ class Prediction:
             return np.arange(len(self.labels)) == int(np.argmax(self.probabilities))
         return self.probabilities >= self.thresholds
 
-
     def heatmap_image(self, label: Optional[str] = None) -> sitk.Image:
         """The heatmap in the first view's input geometry (same size, origin, spacing, direction)."""
         volume = self.finding_heatmaps[label] if label is not None else self.heatmap
         if volume is None or self.geometry is None:
-            raise AnyMC3DError(f"no heatmap was computed for {self.plugin}")
+            why = "no heatmap was computed" if volume is None else "it was predicted from slices, with no input image"
+            raise AnyMC3DError(f"{self.plugin}: no heatmap image: {why}")
         image = self.geometry.to_input(volume)
         peak = float(sitk.GetArrayViewFromImage(image).max())
         # interpolation onto the input grid can lower the peak a little: keep the max at exactly 1
         return sitk.Cast(image / peak, sitk.sitkFloat32) if peak > 0 else image
 
     def importance_per_input_slice(self) -> np.ndarray:
-        """a_s per input slice index along the slicing axis of view 0 (sums to 1)."""
+        """a_s per input slice index along the slicing axis of view 0 (sums to 1).
+
+        Predicted from slices (no input image), the slices are the input: a_s is returned as it is.
+        """
+        if self.geometry is None:
+            return np.asarray(self.slice_importance[0], dtype=np.float64)
         return self.geometry.importance_to_input(self.slice_importance[0])
 
 
@@ -95,7 +106,7 @@ class CaseResult:
 @dataclass
 class _Attached:
     plugin: LoadedPlugin
-    adapters: list[str]
+    model: AnyMC3DModel
 
 
 class Engine:
@@ -107,16 +118,22 @@ class Engine:
         spec: the architecture, needed when the file does not record it (taken from a plugin by the CLI).
         device: "auto", "cpu", "cuda" or a torch device.
         amp_dtype: autocast dtype on CUDA (default bfloat16); the CPU path runs in float32.
-        chunk_size: slices per backbone forward.
+        chunk_size: slices per backbone forward (encoder kinds whose slices are independent).
+        merge_lora: fold a single-view plugin's LoRA into the backbone weights while it runs (plain layers, no
+            adapter matmuls); switching plugins restores the base weights bit for bit.
+        compile: run the slice encoder through ``torch.compile`` (falls back to eager where it cannot compile).
     """
 
     def __init__(self, backbone: Union[str, os.PathLike, LoadedBackbone], *, spec: Optional[BackboneSpec] = None,
-                 device: str | torch.device = "auto", amp_dtype: torch.dtype = torch.bfloat16, chunk_size: int = 32):
+                 device: str | torch.device = "auto", amp_dtype: torch.dtype = torch.bfloat16, chunk_size: int = 32,
+                 merge_lora: bool = False, compile: bool = False):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.device = resolve_device(device)
         self.amp_dtype = amp_dtype
         self.chunk_size = chunk_size
+        self.merge_lora = merge_lora
+        self.compile = compile
         self.backbone = backbone if isinstance(backbone, LoadedBackbone) else load_backbone(backbone, spec)
         self.model = self.backbone.model.to(self.device).eval()
         self.plugins: dict[str, _Attached] = {}
@@ -157,161 +174,85 @@ class Engine:
             raise PluginError(f"{source}: {exc}") from None
         self.model.to(self.device)
         plugin.head.to(self.device).eval()
-        self.plugins[name] = _Attached(plugin, adapters)
+        model = AnyMC3DModel(self.model, plugin.head, adapters, kind=config.kind, **self._encoder_options(config.kind))
+        self.plugins[name] = _Attached(plugin, model)
         return name
+
+    def _encoder_options(self, kind: str) -> dict:
+        """The runtime options an encoder kind accepts, from the engine's (its constructor says which)."""
+        accepted = inspect.signature(ENCODERS[kind]).parameters
+        options = {"chunk_size": self.chunk_size, "compile": self.compile}
+        return {k: v for k, v in options.items() if k in accepted}
 
     def remove_plugin(self, name: str) -> None:
         attached = self.plugins.pop(name)
-        for adapter in attached.adapters:
+        for adapter in attached.model.adapters:
             remove_adapter(self.model, adapter)
 
-    # ----------------------------------------------------------------------------------- encoding
+    # ----------------------------------------------------------------------------------- prediction
     def _autocast(self):
         # bf16 autocast on CUDA only: CPU autocast is slower than fp32 on most CPUs and not bit-stable.
         return torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.device.type == "cuda")
 
-    def _chunks(self, total: int, step: Callable[[int, int], None], progress: Optional[Progress], stage: str) -> None:
-        """Run ``step(start, stop)`` over [0, total) in chunks, halving the chunk on CUDA out-of-memory."""
-        start, size = 0, self.chunk_size
-        while start < total:
-            stop = min(total, start + size)
-            try:
-                step(start, stop)
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
-                    raise
-                size //= 2
-                torch.cuda.empty_cache()
-                logger.warning("CUDA out of memory: retrying with %d slices per chunk", size)
-                continue
-            start = stop
-            if progress:
-                progress(stage, start, total)
+    def _prepare_weights(self, model: AnyMC3DModel) -> None:
+        """Merge a single-view plugin's LoRA when asked (a merged adapter of another plugin is restored first)."""
+        if self.merge_lora and len(model.adapters) == 1:
+            merge(self.model, model.adapters[0])
 
-    def encode(self, slices: torch.Tensor, adapter: Optional[str], record: Optional[str] = None,
-               progress: Optional[Progress] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Slice embeddings (last-block CLS) and optionally per-slice attention maps.
-
-        Args:
-            slices: (S, M, M) preprocessed slices in [0, 1] (any device).
-            adapter: the LoRA adapter to run, or None for the bare backbone.
-            record: None, "attention" (last-block CLS row) or "rollout".
-
-        Returns:
-            (S, C) float32 embeddings, and (S, P) float32 patch maps when ``record`` is set.
-        """
-        activate(self.model, adapter)
-        npt = self.model.num_prefix_tokens
-        blocks = self.model.blocks
-        embeddings, maps = [], []
-
-        def step(start: int, stop: int) -> None:
-            x = to_model_input(slices[start:stop].to(self.device, torch.float32))  # (B, 3, M, M)
-            with torch.inference_mode(), self._autocast():
-                if record == "attention":
-                    with hm.AttentionRecorder(blocks[-1:], reduce=hm.cls_row_mean) as rec:
-                        tokens = self.model.forward_features(x)  # (B, N, C)
-                    patch_map = hm.cls_attention(rec.maps[0], npt)
-                elif record == "rollout":
-                    with hm.AttentionRecorder(blocks, reduce=hm.head_mean) as rec:
-                        tokens = self.model.forward_features(x)
-                    patch_map = hm.attention_rollout(rec.maps, npt)
-                else:
-                    tokens = self.model.forward_features(x)
-                    patch_map = None
-            embeddings.append(tokens[:, 0].float())
-            if patch_map is not None:
-                maps.append(patch_map.float())
-
-        self._chunks(slices.shape[0], step, progress, "encoding")
-        return torch.cat(embeddings), (torch.cat(maps) if maps else None)
-
-    def _gradient_maps(self, slices: torch.Tensor, adapter: str, cls_grads: torch.Tensor, last_only: bool,
-                       progress: Optional[Progress]) -> torch.Tensor:
-        """Gradient-weighted attention maps for K findings: (K, S, P).
-
-        ``cls_grads`` (K, S, C) is d logit_k / d h_s from the pooling and head. Slices are independent in
-        the backbone, so back-propagating <h_s, g_ks> chunk by chunk gives the exact gradient of logit_k
-        with respect to each chunk's attention matrices, with memory bounded by the chunk.
-        """
-        activate(self.model, adapter)
-        npt = self.model.num_prefix_tokens
-        per_finding: list[list[torch.Tensor]] = [[] for _ in range(cls_grads.shape[0])]
-
-        def step(start: int, stop: int) -> None:
-            x = to_model_input(slices[start:stop].to(self.device, torch.float32)).requires_grad_(True)
-            with torch.enable_grad(), self._autocast(), hm.AttentionRecorder(self.model.blocks, retain_grad=True) as rec:
-                cls = self.model.forward_features(x)[:, 0].float()  # (B, C)
-                for k in range(cls_grads.shape[0]):
-                    for a in rec.maps:
-                        a.grad = None
-                    torch.autograd.backward((cls * cls_grads[k, start:stop]).sum(), retain_graph=True)
-                    grads = [a.grad for a in rec.maps]
-                    per_finding[k].append(hm.gradient_rollout(rec.maps, grads, npt, last_only).detach().float())
-
-        self._chunks(slices.shape[0], step, progress, "heatmap")
-        return torch.stack([torch.cat(chunks) for chunks in per_finding])
-
-    # ----------------------------------------------------------------------------------- prediction
     def predict_slices(self, views: Sequence[torch.Tensor], plugin: str, heatmap: Optional[str] = None,
-                       progress: Optional[Progress] = None) -> Prediction:
+                       progress: Optional[Progress] = None, geometry: Optional[SliceGeometry] = None) -> Prediction:
         """Predict one case from preprocessed slices.
 
         Args:
             views: one (S_v, M, M) tensor in [0, 1] per plugin view (the output of ``prepare``).
             plugin: name of an attached plugin.
-            heatmap: None or one of ``heatmap.METHODS``; computed for the first view.
+            heatmap: None, "auto" (the kind's default) or one of ``heatmap.METHODS`` that the plugin's kind
+                supports (``encoder.heatmap_methods``); computed for the first view.
+            geometry: how view 0 was sliced from its input image (``prepare``'s second output), if any.
         """
+        attached = self.plugins[plugin]
+        config, model = attached.plugin.config, attached.model
+        encoder = model.encoder
+        if heatmap == AUTO_HEATMAP:  # the kind's own default map
+            heatmap = encoder.heatmap_methods[0] if encoder.heatmap_methods else None
         if heatmap is not None:
             hm.check_method(heatmap)
-        attached = self.plugins[plugin]
-        config, head = attached.plugin.config, attached.plugin.head
-        if len(views) != len(attached.adapters):
+            if heatmap not in encoder.heatmap_methods:
+                raise PluginError(f"{plugin}: kind {config.kind!r} has no {heatmap!r} heatmap "
+                                  f"(it has {', '.join(encoder.heatmap_methods) or 'none'})")
+        if len(views) != len(model.adapters):
             raise InputError(None, f"plugin {plugin} takes {len(config.views)} view(s) {config.views}, got {len(views)}")
-        record = heatmap if heatmap in ("attention", "rollout") else None
-        encoded = [self.encode(v, adapter, record if i == 0 else None, progress)
-                   for i, (v, adapter) in enumerate(zip(views, attached.adapters))]
-        embeddings = [h.clone().unsqueeze(0) for h, _ in encoded]  # (1, S_v, C), out of inference mode
-        with torch.no_grad():
-            v, importance = head.pool(embeddings)
-            logits = head.forward_head(v)[0]
+        batch = [v[None] for v in views]  # (1, S_v, M, M): one case
+        stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
+        self._prepare_weights(model)
+        record = heatmap if heatmap in encoder.forward_heatmaps else None
+        per_finding = heatmap in encoder.finding_heatmaps
+        with torch.inference_mode(), self._autocast():
+            out = model(batch, heatmap=record, patch_tokens=per_finding and encoder.finding_needs_patch_tokens,
+                        progress=stage("encoding"))
         grid = patch_grid(self.model, *views[0].shape[-2:])
-        pred = self._prediction(plugin, config, logits, v[0], importance)
-        pred.heatmap_method = heatmap
-        pred.plugin_paths = [str(attached.plugin.path)] if attached.plugin.path else []
-        if heatmap in ("attention", "rollout"):
-            pred.heatmap = self._volume(encoded[0][1], grid, importance[0][0])
-        elif heatmap in hm.GRADIENT_METHODS:
-            cls_grads = self._cls_grads(head, embeddings)  # (K, S_0, C)
-            maps = self._gradient_maps(views[0], attached.adapters[0], cls_grads, heatmap == "grad_last", progress)
-            pred.finding_heatmaps = {label: self._volume(m, grid, importance[0][0]) for label, m in zip(config.labels, maps)}
-            pred.heatmap = pred.finding_heatmaps[config.labels[int(np.argmax(pred.probabilities))]]
-        return pred
-
-    @staticmethod
-    def _cls_grads(head, embeddings: list[torch.Tensor]) -> torch.Tensor:
-        """d logit_k / d h_s for every finding k and slice s of the first view: (K, S, C)."""
-        with torch.enable_grad():
-            first = embeddings[0].detach().requires_grad_(True)
-            logits = head([first, *embeddings[1:]])[0]  # (K,)
-            grads = [torch.autograd.grad(logits[k], first, retain_graph=True)[0][0] for k in range(logits.shape[0])]
-        return torch.stack(grads)
-
-    @staticmethod
-    def _volume(patch_maps: torch.Tensor, grid: tuple[int, int], importance: torch.Tensor) -> np.ndarray:
-        return hm.weight_by_importance(hm.to_grid(patch_maps, grid), importance).cpu().numpy()
-
-    @staticmethod
-    def _prediction(name, config, logits, v, importance) -> Prediction:
-        calibrated = calibrated_logits(logits.float(), config)
+        importance = out.importance[0][0]  # (S_0,)
+        heatmap_volume, finding_heatmaps = None, {}
+        if record is not None:
+            heatmap_volume = _volume(out.patch_maps[0], grid, importance)
+        elif per_finding:
+            with self._autocast():
+                maps = model.finding_maps(batch, out, heatmap, progress=stage("heatmap"))  # (K, 1, S, P)
+            finding_heatmaps = {label: _volume(m[0], grid, importance) for label, m in zip(config.labels, maps)}
+        logits = out.logits[0].float()
+        calibrated = calibrated_logits(logits, config)
+        probs = probabilities(calibrated, config.task).cpu().numpy()
+        if finding_heatmaps:
+            heatmap_volume = finding_heatmaps[config.labels[int(np.argmax(probs))]]
         return Prediction(
-            plugin=name, labels=list(config.labels), task=config.task,
-            logits=logits.float().cpu().numpy(), calibrated_logits=calibrated.cpu().numpy(),
-            probabilities_raw=probabilities(logits.float(), config.task).cpu().numpy(),
-            probabilities=probabilities(calibrated, config.task).cpu().numpy(),
+            plugin=plugin, labels=list(config.labels), task=config.task, kind=config.kind,
+            logits=logits.cpu().numpy(), calibrated_logits=calibrated.cpu().numpy(),
+            probabilities_raw=probabilities(logits, config.task).cpu().numpy(), probabilities=probs,
             thresholds=np.asarray(config.thresholds, dtype=np.float32),
-            slice_importance=[a[0].float().cpu().numpy() for a in importance],
-            embedding=v.float().cpu().numpy(),
+            slice_importance=[a[0].float().cpu().numpy() for a in out.importance],
+            embedding=out.pooled[0].float().cpu().numpy(), heatmap_method=heatmap, heatmap=heatmap_volume,
+            finding_heatmaps=finding_heatmaps,
+            plugin_paths=[str(attached.plugin.path)] if attached.plugin.path else [], geometry=geometry,
         )
 
     def predict_image(self, images: Union[sitk.Image, Sequence[sitk.Image]], plugins: Optional[Sequence[str]] = None,
@@ -326,7 +267,7 @@ class Engine:
         plugins = list(plugins or self.plugins)
         if not plugins:
             raise PluginError("no plugin is attached")
-        if heatmap is not None:
+        if heatmap not in (None, AUTO_HEATMAP):
             hm.check_method(heatmap)
         for image, source in zip(images, sources):
             validate_image(image, source)
@@ -343,9 +284,7 @@ class Engine:
                 if key not in prepared:
                     prepared[key] = prepare(images[i], recipe, sources[i])
                 views.append(prepared[key])
-            prediction = self.predict_slices([s for s, _ in views], name, heatmap, progress)
-            prediction.geometry = views[0][1]
-            predictions.append(prediction)
+            predictions.append(self.predict_slices([s for s, _ in views], name, heatmap, progress, geometry=views[0][1]))
         return CaseResult(sources=[str(s) for s in sources], predictions=predictions)
 
     def predict_file(self, paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
@@ -357,6 +296,11 @@ class Engine:
             progress("reading", 0, 1)
         images = [read_image(p) for p in paths]
         return self.predict_image(images, plugins, heatmap, sources=[str(Path(p)) for p in paths], progress=progress)
+
+
+def _volume(patch_maps: torch.Tensor, grid: tuple[int, int], importance: torch.Tensor) -> np.ndarray:
+    """(S, P) per-slice patch maps -> the (S, h, w) volume heatmap weighted by a_s, max 1."""
+    return hm.weight_by_importance(hm.to_grid(patch_maps.float(), grid), importance).cpu().numpy()
 
 
 def ensemble(predictions: Sequence[Prediction], name: str = "ensemble") -> Prediction:

@@ -9,6 +9,11 @@ import os
 from typing import Optional
 
 
+def one_line(message: object) -> str:
+    """A message on one line: records, logs and the Slicer status line never carry a multi-line text."""
+    return " ".join(str(message).split())
+
+
 class AnyMC3DError(Exception):
     """Base class of every error the package raises on purpose."""
 

@@ -5,14 +5,18 @@
 - ``grad_rollout`` / ``grad_last``: gradient-weighted attention (Chefer et al. 2021) for one finding,
   rolled out over all blocks or taken from the last block only.
 
-Attention is read by hooking ``attn.attn_drop`` with ``fused_attn`` off: the hook sees the softmaxed
-(B, heads, N, N) matrix for timm's ``Attention`` and ``EvaAttention`` alike and leaves the output unchanged.
+The paper's map needs one attention row only: :class:`ClsRowRecorder` takes the last block's post-norm
+(and, for DINOv3, rotary) queries and keys from hooks and computes the CLS query's row, while every block
+keeps its fused (SDPA) attention. Rollout and the gradient methods need whole matrices: :class:`AttentionRecorder`
+hooks ``attn.attn_drop`` with ``fused_attn`` off; the hook sees the softmaxed (B, heads, N, N) matrix for
+timm's ``Attention`` and ``EvaAttention`` alike and leaves the output unchanged.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
 import torch
+from timm.layers import apply_rot_embed_cat
 from torch import nn
 
 from anymc3d.contract import GRADIENT_METHODS, HEATMAP_METHODS as METHODS  # noqa: F401 (re-exported)
@@ -68,6 +72,58 @@ class AttentionRecorder:
         for blk, fused in zip(self.blocks, self._fused):
             blk.attn.fused_attn = fused
         self._handles, self._fused = [], []
+
+
+class ClsRowRecorder:
+    """Context manager computing one block's CLS-query attention row (head mean) without unfusing it.
+
+    Forward hooks on ``attn.q_norm`` / ``attn.k_norm`` (modules of timm's ``Attention`` and ``EvaAttention``,
+    ``nn.Identity`` when unused) see q and k as the block uses them; a pre-hook on ``attn`` sees DINOv3's
+    ``rope``, applied here to the keys of the patch tokens exactly where EvaAttention applies it (the CLS query
+    is a prefix token and gets none). Only (B, heads, 1, N) scores are formed: O(N) memory, not O(N^2).
+    """
+
+    def __init__(self, block: nn.Module):
+        self.attn = block.attn
+        self._q = self._k = self._rope = None
+        self._handles: list = []
+        self.rows: list[torch.Tensor] = []
+
+    def __enter__(self) -> "ClsRowRecorder":
+        self.rows = []
+
+        def keep(name):
+            def hook(module, inputs, output):
+                setattr(self, name, output)
+                if self._q is not None and self._k is not None:
+                    self.rows.append(self._row())
+                    self._q = self._k = None
+            return hook
+
+        def keep_rope(module, args, kwargs):
+            self._rope = kwargs.get("rope")
+
+        try:
+            self._handles = [self.attn.q_norm.register_forward_hook(keep("_q")),
+                             self.attn.k_norm.register_forward_hook(keep("_k")),
+                             self.attn.register_forward_pre_hook(keep_rope, with_kwargs=True)]
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _row(self) -> torch.Tensor:
+        q, k = self._q[:, :, :1].float(), self._k.float()  # (B, H, 1, d), (B, H, N, d)
+        if self._rope is not None:
+            npt, half = self.attn.num_prefix_tokens, getattr(self.attn, "rotate_half", False)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], self._rope.float(), half=half)], dim=2)
+        scores = (q * self.attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+        return scores.softmax(dim=-1)[:, :, 0].mean(dim=1)  # (B, N)
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._q, self._k, self._rope = [], None, None, None
 
 
 def cls_row_mean(attn: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ def add_adapter(model: nn.Module, name: str, settings: LoraSettings) -> None:
     """
     if name in adapter_names(model):
         raise PluginError(f"adapter {name!r} is already attached")
+    unmerge(model)  # injection wraps the base layers: they must hold the base weights
     active = active_adapter(model) if lora_layers(model) else None
     with warnings.catch_warnings():  # peft warns that several adapters share the model: that is the design
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
@@ -93,6 +94,8 @@ def set_trainable(model: nn.Module, name: Optional[str]) -> None:
 
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete adapter ``name``; the active adapter stays active (the bare backbone if it was ``name``)."""
+    if merged_adapter(model) is not None:
+        unmerge(model)
     active = active_adapter(model)
     delete_adapter(model, name, prefix="lora_")
     getattr(model, "peft_config", {}).pop(name, None)
@@ -109,10 +112,16 @@ def active_adapter(model: nn.Module) -> Optional[str]:
 
 
 def activate(model: nn.Module, name: Optional[str]) -> None:
-    """Make adapter ``name`` the active one; None runs the bare backbone. Costs no weight copy."""
+    """Make adapter ``name`` the active one; None runs the bare backbone. Costs no weight copy, except that
+    a merged adapter other than ``name`` is unmerged first (its base weights restored bit for bit)."""
     layers = lora_layers(model)
     if name is not None and name not in adapter_names(model):
         raise PluginError(f"no adapter {name!r} is attached")
+    merged = merged_adapter(model)
+    if merged is not None and merged != name:
+        unmerge(model)
+    elif merged is not None:
+        return  # the merged adapter is the active one already
     # peft's switches also flip requires_grad; trainability is the caller's choice, so keep it
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     if name is not None:
@@ -121,6 +130,45 @@ def activate(model: nn.Module, name: Optional[str]) -> None:
         layer.enable_adapters(name is not None)
     for n, p in model.named_parameters():
         p.requires_grad_(requires_grad[n])
+
+
+_BASE_COPIES = "_anymc3d_base_weights"
+
+
+def merged_adapter(model: nn.Module) -> Optional[str]:
+    """The adapter merged into the backbone's weights, or None."""
+    copies = getattr(model, _BASE_COPIES, None)
+    return copies[0] if copies else None
+
+
+@torch.no_grad()
+def merge(model: nn.Module, name: str) -> None:
+    """Fold adapter ``name`` into the base weights (W + (alpha/r) B A) so inference runs the plain layers.
+
+    peft's own ``unmerge`` subtracts the update again, which is not bit-exact in floating point; so the base
+    weights of every adapted layer are copied first and :func:`unmerge` puts the copies back.
+    """
+    if merged_adapter(model) == name:
+        return
+    activate(model, name)
+    layers = lora_layers(model)
+    copies = {key: layer.get_base_layer().weight.detach().clone() for key, layer in layers.items()}
+    for layer in layers.values():
+        layer.merge(adapter_names=[name])
+    setattr(model, _BASE_COPIES, (name, copies))
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> None:
+    """Restore the base weights saved by :func:`merge` exactly; the adapter stays attached and active."""
+    saved = getattr(model, _BASE_COPIES, None)
+    if not saved:
+        return
+    _, copies = saved
+    for key, layer in lora_layers(model).items():
+        layer.get_base_layer().weight.copy_(copies[key])
+        layer.merged_adapters = []
+    setattr(model, _BASE_COPIES, None)
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

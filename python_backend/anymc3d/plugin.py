@@ -16,11 +16,9 @@ import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
-import jsonschema
 import safetensors.torch
 import torch
 from torch import nn
@@ -28,18 +26,25 @@ from torch import nn
 from anymc3d import __version__
 from anymc3d.backbone import BackboneSpec
 from anymc3d.contract import safe_name  # noqa: F401 (re-exported)
+from anymc3d.encoders import ENCODERS
 from anymc3d.errors import PluginError
 from anymc3d.fileio import atomic_path
 from anymc3d.lora import LoraSettings
+from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free reading of a plugin)
+    JSON_NAME,
+    MAX_MEMBER_BYTES,
+    PLUGIN_SUFFIX,
+    WEIGHTS_NAME,
+    check_plugin_schema,
+    find_plugins,
+    parse_json,
+    read_members,
+)
 from anymc3d.pooling import TaskQueryPool
 from anymc3d.preprocessing import PreprocessConfig
 
 FORMAT_VERSION = 1
-KINDS = ("slice_lora",)  # the PlaneCycle lifted-feature head will be a second kind
 TASKS = ("multilabel", "multiclass")
-JSON_NAME, WEIGHTS_NAME = "plugin.json", "plugin.safetensors"
-PLUGIN_SUFFIX = ".anymc3d"
-MAX_MEMBER_BYTES = 4 * 1024 ** 3
 
 
 @dataclass
@@ -59,7 +64,7 @@ class PluginConfig:
     calibration_b: Optional[list[float]] = field(default=None, metadata={"help": "Platt offset per finding (default 0)."})
     thresholds: Optional[list[float]] = field(default=None, metadata={"help": "Decision threshold per finding on the calibrated probability (default 0.5)."})
     description: str = field(default="", metadata={"help": "Free text: data, intended use, limits."})
-    kind: str = field(default="slice_lora", metadata={"help": f"Plugin kind, one of {KINDS}."})
+    kind: str = field(default="slice_lora", metadata={"help": "Plugin kind: the encoder kind it runs on (anymc3d.encoders)."})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Plugin file format version."})
     anymc3d_version: str = field(default=__version__, metadata={"help": "Version of anymc3d that wrote it."})
     weights_sha256: str = field(default="", metadata={"help": "SHA-256 of plugin.safetensors (set on save)."})
@@ -74,8 +79,8 @@ class PluginConfig:
     def _validate(self):
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"format_version: this anymc3d reads version {FORMAT_VERSION}, the plugin is {self.format_version}")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind: must be one of {KINDS}, got {self.kind!r}")
+        if self.kind not in ENCODERS:
+            raise ValueError(f"kind: must be one of the registered encoder kinds {sorted(ENCODERS)}, got {self.kind!r}")
         if not self.name.strip():
             raise ValueError("name: must not be empty")
         if not self.labels or len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
@@ -120,17 +125,9 @@ class PluginConfig:
         return cls(**d)
 
 
-def _schema() -> dict:
-    return json.loads(resources.files("anymc3d").joinpath("schemas/plugin.schema.json").read_text())
-
-
 def validate_metadata(d: dict, source: str | os.PathLike = "plugin") -> PluginConfig:
     """Check ``plugin.json`` contents against the schema and the semantic rules; name the problem."""
-    try:
-        jsonschema.validate(d, _schema())
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise PluginError(f"{source}: invalid plugin metadata at {where}: {exc.message}") from None
+    check_plugin_schema(d, source)
     try:
         return PluginConfig.from_dict(d)
     except (ValueError, TypeError, KeyError) as exc:
@@ -159,19 +156,22 @@ class TaskPlugin(nn.Module):
         self.task_pool = TaskQueryPool(embed_dim, device=device, dtype=dtype)
         self.head = nn.Linear(embed_dim, num_classes, device=device, dtype=dtype)
 
-    def pool(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def pool(self, views: Sequence[torch.Tensor], masks: Optional[Sequence[Optional[torch.Tensor]]] = None
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Pool slice embeddings of each view into one case embedding.
 
         Args:
             views: one (B, S_v, C) tensor of slice embeddings per view.
+            masks: one (B, S_v) bool tensor per view (True = real slice; padding gets weight 0), or None.
 
         Returns:
             v: (B, C) case embedding; slice_importance: one (B, S_v) tensor per view.
         """
+        masks = list(masks) if masks is not None else [None] * len(views)
         if self.view_pools is None:
-            v, a = self.task_pool(views[0])
+            v, a = self.task_pool(views[0], masks[0])
             return v, [a]
-        pooled = [pool(h) for pool, h in zip(self.view_pools, views)]
+        pooled = [pool(h, m) for pool, h, m in zip(self.view_pools, views, masks)]
         view_embeddings = torch.stack([v for v, _ in pooled], dim=1)  # (B, V, C)
         v, _ = self.task_pool(view_embeddings)
         return v, [a for _, a in pooled]
@@ -207,13 +207,51 @@ class LoadedPlugin:
     path: Optional[Path] = None
 
 
-def _split_tensors(tensors: dict[str, torch.Tensor], config: PluginConfig, source) -> tuple[TaskPlugin, list[dict]]:
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def check_sizes(tensors: dict[str, torch.Tensor], config: PluginConfig, source) -> None:
+    """Every size plugin.json claims, checked against the tensors before anything is built from them.
+
+    A metadata file claiming LoRA rank 10^6 (or a width, depth, patch size, label or view count its weights
+    do not have) would otherwise make peft or torch allocate from the claim: a crash or a traceback instead of
+    an error naming the file.
+    """
+    def fail(problem: str):
+        raise PluginError(f"{source}: plugin.json does not match {WEIGHTS_NAME}: {problem}")
+
     head_w = tensors.get("head.weight")
     if head_w is None or head_w.ndim != 2:
         raise PluginError(f"{source}: the weights have no head")
-    num_classes, embed_dim = head_w.shape
+    num_classes, width = head_w.shape
     if num_classes != len(config.labels):
-        raise PluginError(f"{source}: plugin.json lists {len(config.labels)} labels but the head has {num_classes} outputs")
+        fail(f"plugin.json lists {len(config.labels)} labels but the head has {num_classes} outputs")
+    spec = config.backbone
+    if spec.embed_dim is not None and spec.embed_dim != width:
+        fail(f"backbone.embed_dim is {spec.embed_dim}, the head takes {width} features")
+    views = {key.split(".")[1] for key in tensors if key.startswith("lora.")}
+    if views != {str(i) for i in range(len(config.views))}:
+        fail(f"{len(config.views)} view(s) {config.views}, LoRA weights for view(s) {sorted(views)}")
+    rank = config.lora.rank
+    for key, value in tensors.items():
+        if not key.startswith("lora."):
+            continue
+        if key.endswith("lora_A.weight") and value.shape[0] != rank:
+            fail(f"lora.rank is {rank}, {key} has rank {value.shape[0]}")
+        if key.endswith("lora_B.weight") and (value.ndim < 2 or value.shape[1] != rank):
+            fail(f"lora.rank is {rank}, {key} has shape {tuple(value.shape)}")
+        block = _BLOCK.search(key)
+        if block and spec.depth is not None and int(block.group(1)) >= spec.depth:
+            fail(f"backbone.depth is {spec.depth}, {key} adapts block {block.group(1)}")
+        if "patch_embed.proj.lora_A" in key and tuple(value.shape[2:]) != (spec.patch_size, spec.patch_size):
+            fail(f"{spec.name} has {spec.patch_size}-pixel patches, {key} has shape {tuple(value.shape)}")
+        if key.endswith("lora_A.weight") and "patch_embed" not in key and value.shape[-1] != width:
+            fail(f"the head takes {width} features, {key} reads {value.shape[-1]}")
+
+
+def _split_tensors(tensors: dict[str, torch.Tensor], config: PluginConfig, source) -> tuple[TaskPlugin, list[dict]]:
+    check_sizes(tensors, config, source)
+    num_classes, embed_dim = tensors["head.weight"].shape
     head = TaskPlugin(embed_dim, num_classes, len(config.views))
     head_state = {k: v for k, v in tensors.items() if not k.startswith("lora.")}
     try:
@@ -276,49 +314,18 @@ def save_plugin(path: os.PathLike | str, config: PluginConfig, head: TaskPlugin,
     return path
 
 
-def _read_members(path: Path) -> tuple[bytes, bytes]:
-    if path.is_dir():
-        files = [path / JSON_NAME, path / WEIGHTS_NAME]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise PluginError(f"{path}: plugin folder lacks {', '.join(missing)}")
-        return files[0].read_bytes(), files[1].read_bytes()
-    if not path.is_file():
-        raise PluginError(f"{path}: plugin not found")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
-            if names != {JSON_NAME, WEIGHTS_NAME}:
-                raise PluginError(f"{path}: a plugin file holds exactly {JSON_NAME} and {WEIGHTS_NAME}, found {sorted(names)}")
-            if any(zf.getinfo(n).file_size > MAX_MEMBER_BYTES for n in names):
-                raise PluginError(f"{path}: plugin member larger than {MAX_MEMBER_BYTES} bytes")
-            return zf.read(JSON_NAME), zf.read(WEIGHTS_NAME)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise PluginError(f"{path}: not a readable plugin file ({exc})") from None
-
-
-def _parse_json(raw: bytes, path: Path) -> dict:
-    try:
-        d = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PluginError(f"{path}: {JSON_NAME} is not valid JSON ({exc})") from None
-    if not isinstance(d, dict):
-        raise PluginError(f"{path}: {JSON_NAME} must hold a JSON object")
-    return d
-
-
 def read_plugin_metadata(path: os.PathLike | str) -> dict:
     """The validated ``plugin.json`` of a plugin file or folder, as a dict (for listings and ``info``)."""
     path = Path(path)
-    raw, _ = _read_members(path)
-    return validate_metadata(_parse_json(raw, path), path).to_dict()
+    raw, _ = read_members(path, weights=False)
+    return validate_metadata(parse_json(raw, path), path).to_dict()
 
 
 def load_plugin(path: os.PathLike | str) -> LoadedPlugin:
     """Read and check a plugin: schema, weights hash, label count against the head, views against LoRA."""
     path = Path(path)
-    raw, weights = _read_members(path)
-    config = validate_metadata(_parse_json(raw, path), path)
+    raw, weights = read_members(path)
+    config = validate_metadata(parse_json(raw, path), path)
     if hashlib.sha256(weights).hexdigest() != config.weights_sha256:
         raise PluginError(f"{path}: {WEIGHTS_NAME} does not match the hash in {JSON_NAME} (file altered or damaged)")
     try:
@@ -329,8 +336,3 @@ def load_plugin(path: os.PathLike | str) -> LoadedPlugin:
     return LoadedPlugin(config=config, head=head, lora=lora, path=path)
 
 
-def find_plugins(folder: os.PathLike | str) -> list[Path]:
-    """Plugins in a folder: ``*.anymc3d`` files and sub-folders holding a ``plugin.json``, sorted."""
-    folder = Path(folder)
-    found = [p for p in folder.iterdir() if (p.suffix == PLUGIN_SUFFIX and p.is_file()) or (p / JSON_NAME).is_file()]
-    return sorted(found)

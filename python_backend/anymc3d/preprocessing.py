@@ -18,6 +18,7 @@ exactly the input image's size, origin, spacing and direction, even for oblique 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -227,25 +228,61 @@ def is_dicom_folder(folder: PathLike) -> bool:
     return bool(_dicom_series(Path(folder)))
 
 
-def find_images(folder: PathLike) -> list[Path]:
-    """Images directly in ``folder``: files with :data:`IMAGE_SUFFIXES` and subfolders holding a DICOM series.
+def dicom_series_ids(folder: PathLike) -> list[str]:
+    """The series instance UIDs of the DICOM series directly in ``folder``, largest series first."""
+    return [sid for sid, _ in _dicom_series(Path(folder))]
 
-    Hidden files (such as partial outputs ``.x.partial-123.nii.gz``) are skipped. Not recursive
-    beyond one level.
+
+def link_problem(path: PathLike) -> str | None:
+    """Why ``path`` cannot be opened as a file system entry: a symbolic-link loop, a dangling link, or
+    missing; None when it can. (``Path.exists()`` says False for all three without telling which.)"""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if os.path.islink(path):
+            return f"is a dangling symbolic link (to {os.readlink(path)})"
+        return "file or folder not found"
+    except ValueError as error:  # embedded NUL and the like
+        return f"is not a usable path ({error})"
+    return None
+
+
+def scan_folder(folder: PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Images directly in ``folder`` and the entries that look like images but cannot be opened.
+
+    Images: files with :data:`IMAGE_SUFFIXES` and subfolders holding a DICOM series. Problems: symbolic
+    links that loop or dangle (reported, never skipped silently). Hidden and partial files are skipped.
 
     Returns:
-        Sorted list of paths.
+        (sorted image paths, sorted (path, problem) pairs).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "is not a folder")
-    found = []
+    found, problems = [], []
     for entry in sorted(folder.iterdir()):
         if is_temporary(entry.name):
             continue
-        if (entry.is_file() and _has_image_suffix(entry.name)) or (entry.is_dir() and _dicom_series(entry)):
+        problem = link_problem(entry) if entry.is_symlink() else None
+        if problem is not None:
+            problems.append((entry, problem))
+        elif (entry.is_file() and _has_image_suffix(entry.name)) or (entry.is_dir() and _dicom_series(entry)):
             found.append(entry)
-    return found
+    return found, problems
+
+
+def find_images(folder: PathLike) -> list[Path]:
+    """Images directly in ``folder``: files with :data:`IMAGE_SUFFIXES` and subfolders holding a DICOM series.
+
+    Hidden files (such as partial outputs ``.x.partial-123.nii.gz``) are skipped. Not recursive
+    beyond one level. :func:`scan_folder` also reports broken links.
+
+    Returns:
+        Sorted list of paths.
+    """
+    return scan_folder(folder)[0]
 
 
 def _itk_reason(error: Exception) -> str:
@@ -321,14 +358,15 @@ def _check_nifti_voxels(path: Path) -> None:
             raise InputError(path, f"has {bad} NaN or infinite voxels")
 
 
-def read_image(path: PathLike, *, max_voxels: int = 512 * 1024**2) -> sitk.Image:
+def read_image(path: PathLike, *, series: str | None = None, max_voxels: int = 512 * 1024**2) -> sitk.Image:
     """Read a 3D image file or a DICOM series folder, check it, and return it as float32.
 
     The header is read first, so a file claiming a huge size is refused before any voxel is read.
 
     Args:
         path: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) file, or a folder
-            holding a DICOM series (the largest series is used if there are several).
+            holding a DICOM series (the largest series is used if there are several, with a warning).
+        series: for a DICOM folder, the series instance UID to read (see :func:`dicom_series_ids`).
         max_voxels: refuse images with more voxels than this.
 
     Returns:
@@ -338,17 +376,22 @@ def read_image(path: PathLike, *, max_voxels: int = 512 * 1024**2) -> sitk.Image
         InputError: naming ``path`` and the problem.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file or folder not found")
+    problem = link_problem(path)
+    if problem is not None:
+        raise InputError(path, problem)
     if path.is_dir():
-        series = _dicom_series(path)
-        if not series:
+        found = _dicom_series(path)
+        if not found:
             raise InputError(path, "folder holds no DICOM series")
-        if len(series) > 1:
+        if series is not None:
+            found = [s for s in found if s[0] == series]
+            if not found:
+                raise InputError(path, f"folder holds no DICOM series {series}")
+        elif len(found) > 1:
             logger.warning(
-                "%s: %d DICOM series found; using %s (%d files)", path, len(series), series[0][0], len(series[0][1])
+                "%s: %d DICOM series found; using %s (%d files)", path, len(found), found[0][0], len(found[0][1])
             )
-        files = series[0][1]
+        files = found[0][1]
         info = _read_information(files[0], path)
         size = tuple(info.GetSize())[:2] + (len(files),)
         _check_header(path, 3, size, (1.0, 1.0, 1.0), info.GetNumberOfComponents(), max_voxels)

@@ -145,8 +145,9 @@ def test_json_progress_lines_for_a_process_runner(demo_dir, tmp_path, capsys):
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert events[0] == {"event": "start", "cases": 2}
     stages = [e["stage"] for e in events if e["event"] == "progress" and e["case"] == 0]
-    assert stages == ["reading", "encoding", "encoding", "encoding", "heatmap", "writing"]
-    assert [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "encoding"] == [16, 32, 40]
+    assert stages == ["reading", "encoding", "encoding", "encoding", "encoding", "heatmap", "writing"]
+    # done=0 when encoding starts (reading and preprocessing are over), then after each chunk of 16 slices
+    assert [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "encoding"] == [0, 16, 32, 40]
     done = [e for e in events if e["event"] == "case_done"]
     assert [d["status"] for d in done] == ["ok", "error"] and "missing.nii.gz" in done[1]["error"]
     assert events[-1] == {"event": "done", "ok": 1, "failed": 1, "json": str(tmp_path / "r.json")}
@@ -165,10 +166,25 @@ def test_gradient_heatmaps_are_written_per_finding_and_an_ensemble_is_one_result
     assert result["heatmap"] == result["finding_heatmaps"][top]
 
 
-def test_log_level_works_before_and_after_the_subcommand(demo_dir, capsys):
-    for args in (["--log-level", "ERROR", "info", str(demo_dir / "plugin.anymc3d")],
-                 ["info", str(demo_dir / "plugin.anymc3d"), "--log-level", "ERROR"]):
-        assert main(args) == 0
+def test_log_level_works_before_and_after_the_subcommand(tmp_path, caplog):
+    """The level given (before or after the subcommand) is the one in force: `demo` logs each file it writes at
+    INFO, so WARNING hides those lines and INFO shows them."""
+    import logging
+
+    logger = logging.getLogger("anymc3d")
+    saved = logger.level
+    try:
+        for i, (args, level) in enumerate([(["--log-level", "WARNING", "demo"], logging.WARNING),
+                                           (["demo", "--log-level", "INFO"], logging.INFO),
+                                           (["--log-level", "INFO", "demo", "--log-level", "ERROR"], logging.ERROR)]):
+            caplog.clear()
+            folder = tmp_path / str(i)
+            assert main([*args[:args.index("demo") + 1], str(folder), *args[args.index("demo") + 1:]]) == 0
+            assert logger.getEffectiveLevel() == level
+            wrote = [r for r in caplog.records if r.name == "anymc3d" and r.getMessage().startswith("wrote")]
+            assert len(wrote) == (3 if level <= logging.INFO else 0), [r.getMessage() for r in wrote]
+    finally:
+        logger.setLevel(saved)
 
 
 def test_info_prints_the_plugin_metadata(demo_dir, capsys):
@@ -183,9 +199,22 @@ def test_info_prints_the_plugin_metadata(demo_dir, capsys):
 
 
 def test_demo_files_are_complete_and_loadable(demo_dir):
+    """Each demo file loads with the reader a user's run uses, and the plugin fits the backbone."""
+    from anymc3d.backbone import load_backbone
+    from anymc3d.plugin import load_plugin
+    from anymc3d.preprocessing import read_image
+
     assert {p.name for p in demo_dir.iterdir()} >= {"backbone.safetensors", "plugin.anymc3d", "volume.nii.gz"}
     with gzip.open(demo_dir / "volume.nii.gz") as f:
         assert f.read(4)  # a real gzip
+    backbone = load_backbone(demo_dir / "backbone.safetensors")
+    plugin = load_plugin(demo_dir / "plugin.anymc3d")
+    assert plugin.config.backbone_fingerprint == backbone.fingerprint
+    assert plugin.config.labels == ["lesion", "effusion", "fracture"]
+    volume = read_image(demo_dir / "volume.nii.gz")
+    assert volume.GetSize()[2] == 40 and sitk.GetArrayViewFromImage(volume).std() > 0
+    engine = Engine(backbone, device="cpu")
+    assert engine.add_plugin(plugin) == "demo_findings"
 
 
 def test_a_command_from_another_package_is_found_by_entry_point(monkeypatch, caplog):
@@ -234,3 +263,156 @@ def test_multi_view_case_joined_with_plus(demo_dir, tmp_path):
     args[args.index(f"{sag}+{cor}")] = str(sag)
     assert main(args) == 1
     assert "takes 2 view(s) ['sag', 'cor'], got 1" in json.loads((tmp_path / "r.json").read_text())[0]["error"]
+
+
+# ------------------------------------------------------------------------------------------ bad input (issue 11, part 3)
+def _records(path):
+    from anymc3d.contract import validate_records
+
+    return validate_records(json.loads(path.read_text()))
+
+
+@pytest.mark.parametrize("make", ["empty", "no_images"])
+def test_an_empty_folder_or_one_without_images_is_an_error_record(demo_dir, tmp_path, make):
+    folder = tmp_path / make
+    folder.mkdir()
+    if make == "no_images":
+        (folder / "notes.txt").write_text("x")
+        (folder / "sub").mkdir()
+    assert main(_predict(demo_dir, folder, "--json", tmp_path / "r.json")) == 1
+    (record,) = _records(tmp_path / "r.json")
+    assert record["status"] == "error" and record["image"] == str(folder)
+    assert record["error"].startswith(f"{folder}: folder holds no images")
+
+
+def test_a_symlink_loop_as_input_is_an_error_record_and_the_batch_goes_on(demo_dir, tmp_path):
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    args = _predict(demo_dir, tmp_path / "loop_a", demo_dir / "volume.nii.gz", "--json", tmp_path / "r.json")
+    assert main(args) == 1
+    loop, good = _records(tmp_path / "r.json")
+    assert loop["error"] == f"{tmp_path / 'loop_a'}: is a symbolic link loop" and good["status"] == "ok"
+
+
+def test_a_folder_holding_two_dicom_series_gives_one_case_per_series(demo_dir, tmp_path):
+    from test_preprocessing import _write_dicom_series
+
+    large = sitk.Cast(make_ct_volume(size=(20, 20, 5), spacing=(1.0, 1.0, 2.0), seed=1), sitk.sitkInt16)
+    small = sitk.Cast(make_ct_volume(size=(16, 16, 3), spacing=(1.0, 1.0, 3.0), seed=2), sitk.sitkInt16)
+    _write_dicom_series(small, tmp_path / "mixed", series_number=1, prefix="a")
+    _write_dicom_series(large, tmp_path / "mixed", series_number=2, prefix="b")
+    heat = tmp_path / "heat"
+    assert main(_predict(demo_dir, tmp_path / "mixed", "--json", tmp_path / "r.json", "--heatmap", heat)) == 0
+    first, second = _records(tmp_path / "r.json")
+    assert first["image"] == second["image"] == str(tmp_path / "mixed")
+    assert first["series"] != second["series"]
+    assert (first["num_slices"], second["num_slices"]) == (5, 3)  # largest series first, neither merged nor dropped
+    assert sitk.ReadImage(first["results"][0]["heatmap"]).GetSize() == (20, 20, 5)
+    assert sitk.ReadImage(second["results"][0]["heatmap"]).GetSize() == (16, 16, 3)
+    assert sorted(p.name for p in heat.iterdir()) == ["mixed_s1__demo_findings.nii.gz", "mixed_s2__demo_findings.nii.gz"]
+
+
+def test_a_large_mixed_batch_keeps_every_good_result_and_names_every_bad_path(demo_dir, tmp_path):
+    """Tens of paths on the command line: good images, corrupt, truncated, dangling links, a loop, a missing file and a
+    folder with broken links inside. Every good image gets its record and heatmap; every bad path an error record."""
+    good, bad = [], {}
+    for i in range(8):
+        path = tmp_path / f"good{i}.nii.gz"
+        sitk.WriteImage(make_ct_volume(size=(24, 24, 4 + i % 3), seed=i), str(path))
+        good.append(path)
+    data = good[0].read_bytes()
+    for i in range(6):
+        (tmp_path / f"corrupt{i}.nii.gz").write_bytes(os.urandom(500 + i))
+        bad[tmp_path / f"corrupt{i}.nii.gz"] = "not a readable image file"
+        (tmp_path / f"truncated{i}.nii.gz").write_bytes(data[: len(data) // (2 + i)])
+        bad[tmp_path / f"truncated{i}.nii.gz"] = "truncated"
+        (tmp_path / f"dangling{i}.nii.gz").symlink_to(tmp_path / f"gone{i}.nii.gz")
+        bad[tmp_path / f"dangling{i}.nii.gz"] = "is a dangling symbolic link"
+    (tmp_path / "loop.nii.gz").symlink_to(tmp_path / "loop.nii.gz")
+    bad[tmp_path / "loop.nii.gz"] = "is a symbolic link loop"
+    bad[tmp_path / "missing.nii.gz"] = "file or folder not found"
+    inner = tmp_path / "folder"
+    inner.mkdir()
+    sitk.WriteImage(make_ct_volume(size=(24, 24, 5), seed=20), str(inner / "inner_good.nii.gz"))
+    (inner / "inner_dangling.nii.gz").symlink_to(inner / "nothing.nii.gz")
+    (inner / "inner_loop").symlink_to(inner / "inner_loop")
+    bad[inner / "inner_dangling.nii.gz"] = "is a dangling symbolic link"
+    bad[inner / "inner_loop"] = "is a symbolic link loop"
+    paths = [*good, *[p for p in bad if p.parent == tmp_path]]
+    order = np.random.default_rng(0).permutation(len(paths))
+    paths = [paths[i] for i in order] + [inner]
+    assert len(paths) >= 25  # tens of paths
+    heat = tmp_path / "heat"
+    assert main(_predict(demo_dir, *paths, "--json", tmp_path / "r.json", "--heatmap", heat)) == 1
+    records = _records(tmp_path / "r.json")
+    by_image = {r["image"]: r for r in records}
+    assert len(records) == len(by_image) == len(good) + len(bad) + 1
+    for path in [*good, inner / "inner_good.nii.gz"]:
+        record = by_image[str(path)]
+        assert record["status"] == "ok"
+        assert sitk.ReadImage(record["results"][0]["heatmap"]).GetSize() == sitk.ReadImage(str(path)).GetSize()
+    for path, words in bad.items():
+        record = by_image[str(path)]
+        assert record["status"] == "error" and record["error"].startswith(f"{path}: "), record["error"]
+        assert words in record["error"] and "Traceback" not in record["error"], record["error"]
+    assert len(list(heat.iterdir())) == len(good) + 1 and _no_partial_files(tmp_path)
+
+
+@pytest.mark.parametrize("flag,value", [("--chunk-size", "0"), ("--chunk-size", "-3"), ("--chunk-size", "many"),
+                                        ("--workers", "0"), ("--num-gpus-per-worker", "-1"),
+                                        ("--num-gpus-per-worker", "nan"), ("--heatmap-method", "magic"),
+                                        ("--device", "tpu"), ("--heatmap-format", "png")])
+def test_a_bad_flag_value_is_a_usage_error(demo_dir, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(_predict(demo_dir, demo_dir / "volume.nii.gz", flag, value))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "Traceback" not in err
+
+
+def test_an_output_path_that_cannot_be_used_is_a_usage_error(demo_dir, tmp_path, caplog):
+    (tmp_path / "file").write_text("x")
+    assert main(_predict(demo_dir, demo_dir / "volume.nii.gz", "--heatmap", tmp_path / "file")) == 2
+    assert f"{tmp_path / 'file'}: cannot be used as the --heatmap folder" in caplog.text
+    assert main(_predict(demo_dir, demo_dir / "volume.nii.gz", "--json", tmp_path)) == 2
+    assert "--json names a folder" in caplog.text
+
+
+def test_a_manifest_csv_lists_cases_relative_to_itself(demo_dir, tmp_path):
+    """The training manifest's format as INPUTS: an `image` column, paths relative to the CSV; a bad row or a
+    manifest without the column is an error record naming it."""
+    archive = tmp_path / "archive"
+    (archive / "ct").mkdir(parents=True)
+    sitk.WriteImage(make_ct_volume(size=(24, 24, 5), seed=2), str(archive / "ct" / "p1.nii.gz"))
+    (archive / "list.csv").write_text("image,label\nct/p1.nii.gz,1\nct/p2.nii.gz,0\n")
+    (tmp_path / "wrong.csv").write_text("path\nct/p1.nii.gz\n")
+    assert main(_predict(demo_dir, archive / "list.csv", tmp_path / "wrong.csv", "--json", tmp_path / "r.json")) == 1
+    good, missing, wrong = _records(tmp_path / "r.json")
+    assert good["status"] == "ok" and good["image"] == str(archive / "ct" / "p1.nii.gz")
+    assert missing["error"] == f"{archive / 'ct' / 'p2.nii.gz'}: file or folder not found"
+    assert wrong["image"] == str(tmp_path / "wrong.csv") and "manifest has no 'image' column" in wrong["error"]
+
+
+def test_ray_options_without_ray_are_a_usage_error(demo_dir, tmp_path, caplog):
+    assert main(_predict(demo_dir, demo_dir / "volume.nii.gz", "--resume", "--workers", "2")) == 2
+    assert "--workers, --resume: only with --ray" in caplog.text
+
+
+def test_a_plugin_claiming_an_absurd_lora_rank_is_a_one_line_usage_error(demo_dir, tmp_path, caplog, capsys):
+    import zipfile
+
+    from anymc3d.plugin_file import JSON_NAME, WEIGHTS_NAME
+
+    with zipfile.ZipFile(demo_dir / "plugin.anymc3d") as zf:
+        meta, weights = json.loads(zf.read(JSON_NAME)), zf.read(WEIGHTS_NAME)
+    meta["lora"]["rank"] = 10 ** 6
+    with zipfile.ZipFile(tmp_path / "huge.anymc3d", "w") as zf:
+        zf.writestr(JSON_NAME, json.dumps(meta))
+        zf.writestr(WEIGHTS_NAME, weights)
+    args = _predict(demo_dir, demo_dir / "volume.nii.gz", "--json", tmp_path / "r.json")
+    args[args.index("--plugin") + 1] = str(tmp_path / "huge.anymc3d")
+    assert main(args) == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert message.startswith(f"{tmp_path / 'huge.anymc3d'}: plugin.json does not match plugin.safetensors: "
+                              "lora.rank is 1000000")
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "r.json").exists()

@@ -69,7 +69,9 @@ def test_embedding_and_logits_follow_the_definition(tmp_path, volume):
     engine, (name,) = _engine(_plugin(tmp_path))
     slices, _ = prepare(read_image(volume), engine.plugins[name].plugin.config.preprocessing[0])
     pred = engine.predict_slices([slices], name)
-    h, _ = engine.encode(slices, engine.plugins[name].adapters[0])
+    model = engine.plugins[name].model
+    with torch.inference_mode():
+        h = model.forward_features([slices[None]])[0].cls[0]  # (S, C): the encoder alone, before any pooling
     head = engine.plugins[name].plugin.head
     hq = h.double() @ head.task_pool.query.detach().double() / np.sqrt(h.shape[1])
     a = torch.softmax(hq, 0)
@@ -222,6 +224,7 @@ def test_plugins_that_slice_differently_each_map_back_correctly(tmp_path):
 
 def test_an_unknown_heatmap_method_fails_before_any_slice_is_encoded(tmp_path, monkeypatch):
     engine, (name,) = _engine(_plugin(tmp_path))
-    monkeypatch.setattr(engine, "encode", lambda *a, **k: pytest.fail("encoded before checking the method"))
+    encoder = engine.plugins[name].model.encoder
+    monkeypatch.setattr(encoder, "forward", lambda *a, **k: pytest.fail("encoded before checking the method"))
     with pytest.raises(ValueError, match="heatmap method must be one of"):
         engine.predict_slices([torch.rand(3, 56, 56)], name, heatmap="saliency")

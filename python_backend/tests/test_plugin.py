@@ -162,3 +162,122 @@ def test_metadata_listing_and_discovery(tmp_path, made):
     assert [p.name for p in find_plugins(tmp_path)] == ["one.anymc3d", "two"]
     meta = read_plugin_metadata(tmp_path / "two")
     assert meta["views"] == ["sag", "cor"] and meta["backbone"]["name"] == "dinov2_vits14_reg"
+
+
+# ------------------------------------------------------------------ torch-free reading (anymc3d.plugin_file)
+BLOCKER = '''
+import importlib.abc, sys
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, Blocker())
+'''
+
+
+@pytest.mark.parametrize("blocked", [("torch", "timm", "peft", "safetensors"),
+                                     ("torch", "timm", "peft", "safetensors", "jsonschema")])
+def test_plugins_are_listed_and_checked_without_torch(tmp_path, made, blocked):
+    """The Slicer module lists plugins before torch is installed: plugin_file reads and checks plugin.json with
+    the standard library (and the hand schema checker when jsonschema is missing too)."""
+    import os
+    import subprocess
+    import sys
+
+    import anymc3d
+
+    _, config, head, lora = made
+    save_plugin(tmp_path / "one.anymc3d", config, head, lora)
+    save_plugin(tmp_path / "two", config, head, lora)
+    bad = tmp_path / "bad.anymc3d"
+    save_plugin(bad, config, head, lora)
+    _rewrite(bad, meta={**_meta(bad), "task": "regression"})
+    code = f"BLOCKED = {blocked!r}\n" + BLOCKER + '''
+import json, sys
+from anymc3d.plugin_file import find_plugins, read_plugin_json
+from anymc3d.errors import PluginError
+out = {}
+for path in find_plugins(sys.argv[1]):
+    try:
+        out[path.name] = read_plugin_json(path)
+    except PluginError as exc:
+        out[path.name] = str(exc)
+assert not {"torch", "timm", "peft"} & set(sys.modules), sorted(sys.modules)
+print(json.dumps(out))
+'''
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(anymc3d.__file__)))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert sorted(listed) == ["bad.anymc3d", "one.anymc3d", "two"]
+    assert listed["one.anymc3d"] == read_plugin_metadata(tmp_path / "one.anymc3d")  # same dict as the torch side
+    assert listed["two"] == read_plugin_metadata(tmp_path / "two")
+    assert "invalid plugin metadata at task" in listed["bad.anymc3d"] and "bad.anymc3d" in listed["bad.anymc3d"]
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda m: m.update(task="regression"), lambda m: m.pop("weights_sha256"), lambda m: m.update(name=""),
+    lambda m: m.update(thresholds=[0.5, 1.0, 0.5]), lambda m: m.update(labels=[]), lambda m: m.update(extra=1),
+    lambda m: m["lora"].update(rank=0), lambda m: m["lora"].update(alpha=0), lambda m: m["lora"].update(dropout=1.0),
+    lambda m: m.update(backbone_fingerprint="ABC"), lambda m: m["backbone"].update(depth=None),
+    lambda m: m.update(format_version=True), lambda m: m.update(calibration_a=["1"]), lambda m: None,
+])
+def test_hand_schema_checker_agrees_with_jsonschema(tmp_path, made, tamper):
+    """Without jsonschema (a fresh Slicer) the contract's checker accepts and refuses exactly what jsonschema does."""
+    import jsonschema
+
+    from anymc3d.contract import RecordError, check_schema
+    from anymc3d.plugin_file import plugin_schema
+
+    _, config, head, lora = made
+    meta = _meta(save_plugin(tmp_path / "p.anymc3d", config, head, lora))
+    tamper(meta)
+    try:
+        jsonschema.validate(meta, plugin_schema())
+        by_jsonschema = True
+    except jsonschema.ValidationError:
+        by_jsonschema = False
+    try:
+        check_schema(meta, plugin_schema(), "plugin.json")
+        by_hand = True
+    except RecordError:
+        by_hand = False
+    assert by_hand == by_jsonschema
+
+
+def test_partial_and_hidden_plugins_are_not_listed(tmp_path, made):
+    """A plugin being written (save_plugin's hidden ``.partial`` folder) is never offered as a plugin."""
+    _, config, head, lora = made
+    save_plugin(tmp_path / "one.anymc3d", config, head, lora)
+    save_plugin(tmp_path / "two", config, head, lora)
+    (tmp_path / "two").rename(tmp_path / ".two.x1y2.partial")
+    (tmp_path / "one.anymc3d").rename(tmp_path / "three.partial.anymc3d")
+    save_plugin(tmp_path / "four", config, head, lora)
+    assert [p.name for p in find_plugins(tmp_path)] == ["four"]
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (lambda m: m["lora"].update(rank=10 ** 6), "lora.rank is 1000000, lora."),
+    (lambda m: m["lora"].update(rank=4), "lora.rank is 4, lora."),
+    (lambda m: m["backbone"].update(embed_dim=10 ** 6), "backbone.embed_dim is 1000000, the head takes 96 features"),
+    (lambda m: m["backbone"].update(depth=1), "backbone.depth is 1"),
+    (lambda m: m["backbone"].update(name="dinov3_vits16"), "has 16-pixel patches"),
+    (lambda m: m.update(views=["sag", "cor", "ax"], preprocessing=m["preprocessing"] + m["preprocessing"][:1]),
+     "3 view(s) ['sag', 'cor', 'ax'], LoRA weights for view(s) ['0', '1']"),
+])
+def test_sizes_in_the_metadata_are_checked_against_the_tensors_before_anything_is_built(tmp_path, made, tamper,
+                                                                                        message, monkeypatch):
+    """An absurd or wrong size in plugin.json is a PluginError naming the file, raised before any module is built
+    from the claim (peft would otherwise allocate a rank-10^6 adapter)."""
+    import anymc3d.plugin as plugin_module
+
+    _, config, head, lora = made
+    path = save_plugin(tmp_path / "p.anymc3d", config, head, lora)
+    meta = _meta(path)
+    tamper(meta)
+    _rewrite(path, meta=meta)
+    built = []
+    monkeypatch.setattr(plugin_module.TaskPlugin, "__init__", lambda *a, **k: built.append(a) or pytest.fail("built"))
+    with pytest.raises(PluginError, match=r"p\.anymc3d: plugin.json does not match plugin.safetensors") as err:
+        load_plugin(path)
+    assert message in str(err.value) and "\n" not in str(err.value) and built == []

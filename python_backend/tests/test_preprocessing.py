@@ -643,3 +643,29 @@ def test_synthetic_lesion_is_bright_where_asked():
 def test_image_stem_strips_only_image_suffixes():
     assert [pp.image_stem(n) for n in ("case1.nii.gz", "CT.NRRD", "a.b.mha", "series.v2", "dicom_folder")] == [
         "case1", "CT", "a.b", "series.v2", "dicom_folder"]
+
+
+def test_each_dicom_series_of_a_folder_can_be_read_by_its_uid(tmp_path):
+    large = sitk.Cast(make_ct_volume(size=(8, 8, 5), spacing=(1.0, 1.0, 2.0), seed=1), sitk.sitkInt16)
+    small = sitk.Cast(make_ct_volume(size=(6, 6, 3), spacing=(1.0, 1.0, 3.0), seed=2), sitk.sitkInt16)
+    _write_dicom_series(small, tmp_path / "mixed", series_number=1, prefix="a")
+    _write_dicom_series(large, tmp_path / "mixed", series_number=2, prefix="b")
+    first, second = pp.dicom_series_ids(tmp_path / "mixed")
+    for uid, volume in ((first, large), (second, small)):
+        image = read_image(tmp_path / "mixed", series=uid)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(volume), atol=1e-3)
+    with pytest.raises(InputError, match="mixed: folder holds no DICOM series 1.2.3"):
+        read_image(tmp_path / "mixed", series="1.2.3")
+
+
+def test_scan_folder_reports_broken_links_that_find_images_skips(tmp_path):
+    _write_nifti(tmp_path / "a.nii.gz", np.zeros((3, 3, 3), dtype=np.float32))
+    (tmp_path / "gone.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "ok_link.nii.gz").symlink_to(tmp_path / "a.nii.gz")
+    images, problems = pp.scan_folder(tmp_path)
+    assert images == pp.find_images(tmp_path) == [tmp_path / "a.nii.gz", tmp_path / "ok_link.nii.gz"]
+    assert [(p.name, why.split(" (")[0]) for p, why in problems] == [
+        ("gone.nii.gz", "is a dangling symbolic link"), ("loop", "is a symbolic link loop")]
+    with pytest.raises(InputError, match="loop: is a symbolic link loop"):
+        read_image(tmp_path / "loop")

@@ -1,0 +1,15 @@
+# Stand-in for Slicer's UseSlicer.cmake (Slicer/Slicer 583e9b3, CMake/UseSlicer.cmake.in): the extension name from
+# the project, the license/readme defaults (Slicer's own files, which an extension must override), the macros.
+if(NOT DEFINED EXTENSION_NAME)
+  set(EXTENSION_NAME ${PROJECT_NAME})
+endif()
+if(NOT DEFINED EXTENSION_LICENSE_FILE)
+  set(EXTENSION_LICENSE_FILE ${Slicer_LICENSE_FILE})
+endif()
+if(NOT DEFINED EXTENSION_README_FILE)
+  set(EXTENSION_README_FILE ${Slicer_README_FILE})
+endif()
+include(CTest)
+include(${CMAKE_CURRENT_LIST_DIR}/ctkMacroCompilePythonScript.cmake)
+include(${CMAKE_CURRENT_LIST_DIR}/SlicerMacroBuildScriptedModule.cmake)
+include(${CMAKE_CURRENT_LIST_DIR}/SlicerMacroPythonTesting.cmake)

@@ -1,0 +1,652 @@
+"""Stand-in for PythonQt's ``qt`` module: just the classes the module file uses, behaving as PythonQt does where
+it matters for the module (MeVisLab/pythonqt 642c06b: src/PythonQtSignalReceiver.cpp, PythonQtSignalTarget::call;
+src/PythonQtInstanceWrapper.cpp, the wrapper's dealloc) and with the members Slicer's and CTK's widgets expose
+(Slicer/Slicer 583e9b3 Libs/MRML/Widgets: qMRMLNodeComboBox.h, qMRMLSortFilterProxyModel.h, qMRMLTableView.h,
+qMRMLTableModel.h; commontk/CTK 868d56c Libs/Widgets):
+
+- ``obj.connect("signal(args)", handler)`` and ``obj.signal.connect(handler)`` are the same signal; handlers run in
+  connection order, synchronously, when the signal is emitted (a widget value set from code emits it too), and
+  get only as many of the signal's arguments as they accept (PythonQt reads the function's argument count).
+- Only slots, ``Q_INVOKABLE`` methods and properties of a C++ class are reachable from Python: e.g. the table
+  view's ``tableModel()`` returns a model without ``mrmlTableRowIndex`` (a plain C++ method of qMRMLTableModel).
+- A QObject made from Python without a parent belongs to Python: its wrapper's dealloc deletes it when the last
+  Python reference goes, at once, even while one of its own signals is being dispatched (``deletedDuringSignal``
+  records that; the real application would crash). ``QTimer.singleShot`` callbacks run from the event loop.
+"""
+
+import inspect
+import subprocess
+import threading
+import typing
+import weakref
+import xml.etree.ElementTree as ET
+
+# ------------------------------------------------------------------------------------------- event loop
+_pending = []  # callables queued for the event loop (QTimer.singleShot, deleteLater)
+deletedDuringSignal = []  # (class name, signal) of objects deleted while their signal was dispatching
+
+
+class Qt:
+    UserRole = 256
+    Horizontal = 1
+    Vertical = 2
+
+
+class QCoreApplication:
+    @staticmethod
+    def processEvents(*args):
+        while _pending:
+            _pending.pop(0)()
+
+
+class QTimer:
+    @staticmethod
+    def singleShot(msec, callback):
+        _pending.append(callback)
+
+
+# ------------------------------------------------------------------------------------------- signals
+class Signal:
+    """A signal of one object; holds the object weakly, as the C++ side holds no Python reference."""
+
+    def __init__(self, owner, name):
+        self._owner = weakref.ref(owner)
+        self.name = name
+        self.handlers = []
+
+    def connect(self, handler):
+        self.handlers.append(handler)
+        return True
+
+    def disconnect(self, handler=None):
+        self.handlers = [] if handler is None else [h for h in self.handlers if h != handler]
+
+    def emit(self, *args):
+        owner = self._owner()
+        ownerName = type(owner).__name__
+        del owner  # dispatch holds no strong reference, as PythonQt's signal receiver
+        for handler in list(self.handlers):
+            handler(*args[: _acceptedArguments(handler, len(args))])
+            if self._owner() is None:  # the object was deleted by a handler while its signal was dispatching
+                deletedDuringSignal.append((ownerName, self.name))
+                return
+
+
+def _acceptedArguments(handler, available):
+    """PythonQt passes a Python handler only as many signal arguments as it accepts (PythonQtSignalReceiver)."""
+    try:
+        parameters = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):
+        return available
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return available
+    return min(available, sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters))
+
+
+class QObject:
+    SIGNALS = ()
+
+    def __init__(self, parent=None):
+        self._properties = {}
+        self._signals = {name: Signal(self, name) for name in self.SIGNALS}
+        self._children = []
+        self.objectName = ""
+        if parent is not None:
+            parent._children.append(self)
+
+    def __getattr__(self, name):
+        signals = self.__dict__.get("_signals", {})
+        if name in signals:
+            return signals[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (not a slot, Q_INVOKABLE or property)")
+
+    def connect(self, signature, handler):
+        name = signature.split("(")[0]
+        if name not in self._signals:
+            raise ValueError(f"{type(self).__name__} has no signal {signature}")
+        return self._signals[name].connect(handler)
+
+    def disconnect(self, signature, handler=None):
+        self._signals[signature.split("(")[0]].disconnect(handler)
+
+    def property(self, name):
+        return self._properties.get(name)
+
+    def setProperty(self, name, value):
+        self._properties[name] = value
+
+    def findChildren(self, kind=None):
+        found = []
+        for child in self._children:
+            if kind is None or isinstance(child, kind):
+                found.append(child)
+            found += child.findChildren(kind)
+        return found
+
+    def isWidgetType(self):
+        return False
+
+    def deleteLater(self):
+        pass
+
+
+class QWidget(QObject):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.enabled = True
+        self.visible = True
+        self.toolTip = ""
+        self.text = ""
+
+    def isWidgetType(self):
+        return True
+
+    def show(self):
+        self.visible = True
+
+    def hide(self):
+        self.visible = False
+
+    def setToolTip(self, text):
+        self.toolTip = text
+
+    def setMRMLScene(self, scene):
+        self.mrmlScene = scene
+        if "mrmlSceneChanged" in self._signals:
+            self.mrmlSceneChanged.emit(scene)  # the .ui's <connections> pass the scene on to the selectors
+
+
+class QVBoxLayout:
+    def __init__(self, parent=None):
+        self.widgets = []
+
+    def addWidget(self, widget):
+        self.widgets.append(widget)
+
+
+class QLabel(QWidget):
+    pass
+
+
+class QPushButton(QWidget):
+    SIGNALS = ("clicked",)
+
+    def click(self):
+        if self.enabled:
+            self.clicked.emit(False)
+
+
+class ctkCollapsibleButton(QWidget):
+    pass
+
+
+class qMRMLWidget(QWidget):
+    SIGNALS = ("mrmlSceneChanged",)
+
+
+class QProgressBar(QWidget):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.value = 0
+
+
+class QCheckBox(QWidget):
+    SIGNALS = ("toggled",)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._checked = False
+
+    @property
+    def checked(self):
+        return self._checked
+
+    @checked.setter
+    def checked(self, value):
+        if bool(value) != self._checked:
+            self._checked = bool(value)
+            self.toggled.emit(self._checked)
+
+
+class QComboBox(QWidget):
+    SIGNALS = ("currentIndexChanged",)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.items = []
+        self._currentIndex = -1
+
+    def addItems(self, items):
+        self.items += list(items)
+        if self._currentIndex < 0 and self.items:
+            self.currentIndex = 0
+
+    @property
+    def count(self):
+        return len(self.items)
+
+    @property
+    def currentIndex(self):
+        return self._currentIndex
+
+    @currentIndex.setter
+    def currentIndex(self, index):
+        if index != self._currentIndex:
+            self._currentIndex = index
+            self.currentIndexChanged.emit(index)
+
+
+class ctkSliderWidget(QWidget):
+    SIGNALS = ("valueChanged",)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.minimum, self.maximum, self.singleStep, self._value = 0.0, 99.0, 1.0, 0.0
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, value):
+        value = min(max(float(value), self.minimum), self.maximum)
+        if value != self._value:
+            self._value = value
+            self.valueChanged.emit(value)
+
+
+class ctkPathLineEdit(QWidget):
+    SIGNALS = ("currentPathChanged",)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._currentPath = ""
+
+    @property
+    def currentPath(self):
+        return self._currentPath
+
+    @currentPath.setter
+    def currentPath(self, path):
+        if path != self._currentPath:
+            self._currentPath = path
+            self.currentPathChanged.emit(path)
+
+
+class QListWidgetItem:
+    def __init__(self, text=""):
+        self._text = text
+        self._data = {}
+        self.toolTip = ""
+        self.selected = False
+
+    def text(self):
+        return self._text
+
+    def setData(self, role, value):
+        self._data[role] = value
+
+    def data(self, role):
+        return self._data.get(role)
+
+    def setToolTip(self, text):
+        self.toolTip = text
+
+    def setSelected(self, selected):
+        self.selected = selected
+
+
+class QListWidget(QWidget):
+    SIGNALS = ("itemSelectionChanged",)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.items = []
+
+    def clear(self):
+        self.items = []
+
+    def addItem(self, item):
+        self.items.append(item)
+
+    @property
+    def count(self):
+        return len(self.items)
+
+    def item(self, row):
+        return self.items[row]
+
+    def selectedItems(self):
+        return [item for item in self.items if item.selected]
+
+    def selectRow(self, row):
+        for index, item in enumerate(self.items):
+            item.selected = index == row
+        self.itemSelectionChanged.emit()
+
+
+class QTableWidgetItem:
+    def __init__(self, text=""):
+        self._text = text
+
+    def text(self):
+        return self._text
+
+
+class QTableWidget(QWidget):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.rows = []
+
+    @property
+    def rowCount(self):
+        return len(self.rows)
+
+    def setRowCount(self, count):
+        self.rows = self.rows[:count] + [{} for _ in range(count - len(self.rows))]
+
+    def insertRow(self, row):
+        self.rows.insert(row, {})
+
+    def setItem(self, row, column, item):
+        self.rows[row][column] = item
+
+
+class QModelIndex:
+    def __init__(self, row, column=0):
+        self._row, self._column = row, column
+
+    def row(self):
+        return self._row
+
+    def column(self):
+        return self._column
+
+
+class QItemSelectionModel(QObject):
+    def __init__(self):
+        super().__init__()
+        self.selected = []
+
+    def selectedIndexes(self):
+        return list(self.selected)
+
+
+# ------------------------------------------------------------------------------------------- MRML widgets
+class qMRMLSortFilterProxyModel(QObject):
+    """Q_PROPERTY hiddenNodeIDs (Libs/MRML/Widgets/qMRMLSortFilterProxyModel.h)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hiddenNodeIDs = []
+
+
+class qMRMLNodeComboBox(QWidget):
+    SIGNALS = ("currentNodeChanged", "currentNodeIDChanged")
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.mrmlScene = None
+        self.nodeTypes = []
+        self._currentNode = None
+        self._proxy = qMRMLSortFilterProxyModel()
+
+    def sortFilterProxyModel(self):  # Q_INVOKABLE
+        return self._proxy
+
+    def setMRMLScene(self, scene):
+        self.mrmlScene = scene
+
+    def nodes(self):
+        """The nodes the combo box offers: its types, minus the proxy's hidden IDs."""
+        found = []
+        for nodeType in self.nodeTypes:
+            collection = self.mrmlScene.GetNodesByClass(nodeType)
+            found += [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+        return [node for node in found if node.GetID() not in self._proxy.hiddenNodeIDs]
+
+    def currentNode(self):
+        return self._currentNode
+
+    def setCurrentNode(self, node):
+        if node is not self._currentNode:
+            self._currentNode = node
+            self.currentNodeChanged.emit(node)
+
+
+class qMRMLTableModel(QObject):
+    """Its ``mrmlTableRowIndex(QModelIndex)`` is a plain C++ method (Libs/MRML/Widgets/qMRMLTableModel.h): PythonQt
+    does not expose it, so it is absent here."""
+
+
+class QSortFilterProxyModel(QObject):
+    """The table view's sorting proxy: ``mapToSource`` maps a view row to the table row."""
+
+    def __init__(self):
+        super().__init__()
+        self.order = []  # view row -> source row
+
+    def mapToSource(self, index):
+        return QModelIndex(self.order[index.row()] if self.order else index.row(), index.column())
+
+
+class qMRMLTableView(QWidget):
+    SIGNALS = ("selectionChanged",)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._model = qMRMLTableModel()
+        self._proxy = QSortFilterProxyModel()
+        self._selection = QItemSelectionModel()
+        self.tableNode = None
+
+    def setMRMLTableNode(self, node):
+        self.tableNode = node
+        self._selection.selected = []
+        self._proxy.order = list(range(node.GetNumberOfRows())) if node is not None else []
+
+    def tableModel(self):  # Q_INVOKABLE
+        return self._model
+
+    def sortFilterProxyModel(self):  # Q_INVOKABLE
+        return self._proxy
+
+    def selectionModel(self):
+        return self._selection
+
+    def sortByColumn(self, column, descending=True):
+        """What clicking a column header does: the view's rows are reordered, the table's are not."""
+        values = [self.tableNode.GetCellText(row, column) for row in range(self.tableNode.GetNumberOfRows())]
+        self._proxy.order = sorted(range(len(values)), key=lambda row: float(values[row]), reverse=descending)
+
+    def selectViewRow(self, viewRow):
+        self._selection.selected = [QModelIndex(viewRow, 0)]
+        self.selectionChanged.emit()
+
+
+# ------------------------------------------------------------------------------------------- misc
+class QSettings:
+    store: typing.ClassVar[dict] = {}
+
+    def value(self, key, default=None):
+        return self.store.get(key, default)
+
+    def setValue(self, key, value):
+        self.store[key] = value
+
+
+class QUrl:
+    def __init__(self, text):
+        self._text = text
+
+    @staticmethod
+    def fromLocalFile(path):
+        return QUrl("file://" + path)
+
+    def toString(self):
+        return self._text
+
+
+class QFileDialog:
+    nextOpenFileName = ""
+
+    @staticmethod
+    def getOpenFileName(*args):
+        return QFileDialog.nextOpenFileName
+
+
+class QProcessEnvironment:
+    def __init__(self):
+        self.values = {}
+
+    def insert(self, key, value):
+        self.values[key] = value
+
+
+class _Bytes:
+    def __init__(self, data):
+        self._data = data
+
+    def data(self):
+        return self._data
+
+
+class QProcess(QObject):
+    """Runs the command for real (subprocess); output and ``finished`` are delivered by processEvents(). Made
+    without a parent from Python, it is deleted with its last Python reference (see the module docstring)."""
+
+    SIGNALS = ("readyReadStandardOutput", "readyReadStandardError", "finished")
+    live: typing.ClassVar[weakref.WeakSet] = weakref.WeakSet()
+    _running: typing.ClassVar[list] = []  # the "C++ side": (weak process, Popen, output holder), no strong reference to the wrapper
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._environment = None
+        self._cwd = None
+        self._out = {"stdout": b"", "stderr": b""}
+        self._popen = None
+        QProcess.live.add(self)
+
+    def setProcessEnvironment(self, environment):
+        self._environment = environment.values
+
+    def setWorkingDirectory(self, cwd):
+        self._cwd = cwd
+
+    def start(self, program, arguments):
+        self._popen = subprocess.Popen([program, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       env=self._environment, cwd=self._cwd, start_new_session=True)
+        holder = {}
+        reader = threading.Thread(target=lambda: holder.update(zip(("stdout", "stderr"), self._popen.communicate())), daemon=True)
+        reader.start()
+        QProcess._running.append((weakref.ref(self), self._popen, holder, reader))
+
+    def processId(self):
+        return self._popen.pid
+
+    def readAllStandardOutput(self):
+        data, self._out["stdout"] = self._out["stdout"], b""
+        return _Bytes(data)
+
+    def readAllStandardError(self):
+        data, self._out["stderr"] = self._out["stderr"], b""
+        return _Bytes(data)
+
+    @staticmethod
+    def deliver():
+        """Event-loop step: for each finished process, its output, then ``finished(int, QProcess::ExitStatus)``."""
+        for entry in list(QProcess._running):
+            ref, popen, holder, reader = entry
+            if popen.poll() is None or reader.is_alive():
+                continue
+            QProcess._running.remove(entry)
+            process = ref()
+            if process is None:
+                continue
+            process._out = {"stdout": holder.get("stdout", b""), "stderr": holder.get("stderr", b"")}
+            signals = process._signals
+            del process
+            signals["readyReadStandardOutput"].emit()
+            if ref() is not None:
+                signals["readyReadStandardError"].emit()
+            if ref() is not None:
+                signals["finished"].emit(popen.returncode, 0)
+
+
+_originalProcessEvents = QCoreApplication.processEvents
+
+
+def _processEvents(*args):
+    QProcess.deliver()
+    _originalProcessEvents()
+
+
+QCoreApplication.processEvents = staticmethod(_processEvents)
+
+
+# ------------------------------------------------------------------------------------------- .ui loading
+WIDGET_CLASSES = {cls.__name__: cls for cls in (
+    QWidget, QLabel, QPushButton, ctkCollapsibleButton, qMRMLWidget, QProgressBar, QCheckBox, QComboBox,
+    ctkSliderWidget, ctkPathLineEdit, QListWidget, QTableWidget, qMRMLNodeComboBox, qMRMLTableView)}
+
+
+def _propertyValue(element):
+    child = next(iter(element))
+    if child.tag == "bool":
+        return child.text == "true"
+    if child.tag == "double":
+        return float(child.text)
+    if child.tag in ("number", "enum"):
+        return int(child.text) if child.tag == "number" else child.text
+    if child.tag == "stringlist":
+        return [s.text for s in child.findall("string")]
+    return child.text
+
+
+def loadUI(path):
+    """Build stand-in widgets from a Qt Designer file: one per <widget>, named, with its properties set (value
+    properties of sliders after their range, as Qt's uic does)."""
+    root = ET.parse(path).getroot()
+
+    def build(element, parent):
+        widget = WIDGET_CLASSES.get(element.get("class"), QWidget)(parent)
+        widget.objectName = element.get("name")
+        properties = {p.get("name"): _propertyValue(p) for p in element.findall("property")}
+        for name in ("minimum", "maximum"):
+            if name in properties:
+                setattr(widget, name, properties.pop(name))
+        for name, value in properties.items():
+            if name == "SlicerParameterName":
+                widget.setProperty(name, value)
+            elif name == "checked":
+                widget.checked = value
+            elif name in ("value", "nodeTypes", "text", "singleStep"):
+                setattr(widget, name, value)
+            else:
+                widget.setProperty(name, value)
+        for child in element.iter("widget"):
+            if child is not element and _parentWidget(element, child):
+                build(child, widget)
+        return widget
+
+    def _parentWidget(parent, child):
+        """True when ``parent`` is the closest <widget> ancestor of ``child``."""
+        stack = [(parent, iter(parent))]
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                continue
+            if nxt is child:
+                return node is parent
+            if nxt.tag != "widget":
+                stack.append((node, iter(nxt)))
+        return False
+
+    top = build(root.find("widget"), None)
+    byName = {w.objectName: w for w in [top, *top.findChildren(QObject)]}
+    for connection in root.iter("connection"):
+        sender, receiver = byName[connection.findtext("sender")], byName[connection.findtext("receiver")]
+        sender.connect(connection.findtext("signal"), getattr(receiver, connection.findtext("slot").split("(")[0]))
+    return top

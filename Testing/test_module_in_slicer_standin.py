@@ -1,0 +1,178 @@
+"""The module file in a Slicer-like Python (slicer-core + stand-ins that behave as Slicer's, CTK's and PythonQt's
+code does where it matters, see slicer_standins/). Each scenario runs in its own child process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import SimpleITK as sitk
+
+from .slicer_testing import BACKEND_PATH, REPO_ROOT, writeObliqueVolume
+
+STANDINS = os.path.join(REPO_ROOT, "Testing", "slicer_standins")
+BLOCKER = os.path.join(STANDINS, "blocker")
+SCENARIOS = os.path.join(REPO_ROOT, "Testing", "module_scenarios.py")
+MODULE_DIR = os.path.join(REPO_ROOT, "AnyMC3DSlicer")
+FRESH_SLICER_LACKS = "torch,torchvision,timm,peft,safetensors,nibabel,jsonschema,tqdm"
+
+
+def runScenario(name, arguments=None, moduleDir=MODULE_DIR, block="", blockLog=None, extraPaths=(BACKEND_PATH,), timeout=600):
+    env = dict(os.environ, ANYMC3D_TEST_BLOCK=block, ANYMC3D_TEST_BLOCK_LOG=blockLog or "")
+    env["PYTHONPATH"] = os.pathsep.join([BLOCKER, STANDINS, moduleDir, *extraPaths, env.get("PYTHONPATH", "")])
+    completed = subprocess.run([sys.executable, SCENARIOS, name, json.dumps(arguments or {})], capture_output=True,
+                               text=True, env=env, cwd=os.path.dirname(SCENARIOS), timeout=timeout, check=False)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_module_logic_is_constructed_as_slicer_does():
+    """Slicer's ScriptedLoadableModuleLogic.__init__ calls super().__init__() with no arguments: the module's logic
+    class must still build with none (the old base order raised TypeError), and its parameter node is the singleton."""
+    seen = runScenario("construct")
+    assert seen["moduleName"] == "AnyMC3DSlicer" and seen["sceneIsApplications"] and seen["runner"] == "QProcessRunner"
+    assert seen["device"] == "cpu" and seen["singleton"]
+    assert seen["logicPackage"] == "AnyMC3DSlicerLogic"
+    assert seen["versionOk"] and seen["oldSlicerRefused"]
+
+
+def test_the_standin_catches_the_old_base_order():
+    """The stand-in's constructor chain is the real one: a logic listing ScriptedLoadableModuleLogic first fails."""
+    code = """
+import slicer_app; slicer_app.install()
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+class PackageLogic:
+    def __init__(self, scene, runner=None):
+        self.scene = scene
+class OldLogic(ScriptedLoadableModuleLogic, PackageLogic):
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        PackageLogic.__init__(self, None)
+try:
+    OldLogic()
+except TypeError as error:
+    print("TypeError", error)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([STANDINS, os.environ.get("PYTHONPATH", "")]))
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert "TypeError" in completed.stdout and "scene" in completed.stdout, completed.stdout + completed.stderr
+
+
+def test_fresh_install_lists_plugins_and_apply_offers_installation(demo, tmp_path):
+    """torch, timm, peft (and every other package Slicer does not ship) absent, in child processes too: opening the
+    module lists the installed plugins without trying to import any of them, and Apply offers the installation
+    (PyTorchUtils with the backend's torch pin, pip with its pins) before anything needs them."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    shutil.copy(demo["plugin"], folder / "chest.anymc3d")
+    (folder / "broken.anymc3d").write_bytes(b"not a zip")
+    os.makedirs(folder / ".half.x1.partial")
+    shutil.copy(demo["plugin"], folder / ".half.x1.partial" / "plugin.json")
+    log = tmp_path / "import-attempts.log"
+    toImport = tmp_path / "downloads" / "second.anymc3d"
+    toImport.parent.mkdir()
+    shutil.copy(demo["plugin"], toImport)
+    seen = runScenario("freshInstall", {"pluginFolder": str(folder), "backbone": demo["backbone"], "importPlugin": str(toImport),
+                                        "batchFolder": str(tmp_path / "downloads")}, block=FRESH_SLICER_LACKS, blockLog=str(log))
+    assert seen["listed"] == ["demo_findings"]
+    assert seen["afterImport"] == ["demo_findings", "demo_findings"] and (folder / "second.anymc3d").is_file()
+    assert len(seen["problems"]) == 1 and "broken.anymc3d" in seen["problems"][0]
+    assert "lesion, effusion, fracture" in seen["info"] and seen["inputVolume"] == "CT"
+    confirm = [text for kind, text in seen["dialogs"] if kind == "confirmOkCancelDisplay"]
+    assert len(confirm) == 2 and confirm[0] == confirm[1]  # Apply, then Batch
+    assert "torch>=2.3 (through the PyTorch extension)" in confirm[0] and "timm<1.1,>=1.0.20" in confirm[0]
+    assert "jsonschema>=4" in confirm[0] and "tqdm>=4.60" in confirm[0] and "numpy" not in confirm[0]
+    assert seen["torchInstalls"] == [{"askConfirmation": False, "torch": ">=2.3", "torchvision": ""}]
+    assert any("PyTorch could not be installed" in text for kind, text in seen["dialogs"] if kind == "errorDisplay")
+    assert not seen["jobStarted"] and seen["modules"] == []
+    attempts = {line.split()[1].split(".")[0] for line in log.read_text().splitlines()} if log.exists() else set()
+    assert attempts <= {"jsonschema"}, attempts  # torch & co. never even tried; jsonschema is optional (hand checker)
+
+
+def test_fresh_install_pip_route_uses_the_backends_pins(tmp_path):
+    """With torch present but the rest absent, Apply's installation goes to pip with the backend's specifiers."""
+    code = """
+import json, slicer_app
+app = slicer_app.install()
+from AnyMC3DSlicerLogic import DependencyChecker
+checker = DependencyChecker()
+missing = checker.missingPackages()
+try:
+    checker.install(missing, confirm=lambda lines: True)
+except Exception as error:
+    print(json.dumps({"missing": missing, "pip": app.pipInstalls, "error": str(error)}))
+"""
+    env = dict(os.environ, ANYMC3D_TEST_BLOCK="timm,peft,jsonschema,tqdm")
+    env["PYTHONPATH"] = os.pathsep.join([BLOCKER, STANDINS, BACKEND_PATH, os.environ.get("PYTHONPATH", "")])
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert completed.returncode == 0, completed.stderr
+    seen = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert sorted(seen["missing"]) == ["jsonschema", "peft", "timm", "tqdm"]
+    assert sorted(seen["pip"][0]) == ["jsonschema>=4", "peft>=0.17", "timm<1.1,>=1.0.20", "tqdm>=4.60"]
+    assert "Restart Slicer" in seen["error"]  # the stand-in installs nothing: still missing, restart asked
+
+
+@pytest.fixture
+def twoHeatmaps(tmp_path):
+    volumePath = writeObliqueVolume(tmp_path / "volume.nrrd", size=(12, 10, 8))
+    image = sitk.ReadImage(volumePath)
+    paths = []
+    for index in range(2):
+        heat = sitk.GetArrayFromImage(image) * 0.0 + 0.3 * (index + 1)
+        written = sitk.GetImageFromArray(heat.astype("float32"))
+        written.CopyInformation(image)
+        paths.append(str(tmp_path / f"h{index}.nrrd"))
+        sitk.WriteImage(written, paths[-1])
+    return volumePath, paths
+
+
+def test_sliders_rows_and_input_selectors(twoHeatmaps):
+    """Slider moves reach the display with the NEW value (the display follows the parameter node; handlers on the
+    widgets' signals, connected before connectGui, would see the old one); a selected row of a sorted findings table
+    shows that row's heatmap (mapToSource, no mrmlTableRowIndex); heatmaps are not offered as inputs."""
+    volumePath, heatmaps = twoHeatmaps
+    seen = runScenario("display", {"volume": volumePath, "heatmaps": heatmaps})
+    assert seen["opacity"] == pytest.approx(0.8)
+    assert seen["threshold"] == pytest.approx(0.6)
+    assert seen["selectedViewRow0"].endswith("heatmap high") and seen["selectedViewRow1"].endswith("heatmap low")
+    assert seen["thresholdOfShown"] == pytest.approx(0.6)
+    assert seen["inputChoices"] == ["volume"] and len(seen["heatmaps"]) == 2
+    assert not [text for kind, text in seen["dialogs"] if kind == "errorDisplay" and "AttributeError" in text]
+
+
+def test_qprocess_is_never_deleted_inside_its_own_signal():
+    seen = runScenario("processRunner")
+    assert ["out", "a"] in seen["events"] and ["err", "b"] in seen["events"]
+    assert ["finished", 3] in seen["events"] and ["finished2", 3] in seen["events"]
+    assert seen["deletedDuringSignal"] == []
+    assert seen["live"] == 0  # released once back in the event loop
+
+
+def test_the_standin_catches_dropping_the_process_in_its_handler():
+    """The old runner (``self._process = None`` inside finished) is caught by the stand-in's ownership rule."""
+    code = """
+import sys, qt
+from AnyMC3DSlicerLogic import QProcessRunner
+from AnyMC3DSlicerLogic.process import ExitCode
+def oldOnFinished(self, exitCode, exitStatus=None):
+    self._process = None
+    self._callbacks[2](exitCode)
+QProcessRunner._onFinished = oldOnFinished
+runner, done = QProcessRunner(), []
+runner.start([sys.executable, "-c", "pass"], lambda line: None, lambda line: None, done.append)
+while not done:
+    runner.processEvents(0.05)
+print(qt.deletedDuringSignal)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([STANDINS, BACKEND_PATH, os.environ.get("PYTHONPATH", "")]))
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False, timeout=120)
+    assert "('QProcess', 'finished')" in completed.stdout, completed.stdout + completed.stderr
+
+
+def test_self_test_runs_the_real_backend_on_the_sample_data():
+    """The module's self-test (Reload & Test) in the stand-in application: real backend, shipped sample volume."""
+    seen = runScenario("selfTest")
+    assert seen["messages"][-1] == "Test passed" and seen["registered"]
+    assert seen["checksum"].startswith("SHA256:")

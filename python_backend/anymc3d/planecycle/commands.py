@@ -1,0 +1,140 @@
+"""``anymc3d features`` and ``anymc3d similarity``: the PlaneCycle subcommands (contract: docs/planecycle.md).
+
+:func:`register` adds both to the CLI's subparsers; each parser carries its ``handler``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from anymc3d.contract import DEVICES, EXIT_OK, EXIT_USAGE
+from anymc3d.planecycle.config import (
+    DEFAULT_CYCLE,
+    VARIANTS,
+    PlaneCycleConfig,
+    check_layers,
+    parse_cycle,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _seed(text: str) -> tuple[int, int, int]:
+    values = _int_list(text)
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected i,j,k (three integers), got {text!r}")
+    return tuple(values)
+
+
+def _cycle(text: str) -> tuple[str, ...]:
+    try:
+        return parse_cycle(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_common(parser: argparse.ArgumentParser, mode_required: bool) -> None:
+    parser.add_argument("--backbone", type=Path, required=True,
+                        help="Backbone weights: our backbone file, an official checkpoint, or a plain timm state dict "
+                        "in safetensors (required).")
+    parser.add_argument("--arch", default=None,
+                        help="timm model name (e.g. vit_small_patch14_reg4_dinov2) or short backbone name for weights "
+                        "that do not record their architecture (default: read it from the file).")
+    mode = {"required": True} if mode_required else {"default": "planecycle"}
+    parser.add_argument("--mode", choices=["planecycle", "slicewise"], **mode,
+                        help="planecycle: the 2D backbone lifted to 3D; slicewise: the 2D backbone on every slice"
+                        + (" (required)." if mode_required else " (default: planecycle)."))
+    parser.add_argument("--variant", choices=VARIANTS, default="pcg",
+                        help="Global tokens between planes: pcg = adaptive average pooling, pcm = mean "
+                        "(default: pcg; planecycle mode only).")
+    parser.add_argument("--cycle", type=_cycle, default=DEFAULT_CYCLE,
+                        help="Plane schedule, block i on cycle[i mod len] (default: HW,DW,DH,HW).")
+    parser.add_argument("--input-size", type=int, default=224,
+                        help="In-plane size image slices are resized to before the backbone (default: 224; "
+                        "ignored for .npy input).")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="Compute device; fp32 everywhere, TF32 off on CUDA (default: cpu).")
+
+
+def register(subparsers) -> None:
+    """Add ``features`` and ``similarity`` to the CLI's subparsers."""
+    feats = subparsers.add_parser("features", help="Write lifted (PlaneCycle) or slice-wise token features of a volume.")
+    feats.add_argument("input", type=Path, help="Image file (preprocessed as for prediction) or a .npy float32 "
+                       "(D, 3, H, W) array of normalised slices, used as is.")
+    _add_common(feats, mode_required=True)
+    feats.add_argument("--layers", type=_int_list, default=[],
+                       help="0-based block indices whose outputs to write too, e.g. 2,5,11 (default: none).")
+    feats.add_argument("--out", type=Path, required=True,
+                       help="Output folder for patch_tokens.npy, global_tokens.npy, layer{i}_*.npy (required).")
+    feats.set_defaults(handler=run_features)
+
+    sim = subparsers.add_parser("similarity", help="Cosine similarity of every voxel's feature to a seed voxel's.")
+    sim.add_argument("input", type=Path, help="Image file (NIfTI, NRRD, MHA, DICOM folder).")
+    sim.add_argument("--seed", type=_seed, required=True,
+                     help="Seed voxel i,j,k in the image's IJK order, as SimpleITK and Slicer number voxels (required).")
+    _add_common(sim, mode_required=False)
+    sim.add_argument("--out", type=Path, required=True,
+                     help="Output image (.nii.gz, .nrrd, .mha) in the input's geometry (required).")
+    sim.set_defaults(handler=run_similarity)
+
+
+def _settings(args) -> tuple:
+    from anymc3d.preprocessing import PreprocessConfig
+
+    return PlaneCycleConfig(variant=args.variant, cycle=args.cycle), PreprocessConfig(input_size=args.input_size)
+
+
+def run_features(args) -> int:
+    from anymc3d.planecycle.features import (
+        compute_features,
+        load_model,
+        read_volume,
+        resolve_device,
+        write_features,
+    )
+
+    try:
+        config, preprocess = _settings(args)
+        device = resolve_device(args.device)
+        model, digest = load_model(args.backbone, args.arch)
+        layers = check_layers(args.layers, len(model.blocks))
+        volume, _ = read_volume(args.input, preprocess)
+        feats = compute_features(model, volume, args.mode, config, layers, device)
+    except ValueError as exc:
+        logger.error("%s", " ".join(str(exc).split()))
+        return EXIT_USAGE
+    meta = {"input": str(Path(args.input).resolve()), "mode": args.mode, "backbone": str(Path(args.backbone).resolve()),
+            "backbone_fingerprint": digest, "arch": type(model).__name__, "layers": list(layers),
+            "planecycle": config.to_dict() if args.mode == "planecycle" else None,
+            "volume_embedding": "mean over slices of the per-slice CLS token (global_tokens[:, 0])"}
+    written = write_features(feats, args.out, meta)
+    logger.info("wrote %d files to %s", len(written), args.out)
+    print(json.dumps({"out": str(Path(args.out).resolve()), "files": [p.name for p in written]}))
+    return EXIT_OK
+
+
+def run_similarity(args) -> int:
+    from anymc3d.planecycle.features import load_model, resolve_device, similarity
+    from anymc3d.preprocessing import write_image_atomic
+
+    try:
+        config, preprocess = _settings(args)
+        device = resolve_device(args.device)
+        model, _ = load_model(args.backbone, args.arch)
+        result = similarity(model, args.input, args.seed, args.mode, config, preprocess, device)
+    except ValueError as exc:
+        logger.error("%s", " ".join(str(exc).split()))
+        return EXIT_USAGE
+    write_image_atomic(result.image, args.out)
+    logger.info("wrote %s (seed token %s)", args.out, result.token)
+    return EXIT_OK
+

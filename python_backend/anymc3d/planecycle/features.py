@@ -1,0 +1,284 @@
+"""Volume features from a lifted (PlaneCycle) or slice-wise 2D backbone, written as .npy files, and
+seed-point similarity maps in the input image's geometry.
+
+This is the contract behind ``anymc3d features`` and ``anymc3d similarity`` (see docs/planecycle.md):
+every array is float32 and taken after the model's final norm; patch tokens are (D, h, w, C), global tokens
+(D, g, C) with CLS first, then registers; the volume embedding is the mean over slices of the CLS tokens.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from anymc3d.backbone import (
+    BACKBONES,
+    BackboneSpec,
+    fingerprint,
+    load_backbone,
+    read_weights,
+)
+from anymc3d.errors import BackboneError, InputError
+from anymc3d.fileio import atomic_path, write_text_atomic
+from anymc3d.planecycle.config import PlaneCycleConfig
+from anymc3d.planecycle.converter import VolumeFeatures, lift, slicewise_features
+from anymc3d.preprocessing import (
+    PreprocessConfig,
+    SliceGeometry,
+    prepare,
+    read_image,
+    to_model_input,
+)
+
+logger = logging.getLogger(__name__)
+
+MODES = ("planecycle", "slicewise")
+
+
+# ------------------------------------------------------------------------------------------------
+# Backbone and input
+# ------------------------------------------------------------------------------------------------
+
+
+def _timm_filter(model: nn.Module):
+    if isinstance(model, timm.models.eva.Eva):
+        return timm.models.eva.checkpoint_filter_fn
+    return timm.models.vision_transformer.checkpoint_filter_fn
+
+
+def _pos_embed_img_size(model: nn.Module, state: dict[str, Tensor]) -> int | None:
+    """The square input size whose absolute position embedding has the file's shape (None: nothing to match)."""
+    if getattr(model, "pos_embed", None) is None or "pos_embed" not in state:
+        return None
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
+    side = math.isqrt(state["pos_embed"].shape[1] - prefix)
+    if side * side != state["pos_embed"].shape[1] - prefix:
+        return None
+    return side * model.patch_embed.patch_size[0]
+
+
+def load_timm_backbone(path: Path, arch: str) -> nn.Module:
+    """A timm model ``arch`` holding the plain timm state dict in ``path``, loaded strictly.
+
+    The input size is taken from the file's position embedding, so it is used as trained, not resampled.
+    """
+    state, _ = read_weights(path)
+    try:
+        with torch.device("meta"):  # a free probe for the layout of the position embedding
+            probe = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+        size = _pos_embed_img_size(probe, state)
+        kwargs = {} if size is None else {"img_size": size}
+        model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+        model.load_state_dict(_timm_filter(model)(state, model), strict=True)
+    except Exception as exc:  # timm/torch raise assorted errors for unknown names and mismatched weights
+        raise BackboneError(f"{path}: cannot load as timm model {arch!r}: {' '.join(str(exc).split())[:300]}") from exc
+    return model.eval().requires_grad_(False)
+
+
+def load_model(path: Path, arch: str | None = None) -> tuple[nn.Module, str]:
+    """The backbone for features: ``(model, fingerprint)``.
+
+    Args:
+        path: our backbone file (architecture in its metadata), an official checkpoint, or a plain timm state dict.
+        arch: None (read the architecture from the file), a short name (e.g. 'dinov2_vits14_reg') or a timm
+            model name (e.g. 'vit_small_patch14_reg4_dinov2').
+    """
+    if arch is None or arch in BACKBONES:
+        try:
+            loaded = load_backbone(path, BackboneSpec(arch) if arch else None)
+        except BackboneError as exc:
+            if arch is None and "does not say which architecture" in str(exc):
+                raise BackboneError(f"{path}: the file does not say which architecture it holds; give --arch "
+                                    "(a timm model name or one of " + ", ".join(sorted(BACKBONES)) + ")") from None
+            raise
+        return loaded.model, loaded.fingerprint
+    model = load_timm_backbone(Path(path), arch)
+    return model, fingerprint(model)
+
+
+def read_npy_volume(path: Path) -> Tensor:
+    """A (D, 3, H, W) float32 array of normalised slices, used as is; InputError naming the file otherwise."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # missing, truncated, pickled or not a .npy file
+        raise InputError(path, f"cannot be read as a .npy array ({type(exc).__name__}: {exc})") from None
+    if array.dtype != np.float32 or array.ndim != 4 or array.shape[1] != 3 or min(array.shape) < 1:
+        raise InputError(path, f"must be a float32 (D, 3, H, W) array, got {array.dtype} {array.shape}")
+    if not np.isfinite(array).all():
+        raise InputError(path, "holds NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def read_volume(path: Path, config: PreprocessConfig) -> tuple[Tensor, SliceGeometry | None]:
+    """INPUT of the CLI: ``(slices (D, 3, H, W), geometry)``; a .npy file has no geometry."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return read_npy_volume(path), None
+    image = read_image(path)
+    slices, geometry = prepare(image, config, source=path)  # (D, M, M) in [0, 1]
+    return to_model_input(slices), geometry  # (D, 3, M, M)
+
+
+# ------------------------------------------------------------------------------------------------
+# Features
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda' or 'auto'; on CUDA TF32 is switched off, so fp32 means fp32."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise BackboneError("--device cuda: no CUDA device is available")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def compute_features(model: nn.Module, volume: Tensor, mode: str = "planecycle",
+                     config: PlaneCycleConfig | None = None, layers: Sequence[int] = (),
+                     device: torch.device | str = "cpu") -> VolumeFeatures:
+    """Features of one volume, on ``device`` in float32, returned on the CPU.
+
+    Args:
+        model: timm DINOv2/DINOv3 backbone (moved to ``device``).
+        volume: (D, 3, H, W) normalised slices.
+        mode: 'planecycle' (lifted) or 'slicewise' (the 2D model on every slice).
+        config: the lifting settings (planecycle mode only).
+        layers: 0-based block indices whose outputs to return too.
+
+    Returns:
+        :class:`VolumeFeatures` with batch size 1.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
+    model = model.to(device)
+    x = volume.to(device=device, dtype=torch.float32)[None]  # (1, D, 3, H, W)
+    if mode == "planecycle":
+        feats = lift(model, config).forward_features(x, layers)
+    else:
+        feats = slicewise_features(model, x, layers)
+
+    def cpu(t: Tensor) -> Tensor:
+        return t.float().cpu()
+
+    return VolumeFeatures(patch_tokens=cpu(feats.patch_tokens), global_tokens=cpu(feats.global_tokens),
+                          layers={i: (cpu(p), cpu(g)) for i, (p, g) in feats.layers.items()})
+
+
+def _save_npy(array: Tensor | np.ndarray, path: Path) -> Path:
+    data = np.ascontiguousarray(array.numpy() if torch.is_tensor(array) else array, dtype=np.float32)
+    with atomic_path(path, ".npy") as tmp:
+        np.save(tmp, data)
+    return path
+
+
+def write_features(feats: VolumeFeatures, out: Path, meta: dict) -> list[Path]:
+    """Write the arrays of one volume (batch size 1) and ``features.json`` into ``out``.
+
+    Each file is written under a temporary name and renamed; if any write fails, the files this call
+    already wrote are removed, so ``out`` never holds a partial set from this run.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"patch_tokens": feats.patch_tokens[0], "global_tokens": feats.global_tokens[0],
+              "volume_embedding": feats.volume_embedding[0]}
+    for i, (patch, glob) in sorted(feats.layers.items()):
+        arrays[f"layer{i}_patch_tokens"] = patch[0]
+        arrays[f"layer{i}_global_tokens"] = glob[0]
+    written: list[Path] = []
+    try:
+        for name, array in arrays.items():
+            written.append(_save_npy(array, out / f"{name}.npy"))
+        shapes = {name: list(array.shape) for name, array in arrays.items()}
+        written.append(write_text_atomic(out / "features.json", json.dumps({**meta, "arrays": shapes}, indent=2)))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+# Seed-point similarity
+# ------------------------------------------------------------------------------------------------
+
+
+def seed_to_slice(geometry: SliceGeometry, ijk: Sequence[int]) -> tuple[int, int, int]:
+    """The full-resolution slice-space index (s, y, x) of input voxel ``ijk`` (SimpleITK/Slicer IJK order).
+
+    Inverts the index permutation and flips of :meth:`SliceGeometry.to_input` (no interpolation involved).
+    """
+    if len(ijk) != 3 or any(not 0 <= int(v) < n for v, n in zip(ijk, geometry.size)):
+        raise ValueError(f"seed: voxel {tuple(ijk)} is outside the image of size {geometry.size} (i, j, k)")
+    oriented = [0, 0, 0]  # oriented IJK index
+    for k, axis in enumerate(geometry.axis_map):
+        index = int(ijk[axis])
+        oriented[k] = geometry.oriented_size[k] - 1 - index if geometry.axis_flipped[k] else index
+    numpy_index = oriented[::-1]  # (K, J, I) of the oriented image
+    first = 2 - geometry.oriented_slice_axis
+    rest = [v for n, v in enumerate(numpy_index) if n != first]
+    return numpy_index[first], rest[0], rest[1]
+
+
+def seed_token(geometry: SliceGeometry, ijk: Sequence[int], grid: Sequence[int]) -> tuple[int, int, int]:
+    """The (d, y, x) token whose cell holds input voxel ``ijk``, on the (D, h, w) token grid.
+
+    Token (d, y, x) covers the slice-space box [d, d+1) * S/D x [y, y+1) * H/h x [x, x+1) * W/w, the cells that
+    :meth:`SliceGeometry.to_input`'s interpolation (align_corners=False) puts token centres in.
+    """
+    index = seed_to_slice(geometry, ijk)
+    return tuple(min(n - 1, (v * n) // full) for v, n, full in zip(index, grid, geometry.slice_shape))
+
+
+def cosine_map(patch_tokens: Tensor, token: Sequence[int]) -> Tensor:
+    """(D, h, w, C) features, seed token (d, y, x) -> (D, h, w) cosine similarity to the seed's feature."""
+    seed = patch_tokens[tuple(token)]  # (C,)
+    return F.cosine_similarity(patch_tokens, seed.expand_as(patch_tokens), dim=-1)  # (D, h, w)
+
+
+@dataclass
+class SimilarityResult:
+    image: sitk.Image
+    """cosine similarity in the input geometry (float32)."""
+    token_map: Tensor
+    """(D, h, w) cosine similarity on the token grid."""
+    token: tuple[int, int, int]
+    """seed token (d, y, x)."""
+
+
+def similarity(model: nn.Module, image_path: Path, ijk: Sequence[int], mode: str = "planecycle",
+               config: PlaneCycleConfig | None = None, preprocess: PreprocessConfig | None = None,
+               device: torch.device | str = "cpu") -> SimilarityResult:
+    """Seed-point similarity map of an image file, upsampled to the input geometry like heatmaps."""
+    volume, geometry = read_volume(Path(image_path), preprocess or PreprocessConfig())
+    if geometry is None:
+        raise InputError(image_path, "similarity needs an image file (its geometry), not a .npy array")
+    feats = compute_features(model, volume, mode, config, device=device)
+    tokens = feats.patch_tokens[0]  # (D, h, w, C)
+    try:
+        token = seed_token(geometry, ijk, tokens.shape[:3])
+    except ValueError as exc:
+        raise InputError(image_path, str(exc)) from None
+    token_map = cosine_map(tokens, token)
+    return SimilarityResult(image=geometry.to_input(token_map), token_map=token_map, token=token)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks (1.0 when both are empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
+

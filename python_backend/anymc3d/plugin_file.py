@@ -1,0 +1,108 @@
+"""A plugin on disk, read without torch: its members (``.anymc3d`` zip file or folder) and its ``plugin.json``.
+
+A plugin is ``plugin.json`` (metadata) plus ``plugin.safetensors`` (weights), stored as a zip file named
+``*.anymc3d`` or as a folder. This module reads the members and checks ``plugin.json`` against
+``schemas/plugin.schema.json`` with the standard library alone (``jsonschema`` when installed, else the contract's
+hand checker), so that the Slicer module can list plugins before torch is installed, and so that listing never
+imports torch, timm or peft. :mod:`anymc3d.plugin` adds the torch side: the semantic checks of
+``PluginConfig`` and the tensors. Plugins are never unpickled: the weights are safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+from anymc3d.contract import RecordError, check_schema, is_temporary
+from anymc3d.errors import PluginError
+
+JSON_NAME, WEIGHTS_NAME = "plugin.json", "plugin.safetensors"
+PLUGIN_SUFFIX = ".anymc3d"
+MAX_MEMBER_BYTES = 4 * 1024 ** 3
+MAX_JSON_BYTES = 16 * 1024 ** 2
+
+
+def plugin_schema() -> dict:
+    """The JSON schema of ``plugin.json`` (schemas/plugin.schema.json)."""
+    return json.loads(resources.files("anymc3d").joinpath("schemas/plugin.schema.json").read_text())
+
+
+def read_members(path: os.PathLike | str, weights: bool = True) -> tuple[bytes, Optional[bytes]]:
+    """(plugin.json bytes, plugin.safetensors bytes) of a plugin file or folder; the weights are None when
+    ``weights`` is False (a listing reads the small JSON member only). Raises PluginError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        files = [path / JSON_NAME, path / WEIGHTS_NAME]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise PluginError(f"{path}: plugin folder lacks {', '.join(missing)}")
+        return files[0].read_bytes(), files[1].read_bytes() if weights else None
+    if not path.is_file():
+        raise PluginError(f"{path}: plugin not found")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if names != {JSON_NAME, WEIGHTS_NAME}:
+                raise PluginError(f"{path}: a plugin file holds exactly {JSON_NAME} and {WEIGHTS_NAME}, found {sorted(names)}")
+            if any(zf.getinfo(n).file_size > MAX_MEMBER_BYTES for n in names):
+                raise PluginError(f"{path}: plugin member larger than {MAX_MEMBER_BYTES} bytes")
+            if zf.getinfo(JSON_NAME).file_size > MAX_JSON_BYTES:
+                raise PluginError(f"{path}: {JSON_NAME} larger than {MAX_JSON_BYTES} bytes")
+            return zf.read(JSON_NAME), zf.read(WEIGHTS_NAME) if weights else None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise PluginError(f"{path}: not a readable plugin file ({exc})") from None
+
+
+def parse_json(raw: bytes, path: os.PathLike | str) -> dict:
+    """``plugin.json`` bytes as a dict; PluginError naming the file when it is not a JSON object."""
+    try:
+        d = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PluginError(f"{path}: {JSON_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise PluginError(f"{path}: {JSON_NAME} must hold a JSON object")
+    return d
+
+
+def check_plugin_schema(d: dict, source: os.PathLike | str = "plugin") -> dict:
+    """Check ``plugin.json`` contents against the schema (jsonschema when installed, else the contract's hand
+    checker, which covers every keyword the schema uses); PluginError names the file and the field."""
+    schema = plugin_schema()
+    try:
+        import jsonschema
+    except ImportError:  # a fresh Slicer has no jsonschema
+        try:
+            check_schema(d, schema, "(top level)")
+        except RecordError as exc:
+            where = str(exc).removeprefix("(top level)/")
+            raise PluginError(f"{source}: invalid plugin metadata at {where}") from None
+        return d
+    try:
+        jsonschema.validate(d, schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise PluginError(f"{source}: invalid plugin metadata at {where}: {exc.message}") from None
+    return d
+
+
+def read_plugin_json(path: os.PathLike | str) -> dict:
+    """The schema-checked ``plugin.json`` of a plugin file or folder (the weights are not read)."""
+    raw, _ = read_members(path, weights=False)
+    return check_plugin_schema(parse_json(raw, path), path)
+
+
+def is_plugin_path(path: os.PathLike | str) -> bool:
+    """A finished plugin: a ``*.anymc3d`` file, or a folder holding ``plugin.json``; never a temporary."""
+    path = Path(path)
+    if is_temporary(path.name):
+        return False
+    return (path.suffix == PLUGIN_SUFFIX and path.is_file()) or (path / JSON_NAME).is_file()
+
+
+def find_plugins(folder: os.PathLike | str) -> list[Path]:
+    """Plugins in a folder: ``*.anymc3d`` files and sub-folders holding a ``plugin.json``, sorted; hidden and
+    partial (being written) entries are skipped."""
+    return sorted(p for p in Path(folder).iterdir() if is_plugin_path(p))
