@@ -110,14 +110,14 @@ class _HelloGate(LinkProtocol):
         super().__init__()
         self.authorised = set()
 
-    def onConnect(self, request, client_id):  # noqa: N802 - wslink's name
+    def onConnect(self, request, client_id):
         if hasattr(request, "get") and request.get(AUTHORISED) is True:
             self.authorised.add(client_id)
 
-    def onClose(self, client_id):  # noqa: N802
+    def onClose(self, client_id):
         self.authorised.discard(client_id)
 
-    async def validateToken(self, token, client_id):  # noqa: N802, ARG002 - the key was checked at the upgrade
+    async def validateToken(self, token, client_id):
         return client_id in self.authorised
 
 
@@ -241,5 +241,13 @@ class AccessGuard:
         self.refused = (self.refused + [what])[-50:]
 
 
-__all__ = ["AUTHORISED", "AccessGuard", "KEY_PARAMETER", "boolean", "finite_float", "index_below", "make_key",
-           "one_of"]
+__all__ = [
+    "AUTHORISED",
+    "KEY_PARAMETER",
+    "AccessGuard",
+    "boolean",
+    "finite_float",
+    "index_below",
+    "make_key",
+    "one_of",
+]

@@ -187,7 +187,7 @@ class WslinkClient:
         while time.monotonic() < deadline:
             try:
                 received = await self.ws.receive(timeout=max(0.05, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if received.type.name != "BINARY":
                 return {"closed": True}

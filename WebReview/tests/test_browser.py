@@ -8,7 +8,6 @@ fixed sleep alone.
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from anymc3d_review.testing import (
     SLICE_VIEWS,
     VIEWS,

@@ -11,7 +11,6 @@ import time
 
 import psutil
 import pytest
-
 from anymc3d_review.testing import (
     VIEWS,
     ReviewServer,

@@ -4,12 +4,18 @@ against the server as it was)."""
 
 import asyncio
 import json
-import time
 import urllib.parse
 
 import pytest
-
-from anymc3d_review.testing import WslinkClient, http_status, open_page, run_async, state, wait_frames, wait_state
+from anymc3d_review.testing import (
+    WslinkClient,
+    http_status,
+    open_page,
+    run_async,
+    state,
+    wait_frames,
+    wait_state,
+)
 
 XSS = "<img src=x onerror=\"window.__pwned = (window.__pwned || 0) + 1\">"
 
