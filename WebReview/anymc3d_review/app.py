@@ -1,13 +1,19 @@
 """The review page: trame-slicer views of the session's scene, the case list, findings table, chart and controls.
 
-What the page can send, and what the server does with it (nothing else is exposed):
+What the page can send, and what the server does with it (nothing else is exposed; see guard.py for the
+access key, the Origin check and the RPCs that are refused):
 
-- state ``case_index`` (int, an index of the listing), ``row`` (int, a row of the findings table),
-  ``threshold`` / ``opacity`` (floats, clamped to [0, 1]); anything else is refused and the state is reset;
-- triggers ``review_next`` / ``review_previous`` (keyboard), ``review_jump_maximum``, ``review_jump_important``,
-  ``review_chart_click(x)``, ``review_camera(action)`` (one of CAMERA_ACTIONS), ``review_run`` (the built-in
-  prediction on the shown case, through the Logic and the backend process), ``review_cancel``;
-- the views' mouse events and slice sliders (trame-slicer).
+- state (only these keys, each validated by the guard; anything else is refused and never reaches another tab):
+  ``case_index`` (an index of the listing), ``row`` (a row of the findings table), ``threshold`` / ``opacity``
+  (finite, clamped to [0, 1]), ``window_preset`` (one of WINDOW_PRESETS), the three slice sliders' values
+  (trame-slicer), ``main_drawer`` (the side panel shown or not);
+- triggers ``review_next`` / ``review_previous`` (keyboard), ``review_scroll(view, step)``, ``review_jump_maximum``,
+  ``review_jump_important``, ``review_chart_click(x)``, ``review_camera(action)`` (one of CAMERA_ACTIONS),
+  ``review_run`` (the built-in prediction on the shown case, refused when it has results), ``review_cancel``,
+  ``review_rescan``;
+- the views' mouse events (trame-slicer / trame-rca).
+
+No state a page can set is ever rendered as HTML: the chart is SVG elements bound to numbers made here.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from trame_slicer.rca_view import register_rca_factories  # noqa: E402
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 
 from .cases import CaseFolder, RecordError  # noqa: E402
-from .chart import colorbar_gradient, importance_svg, slice_from_chart_x  # noqa: E402
-from .session import ReviewSession  # noqa: E402
+from .chart import CHART_HEIGHT, CHART_WIDTH, chart_data, colorbar_gradient, slice_from_chart_x  # noqa: E402
+from .guard import AccessGuard, boolean, finite_float, index_below, one_of  # noqa: E402
+from .session import WINDOW_PRESETS, ReviewSession  # noqa: E402
 
 logger = logging.getLogger("anymc3d.review")
 
@@ -47,11 +54,23 @@ CAMERA_ACTIONS = ("left", "right", "up", "down", "zoom_in", "zoom_out", "reset",
 STATUS_TEXT = {"results": "results", "none": "no results", "error": "error", "running": "running"}
 STATUS_COLOR = {"results": "green", "none": "grey", "error": "red", "running": "amber"}
 
+SLICE_VIEW_NAMES = ("Red", "Green", "Yellow")
+# Keys: over a slice view, Up/Down scroll its slices (what readers expect of a viewer); n/p, PageDown/PageUp, and
+# Up/Down anywhere else (the case list, the panel) change the case; m jumps to the heatmap's maximum.
 KEYBOARD_JS = (
-    "trigger('review_hello'); window.addEventListener('keydown', (e) => {"
+    "trigger('review_hello'); window.__reviewMouse = [-1, -1];"
+    " window.addEventListener('mousemove', (e) => { window.__reviewMouse = [e.clientX, e.clientY]; }, true);"
+    " window.addEventListener('keydown', (e) => {"
     " const t = e.target; const tag = (t && t.tagName || '').toLowerCase();"
     " if (tag === 'input' || tag === 'textarea' || tag === 'select' || e.altKey || e.ctrlKey || e.metaKey) return;"
-    " if (e.key === 'ArrowDown' || e.key === 'n' || e.key === 'PageDown') { e.preventDefault(); trigger('review_next'); }"
+    " let view = null; const [x, y] = window.__reviewMouse;"
+    " let el = x >= 0 ? window.document.elementFromPoint(x, y) : null;"
+    " while (el && el.querySelectorAll && el.querySelectorAll('.view-label[data-view]').length !== 1) el = el.parentElement;"
+    " if (el && el.querySelector) view = el.querySelector('.view-label[data-view]').getAttribute('data-view');"
+    " const overSlice = view && view !== 'ThreeD';"
+    " if (overSlice && (e.key === 'ArrowUp' || e.key === 'ArrowDown')) { e.preventDefault();"
+    "   trigger('review_scroll', [view, e.key === 'ArrowUp' ? 1 : -1]); }"
+    " else if (e.key === 'ArrowDown' || e.key === 'n' || e.key === 'PageDown') { e.preventDefault(); trigger('review_next'); }"
     " else if (e.key === 'ArrowUp' || e.key === 'p' || e.key === 'PageUp') { e.preventDefault(); trigger('review_previous'); }"
     " else if (e.key === 'm') { trigger('review_jump_maximum'); } })"
 )
@@ -69,6 +88,20 @@ def _slice_view_ui(server, view_id, view):
 
     create_vertical_slice_view_gutter_ui(server, view_id, view)
     _view_label(view_id, view)
+    _orientation_overlay(view.get_singleton_tag())
+
+
+def _orientation_overlay(name):
+    """Anatomical letters at the view's edges and the slice number / position (server-made text, escaped by Vue)."""
+    base = "position: absolute; color: #ffd54f; font: bold 13px sans-serif; pointer-events: none; text-shadow: 0 0 2px #000;"
+    where = {"left": "left: 34px; top: 50%;", "right": "right: 8px; top: 50%;", "top": "top: 4px; left: 50%;",
+             "bottom": "bottom: 28px; left: 50%;"}
+    for edge, position in where.items():
+        html.Div(f"{{{{ orientation.{name} && orientation.{name}.{edge} }}}}", classes=f"orientation orientation-{edge}",
+                 style=base + position, __properties=[("data_view", "data-view")], data_view=name)
+    html.Div(f"{{{{ orientation.{name} && orientation.{name}.slice }}}}", classes="slice-position",
+             __properties=[("data_view", "data-view")], data_view=name,
+             style="position: absolute; top: 4px; left: 34px; color: #ddd; font: 12px sans-serif; pointer-events: none;")
 
 
 def _threed_view_ui(server, view_id, view):
@@ -85,13 +118,41 @@ def review_layout() -> Layout:
                                                Layout(LayoutDirection.Vertical, [threed, sagittal])])
 
 
+def _svg(tag, children=None, attrs=(), **kwargs):
+    """An SVG element; ``attrs`` are fixed template attributes written here (bindings to server-made numbers)."""
+    from trame_client.widgets.core import AbstractElement
+
+    return AbstractElement(tag, children, raw_attrs=list(attrs), **kwargs)
+
+
+def _importance_chart():
+    """The slice-importance chart as SVG elements bound to numbers and server-made labels (``chart_data``): Vue
+    escapes the text and sets attributes; nothing is parsed as HTML."""
+    with _svg("svg", classes="importance-chart", attrs=[f'width="{CHART_WIDTH}"', f'height="{CHART_HEIGHT}"',
+                                                        f'viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}"']):
+        _svg("rect", attrs=[':x="chart.plot.x"', ':y="chart.plot.y"', ':width="chart.plot.width"',
+                            ':height="chart.plot.height"', 'fill="#1e1e1e"', 'stroke="#555"'])
+        with _svg("polyline", v_for="(line, i) in chart.lines", key="i",
+                  attrs=['fill="none"', ':stroke="line.color"', 'stroke-width="1.6"', ':points="line.points"']):
+            _svg("title", "{{ line.name }}")
+        _svg("line", v_if="chart.current_x !== null", classes="current-slice",
+             attrs=[':x1="chart.current_x"', ':x2="chart.current_x"', ':y1="chart.plot.y"',
+                    ':y2="chart.plot.y + chart.plot.height"', 'stroke="#fff"', 'stroke-dasharray="3,3"'])
+        for key, anchor in (("x0", "start"), ("x1", "end"), ("x_title", "middle"), ("y1", "end"), ("y0", "end")):
+            _svg("text", f"{{{{ chart.labels.{key}.text }}}}", classes=f"chart-label chart-{key}",
+                 attrs=[f':x="chart.labels.{key}.x"', f':y="chart.labels.{key}.y"', 'fill="#bbb"', 'font-size="10"',
+                        f'text-anchor="{anchor}"'])
+
+
 @TrameApp()
 class ReviewApp:
     """Args: folder (a CaseFolder or a path), backbone / plugins (for runs from the page), server (trame's)."""
 
     def __init__(self, folder, backbone=None, plugins=(), server=None, heatmap_method="attention", device="auto",
-                 cache_size=4, preload=True):
+                 cache_size=4, preload=True, access_key=None):
         self.server = get_server(server, client_type="vue3")
+        self.guard = AccessGuard(access_key)
+        self.guard.install(self.server)
         self.server.enable_module(trame_slicer_module)
         self.folder = folder if isinstance(folder, CaseFolder) else CaseFolder(folder)
         self.slicer_app = SlicerApp()
@@ -111,6 +172,15 @@ class ReviewApp:
             # (about 4x faster than "Normal" on Mesa's llvmpipe, no visible difference for a smooth heatmap).
             view.get_view_node().SetVolumeRenderingQuality(slicer.vtkMRMLViewNode.Adaptive)
             view.get_view_node().SetExpectedFPS(8.0)
+            # where the patient is: an orientation marker (axes) (trame-slicer's 3D view has Slicer's
+            # vtkMRMLOrientationMarkerDisplayableManager)
+            view.set_orientation_marker(slicer.vtkMRMLAbstractViewNode.OrientationMarkerTypeAxes,
+                                        slicer.vtkMRMLAbstractViewNode.OrientationMarkerSizeSmall)
+        for view in self.slicer_app.view_manager.get_slice_views():
+            # the anatomy in 3D: the three CT planes (with their overlay) around the heatmap's volume rendering;
+            # a scale bar in each slice view
+            view.set_visible_in_3d(True)
+            view.set_ruler(slicer.vtkMRMLAbstractViewNode.RulerTypeThin, slicer.vtkMRMLAbstractViewNode.RulerColorWhite)
         self._poll_task = None
         self._cursor_task = None
         self._prefetch_task = None
@@ -119,6 +189,7 @@ class ReviewApp:
         self.server.controller.on_server_ready.add(self._on_server_ready)
         for view in self.slicer_app.view_manager.get_slice_views():
             view.modified.connect(self._on_slice_view_modified)
+        self.guard.writable.update(self._writable_state())
         self._init_state()
         self._build_ui()
         self.prefetch = preload and os.environ.get("ANYMC3D_REVIEW_PREFETCH", "1") != "0"
@@ -130,6 +201,23 @@ class ReviewApp:
     @property
     def state(self):
         return self.server.state
+
+    def _writable_state(self):
+        """The only state keys a page may change, each with its validator (guard.AccessGuard)."""
+        from trame_slicer.app.logic.slice_view_logic import get_view_slider_typed_state
+
+        writable = {"case_index": index_below(lambda: len(self.folder.cases)),
+                    "row": index_below(lambda: len(self.state.rows or [])),
+                    "threshold": finite_float(0.0, 1.0), "opacity": finite_float(0.0, 1.0),
+                    "window_preset": one_of(tuple(WINDOW_PRESETS)), "main_drawer": boolean}
+        for view in self.slicer_app.view_manager.get_slice_views():
+            # the slice slider trame-slicer binds to each slice view (trame_slicer 2.0.0 app/logic/slice_view_logic.py)
+            writable[get_view_slider_typed_state(self.server, view).name.value] = finite_float()
+        return writable
+
+    def close(self):
+        """The server stopped: end a running backend and remove the run folders (session.close)."""
+        self.session.close()
 
     # State -------------------------------------------------------------------------------------------------
 
@@ -147,8 +235,11 @@ class ReviewApp:
         s.threshold = self.session.display.threshold
         s.opacity = self.session.display.opacity
         s.colorbar = colorbar_gradient()
-        s.chart_svg = ""
+        s.chart = chart_data({}, None)
         s.chart_slices = 0
+        s.window_preset = "auto"
+        s.window_presets = [{"name": name, "title": preset[0]} for name, preset in WINDOW_PRESETS.items()]
+        s.orientation = {}
         s.cursor_ijk = None
         s.maximum_ijk = None
         s.camera = None
@@ -168,13 +259,14 @@ class ReviewApp:
         for item in self.state.cases:
             item["status_text"] = STATUS_TEXT[item["status"]]
             item["color"] = STATUS_COLOR[item["status"]]
+        self.state.folder_problems = list(self.folder.problems)
 
     def _publish_scene(self):
         """Everything the page shows about the scene, after a change."""
         s, session = self.state, self.session
         rows = session.table_rows()
-        s.rows = [{**r, "probability_text": f"{r['probability']:.4f}", "threshold_text": f"{r['threshold']:.2f}"}
-                  for r in rows]
+        s.rows = [{**r, "probability_text": f"{r['probability']:.4f}", "threshold_text": f"{r['threshold']:.2f}",
+                   "raw_text": "" if r.get("raw") is None else f"{r['raw']:.4f}"} for r in rows]
         s.row = session.row
         s.has_heatmap = bool(rows)
         s.shown_case = session.current.index if session.current is not None else -1
@@ -189,8 +281,9 @@ class ReviewApp:
         s.cursor_ijk = session.cursor_ijk()
         axis, series = session.importance()
         current = s.cursor_ijk[axis] if (s.cursor_ijk and axis is not None) else None
-        s.chart_svg = importance_svg(series, axis, current)
+        s.chart = chart_data(series, axis, current)
         s.chart_slices = self._chart_slices = max((len(v) for v in series.values()), default=0)
+        s.orientation = self.session.orientation()
 
     @staticmethod
     def _maximum_ijk(heatmap):
@@ -313,6 +406,22 @@ class ReviewApp:
     def _on_opacity(self, opacity, **_):
         self._slider("opacity", opacity, self.session.set_opacity)
 
+    @change("window_preset")
+    def _on_window_preset(self, window_preset, **_):
+        self._touch()
+        if window_preset not in WINDOW_PRESETS:
+            self.state.window_preset = self.session.window_preset
+            return
+        if window_preset != self.session.window_preset:
+            self.session.set_window_preset(window_preset)
+            self._render_slice_views()
+            self.state.scene_version += 1
+
+    def _render_slice_views(self):
+        """A display property changed (opacity, window): the views' next frame must show it now."""
+        for view in self.slicer_app.view_manager.get_views():
+            view.schedule_render()
+
     def _slider(self, name, raw, apply):
         """Apply a finite slider value from the page; anything else puts the shown value back."""
         try:
@@ -323,13 +432,39 @@ class ReviewApp:
         if not math.isfinite(value):
             self.state[name] = current
         elif value != current:
+            self._touch()
             apply(value)
+            self._render_slice_views()
 
     @trigger("review_jump_maximum")
     def _jump_maximum(self):
         self._touch()
         if self.session.jump_to_maximum() is not None:
             self._publish_scene()
+
+    @trigger("review_scroll")
+    def _scroll(self, view_name, step):
+        """Up/Down over a slice view: one slice further (step +1) or back (-1)."""
+        self._touch()
+        if view_name not in SLICE_VIEW_NAMES or step not in (1, -1):
+            return
+        if self.session.scroll(view_name, step) is not None:
+            self._publish_cursor()
+            self.state.scene_version += 1
+
+    @trigger("review_rescan")
+    def _rescan(self):
+        """List the folder again (files added or removed while the server runs); the shown case stays."""
+        self._touch()
+        if self.state.running:
+            return
+        shown = self.folder.cases[self.session.current.index].path if self.session.current is not None else None
+        self.session.rescan()
+        self._publish_cases()
+        if shown is not None:
+            index = next((c.index for c in self.folder.cases if c.path == shown), -1)
+            self.state.case_index = self.state.shown_case = index
+        self.state.scene_version += 1
 
     @trigger("review_jump_important")
     def _jump_important(self):
@@ -412,7 +547,8 @@ class ReviewApp:
         try:
             self.session.start_run(index, self._on_progress, self._on_finished)
         except RecordError as error:
-            self.state.case_error = str(error)
+            logger.warning("run refused: %s", error)
+            self.state.run_message = str(error)
             return
         self.state.running, self.state.run_case = True, index
         self.state.run_progress, self.state.run_message = 0, "Starting the backend"
@@ -463,8 +599,11 @@ class ReviewApp:
                 " .case-list .v-list-item { min-height: 30px !important; }")
             with layout.toolbar:
                 html.Div("{{ folder_name }}", classes="text-caption text-grey ml-2")
+                html.Div("one shared view: every open tab shows the same case", classes="text-caption text-grey ml-4",
+                         title="all tabs of this address share one scene; a case switch in one moves the others")
                 v3.VSpacer()
-                html.Div("↑/↓ or p/n: previous / next case · m: jump to the maximum",
+                html.Div("n/p (or ↑/↓ outside the views): next / previous case · ↑/↓ over a view: slices · "
+                         "m: jump to the maximum",
                          classes="text-caption text-grey mr-4")
                 v3.VProgressLinear(indeterminate=True, absolute=True, location="bottom", color="amber",
                                    v_show="loading", classes="loading-bar")
@@ -479,7 +618,11 @@ class ReviewApp:
 
     def _build_panel(self):
         with html.Div(classes="pa-2"):
-            html.Div("Cases", classes="text-subtitle-2")
+            with html.Div(classes="d-flex align-center"):
+                html.Div("Cases", classes="text-subtitle-2")
+                v3.VSpacer()
+                v3.VBtn("Rescan", click="trigger('review_rescan')", size="x-small", variant="text",
+                        classes="rescan-button", disabled=("running",))
             with v3.VList(density="compact", classes="case-list", max_height=220, style="overflow-y: auto;"):
                 with v3.VListItem(v_for="item in cases", key="item.index", click="case_index = item.index",
                                   active=("item.index === case_index",), classes="case-item",
@@ -488,6 +631,8 @@ class ReviewApp:
                         html.Span("{{ item.name }}", classes="text-body-2 case-name", style="flex: 1;")
                         v3.VChip("{{ item.status_text }}", size="x-small", color=("item.color",), classes="case-status")
 
+            with html.Div(v_if="folder_problems.length", classes="mt-1 folder-problems"):
+                html.Div("Ignored: {{ p }}", v_for="p in folder_problems", key="p", classes="text-caption text-amber")
             with html.Div(v_if="case_error", classes="mt-2"):
                 v3.VAlert("{{ case_error }}", type="error", density="compact", variant="tonal", classes="case-error")
             with html.Div(v_if="can_run && shown_case >= 0 && !has_heatmap && !running", classes="mt-2"):
@@ -504,6 +649,13 @@ class ReviewApp:
                           classes="text-caption text-grey mt-2"):
                 html.Span("No results. Start the app with --backbone and --plugin to run cases from here.")
 
+            with html.Div(classes="d-flex align-center flex-wrap mt-2", style="gap: 2px;", v_if="shown_case >= 0"):
+                html.Span("Window", classes="text-caption", style="width: 56px;",
+                          title="window/level of the image in the slice views (CT presets in HU)")
+                v3.VBtn("{{ p.title }}", v_for="p in window_presets", key="p.name", size="x-small",
+                        variant=("window_preset === p.name ? 'flat' : 'text'",),
+                        color=("window_preset === p.name ? 'primary' : undefined",),
+                        click="window_preset = p.name", classes=("'window-preset window-' + p.name",))
             v3.VDivider(classes="my-2")
             html.Div("Findings", classes="text-subtitle-2")
             with v3.VTable(density="compact", classes="findings-table", v_if="rows.length"):
@@ -511,9 +663,10 @@ class ReviewApp:
                     with html.Tr():
                         html.Th("Plugin", v_if="new Set(rows.map(r => r.plugin)).size > 1")
                         html.Th("Finding")
-                        html.Th("Probability")
+                        html.Th("Calibrated", title="Platt-calibrated probability (what the decision uses)")
+                        html.Th("Raw", title="the head's uncalibrated probability")
                         html.Th("Threshold")
-                        html.Th("Decision")
+                        html.Th("Decision", title="calibrated probability >= threshold (checked, not copied)")
                 with html.Tbody():
                     with html.Tr(v_for="r in rows", key="r.row", click="row = r.row",
                                  classes=("r.row === row ? 'finding-row selected' : 'finding-row'",),
@@ -521,6 +674,7 @@ class ReviewApp:
                         html.Td("{{ r.plugin }}", v_if="new Set(rows.map(r => r.plugin)).size > 1")
                         html.Td("{{ r.finding }}", classes="finding-label")
                         html.Td("{{ r.probability_text }}", classes="finding-probability")
+                        html.Td("{{ r.raw_text }}", classes="finding-raw text-grey")
                         html.Td("{{ r.threshold_text }}", classes="finding-threshold")
                         with html.Td(classes="finding-decision"):
                             v3.VChip("{{ r.decision }}", size="x-small",
@@ -545,7 +699,8 @@ class ReviewApp:
                     with html.Div(classes="d-flex text-caption text-grey"):
                         html.Span("0")
                         v3.VSpacer()
-                        html.Span("heatmap (shaded: under the threshold)")
+                        html.Span("heatmap, scaled to this case's maximum: not a probability (shaded: under the threshold)",
+                                  classes="text-center")
                         v3.VSpacer()
                         html.Span("1")
                 with html.Div(classes="d-flex mt-1", style="gap: 4px;"):
@@ -554,8 +709,9 @@ class ReviewApp:
                     v3.VBtn("Most important slice", click="trigger('review_jump_important')", size="small",
                             classes="jump-important")
                 html.Div("Slice importance", classes="text-subtitle-2 mt-2")
-                html.Div(v_html=("chart_svg",), classes="importance-chart-box", style="cursor: crosshair;",
-                         click="trigger('review_chart_click', [$event.clientX - $event.currentTarget.getBoundingClientRect().left])")
+                with html.Div(classes="importance-chart-box", style="cursor: crosshair;", v_if="chart.lines.length",
+                              click="trigger('review_chart_click', [$event.clientX - $event.currentTarget.getBoundingClientRect().left])"):
+                    _importance_chart()
 
             v3.VDivider(classes="my-2")
             html.Div("3D view", classes="text-subtitle-2")

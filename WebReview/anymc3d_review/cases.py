@@ -17,6 +17,8 @@ import json
 import os
 from pathlib import Path
 
+from anymc3d.contract import RecordError as ContractError
+from anymc3d.contract import is_temporary, validate_record
 from AnyMC3DSlicerLogic.logic import imageFilesInFolder, imageStem
 
 RESULTS_DIR = "results"
@@ -55,20 +57,24 @@ class CaseFolder:
         self.results_dir = self.root / RESULTS_DIR
         self.heatmap_dir = self.results_dir / HEATMAPS_DIR
         self.cases: list[Case] = []
+        self.problems: list[str] = []  # results files that were ignored, and why (shown on the page)
         self.refresh()
 
     # Listing -----------------------------------------------------------------------------------------------
 
     def refresh(self) -> list[Case]:
         paths = [Path(p).resolve() for p in imageFilesInFolder(str(self.root))]
-        paths = [p for p in paths if self.contains(p) and p.is_file()]  # a symlink out of the folder is not a case
+        # a symlink out of the folder is not a case; one inside it is the file it leads to (listed once)
+        paths = list(dict.fromkeys(p for p in paths if self.contains(p) and p.is_file() and not is_temporary(p.name)))
         self.cases = [Case(i, p, p.name, imageStem(str(p))) for i, p in enumerate(paths)]
+        self.problems = []
         by_path = {case.path: case for case in self.cases}
         for results_file in self._results_files():
             try:
                 records = self._read_json(results_file)
-            except RecordError:
-                continue  # a broken file says nothing about which case it belongs to
+            except RecordError as error:
+                self.problems.append(str(error))  # a broken file says nothing about which case it belongs to
+                continue
             for record in records:
                 image = record.get("image") if isinstance(record, dict) else None
                 if not isinstance(image, str):
@@ -81,7 +87,8 @@ class CaseFolder:
     def _results_files(self) -> list[Path]:
         if not self.results_dir.is_dir():
             return []
-        files = [p for p in self.results_dir.glob("*.json") if p.is_file() and self.contains(p.resolve())]
+        files = [p for p in self.results_dir.glob("*.json")
+                 if p.is_file() and not is_temporary(p.name) and self.contains(p.resolve())]
         return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))  # oldest first: the newest record wins
 
     @staticmethod
@@ -101,6 +108,11 @@ class CaseFolder:
 
     def _attach(self, case: Case, record: dict, results_file: Path) -> None:
         case.record, case.results_file, case.error = record, results_file, ""
+        try:  # the backend's own schema and rules: NaN or out-of-range probabilities, decisions that do not follow
+            validate_record(record)
+        except ContractError as error:
+            case.error = f"{results_file.name}: not a valid result record ({error})"
+            return
         if record.get("status") != "ok":
             case.error = str(record.get("error") or "The case failed")
             return
@@ -108,6 +120,18 @@ class CaseFolder:
             self.check_record_paths(record)
         except RecordError as error:
             case.error = str(error)
+
+    def results_on_disk(self, case: Case) -> bool:
+        """Whether any results file (read now, not at listing time) has a record for ``case``."""
+        for results_file in self._results_files():
+            try:
+                records = self._read_json(results_file)
+            except RecordError:
+                continue
+            if any(isinstance(r, dict) and isinstance(r.get("image"), str) and os.path.isabs(r["image"])
+                   and Path(r["image"]).resolve() == case.path for r in records):
+                return True
+        return False
 
     def case(self, index) -> Case:
         """The case at ``index`` of the listing; anything else (a name, a path, out of range) is refused."""

@@ -1,12 +1,10 @@
-"""The slice-importance chart (SVG) and the colour bar (CSS) of the page.
+"""The slice-importance chart (numbers for SVG elements of the page) and the colour bar (CSS) of the page.
 
 The data come from the Logic's nodes: the importance table (one column per plugin) and the heatmap colour map
 (``AnyMC3DSlicerLogic.outputs.HEATMAP_COLOR_STOPS`` / ``heatmapColor``), so the bar shows exactly the overlay's colours.
 """
 
 from __future__ import annotations
-
-from html import escape
 
 from AnyMC3DSlicerLogic.outputs import HEATMAP_COLOR_STOPS, heatmapColor
 
@@ -24,41 +22,38 @@ def colorbar_gradient() -> str:
     return f"linear-gradient(to right, {stops})"
 
 
-def importance_svg(series: dict, axis: int | None, current: int | None = None) -> str:
-    """A line per plugin of importance against slice index; a dashed line marks the slice the views show."""
-    if not series:
-        return ""
+def chart_data(series: dict, axis: int | None, current: int | None = None) -> dict:
+    """The chart as numbers and short texts for the page's SVG elements (never markup): a polyline per plugin of
+    importance against slice index, the x position of the slice the views show, and the axis labels.
+
+    The y-axis runs from 0 to the largest importance; its top label sits at the top of the plot (never above it).
+    """
     width, height = CHART_WIDTH, CHART_HEIGHT
     plot_w, plot_h = width - MARGIN_LEFT - MARGIN_RIGHT, height - MARGIN_TOP - MARGIN_BOTTOM
+    plot = {"x": MARGIN_LEFT, "y": MARGIN_TOP, "width": plot_w, "height": plot_h}
+    if not series:
+        return {"plot": plot, "lines": [], "current_x": None, "slices": 0, "labels": {}}
     count = max(len(values) for values in series.values())
     top = max((max(values) for values in series.values() if values), default=1.0) or 1.0
 
     def x(i):
-        return MARGIN_LEFT + (plot_w * i / max(1, count - 1))
+        return round(MARGIN_LEFT + (plot_w * i / max(1, count - 1)), 1)
 
     def y(v):
-        return MARGIN_TOP + plot_h * (1.0 - v / top)
+        return round(MARGIN_TOP + plot_h * (1.0 - v / top), 1)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="importance-chart" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" data-slices="{count}">',
-             f'<rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" width="{plot_w}" height="{plot_h}" fill="#1e1e1e" stroke="#555"/>']
-    for index, (name, values) in enumerate(series.items()):
-        color = _hex(heatmapColor(1.0 - index / max(1, len(series))))
-        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{points}">'
-                     f'<title>{escape(str(name))}</title></polyline>')
-    if current is not None and 0 <= current < count:
-        parts.append(f'<line class="current-slice" x1="{x(current):.1f}" x2="{x(current):.1f}" y1="{MARGIN_TOP}" '
-                     f'y2="{MARGIN_TOP + plot_h}" stroke="#fff" stroke-dasharray="3,3"/>')
+    lines = [{"name": str(name), "color": _hex(heatmapColor(1.0 - index / max(1, len(series)))),
+              "points": " ".join(f"{x(i)},{y(float(v))}" for i, v in enumerate(values))}
+             for index, (name, values) in enumerate(series.items())]
     axis_name = "IJK"[axis] if axis in (0, 1, 2) else "?"
-    parts.append(f'<text x="{MARGIN_LEFT}" y="{height - 6}" fill="#bbb" font-size="10">0</text>')
-    parts.append(f'<text x="{MARGIN_LEFT + plot_w}" y="{height - 6}" fill="#bbb" font-size="10" text-anchor="end">{count - 1}</text>')
-    parts.append(f'<text x="{MARGIN_LEFT + plot_w / 2}" y="{height - 6}" fill="#bbb" font-size="10" text-anchor="middle">'
-                 f'slice ({axis_name})</text>')
-    parts.append(f'<text x="{MARGIN_LEFT - 4}" y="{MARGIN_TOP + 8}" fill="#bbb" font-size="10" text-anchor="end">{top:.2f}</text>')
-    parts.append(f'<text x="{MARGIN_LEFT - 4}" y="{MARGIN_TOP + plot_h}" fill="#bbb" font-size="10" text-anchor="end">0</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+    bottom = height - 6
+    labels = {"x0": {"text": "0", "x": MARGIN_LEFT, "y": bottom},
+              "x1": {"text": str(count - 1), "x": MARGIN_LEFT + plot_w, "y": bottom},
+              "x_title": {"text": f"slice ({axis_name})", "x": MARGIN_LEFT + plot_w / 2, "y": bottom},
+              "y1": {"text": f"{top:.2f}", "x": MARGIN_LEFT - 4, "y": MARGIN_TOP + 8},
+              "y0": {"text": "0", "x": MARGIN_LEFT - 4, "y": MARGIN_TOP + plot_h}}
+    current_x = x(current) if current is not None and 0 <= current < count else None
+    return {"plot": plot, "lines": lines, "current_x": current_x, "slices": count, "labels": labels}
 
 
 def slice_from_chart_x(offset_x: float, count: int) -> int:

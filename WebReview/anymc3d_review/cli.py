@@ -6,15 +6,20 @@ Registered with the backend CLI through the entry-point group ``anymc3d.commands
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
+import socket
 import sys
 from pathlib import Path
+
+from anymc3d.contract import DEVICES, HEATMAP_METHODS
 
 logger = logging.getLogger("anymc3d.review")
 
 DEFAULT_HOST = "127.0.0.1"
-HEATMAP_METHODS = ("attention", "rollout", "grad_rollout", "grad_last")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+QUIET_LOGGERS = ("trame", "trame_server", "trame_client", "trame_slicer", "trame_rca", "wslink", "aiohttp", "vtk")
 
 
 def register(subparsers) -> None:
@@ -29,12 +34,13 @@ def register(subparsers) -> None:
                         help="Backbone weights for runs from the page (default: none, runs disabled).")
     review.add_argument("--heatmap-method", default="attention", choices=HEATMAP_METHODS,
                         help="Heatmap method of runs from the page (default: attention).")
-    review.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    review.add_argument("--device", default="auto", choices=DEVICES,
                         help="Device of runs from the page (default: auto).")
     review.add_argument("--port", type=int, default=8080, help="Port to listen on (default: 8080; 0: any free port).")
     review.add_argument("--host", default=DEFAULT_HOST,
                         help="Address to listen on (default: 127.0.0.1, this machine only). Anything else lets "
-                             "other machines see the cases: a warning is printed.")
+                             "other machines open the page: anyone with the printed address (it carries the "
+                             "access key) can read the cases; a warning is printed.")
     review.set_defaults(handler=run)
 
 
@@ -45,6 +51,39 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def reachable_hosts(host: str) -> list[str]:
+    """Addresses another machine can use for a server bound to ``host`` (the machine's own addresses for a
+    wildcard bind; ``0.0.0.0`` itself is not an address a browser can open)."""
+    if host not in WILDCARD_HOSTS:
+        return [host]
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # no packet is sent: only the route is asked
+        try:
+            probe.connect(("192.0.2.1", 9))
+            found.append(probe.getsockname()[0])
+        except OSError:
+            pass
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.append(info[4][0])
+    except OSError:
+        pass
+    found = [a for a in dict.fromkeys(found) if not ipaddress.ip_address(a).is_loopback]
+    return found or [socket.gethostname()]
+
+
+def print_addresses(guard, host: str, port: int, folder: Path) -> None:
+    """The intended stdout of the command: where to open the page (with its access key), and who can."""
+    print(f"AnyMC3D review of {folder}", flush=False)
+    for address in reachable_hosts(host):
+        print(f"  open: {guard.url(address, port)}")
+    if is_loopback(host):
+        print("  (this machine only; the address carries this launch's access key)", flush=True)
+    else:
+        print(f"  WARNING: anyone who has this address can read every case in {folder} and its results"
+              f": share it only with people allowed to see them.", flush=True)
 
 
 def run(args) -> int:
@@ -63,20 +102,45 @@ def run(args) -> int:
         logger.error("bad port %s", args.port)
         return 2
     if not is_loopback(args.host):
-        logger.warning("listening on %s: other machines can open this page and see the cases in %s "
-                       "(the default, 127.0.0.1, keeps it to this machine)", args.host, folder.resolve())
+        logger.warning("listening on %s: other machines can open this page; anyone with its address can read the "
+                       "cases in %s (the default, 127.0.0.1, keeps it to this machine)", args.host, folder.resolve())
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        for name in QUIET_LOGGERS:  # trame/wslink/aiohttp internals: warnings only, unless --log-level DEBUG
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if args.port and not port_free(args.host, args.port):
+        logger.error("port %s on %s is in use: choose another with --port (0: any free port)", args.port, args.host)
+        return 2
 
     from .app import ReviewApp  # heavy imports (slicer, vtk, trame) only for this command
 
     app = ReviewApp(folder, backbone=args.backbone.resolve() if args.backbone else None,
                     plugins=[p.resolve() for p in args.plugin], heatmap_method=args.heatmap_method, device=args.device)
+    app.server.controller.on_server_ready.add(
+        lambda **_: print_addresses(app.guard, args.host, app.server.port, folder.resolve()))
     saved_argv = sys.argv
     sys.argv = [saved_argv[0], "--server"]  # trame parses sys.argv itself: give it nothing of ours
     try:
-        app.server.start(port=args.port, host=args.host, open_browser=False, timeout=0, show_connection_info=True)
+        app.server.start(port=args.port, host=args.host, open_browser=False, timeout=0, show_connection_info=False)
+    except OSError as error:
+        if error.errno != errno.EADDRINUSE:
+            raise
+        logger.error("port %s on %s is in use: choose another with --port (0: any free port)", args.port, args.host)
+        return 2
     finally:
         sys.argv = saved_argv
+        app.close()  # Ctrl-C / SIGTERM end here: the backend is killed and the run folders removed
     return 0
+
+
+def port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host if host not in ("",) else "0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def main(argv=None) -> int:

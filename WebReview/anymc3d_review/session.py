@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 
@@ -33,6 +35,68 @@ from AnyMC3DSlicerLogic.parameters import GRADIENT_METHODS, HEATMAP_METHODS
 from .cases import Case, CaseFolder, RecordError
 
 
+logger = logging.getLogger("anymc3d.review")
+
+RUN_ROOT_PREFIX = "AnyMC3D-review-"
+#: window presets of the slice views: name -> (title, window, level) in the image's units (HU for CT);
+#: "auto" is the volume display's automatic window. Values: the usual radiology CT windows.
+WINDOW_PRESETS = {"auto": ("Auto", None, None), "brain": ("Brain", 80.0, 40.0),
+                  "soft_tissue": ("Soft tissue", 400.0, 40.0), "lung": ("Lung", 1500.0, -600.0),
+                  "bone": ("Bone", 1800.0, 400.0)}
+RAS_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) direction of R, A, S
+OWNER_FILE = "server.pid"
+
+
+def make_run_root(parent=None) -> str:
+    """A folder of this server's run folders (the Logic's ``AnyMC3D-*`` temporary folders go inside it), marked
+    with the server's pid. Folders of servers that no longer run (killed: no clean-up) are removed first."""
+    sweep_stale_run_roots(parent)
+    root = tempfile.mkdtemp(prefix=f"{RUN_ROOT_PREFIX}{os.getpid()}-", dir=parent)
+    with open(os.path.join(root, OWNER_FILE), "w", encoding="utf-8") as file:
+        file.write(str(os.getpid()))
+    return root
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_run_roots(parent=None) -> list[str]:
+    """Remove the run-root folders whose server process is gone; returns what was removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        if not name.startswith(RUN_ROOT_PREFIX) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        try:
+            with open(os.path.join(path, OWNER_FILE), encoding="utf-8") as file:
+                pid = int(file.read().strip())
+            if os.stat(path).st_uid != os.getuid():
+                continue
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def guarded_backend_command() -> list[str]:
+    """``python -m anymc3d`` through :mod:`anymc3d_review.backend_child`: the backend dies with this server."""
+    return [sys.executable, "-m", "anymc3d_review.backend_child", str(os.getpid()), "--", sys.executable, "-m", "anymc3d"]
+
+
 @dataclasses.dataclass
 class LoadedCase:
     index: int
@@ -41,6 +105,7 @@ class LoadedCase:
     node_ids: tuple = ()         # every node this case added to the scene (removed when it leaves the cache)
     folder_item: int = 0
     load_seconds: float = 0.0
+    record: dict | None = None   # the validated record the outputs were imported from
 
     @property
     def table_node(self):
@@ -90,11 +155,14 @@ class ReviewSession:
         self.cache_size = max(1, int(cache_size))
         self.device = device
         self.heatmap_method = heatmap_method
+        self._own_run_root = temp_root is None
+        self.run_root = temp_root or make_run_root()
         self.logic = AnyMC3DSlicerLogic(scene, runner=runner or SubprocessRunner(),
-                                        backendCommand=backend_command or [sys.executable, "-m", "anymc3d"],
+                                        backendCommand=backend_command or guarded_backend_command(),
                                         volumesLogic=volumes_logic, volumeRenderingLogic=volume_rendering_logic,
-                                        tempRoot=temp_root)
+                                        tempRoot=self.run_root)
         self.display = DisplayOptions()
+        self.window_preset = "auto"
         self.loaded: OrderedDict[int, LoadedCase] = OrderedDict()
         self.current: LoadedCase | None = None
         self.row = 0
@@ -135,7 +203,7 @@ class ReviewSession:
             except ValueError as error:
                 raise RecordError(str(error)) from error
             outputs = self.logic.importResults(record, [str(case.path)], options, self.display)
-            loaded = LoadedCase(case.index, outputs.inputNode, outputs, folder_item=outputs.folderItem)
+            loaded = LoadedCase(case.index, outputs.inputNode, outputs, folder_item=outputs.folderItem, record=record)
         elif case.status == "error":
             raise RecordError(case.error)
         else:
@@ -154,6 +222,7 @@ class ReviewSession:
     def _show(self, loaded: LoadedCase) -> None:
         previous = self.current
         self.current = loaded
+        self._apply_window(loaded)
         for other in self.loaded.values():
             if other is not loaded:
                 self._set_volume_rendering_visible(other, False)
@@ -249,6 +318,26 @@ class ReviewSession:
         if self.current is loaded:
             self.current = None
 
+    def rescan(self):
+        """List the folder again; loaded cases keep their nodes under their new index, vanished ones are unloaded.
+        Refused while a run is in progress (its case index must not move)."""
+        if self.job is not None and not self.job.done:
+            raise RecordError("A run is in progress: rescan when it has finished")
+        paths = {index: self.folder.cases[index].path for index in self.loaded}
+        errors = {self.folder.cases[index].path: message for index, message in self.run_errors.items()}
+        self.folder.refresh()
+        new_index = {case.path: case.index for case in self.folder.cases}
+        for index, path in paths.items():
+            if path not in new_index or self.loaded[index].record != self.folder.cases[new_index[path]].record:
+                self.unload(index)  # vanished, or its results changed on disk: loaded again when shown
+        remapped = OrderedDict()
+        for index, loaded in self.loaded.items():
+            loaded.index = new_index[paths[index]]
+            remapped[loaded.index] = loaded
+        self.loaded = remapped
+        self.prefetch_failed.clear()
+        self.run_errors = {new_index[path]: message for path, message in errors.items() if path in new_index}
+
     def reset_views(self, same_geometry=False):
         if self.views is None:
             return
@@ -266,6 +355,7 @@ class ReviewSession:
             return []
         table_node = self.current.table_node
         table = table_node.GetTable()
+        checked = _record_rows(self.current.record)
         rows = []
         for row in range(table.GetNumberOfRows()):
             rows.append({"row": row,
@@ -273,7 +363,10 @@ class ReviewSession:
                          "finding": table_node.GetCellText(row, 1),
                          "probability": float(table.GetValue(row, 2).ToDouble()),
                          "threshold": float(table.GetValue(row, 3).ToDouble()),
-                         "decision": table_node.GetCellText(row, 4)})
+                         "decision": table_node.GetCellText(row, 4),
+                         "raw": None})
+            if row < len(checked) and checked[row]["finding"] == rows[-1]["finding"]:
+                rows[-1].update(checked[row])  # calibrated, raw, threshold and decision from the validated record
         return rows
 
     def select_finding(self, row: int):
@@ -296,6 +389,25 @@ class ReviewSession:
             for heatmap in loaded.heatmap_nodes():
                 self.logic.setHeatmapThreshold(heatmap, self.display.threshold)
 
+    def set_window_preset(self, name: str):
+        """Window/level of the slice views' image (one of WINDOW_PRESETS), kept when the case changes."""
+        if name not in WINDOW_PRESETS:
+            raise RecordError(f"No window preset {name!r}")
+        self.window_preset = name
+        if self.current is not None:
+            self._apply_window(self.current)
+
+    def _apply_window(self, loaded):
+        display = loaded.input_node.GetDisplayNode() if loaded.input_node is not None else None
+        if display is None:
+            return
+        _, window, level = WINDOW_PRESETS[self.window_preset]
+        if window is None:
+            display.AutoWindowLevelOn()
+        else:
+            display.AutoWindowLevelOff()
+            display.SetWindowLevel(window, level)
+
     def set_opacity(self, opacity: float):
         self.display.opacity = min(max(float(opacity), 0.0), 1.0)
         for composite in _nodes_by_class(self.scene, "vtkMRMLSliceCompositeNode"):
@@ -306,14 +418,14 @@ class ReviewSession:
         if heatmap is None:
             return None
         ras = self.logic.heatmapMaximumRAS(heatmap)
-        self.logic.jumpSlicesTo(ras)
+        self.jump_slices_to(ras)
         return ras
 
     def jump_to_most_important_slice(self):
         if self.current is None or self.current.table_node is None:
             return None
         ras = self.logic.mostImportantSliceRAS(self.current.table_node, self.row)
-        self.logic.jumpSlicesTo(ras)
+        self.jump_slices_to(ras)
         return ras
 
     def jump_to_slice(self, index: int):
@@ -325,8 +437,63 @@ class ReviewSession:
         dims = self.current.input_node.GetImageData().GetDimensions()
         ijk[axis] = min(max(int(index), 0), dims[axis] - 1)
         ras = logic_outputs.voxelToRas(self.current.input_node, ijk)
-        self.logic.jumpSlicesTo(ras)
+        self.jump_slices_to(ras)
         return ras
+
+    def jump_slices_to(self, ras):
+        """Move every slice plane through ``ras`` without panning (the field of view stays on the anatomy).
+
+        The Logic's ``jumpSlicesTo`` centres the views on the point (CenteredJumpSlice), which pushes half a view
+        off the image for a point near an edge; OffsetJumpSlice only moves the slices. The crosshair marks it.
+        """
+        slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, float(ras[0]), float(ras[1]), float(ras[2]),
+                                              slicer.vtkMRMLSliceNode.OffsetJumpSlice)
+        for crosshair in _nodes_by_class(self.scene, "vtkMRMLCrosshairNode"):
+            crosshair.SetCrosshairRAS(float(ras[0]), float(ras[1]), float(ras[2]))
+            crosshair.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.ShowSmallBasic)
+
+    def scroll(self, view_name: str, step: int):
+        """One slice of the shown image further along view ``view_name``'s normal (Up/Down over the view)."""
+        if self.views is None or self.current is None:
+            return None
+        for view in self.views.get_slice_views():
+            if view.get_singleton_tag() == view_name:
+                low, high = view.get_slice_range()
+                value = min(max(view.get_slice_value() + step * view.get_slice_step(), low), high)
+                view.set_slice_value(value)
+                return value
+        return None
+
+    def orientation(self) -> dict:
+        """Per slice view: the anatomical letters at its edges and the slice number / position of the image."""
+        result = {}
+        if self.current is None:
+            return result
+        matrix = vtk.vtkMatrix4x4()
+        self.current.input_node.GetRASToIJKMatrix(matrix)
+        ras_to_ijk = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
+        dims = self.current.input_node.GetImageData().GetDimensions()
+        for slice_node in _nodes_by_class(self.scene, "vtkMRMLSliceNode"):
+            m = slice_node.GetSliceToRAS()
+            to_ras = np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+            letters = {}
+            for edge, direction in (("right", to_ras[:3, 0]), ("left", -to_ras[:3, 0]), ("top", to_ras[:3, 1]),
+                                    ("bottom", -to_ras[:3, 1])):
+                axis = int(np.argmax(np.abs(direction)))
+                letters[edge] = RAS_LETTERS[axis][int(direction[axis] > 0)]
+            normal_ijk = ras_to_ijk[:3, :3] @ to_ras[:3, 2]
+            axis = int(np.argmax(np.abs(normal_ijk)))
+            index = int(round(float((ras_to_ijk @ to_ras[:, 3])[axis])))
+            inside = 0 <= index < dims[axis]
+            letters["slice"] = (f"{index + 1}/{dims[axis]}" if inside else "outside") + \
+                f" · {slice_node.GetSliceOffset():.1f} mm"
+            # the view's in-plane centre (RAS): a jump that pans the view moves it, one that only moves the
+            # slice plane does not
+            normal = to_ras[:3, 2] / np.linalg.norm(to_ras[:3, 2])
+            origin = to_ras[:3, 3]
+            letters["center"] = [round(float(v), 3) for v in origin - float(origin @ normal) * normal]
+            result[slice_node.GetName()] = letters
+        return result
 
     def importance(self):
         """``(slicing_axis, {plugin: [importance per slice]})`` from the Logic's importance table node."""
@@ -386,6 +553,8 @@ class ReviewSession:
             raise RecordError("A run is already in progress")
         case = self.folder.case(index)
         json_path, heatmap_dir = self.folder.results_paths(case)
+        if case.record is not None or json_path.exists() or self.folder.results_on_disk(case):
+            raise RecordError(f"{case.name} already has results: it is not run again (results are never overwritten)")
         heatmap_dir.mkdir(parents=True, exist_ok=True)
         options = PredictionOptions(device=self.device, heatmapMethod=self.heatmap_method)
         self.run_errors.pop(index, None)
@@ -412,7 +581,8 @@ class ReviewSession:
             added = _node_ids(self.scene) - self._before_poll
             added -= {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
                       if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
-            self.loaded[index] = LoadedCase(index, outputs.inputNode, outputs, tuple(sorted(added)), outputs.folderItem)
+            self.loaded[index] = LoadedCase(index, outputs.inputNode, outputs, tuple(sorted(added)), outputs.folderItem,
+                                            record=self.folder.case(index).record)
             self.loaded.move_to_end(index, last=False)  # the least recently shown, unless shown now
         elif result.status != "ok" and self.folder.case(index).status == "none":
             self.run_errors[index] = result.message or "The run failed"
@@ -435,9 +605,36 @@ class ReviewSession:
         if self.job is not None and not self.job.done:
             self.job.cancel()
 
+    def close(self, timeout=10.0):
+        """The server stops: kill a running backend (its whole process group) and remove this server's run
+        folders."""
+        if self.job is not None and not self.job.done:
+            self.job.cancel()
+            deadline = time.monotonic() + timeout
+            while not self.job.done and time.monotonic() < deadline:
+                self.logic.runner.processEvents(0.1)
+        if self._own_run_root:
+            shutil.rmtree(self.run_root, ignore_errors=True)
+
     def case_error(self, index) -> str:
         case = self.folder.case(index)
         return self.run_errors.get(index) or case.error
+
+
+def _record_rows(record) -> list[dict]:
+    """The table's rows from a record already checked by ``anymc3d.contract.validate_record`` (results x labels,
+    the Logic's row order): calibrated and raw probability, threshold, and the decision recomputed from them
+    (the contract's rule: calibrated >= threshold; multiclass: the most probable label)."""
+    rows = []
+    for result in (record or {}).get("results") or []:
+        probabilities = result["probabilities"]
+        top = max(result["labels"], key=lambda label: probabilities[label])
+        for label in result["labels"]:
+            positive = (label == top) if result["task"] == "multiclass" else probabilities[label] >= result["thresholds"][label]
+            rows.append({"finding": label, "probability": float(probabilities[label]),
+                         "raw": float(result["probabilities_raw"][label]), "threshold": float(result["thresholds"][label]),
+                         "decision": "positive" if positive else "negative"})
+    return rows
 
 
 def start_prediction_into(logic, image_path, backbone, plugins, json_path, heatmap_dir, options, display_options,
@@ -479,19 +676,37 @@ def save_job_outputs(job, json_path, heatmap_dir):
         if os.path.dirname(source) != job_dir:
             raise ValueError(f"unexpected heatmap path {path}")
         target = os.path.join(heatmap_dir, os.path.basename(source))
-        partial = target + ".partial"
+        partial = _partial_name(target)
         shutil.copyfile(source, partial)
-        os.replace(partial, target)
+        _move_no_overwrite(partial, target)
         return target
 
     for record in records:
         for result in record.get("results") or []:
             result["heatmap"] = keep(result.get("heatmap"))
             result["finding_heatmaps"] = {label: keep(path) for label, path in (result.get("finding_heatmaps") or {}).items()}
-    partial = str(json_path) + ".partial"
+    partial = _partial_name(str(json_path))
     with open(partial, "w", encoding="utf-8") as file:
         json.dump(records, file, indent=2)
-    os.replace(partial, json_path)
+    _move_no_overwrite(partial, str(json_path))
 
 
-__all__ = ["GRADIENT_METHODS", "LoadedCase", "ReviewSession", "record_options", "start_prediction_into"]
+def _partial_name(target: str) -> str:
+    """A hidden ``.partial`` name beside ``target`` (the contract's temporary-file convention: never listed)."""
+    from anymc3d.contract import PARTIAL_MARKER
+
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{PARTIAL_MARKER}")
+
+
+def _move_no_overwrite(partial: str, target: str) -> None:
+    """Put a finished file in place only if nothing is there (a hard link fails on an existing name: atomic)."""
+    try:
+        os.link(partial, target)
+    except FileExistsError:
+        raise ValueError(f"{target} exists: results are never overwritten") from None
+    finally:
+        os.unlink(partial)
+
+
+__all__ = ["GRADIENT_METHODS", "LoadedCase", "ReviewSession", "guarded_backend_command", "make_run_root", "record_options",
+           "start_prediction_into", "sweep_stale_run_roots"]

@@ -7,13 +7,18 @@ Playwright drives Debian's ``/usr/bin/chromium`` (never ``playwright install``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 
 CHROMIUM = os.environ.get("ANYMC3D_CHROMIUM", "/usr/bin/chromium")
@@ -41,30 +46,56 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+URL_LINE = re.compile(r"open: (http://\S+)")
+
+
 class ReviewServer:
-    """``python -m anymc3d review FOLDER ...`` in its own process group; ``stop()`` kills the whole group."""
+    """``python -m anymc3d review FOLDER ...`` in its own process group; ``stop()`` kills the whole group.
+
+    ``url`` is the address the server printed (with its access key), read from its output; ``base`` the same
+    without the key; ``output()`` everything it printed.
+    """
 
     def __init__(self, folder, *extra, host="127.0.0.1", port=None, env=None, log=None):
         self.port = port or free_port()
-        self.url = f"http://{host}:{self.port}/"
+        self.host = host
+        self.base = f"http://{host}:{self.port}/"
+        self.url = None
         command = [sys.executable, "-m", "anymc3d", "--log-level", "WARNING", "review", str(folder),
                    "--port", str(self.port), "--host", host, *[str(e) for e in extra]]
-        self.log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
+        self.log_path = log or tempfile.mkstemp(prefix="anymc3d-review-", suffix=".log")[1]
+        self.log = open(self.log_path, "w")  # noqa: SIM115
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})}, start_new_session=True)
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                        start_new_session=True)
         self.started = time.perf_counter()
+
+    def output(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+
+    def printed_urls(self) -> list[str]:
+        return URL_LINE.findall(self.output())
 
     def wait_ready(self, timeout=90.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the review server exited with code {self.process.returncode}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(self.url, timeout=2) as response:
-                    if response.status == 200:
-                        return self
+                raise RuntimeError(f"the review server exited with code {self.process.returncode}: "
+                                   f"{self.output()[-2000:]}")
+            urls = self.printed_urls()
+            if urls:
+                self.url = urls[0]
+                with contextlib.suppress(OSError):
+                    with urllib.request.urlopen(self.url, timeout=2) as response:
+                        if response.status == 200:
+                            return self
             time.sleep(0.2)
-        raise TimeoutError(f"the review server did not answer on {self.url} within {timeout} s")
+        raise TimeoutError(f"the review server did not print its address within {timeout} s: {self.output()[-2000:]}")
+
+    @property
+    def key(self) -> str:
+        return self.url.split("secret=", 1)[1]
 
     def stop(self):
         if self.process.poll() is None:
@@ -92,6 +123,89 @@ class ReviewServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def http_status(url, headers=None) -> int:
+    """The HTTP status of a GET (no redirect followed past the first answer's status for 4xx)."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def run_async(coroutine):
+    """Run ``coroutine`` to its end in a thread of its own (Playwright's sync API holds this thread's loop)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+class WslinkClient:
+    """A minimal wslink client (the protocol trame's page speaks) for attacking a server the way a foreign page
+    or a script would: msgpack messages in wslink's chunk framing (wslink 2.6.0 ``wslink/chunking.py``).
+
+    ``connect`` returns None when the websocket upgrade is refused (HTTP 403).
+    """
+
+    def __init__(self, ws, session):
+        self.ws, self.session, self._next = ws, session, 0
+        self.messages = []  # every decoded message received (results, errors, publications)
+
+    @classmethod
+    async def connect(cls, base_url, origin=None, cookie=None, query=""):
+        import aiohttp
+
+        session = aiohttp.ClientSession()
+        headers = {"Origin": origin} if origin else {}
+        if cookie:
+            headers["Cookie"] = cookie
+        parts = urllib.parse.urlsplit(base_url)  # the page's address; its ?secret= (if any) goes to the upgrade
+        url = f"ws://{parts.netloc}/ws" + (f"?{parts.query}" if parts.query else query)
+        try:
+            ws = await session.ws_connect(url, headers=headers, autoping=True)
+        except aiohttp.WSServerHandshakeError:
+            await session.close()
+            return None
+        return cls(ws, session)
+
+    async def call(self, method, args=(), kwargs=None, system=False, timeout=10.0):
+        import msgpack
+        from wslink.chunking import UnChunker, generate_chunks
+
+        self._next += 1
+        rpc_id = f"{'system' if system else 'rpc'}:c0:{self._next}"
+        message = {"wslink": "1.0", "id": rpc_id, "method": method, "args": list(args), "kwargs": kwargs or {}}
+        for chunk in generate_chunks(msgpack.packb(message), 4 * 1024 * 1024):
+            await self.ws.send_bytes(chunk)
+        unchunker = getattr(self, "_unchunker", None) or UnChunker()
+        unchunker.set_max_message_size(1 << 30)
+        self._unchunker = unchunker
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                received = await self.ws.receive(timeout=max(0.05, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            if received.type.name != "BINARY":
+                return {"closed": True}
+            full = unchunker.process_chunk(received.data)
+            if full is None:
+                continue
+            decoded = msgpack.unpackb(full) if isinstance(full, (bytes, bytearray)) else full
+            self.messages.append(decoded)
+            if decoded.get("id") == rpc_id:
+                return decoded
+        return {"timeout": True}
+
+    async def hello(self, secret):
+        return await self.call("wslink.hello", [{"secret": secret}], system=True)
+
+    async def close(self):
+        await self.ws.close()
+        await self.session.close()
 
 
 def launch_browser(playwright):

@@ -75,7 +75,8 @@ def test_results_naming_files_outside_the_folder_are_refused(review_folder, tmp_
 
 def test_newest_results_file_wins_and_failed_records_show_their_error(review_folder, tmp_path):
     folder = copy_case(review_folder, tmp_path)
-    failed = [{"image": str(folder / "volume.nii.gz"), "status": "error", "error": "Cannot read the image", "results": []}]
+    failed = [{"image": str(folder / "volume.nii.gz"), "status": "error", "error": "Cannot read the image",
+               "slicing_axis": None, "num_slices": None, "results": []}]  # the contract's error record
     newer = folder / "results" / "zz_later.json"
     newer.write_text(json.dumps(failed))
     os.utime(newer, (os.path.getmtime(folder / "results" / "volume.json") + 10,) * 2)
@@ -128,20 +129,32 @@ def test_command_line_defaults_to_loopback(caplog, monkeypatch, tmp_path):
     class FakeApp:
         def __init__(self, *a, **k):
             self.server = self
+            self.controller = self
+            self.on_server_ready = self
+            self.closed = False
+
+        def add(self, callback):
+            self.ready = callback
 
         def start(self, **kwargs):
             started.update(kwargs)
+
+        def close(self):
+            started["closed"] = True
 
     import anymc3d_review.app as app_module
 
     monkeypatch.setattr(app_module, "ReviewApp", FakeApp)
     with caplog.at_level(logging.WARNING, logger="anymc3d.review"):
         assert args.handler(parser.parse_args(["review", str(tmp_path), "--host", "0.0.0.0"])) == 0
-    assert started["host"] == "0.0.0.0" and "other machines" in caplog.text
+    assert started["host"] == "0.0.0.0" and "other machines" in caplog.text and started["closed"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="anymc3d.review"):
         assert args.handler(args) == 0
     assert started["host"] == "127.0.0.1" and caplog.text == ""
+    assert args.handler(parser.parse_args(["review", str(tmp_path), "--heatmap-method", "grad_last"])) == 0
+    with pytest.raises(SystemExit):  # the contract's choices, not a copy
+        parser.parse_args(["review", str(tmp_path), "--device", "tpu"])
     assert args.handler(parser.parse_args(["review", str(tmp_path), "--plugin", "p.anymc3d"])) == 2  # no backbone
 
 
@@ -150,3 +163,77 @@ def test_anymc3d_cli_has_the_review_command():
 
     args = _parser().parse_args(["review", "somewhere", "--port", "9000"])
     assert args.port == 9000 and args.host == "127.0.0.1" and callable(args.handler)
+
+
+def test_port_in_use_is_one_line_not_a_traceback(caplog, tmp_path):
+    import socket
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.ERROR, logger="anymc3d.review"):
+            code = parser.parse_args(["review", str(tmp_path), "--port", str(port)]).handler(
+                parser.parse_args(["review", str(tmp_path), "--port", str(port)]))
+    assert code == 2 and f"port {port}" in caplog.text and "in use" in caplog.text
+
+
+def test_impossible_records_are_refused_with_the_field_named(review_folder, tmp_path):
+    """NaN or out-of-range probabilities, a missing threshold, a decision that does not follow: the case shows
+    an error from anymc3d.contract.validate_record instead of a table."""
+    cases = {
+        "nan": lambda r: r["results"][0]["probabilities"].__setitem__(r["results"][0]["labels"][0], float("nan")),
+        "above one": lambda r: r["results"][0]["probabilities_raw"].__setitem__(r["results"][0]["labels"][0], 1.5),
+        "no threshold": lambda r: r["results"][0]["thresholds"].pop(r["results"][0]["labels"][0]),
+        "decision": lambda r: r["results"][0]["decisions"].__setitem__(
+            r["results"][0]["labels"][0], not r["results"][0]["decisions"][r["results"][0]["labels"][0]]),
+    }
+    folder = copy_case(review_folder, tmp_path)
+    path = folder / "results" / "volume.json"
+    good = path.read_text()
+    assert CaseFolder(folder).case(0).status == "results"
+    for name, spoil in cases.items():
+        record = json.loads(good)
+        spoil(record[0])
+        path.write_text(json.dumps(record))
+        case = CaseFolder(folder).case(0)
+        assert case.status == "error" and "not a valid result record" in case.error, name
+        assert "volume.json" in case.error and "results/0/" in case.error, (name, case.error)
+
+
+def test_listing_truth_symlink_once_and_broken_results_files_named(review_folder, tmp_path):
+    folder = copy_case(review_folder, tmp_path)
+    os.symlink(folder / "volume.nii.gz", folder / "alias.nii.gz")
+    (folder / "results" / "broken.json").write_text("{not json")
+    (folder / "results" / ".partial-thing.json").write_text("[]")
+    listing = CaseFolder(folder)
+    assert [c.path.name for c in listing.cases] == ["volume.nii.gz"]
+    assert len(listing.problems) == 1 and "broken.json" in listing.problems[0]
+
+
+def test_run_outputs_never_overwrite(tmp_path):
+    """The copy of a finished run into the results folder refuses to replace an existing file."""
+    from types import SimpleNamespace
+
+    from anymc3d_review.session import save_job_outputs
+
+    job_dir = tmp_path / "job"
+    (job_dir / "heatmaps").mkdir(parents=True)
+    heatmap = job_dir / "heatmaps" / "case__p.nrrd"
+    heatmap.write_bytes(b"new")
+    (job_dir / "out.json").write_text(json.dumps([{"image": "x", "results": [{"heatmap": str(heatmap)}]}]))
+    job = SimpleNamespace(jsonPath=str(job_dir / "out.json"), heatmapDir=str(job_dir / "heatmaps"))
+    results = tmp_path / "results"
+    (results / "heatmaps").mkdir(parents=True)
+    (results / "case.json").write_text("old results")
+    with pytest.raises(ValueError, match="never overwritten"):
+        save_job_outputs(job, results / "case.json", results / "heatmaps")
+    assert (results / "case.json").read_text() == "old results"
+    (results / "heatmaps" / "case__p.nrrd").write_bytes(b"old map")
+    with pytest.raises(ValueError, match="never overwritten"):
+        save_job_outputs(job, results / "other.json", results / "heatmaps")
+    assert (results / "heatmaps" / "case__p.nrrd").read_bytes() == b"old map"
+    assert not (results / "other.json").exists()
+    assert not [p for p in results.rglob("*") if ".partial" in p.name]

@@ -1,12 +1,30 @@
 """A case without results is run from the page (the Logic + the real backend process), with progress; a failing
 case shows its error and the list goes on."""
 
+import asyncio
+import contextlib
 import json
+import os
 import shutil
+import signal
+import time
 
+import psutil
 import pytest
-
-from anymc3d_review.testing import VIEWS, ReviewServer, heatmap_fraction, open_page, settle, state, view_pixels, wait_frames, wait_state
+from anymc3d_review.testing import (
+    VIEWS,
+    ReviewServer,
+    WslinkClient,
+    heatmap_fraction,
+    http_status,
+    open_page,
+    run_async,
+    settle,
+    state,
+    view_pixels,
+    wait_frames,
+    wait_state,
+)
 
 from .conftest import write_volume
 
@@ -74,3 +92,110 @@ def test_failing_case_shows_error_and_list_goes_on(run_page):
     # the other case still opens
     page.locator(".case-item", has_text="a_small.nii.gz").click()
     wait_state(page, "s('shown_case') === 0 && s('case_error') === ''")
+
+
+def test_forced_rerun_is_refused_and_results_are_kept(run_page, run_server, run_folder):
+    """The run trigger sent directly (the page hides the button) on a case with results: nothing is overwritten."""
+    page = run_page
+    wait_state(page, "s('shown_case') === 0 && s('rows').length > 0")
+    json_path = run_folder / "results" / "a_small.json"
+    files = sorted((run_folder / "results").rglob("*"))
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else None) for path in files}
+
+    async def force():
+        client = await WslinkClient.connect(run_server.url)
+        assert "result" in await client.hello(run_server.key)
+        await client.call("trame.trigger", ["review_run", [], {}])
+        await asyncio.sleep(3)
+        got = (await client.call("trame.state.get"))["result"]["state"]
+        await client.close()
+        return got
+
+    got = run_async(force())
+    assert got["running"] is False
+    assert "already has results" in got["run_message"]
+    assert sorted((run_folder / "results").rglob("*")) == files
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else None) for path in files} == before
+    assert json.loads(json_path.read_text())[0]["status"] == "ok"
+
+
+def test_rescan_lists_a_file_added_while_the_server_runs(run_page, run_folder):
+    page = run_page
+    before = [case["name"] for case in state(page, "cases")]
+    shown = before[state(page, "shown_case")]
+    write_volume(run_folder / "c_added.nii.gz", (32, 32, 8), seed=11)
+    page.locator(".rescan-button").click()
+    wait_state(page, f"s('cases').length === {len(before) + 1}")
+    after = [case["name"] for case in state(page, "cases")]
+    assert "c_added.nii.gz" in after and set(before) < set(after)
+    assert after[state(page, "shown_case")] == shown  # the shown case stays shown
+    assert next(c for c in state(page, "cases") if c["name"] == "c_added.nii.gz")["status"] == "none"
+
+
+def _backend_of(server, timeout=40.0):
+    """The ``anymc3d predict`` process a run started (a descendant of the server), once it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(server.process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "predict" in child.cmdline():
+                    return child
+        time.sleep(0.1)
+    raise AssertionError("no backend process appeared")
+
+
+def _gone(process, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_backend_and_run_folders_end_with_the_server(demo_source, tmp_path):
+    """A server killed mid-run (SIGKILL: the backend dies with it; its folder is swept by the next server) or
+    stopped (SIGTERM, Ctrl-C: backend killed, run folders removed at once) leaves nothing running or behind."""
+    folder, temp = tmp_path / "cases", tmp_path / "tmp"
+    folder.mkdir()
+    temp.mkdir()
+    for name in ("backbone.safetensors", "plugin.anymc3d"):
+        shutil.copy(demo_source / name, folder / name)
+    write_volume(folder / "big.nii.gz", (96, 96, 40), seed=5)
+    killed_roots = []
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        with ReviewServer(folder, "--backbone", folder / "backbone.safetensors", "--plugin", folder / "plugin.anymc3d",
+                          "--device", "cpu", env={"TMPDIR": str(temp)}) as srv:
+            for root in killed_roots:  # the previous (killed) server's run folders were swept at this start
+                assert not root.exists(), root
+
+            async def start():
+                client = await WslinkClient.connect(srv.url)
+                assert "result" in await client.hello(srv.key)
+                await client.call("trame.trigger", ["review_run", [], {}])
+                await client.close()
+
+            run_async(start())
+            backend = _backend_of(srv)
+            roots = list(temp.glob("AnyMC3D-review-*"))
+            assert len(roots) == 1 and list(roots[0].glob("AnyMC3D-*")), "no run folder"
+            os.kill(srv.process.pid, sig)  # the server only, not its process group
+            srv.process.wait(30)
+            assert _gone(backend), f"the backend outlived the server ({sig.name})"
+            if sig == signal.SIGTERM:
+                assert not list(temp.glob("AnyMC3D-*")), list(temp.iterdir())
+            else:
+                killed_roots = roots
+    assert not list(folder.glob("results/*.json"))  # no half-written results either
+
+
+def test_wildcard_host_prints_a_reachable_address_with_its_key(run_folder):
+    with ReviewServer(run_folder, host="0.0.0.0") as srv:  # ready = the first printed address answered 200
+        urls = srv.printed_urls()
+        assert urls and not any("0.0.0.0" in url for url in urls)
+        assert all("?secret=" in url for url in urls)
+        assert http_status(urls[0].split("?")[0]) == 403
+        assert "anyone who has this address can read every case" in srv.output()
