@@ -12,7 +12,7 @@ import anymc3d
 ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "backbone", "lora", "pooling",
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocessing", "synthetic",
          "planecycle.features", "cases", "encoders", "planecycle.encoder", "plugin", "model", "engine", "records",
-         "demo", "scoring", "planecycle.commands", "cli", "__main__"]
+         "demo", "scoring", "planecycle.cache", "planecycle.commands", "cli", "__main__"]
 FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "vtkmodules"}
 PACKAGE = Path(anymc3d.__file__).parent
 
