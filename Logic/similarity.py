@@ -22,7 +22,6 @@ import tempfile
 import weakref
 
 import numpy as np
-import slicer
 import vtk
 
 from . import outputs
@@ -244,8 +243,10 @@ class SimilaritySession:
         job = SimilarityJob(self, volumeNode, None, onFinished)
         try:
             job.ijk = rasToIjk(volumeNode, ras)
+            if not os.path.isfile(self.backbonePath):
+                raise ValueError(f"Select the backbone weights file first (not found: {self.backbonePath or 'none'})")
         except ValueError as error:
-            job._finish(SimilarityResult("failed", str(error)))
+            job._finish(SimilarityResult("failed", str(error), ijk=job.ijk))
             return job
         if self.job is not None:
             if self.pending is not None:
@@ -329,10 +330,12 @@ class SimilarityPointController:
         schedule: ``schedule(milliseconds, callback)``; the Widget passes ``qt.QTimer.singleShot``.
         onStatus: ``onStatus(text)`` for the status line; onResult: ``onResult(SimilarityResult)``.
         delayMs: debounce delay; a burst of events starts one job, for the last point touched.
+        configure: ``configure(session)`` just before each request (the Widget sets the backbone and device).
     """
 
-    def __init__(self, session, volumeNode, schedule, onStatus=None, onResult=None, delayMs=300):
+    def __init__(self, session, volumeNode, schedule, onStatus=None, onResult=None, delayMs=300, configure=None):
         self.session = session
+        self.configure = configure
         self.volumeNode = volumeNode
         self.schedule = schedule
         self.onStatus = onStatus
@@ -369,6 +372,8 @@ class SimilarityPointController:
             return
         ras = [0.0, 0.0, 0.0]
         self.markupsNode.GetNthControlPointPositionWorld(index, ras)
+        if self.configure:
+            self.configure(self.session)
         self._status("Computing the similarity map\u2026")
         self.lastJob = self.session.request(volumeNode, ras, self._onFinished)
 

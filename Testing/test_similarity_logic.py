@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import slicer
 import vtk
 from AnyMC3DSlicerLogic import (
     AnyMC3DSlicerLogic,
@@ -177,12 +176,22 @@ def test_controller_debounces_markups_events_and_ignores_preview_points(sceneCon
         return [json.dumps({"out": [target], "seeds": [seed], "features_cache": "hit"})], 0
 
     runner = FakeRunner(backend)
-    session = SimilaritySession(logicOn(sceneContext, tempRoot, runner), tmp_path / "backbone.safetensors")
+    session = SimilaritySession(logicOn(sceneContext, tempRoot, runner), "")
+    backbone = {"path": str(tmp_path / "missing.safetensors")}
     timers, statuses = [], []
     controller = SimilarityPointController(session, lambda: volume, lambda ms, callback: timers.append(callback),
-                                           onStatus=statuses.append)
+                                           onStatus=statuses.append,
+                                           configure=lambda s: setattr(s, "backbonePath", backbone["path"]))
     markups = sceneContext.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
     controller.setMarkupsNode(markups)
+
+    markups.AddControlPoint(vtk.vtkVector3d(*sitkRas(image, (1, 2, 3))))
+    timers.pop()()
+    assert runner.commands == [] and statuses[-1].startswith("Select the backbone weights file first")
+    (tmp_path / "backbone.safetensors").write_bytes(b"weights")  # the fake backend never reads it
+    backbone["path"] = str(tmp_path / "backbone.safetensors")
+    markups.RemoveAllControlPoints()
+    timers.clear()
 
     markups.AddControlPoint(vtk.vtkVector3d(*sitkRas(image, (0, 0, 0))))
     markups.SetNthControlPointPositionWorld(0, *sitkRas(image, (2, 3, 1)))
