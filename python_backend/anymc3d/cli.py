@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="Progress display: a bar on stderr, JSON lines on stdout, or none (default: bar).")
     _add_ray_options(pred)
     from anymc3d.planecycle.commands import register as add_planecycle_commands; add_planecycle_commands(sub)  # noqa: E702
+    from anymc3d.train import register as register_training; register_training(sub)  # noqa: E702 (train, eval)
     _add_extension_commands(sub)
     return parser
 
@@ -153,6 +154,9 @@ def _cmd_info(args) -> int:
     lines = [f"plugin       {meta['name']}  ({args.plugin})", f"task         {meta['task']}",
              f"labels       {', '.join(meta['labels'])}", f"views        {', '.join(meta['views'])}",
              f"backbone     {bb['name']} (img_size {bb['img_size']}), weights {meta['backbone_fingerprint'][:16]}",
+             f"kind         {meta['kind']}",
+             *([f"encoder      " + ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
+                                            for k, v in meta["encoder"].items())] if meta.get("encoder") else []),
              f"LoRA         rank {meta['lora']['rank']}, alpha {meta['lora']['alpha']}",
              f"thresholds   {meta['thresholds']}", f"calibration  a={meta['calibration_a']} b={meta['calibration_b']}",
              f"format       v{meta['format_version']}, written by anymc3d {meta['anymc3d_version']}"]

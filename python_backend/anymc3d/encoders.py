@@ -75,6 +75,16 @@ class Encoder(nn.Module):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)  # not registered as a sub-module (see class docstring)
 
+    @classmethod
+    def validate_options(cls, options: dict) -> dict:
+        """Check a plugin's ``encoder`` options (plugin.json) for this kind; return them normalised.
+
+        Kinds whose construction a plugin file configures override this; by default a plugin carries none.
+        """
+        if options:
+            raise ValueError(f"kind {cls.kind!r} takes no options, got {sorted(options)}")
+        return {}
+
     def forward(self, slices: torch.Tensor, mask: Optional[torch.Tensor] = None, *, patch_tokens: bool = False,
                 heatmap: Optional[str] = None, progress: Optional[SliceProgress] = None) -> EncoderOutput:
         raise NotImplementedError

@@ -174,15 +174,16 @@ class Engine:
             raise PluginError(f"{source}: {exc}") from None
         self.model.to(self.device)
         plugin.head.to(self.device).eval()
-        model = AnyMC3DModel(self.model, plugin.head, adapters, kind=config.kind, **self._encoder_options(config.kind))
+        model = AnyMC3DModel(self.model, plugin.head, adapters, kind=config.kind, **self._encoder_options(config))
         self.plugins[name] = _Attached(plugin, model)
         return name
 
-    def _encoder_options(self, kind: str) -> dict:
-        """The runtime options an encoder kind accepts, from the engine's (its constructor says which)."""
-        accepted = inspect.signature(ENCODERS[kind]).parameters
+    def _encoder_options(self, config) -> dict:
+        """The options for the plugin's encoder kind: the engine's runtime options the kind's constructor accepts,
+        merged with the plugin's own ``encoder`` options (validated by the kind when the plugin was read)."""
+        accepted = inspect.signature(ENCODERS[config.kind]).parameters
         options = {"chunk_size": self.chunk_size, "compile": self.compile}
-        return {k: v for k, v in options.items() if k in accepted}
+        return {**{k: v for k, v in options.items() if k in accepted}, **config.encoder}
 
     def remove_plugin(self, name: str) -> None:
         attached = self.plugins.pop(name)

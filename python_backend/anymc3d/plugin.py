@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from anymc3d.encoders import ENCODERS
 from anymc3d.errors import PluginError
 from anymc3d.fileio import atomic_path
 from anymc3d.lora import LoraSettings
+import anymc3d.planecycle.encoder  # noqa: F401 (registers the lifted encoder kinds)
 from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free reading of a plugin)
     JSON_NAME,
     MAX_MEMBER_BYTES,
@@ -45,6 +47,7 @@ from anymc3d.preprocessing import PreprocessConfig
 
 FORMAT_VERSION = 1
 TASKS = ("multilabel", "multiclass")
+TRAINING_KEY = "anymc3d.training"  # safetensors metadata key of the optional training summary
 
 
 @dataclass
@@ -65,6 +68,8 @@ class PluginConfig:
     thresholds: Optional[list[float]] = field(default=None, metadata={"help": "Decision threshold per finding on the calibrated probability (default 0.5)."})
     description: str = field(default="", metadata={"help": "Free text: data, intended use, limits."})
     kind: str = field(default="slice_lora", metadata={"help": "Plugin kind: the encoder kind it runs on (anymc3d.encoders)."})
+    encoder: dict = field(default_factory=dict, metadata={
+        "help": "Options of the encoder kind (lifted kinds: variant, cycle); written only when not empty."})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Plugin file format version."})
     anymc3d_version: str = field(default=__version__, metadata={"help": "Version of anymc3d that wrote it."})
     weights_sha256: str = field(default="", metadata={"help": "SHA-256 of plugin.safetensors (set on save)."})
@@ -81,6 +86,12 @@ class PluginConfig:
             raise ValueError(f"format_version: this anymc3d reads version {FORMAT_VERSION}, the plugin is {self.format_version}")
         if self.kind not in ENCODERS:
             raise ValueError(f"kind: must be one of the registered encoder kinds {sorted(ENCODERS)}, got {self.kind!r}")
+        if not isinstance(self.encoder, dict):
+            raise ValueError(f"encoder: must be an object of the kind's options, got {type(self.encoder).__name__}")
+        try:
+            self.encoder = ENCODERS[self.kind].validate_options(self.encoder)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"encoder: {exc}") from None
         if not self.name.strip():
             raise ValueError("name: must not be empty")
         if not self.labels or len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
@@ -107,7 +118,11 @@ class PluginConfig:
             raise ValueError("backbone_fingerprint: must be a SHA-256 hex digest")
 
     def to_dict(self) -> dict:
+        """plugin.json contents; ``encoder`` only when the kind has options (so readers of older files still read
+        2D plugins written now)."""
+        options = {"encoder": dict(self.encoder)} if self.encoder else {}
         return {
+            **options,
             "format_version": self.format_version, "kind": self.kind, "name": self.name, "labels": list(self.labels),
             "task": self.task, "views": list(self.views), "preprocessing": [p.to_dict() for p in self.preprocessing],
             "lora": self.lora.to_dict(), "backbone": self.backbone.to_dict(),
@@ -277,23 +292,28 @@ def _join_tensors(head: TaskPlugin, lora: Sequence[dict[str, torch.Tensor]]) -> 
     return tensors
 
 
-def plugin_bytes(config: PluginConfig, head: TaskPlugin, lora: Sequence[dict[str, torch.Tensor]]) -> tuple[bytes, bytes]:
-    """The two members of a plugin: (plugin.json bytes, plugin.safetensors bytes); sets the weights hash."""
+def plugin_bytes(config: PluginConfig, head: TaskPlugin, lora: Sequence[dict[str, torch.Tensor]],
+                 training: Optional[dict] = None) -> tuple[bytes, bytes]:
+    """The two members of a plugin: (plugin.json bytes, plugin.safetensors bytes); sets the weights hash.
+
+    ``training`` (optional, JSON-serialisable): the training summary, kept in the safetensors header's
+    metadata (covered by the weights hash; readers that do not know it ignore it, so the format stays v1)."""
     if len(lora) != len(config.views):
         raise PluginError(f"plugin {config.name}: {len(lora)} LoRA states for {len(config.views)} views")
     if head.num_classes != len(config.labels):
         raise PluginError(f"plugin {config.name}: head has {head.num_classes} outputs for {len(config.labels)} labels")
-    weights = safetensors.torch.save(_join_tensors(head, lora))
+    metadata = None if training is None else {TRAINING_KEY: json.dumps(training, sort_keys=True)}
+    weights = safetensors.torch.save(_join_tensors(head, lora), metadata=metadata)
     config.weights_sha256 = hashlib.sha256(weights).hexdigest()
     meta = json.dumps(config.to_dict(), indent=2, sort_keys=True).encode()
     return meta, weights
 
 
 def save_plugin(path: os.PathLike | str, config: PluginConfig, head: TaskPlugin,
-                lora: Sequence[dict[str, torch.Tensor]]) -> Path:
+                lora: Sequence[dict[str, torch.Tensor]], training: Optional[dict] = None) -> Path:
     """Write a plugin: a ``.anymc3d`` file, or a folder for any other path. Atomic: temp name, then rename."""
     path = Path(path)
-    meta, weights = plugin_bytes(config, head, lora)
+    meta, weights = plugin_bytes(config, head, lora, training)
     if path.suffix == PLUGIN_SUFFIX:
         with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             for name, data in ((JSON_NAME, meta), (WEIGHTS_NAME, weights)):
@@ -336,3 +356,14 @@ def load_plugin(path: os.PathLike | str) -> LoadedPlugin:
     return LoadedPlugin(config=config, head=head, lora=lora, path=path)
 
 
+def read_training_summary(path: os.PathLike | str) -> Optional[dict]:
+    """The training summary a trained plugin carries (see :func:`plugin_bytes`), or None."""
+    path = Path(path)
+    _, weights = read_members(path)
+    try:
+        (length,) = struct.unpack("<Q", weights[:8])
+        header = json.loads(weights[8:8 + length])
+        raw = (header.get("__metadata__") or {}).get(TRAINING_KEY)
+        return None if raw is None else json.loads(raw)
+    except (struct.error, ValueError, AttributeError) as exc:
+        raise PluginError(f"{path}: unreadable training summary ({exc})") from None

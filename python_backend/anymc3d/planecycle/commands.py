@@ -1,6 +1,7 @@
-"""``anymc3d features`` and ``anymc3d similarity``: the PlaneCycle subcommands (contract: docs/planecycle.md).
+"""``anymc3d features``, ``anymc3d similarity`` and ``anymc3d fit-lifted``: the PlaneCycle subcommands (contract:
+docs/planecycle.md).
 
-:func:`register` adds both to the CLI's subparsers; each parser carries its ``handler``.
+:func:`register` adds them to the CLI's subparsers; each parser carries its ``handler``.
 """
 from __future__ import annotations
 
@@ -92,6 +93,27 @@ def register(subparsers) -> None:
                      help="Folder keeping this image's token features: computed once, then loaded while the image, "
                      "backbone file and settings are unchanged (default: no cache).")
     sim.set_defaults(handler=run_similarity)
+
+    fit = subparsers.add_parser("fit-lifted", help="Fit a lifted-feature plugin (kind planecycle_linear): a linear "
+                                "head on the mean PlaneCycle-lifted patch token, no backbone training.")
+    fit.add_argument("manifest", type=Path, help="CSV with an 'image' column (paths relative to the CSV), one 0/1 "
+                     "column per finding and an optional 'split' column (train/val/test; default train).")
+    fit.add_argument("--backbone", type=Path, required=True, help="Backbone weights file (required).")
+    fit.add_argument("--out", type=Path, required=True, help="Plugin to write: a .anymc3d file or a folder (required).")
+    fit.add_argument("--labels", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=None,
+                     help="Comma-separated label columns (default: every column but image and split).")
+    fit.add_argument("--variant", choices=VARIANTS, default="pcg",
+                     help="Global tokens between planes: pcg = adaptive average pooling, pcm = mean (default: pcg).")
+    fit.add_argument("--cycle", type=_cycle, default=DEFAULT_CYCLE,
+                     help="Plane schedule, block i on cycle[i mod len] (default: HW,DW,DH,HW).")
+    fit.add_argument("--input-size", type=int, default=None,
+                     help="In-plane slice size (default: the backbone's img_size).")
+    fit.add_argument("--c", type=float, default=1.0,
+                     help="Inverse L2 strength of the logistic regression (scikit-learn's C; default: 1.0).")
+    fit.add_argument("--name", default=None, help="Plugin name (default: the output file's stem).")
+    fit.add_argument("--device", choices=DEVICES, default="cpu",
+                     help="Compute device for the lifted features, fp32 (default: cpu).")
+    fit.set_defaults(handler=run_fit_lifted)
 
 
 def _settings(args) -> tuple:
@@ -197,4 +219,20 @@ def run_similarity(args) -> int:
     print(json.dumps({"out": [str(p.resolve()) for p in written], "seeds": [list(s) for s in seeds],
                       "tokens": [list(t) for t in tokens_of_seeds],
                       "features_cache": None if hit is None else ("hit" if hit else "miss")}))
+    return EXIT_OK
+
+
+def run_fit_lifted(args) -> int:
+    from anymc3d.errors import AnyMC3DError
+    from anymc3d.planecycle.fit import fit_lifted
+
+    try:
+        result = fit_lifted(args.manifest, args.backbone, args.out, labels=args.labels, variant=args.variant,
+                            cycle=args.cycle, input_size=args.input_size, device=args.device, c=args.c,
+                            name=args.name)
+    except (ValueError, AnyMC3DError) as exc:
+        logger.error("%s", " ".join(str(exc).split()))
+        return EXIT_USAGE
+    logger.info("wrote %s", result.path)
+    print(json.dumps({"out": str(Path(result.path).resolve()), "counts": result.counts, "auroc": result.auroc}))
     return EXIT_OK

@@ -8,6 +8,10 @@ Slices of a volume are not independent once lifted (DW/DH blocks mix them), so e
 slice chunks and no out-of-memory retry with smaller chunks, and padded slices are dropped before the forward (a
 padded batch gives each volume exactly its unpadded result). The attention heatmaps of the 2D kind are not defined
 here (no per-slice CLS attention row survives the plane mixing): ``heatmap_methods`` is empty.
+
+Kind ``planecycle_linear`` (:class:`LiftedLinearEncoder`, the lifted-feature plugin) takes as h_s the mean of slice
+s's lifted last-block patch tokens, so with the task-query pooling and linear head the logit is a sum of per-token
+terms and its ``contribution`` heatmap is exact (see docs/planecycle.md).
 """
 from __future__ import annotations
 
@@ -36,6 +40,11 @@ class LiftedEncoder(Encoder):
         super().__init__(backbone)
         self.config = PlaneCycleConfig(variant=variant, cycle=cycle)
         PlaneCycleEncoder(backbone, variant=variant, cycle=cycle)  # refuse unsupported backbones now
+
+    @classmethod
+    def validate_options(cls, options: dict) -> dict:
+        """A plugin's ``encoder`` options: the lifting settings (variant, cycle), normalised."""
+        return PlaneCycleConfig.from_dict(dict(options)).to_dict()
 
     def forward(self, slices: torch.Tensor, mask: torch.Tensor | None = None, *, patch_tokens: bool = False,
                 heatmap: str | None = None, progress: SliceProgress | None = None) -> EncoderOutput:
@@ -75,3 +84,49 @@ class LiftedEncoder(Encoder):
             if progress:
                 progress(done, int(mask.sum()))
         return EncoderOutput(cls=cls_out, patch_tokens=patch_out, patch_maps=None)
+
+
+@register_encoder("planecycle_linear")
+class LiftedLinearEncoder(LiftedEncoder):
+    """The lifted-feature plugin's encoder: h_s = mean over (h, w) of slice s's lifted last-block patch tokens.
+
+    With the plugin's task-query pooling (v = sum_s a_s h_s) and linear head (one view), for every finding k
+
+        logit_k - b_k = sum_s sum_t a_s (w_k . p_{s,t}) / (h w)        exactly,
+
+    so the per-token terms are an additive, faithful explanation. Its heatmap ``contribution`` is, per slice,
+    c_{s,t} = max(w_k . p_{s,t}, 0) / (h w): the positive evidence for finding k (the engine multiplies by a_s).
+    :meth:`signed_maps` gives the terms before clamping.
+    """
+
+    finding_heatmaps = ("contribution",)
+    finding_needs_patch_tokens = True
+
+    def forward(self, slices: torch.Tensor, mask: torch.Tensor | None = None, *, patch_tokens: bool = False,
+                heatmap: str | None = None, progress: SliceProgress | None = None) -> EncoderOutput:
+        """Like :class:`LiftedEncoder`, but h_s (B, S, C) is the mean patch token of slice s (0 at padding)."""
+        out = super().forward(slices, mask, patch_tokens=True, heatmap=heatmap, progress=progress)
+        tokens = out.patch_tokens  # (B, S, h, w, C), zeros at padding
+        return EncoderOutput(cls=tokens.mean(dim=(2, 3)), patch_tokens=tokens if patch_tokens else None)
+
+    @staticmethod
+    def signed_maps(weight: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """(K, C) head weights, (B, S, h, w, C) tokens -> (K, B, S, h*w) per-token terms (w_k . p_{s,t}) / (h w)."""
+        b, s, h, w, c = patch_tokens.shape
+        flat = patch_tokens.reshape(b, s, h * w, c).float()
+        with torch.no_grad():  # a map, not a training signal (the tokens may come from inference mode)
+            return torch.einsum("bstc,kc->kbst", flat, weight.detach().float()) / (h * w)
+
+    def finding_maps(self, model, views, out, method: str, masks=None,
+                     progress: SliceProgress | None = None) -> torch.Tensor:
+        """The ``contribution`` maps (K, B, S_0, h*w): positive per-token terms, from the forward's patch tokens."""
+        if method not in self.finding_heatmaps:
+            raise ValueError(f"{method!r} is not one of {self.finding_heatmaps}")
+        if model.head.num_views != 1:
+            raise ValueError(f"kind {self.kind!r}: the contribution map is exact for one view only, "
+                             f"the plugin has {model.head.num_views}")
+        if out.patch_tokens is None:
+            raise ValueError("the contribution map needs the forward's patch tokens (patch_tokens=True)")
+        if progress:
+            progress(1, 1)
+        return self.signed_maps(model.head.head.weight, out.patch_tokens[0]).clamp_min(0)
