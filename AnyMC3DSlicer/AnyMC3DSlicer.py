@@ -217,12 +217,30 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpToSliceButton.connect("clicked(bool)", self.onJumpToSlice)
         self.ui.batchRunButton.connect("clicked(bool)", self.onBatchRun)
 
+        self.setupSimilarity()
         self.onPluginFolderChanged(self.ui.pluginFolderPathLineEdit.currentPath)
         self.initializeParameterNode()
+
+    def setupSimilarity(self):
+        """The "Similarity from point" section: a Markups point on the input volume starts ``anymc3d similarity`` in the background
+        (same runner as predictions; features cached per volume for the session), debounced by a Qt timer."""
+        def configure(session):
+            session.backbonePath = self.ui.backbonePathLineEdit.currentPath
+            session.options.device = self._parameterNode.options.device if self._parameterNode else "auto"
+
+        self.similaritySession = LogicPackage.SimilaritySession(self.logic, "")
+        self.similarityController = LogicPackage.SimilarityPointController(
+            self.similaritySession, lambda: self._parameterNode.inputVolume if self._parameterNode else None,
+            lambda milliseconds, callback: qt.QTimer.singleShot(milliseconds, callback),
+            onStatus=lambda text: setattr(self.ui.similarityStatusLabel, "text", text),
+            onResult=lambda result: self.hideHeatmapsFromInputSelectors(), configure=configure)
+        self.ui.similarityMarkupsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.similarityController.setMarkupsNode)
 
     def cleanup(self):
         if self.job is not None:
             self.job.cancel()
+        self.similarityController.setMarkupsNode(None)
+        self.similaritySession.cleanup()  # its temporary inputs and feature caches
         self.setParameterNode(None)
         self.removeObservers()
 
@@ -238,6 +256,7 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         if self.job is not None:
             self.job.cancel()
+        self.similaritySession.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):

@@ -22,9 +22,17 @@ from .process import (
     SubprocessRunner,
     killProcessTree,
 )
+from .similarity import (
+    SimilarityJob,
+    SimilarityOptions,
+    SimilarityPointController,
+    SimilarityResult,
+    SimilaritySession,
+)
 
 __all__ = [
     "AnyMC3DSlicerLogic", "BatchJob", "CaseResult", "DependencyChecker", "DisplayOptions", "ExitCode", "InstallError",
     "PluginInfo", "PluginLibrary", "PredictionJob", "PredictionOptions", "PredictionOutputs", "ProcessRunner",
     "Progress", "QProcessRunner", "SubprocessRunner", "killProcessTree",
 ]
+__all__ += ["SimilarityJob", "SimilarityOptions", "SimilarityPointController", "SimilarityResult", "SimilaritySession"]

@@ -137,6 +137,38 @@ def selfTest(args):
             "checksum": slicer_app.SampleDataLogic.sources[AnyMC3DSlicer.SAMPLE_NAME]["checksums"]}
 
 
+def similarityFromPoint(args):
+    """The "Similarity from point" section: the user picks a point list, places a point on the input volume, then moves it."""
+    widget = openModule()
+    widget.ui.backbonePathLineEdit.currentPath = args["backbone"]
+    widget._parameterNode.options.device = "cpu"
+    widget.similaritySession.options.inputSize = 112
+    volume = widget.logic.loadInputFile(args["volume"])
+    widget._parameterNode.inputVolume = volume
+    composite = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    markups = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    widget.ui.similarityMarkupsSelector.setCurrentNode(markups)
+    seen = {}
+    for key, ras in (("first", args["ras"][0]), ("second", args["ras"][1])):
+        if key == "first":
+            markups.AddControlPoint(ras)
+        else:
+            markups.SetNthControlPointPositionWorld(0, *ras)
+        qt.QCoreApplication.processEvents()  # the debounce timer fires: the job starts
+        job = widget.similarityController.lastJob
+        seen[key + "Started"] = job is not None and not job.done
+        job.wait(300)
+        shown = slicer.mrmlScene.GetNodeByID(composite.GetForegroundVolumeID() or "")
+        seen[key] = {"status": job.result.status, "message": job.result.message, "ijk": job.result.ijk,
+                     "cacheHit": job.result.cacheHit, "shown": shown.GetName() if shown else None,
+                     "label": widget.ui.similarityStatusLabel.text,
+                     "inputChoices": sorted(node.GetName() for node in widget.ui.inputVolumeSelector.nodes())}
+    tempDir = widget.similaritySession.tempDir
+    widget.cleanup()
+    seen["tempDirRemoved"] = not os.path.exists(tempDir)
+    return seen
+
+
 if __name__ == "__main__":
     result = globals()[sys.argv[1]](json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
     print(json.dumps(result, default=str))

@@ -13,7 +13,7 @@ ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "ba
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocessing", "synthetic",
          "planecycle.features", "augment", "losses", "calibration", "evaluation", "cases", "data", "encoders",
          "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "train", "demo",
-         "scoring", "planecycle.commands", "cli", "__main__"]
+         "scoring", "planecycle.cache", "planecycle.commands", "cli", "__main__"]
 FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "vtkmodules"}
 PACKAGE = Path(anymc3d.__file__).parent
 

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from anymc3d.contract import DEVICES, EXIT_OK, EXIT_USAGE
+from anymc3d.contract import DEVICES, EXIT_OK, EXIT_USAGE, HEATMAP_FORMATS
 from anymc3d.planecycle.config import (
     DEFAULT_CYCLE,
     VARIANTS,
@@ -80,11 +80,18 @@ def register(subparsers) -> None:
 
     sim = subparsers.add_parser("similarity", help="Cosine similarity of every voxel's feature to a seed voxel's.")
     sim.add_argument("input", type=Path, help="Image file (NIfTI, NRRD, MHA, DICOM folder).")
-    sim.add_argument("--seed", type=_seed, required=True,
-                     help="Seed voxel i,j,k in the image's IJK order, as SimpleITK and Slicer number voxels (required).")
+    sim.add_argument("--seed", type=_seed, required=True, action="append",
+                     help="Seed voxel i,j,k in the image's IJK order, as SimpleITK and Slicer number voxels; repeat "
+                     "for several maps from one feature computation (required).")
     _add_common(sim, mode_required=False)
     sim.add_argument("--out", type=Path, required=True,
-                     help="Output image (.nii.gz, .nrrd, .mha) in the input's geometry (required).")
+                     help="Output image (.nii.gz, .nrrd, .mha) in the input's geometry; with several seeds (or an "
+                     "existing folder) a folder receiving similarity_I_J_K.FORMAT per seed (required).")
+    sim.add_argument("--format", choices=HEATMAP_FORMATS, default="nii.gz",
+                     help="File format of the maps when --out is a folder (default: nii.gz).")
+    sim.add_argument("--features-cache", type=Path, default=None,
+                     help="Folder keeping this image's token features: computed once, then loaded while the image, "
+                     "backbone file and settings are unchanged (default: no cache).")
     sim.set_defaults(handler=run_similarity)
 
     fit = subparsers.add_parser("fit-lifted", help="Fit a lifted-feature plugin (kind planecycle_linear): a linear "
@@ -144,22 +151,75 @@ def run_features(args) -> int:
     return EXIT_OK
 
 
+def similarity_outputs(out: Path, seeds: list[tuple[int, int, int]], fmt: str) -> list[Path]:
+    """One output path per seed: ``out`` itself for one seed, else ``out/similarity_I_J_K.FORMAT``."""
+    if len(seeds) == 1 and not Path(out).is_dir():
+        return [Path(out)]
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out: {out} is a file; several seeds need a folder")
+    return [Path(out) / f"similarity_{i}_{j}_{k}.{fmt}" for i, j, k in seeds]
+
+
 def run_similarity(args) -> int:
-    from anymc3d.planecycle.features import load_model, resolve_device, similarity
+    """Seed-point similarity maps; with ``--features-cache`` the token volume is computed once per image."""
+    from anymc3d.errors import InputError
+    from anymc3d.planecycle.cache import cache_key, cached_patch_tokens
+    from anymc3d.planecycle.features import (
+        compute_features,
+        cosine_map,
+        load_model,
+        read_volume,
+        resolve_device,
+        seed_to_slice,
+        seed_token,
+    )
     from anymc3d.preprocessing import write_image_atomic
 
+    seeds = list(dict.fromkeys(tuple(seed) for seed in args.seed))  # repeated seeds: one map
     try:
         config, preprocess = _settings(args)
         device = resolve_device(args.device)
-        model, _ = load_model(args.backbone, args.arch)
-        result = similarity(model, args.input, args.seed, args.mode, config, preprocess, device)
+        paths = similarity_outputs(args.out, seeds, args.format)
+        volume, geometry = read_volume(args.input, preprocess)
+        if geometry is None:
+            raise InputError(args.input, "similarity needs an image file (its geometry), not a .npy array")
+        for seed in seeds:  # every seed checked before any work
+            try:
+                seed_to_slice(geometry, seed)
+            except ValueError as exc:
+                raise InputError(args.input, str(exc)) from None
+
+        def compute():
+            model, _ = load_model(args.backbone, args.arch)
+            return compute_features(model, volume, args.mode, config, device=device)
+
+        if args.features_cache is None:
+            tokens, hit = compute().patch_tokens[0], None
+        else:
+            key = cache_key(args.input, args.backbone, args.arch, args.mode, config, preprocess)
+            meta = {"input": str(Path(args.input).resolve()), "mode": args.mode,
+                    "backbone": str(Path(args.backbone).resolve())}
+            cached = cached_patch_tokens(args.features_cache, key, compute, meta)
+            tokens, hit = cached.patch_tokens, cached.hit
+        tokens_of_seeds = [seed_token(geometry, seed, tokens.shape[:3]) for seed in seeds]
+        maps = [geometry.to_input(cosine_map(tokens, token)) for token in tokens_of_seeds]
     except ValueError as exc:
         logger.error("%s", " ".join(str(exc).split()))
         return EXIT_USAGE
-    write_image_atomic(result.image, args.out)
-    logger.info("wrote %s (seed token %s)", args.out, result.token)
+    written: list[Path] = []
+    try:
+        for image, path in zip(maps, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written.append(write_image_atomic(image, path))
+    except BaseException:
+        for path in written:  # all maps or none
+            path.unlink(missing_ok=True)
+        raise
+    logger.info("wrote %d similarity map(s) (seed tokens %s)", len(written), tokens_of_seeds)
+    print(json.dumps({"out": [str(p.resolve()) for p in written], "seeds": [list(s) for s in seeds],
+                      "tokens": [list(t) for t in tokens_of_seeds],
+                      "features_cache": None if hit is None else ("hit" if hit else "miss")}))
     return EXIT_OK
-
 
 
 def run_fit_lifted(args) -> int:
