@@ -240,9 +240,11 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> Path:
     """One safetensors file with the JSON ``state`` in its metadata; temp name then rename (never torn)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    data = safetensors.torch.save(tensors, metadata={"anymc3d.checkpoint": json.dumps(state)})
     with atomic_path(path, ".safetensors") as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"anymc3d.checkpoint": json.dumps(state)})
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:  # written here (save_file would add a temp file of its own)
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
     return path
 
