@@ -4,7 +4,7 @@ The list is the backend's own (``anymc3d.contract.requirements()``, read from it
 pins such as ``timm<1.1``), never a second hand-kept list. Each requirement is routed:
 
 - ``torch`` and ``torchvision``: the PyTorch extension's ``PyTorchUtils`` (it picks the wheel for the GPU driver);
-- packages Slicer ships (numpy, SimpleITK): never replaced by pip inside Slicer; a too-old one is reported;
+- packages Slicer ships (numpy, SciPy, SimpleITK): never replaced by pip inside Slicer; a too-old one is reported;
 - everything else (timm, peft, safetensors, nibabel, jsonschema, tqdm, ...): ``slicer.util.pip_install`` with
   the backend's version specifiers.
 
@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 TORCH_DISTRIBUTIONS = ("torch", "torchvision")  # installed through PyTorchUtils
-SHIPPED_WITH_SLICER = ("numpy", "simpleitk")  # canonical names; Slicer's own copies are never replaced
+SHIPPED_WITH_SLICER = ("numpy", "scipy", "simpleitk")  # canonical names; Slicer's own copies are never replaced
 
 
 class InstallError(RuntimeError):

@@ -121,7 +121,7 @@ def backendEnv(extraPaths=()):
 
 def makeDemo(folder):
     """``anymc3d demo``: a tiny backbone, a plugin made for it and a volume."""
-    completed = subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder)], check=False, env=backendEnv(),
+    completed = subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder), "--no-train"], check=False, env=backendEnv(),
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr
     return {"backbone": str(folder / "backbone.safetensors"), "plugin": str(folder / "plugin.anymc3d"),

@@ -53,7 +53,7 @@ def make_folder(folder: Path, heatmap_method: str, heatmap_format: str, size=SIZ
     import SimpleITK as sitk
     from anymc3d.synthetic import make_ct_volume
 
-    subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder), "--no-train"], check=True, capture_output=True)
     (folder / "volume.nii.gz").unlink()
     for name, seed in (("ct_a.nii.gz", 1), ("ct_b.nii.gz", 2), ("ct_c.nii.gz", 3)):
         spacing = SPACING_FOR.get(tuple(size), SPACING)

@@ -28,7 +28,7 @@ def run(command, **kwargs):
 def demo_source(tmp_path_factory):
     """``anymc3d demo`` output: backbone.safetensors, plugin.anymc3d, volume.nii.gz."""
     folder = tmp_path_factory.mktemp("demo")
-    run([sys.executable, "-m", "anymc3d", "demo", folder])
+    run([sys.executable, "-m", "anymc3d", "demo", folder, "--no-train"])
     return folder
 
 

@@ -254,5 +254,6 @@ def requirements() -> list[str]:
 #: pyproject.toml's dependencies.
 _FALLBACK_REQUIREMENTS = (
     "torch>=2.3", "torchvision", "timm>=1.0.20,<1.1", "peft>=0.17", "SimpleITK>=2.3", "nibabel>=5", "numpy>=1.24",
-    "safetensors>=0.4", "jsonschema>=4", "tqdm>=4.60", "monai>=1.3", "scikit-learn>=1.3", "matplotlib>=3.7",
+    "safetensors>=0.4", "jsonschema>=4", "tqdm>=4.60", "monai>=1.3", "scipy>=1.10", "scikit-learn>=1.3",
+    "matplotlib>=3.7",
 )
