@@ -84,7 +84,16 @@ def throughput(name, device, slices, size, chunk, repeats, compile_row):
             for start in range(0, slices, chunk):
                 plain.forward_features(to_model_input(volume[start:start + chunk].to(device)))[:, 0]
 
-    rows = [("timm eager fp32", _time(timm_forward, device, repeats))]
+    header = (f"## 1. {name}: {slices} slices of {size}^2, chunk {chunk}, attention heatmap, median of {repeats}")
+    print(header, flush=True)
+    rows = []
+
+    def row(label, seconds):
+        rows.append((label, seconds))
+        base = rows[0][1]
+        print(f"  {label:24s} {seconds * 1000:9.1f} ms/volume   time ratio to timm eager {seconds / base:5.2f}", flush=True)
+
+    row("timm eager fp32", _time(timm_forward, device, repeats))
     variants = [("engine (adapters)", {}), ("engine merged", {"merge_lora": True})]
     if compile_row:
         variants.append(("engine merged+compiled", {"merge_lora": True, "compile": True}))
@@ -93,12 +102,9 @@ def throughput(name, device, slices, size, chunk, repeats, compile_row):
         if options.get("compile"):
             start = time.perf_counter()
             engine.predict_slices([volume], plugin, heatmap="attention")
-            rows.append(("  (compilation, once)", time.perf_counter() - start))
-        rows.append((label, _time(lambda: engine.predict_slices([volume], plugin, heatmap="attention"), device, repeats)))
-    base = rows[0][1]
-    out = [f"## 1. {name}: {slices} slices of {size}^2, chunk {chunk}, attention heatmap, median of {repeats}"]
-    for label, seconds in rows:
-        out.append(f"  {label:24s} {seconds * 1000:9.1f} ms/volume   time ratio to timm eager {seconds / base:5.2f}")
+            print(f"  (compilation, once: {time.perf_counter() - start:.0f} s)", flush=True)
+        row(label, _time(lambda: engine.predict_slices([volume], plugin, heatmap="attention"), device, repeats))
+    out = []
     out.append(f"## 2. {name}: each extra plugin (adapters, not merged; preprocessing shared)")
     engine, names = engine_with(3)
     costs = []
@@ -212,7 +218,7 @@ def main() -> None:
     for name in args.backbones:
         if "throughput" not in skip:
             print("\n".join(throughput(name, device, args.slices, args.size, args.chunk_size, args.repeats,
-                                       args.compile)), flush=True)
+                                       args.compile)), flush=True)  # section 1 prints its rows as they come
         if "memory" not in skip and device.type == "cpu":
             counts = [int(n) for n in args.memory_slices.split(",")]
             print("\n".join(memory(name, args.size, args.chunk_size, counts)), flush=True)
