@@ -24,12 +24,7 @@ BUDGET = dict(num_slices=8)
 SPLITS = split_list(24, 12, 32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from train_tasks import one_thread  # noqa: E402,F401 (autouse: one torch thread per test)
 
 
 def _run(tmp_path, seed: int, shuffle: bool = False, masks: bool = False, views: int = 1, radius=(6.0, 9.0),

@@ -22,13 +22,7 @@ from train_tasks import split_list, write_task
 TINY = dict(epochs=3, num_slices=6, batch_size=1, accumulation=2, patience=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and a shared 2-core machine is not oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from train_tasks import one_thread  # noqa: E402,F401 (autouse: one torch thread per test)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
+import pytest
 import SimpleITK as sitk
 
 from anymc3d.synthetic import make_ct_volume
@@ -74,3 +76,12 @@ def split_list(n_train: int, n_val: int, n_test: int) -> list[str]:
     """Interleaved split names, so each split gets both classes of :func:`write_task`'s labels."""
     out = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     return list(np.random.default_rng(7).permutation(out))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and a shared 2-core machine is not oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
