@@ -241,11 +241,14 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.job.cancel()
         self.similarityController.setMarkupsNode(None)
         self.similaritySession.cleanup()  # its temporary inputs and feature caches
+        self.logic.close()  # the backend process kept ready
         self.setParameterNode(None)
         self.removeObservers()
 
     def enter(self):
         self.initializeParameterNode()
+        if self._dependenciesChecked or not LogicPackage.DependencyChecker().missingPackages():
+            self.logic.prepareBackend()  # imports paid now, in the background, not at Apply
 
     def exit(self):
         if self._parameterNode:
@@ -507,6 +510,8 @@ class AnyMC3DSlicerLogic(LogicPackage.AnyMC3DSlicerLogic, ScriptedLoadableModule
     The package's Logic comes first in the bases: Slicer's ``ScriptedLoadableModuleLogic.__init__`` calls
     ``super().__init__()`` with no arguments, which must reach ``object``, not the Logic's ``__init__(scene, ...)``.
     """
+
+    keepBackendReady = True  # Apply should not wait for the backend's imports (see the package Logic)
 
     def __init__(self, runner=None):
         ScriptedLoadableModuleLogic.__init__(self)

@@ -172,8 +172,7 @@ class PredictionJob:
     def start(self):
         self._report(Progress("starting", 0.0))
         try:
-            self.logic.runner.start(self.command, self._onStdoutLine, self._onStderrLine, self._onFinished,
-                                    env=self.logic.backendEnvironment())
+            self.logic.startBackend(self.command, self._onStdoutLine, self._onStderrLine, self._onFinished)
         except Exception as error:  # noqa: BLE001 - any start failure is a failed case
             self._finish(CaseResult(self.name, "failed", f"Cannot start the backend: {error}", int(ExitCode.FATAL)))
 
@@ -302,7 +301,13 @@ class AnyMC3DSlicerLogic:
         backendPath: a folder holding the ``anymc3d`` package, put first on the process's PYTHONPATH (or None).
         volumesLogic, volumeRenderingLogic: the module logics; default Slicer's, or new ones on ``scene``.
         tempRoot: where the per-run temporary folders are made (default: the system's).
+
+    ``keepBackendReady`` (default False; the Slicer module sets it): keep one ``anymc3d standby`` process started
+    ahead of the next run, so that Apply does not wait for torch, timm and peft to import (9 s of the backend's
+    start-up on 2 cores, see benchmarks/results). It holds the imported libraries in memory (~0.5 GB) while idle.
     """
+
+    keepBackendReady = False
 
     def __init__(self, scene, runner=None, backendCommand=None, backendPath=None, volumesLogic=None,
                  volumeRenderingLogic=None, tempRoot=None):
@@ -322,6 +327,34 @@ class AnyMC3DSlicerLogic:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.backendPath), env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
+
+    def startBackend(self, command, onStdoutLine, onStderrLine, onFinished):
+        """Run ``command`` (``backendCommand + arguments``) through the runner.
+
+        The arguments go as one JSON line to ``anymc3d standby`` on stdin, so a process kept ready serves the run
+        and a new one runs the very same protocol; each run is still its own process (Cancel kills it). After the
+        run a new process is kept ready when ``keepBackendReady`` is set.
+        """
+        prefix = list(self.backendCommand)
+        if [str(c) for c in command[:len(prefix)]] != [str(c) for c in prefix]:
+            raise ValueError(f"not a backend command: {command[:3]}")
+        arguments = [str(c) for c in command[len(prefix):]]
+
+        def finished(exitCode):
+            onFinished(exitCode)
+            self.prepareBackend()
+
+        self.runner.start(prefix + ["standby"], onStdoutLine, onStderrLine, finished, env=self.backendEnvironment(),
+                          stdinText=json.dumps(arguments) + "\n")
+
+    def prepareBackend(self):
+        """Keep one backend process ready for the next run (when ``keepBackendReady``; a no-op otherwise)."""
+        if self.keepBackendReady:
+            self.runner.prepare(self.backendCommand + ["standby"], env=self.backendEnvironment())
+
+    def close(self):
+        """End the process kept ready (the module's cleanup; it would also end when Slicer exits)."""
+        self.runner.close()
 
     def buildCommand(self, imageArguments, backbonePath, pluginPaths, heatmapDir, jsonPath, options):
         """``anymc3d predict IMAGE... --backbone W --plugin P... --heatmap DIR --json OUT --progress json ...``"""

@@ -7,6 +7,11 @@ child's stdout line by line off the GUI thread and hands every line, and at the 
 - ``SubprocessRunner`` (tests, scripts): ``subprocess.Popen`` with reader threads that only queue lines;
   ``processEvents()`` / ``waitForFinished()`` run the callbacks on the caller's thread, as an event loop would.
 
+A runner can also keep one process *ready* (``prepare``): started ahead of time with its arguments still to come on
+stdin (``anymc3d standby`` imports torch, timm and peft, then reads one JSON command line). ``start`` with the same
+command, environment and folder adopts it and writes ``stdinText``; otherwise a new process is started and given
+the same text, so the warm and the cold path run the same protocol. Each run is still its own process.
+
 ``cancel()`` kills the whole process tree: PythonSlicer is a launcher, so killing only the launcher would leave the
 Python worker running. A cancelled run reports ``ExitCode.CANCELLED`` whatever the killed process returned.
 """
@@ -130,12 +135,22 @@ def lastErrorLine(stderrLines, maxLength=300):
 class ProcessRunner:
     """Interface of a runner. One process at a time; callbacks are called on the thread that owns the runner.
 
-    ``start(command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None)`` starts ``command`` (a list),
-    ``cancel()`` kills its process tree, ``isRunning()``, ``processEvents(timeout)`` delivers pending callbacks
-    and ``waitForFinished(timeout)`` blocks until ``onFinished(exitCode)`` has been called (tests, self-test).
+    ``start(command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None, stdinText=None)`` starts ``command``
+    (a list; ``stdinText`` is written to its stdin, which is then closed), ``cancel()`` kills its process tree,
+    ``isRunning()``, ``processEvents(timeout)`` delivers pending callbacks and ``waitForFinished(timeout)`` blocks
+    until ``onFinished(exitCode)`` has been called (tests, self-test). ``prepare(command, env, cwd)`` keeps one
+    process of ``command`` ready for a later ``start`` of the same command; ``close()`` ends it.
     """
 
-    def start(self, command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None):
+    def start(self, command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None, stdinText=None):
+        raise NotImplementedError
+
+    def prepare(self, command, env=None, cwd=None):
+        raise NotImplementedError
+
+    def close(self):
+        """End the process kept ready, if any (it would also end by itself when this process exits: its stdin
+        closes)."""
         raise NotImplementedError
 
     def cancel(self):
@@ -167,42 +182,87 @@ class SubprocessRunner(ProcessRunner):
         self._callbacks = None
         self._cancelled = False
         self._running = False
+        self._ready = None  # (key, Popen, its event queue): the process kept ready by prepare()
 
-    def start(self, command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None):
-        if self._running:
-            raise RuntimeError("A process is already running")
+    @staticmethod
+    def _spawn(command, env, cwd):
+        """Start ``command`` with piped stdin/stdout/stderr and reader threads; return (Popen, event queue)."""
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
         else:
             kwargs["start_new_session"] = True  # own process group: Cancel kills the whole tree
-        self._events = queue.Queue()
-        self._callbacks = (onStdoutLine, onStderrLine, onFinished)
-        self._cancelled = False
-        self._process = subprocess.Popen(
-            [str(c) for c in command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        events = queue.Queue()
+        process = subprocess.Popen(
+            [str(c) for c in command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=env, cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
-        self._running = True
-        readers = [threading.Thread(target=self._read, args=(stream, kind), daemon=True)
-                   for stream, kind in ((self._process.stdout, "stdout"), (self._process.stderr, "stderr"))]
+        readers = [threading.Thread(target=SubprocessRunner._read, args=(stream, kind, events), daemon=True)
+                   for stream, kind in ((process.stdout, "stdout"), (process.stderr, "stderr"))]
         for reader in readers:
             reader.start()
-        threading.Thread(target=self._waitForExit, args=(self._process, readers), daemon=True).start()
+        threading.Thread(target=SubprocessRunner._waitForExit, args=(process, readers, events), daemon=True).start()
+        return process, events
 
-    def _read(self, stream, kind):
+    def prepare(self, command, env=None, cwd=None):
+        key = _readyKey(command, env, cwd)
+        if self._ready is not None and self._ready[0] == key and self._ready[1].poll() is None:
+            return
+        self.close()
+        self._ready = (key, *self._spawn(command, env, cwd))
+
+    def close(self):
+        ready, self._ready = self._ready, None
+        if ready is not None and ready[1].poll() is None:
+            killProcessTree(ready[1].pid, processGroup=(os.name != "nt"))
+
+    def _adopt(self, command, env, cwd):
+        """The ready process if it fits and is alive (it leaves the ready slot either way), else None."""
+        ready, self._ready = self._ready, None
+        if ready is None:
+            return None
+        key, process, events = ready
+        if key == _readyKey(command, env, cwd) and process.poll() is None:
+            return process, events
+        if process.poll() is None:
+            killProcessTree(process.pid, processGroup=(os.name != "nt"))
+        return None
+
+    def start(self, command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None, stdinText=None):
+        if self._running:
+            raise RuntimeError("A process is already running")
+        self._callbacks = (onStdoutLine, onStderrLine, onFinished)
+        self._cancelled = False
+        adopted = self._adopt(command, env, cwd)
+        self._process, self._events = adopted or self._spawn(command, env, cwd)
+        self._running = True
+        try:
+            if stdinText:
+                self._process.stdin.write(stdinText)
+            self._process.stdin.close()
+        except OSError:
+            pass  # it has already ended: its exit code and stderr say why
+
+    @staticmethod
+    def _read(stream, kind, events):
         for line in stream:
-            self._events.put((kind, line.rstrip("\r\n")))
+            events.put((kind, line.rstrip("\r\n")))
         stream.close()
 
-    def _waitForExit(self, process, readers):
+    @staticmethod
+    def _waitForExit(process, readers, events):
         exitCode = process.wait()
         for reader in readers:
             reader.join(timeout=5.0)  # a surviving grandchild may hold the pipes open: do not wait for ever
-        self._events.put(("finished", exitCode))
+        events.put(("finished", exitCode))
 
     @property
     def pid(self):
         return self._process.pid if self._process else None
+
+    @property
+    def readyPid(self):
+        """The pid of the process kept ready, or None."""
+        return self._ready[1].pid if self._ready else None
 
     def cancel(self):
         if self._running and self._process is not None:
@@ -235,26 +295,25 @@ class SubprocessRunner(ProcessRunner):
             onFinished(ExitCode.CANCELLED if self._cancelled else value)
 
 
-class QProcessRunner(ProcessRunner):
-    """Event-driven ``qt.QProcess`` runner for the Slicer application (``qt`` is imported only here)."""
+def _readyKey(command, env, cwd):
+    """What a ready process must share with a run to serve it: the command, the environment and the folder."""
+    return (tuple(str(c) for c in command), tuple(sorted((env or {}).items())) if env is not None else None,
+            str(cwd) if cwd else None)
 
-    def __init__(self):
-        import qt  # noqa: F401  (fails early outside Slicer)
 
-        self._process = None
-        self._callbacks = None
-        self._buffers = {"stdout": "", "stderr": ""}
-        self._cancelled = False
-        self._retired = []  # finished QProcess objects, kept until control is back in the event loop
+class _QtRun:
+    """One ``qt.QProcess`` with its line buffers. Until a run adopts it (``callbacks`` None) its lines are kept
+    and replayed at adoption; a process kept ready that ends by itself is only marked ``ended``."""
 
-    def start(self, command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None):
+    def __init__(self, runner, command, env, cwd):
         import qt
 
-        if self.isRunning():
-            raise RuntimeError("A process is already running")
-        self._callbacks = (onStdoutLine, onStderrLine, onFinished)
-        self._buffers = {"stdout": "", "stderr": ""}
-        self._cancelled = False
+        self.runner = runner
+        self.key = _readyKey(command, env, cwd)
+        self.callbacks = None
+        self.pending = []  # (kind, line) received before adoption
+        self.buffers = {"stdout": "", "stderr": ""}
+        self.ended = False
         process = qt.QProcess()
         if env is not None:
             environment = qt.QProcessEnvironment()
@@ -263,48 +322,111 @@ class QProcessRunner(ProcessRunner):
             process.setProcessEnvironment(environment)
         if cwd:
             process.setWorkingDirectory(cwd)
-        process.connect("readyReadStandardOutput()", lambda: self._onReadyRead("stdout"))
-        process.connect("readyReadStandardError()", lambda: self._onReadyRead("stderr"))
-        process.connect("finished(int,QProcess::ExitStatus)", self._onFinished)
-        self._process = process
+        process.connect("readyReadStandardOutput()", lambda: self.onReadyRead("stdout"))
+        process.connect("readyReadStandardError()", lambda: self.onReadyRead("stderr"))
+        process.connect("finished(int,QProcess::ExitStatus)", self.onFinished)
+        self.process = process
         command = [str(c) for c in command]
         process.start(command[0], command[1:])
 
-    def _onReadyRead(self, kind):
-        data = self._process.readAllStandardOutput() if kind == "stdout" else self._process.readAllStandardError()
-        text = self._buffers[kind] + bytes(data.data()).decode("utf-8", errors="replace")
-        *lines, self._buffers[kind] = text.split("\n")
-        callback = self._callbacks[0] if kind == "stdout" else self._callbacks[1]
-        for line in lines:
-            callback(line.rstrip("\r"))
+    def emit(self, kind, line):
+        if self.callbacks is None:
+            self.pending.append((kind, line))
+        else:
+            (self.callbacks[0] if kind == "stdout" else self.callbacks[1])(line)
 
-    def _onFinished(self, exitCode, exitStatus=None):
+    def onReadyRead(self, kind):
+        data = self.process.readAllStandardOutput() if kind == "stdout" else self.process.readAllStandardError()
+        text = self.buffers[kind] + bytes(data.data()).decode("utf-8", errors="replace")
+        *lines, self.buffers[kind] = text.split("\n")
+        for line in lines:
+            self.emit(kind, line.rstrip("\r"))
+
+    def adopt(self, callbacks, stdinText):
         import qt
 
+        self.callbacks = callbacks
+        pending, self.pending = self.pending, []
+        for kind, line in pending:
+            self.emit(kind, line)
+        if stdinText:
+            self.process.write(qt.QByteArray(stdinText.encode("utf-8")))
+        self.process.closeWriteChannel()
+
+    def onFinished(self, exitCode, exitStatus=None):
         for kind in ("stdout", "stderr"):
-            self._onReadyRead(kind)
-            if self._buffers[kind]:
-                (self._callbacks[0] if kind == "stdout" else self._callbacks[1])(self._buffers[kind])
-                self._buffers[kind] = ""
+            self.onReadyRead(kind)
+            if self.buffers[kind]:
+                self.emit(kind, self.buffers[kind])
+                self.buffers[kind] = ""
+        self.ended = True
+        self.runner._onFinished(self, exitCode)
+
+    def kill(self):
+        killProcessTree(int(self.process.processId()))
+
+
+class QProcessRunner(ProcessRunner):
+    """Event-driven ``qt.QProcess`` runner for the Slicer application (``qt`` is imported only here)."""
+
+    def __init__(self):
+        import qt  # noqa: F401  (fails early outside Slicer)
+
+        self._run = None  # the _QtRun of the current run
+        self._ready = None  # the _QtRun kept ready by prepare()
+        self._cancelled = False
+        self._retired = []  # finished QProcess objects, kept until control is back in the event loop
+
+    def prepare(self, command, env=None, cwd=None):
+        ready = self._ready
+        if ready is not None and ready.key == _readyKey(command, env, cwd) and not ready.ended:
+            return
+        self.close()
+        self._ready = _QtRun(self, command, env, cwd)
+
+    def close(self):
+        ready, self._ready = self._ready, None
+        if ready is not None and not ready.ended:
+            ready.kill()
+
+    def start(self, command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None, stdinText=None):
+        if self.isRunning():
+            raise RuntimeError("A process is already running")
+        self._cancelled = False
+        ready, self._ready = self._ready, None
+        if ready is not None and (ready.ended or ready.key != _readyKey(command, env, cwd)):
+            if not ready.ended:
+                ready.kill()
+            ready = None
+        self._run = ready or _QtRun(self, command, env, cwd)
+        self._run.adopt((onStdoutLine, onStderrLine, onFinished), stdinText)
+
+    def _onFinished(self, run, exitCode):
+        import qt
+
         # This runs inside the QProcess's own finished() signal. PythonQt deletes a parentless QObject made from
         # Python as soon as its last Python reference goes, even while that object's signal is being dispatched.
         # So the finished process is kept in _retired and released by a zero-time timer, i.e. back in the event
         # loop after this handler (and a next start() made from onFinished, as a batch does) has returned.
-        process, self._process = self._process, None
-        self._retired.append(process)
+        self._retired.append(run)
         qt.QTimer.singleShot(0, self._releaseRetired)
-        self._callbacks[2](ExitCode.CANCELLED if self._cancelled else exitCode)
+        if run is not self._run:
+            return  # a process kept ready ended by itself: a later start() starts a new one
+        self._run = None
+        run.callbacks[2](ExitCode.CANCELLED if self._cancelled else exitCode)
 
     def _releaseRetired(self):
-        self._retired = []
+        retired, self._retired = self._retired, []
+        for run in retired:
+            run.process = None  # its signal handlers refer to the run: break the cycle so the QProcess goes now
 
     def cancel(self):
         if self.isRunning():
             self._cancelled = True
-            killProcessTree(int(self._process.processId()))
+            self._run.kill()
 
     def isRunning(self):
-        return self._process is not None
+        return self._run is not None
 
     def processEvents(self, timeout=0.0):
         import qt

@@ -115,8 +115,7 @@ class SimilarityJob:
         self.started = True
         try:
             self.command, self.outPath = self.session.buildCommand(self.volumeNode, self.ijk)
-            self.session.logic.runner.start(self.command, self.stdoutLog.append, self._onStderrLine, self._onFinished,
-                                            env=self.session.logic.backendEnvironment())
+            self.session.logic.startBackend(self.command, self.stdoutLog.append, self._onStderrLine, self._onFinished)
         except Exception as error:  # noqa: BLE001 - a start failure is a failed point, shown in one line
             self._finish(SimilarityResult("failed", f"Cannot start the backend: {error}", ijk=self.ijk,
                                           exitCode=int(ExitCode.FATAL)))

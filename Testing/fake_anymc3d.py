@@ -90,7 +90,13 @@ def main():
     predict.add_argument("--device", default="auto")
     predict.add_argument("--chunk-size", type=int, default=32)
     predict.add_argument("--progress", default="bar")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    if argv[:1] == ["standby"]:  # the backend's `anymc3d standby`: the command line comes as one JSON line on stdin
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        argv = json.loads(line)
+    args = parser.parse_args(argv)
     if MODE == "fatal":
         print("anymc3d: error: the backbone file is not a safetensors file", file=sys.stderr)
         return 2

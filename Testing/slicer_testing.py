@@ -84,12 +84,21 @@ class FakeRunner:
         self._pending = None
         self._callbacks = None
         self.cancelled = False
+        self.prepared = []
 
-    def start(self, command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None):
+    def start(self, command, onStdoutLine, onStderrLine, onFinished, env=None, cwd=None, stdinText=None):
+        if stdinText is not None and command[-1] == "standby":  # `anymc3d standby` runs the line given on stdin
+            command = list(command[:-1]) + json.loads(stdinText)
         self.commands.append(list(command))
         self._callbacks = (onStdoutLine, onStderrLine, onFinished)
         lines, exitCode = self.script(list(command))
         self._pending = (list(lines), exitCode)
+
+    def prepare(self, command, env=None, cwd=None):
+        self.prepared.append(list(command))
+
+    def close(self):
+        pass
 
     def isRunning(self):
         return self._pending is not None

@@ -152,6 +152,28 @@ def test_successful_run_imports_everything(sceneContext, obliqueVolumePath, fake
     assert sliceRas == pytest.approx(tuple(ijkToRas(volume) @ [(dims[0] - 1) / 2, (dims[1] - 1) / 2, expectedK, 1])[:3])
 
 
+def test_a_backend_process_kept_ready_serves_the_next_run(sceneContext, obliqueVolumePath, fakePlugins, fakeLogic):
+    """keepBackendReady (the module's setting): after a run the Logic keeps an ``anymc3d standby`` process ready,
+    and the next run is served by that very process (same pid) with the same results as a fresh one."""
+    logic = fakeLogic("ok")
+    logic.keepBackendReady = True
+    volume = sceneContext.loadVolume(obliqueVolumePath, "Oblique")
+    probabilities = []
+    for _ in range(2):
+        logic.prepareBackend()
+        readyPid = logic.runner.readyPid
+        assert readyPid is not None
+        job = logic.startPrediction([volume], "backbone.safetensors", fakePlugins, PredictionOptions(device="cpu"))
+        assert logic.runner.pid == readyPid  # adopted, not a new process
+        assert job.wait(60) and job.result.status == "ok", job.result.message
+        table = job.result.outputs.tableNode
+        probabilities.append([table.GetCellText(row, 2) for row in range(table.GetNumberOfRows())])
+    assert probabilities[0] == probabilities[1] and len(probabilities[0]) == 6
+    assert logic.runner.readyPid not in (None, readyPid)  # a new one kept ready after the run
+    logic.close()
+    assert logic.runner.readyPid is None
+
+
 def test_study_placement(sceneContext, obliqueVolumePath, fakePlugins, fakeLogic):
     logic = fakeLogic("ok")
     volume = sceneContext.loadVolume(obliqueVolumePath)

@@ -50,6 +50,34 @@ def test_subprocess_runner_cancel_reports_cancelled():
     assert finished == [ExitCode.CANCELLED]
 
 
+ECHO = "import os, sys; print(os.getpid(), sys.stdin.readline().strip(), flush=True)"
+
+
+def test_subprocess_runner_adopts_the_process_kept_ready():
+    """prepare() starts the process ahead; start() with the same command and environment uses that very process
+    (same pid) and hands it stdinText; another environment gets a new process and the ready one is ended."""
+    runner = SubprocessRunner()
+    env = dict(os.environ, MARK="1")
+    runner.prepare([sys.executable, "-c", ECHO], env=env)
+    readyPid = runner.readyPid
+    out, finished = [], []
+    runner.start([sys.executable, "-c", ECHO], out.append, lambda line: None, finished.append, env=env, stdinText="hello\n")
+    assert runner.waitForFinished(30) and finished == [0]
+    assert out == [f"{readyPid} hello"] and runner.readyPid is None
+    runner.prepare([sys.executable, "-c", ECHO], env=env)
+    stale = runner._ready[1]
+    out = []
+    runner.start([sys.executable, "-c", ECHO], out.append, lambda line: None, finished.append,
+                 env=dict(env, MARK="2"), stdinText="again\n")
+    assert runner.waitForFinished(30)
+    assert out[0].endswith(" again") and int(out[0].split()[0]) != stale.pid
+    assert stale.wait(10) is not None  # the mismatched ready process was ended, not left behind
+    runner.prepare([sys.executable, "-c", ECHO], env=env)
+    ready = runner._ready[1]
+    runner.close()
+    assert ready.wait(10) is not None and runner.readyPid is None
+
+
 def test_dependency_checker_routes_the_backends_own_pins():
     """Versions come from metadata; each unsatisfied requirement is routed to PyTorchUtils, pip or "update Slicer"."""
     requirements = ["torch>=2.3", "torchvision", "timm>=1.0.20,<1.1", "peft>=0.17", "numpy>=1.24", "jsonschema>=4",

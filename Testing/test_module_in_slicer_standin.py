@@ -151,14 +151,15 @@ def test_qprocess_is_never_deleted_inside_its_own_signal():
 
 
 def test_the_standin_catches_dropping_the_process_in_its_handler():
-    """The old runner (``self._process = None`` inside finished) is caught by the stand-in's ownership rule."""
+    """The old mistake (the finished QProcess's last reference dropped inside its own finished handler) is caught
+    by the stand-in's ownership rule."""
     code = """
 import sys, qt
 from AnyMC3DSlicerLogic import QProcessRunner
 from AnyMC3DSlicerLogic.process import ExitCode
-def oldOnFinished(self, exitCode, exitStatus=None):
-    self._process = None
-    self._callbacks[2](exitCode)
+def oldOnFinished(self, run, exitCode):
+    run.process, self._run = None, None
+    run.callbacks[2](exitCode)
 QProcessRunner._onFinished = oldOnFinished
 runner, done = QProcessRunner(), []
 runner.start([sys.executable, "-c", "pass"], lambda line: None, lambda line: None, done.append)
@@ -169,6 +170,31 @@ print(qt.deletedDuringSignal)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([STANDINS, BACKEND_PATH, os.environ.get("PYTHONPATH", "")]))
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False, timeout=120)
     assert "('QProcess', 'finished')" in completed.stdout, completed.stdout + completed.stderr
+
+
+def test_qprocess_runner_adopts_the_process_kept_ready():
+    """The QProcess runner: prepare() starts the process ahead, start() writes stdinText to that same process
+    (QProcess.write of a QByteArray, then closeWriteChannel), and every QProcess is released afterwards."""
+    code = """
+import json, os, sys, qt
+from AnyMC3DSlicerLogic import QProcessRunner
+echo = [sys.executable, "-c", "import os, sys; print(os.getpid(), sys.stdin.readline().strip(), flush=True)"]
+runner, out, done = QProcessRunner(), [], []
+runner.prepare(echo, env=dict(os.environ))
+readyPid = int(runner._ready.process.processId())
+runner.start(echo, out.append, lambda line: None, done.append, env=dict(os.environ), stdinText="hello\\n")
+while not done:
+    runner.processEvents(0.05)
+runner.processEvents(0)
+print(json.dumps({"readyPid": readyPid, "out": out, "done": done, "live": len(qt.QProcess.live),
+                  "deleted": qt.deletedDuringSignal}))
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([STANDINS, BACKEND_PATH, os.environ.get("PYTHONPATH", "")]))
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    seen = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert seen["out"] == [f"{seen['readyPid']} hello"] and seen["done"] == [0]
+    assert seen["live"] == 0 and seen["deleted"] == []
 
 
 def test_self_test_runs_the_real_backend_on_the_sample_data():

@@ -511,6 +511,15 @@ class _Bytes:
         return self._data
 
 
+class QByteArray(_Bytes):
+    """PythonQt builds a QByteArray from Python ``bytes`` (qt.QByteArray(b"...")); ``data()`` gives them back."""
+
+    def __init__(self, data=b""):
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError("QByteArray(bytes) expected")
+        super().__init__(bytes(data))
+
+
 class QProcess(QObject):
     """Runs the command for real (subprocess); output and ``finished`` are delivered by processEvents(). Made
     without a parent from Python, it is deleted with its last Python reference (see the module docstring)."""
@@ -534,12 +543,37 @@ class QProcess(QObject):
         self._cwd = cwd
 
     def start(self, program, arguments):
-        self._popen = subprocess.Popen([program, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       env=self._environment, cwd=self._cwd, start_new_session=True)
+        # QProcess opens stdin as a pipe (ReadWrite by default): the child reads what write() sends until
+        # closeWriteChannel() (Qt 5/6 QProcess::start, QIODevice::ReadWrite).
+        self._popen = subprocess.Popen([program, *arguments], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, env=self._environment, cwd=self._cwd,
+                                       start_new_session=True)
         holder = {}
-        reader = threading.Thread(target=lambda: holder.update(zip(("stdout", "stderr"), self._popen.communicate())), daemon=True)
+        popen = self._popen
+        readers = [threading.Thread(target=lambda k=kind, s=stream: holder.update({k: s.read()}), daemon=True)
+                   for kind, stream in (("stdout", popen.stdout), ("stderr", popen.stderr))]
+        for reader in readers:
+            reader.start()
+        reader = threading.Thread(target=lambda: [r.join() for r in readers], daemon=True)
         reader.start()
         QProcess._running.append((weakref.ref(self), self._popen, holder, reader))
+
+    def write(self, data):
+        """QIODevice::write(const QByteArray&): the stand-in accepts only a QByteArray, as the module passes one."""
+        if not isinstance(data, QByteArray):
+            raise TypeError("QProcess.write expects a QByteArray")
+        try:
+            self._popen.stdin.write(data.data())
+            self._popen.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            return -1
+        return len(data.data())
+
+    def closeWriteChannel(self):
+        try:
+            self._popen.stdin.close()
+        except BrokenPipeError:
+            pass
 
     def processId(self):
         return self._popen.pid

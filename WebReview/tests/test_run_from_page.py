@@ -133,12 +133,13 @@ def test_rescan_lists_a_file_added_while_the_server_runs(run_page, run_folder):
 
 
 def _backend_of(server, timeout=40.0):
-    """The ``anymc3d predict`` process a run started (a descendant of the server), once it exists."""
+    """The backend process a run started (a descendant of the server), once it exists: ``anymc3d standby``, which
+    the Logic hands the ``predict`` command line on stdin (docs/cli-contract.md)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in psutil.Process(server.process.pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                if "predict" in child.cmdline():
+                if "standby" in child.cmdline():
                     return child
         time.sleep(0.1)
     raise AssertionError("no backend process appeared")

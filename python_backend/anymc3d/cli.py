@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("plugin", type=Path, help="Plugin file (.anymc3d) or folder.")
     info.add_argument("--json", action="store_true", help="Print the plugin.json contents as JSON (default: a summary).")
 
+    standby = sub.add_parser("standby", help="Import the backend, then read ONE command line from stdin (a JSON list "
+                             "of arguments, e.g. [\"predict\", ...]) and run it as if given here. The Slicer module "
+                             "keeps one ready so that Apply does not wait for torch, timm and peft to import.")
+    standby.set_defaults(handler=_cmd_standby)
+
     pred = sub.add_parser("predict", help="Predict findings and heatmaps for images.")
     pred.add_argument("images", nargs="+", help="Image files, DICOM series folders (one case per series), folders of "
                       "images, or manifest CSVs (an 'image' column, paths relative to the CSV); the views of a "
@@ -143,6 +148,26 @@ def _cmd_demo(args) -> int:
     for kind, path in paths.items():
         logger.info("wrote %s: %s", kind, path)
     return EXIT_OK
+
+
+def _cmd_standby(args) -> int:
+    """Pay the imports now, run the command that comes later (one per process: a cancel still kills the process).
+
+    End of input before a line (the parent closed the pipe or went away) ends quietly: nothing was asked.
+    """
+    import anymc3d.records  # noqa: F401 - the point: torch, timm, peft, SimpleITK and the engine imported now
+
+    line = sys.stdin.readline()
+    if not line.strip():
+        return EXIT_OK
+    try:
+        argv = json.loads(line)
+    except ValueError:
+        argv = None
+    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)) or argv[0] == "standby":
+        logger.error("standby: expected one JSON list of arguments on stdin (not 'standby'), got %.80r", line.strip())
+        return EXIT_USAGE
+    return main(argv)
 
 
 def _cmd_info(args) -> int:

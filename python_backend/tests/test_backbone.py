@@ -2,14 +2,16 @@
 the same fingerprint; bad files are refused with the file and the first mismatched keys named."""
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
 import safetensors.torch
 import torch
 
-from anymc3d.backbone import (BACKBONES, BackboneSpec, create_backbone, fingerprint, load_backbone, make_load_bearing,
+from anymc3d.backbone import (BACKBONES, SPEC_METADATA_KEY, BackboneSpec, create_backbone, fingerprint, load_backbone, make_load_bearing,
                               save_backbone, spec_from_file)
+import anymc3d.backbone as backbone_module
 from anymc3d.errors import BackboneError
 from conftest import SMALL, small_backbone
 
@@ -48,6 +50,34 @@ def test_timm_layout_safetensors_round_trip_keeps_the_fingerprint(tmp_path):
     assert spec_from_file(path) == bb.spec
     loaded = load_backbone(path)
     assert loaded.fingerprint == bb.fingerprint == fingerprint(loaded.model)
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_loading_builds_on_meta_and_gives_exactly_the_saved_model(tmp_path, family, monkeypatch):
+    """load_backbone skips the random init (built on the meta device, the file's tensors assigned): the result is
+    the saved model exactly (every output, every buffer, DINOv3's recomputed rotary periods too), on the CPU,
+    float32 and frozen, also from a float16 file."""
+    bb = small_backbone(family)
+    x = torch.rand(2, 3, bb.spec.img_size, bb.spec.img_size)
+    for dtype in (torch.float32, torch.float16):
+        model = create_backbone(bb.spec)
+        model.load_state_dict({k: v.to(dtype).float() for k, v in bb.model.state_dict().items()})
+        path = tmp_path / f"{dtype}.safetensors"
+        safetensors.torch.save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(path),
+                                    metadata={SPEC_METADATA_KEY: json.dumps(bb.spec.to_dict())})
+        built = []
+        monkeypatch.setattr(backbone_module, "create_backbone",
+                            lambda spec, device=None: built.append(device) or create_backbone(spec, device))
+        loaded = load_backbone(path).model
+        monkeypatch.undo()
+        assert built == ["meta"]  # no second, randomly initialised build
+        tensors = dict(loaded.state_dict(), **dict(loaded.named_buffers()))
+        assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors.values())
+        assert not any(p.requires_grad for p in loaded.parameters())
+        reference = dict(model.state_dict(), **dict(model.named_buffers()))
+        assert tensors.keys() == reference.keys() and all(torch.equal(tensors[k], reference[k]) for k in tensors)
+        with torch.no_grad():
+            assert torch.equal(loaded.forward_features(x), model.forward_features(x))
 
 
 def _official_dinov2(state: dict, generator, zero_cls_pos: bool) -> dict:

@@ -153,6 +153,35 @@ def test_json_progress_lines_for_a_process_runner(demo_dir, tmp_path, capsys):
     assert events[-1] == {"event": "done", "ok": 1, "failed": 1, "json": str(tmp_path / "r.json")}
 
 
+def test_standby_runs_the_command_line_it_reads_on_stdin_as_if_given_directly(demo_dir, tmp_path):
+    """``anymc3d standby`` (what the Slicer module keeps ready): the JSON line on stdin is run as ``main(argv)``
+    would run it, in a new process: same exit code, same record and heatmap as a direct run; end of input is a
+    quiet exit 0; anything but a JSON list of strings is a one-line usage error."""
+    direct = _predict(demo_dir, demo_dir / "volume.nii.gz", "--json", tmp_path / "direct.json", "--heatmap", tmp_path / "hd")
+    assert main(direct) == 0
+    line = json.dumps(_predict(demo_dir, demo_dir / "volume.nii.gz", "--json", tmp_path / "standby.json",
+                               "--heatmap", tmp_path / "hs")) + "\n"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(p) for p in sys.path if p]))
+
+    def standby(text):
+        return subprocess.run([sys.executable, "-m", "anymc3d", "standby"], input=text, capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    ran = standby(line)
+    assert ran.returncode == 0, ran.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())[0] for n in ("direct", "standby"))
+    assert [r["probabilities"] for r in a["results"]] == [r["probabilities"] for r in b["results"]]
+    maps = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("hd", "hs")]
+    assert maps[0] == maps[1] and maps[0]
+    assert np.array_equal(nib.load(tmp_path / "hd" / maps[0][0]).get_fdata(), nib.load(tmp_path / "hs" / maps[0][0]).get_fdata())
+    quiet = standby("")
+    assert quiet.returncode == 0 and quiet.stdout == ""
+    for bad in ("not json\n", '["standby"]\n'):
+        refused = standby(bad)
+        assert refused.returncode == 2 and "standby: expected one JSON list" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
 def test_gradient_heatmaps_are_written_per_finding_and_an_ensemble_is_one_result(demo_dir, tmp_path):
     heat = tmp_path / "heat"
     args = _predict(demo_dir, demo_dir / "volume.nii.gz", "--heatmap", heat, "--heatmap-method", "grad_last",
