@@ -701,7 +701,8 @@ def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugin
                 remove_adapter(model, name)
         z = torch.cat(rows)
         total = z if total is None else total + z
-    return probabilities(total / len(plugins), plugins[0].config.task).numpy()
+    # float64: a float32 sigmoid is exactly 1.0 above ~17, and tied scores would cost the metrics their ranking
+    return probabilities(total.double() / len(plugins), plugins[0].config.task).numpy()
 
 
 def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBackbone, plugin: Path | str,

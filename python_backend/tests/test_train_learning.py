@@ -101,10 +101,14 @@ def test_finding_in_one_of_two_views_is_learned(tmp_path):
 
 
 def test_mask_supervision_compared_with_no_masks(tmp_path):
-    """A tiny lesion (radius 3-4.5 mm, ~1/3 of a 14-pixel patch): the same budget with and without the auxiliary
-    decoder. Asserted: the decoder trains (its Dice + CE falls) and both runs give valid plugins; the AUROCs of
-    the two runs are printed, not ranked: with 12 epochs and 24 cases neither is reliably better (see the
-    report), and a test claiming otherwise would be a coin toss."""
+    """A tiny lesion (radius 3-4.5 mm, ~1/3 of a 14-pixel patch): the same budget (the defaults, at most 30
+    epochs) with and without the auxiliary decoder, on the same data and seed.
+
+    What it shows: the masks are used only when asked (the summary's aux_seg, no segmentation loss in the run
+    without) and the decoder learns (its Dice + CE falls below 0.8 of the first epoch's). What it does not show:
+    that masks improve classification. The two held-out AUROCs are printed, not ranked: one seed and 32 held-out
+    cases cannot rank them (the sampling SD of one AUROC is already ~0.1 near chance at 16/16, see chance_band),
+    and a test claiming either way would be a coin toss."""
     with_masks, m1 = _run(tmp_path, 3, masks=True, radius=(3.0, 4.5), name="seg")
     without, m2 = _run(tmp_path, 3, masks=True, radius=(3.0, 4.5), aux_seg=False, name="noseg")
     seg = [h["train_seg_loss"] for h in with_masks.history]
