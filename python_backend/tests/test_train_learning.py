@@ -69,6 +69,8 @@ def test_lesion_task_is_learned_for_every_seed_and_shuffled_labels_are_not(tmp_p
     at AUROC 0.992. The 12 validation cases were perfectly separated, so the Platt fit on 0/1 labels ran to a
     slope of 827; every held-out probability became exactly 0.0 or 1.0 in float32 and positives tied with
     negatives. Calibration now fits Platt's regularised targets (anymc3d/calibration.py): a finite slope.
+    Measured (CPU, 2026-12-01): held-out AUROC 0.992, 1.0, 0.992 for seeds 0, 1, 2; shuffled 0.461, 0.548,
+    0.524 against the band 0.5 +- 0.179.
 
     Shuffled-label controls: labels permuted over the whole manifest, so held-out labels are independent of
     the images and held-out AUROC follows the Mann-Whitney null: within 0.5 +- 3 SD with
