@@ -2,8 +2,13 @@
 
 Multi-label: per finding, Platt scaling p = sigmoid(a z + b) constrained so that the F1-optimal threshold z*
 of the raw validation scores maps to probability 0.5 (b = -a z*): the decision threshold 0.5 then is the
-F1-optimal operating point, and a is the maximum-likelihood slope of a logistic fit of y on (z - z*)
-(scikit-learn, no penalty). Multi-class: one temperature for all classes (a_c = 1/T, b_c = 0), fitted by
+F1-optimal operating point, and a is the maximum-likelihood slope of a logistic fit on (z - z*) (scikit-learn,
+no penalty) to Platt's own regularised targets, (N+ + 1)/(N+ + 2) for positives and 1/(N- + 2) for negatives
+(Platt 1999, sec. 2.2), not to the 0/1 labels. Why: a small validation split is often perfectly separated, and
+the 0/1 fit's slope then runs off to infinity (a = 827 on tests/test_train_learning.py's seed 0, 12 validation
+cases): every held-out probability became exactly 0.0 or 1.0 in float32, positives tied with negatives, and
+the held-out AUROC fell from 0.992 (raw scores) to 0.853. Platt's targets keep the slope finite, and equal to
+the 0/1 fit's as the split grows. Multi-class: one temperature for all classes (a_c = 1/T, b_c = 0), fitted by
 maximum likelihood, since a per-class shift would change the softmax ranking.
 """
 from __future__ import annotations
@@ -36,13 +41,23 @@ def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1))])
 
 
+def platt_targets(labels: np.ndarray) -> np.ndarray:
+    """Platt's regularised targets: (N+ + 1)/(N+ + 2) for positives, 1/(N- + 2) for negatives."""
+    y = np.asarray(labels, dtype=int)
+    pos, neg = int(y.sum()), int(len(y) - y.sum())
+    return np.where(y == 1, (pos + 1.0) / (pos + 2.0), 1.0 / (neg + 2.0))
+
+
 def platt_through(scores: np.ndarray, labels: np.ndarray, anchor: float) -> float:
-    """Maximum-likelihood slope a > 0 of p = sigmoid(a (z - anchor)); 1.0 (with a warning) when the fit is not
-    positive (no signal in the validation scores)."""
+    """Maximum-likelihood slope a > 0 of p = sigmoid(a (z - anchor)) against Platt's targets (finite on
+    separated data); 1.0 (with a warning) when the fit is not positive (no signal in the validation scores)."""
     from sklearn.linear_model import LogisticRegression
 
     x = (np.asarray(scores, dtype=np.float64) - anchor)[:, None]
-    fit = LogisticRegression(penalty=None, fit_intercept=False, tol=1e-10, max_iter=1000).fit(x, labels)
+    t = platt_targets(labels)
+    # soft targets as scikit-learn takes them: each case once as a positive (weight t), once as a negative (1 - t)
+    fit = LogisticRegression(penalty=None, fit_intercept=False, tol=1e-10, max_iter=1000).fit(
+        np.vstack([x, x]), np.r_[np.ones(len(x), int), np.zeros(len(x), int)], sample_weight=np.r_[t, 1.0 - t])
     a = float(fit.coef_[0, 0])
     if not np.isfinite(a) or a <= 1e-6:
         logger.warning("Platt fit gave slope %.3g (no signal on validation): slope 1 kept", a)

@@ -171,16 +171,34 @@ def _cmd_standby(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from anymc3d.plugin import read_plugin_metadata
+    from anymc3d.plugin import ensemble_members, read_ensemble_index, read_plugin_metadata
 
-    from anymc3d.plugin import load_plugin
-
-    meta = read_plugin_metadata(args.plugin)
-    if args.json:
-        print(json.dumps(meta, indent=2))
+    members = ensemble_members(args.plugin)
+    if len(members) > 1 or members[0] != args.plugin:  # a --folds ensemble folder: its index, then each member
+        index = read_ensemble_index(args.plugin)
+        if args.json:
+            print(json.dumps({"ensemble": index, "members": [read_plugin_metadata(p) for p in members]}, indent=2))
+            return EXIT_OK
+        print(f"ensemble     {len(members)} plugins ({args.plugin / 'ensemble.json'}), used by predict and eval as "
+              "one unit: mean calibrated logit")
+        for path in members:
+            print()
+            print(_info_text(path))
         return EXIT_OK
+    if args.json:
+        print(json.dumps(read_plugin_metadata(args.plugin), indent=2))
+        return EXIT_OK
+    print(_info_text(args.plugin))
+    return EXIT_OK
+
+
+def _info_text(path: Path) -> str:
+    """The human-readable summary of one plugin: its metadata, parameter counts and training summary."""
+    from anymc3d.plugin import load_plugin, read_plugin_metadata, read_training_summary
+
+    meta = read_plugin_metadata(path)
     bb = meta["backbone"]
-    lines = [f"plugin       {meta['name']}  ({args.plugin})", f"task         {meta['task']}",
+    lines = [f"plugin       {meta['name']}  ({path})", f"task         {meta['task']}",
              f"labels       {', '.join(meta['labels'])}", f"views        {', '.join(meta['views'])}",
              f"backbone     {bb['name']} (img_size {bb['img_size']}), weights {meta['backbone_fingerprint'][:16]}",
              f"kind         {meta['kind']}",
@@ -189,14 +207,36 @@ def _cmd_info(args) -> int:
              f"LoRA         rank {meta['lora']['rank']}, alpha {meta['lora']['alpha']}",
              f"thresholds   {meta['thresholds']}", f"calibration  a={meta['calibration_a']} b={meta['calibration_b']}",
              f"format       v{meta['format_version']}, written by anymc3d {meta['anymc3d_version']}"]
-    loaded = load_plugin(args.plugin)
+    loaded = load_plugin(path)
     lora = sum(t.numel() for view in loaded.lora for t in view.values())
     head = sum(p.numel() for p in loaded.head.parameters())
     lines.append(f"parameters   {lora + head:,} ({lora:,} LoRA, {head:,} queries and head)")
     if meta.get("description"):
         lines.append(f"description  {meta['description']}")
-    print("\n".join(lines))
-    return EXIT_OK
+    lines += training_lines(read_training_summary(path))
+    return "\n".join(lines)
+
+
+def training_lines(summary: Optional[dict]) -> list[str]:
+    """``info``'s lines on how the plugin was trained (anymc3d train's summary), or the plain warning that it
+    was not: an untrained plugin's probabilities are those of random weights."""
+    if not summary:
+        return ["training     untrained (no training summary): its probabilities mean nothing"]
+    counts = []
+    for split, s in summary.get("splits", {}).items():
+        per = s.get("positives", s.get("per_class", {}))
+        kind = "positive" if "positives" in s else "cases"
+        counts.append(f"{split} {s['cases']} (" + ", ".join(f"{k} {v} {kind}" for k, v in per.items()) + ")")
+    per_label = summary.get("val_auroc_per_label") or {}
+    val = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in per_label.items())
+    n_val = summary.get("splits", {}).get("val", {}).get("cases", "?")
+    best = summary.get("best_val_auroc")
+    return [f"training     {summary.get('epochs_run')} epochs of at most {summary.get('epochs_max')} "
+            f"(best epoch {summary.get('best_epoch')}), {summary.get('seconds')} s, {summary.get('processes', 1)} process(es)",
+            f"cases        {'; '.join(counts)}",
+            f"validation   AUROC {'n/a' if best is None else f'{best:.3f}'} ({val})",
+            f"calibrated   Platt scaling fitted on the {n_val} validation cases (F1-optimal raw score -> 0.5)",
+            f"manifest     {summary.get('manifest')} (sha256 {str(summary.get('manifest_sha256'))[:16]})"]
 
 
 class _Reporter:
@@ -269,17 +309,16 @@ def _prepare_outputs(args) -> None:
 
 
 def _load_engine(args):
-    """The engine with every plugin attached; returns (engine, attached plugin names)."""
-    from anymc3d.backbone import spec_from_file
+    """The engine with every plugin attached (a ``--folds`` folder: each member); returns (engine, units)."""
+    from anymc3d.backbone import BackboneSpec, spec_from_file
     from anymc3d.engine import Engine
-    from anymc3d.plugin import load_plugin
+    from anymc3d.plugin import ensemble_members, read_plugin_metadata
+    from anymc3d.records import attach_plugins
 
-    plugins = [load_plugin(p.resolve()) for p in args.plugin]
-    spec = spec_from_file(args.backbone) or plugins[0].config.backbone
+    first = read_plugin_metadata(ensemble_members(args.plugin[0].resolve())[0])
+    spec = spec_from_file(args.backbone) or BackboneSpec.from_dict(first["backbone"])
     engine = Engine(args.backbone, spec=spec, device=args.device, chunk_size=args.chunk_size)
-    names = [engine.add_plugin(p, name=f"{p.config.name}#{i}" if any(
-        q.config.name == p.config.name for q in plugins[:i]) else None) for i, p in enumerate(plugins)]
-    return engine, names
+    return engine, attach_plugins(engine, [p.resolve() for p in args.plugin])
 
 
 def _write_output(args, records: list) -> None:
@@ -306,7 +345,8 @@ def _cmd_predict(args) -> int:
         return run_ray(args)
     from anymc3d.records import predict_case
 
-    engine, names = _load_engine(args)
+    engine, units = _load_engine(args)
+    names = [m for u in units for m in u.members]
     cases = expand_inputs(args.images)
     reporter = _Reporter(args.progress, len(cases))
     records = []
@@ -314,7 +354,7 @@ def _cmd_predict(args) -> int:
         reporter.case, reporter.image = index, case.image
         record = predict_case(engine, case, names, heatmap_method=args.heatmap_method, heatmap_dir=args.heatmap,
                               heatmap_format=args.heatmap_format, ensemble_plugins=args.ensemble,
-                              embedding=args.embedding, progress=reporter.stage)
+                              embedding=args.embedding, progress=reporter.stage, units=units)
         if record["status"] == STATUS_ERROR:
             logger.error("%s", record["error"])
         records.append(record)

@@ -367,3 +367,33 @@ def read_training_summary(path: os.PathLike | str) -> Optional[dict]:
         return None if raw is None else json.loads(raw)
     except (struct.error, ValueError, AttributeError) as exc:
         raise PluginError(f"{path}: unreadable training summary ({exc})") from None
+
+
+ENSEMBLE_INDEX = "ensemble.json"  # written by ``anymc3d train --folds K`` beside its K plugins
+
+
+def read_ensemble_index(path: os.PathLike | str) -> dict:
+    """The checked ``ensemble.json`` of a ``--folds`` folder: ``{"plugins": [...], "folds": K, ...}``."""
+    index = Path(path) / ENSEMBLE_INDEX
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PluginError(f"{index}: unreadable ensemble index ({exc})") from None
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    if not isinstance(plugins, list) or not plugins or not all(
+            isinstance(p, str) and p and Path(p).name == p for p in plugins):
+        raise PluginError(f"{index}: 'plugins' must be a non-empty list of plugin names in this folder")
+    return data
+
+
+def is_ensemble_path(path: os.PathLike | str) -> bool:
+    """A ``--folds`` ensemble folder (it holds ``ensemble.json``)."""
+    return (Path(path) / ENSEMBLE_INDEX).is_file()
+
+
+def ensemble_members(path: os.PathLike | str) -> list[Path]:
+    """The plugins of an ensemble folder written by ``--folds`` (``ensemble.json``), else ``[path]``."""
+    path = Path(path)
+    if is_ensemble_path(path):
+        return [path / p for p in read_ensemble_index(path)["plugins"]]
+    return [path]

@@ -156,14 +156,15 @@ class ModelWorker:
     def __init__(self, options: dict):
         from anymc3d.backbone import spec_from_file
         from anymc3d.engine import Engine
-        from anymc3d.plugin import load_plugin
+        from anymc3d.plugin import ensemble_members, load_plugin
+        from anymc3d.records import attach_plugins
 
         self.options = options
-        plugins = [load_plugin(p) for p in options["plugin"]]
-        spec = spec_from_file(options["backbone"]) or plugins[0].config.backbone
+        first = load_plugin(ensemble_members(options["plugin"][0])[0])
+        spec = spec_from_file(options["backbone"]) or first.config.backbone
         self.engine = Engine(options["backbone"], spec=spec, device=options["device"], chunk_size=options["chunk_size"])
-        self.names = [self.engine.add_plugin(p, name=f"{p.config.name}#{i}" if any(
-            q.config.name == p.config.name for q in plugins[:i]) else None) for i, p in enumerate(plugins)]
+        self.units = attach_plugins(self.engine, options["plugin"])  # a --folds folder: its members, averaged
+        self.names = [m for u in self.units for m in u.members]
         self.run_dir = Path(options["run_dir"])
         workers = self.run_dir / WORKERS_DIR
         workers.mkdir(exist_ok=True)
@@ -183,7 +184,7 @@ class ModelWorker:
                 record = predict_case(self.engine, case, self.names, images=pickle.loads(row["images"]),
                                       heatmap_method=o["heatmap_method"], heatmap_dir=o["heatmap"],
                                       heatmap_format=o["heatmap_format"], ensemble_plugins=o["ensemble"],
-                                      embedding=o["embedding"])
+                                      embedding=o["embedding"], units=self.units)
             write_record(record_file(self.run_dir, case), record)  # the commit
             out["key"].append(case.key)
             out["status"].append(record["status"])
@@ -294,12 +295,12 @@ def _check_models(args) -> None:
     dies in its constructor again and again."""
     from anymc3d.backbone import spec_from_file
     from anymc3d.engine import Engine
-    from anymc3d.plugin import load_plugin
+    from anymc3d.plugin import ensemble_members, load_plugin
+    from anymc3d.records import attach_plugins
 
-    plugins = [load_plugin(p.resolve()) for p in args.plugin]
-    engine = Engine(args.backbone, spec=spec_from_file(args.backbone) or plugins[0].config.backbone, device="cpu")
-    for i, plugin in enumerate(plugins):
-        engine.add_plugin(plugin, name=f"check{i}")
+    first = load_plugin(ensemble_members(args.plugin[0].resolve())[0])
+    engine = Engine(args.backbone, spec=spec_from_file(args.backbone) or first.config.backbone, device="cpu")
+    attach_plugins(engine, [p.resolve() for p in args.plugin])
 
 
 def _execute(ray, args, todo: list[Case], run_dir: Path, progress: _Progress) -> None:

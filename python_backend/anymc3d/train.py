@@ -52,7 +52,8 @@ from anymc3d.fileio import atomic_path, write_text_atomic
 from anymc3d.lora import LoraSettings, adapter_state, add_adapter, remove_adapter
 from anymc3d.losses import FocalLossConfig, dice_ce_loss, focal_loss
 from anymc3d.model import AnyMC3DModel
-from anymc3d.plugin import PluginConfig, TaskPlugin, calibrated_logits, probabilities, save_plugin
+from anymc3d.plugin import (ENSEMBLE_INDEX, PluginConfig, TaskPlugin, calibrated_logits, ensemble_members,  # noqa: F401
+                            probabilities, save_plugin)
 from anymc3d.preprocessing import PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -659,19 +660,10 @@ def train(manifest_path: Path | str, backbone: LoadedBackbone | Path | str, out:
         fold_config = dataclasses.replace(config, name=config.name or out.name.split(".")[0])
         results.append(Trainer(fold, backbone, target, fold_config, device, dist, progress).fit(resume))
     if dist.main:
-        write_text_atomic(out / "ensemble.json", json.dumps(
+        write_text_atomic(out / ENSEMBLE_INDEX, json.dumps(
             {"plugins": [f"fold{k}.anymc3d" for k in range(folds)], "folds": folds,
              "val_auroc": [r.summary["best_val_auroc"] for r in results]}, indent=2))
     return results
-
-
-def ensemble_members(path: Path) -> list[Path]:
-    """The plugins of an ensemble folder written by ``--folds`` (``ensemble.json``), else ``[path]``."""
-    path = Path(path)
-    index = path / "ensemble.json"
-    if path.is_dir() and index.is_file():
-        return [path / p for p in json.loads(index.read_text())["plugins"]]
-    return [path]
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -709,7 +701,8 @@ def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugin
                 remove_adapter(model, name)
         z = torch.cat(rows)
         total = z if total is None else total + z
-    return probabilities(total / len(plugins), plugins[0].config.task).numpy()
+    # float64: a float32 sigmoid is exactly 1.0 above ~17, and tied scores would cost the metrics their ranking
+    return probabilities(total.double() / len(plugins), plugins[0].config.task).numpy()
 
 
 def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBackbone, plugin: Path | str,

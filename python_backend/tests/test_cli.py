@@ -224,6 +224,7 @@ def test_info_prints_the_plugin_metadata(demo_dir, capsys):
     assert "lesion, effusion, fracture" in text
     lora = 3 * 14 * 14 * 8 + 8 * 192 + 6 * (192 * 8 + 8 * 576 + 192 * 8 + 8 * 192)  # demo: width 192, 6 blocks
     assert f"parameters   {lora + 192 + 192 * 3 + 3:,} ({lora:,} LoRA" in text
+    assert "training     untrained (no training summary): its probabilities mean nothing" in text
     assert main(["info", str(demo_dir / "volume.nii.gz")]) == 2
 
 

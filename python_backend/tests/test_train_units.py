@@ -64,15 +64,41 @@ def test_platt_maps_f1_optimal_point_to_half_and_is_max_likelihood():
     # decisions at 0.5 on the calibrated probability == decisions at the F1-optimal raw threshold
     p = 1 / (1 + np.exp(-(a * z + b)))
     assert np.array_equal(p >= 0.5, z >= t_star)
-    # the slope is the maximum-likelihood one (scipy, not scikit-learn)
+    # the slope is the maximum-likelihood one against Platt's targets (scipy, not scikit-learn)
+    assert a == pytest.approx(_platt_slope(z, y, t_star), rel=1e-3)
 
+
+def _platt_slope(z, y, anchor, high=50.0):
+    """Independent: the slope minimising the cross-entropy to Platt's targets (N+ + 1)/(N+ + 2), 1/(N- + 2)."""
+    from scipy.optimize import minimize_scalar
     from scipy.special import log_expit
 
-    def nll(s):
-        x = s * (z - t_star)
-        return -np.mean(y * log_expit(x) + (1 - y) * log_expit(-x))
+    t = np.where(y == 1, (y.sum() + 1) / (y.sum() + 2), 1 / (len(y) - y.sum() + 2))
 
-    assert a == pytest.approx(minimize_scalar(nll, bounds=(1e-3, 50), method="bounded").x, rel=1e-3)
+    def nll(s):
+        x = s * (z - anchor)
+        return -np.mean(t * log_expit(x) + (1 - t) * log_expit(-x))
+
+    return minimize_scalar(nll, bounds=(1e-3, high), method="bounded").x
+
+
+def test_platt_slope_stays_finite_on_a_separated_validation_split():
+    """12 validation cases, perfectly separated (seed 0 of the learning test: the 0/1 fit gave a = 827 and
+    float32 probabilities of exactly 0 and 1, ties that cost held-out AUROC): the slope is Platt's finite one,
+    and held-out scores between and beyond the validation ones keep their order after calibration (float32)."""
+    import torch
+
+    from anymc3d.plugin import probabilities
+
+    z = np.array([-0.82, -0.81, -0.80, -0.80, -0.79, -0.78, -0.45, -0.30, -0.12, 0.05, 0.31, 0.60])
+    y = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    cal = calibrate(z[:, None], y[:, None], "multilabel")
+    assert cal.raw_thresholds[0] == pytest.approx(-0.45)
+    assert cal.a[0] == pytest.approx(_platt_slope(z, y, -0.45, high=1e4), rel=1e-3) and cal.a[0] < 50
+    held_out = np.sort(np.r_[np.linspace(-0.9, 0.7, 40), [-0.8001, -0.8002, -0.5, -0.4]])
+    calibrated = torch.tensor(cal.a[0] * held_out + cal.b[0], dtype=torch.float32)[:, None]
+    p = probabilities(calibrated, "multilabel").numpy()[:, 0]
+    assert np.all(np.diff(p) > 0) and 0 < p.min() and p.max() < 1
 
 
 def test_temperature_for_multiclass():
@@ -186,3 +212,4 @@ def test_manifest_multiview_multiclass_and_seeded_split(tmp_path):
     assert first == [c.split for c in m2.cases]
     for split in ("train", "val"):
         assert sorted(int(c.target) for c in m.subset(split)) == [0, 0, 1, 1, 2, 2]
+
