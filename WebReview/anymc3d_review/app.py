@@ -43,6 +43,7 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # 
 from .cases import CaseFolder, RecordError  # noqa: E402
 from .chart import CHART_HEIGHT, CHART_WIDTH, chart_data, colorbar_gradient, slice_from_chart_x  # noqa: E402
 from .guard import AccessGuard, boolean, finite_float, index_below, one_of  # noqa: E402
+from .modelinfo import UNTRAINED, PluginInfoReader, image_modality, modality_name, modality_warnings, record_plugins  # noqa: E402
 from .session import WINDOW_PRESETS, ReviewSession  # noqa: E402
 
 logger = logging.getLogger("anymc3d.review")
@@ -155,6 +156,9 @@ class ReviewApp:
         self.guard.install(self.server)
         self.server.enable_module(trame_slicer_module)
         self.folder = folder if isinstance(folder, CaseFolder) else CaseFolder(folder)
+        self.plugin_reader = PluginInfoReader(self.folder.root, trusted=plugins)
+        self._model_key = None
+        self._image_modality: dict = {}
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=_slice_view_ui,
                                three_d_view_ui_f=_threed_view_ui, target_fps=20.0, blur_fps=20.0,
@@ -249,6 +253,9 @@ class ReviewApp:
         s.run_progress = 0
         s.run_message = ""
         s.has_heatmap = False
+        s.model_info = []        # per plugin of the shown case: text only (modelinfo.PluginInfo)
+        s.model_warnings = []    # the image's modality does not fit a plugin
+        s.image_modality = ""
         self._publish_cases()
 
     def _publish_cases(self):
@@ -274,7 +281,39 @@ class ReviewApp:
         heatmap = session.shown_heatmap()
         s.maximum_ijk = self._maximum_ijk(heatmap) if heatmap is not None else None
         self._publish_camera()
+        self._publish_model()
         s.scene_version += 1
+
+    def _publish_model(self):
+        """The model information of the shown case's plugins (its record's, or the command line's for a case without
+        results), and the modality warnings; recomputed only when the shown case or its record changes."""
+        s, current = self.state, self.session.current
+        case = self.folder.cases[current.index] if current is not None and current.index < len(self.folder.cases) else None
+        key = (case.path, id(current.record), id(current.input_node)) if case is not None else None
+        if key == self._model_key:
+            return
+        self._model_key = key
+        if case is None:
+            s.model_info, s.model_warnings = [], []
+            return
+        named = record_plugins(current.record) if current.record is not None else \
+            [(str(p), "") for p in self.session.plugins]
+        infos = [self.plugin_reader.read(path, name) for path, name in named]
+        if case.path not in self._image_modality:
+            self._image_modality[case.path] = image_modality(case.path)
+        code, source = self._image_modality[case.path]
+        image = current.input_node.GetImageData() if current.input_node is not None else None
+        scalar_range = tuple(image.GetScalarRange()) if image is not None else None
+        s.model_warnings = modality_warnings(infos, code, source, scalar_range)
+        items = []
+        for info in infos:
+            item = info.as_state()
+            item["modality_text"] = (f"{modality_name(info.modality)} ({info.modality_source})" if info.modality
+                                     else ("not stated" if info.opened else ""))
+            item["for_run"] = current.record is None
+            items.append(item)
+        s.model_info = items
+        s.image_modality = f"{modality_name(code)} ({source})" if code else "not stated by the file"
 
     def _publish_cursor(self):
         s, session = self.state, self.session
@@ -616,6 +655,26 @@ class ReviewApp:
                     self.layout_manager.initialize_layout_grid(layout)
         self.ui = layout
 
+    def _build_model_panel(self):
+        """Per plugin: name, version, backbone, intended modality / body part, training summary (text only)."""
+        with html.Div(v_if="model_info.length", classes="model-info mb-2"):
+            html.Div("Model", classes="text-subtitle-2")
+            html.Div("plugins a run from here would use", v_if="model_info.length && model_info[0].for_run",
+                     classes="text-caption text-grey")
+            with html.Div(v_for="m in model_info", key="m.path + m.name", classes="model-plugin text-caption mb-1"):
+                html.Div("{{ m.name }}", classes="text-body-2 model-name")
+                v3.VAlert(UNTRAINED, v_if="m.trained === false", type="error", density="compact", variant="flat",
+                          classes="untrained-warning my-1",
+                          title="the plugin carries no training summary: its weights were not trained by anymc3d train")
+                html.Div("{{ m.problem }}", v_if="m.problem", classes="text-amber model-problem")
+                html.Div("version: {{ m.version }}", v_if="m.version", classes="model-version")
+                html.Div("backbone: {{ m.backbone }}", v_if="m.backbone", classes="model-backbone")
+                html.Div("intended modality: {{ m.modality_text }}", v_if="m.modality_text", classes="model-modality")
+                html.Div("body part: {{ m.body_part }}", v_if="m.body_part", classes="model-body-part")
+                html.Div("training: {{ line }}", v_for="line in m.training", key="line", classes="model-training")
+                html.Div("{{ m.description }}", v_if="m.description", classes="text-grey model-description")
+            html.Div("image modality: {{ image_modality }}", v_if="shown_case >= 0", classes="text-caption image-modality")
+
     def _build_panel(self):
         with html.Div(classes="pa-2"):
             with html.Div(classes="d-flex align-center"):
@@ -657,7 +716,13 @@ class ReviewApp:
                         color=("window_preset === p.name ? 'primary' : undefined",),
                         click="window_preset = p.name", classes=("'window-preset window-' + p.name",))
             v3.VDivider(classes="my-2")
+            self._build_model_panel()
             html.Div("Findings", classes="text-subtitle-2")
+            with html.Div(v_for="w in model_warnings", key="w", classes="mb-1"):
+                v3.VAlert("{{ w }}", type="warning", density="compact", variant="tonal", classes="modality-warning")
+            with html.Div(v_if="rows.length && model_info.some(m => m.trained === false)", classes="mb-1"):
+                v3.VAlert(f"{UNTRAINED} (a plugin of these findings was not trained)", type="error",
+                          density="compact", variant="flat", classes="untrained-findings")
             with v3.VTable(density="compact", classes="findings-table", v_if="rows.length"):
                 with html.Thead():
                     with html.Tr():
