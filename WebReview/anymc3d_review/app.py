@@ -52,6 +52,7 @@ LAYOUT_ID = "AnyMC3D review"
 PREFETCH_IDLE_S = 1.2  # idle time of the page before neighbours are loaded
 VIEW_TITLES = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal", "ThreeD": "3D"}
 CAMERA_ACTIONS = ("left", "right", "up", "down", "zoom_in", "zoom_out", "reset", "anterior", "left_side", "superior")
+COLORBAR_LABEL = "relative attention (per-case max = 1), not a probability"
 STATUS_TEXT = {"results": "results", "none": "no results", "error": "error", "running": "running"}
 STATUS_COLOR = {"results": "green", "none": "grey", "error": "red", "running": "amber"}
 
@@ -764,8 +765,9 @@ class ReviewApp:
                     with html.Div(classes="d-flex text-caption text-grey"):
                         html.Span("0")
                         v3.VSpacer()
-                        html.Span("heatmap, scaled to this case's maximum: not a probability (shaded: under the threshold)",
-                                  classes="text-center")
+                        html.Span(COLORBAR_LABEL, classes="text-center colorbar-label",
+                                  title="the heatmap divided by its maximum in this case (inferno colour map); "
+                                        "shaded: under the threshold, not drawn")
                         v3.VSpacer()
                         html.Span("1")
                 with html.Div(classes="d-flex mt-1", style="gap: 4px;"):
