@@ -151,7 +151,7 @@ class ReviewApp:
     """Args: folder (a CaseFolder or a path), backbone / plugins (for runs from the page), server (trame's)."""
 
     def __init__(self, folder, backbone=None, plugins=(), server=None, heatmap_method="attention", device="auto",
-                 cache_size=4, preload=True, access_key=None):
+                 cache_size=4, preload=True, access_key=None, quiet_vtk=False):
         self.server = get_server(server, client_type="vue3")
         self.guard = AccessGuard(access_key)
         self.guard.install(self.server)
@@ -161,6 +161,10 @@ class ReviewApp:
         self._model_key = None
         self._image_modality: dict = {}
         self.slicer_app = SlicerApp()
+        if quiet_vtk:  # SlicerApp installed a new VTK output window: VTK warnings off again (cli.quiet_vtk)
+            from .cli import quiet_vtk as silence
+
+            silence()
         register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=_slice_view_ui,
                                three_d_view_ui_f=_threed_view_ui, target_fps=20.0, blur_fps=20.0,
                                interactive_quality=90)  # = still quality: one render per change, not two

@@ -56,12 +56,13 @@ class ReviewServer:
     without the key; ``output()`` everything it printed.
     """
 
-    def __init__(self, folder, *extra, host="127.0.0.1", port=None, env=None, log=None):
+    def __init__(self, folder, *extra, host="127.0.0.1", port=None, env=None, log=None, log_level="WARNING"):
         self.port = port or free_port()
         self.host = host
         self.base = f"http://{host}:{self.port}/"
         self.url = None
-        command = [sys.executable, "-m", "anymc3d", "--log-level", "WARNING", "review", str(folder),
+        level = ["--log-level", log_level] if log_level else []  # None: the command's default
+        command = [sys.executable, "-m", "anymc3d", *level, "review", str(folder),
                    "--port", str(self.port), "--host", host, *[str(e) for e in extra]]
         self.log_path = log or tempfile.mkstemp(prefix="anymc3d-review-", suffix=".log")[1]
         self.log = open(self.log_path, "w")  # noqa: SIM115

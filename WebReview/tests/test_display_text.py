@@ -4,6 +4,7 @@ from the same table, and the chart's y-axis label inside the plot (server side, 
 import re
 
 import numpy as np
+import pytest
 from anymc3d_review.chart import CHART_HEIGHT, chart_data, colorbar_gradient
 from AnyMC3DSlicerLogic.outputs import HEATMAP_COLOR_STOPS, heatmapColor
 
@@ -50,3 +51,17 @@ def test_chart_y_label_names_the_maximum_inside_the_plot():
     # the polyline's highest point is the maximum, drawn at the plot's top edge
     top_y = min(float(p.split(",")[1]) for line in chart["lines"] for p in line["points"].split())
     assert top_y == plot["y"]
+
+
+def test_default_output_before_the_printed_address_is_quiet(tmp_path):
+    """Started with the default log level, the server prints its address with nothing of trame's, wslink's or VTK's
+    internals before it (the issue saw 15,000 lines)."""
+    pytest.importorskip("slicer")
+    import SimpleITK as sitk
+    from anymc3d_review.testing import ReviewServer
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 12, 12), np.float32)), str(tmp_path / "tiny.nii.gz"))
+    with ReviewServer(tmp_path, log_level=None, log=tmp_path / "server.log") as server:
+        lines = [line for line in server.output().splitlines() if line.strip()]
+    first = next(i for i, line in enumerate(lines) if "open: http" in line)
+    assert lines[:first] == [f"AnyMC3D review of {tmp_path.resolve()}"], lines[:first]
