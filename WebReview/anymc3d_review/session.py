@@ -202,13 +202,20 @@ class ReviewSession:
                 self.logic.checkRecord(record, len(record.get("results") or []), str(self.folder.root), options)
             except ValueError as error:
                 raise RecordError(str(error)) from error
-            outputs = self.logic.importResults(record, [str(case.path)], options, self.display)
+            source = self._input_node(case) if case.is_dicom else str(case.path)
+            try:
+                outputs = self.logic.importResults(record, [source], options, self.display)
+            except Exception:
+                if not isinstance(source, str):
+                    self.scene.RemoveNode(source)
+                raise
             loaded = LoadedCase(case.index, outputs.inputNode, outputs, folder_item=outputs.folderItem, record=record)
         elif case.status == "error":
-            raise RecordError(case.error)
+            raise RecordError(case.error or case.unreadable)
         else:
             try:
-                loaded = LoadedCase(case.index, self.logic.loadInputFile(str(case.path)))
+                loaded = LoadedCase(case.index, self._input_node(case) if case.is_dicom
+                                    else self.logic.loadInputFile(str(case.path)))
             except ValueError as error:
                 raise RecordError(str(error)) from error
         added = _node_ids(self.scene) - before
@@ -218,6 +225,18 @@ class ReviewSession:
         loaded.load_seconds = time.perf_counter() - started
         self.loaded[case.index] = loaded
         return loaded
+
+    def _input_node(self, case: Case):
+        """A DICOM series case's volume: the Logic's loader on the series' first file (Slicer's archetype reader
+        reads the whole series of that file), the files being those the backend reads (``dicom_series_files``)."""
+        from anymc3d.preprocessing import dicom_series_files
+
+        files = dicom_series_files(case.path, case.series)
+        if not files:
+            raise RecordError(f"{case.name}: the DICOM series is gone")
+        node = self.logic.loadInputFile(files[0])
+        node.SetName(case.stem)
+        return node
 
     def _show(self, loaded: LoadedCase) -> None:
         previous = self.current
@@ -552,6 +571,9 @@ class ReviewSession:
         if self.job is not None and not self.job.done:
             raise RecordError("A run is already in progress")
         case = self.folder.case(index)
+        if case.is_dicom:  # the Logic's job imports its input by file name; a series folder is not one
+            raise RecordError(f"{case.name}: runs from the page take image files; run 'anymc3d predict' on this "
+                              "DICOM series and rescan")
         json_path, heatmap_dir = self.folder.results_paths(case)
         if case.record is not None or json_path.exists() or self.folder.results_on_disk(case):
             raise RecordError(f"{case.name} already has results: it is not run again (results are never overwritten)")
@@ -618,7 +640,7 @@ class ReviewSession:
 
     def case_error(self, index) -> str:
         case = self.folder.case(index)
-        return self.run_errors.get(index) or case.error
+        return self.run_errors.get(index) or case.error or case.unreadable
 
 
 def _record_rows(record) -> list[dict]:

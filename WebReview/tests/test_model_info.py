@@ -108,18 +108,28 @@ def test_intended_modality_from_metadata_or_preprocessing():
     assert intended_modality({"preprocessing": [{"intensity": "ct"}, {"intensity": "mri_zscore"}]}) == ("", "")
 
 
-def write_dicom_series(folder, modality, size=(12, 10, 4)):
-    """A small DICOM series written by SimpleITK with a Modality tag."""
+def write_dicom_series(folder, modality, image=None, series_uid="1.2.826.0.1.3680043.2.1125.7.1"):
+    """A DICOM series written by SimpleITK ("Dicom Series From Array": one file per slice, per-slice position), with
+    a Modality tag; ``image`` defaults to a small synthetic CT."""
+    if image is None:
+        from anymc3d.synthetic import make_ct_volume
+
+        image = make_ct_volume(size=(24, 20, 6), spacing=(1.0, 1.0, 2.5), lesion=True, seed=3)
+    image = sitk.Cast(image, sitk.sitkInt16)
     folder.mkdir(parents=True)
-    volume = sitk.GetImageFromArray(np.arange(np.prod(size[::-1]), dtype=np.int16).reshape(size[::-1]))
-    for k in range(size[2]):
-        image = volume[:, :, k]
-        for tag, value in (("0008|0060", modality), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
-                           ("0020|000d", "1.2.826.0.1.3680043.2.1125.2"), ("0020|0013", str(k + 1)),
-                           ("0020|0032", f"0\\0\\{k * 2.0}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
-                           ("0028|0030", "1\\1"), ("0018|0050", "2")):
-            image.SetMetaData(tag, value)
-        sitk.WriteImage(image, str(folder / f"slice{k:03d}.dcm"))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = image.GetDirection()
+    for k in range(image.GetDepth()):
+        piece = image[:, :, k]
+        for tag, value in (("0008|0060", modality), ("0020|000e", series_uid), ("0020|0011", "1"),
+                           ("0020|000d", series_uid + ".9"), ("0008|0008", "DERIVED\\SECONDARY"),
+                           ("0020|0037", "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))),
+                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k))))),
+                           ("0020|0013", str(k + 1))):
+            piece.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(piece)
     return folder
 
 
