@@ -266,7 +266,9 @@ class ReviewApp:
     def _publish_cases(self):
         running = self.session.job_case if self.state.running else None
         self.state.cases = [{"index": c.index, "name": c.name,
-                             "status": "running" if c.index == running else ("error" if self.session.run_errors.get(c.index) else c.status),
+                             "status": "running" if c.index == running else
+                             ("error" if self.session.run_errors.get(c.index) or self.session.load_errors.get(c.index)
+                              else c.status),
                              "error": self.session.case_error(c.index)} for c in self.folder.cases]
         for item in self.state.cases:
             item["status_text"] = STATUS_TEXT[item["status"]]
@@ -357,6 +359,7 @@ class ReviewApp:
             s.case_error = str(error) or type(error).__name__
             s.shown_case = -1
             self._clear_views()
+            self._publish_cases()  # the list shows the case's error from now on
         s.case_index = index
         self._publish_scene()
         self._schedule_prefetch()
@@ -678,7 +681,8 @@ class ReviewApp:
                 html.Div("body part: {{ m.body_part }}", v_if="m.body_part", classes="model-body-part")
                 html.Div("training: {{ line }}", v_for="line in m.training", key="line", classes="model-training")
                 html.Div("{{ m.description }}", v_if="m.description", classes="text-grey model-description")
-            html.Div("image modality: {{ image_modality }}", v_if="shown_case >= 0", classes="text-caption image-modality")
+        html.Div("image modality: {{ image_modality }}", v_if="shown_case >= 0 && image_modality",
+                 classes="text-caption image-modality")
 
     def _build_panel(self):
         with html.Div(classes="pa-2"):
@@ -694,6 +698,8 @@ class ReviewApp:
                     with html.Div(classes="d-flex align-center"):
                         html.Span("{{ item.name }}", classes="text-body-2 case-name", style="flex: 1;")
                         v3.VChip("{{ item.status_text }}", size="x-small", color=("item.color",), classes="case-status")
+                    html.Div("{{ item.error }}", v_if="item.status === 'error' && item.error",
+                             classes="text-caption text-red case-list-error", style="line-height: 1.2;")
 
             with html.Div(v_if="folder_problems.length", classes="mt-1 folder-problems"):
                 html.Div("Ignored: {{ p }}", v_for="p in folder_problems", key="p", classes="text-caption text-amber")

@@ -171,6 +171,7 @@ class ReviewSession:
         self._before_poll = set()
         self.prefetch_failed: set[int] = set()
         self.run_errors: dict[int, str] = {}  # errors of runs from the page that left no results file
+        self.load_errors: dict[int, str] = {}  # cases that failed to open (listed as errors until they open)
 
     # Cases -------------------------------------------------------------------------------------------------
 
@@ -183,7 +184,12 @@ class ReviewSession:
         case = self.folder.case(index)
         loaded = self.loaded.get(index)
         if loaded is None:
-            loaded = self._load(case)
+            try:
+                loaded = self._load(case)
+            except (RecordError, ValueError, OSError) as error:
+                self.load_errors[index] = str(error) or type(error).__name__  # the list shows it from now on
+                raise
+            self.load_errors.pop(index, None)
         self.loaded.move_to_end(index)
         self._show(loaded)
         self._evict()
@@ -345,6 +351,7 @@ class ReviewSession:
         paths = {index: self.folder.cases[index].path for index in self.loaded}
         errors = {self.folder.cases[index].path: message for index, message in self.run_errors.items()}
         self.folder.refresh()
+        self.load_errors.clear()  # indices move; a case that failed is tried again when opened
         new_index = {case.path: case.index for case in self.folder.cases}
         for index, path in paths.items():
             if path not in new_index or self.loaded[index].record != self.folder.cases[new_index[path]].record:
@@ -640,7 +647,7 @@ class ReviewSession:
 
     def case_error(self, index) -> str:
         case = self.folder.case(index)
-        return self.run_errors.get(index) or case.error or case.unreadable
+        return self.run_errors.get(index) or case.error or case.unreadable or self.load_errors.get(index, "")
 
 
 def _record_rows(record) -> list[dict]:

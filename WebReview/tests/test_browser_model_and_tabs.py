@@ -3,7 +3,8 @@ a brain MRI under a CT plugin, plugin metadata shown as text), and what the page
 
 Folder: the demo CT (``volume.nii.gz``, results of the untrained demo plugin, copied from the shared review folder)
 and ``brain.nii.gz``, a real T1 brain MRI (nilearn's MNI152 template, downsampled), predicted with a copy of the demo
-plugin that carries a training summary and a name with markup in it.
+plugin that carries a training summary and a name with markup in it; ``series_mr``, a DICOM series (Modality MR)
+without results, and ``broken.nii.gz``, no image at all.
 """
 
 import json
@@ -17,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 from anymc3d_review.testing import ReviewServer, open_page, state, wait_frames, wait_state
 
-from .test_model_info import SUMMARY, trained_copy
+from .test_model_info import SUMMARY, trained_copy, write_dicom_series
 
 EVIL = '<img src=x onerror="window.__pwned=1">'
 
@@ -53,6 +54,8 @@ def model_folder(review_folder, demo_source, tmp_path_factory):
                            "--heatmap", str(folder / "results" / "heatmaps"), "--json", str(folder / "results" / "brain.json"),
                            "--progress", "none", "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    write_dicom_series(folder / "series_mr", "MR")
+    (folder / "broken.nii.gz").write_bytes(b"this is no image")
     return folder
 
 
@@ -133,3 +136,23 @@ def test_tabs_share_one_view_as_the_page_says(browser, model_server):
     finally:
         first.close()
         second.close()
+
+
+def test_case_list_shows_dicom_series_and_unreadable_files(model_page):
+    page = model_page
+    names = [c["name"] for c in state(page, "cases")]
+    assert names == ["brain.nii.gz", "broken.nii.gz", "series_mr", "volume.nii.gz"]
+    broken = page.locator(".case-item", has_text="broken.nii.gz")
+    assert broken.locator(".case-status").inner_text().strip() == "error"
+    assert "not a readable image file" in broken.locator(".case-list-error").inner_text()
+    assert page.locator(".case-list-error").count() == 1  # only the broken file
+    index = names.index("series_mr")
+    page.locator(".case-item", has_text="series_mr").click()
+    wait_state(page, f"s('shown_case') === {index} && s('image_modality') && s('image_modality').startsWith('MRI')")
+    assert page.locator(".image-modality").inner_text().strip() == "image modality: MRI (DICOM tag (0008,0060))"
+    assert state(page, "case_error") == ""
+    wait_frames(page, 0, ("Red",))
+    from anymc3d_review.testing import settle, view_pixels
+
+    settle(page, ("Red",))
+    assert view_pixels(page, "Red").mean() > 10  # the series is drawn (grey, not black)
