@@ -5,7 +5,6 @@ DICOM series with results opens with its heatmap."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
