@@ -74,7 +74,17 @@ KEYBOARD_JS = (
     "   trigger('review_scroll', [view, e.key === 'ArrowUp' ? 1 : -1]); }"
     " else if (e.key === 'ArrowDown' || e.key === 'n' || e.key === 'PageDown') { e.preventDefault(); trigger('review_next'); }"
     " else if (e.key === 'ArrowUp' || e.key === 'p' || e.key === 'PageUp') { e.preventDefault(); trigger('review_previous'); }"
-    " else if (e.key === 'm') { trigger('review_jump_maximum'); } })"
+    " else if (e.key === 'm') { trigger('review_jump_maximum'); } });"
+    # similarity mode: a press of the left button on a slice view's image sends the view and the place in it
+    # (fractions); 'mousedown', as the views' own handlers make the release land on another element (no 'click')
+    " window.addEventListener('mousedown', (e) => {"
+    " if (e.button !== 0 || !window.trame || !window.trame.state.get('similarity_mode')) return;"
+    " const img = e.target; if (!img || !img.classList || !img.classList.contains('image-display-area')) return;"
+    " let el = img, view = null;"
+    " while (el && !view) { const l = el.querySelector && el.querySelector('.view-label[data-view]');"
+    "   if (l) view = l.getAttribute('data-view'); el = el.parentElement; }"
+    " if (!view || view === 'ThreeD') return; const r = img.getBoundingClientRect();"
+    " trigger('review_similarity', [view, (e.clientX - r.left) / r.width, (e.clientY - r.top) / r.height]); }, true)"
 )
 
 
@@ -191,6 +201,8 @@ class ReviewApp:
             view.set_visible_in_3d(True)
             view.set_ruler(slicer.vtkMRMLAbstractViewNode.RulerTypeThin, slicer.vtkMRMLAbstractViewNode.RulerColorWhite)
         self._poll_task = None
+        self._similarity_task = None
+        self.similarity = None  # the Logic's SimilaritySession, made on the first click (needs --backbone)
         self._cursor_task = None
         self._prefetch_task = None
         self._last_activity = time.monotonic()
@@ -218,7 +230,8 @@ class ReviewApp:
         writable = {"case_index": index_below(lambda: len(self.folder.cases)),
                     "row": index_below(lambda: len(self.state.rows or [])),
                     "threshold": finite_float(0.0, 1.0), "opacity": finite_float(0.0, 1.0),
-                    "window_preset": one_of(tuple(WINDOW_PRESETS)), "main_drawer": boolean}
+                    "window_preset": one_of(tuple(WINDOW_PRESETS)), "main_drawer": boolean,
+                    "similarity_mode": boolean}
         for view in self.slicer_app.view_manager.get_slice_views():
             # the slice slider trame-slicer binds to each slice view (trame_slicer 2.0.0 app/logic/slice_view_logic.py)
             writable[get_view_slider_typed_state(self.server, view).name.value] = finite_float()
@@ -226,6 +239,8 @@ class ReviewApp:
 
     def close(self):
         """The server stopped: end a running backend and remove the run folders (session.close)."""
+        if self.similarity is not None:
+            self.similarity.cleanup()
         self.session.close()
 
     # State -------------------------------------------------------------------------------------------------
@@ -258,6 +273,11 @@ class ReviewApp:
         s.run_progress = 0
         s.run_message = ""
         s.has_heatmap = False
+        s.similarity_available = bool(self.session.backbone)  # a click shows a seed-point similarity map
+        s.similarity_mode = False
+        s.similarity_busy = False
+        s.similarity_status = ""
+        s.similarity_version = 0  # +1 when a map is shown (tests)
         s.model_info = []        # per plugin of the shown case: text only (modelinfo.PluginInfo)
         s.model_warnings = []    # the image's modality does not fit a plugin
         s.image_modality = ""
@@ -350,6 +370,7 @@ class ReviewApp:
 
     def _show(self, index):
         s = self.state
+        self._drop_similarity_maps()
         try:
             self.session.show_case(index)
             s.case_error = self.session.case_error(index) if self.session.current.outputs is None else ""
@@ -583,12 +604,91 @@ class ReviewApp:
         self._publish_camera()
         self.state.scene_version += 1
 
+    # Similarity ---------------------------------------------------------------------------------------------
+
+    @trigger("review_similarity")
+    def _similarity_click(self, view_name, fx, fy):
+        """A click on a slice view in similarity mode: the seed-point similarity map of the clicked voxel (the
+        Logic's SimilaritySession: ``anymc3d similarity`` in the background, PlaneCycle features cached per volume),
+        shown as the slice views' overlay. The page stays live: the process runs outside the server, polled."""
+        self._touch()
+        try:
+            fx, fy = float(fx), float(fy)
+        except (TypeError, ValueError):
+            return
+        s = self.state
+        if view_name not in SLICE_VIEW_NAMES or not (0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0) or not s.similarity_mode:
+            return
+        current = self.session.current
+        if not self.session.backbone or current is None:
+            return
+        if self.state.running:
+            s.similarity_status = "busy: a prediction is running; click again when it has finished"
+            return
+        view = next((v for v in self.slicer_app.view_manager.get_slice_views() if v.get_singleton_tag() == view_name), None)
+        if view is None:
+            return
+        width, height = view.render_window().GetSize()
+        ras = view.get_view_node().GetXYToRAS().MultiplyPoint([fx * width, (1.0 - fy) * height, 0.0, 1.0])[:3]
+        session = self._similarity_session()
+        s.similarity_busy, s.similarity_status = True, "computing the similarity map (PlaneCycle features)…"
+        session.request(current.input_node, ras, self._on_similarity)
+        if self._similarity_task is None or self._similarity_task.done():
+            self._similarity_task = create_task(self._poll_similarity())
+
+    def _drop_similarity_maps(self):
+        """A similarity map belongs to the shown case and the click: a case switch removes it (and its nodes)."""
+        if self.similarity is None:
+            return
+        self.similarity.cancel()
+        for loaded in self.session.loaded.values():
+            for node in self.similarity.similarityNodes(loaded.input_node):
+                self.similarity._removeNode(node)
+        self.state.similarity_status = ""
+
+    def _similarity_session(self):
+        from AnyMC3DSlicerLogic.similarity import SimilarityOptions, SimilaritySession
+
+        if self.similarity is None:
+            from anymc3d.plugin_file import read_plugin_json
+
+            size = read_plugin_json(self.session.plugins[0])["backbone"]["img_size"] if self.session.plugins else 224
+            self.similarity = SimilaritySession(self.session.logic, self.session.backbone,
+                                                SimilarityOptions(device=self.session.device, inputSize=int(size)))
+        return self.similarity
+
+    async def _poll_similarity(self):
+        while True:
+            with self.state:
+                session = self.similarity
+                if session is None or (session.job is None and session.pending is None):
+                    self.state.similarity_busy = False
+                    break
+                self.session.logic.runner.processEvents(0)
+            await asyncio.sleep(0.1)
+
+    def _on_similarity(self, result):
+        s = self.state
+        if result.status == "ok":
+            seed = ",".join(str(v) for v in result.ijk)
+            s.similarity_status = f"similarity to voxel ({seed}) shown" + (" (features cached)" if result.cacheHit else "")
+            s.similarity_version += 1
+            self._render_slice_views()
+            s.scene_version += 1
+        elif result.status == "cancelled":
+            s.similarity_status = "replaced by a newer click"
+        else:
+            s.similarity_status = f"failed: {result.message}"
+
     # Runs --------------------------------------------------------------------------------------------------
 
     @trigger("review_run")
     def _run(self):
         current = self.session.current  # the case the scene shows (never a value sent by the page)
         if self.state.running or not self.session.can_run or current is None:
+            return
+        if self.state.similarity_busy:
+            self.state.run_message = "busy: a similarity map is being computed; run again when it has finished"
             return
         index = current.index
         try:
@@ -790,6 +890,19 @@ class ReviewApp:
                               click="trigger('review_chart_click', [$event.clientX - $event.currentTarget.getBoundingClientRect().left])"):
                     _importance_chart()
 
+            with html.Div(v_if="similarity_available && shown_case >= 0", classes="mt-2"):
+                v3.VDivider(classes="my-2")
+                with html.Div(classes="d-flex align-center"):
+                    html.Span("Similarity", classes="text-subtitle-2", style="flex: 1;",
+                              title="click a slice view: cosine similarity of every voxel's PlaneCycle feature to "
+                                    "the clicked voxel's (the backbone's own features, no plugin)")
+                    v3.VBtn("{{ similarity_mode ? 'On: click a view' : 'Off' }}", size="x-small",
+                            variant=("similarity_mode ? 'flat' : 'text'",), classes="similarity-toggle",
+                            color=("similarity_mode ? 'primary' : undefined",),
+                            click="similarity_mode = !similarity_mode")
+                html.Div("{{ similarity_status }}", v_if="similarity_status", classes="text-caption similarity-status")
+                v3.VProgressLinear(indeterminate=True, v_show="similarity_busy", color="amber", height=3,
+                                   classes="similarity-busy")
             v3.VDivider(classes="my-2")
             html.Div("3D view", classes="text-subtitle-2")
             with html.Div(classes="d-flex flex-wrap", style="gap: 4px;"):
