@@ -123,7 +123,10 @@ def test_successful_run_imports_everything(sceneContext, obliqueVolumePath, fake
     points = [opacity.GetValue(x) for x in (0.0, 0.1, 1.0)]
     assert points == pytest.approx([0.0, 0.0, out.MAX_VOLUME_RENDERING_OPACITY])
     color = prop.GetRGBTransferFunction()
-    assert color.GetColor(0.0) == pytest.approx((0, 0, 1)) and color.GetColor(1.0) == pytest.approx((1, 0, 0))
+    # the overlay's table (inferno): black-purple at 0, pale yellow at 1, the mid stop in between
+    for value in (0.0, 0.5, 1.0):
+        assert color.GetColor(value) == pytest.approx(out.heatmapColor(value), abs=1e-3)
+    assert color.GetColor(1.0)[0] > 0.9 and color.GetColor(0.0)[0] < 0.05
 
     # Slice importance chart along the slicing axis (K here)
     chart = outputs.chartNode

@@ -100,7 +100,7 @@ def test_real_backend_end_to_end(sceneContext, realLogic, demo, obliqueSmall, tm
     assert vr is not None and vr.GetVisibility()
     prop = vr.GetVolumePropertyNode().GetVolumeProperty()
     assert [prop.GetScalarOpacity().GetValue(x) for x in (0.0, 0.25, 1.0)] == pytest.approx([0, 0, out.MAX_VOLUME_RENDERING_OPACITY])
-    assert prop.GetRGBTransferFunction().GetColor(1.0) == pytest.approx((1.0, 0.0, 0.0))
+    assert prop.GetRGBTransferFunction().GetColor(1.0) == pytest.approx(out.HEATMAP_COLOR_STOPS[-1][1])
 
     # Slice importance chart == the JSON
     importanceTable = result.outputs.importanceTableNode.GetTable()

@@ -43,6 +43,7 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # 
 from .cases import CaseFolder, RecordError  # noqa: E402
 from .chart import CHART_HEIGHT, CHART_WIDTH, chart_data, colorbar_gradient, slice_from_chart_x  # noqa: E402
 from .guard import AccessGuard, boolean, finite_float, index_below, one_of  # noqa: E402
+from .modelinfo import UNTRAINED, PluginInfoReader, image_modality, modality_name, modality_warnings, record_plugins  # noqa: E402
 from .session import WINDOW_PRESETS, ReviewSession  # noqa: E402
 
 logger = logging.getLogger("anymc3d.review")
@@ -51,6 +52,7 @@ LAYOUT_ID = "AnyMC3D review"
 PREFETCH_IDLE_S = 1.2  # idle time of the page before neighbours are loaded
 VIEW_TITLES = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal", "ThreeD": "3D"}
 CAMERA_ACTIONS = ("left", "right", "up", "down", "zoom_in", "zoom_out", "reset", "anterior", "left_side", "superior")
+COLORBAR_LABEL = "relative attention (per-case max = 1), not a probability"
 STATUS_TEXT = {"results": "results", "none": "no results", "error": "error", "running": "running"}
 STATUS_COLOR = {"results": "green", "none": "grey", "error": "red", "running": "amber"}
 
@@ -72,7 +74,17 @@ KEYBOARD_JS = (
     "   trigger('review_scroll', [view, e.key === 'ArrowUp' ? 1 : -1]); }"
     " else if (e.key === 'ArrowDown' || e.key === 'n' || e.key === 'PageDown') { e.preventDefault(); trigger('review_next'); }"
     " else if (e.key === 'ArrowUp' || e.key === 'p' || e.key === 'PageUp') { e.preventDefault(); trigger('review_previous'); }"
-    " else if (e.key === 'm') { trigger('review_jump_maximum'); } })"
+    " else if (e.key === 'm') { trigger('review_jump_maximum'); } });"
+    # similarity mode: a press of the left button on a slice view's image sends the view and the place in it
+    # (fractions); 'mousedown', as the views' own handlers make the release land on another element (no 'click')
+    " window.addEventListener('mousedown', (e) => {"
+    " if (e.button !== 0 || !window.trame || !window.trame.state.get('similarity_mode')) return;"
+    " const img = e.target; if (!img || !img.classList || !img.classList.contains('image-display-area')) return;"
+    " let el = img, view = null;"
+    " while (el && !view) { const l = el.querySelector && el.querySelector('.view-label[data-view]');"
+    "   if (l) view = l.getAttribute('data-view'); el = el.parentElement; }"
+    " if (!view || view === 'ThreeD') return; const r = img.getBoundingClientRect();"
+    " trigger('review_similarity', [view, (e.clientX - r.left) / r.width, (e.clientY - r.top) / r.height]); }, true)"
 )
 
 
@@ -149,13 +161,20 @@ class ReviewApp:
     """Args: folder (a CaseFolder or a path), backbone / plugins (for runs from the page), server (trame's)."""
 
     def __init__(self, folder, backbone=None, plugins=(), server=None, heatmap_method="attention", device="auto",
-                 cache_size=4, preload=True, access_key=None):
+                 cache_size=4, preload=True, access_key=None, quiet_vtk=False):
         self.server = get_server(server, client_type="vue3")
         self.guard = AccessGuard(access_key)
         self.guard.install(self.server)
         self.server.enable_module(trame_slicer_module)
         self.folder = folder if isinstance(folder, CaseFolder) else CaseFolder(folder)
+        self.plugin_reader = PluginInfoReader(self.folder.root, trusted=plugins)
+        self._model_key = None
+        self._image_modality: dict = {}
         self.slicer_app = SlicerApp()
+        if quiet_vtk:  # SlicerApp installed a new VTK output window: VTK warnings off again (cli.quiet_vtk)
+            from .cli import quiet_vtk as silence
+
+            silence()
         register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=_slice_view_ui,
                                three_d_view_ui_f=_threed_view_ui, target_fps=20.0, blur_fps=20.0,
                                interactive_quality=90)  # = still quality: one render per change, not two
@@ -182,6 +201,8 @@ class ReviewApp:
             view.set_visible_in_3d(True)
             view.set_ruler(slicer.vtkMRMLAbstractViewNode.RulerTypeThin, slicer.vtkMRMLAbstractViewNode.RulerColorWhite)
         self._poll_task = None
+        self._similarity_task = None
+        self.similarity = None  # the Logic's SimilaritySession, made on the first click (needs --backbone)
         self._cursor_task = None
         self._prefetch_task = None
         self._last_activity = time.monotonic()
@@ -209,7 +230,8 @@ class ReviewApp:
         writable = {"case_index": index_below(lambda: len(self.folder.cases)),
                     "row": index_below(lambda: len(self.state.rows or [])),
                     "threshold": finite_float(0.0, 1.0), "opacity": finite_float(0.0, 1.0),
-                    "window_preset": one_of(tuple(WINDOW_PRESETS)), "main_drawer": boolean}
+                    "window_preset": one_of(tuple(WINDOW_PRESETS)), "main_drawer": boolean,
+                    "similarity_mode": boolean}
         for view in self.slicer_app.view_manager.get_slice_views():
             # the slice slider trame-slicer binds to each slice view (trame_slicer 2.0.0 app/logic/slice_view_logic.py)
             writable[get_view_slider_typed_state(self.server, view).name.value] = finite_float()
@@ -217,6 +239,8 @@ class ReviewApp:
 
     def close(self):
         """The server stopped: end a running backend and remove the run folders (session.close)."""
+        if self.similarity is not None:
+            self.similarity.cleanup()
         self.session.close()
 
     # State -------------------------------------------------------------------------------------------------
@@ -249,12 +273,22 @@ class ReviewApp:
         s.run_progress = 0
         s.run_message = ""
         s.has_heatmap = False
+        s.similarity_available = bool(self.session.backbone)  # a click shows a seed-point similarity map
+        s.similarity_mode = False
+        s.similarity_busy = False
+        s.similarity_status = ""
+        s.similarity_version = 0  # +1 when a map is shown (tests)
+        s.model_info = []        # per plugin of the shown case: text only (modelinfo.PluginInfo)
+        s.model_warnings = []    # the image's modality does not fit a plugin
+        s.image_modality = ""
         self._publish_cases()
 
     def _publish_cases(self):
         running = self.session.job_case if self.state.running else None
         self.state.cases = [{"index": c.index, "name": c.name,
-                             "status": "running" if c.index == running else ("error" if self.session.run_errors.get(c.index) else c.status),
+                             "status": "running" if c.index == running else
+                             ("error" if self.session.run_errors.get(c.index) or self.session.load_errors.get(c.index)
+                              else c.status),
                              "error": self.session.case_error(c.index)} for c in self.folder.cases]
         for item in self.state.cases:
             item["status_text"] = STATUS_TEXT[item["status"]]
@@ -274,7 +308,39 @@ class ReviewApp:
         heatmap = session.shown_heatmap()
         s.maximum_ijk = self._maximum_ijk(heatmap) if heatmap is not None else None
         self._publish_camera()
+        self._publish_model()
         s.scene_version += 1
+
+    def _publish_model(self):
+        """The model information of the shown case's plugins (its record's, or the command line's for a case without
+        results), and the modality warnings; recomputed only when the shown case or its record changes."""
+        s, current = self.state, self.session.current
+        case = self.folder.cases[current.index] if current is not None and current.index < len(self.folder.cases) else None
+        key = (case.path, id(current.record), id(current.input_node)) if case is not None else None
+        if key == self._model_key:
+            return
+        self._model_key = key
+        if case is None:
+            s.model_info, s.model_warnings = [], []
+            return
+        named = record_plugins(current.record) if current.record is not None else \
+            [(str(p), "") for p in self.session.plugins]
+        infos = [self.plugin_reader.read(path, name) for path, name in named]
+        if case.path not in self._image_modality:
+            self._image_modality[case.path] = image_modality(case.path)
+        code, source = self._image_modality[case.path]
+        image = current.input_node.GetImageData() if current.input_node is not None else None
+        scalar_range = tuple(image.GetScalarRange()) if image is not None else None
+        s.model_warnings = modality_warnings(infos, code, source, scalar_range)
+        items = []
+        for info in infos:
+            item = info.as_state()
+            item["modality_text"] = (f"{modality_name(info.modality)} ({info.modality_source})" if info.modality
+                                     else ("not stated" if info.opened else ""))
+            item["for_run"] = current.record is None
+            items.append(item)
+        s.model_info = items
+        s.image_modality = f"{modality_name(code)} ({source})" if code else "not stated by the file"
 
     def _publish_cursor(self):
         s, session = self.state, self.session
@@ -304,6 +370,7 @@ class ReviewApp:
 
     def _show(self, index):
         s = self.state
+        self._drop_similarity_maps()
         try:
             self.session.show_case(index)
             s.case_error = self.session.case_error(index) if self.session.current.outputs is None else ""
@@ -313,6 +380,7 @@ class ReviewApp:
             s.case_error = str(error) or type(error).__name__
             s.shown_case = -1
             self._clear_views()
+            self._publish_cases()  # the list shows the case's error from now on
         s.case_index = index
         self._publish_scene()
         self._schedule_prefetch()
@@ -536,12 +604,91 @@ class ReviewApp:
         self._publish_camera()
         self.state.scene_version += 1
 
+    # Similarity ---------------------------------------------------------------------------------------------
+
+    @trigger("review_similarity")
+    def _similarity_click(self, view_name, fx, fy):
+        """A click on a slice view in similarity mode: the seed-point similarity map of the clicked voxel (the
+        Logic's SimilaritySession: ``anymc3d similarity`` in the background, PlaneCycle features cached per volume),
+        shown as the slice views' overlay. The page stays live: the process runs outside the server, polled."""
+        self._touch()
+        try:
+            fx, fy = float(fx), float(fy)
+        except (TypeError, ValueError):
+            return
+        s = self.state
+        if view_name not in SLICE_VIEW_NAMES or not (0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0) or not s.similarity_mode:
+            return
+        current = self.session.current
+        if not self.session.backbone or current is None:
+            return
+        if self.state.running:
+            s.similarity_status = "busy: a prediction is running; click again when it has finished"
+            return
+        view = next((v for v in self.slicer_app.view_manager.get_slice_views() if v.get_singleton_tag() == view_name), None)
+        if view is None:
+            return
+        width, height = view.render_window().GetSize()
+        ras = view.get_view_node().GetXYToRAS().MultiplyPoint([fx * width, (1.0 - fy) * height, 0.0, 1.0])[:3]
+        session = self._similarity_session()
+        s.similarity_busy, s.similarity_status = True, "computing the similarity map (PlaneCycle features)…"
+        session.request(current.input_node, ras, self._on_similarity)
+        if self._similarity_task is None or self._similarity_task.done():
+            self._similarity_task = create_task(self._poll_similarity())
+
+    def _drop_similarity_maps(self):
+        """A similarity map belongs to the shown case and the click: a case switch removes it (and its nodes)."""
+        if self.similarity is None:
+            return
+        self.similarity.cancel()
+        for loaded in self.session.loaded.values():
+            for node in self.similarity.similarityNodes(loaded.input_node):
+                self.similarity._removeNode(node)
+        self.state.similarity_status = ""
+
+    def _similarity_session(self):
+        from AnyMC3DSlicerLogic.similarity import SimilarityOptions, SimilaritySession
+
+        if self.similarity is None:
+            from anymc3d.plugin_file import read_plugin_json
+
+            size = read_plugin_json(self.session.plugins[0])["backbone"]["img_size"] if self.session.plugins else 224
+            self.similarity = SimilaritySession(self.session.logic, self.session.backbone,
+                                                SimilarityOptions(device=self.session.device, inputSize=int(size)))
+        return self.similarity
+
+    async def _poll_similarity(self):
+        while True:
+            with self.state:
+                session = self.similarity
+                if session is None or (session.job is None and session.pending is None):
+                    self.state.similarity_busy = False
+                    break
+                self.session.logic.runner.processEvents(0)
+            await asyncio.sleep(0.1)
+
+    def _on_similarity(self, result):
+        s = self.state
+        if result.status == "ok":
+            seed = ",".join(str(v) for v in result.ijk)
+            s.similarity_status = f"similarity to voxel ({seed}) shown" + (" (features cached)" if result.cacheHit else "")
+            s.similarity_version += 1
+            self._render_slice_views()
+            s.scene_version += 1
+        elif result.status == "cancelled":
+            s.similarity_status = "replaced by a newer click"
+        else:
+            s.similarity_status = f"failed: {result.message}"
+
     # Runs --------------------------------------------------------------------------------------------------
 
     @trigger("review_run")
     def _run(self):
         current = self.session.current  # the case the scene shows (never a value sent by the page)
         if self.state.running or not self.session.can_run or current is None:
+            return
+        if self.state.similarity_busy:
+            self.state.run_message = "busy: a similarity map is being computed; run again when it has finished"
             return
         index = current.index
         try:
@@ -616,6 +763,27 @@ class ReviewApp:
                     self.layout_manager.initialize_layout_grid(layout)
         self.ui = layout
 
+    def _build_model_panel(self):
+        """Per plugin: name, version, backbone, intended modality / body part, training summary (text only)."""
+        with html.Div(v_if="model_info.length", classes="model-info mb-2"):
+            html.Div("Model", classes="text-subtitle-2")
+            html.Div("plugins a run from here would use", v_if="model_info.length && model_info[0].for_run",
+                     classes="text-caption text-grey")
+            with html.Div(v_for="m in model_info", key="m.path + m.name", classes="model-plugin text-caption mb-1"):
+                html.Div("{{ m.name }}", classes="text-body-2 model-name")
+                v3.VAlert(UNTRAINED, v_if="m.trained === false", type="error", density="compact", variant="flat",
+                          classes="untrained-warning my-1",
+                          title="the plugin carries no training summary: its weights were not trained by anymc3d train")
+                html.Div("{{ m.problem }}", v_if="m.problem", classes="text-amber model-problem")
+                html.Div("version: {{ m.version }}", v_if="m.version", classes="model-version")
+                html.Div("backbone: {{ m.backbone }}", v_if="m.backbone", classes="model-backbone")
+                html.Div("intended modality: {{ m.modality_text }}", v_if="m.modality_text", classes="model-modality")
+                html.Div("body part: {{ m.body_part }}", v_if="m.body_part", classes="model-body-part")
+                html.Div("training: {{ line }}", v_for="line in m.training", key="line", classes="model-training")
+                html.Div("{{ m.description }}", v_if="m.description", classes="text-grey model-description")
+        html.Div("image modality: {{ image_modality }}", v_if="shown_case >= 0 && image_modality",
+                 classes="text-caption image-modality")
+
     def _build_panel(self):
         with html.Div(classes="pa-2"):
             with html.Div(classes="d-flex align-center"):
@@ -630,6 +798,8 @@ class ReviewApp:
                     with html.Div(classes="d-flex align-center"):
                         html.Span("{{ item.name }}", classes="text-body-2 case-name", style="flex: 1;")
                         v3.VChip("{{ item.status_text }}", size="x-small", color=("item.color",), classes="case-status")
+                    html.Div("{{ item.error }}", v_if="item.status === 'error' && item.error",
+                             classes="text-caption text-red case-list-error", style="line-height: 1.2;")
 
             with html.Div(v_if="folder_problems.length", classes="mt-1 folder-problems"):
                 html.Div("Ignored: {{ p }}", v_for="p in folder_problems", key="p", classes="text-caption text-amber")
@@ -657,7 +827,13 @@ class ReviewApp:
                         color=("window_preset === p.name ? 'primary' : undefined",),
                         click="window_preset = p.name", classes=("'window-preset window-' + p.name",))
             v3.VDivider(classes="my-2")
+            self._build_model_panel()
             html.Div("Findings", classes="text-subtitle-2")
+            with html.Div(v_for="w in model_warnings", key="w", classes="mb-1"):
+                v3.VAlert("{{ w }}", type="warning", density="compact", variant="tonal", classes="modality-warning")
+            with html.Div(v_if="rows.length && model_info.some(m => m.trained === false)", classes="mb-1"):
+                v3.VAlert(f"{UNTRAINED} (a plugin of these findings was not trained)", type="error",
+                          density="compact", variant="flat", classes="untrained-findings")
             with v3.VTable(density="compact", classes="findings-table", v_if="rows.length"):
                 with html.Thead():
                     with html.Tr():
@@ -699,8 +875,9 @@ class ReviewApp:
                     with html.Div(classes="d-flex text-caption text-grey"):
                         html.Span("0")
                         v3.VSpacer()
-                        html.Span("heatmap, scaled to this case's maximum: not a probability (shaded: under the threshold)",
-                                  classes="text-center")
+                        html.Span(COLORBAR_LABEL, classes="text-center colorbar-label",
+                                  title="the heatmap divided by its maximum in this case (inferno colour map); "
+                                        "shaded: under the threshold, not drawn")
                         v3.VSpacer()
                         html.Span("1")
                 with html.Div(classes="d-flex mt-1", style="gap: 4px;"):
@@ -713,6 +890,19 @@ class ReviewApp:
                               click="trigger('review_chart_click', [$event.clientX - $event.currentTarget.getBoundingClientRect().left])"):
                     _importance_chart()
 
+            with html.Div(v_if="similarity_available && shown_case >= 0", classes="mt-2"):
+                v3.VDivider(classes="my-2")
+                with html.Div(classes="d-flex align-center"):
+                    html.Span("Similarity", classes="text-subtitle-2", style="flex: 1;",
+                              title="click a slice view: cosine similarity of every voxel's PlaneCycle feature to "
+                                    "the clicked voxel's (the backbone's own features, no plugin)")
+                    v3.VBtn("{{ similarity_mode ? 'On: click a view' : 'Off' }}", size="x-small",
+                            variant=("similarity_mode ? 'flat' : 'text'",), classes="similarity-toggle",
+                            color=("similarity_mode ? 'primary' : undefined",),
+                            click="similarity_mode = !similarity_mode")
+                html.Div("{{ similarity_status }}", v_if="similarity_status", classes="text-caption similarity-status")
+                v3.VProgressLinear(indeterminate=True, v_show="similarity_busy", color="amber", height=3,
+                                   classes="similarity-busy")
             v3.VDivider(classes="my-2")
             html.Div("3D view", classes="text-subtitle-2")
             with html.Div(classes="d-flex flex-wrap", style="gap: 4px;"):

@@ -1,9 +1,13 @@
 """The cases of a review folder and where their results are (docs/review.md).
 
-A case is an image file directly in FOLDER (``*.nii``, ``*.nii.gz``, ``*.nrrd``, ``*.nhdr``, ``*.mha``, ``*.mhd``,
-as the Logic lists them). Its results are the record of ``anymc3d predict --json`` output found in
-``FOLDER/results/*.json`` whose ``"image"`` is that file; when several files hold a record for the same image, the
-newest file wins. Running a case from the page writes ``FOLDER/results/<stem>.json`` and the heatmaps into
+The cases are what ``anymc3d predict FOLDER`` would run: the backend's own expansion (``anymc3d.cases``): image files
+directly in FOLDER (``*.nii``, ``*.nii.gz``, ``*.nrrd``, ``*.nhdr``, ``*.mha``, ``*.mhd``), sub-folders holding a
+DICOM series (one case per series), and broken links (listed with their one-line error). A link inside the folder to
+a file in it is listed once; a link out of it is not a case. A file whose header cannot be read is listed with its
+error. Its results are the record of ``anymc3d predict --json`` output found in ``FOLDER/results/*.json`` whose
+``"image"`` (and ``"series"``, for a folder of several series) is that case; when several files hold a record for
+the same case, the newest file wins. Results files that cannot be read, records that are not records, and records of
+images that are not cases of the folder are listed as problems (never dropped without a word). Running a case from the page writes ``FOLDER/results/<stem>.json`` and the heatmaps into
 ``FOLDER/results/heatmaps/``.
 
 Security: the page refers to a case by its index in this listing only. Every path read from a results file (the
@@ -19,7 +23,6 @@ from pathlib import Path
 
 from anymc3d.contract import RecordError as ContractError
 from anymc3d.contract import is_temporary, validate_record
-from AnyMC3DSlicerLogic.logic import imageFilesInFolder, imageStem
 
 RESULTS_DIR = "results"
 HEATMAPS_DIR = "heatmaps"
@@ -39,12 +42,18 @@ class Case:
     record: dict | None = None   # the backend's record, when results exist
     results_file: Path | None = None
     error: str = ""       # why the results cannot be shown, or the backend's error for the case
+    series: str | None = None    # DICOM series instance UID, for a folder holding several series
+    unreadable: str = ""  # why the image itself cannot be read (header checked when listed), "" when it can
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.path.is_dir()
 
     @property
     def status(self) -> str:
         if self.record is not None and self.record.get("status") == "ok" and not self.error:
             return "results"
-        if self.error or self.record is not None:
+        if self.error or self.unreadable or self.record is not None:
             return "error"
         return "none"
 
@@ -63,26 +72,61 @@ class CaseFolder:
     # Listing -----------------------------------------------------------------------------------------------
 
     def refresh(self) -> list[Case]:
-        paths = [Path(p).resolve() for p in imageFilesInFolder(str(self.root))]
-        # a symlink out of the folder is not a case; one inside it is the file it leads to (listed once)
-        paths = list(dict.fromkeys(p for p in paths if self.contains(p) and p.is_file() and not is_temporary(p.name)))
-        self.cases = [Case(i, p, p.name, imageStem(str(p))) for i, p in enumerate(paths)]
-        self.problems = []
-        by_path = {case.path: case for case in self.cases}
+        self.problems = []  # results files and records that were ignored, and why (shown on the page)
+        self.cases = [Case(i, path, name, stem, series=series, unreadable=unreadable)
+                      for i, (path, name, stem, series, unreadable) in enumerate(self._expand())]
+        by_key = {(case.path, case.series): case for case in self.cases}
+        series_of = {}
+        for case in self.cases:
+            series_of.setdefault(case.path, []).append(case.series)
         for results_file in self._results_files():
             try:
                 records = self._read_json(results_file)
             except RecordError as error:
                 self.problems.append(str(error))  # a broken file says nothing about which case it belongs to
                 continue
-            for record in records:
+            for number, record in enumerate(records):
                 image = record.get("image") if isinstance(record, dict) else None
-                if not isinstance(image, str):
+                if not isinstance(image, str) or not os.path.isabs(image):
+                    self.problems.append(f"{results_file.name}: record {number} is not a result record "
+                                         "(no absolute 'image')")
                     continue
-                case = by_path.get(Path(image).resolve()) if os.path.isabs(image) else None
-                if case is not None:
-                    self._attach(case, record, results_file)
+                path = Path(image).resolve()
+                series = record.get("series") if len(series_of.get(path, ())) > 1 else None
+                case = by_key.get((path, series))
+                if case is None:
+                    self.problems.append(f"{results_file.name}: results for {image}"
+                                         + (f" (series {record.get('series')})" if record.get("series") else "")
+                                         + ", which is not a case of this folder")
+                    continue
+                self._attach(case, record, results_file)
         return self.cases
+
+    def _expand(self) -> list[tuple]:
+        """(path, name, stem, series, unreadable) of each case, from the backend's expansion of FOLDER."""
+        from anymc3d.cases import expand_inputs  # the backend's rule (torch is imported with it)
+        from anymc3d.errors import InputError
+        from anymc3d.preprocessing import check_image_header
+
+        found, seen = [], set()
+        for case in expand_inputs([str(self.root)]):
+            if case.error is not None and Path(case.image) == self.root:
+                self.problems.append(f"{self.root.name}: no images ({case.error.split(': ', 1)[-1]})")
+                continue
+            path = Path(case.image) if case.error is not None else Path(case.image).resolve()
+            if not self.contains(path) or (path, case.series) in seen or path == self.results_dir or \
+                    self.results_dir in path.parents:
+                continue  # a link out of the folder; a second link to the same image; the results themselves
+            seen.add((path, case.series))
+            name = path.name if case.series is None else f"{path.name} [{case.stem}]"
+            unreadable = case.error or ""
+            if not unreadable:
+                try:
+                    check_image_header(path, series=case.series)
+                except InputError as error:
+                    unreadable = str(error)
+            found.append((path, name, case.stem, case.series, unreadable))
+        return found
 
     def _results_files(self) -> list[Path]:
         if not self.results_dir.is_dir():
@@ -129,7 +173,8 @@ class CaseFolder:
             except RecordError:
                 continue
             if any(isinstance(r, dict) and isinstance(r.get("image"), str) and os.path.isabs(r["image"])
-                   and Path(r["image"]).resolve() == case.path for r in records):
+                   and Path(r["image"]).resolve() == case.path and r.get("series") in (None, case.series)
+                   for r in records):
                 return True
         return False
 
@@ -165,6 +210,8 @@ class CaseFolder:
                 paths.append(result["heatmap"])
             paths += list((result.get("finding_heatmaps") or {}).values())
         for path in paths:
+            if isinstance(path, str) and os.path.isdir(path) and path == image:
+                continue  # a DICOM series folder: a case of the listing, checked there
             if not isinstance(path, str) or not os.path.isabs(path):
                 raise RecordError(f"The results name a file by a relative or invalid path: {path!r}")
             if not self.contains(Path(path)):

@@ -104,9 +104,11 @@ def run(args) -> int:
     if not is_loopback(args.host):
         logger.warning("listening on %s: other machines can open this page; anyone with its address can read the "
                        "cases in %s (the default, 127.0.0.1, keeps it to this machine)", args.host, folder.resolve())
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+    quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
+    if quiet:
         for name in QUIET_LOGGERS:  # trame/wslink/aiohttp internals: warnings only, unless --log-level DEBUG
             logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_vtk()
     if args.port and not port_free(args.host, args.port):
         logger.error("port %s on %s is in use: choose another with --port (0: any free port)", args.port, args.host)
         return 2
@@ -114,7 +116,8 @@ def run(args) -> int:
     from .app import ReviewApp  # heavy imports (slicer, vtk, trame) only for this command
 
     app = ReviewApp(folder, backbone=args.backbone.resolve() if args.backbone else None,
-                    plugins=[p.resolve() for p in args.plugin], heatmap_method=args.heatmap_method, device=args.device)
+                    plugins=[p.resolve() for p in args.plugin], heatmap_method=args.heatmap_method, device=args.device,
+                    quiet_vtk=quiet)
     app.server.controller.on_server_ready.add(
         lambda **_: print_addresses(app.guard, args.host, app.server.port, folder.resolve()))
     saved_argv = sys.argv
@@ -130,6 +133,17 @@ def run(args) -> int:
         sys.argv = saved_argv
         app.close()  # Ctrl-C / SIGTERM end here: the backend is killed and the run folders removed
     return 0
+
+
+def quiet_vtk() -> None:
+    """VTK's own warnings (deprecation notices of the render window interactors trame-slicer makes, three per
+    launch) are internals a reader cannot act on: only VTK errors reach stderr, once (vtkLogger), unless
+    --log-level DEBUG. Slicer's application logic installs a new output window: ReviewApp calls this again after
+    making it."""
+    import vtk
+
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_ERROR)
+    vtk.vtkOutputWindow.GetInstance().SetDisplayModeToNever()  # errors still go through vtkLogger
 
 
 def port_free(host: str, port: int) -> bool:

@@ -171,6 +171,7 @@ class ReviewSession:
         self._before_poll = set()
         self.prefetch_failed: set[int] = set()
         self.run_errors: dict[int, str] = {}  # errors of runs from the page that left no results file
+        self.load_errors: dict[int, str] = {}  # cases that failed to open (listed as errors until they open)
 
     # Cases -------------------------------------------------------------------------------------------------
 
@@ -183,7 +184,12 @@ class ReviewSession:
         case = self.folder.case(index)
         loaded = self.loaded.get(index)
         if loaded is None:
-            loaded = self._load(case)
+            try:
+                loaded = self._load(case)
+            except (RecordError, ValueError, OSError) as error:
+                self.load_errors[index] = str(error) or type(error).__name__  # the list shows it from now on
+                raise
+            self.load_errors.pop(index, None)
         self.loaded.move_to_end(index)
         self._show(loaded)
         self._evict()
@@ -202,13 +208,20 @@ class ReviewSession:
                 self.logic.checkRecord(record, len(record.get("results") or []), str(self.folder.root), options)
             except ValueError as error:
                 raise RecordError(str(error)) from error
-            outputs = self.logic.importResults(record, [str(case.path)], options, self.display)
+            source = self._input_node(case) if case.is_dicom else str(case.path)
+            try:
+                outputs = self.logic.importResults(record, [source], options, self.display)
+            except Exception:
+                if not isinstance(source, str):
+                    self.scene.RemoveNode(source)
+                raise
             loaded = LoadedCase(case.index, outputs.inputNode, outputs, folder_item=outputs.folderItem, record=record)
         elif case.status == "error":
-            raise RecordError(case.error)
+            raise RecordError(case.error or case.unreadable)
         else:
             try:
-                loaded = LoadedCase(case.index, self.logic.loadInputFile(str(case.path)))
+                loaded = LoadedCase(case.index, self._input_node(case) if case.is_dicom
+                                    else self.logic.loadInputFile(str(case.path)))
             except ValueError as error:
                 raise RecordError(str(error)) from error
         added = _node_ids(self.scene) - before
@@ -218,6 +231,18 @@ class ReviewSession:
         loaded.load_seconds = time.perf_counter() - started
         self.loaded[case.index] = loaded
         return loaded
+
+    def _input_node(self, case: Case):
+        """A DICOM series case's volume: the Logic's loader on the series' first file (Slicer's archetype reader
+        reads the whole series of that file), the files being those the backend reads (``dicom_series_files``)."""
+        from anymc3d.preprocessing import dicom_series_files
+
+        files = dicom_series_files(case.path, case.series)
+        if not files:
+            raise RecordError(f"{case.name}: the DICOM series is gone")
+        node = self.logic.loadInputFile(files[0])
+        node.SetName(case.stem)
+        return node
 
     def _show(self, loaded: LoadedCase) -> None:
         previous = self.current
@@ -326,6 +351,7 @@ class ReviewSession:
         paths = {index: self.folder.cases[index].path for index in self.loaded}
         errors = {self.folder.cases[index].path: message for index, message in self.run_errors.items()}
         self.folder.refresh()
+        self.load_errors.clear()  # indices move; a case that failed is tried again when opened
         new_index = {case.path: case.index for case in self.folder.cases}
         for index, path in paths.items():
             if path not in new_index or self.loaded[index].record != self.folder.cases[new_index[path]].record:
@@ -552,6 +578,9 @@ class ReviewSession:
         if self.job is not None and not self.job.done:
             raise RecordError("A run is already in progress")
         case = self.folder.case(index)
+        if case.is_dicom:  # the Logic's job imports its input by file name; a series folder is not one
+            raise RecordError(f"{case.name}: runs from the page take image files; run 'anymc3d predict' on this "
+                              "DICOM series and rescan")
         json_path, heatmap_dir = self.folder.results_paths(case)
         if case.record is not None or json_path.exists() or self.folder.results_on_disk(case):
             raise RecordError(f"{case.name} already has results: it is not run again (results are never overwritten)")
@@ -618,7 +647,7 @@ class ReviewSession:
 
     def case_error(self, index) -> str:
         case = self.folder.case(index)
-        return self.run_errors.get(index) or case.error
+        return self.run_errors.get(index) or case.error or case.unreadable or self.load_errors.get(index, "")
 
 
 def _record_rows(record) -> list[dict]:

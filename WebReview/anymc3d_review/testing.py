@@ -56,12 +56,13 @@ class ReviewServer:
     without the key; ``output()`` everything it printed.
     """
 
-    def __init__(self, folder, *extra, host="127.0.0.1", port=None, env=None, log=None):
+    def __init__(self, folder, *extra, host="127.0.0.1", port=None, env=None, log=None, log_level="WARNING"):
         self.port = port or free_port()
         self.host = host
         self.base = f"http://{host}:{self.port}/"
         self.url = None
-        command = [sys.executable, "-m", "anymc3d", "--log-level", "WARNING", "review", str(folder),
+        level = ["--log-level", log_level] if log_level else []  # None: the command's default
+        command = [sys.executable, "-m", "anymc3d", *level, "review", str(folder),
                    "--port", str(self.port), "--host", host, *[str(e) for e in extra]]
         self.log_path = log or tempfile.mkstemp(prefix="anymc3d-review-", suffix=".log")[1]
         self.log = open(self.log_path, "w")  # noqa: SIM115
@@ -276,8 +277,10 @@ def view_pixels(page, view):
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
-def heatmap_fraction(pixels, saturation=60):
-    """Share of pixels with a heatmap colour: strongly coloured (max - min channel), where CT grey has none."""
+def heatmap_fraction(pixels, saturation=30):
+    """Share of pixels with a heatmap colour: coloured (max - min channel above ``saturation``), where CT grey has
+    none. 30: inferno's purples blended at half opacity over grey spread about 40 (the rainbow's pure hues spread
+    over 120; on the grey of the control case, JPEG chroma noise stays below 30: test_browser checks it)."""
     import numpy as np
 
     pixels = pixels.astype(np.int16)

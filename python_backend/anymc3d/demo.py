@@ -60,6 +60,7 @@ def write_demo(folder: os.PathLike | str, seed: int = 0, train: bool = False) ->
     model = demo_backbone(seed=seed)
     paths = {"backbone": save_backbone(model, DEMO_SPEC, folder / "backbone.safetensors")}
     config, head, lora = random_plugin(model, DEMO_SPEC, seed=seed)
+    config.modality, config.body_part = "CT", "synthetic phantom"  # what make_ct_volume makes (HU values)
     paths["plugin"] = save_plugin(folder / "plugin.anymc3d", config, head, lora)
     volume = make_ct_volume(size=(128, 128, 40), spacing=(0.8, 0.8, 2.5), lesion=True, seed=seed)
     paths["volume"] = write_image_atomic(volume, folder / "volume.nii.gz")

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -36,18 +35,19 @@ from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free rea
     JSON_NAME,
     MAX_MEMBER_BYTES,
     PLUGIN_SUFFIX,
+    TRAINING_KEY,
     WEIGHTS_NAME,
     check_plugin_schema,
     find_plugins,
     parse_json,
     read_members,
+    read_training_summary,
 )
 from anymc3d.pooling import TaskQueryPool
 from anymc3d.preprocessing import PreprocessConfig
 
 FORMAT_VERSION = 1
 TASKS = ("multilabel", "multiclass")
-TRAINING_KEY = "anymc3d.training"  # safetensors metadata key of the optional training summary
 
 
 @dataclass
@@ -67,6 +67,11 @@ class PluginConfig:
     calibration_b: Optional[list[float]] = field(default=None, metadata={"help": "Platt offset per finding (default 0)."})
     thresholds: Optional[list[float]] = field(default=None, metadata={"help": "Decision threshold per finding on the calibrated probability (default 0.5)."})
     description: str = field(default="", metadata={"help": "Free text: data, intended use, limits."})
+    modality: str = field(default="", metadata={
+        "help": "Intended imaging modality as a DICOM Modality code (CT, MR, PT, ...); '' = not stated "
+                "(readers then go by the preprocessing: intensity 'ct' means CT, 'mri_*' MR). Written only when set."})
+    body_part: str = field(default="", metadata={
+        "help": "Intended body part, free text (e.g. 'chest', 'brain'); '' = not stated. Written only when set."})
     kind: str = field(default="slice_lora", metadata={"help": "Plugin kind: the encoder kind it runs on (anymc3d.encoders)."})
     encoder: dict = field(default_factory=dict, metadata={
         "help": "Options of the encoder kind (lifted kinds: variant, cycle); written only when not empty."})
@@ -94,6 +99,10 @@ class PluginConfig:
             raise ValueError(f"encoder: {exc}") from None
         if not self.name.strip():
             raise ValueError("name: must not be empty")
+        if not isinstance(self.modality, str) or (self.modality and not re.fullmatch(r"[A-Z]{2,4}", self.modality)):
+            raise ValueError(f"modality: a DICOM Modality code such as 'CT' or 'MR' (or ''), got {self.modality!r}")
+        if not isinstance(self.body_part, str) or len(self.body_part) > 200:
+            raise ValueError("body_part: a short text (at most 200 characters)")
         if not self.labels or len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
             raise ValueError(f"labels: need one or more distinct, non-empty names, got {self.labels!r}")
         if self.task not in TASKS:
@@ -118,9 +127,10 @@ class PluginConfig:
             raise ValueError("backbone_fingerprint: must be a SHA-256 hex digest")
 
     def to_dict(self) -> dict:
-        """plugin.json contents; ``encoder`` only when the kind has options (so readers of older files still read
-        2D plugins written now)."""
+        """plugin.json contents; ``encoder`` only when the kind has options, ``modality`` / ``body_part`` only when
+        stated (so readers of older files still read plugins written now)."""
         options = {"encoder": dict(self.encoder)} if self.encoder else {}
+        options.update({key: getattr(self, key) for key in ("modality", "body_part") if getattr(self, key)})
         return {
             **options,
             "format_version": self.format_version, "kind": self.kind, "name": self.name, "labels": list(self.labels),
@@ -354,19 +364,6 @@ def load_plugin(path: os.PathLike | str) -> LoadedPlugin:
         raise PluginError(f"{path}: cannot read {WEIGHTS_NAME} ({exc})") from None
     head, lora = _split_tensors(tensors, config, path)
     return LoadedPlugin(config=config, head=head, lora=lora, path=path)
-
-
-def read_training_summary(path: os.PathLike | str) -> Optional[dict]:
-    """The training summary a trained plugin carries (see :func:`plugin_bytes`), or None."""
-    path = Path(path)
-    _, weights = read_members(path)
-    try:
-        (length,) = struct.unpack("<Q", weights[:8])
-        header = json.loads(weights[8:8 + length])
-        raw = (header.get("__metadata__") or {}).get(TRAINING_KEY)
-        return None if raw is None else json.loads(raw)
-    except (struct.error, ValueError, AttributeError) as exc:
-        raise PluginError(f"{path}: unreadable training summary ({exc})") from None
 
 
 ENSEMBLE_INDEX = "ensemble.json"  # written by ``anymc3d train --folds K`` beside its K plugins

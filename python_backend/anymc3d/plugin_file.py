@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,7 @@ JSON_NAME, WEIGHTS_NAME = "plugin.json", "plugin.safetensors"
 PLUGIN_SUFFIX = ".anymc3d"
 MAX_MEMBER_BYTES = 4 * 1024 ** 3
 MAX_JSON_BYTES = 16 * 1024 ** 2
+TRAINING_KEY = "anymc3d.training"  # safetensors metadata key of the optional training summary
 
 
 def plugin_schema() -> dict:
@@ -106,3 +108,23 @@ def find_plugins(folder: os.PathLike | str) -> list[Path]:
     """Plugins in a folder: ``*.anymc3d`` files and sub-folders holding a ``plugin.json``, sorted; hidden and
     partial (being written) entries are skipped."""
     return sorted(p for p in Path(folder).iterdir() if is_plugin_path(p))
+
+
+def read_training_summary(path: os.PathLike | str) -> Optional[dict]:
+    """The training summary a trained plugin carries in its weights' safetensors header (``anymc3d train`` writes
+    it, see :func:`anymc3d.plugin.plugin_bytes`), or None for a plugin made otherwise (e.g. the untrained demo).
+
+    Torch-free: only the header is parsed (the review page and the Slicer module show it before torch is
+    installed). Raises PluginError naming the file when the header cannot be read."""
+    path = Path(path)
+    _, weights = read_members(path)
+    try:
+        (length,) = struct.unpack("<Q", weights[:8])
+        header = json.loads(weights[8:8 + length])
+        raw = (header.get("__metadata__") or {}).get(TRAINING_KEY)
+        summary = None if raw is None else json.loads(raw)
+    except (struct.error, ValueError, AttributeError) as exc:
+        raise PluginError(f"{path}: unreadable training summary ({exc})") from None
+    if summary is not None and not isinstance(summary, dict):
+        raise PluginError(f"{path}: the training summary is not a JSON object")
+    return summary

@@ -427,6 +427,38 @@ def read_image(path: PathLike, *, series: str | None = None, max_voxels: int = 5
     return image
 
 
+def check_image_header(path: PathLike, *, series: str | None = None, max_voxels: int = 512 * 1024**2) -> None:
+    """The checks of :func:`read_image` that need no voxels: readable header, 3D scalar, size, spacing (for a
+    DICOM folder: the series' first file). For listings that must say at once which cases cannot be read (the
+    review page); :func:`read_image` still checks everything when the case is read.
+
+    Raises:
+        InputError: naming ``path`` and the problem.
+    """
+    path = Path(path)
+    problem = link_problem(path)
+    if problem is not None:
+        raise InputError(path, problem)
+    if path.is_dir():
+        found = [s for s in _dicom_series(path) if series is None or s[0] == series]
+        if not found:
+            raise InputError(path, "folder holds no DICOM series" + (f" {series}" if series else ""))
+        info = _read_information(found[0][1][0], path)
+        size = tuple(info.GetSize())[:2] + (len(found[0][1]),)
+        _check_header(path, 3, size, (1.0, 1.0, 1.0), info.GetNumberOfComponents(), max_voxels)
+        return
+    reader = _read_information(str(path), path)
+    _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetSpacing(), reader.GetNumberOfComponents(),
+                  max_voxels)
+
+
+def dicom_series_files(folder: PathLike, series: str | None = None) -> list[str]:
+    """The files of a DICOM series in ``folder`` in slice order (GDCM's), the largest series when ``series`` is
+    None: what :func:`read_image` reads. Empty when there is no such series."""
+    found = [s for s in _dicom_series(Path(folder)) if series is None or s[0] == series]
+    return [str(f) for f in found[0][1]] if found else []
+
+
 def validate_image(image: sitk.Image, source: PathLike | None = None) -> None:
     """Check that an image can be sliced: 3D scalar, sane geometry, >= 2 voxels per axis, finite voxels.
 

@@ -187,32 +187,53 @@ def test_plugins_are_listed_and_checked_without_torch(tmp_path, made, blocked):
     import anymc3d
 
     _, config, head, lora = made
-    save_plugin(tmp_path / "one.anymc3d", config, head, lora)
+    save_plugin(tmp_path / "one.anymc3d", config, head, lora, training={"epochs_run": 3, "best_val_auroc": 0.75})
     save_plugin(tmp_path / "two", config, head, lora)
     bad = tmp_path / "bad.anymc3d"
     save_plugin(bad, config, head, lora)
     _rewrite(bad, meta={**_meta(bad), "task": "regression"})
     code = f"BLOCKED = {blocked!r}\n" + BLOCKER + '''
 import json, sys
-from anymc3d.plugin_file import find_plugins, read_plugin_json
+from anymc3d.plugin_file import find_plugins, read_plugin_json, read_training_summary
 from anymc3d.errors import PluginError
-out = {}
+out, training = {}, {}
 for path in find_plugins(sys.argv[1]):
     try:
         out[path.name] = read_plugin_json(path)
+        training[path.name] = read_training_summary(path)
     except PluginError as exc:
         out[path.name] = str(exc)
 assert not {"torch", "timm", "peft"} & set(sys.modules), sorted(sys.modules)
-print(json.dumps(out))
+print(json.dumps([out, training]))
 '''
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(anymc3d.__file__)))
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr
-    listed = json.loads(done.stdout)
+    listed, training = json.loads(done.stdout)
     assert sorted(listed) == ["bad.anymc3d", "one.anymc3d", "two"]
+    # the training summary (the review page's model information) is read without torch too
+    assert training == {"one.anymc3d": {"epochs_run": 3, "best_val_auroc": 0.75}, "two": None}
     assert listed["one.anymc3d"] == read_plugin_metadata(tmp_path / "one.anymc3d")  # same dict as the torch side
     assert listed["two"] == read_plugin_metadata(tmp_path / "two")
     assert "invalid plugin metadata at task" in listed["bad.anymc3d"] and "bad.anymc3d" in listed["bad.anymc3d"]
+
+
+def test_intended_modality_and_body_part_are_optional_and_checked(tmp_path, made):
+    """Stated: written and read back; not stated: absent from plugin.json (older readers still read the file);
+    a code that is not a DICOM Modality code is refused with the field named."""
+    _, config, head, lora = made
+    plain = _meta(save_plugin(tmp_path / "plain.anymc3d", config, head, lora))
+    assert "modality" not in plain and "body_part" not in plain
+    config.modality, config.body_part = "MR", "brain"
+    path = save_plugin(tmp_path / "mr.anymc3d", config, head, lora)
+    assert (_meta(path)["modality"], _meta(path)["body_part"]) == ("MR", "brain")
+    assert load_plugin(path).config.modality == "MR" and read_plugin_metadata(path)["body_part"] == "brain"
+    _rewrite(path, meta={**_meta(path), "modality": "brain MRI"})
+    with pytest.raises(PluginError, match="modality"):
+        load_plugin(path)
+    with pytest.raises(ValueError, match="modality"):
+        PluginConfig(**{**{k: getattr(config, k) for k in ("name", "labels", "task", "backbone",
+                                                          "backbone_fingerprint")}, "modality": "mri"})
 
 
 @pytest.mark.parametrize("tamper", [
@@ -221,6 +242,8 @@ print(json.dumps(out))
     lambda m: m["lora"].update(rank=0), lambda m: m["lora"].update(alpha=0), lambda m: m["lora"].update(dropout=1.0),
     lambda m: m.update(backbone_fingerprint="ABC"), lambda m: m["backbone"].update(depth=None),
     lambda m: m.update(format_version=True), lambda m: m.update(calibration_a=["1"]), lambda m: None,
+    lambda m: m.update(modality="CT", body_part="chest"), lambda m: m.update(modality="ct"),
+    lambda m: m.update(body_part="x" * 201),
 ])
 def test_hand_schema_checker_agrees_with_jsonschema(tmp_path, made, tamper):
     """Without jsonschema (a fresh Slicer) the contract's checker accepts and refuses exactly what jsonschema does."""
