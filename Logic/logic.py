@@ -519,10 +519,12 @@ class AnyMC3DSlicerLogic:
             outputs.setUpHeatmapDisplay(heatmapNode, colorNode, displayOptions.threshold)
             if displayOptions.volumeRendering:
                 outputs.setUpVolumeRendering(self.volumeRenderingLogic, heatmapNode, displayOptions.threshold,
-                                             visible=heatmapNode is rowHeatmaps[shownRow])
+                                             visible=heatmapNode is rowHeatmaps[shownRow],
+                                             maxSize=displayOptions.volumeRenderingMaxSize)
+        copies = [h.GetNodeReference(outputs.VOLUME_RENDERING_COPY_REFERENCE) for h in heatmapNodes]
         folderItem = outputs.placeInSubjectHierarchy(
             self.scene, inputNode, f"AnyMC3D {pluginTitle}: {inputName}",
-            [tableNode, *heatmapNodes, importanceTableNode, chartNode, *seriesNodes])
+            [tableNode, *heatmapNodes, *[c for c in copies if c is not None], importanceTableNode, chartNode, *seriesNodes])
         self.selectFinding(tableNode, shownRow, displayOptions)
         return PredictionOutputs(inputNode, tableNode, heatmapNodes, importanceTableNode, chartNode, folderItem, record), folderItem
 
@@ -548,20 +550,16 @@ class AnyMC3DSlicerLogic:
         shown = self.heatmapNodeForRow(tableNode, row)
         for index in range(tableNode.GetNumberOfNodeReferences(outputs.HEATMAP_REFERENCE)):
             heatmapNode = tableNode.GetNthNodeReference(outputs.HEATMAP_REFERENCE, index)
-            for displayIndex in range(heatmapNode.GetNumberOfDisplayNodes()):
-                displayNode = heatmapNode.GetNthDisplayNode(displayIndex)
-                if displayNode is not None and displayNode.IsA("vtkMRMLVolumeRenderingDisplayNode"):
-                    displayNode.SetVisibility(heatmapNode is shown and displayOptions.volumeRendering)
+            for displayNode in outputs.volumeRenderingDisplayNodes(heatmapNode):
+                displayNode.SetVisibility(heatmapNode is shown and displayOptions.volumeRendering)
         outputs.showHeatmapInSliceViews(self.scene, shown, tableNode.GetNodeReference(outputs.INPUT_REFERENCE),
                                         displayOptions.opacity)
         return shown
 
     def setHeatmapThreshold(self, heatmapNode, threshold):
         heatmapNode.GetDisplayNode().SetThreshold(float(threshold), 1.0)
-        for displayIndex in range(heatmapNode.GetNumberOfDisplayNodes()):
-            displayNode = heatmapNode.GetNthDisplayNode(displayIndex)
-            if displayNode is not None and displayNode.IsA("vtkMRMLVolumeRenderingDisplayNode"):
-                outputs.setHeatmapTransferFunctions(displayNode.GetVolumePropertyNode().GetVolumeProperty(), threshold)
+        for displayNode in outputs.volumeRenderingDisplayNodes(heatmapNode):
+            outputs.setHeatmapTransferFunctions(displayNode.GetVolumePropertyNode().GetVolumeProperty(), threshold)
 
     @staticmethod
     def heatmapMaximumRAS(heatmapNode):

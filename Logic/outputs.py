@@ -27,6 +27,8 @@ HEATMAP_COLOR_STOPS = ((0.0, (0.0, 0.0, 1.0)), (0.25, (0.0, 1.0, 1.0)), (0.5, (0
                        (0.75, (1.0, 1.0, 0.0)), (1.0, (1.0, 0.0, 0.0)))
 TABLE_COLUMNS = ("Plugin", "Finding", "Probability", "Threshold", "Decision")
 MAX_VOLUME_RENDERING_OPACITY = 0.6
+#: heatmap node --> the reduced copy its 3D view renders (DisplayOptions.volumeRenderingMaxSize)
+VOLUME_RENDERING_COPY_REFERENCE = "AnyMC3DVolumeRenderingCopy"
 
 
 def heatmapColor(value):
@@ -145,15 +147,84 @@ def setUpHeatmapDisplay(heatmapNode, colorNode, threshold):
     return displayNode
 
 
-def setUpVolumeRendering(volumeRenderingLogic, heatmapNode, threshold, visible):
-    """3D display: a volume rendering display node with the heatmap transfer functions."""
-    displayNode = volumeRenderingLogic.CreateDefaultVolumeRenderingNodes(heatmapNode)
+def setUpVolumeRendering(volumeRenderingLogic, heatmapNode, threshold, visible, maxSize=0):
+    """3D display: a volume rendering display node with the heatmap transfer functions.
+
+    With ``maxSize`` > 0 and a heatmap larger than that along any axis, the 3D view renders a block-averaged copy
+    of at most ``maxSize`` voxels per axis (:func:`reducedVolumeRenderingCopy`) instead of the full volume: the
+    slice views still show the full-resolution heatmap. Returns the volume rendering display node.
+    """
+    source = heatmapNode
+    if maxSize and max(heatmapNode.GetImageData().GetDimensions()) > int(maxSize):
+        source = reducedVolumeRenderingCopy(heatmapNode, int(maxSize))
+    displayNode = volumeRenderingLogic.CreateDefaultVolumeRenderingNodes(source)
     propertyNode = displayNode.GetVolumePropertyNode()
     propertyNode.SetName(f"{heatmapNode.GetName()} transfer function")
     setHeatmapTransferFunctions(propertyNode.GetVolumeProperty(), threshold)
     propertyNode.Modified()
     displayNode.SetVisibility(bool(visible))
     return displayNode
+
+
+def reducedVolumeRenderingCopy(heatmapNode, maxSize):
+    """A copy of ``heatmapNode`` averaged over blocks of whole voxels so that no axis exceeds ``maxSize`` voxels,
+    at the same place in RAS (each copy voxel sits at the centre of its block), referenced from the heatmap.
+
+    Why: a software renderer (Mesa llvmpipe, the web review's server) ray-casts a 512x512x300 volume in seconds
+    per frame; a backend heatmap is a patch-grid map (one value per 14-16 pixel patch, interpolated), so blocks of
+    a few voxels lose nothing that is in the data. Hand-written with numpy (one reshape-mean) because the block
+    geometry must be exact; vtkImageShrink3D would need the same origin bookkeeping around it.
+    """
+    voxels = arrayFromVolumeNode(heatmapNode)  # (K, J, I)
+    factors = [max(1, -(-n // maxSize)) for n in voxels.shape]
+    padding = [(0, (-n) % f) for n, f in zip(voxels.shape, factors)]
+    if any(after for _, after in padding):
+        voxels = np.pad(voxels, padding, mode="edge")  # a partial last block averages its real voxels' edge value
+    shape = [n // f for n, f in zip(voxels.shape, factors)]
+    blocks = voxels.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2])
+    small = np.ascontiguousarray(blocks.mean(axis=(1, 3, 5), dtype=np.float32))
+    imageData = vtk.vtkImageData()
+    imageData.SetDimensions(shape[2], shape[1], shape[0])
+    scalars = numpy_support.numpy_to_vtk(small.ravel(), deep=True, array_type=vtk.VTK_FLOAT)
+    scalars.SetName("ImageScalars")
+    imageData.GetPointData().SetScalars(scalars)
+    # copy IJK -> heatmap IJK: i_full = f * i_copy + (f - 1) / 2 per axis (I, J, K = numpy axes 2, 1, 0)
+    fi, fj, fk = factors[2], factors[1], factors[0]
+    blockToFull = np.array([[fi, 0, 0, (fi - 1) / 2.0], [0, fj, 0, (fj - 1) / 2.0], [0, 0, fk, (fk - 1) / 2.0],
+                            [0, 0, 0, 1.0]])
+    ijkToRas = matrixToArray(ijkToRasMatrix(heatmapNode)) @ blockToFull
+    matrix = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            matrix.SetElement(i, j, float(ijkToRas[i, j]))
+    scene = heatmapNode.GetScene()
+    copyNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{heatmapNode.GetName()} (3D view, {shape[2]}x{shape[1]}x{shape[0]})")
+    copyNode.SetIJKToRASMatrix(matrix)
+    copyNode.SetAndObserveImageData(imageData)
+    copyNode.SetHideFromEditors(True)  # a display aid, not a result: the heatmap node is the result
+    copyNode.SetAttribute(ROLE_ATTRIBUTE, "heatmap 3D view copy")
+    if heatmapNode.GetParentTransformNode() is not None:
+        copyNode.SetAndObserveTransformNodeID(heatmapNode.GetParentTransformNode().GetID())
+    if heatmapNode.GetDisplayNode() is not None:  # the volume rendering logic copies the scalar display's colours
+        copyNode.CreateDefaultDisplayNodes()
+        copyNode.GetDisplayNode().SetAndObserveColorNodeID(heatmapNode.GetDisplayNode().GetColorNodeID())
+    heatmapNode.SetNodeReferenceID(VOLUME_RENDERING_COPY_REFERENCE, copyNode.GetID())
+    return copyNode
+
+
+def volumeRenderingDisplayNodes(heatmapNode):
+    """The volume rendering display nodes that show ``heatmapNode`` in 3D: its own, or its reduced copy's."""
+    nodes = [heatmapNode]
+    copyNode = heatmapNode.GetNodeReference(VOLUME_RENDERING_COPY_REFERENCE)
+    if copyNode is not None:
+        nodes.append(copyNode)
+    found = []
+    for node in nodes:
+        for index in range(node.GetNumberOfDisplayNodes()):
+            displayNode = node.GetNthDisplayNode(index)
+            if displayNode is not None and displayNode.IsA("vtkMRMLVolumeRenderingDisplayNode"):
+                found.append(displayNode)
+    return found
 
 
 def setHeatmapTransferFunctions(volumeProperty, threshold):

@@ -45,6 +45,9 @@ WINDOW_PRESETS = {"auto": ("Auto", None, None), "brain": ("Brain", 80.0, 40.0),
                   "bone": ("Bone", 1800.0, 400.0)}
 RAS_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) direction of R, A, S
 OWNER_FILE = "server.pid"
+#: the 3D view's heatmap size limit (voxels per axis): a backend heatmap is a 14-16 pixel patch grid interpolated,
+#: so 128 per axis keeps every patch of a 512-pixel slice at 4 voxels or more
+VOLUME_RENDERING_MAX_SIZE = 128
 
 
 def make_run_root(parent=None) -> str:
@@ -161,7 +164,9 @@ class ReviewSession:
                                         backendCommand=backend_command or guarded_backend_command(),
                                         volumesLogic=volumes_logic, volumeRenderingLogic=volume_rendering_logic,
                                         tempRoot=self.run_root)
-        self.display = DisplayOptions()
+        # the 3D view renders heatmaps at most VOLUME_RENDERING_MAX_SIZE voxels per axis (block means; the slice
+        # views show the full-resolution heatmap): a 512x512x300 volume costs seconds per frame on llvmpipe
+        self.display = DisplayOptions(volumeRenderingMaxSize=VOLUME_RENDERING_MAX_SIZE)
         self.window_preset = "auto"
         self.loaded: OrderedDict[int, LoadedCase] = OrderedDict()
         self.current: LoadedCase | None = None
@@ -255,10 +260,8 @@ class ReviewSession:
 
     def _set_volume_rendering_visible(self, loaded, visible):
         for heatmap in loaded.heatmap_nodes():
-            for index in range(heatmap.GetNumberOfDisplayNodes()):
-                display = heatmap.GetNthDisplayNode(index)
-                if display is not None and display.IsA("vtkMRMLVolumeRenderingDisplayNode"):
-                    display.SetVisibility(bool(visible))
+            for display in logic_outputs.volumeRenderingDisplayNodes(heatmap):
+                display.SetVisibility(bool(visible))
 
     def neighbours(self, index=None):
         """The cases next to ``index`` (default: the shown one) in the listing, next first."""
