@@ -105,18 +105,63 @@ def heatmapColorTableNode(scene):
 # Nodes
 
 
-def loadHeatmapVolume(scene, path, referenceVolumeNode, name):
+def readVolumeFile(path):
+    """``(voxels, ijkToRas)`` of a 3D scalar image file: a (K, J, I) numpy array and its 4x4 IJK-to-RAS matrix.
+
+    Read with SimpleITK (the ITK readers Slicer's volume storage node uses; LPS turned into RAS here), which
+    releases the GIL while it reads and decompresses: a caller can read the next case in a thread while its
+    event loop goes on (VTK's reader holds the GIL for the whole read). Raises ValueError naming the file.
+    """
+    import SimpleITK as sitk  # shipped with Slicer
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise ValueError(f"Cannot read {path}: {str(error).strip().splitlines()[-1]}") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{path} is not a 3D scalar image")
+    lpsToRas = np.diag([-1.0, -1.0, 1.0])
+    ijkToRas = np.eye(4)
+    ijkToRas[:3, :3] = lpsToRas @ np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    ijkToRas[:3, 3] = lpsToRas @ np.asarray(image.GetOrigin())
+    return sitk.GetArrayFromImage(image), ijkToRas
+
+
+def volumeNodeFromArray(voxels, ijkToRas, name, node=None):
+    """A scalar volume node (not added to a scene) holding a copy of ``voxels`` (K, J, I) at ``ijkToRas``."""
+    voxels = np.ascontiguousarray(voxels)
+    imageData = vtk.vtkImageData()
+    imageData.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
+    scalars = numpy_support.numpy_to_vtk(voxels.ravel(), deep=True)
+    scalars.SetName("ImageScalars")
+    imageData.GetPointData().SetScalars(scalars)
+    node = node if node is not None else slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    matrix = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            matrix.SetElement(i, j, float(ijkToRas[i][j]))
+    node.SetIJKToRASMatrix(matrix)
+    node.SetAndObserveImageData(imageData)
+    return node
+
+
+def loadHeatmapVolume(scene, path, referenceVolumeNode, name, data=None):
     """Read a backend heatmap file into a new scalar volume with exactly the reference volume's IJK-to-RAS.
 
     The file must have the reference's geometry (cli-contract.md); it is checked, then the matrix is copied so
-    that the file's float rounding cannot shift the overlay.
+    that the file's float rounding cannot shift the overlay. ``data``: the file already read by
+    :func:`readVolumeFile` (the same checks apply).
     """
-    reader = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene: used only to read
-    reader.SetFileName(str(path))
-    heatmapNode = slicer.vtkMRMLScalarVolumeNode()
-    heatmapNode.SetName(name)
-    if not reader.ReadData(heatmapNode):
-        raise ValueError(f"Cannot read heatmap file {path}")
+    if data is not None:
+        heatmapNode = volumeNodeFromArray(data[0], data[1], name)
+    else:
+        reader = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene: used only to read
+        reader.SetFileName(str(path))
+        heatmapNode = slicer.vtkMRMLScalarVolumeNode()
+        heatmapNode.SetName(name)
+        if not reader.ReadData(heatmapNode):
+            raise ValueError(f"Cannot read heatmap file {path}")
     expectedDims = referenceVolumeNode.GetImageData().GetDimensions()
     if heatmapNode.GetImageData().GetDimensions() != expectedDims:
         raise ValueError(f"Heatmap {path} has size {heatmapNode.GetImageData().GetDimensions()}, "

@@ -213,6 +213,33 @@ def test_reduced_volume_rendering_copy(sceneContext, obliqueVolumePath, fakePlug
     assert [opacity.GetValue(x) for x in (0.45, 1.0)] == pytest.approx([0.0, out.MAX_VOLUME_RENDERING_OPACITY])
 
 
+def test_preread_files_make_the_same_nodes(sceneContext, obliqueVolumePath, fakeLogic, tmp_path):
+    """A file read by outputs.readVolumeFile (SimpleITK, in a thread) gives the node the volume storage node gives:
+    same voxels, type, IJK-to-RAS, display colours; a heatmap of another geometry is still refused."""
+    logic = fakeLogic("ok")
+    read = logic.loadInputFile(obliqueVolumePath)
+    pre = logic.loadInputFile(obliqueVolumePath, out.readVolumeFile(obliqueVolumePath))
+    np.testing.assert_allclose(ijkToRas(pre), ijkToRas(read), rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(out.arrayFromVolumeNode(pre), out.arrayFromVolumeNode(read))
+    assert pre.GetImageData().GetScalarType() == read.GetImageData().GetScalarType()
+    assert pre.GetName() == read.GetName() and pre.GetStorageNode().GetFileName() == read.GetStorageNode().GetFileName()
+    assert pre.GetDisplayNode().GetColorNodeID() == read.GetDisplayNode().GetColorNodeID()
+    image = sitk.ReadImage(obliqueVolumePath)
+    heatmapPath = str(tmp_path / "heatmap.nrrd")
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(image, 0.0, 1.0), sitk.sitkFloat32), heatmapPath)
+    viaStorage = out.loadHeatmapVolume(sceneContext.scene, heatmapPath, read, "a")
+    viaRead = out.loadHeatmapVolume(sceneContext.scene, heatmapPath, read, "b", out.readVolumeFile(heatmapPath))
+    np.testing.assert_array_equal(out.arrayFromVolumeNode(viaRead), out.arrayFromVolumeNode(viaStorage))
+    np.testing.assert_array_equal(ijkToRas(viaRead), ijkToRas(viaStorage))
+    image.SetOrigin((0.0, 0.0, 0.0))
+    movedPath = str(tmp_path / "moved.nrrd")
+    sitk.WriteImage(image, movedPath)
+    with pytest.raises(ValueError, match="geometry"):
+        out.loadHeatmapVolume(sceneContext.scene, movedPath, read, "c", out.readVolumeFile(movedPath))
+    with pytest.raises(ValueError, match="Cannot read"):
+        out.readVolumeFile(str(tmp_path / "missing.nrrd"))
+
+
 def shNodeParent(scene, node):
     shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     return shNode.GetItemParent(shNode.GetItemByDataNode(node))
