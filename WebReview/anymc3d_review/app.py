@@ -184,6 +184,7 @@ class ReviewApp:
         self._poll_task = None
         self._cursor_task = None
         self._prefetch_task = None
+        self._reads = {}  # case index -> the pending read of its files (a future)
         self._last_activity = time.monotonic()
         self._server_ready = False
         self.server.controller.on_server_ready.add(self._on_server_ready)
@@ -194,7 +195,8 @@ class ReviewApp:
         self._build_ui()
         self.prefetch = preload and os.environ.get("ANYMC3D_REVIEW_PREFETCH", "1") != "0"
         if preload and self.folder.cases:
-            self._show(0)  # before any page connects: the first frame only waits for rendering
+            self._show(0, self.session.read_case_files(0))  # before any page connects: the first frame only waits
+            # for rendering (its files read in parallel threads)
             for view in self.slicer_app.view_manager.get_views():
                 view.render_window().Render()  # warm-up: shaders compiled, textures uploaded before the page asks
 
@@ -302,10 +304,10 @@ class ReviewApp:
 
     # Case selection ----------------------------------------------------------------------------------------
 
-    def _show(self, index):
+    def _show(self, index, preread=None):
         s = self.state
         try:
-            self.session.show_case(index)
+            self.session.show_case(index, preread)
             s.case_error = self.session.case_error(index) if self.session.current.outputs is None else ""
         except Exception as error:  # noqa: BLE001 - a case that cannot be shown says why; the list goes on
             if not isinstance(error, RecordError):
@@ -331,10 +333,16 @@ class ReviewApp:
         for neighbour in self.session.neighbours():
             if self.state.case_index != index or self.state.loading or self.state.running:
                 return
+            if neighbour in self.session.loaded or neighbour in self.session.prefetch_failed:
+                continue
+            # the files are read in threads (the page is served meanwhile); only the nodes are made here
+            preread = await asyncio.shield(self._read_files(neighbour))
+            if self.state.case_index != index or self.state.loading or self.state.running:
+                return
             views = self.slicer_app.view_manager.get_views()
             blocked = [view.set_render_blocked(True) for view in views]
             try:
-                loaded = self.session.prefetch(neighbour)
+                loaded = self.session.prefetch(neighbour, preread)
             finally:
                 for view, was_blocked in zip(views, blocked):
                     if not was_blocked:
@@ -364,11 +372,24 @@ class ReviewApp:
         self.state.loading = True
         create_task(self._show_async(case_index))
 
+    def _read_files(self, index):
+        """The files of case ``index`` read in threads (session.read_case_files); one read per case at a time: a
+        switch to a case whose prefetch is reading waits for that read instead of starting a second one."""
+        future = self._reads.get(index)
+        if future is None:
+            future = asyncio.get_running_loop().run_in_executor(None, self.session.read_case_files, index)
+            self._reads[index] = future
+            future.add_done_callback(lambda done: self._reads.pop(index, None) if self._reads.get(index) is done else None)
+        return future
+
     async def _show_async(self, index):
         await asyncio.sleep(0)  # let the "loading" state reach the page first
+        preread = None
+        if index not in self.session.loaded:  # a case not loaded: its files are read in threads, the page stays served
+            preread = await asyncio.shield(self._read_files(index))
         with self.state:
             if index == self.state.case_index:
-                self._show(index)
+                self._show(index, preread)
             self.state.loading = False
 
     @trigger("review_next")

@@ -48,6 +48,8 @@ OWNER_FILE = "server.pid"
 #: the 3D view's heatmap size limit (voxels per axis): a backend heatmap is a 14-16 pixel patch grid interpolated,
 #: so 128 per axis keeps every patch of a 512-pixel slice at 4 voxels or more
 VOLUME_RENDERING_MAX_SIZE = 128
+#: threads that read a case's files (image, heatmaps) at once
+READ_WORKERS = 2
 
 
 def make_run_root(parent=None) -> str:
@@ -183,19 +185,56 @@ class ReviewSession:
     def can_run(self) -> bool:
         return bool(self.backbone and self.plugins)
 
-    def show_case(self, index: int) -> LoadedCase:
-        """Show case ``index`` (loading it if needed). Raises RecordError when its results cannot be shown."""
+    def show_case(self, index: int, preread=None) -> LoadedCase:
+        """Show case ``index`` (loading it if needed). Raises RecordError when its results cannot be shown.
+        ``preread``: what :meth:`read_case_files` returned for it (files read in a thread)."""
         case = self.folder.case(index)
         loaded = self.loaded.get(index)
         if loaded is None:
-            loaded = self._load(case)
+            loaded = self._load(case, preread)
         self.loaded.move_to_end(index)
         self._show(loaded)
         self._evict()
         return loaded
 
-    def _load(self, case: Case) -> LoadedCase:
+    def case_files(self, index: int) -> list[str]:
+        """The image files a load of case ``index`` reads: its image, then its heatmaps (confined to the folder)."""
+        case = self.folder.case(index)
+        if case.status == "error":
+            return []
+        files = [str(case.path)]
+        if case.status == "results":
+            self.folder.check_record_paths(case.record)  # confinement first: nothing outside the folder is opened
+            for result in case.record.get("results") or []:
+                paths = [result.get("heatmap"), *(result.get("finding_heatmaps") or {}).values()]
+                files += [path for path in paths if isinstance(path, str) and path not in files]
+        return files
+
+    def read_case_files(self, index: int, workers: int = READ_WORKERS) -> dict:
+        """``{path: (voxels, ijkToRas)}`` of every file of case ``index``, read in ``workers`` threads.
+
+        Safe to call from a worker thread (no scene access; SimpleITK releases the GIL while it reads and
+        decompresses): the server's event loop keeps serving pages meanwhile. A file that cannot be read is left
+        out (the load on the event loop then reads it itself and reports the error)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            files = self.case_files(index)
+        except (RecordError, ValueError, OSError, IndexError):
+            return {}
+
+        def read(path):
+            try:
+                return path, logic_outputs.readVolumeFile(path)
+            except (ValueError, OSError):
+                return path, None
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return {path: data for path, data in pool.map(read, files) if data is not None}
+
+    def _load(self, case: Case, preread=None) -> LoadedCase:
         started = time.perf_counter()
+        preread = preread or {}
         before = _node_ids(self.scene)
         shared = {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
                   if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
@@ -207,13 +246,13 @@ class ReviewSession:
                 self.logic.checkRecord(record, len(record.get("results") or []), str(self.folder.root), options)
             except ValueError as error:
                 raise RecordError(str(error)) from error
-            outputs = self.logic.importResults(record, [str(case.path)], options, self.display)
+            outputs = self.logic.importResults(record, [str(case.path)], options, self.display, preread=preread)
             loaded = LoadedCase(case.index, outputs.inputNode, outputs, folder_item=outputs.folderItem, record=record)
         elif case.status == "error":
             raise RecordError(case.error)
         else:
             try:
-                loaded = LoadedCase(case.index, self.logic.loadInputFile(str(case.path)))
+                loaded = LoadedCase(case.index, self.logic.loadInputFile(str(case.path), preread.get(str(case.path))))
             except ValueError as error:
                 raise RecordError(str(error)) from error
         added = _node_ids(self.scene) - before
@@ -281,7 +320,7 @@ class ReviewSession:
             if index not in keep:
                 self.unload(index)
 
-    def prefetch(self, index) -> bool:
+    def prefetch(self, index, preread=None) -> bool:
         """Load case ``index`` into the scene without showing it (the shown case stays as it was).
 
         The Logic's import shows what it imports (slice views, volume rendering): the shown case's display is put
@@ -294,7 +333,7 @@ class ReviewSession:
             return False
         shown = self.current
         try:
-            self._load(case)
+            self._load(case, preread)
         except (RecordError, ValueError, OSError):
             self.prefetch_failed.add(index)
             return False
