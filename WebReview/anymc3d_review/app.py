@@ -230,6 +230,7 @@ class ReviewApp:
         s.case_index = -1        # what the page asks for
         s.shown_case = -1        # what the scene shows
         s.scene_version = 0      # +1 after every scene change the page asked for (tests, benchmark)
+        s.loaded_cases = []      # indices of the cases loaded in the scene (read only)
         s.case_error = ""
         s.loading = False
         s.rows = []
@@ -272,6 +273,7 @@ class ReviewApp:
         s.row = session.row
         s.has_heatmap = bool(rows)
         s.shown_case = session.current.index if session.current is not None else -1
+        s.loaded_cases = sorted(session.loaded)  # cases kept in the scene (prefetched neighbours: instant switch)
         self._publish_cursor()
         heatmap = session.shown_heatmap()
         s.maximum_ijk = self._maximum_ijk(heatmap) if heatmap is not None else None
@@ -348,7 +350,10 @@ class ReviewApp:
                     if not was_blocked:
                         view._is_render_blocked = False  # unblock without a render: the shown image did not change
             if loaded:
+                with self.state:
+                    self.state.loaded_cases = sorted(self.session.loaded)
                 await asyncio.sleep(0.2)
+
     def _clear_views(self):
         """A case that cannot be shown: empty views (never the previous case's images under this case's name)."""
         session = self.session
