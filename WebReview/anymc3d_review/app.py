@@ -185,6 +185,7 @@ class ReviewApp:
         self._cursor_task = None
         self._prefetch_task = None
         self._reads = {}  # case index -> the pending read of its files (a future)
+        self._maxima = {}  # (heatmap node ID, image MTime) -> its maximum voxel (IJK)
         self._last_activity = time.monotonic()
         self._server_ready = False
         self.server.controller.on_server_ready.add(self._on_server_ready)
@@ -276,7 +277,7 @@ class ReviewApp:
         s.loaded_cases = sorted(session.loaded)  # cases kept in the scene (prefetched neighbours: instant switch)
         self._publish_cursor()
         heatmap = session.shown_heatmap()
-        s.maximum_ijk = self._maximum_ijk(heatmap) if heatmap is not None else None
+        s.maximum_ijk = self._maximum_ijk_of(heatmap) if heatmap is not None else None
         self._publish_camera()
         s.scene_version += 1
 
@@ -288,6 +289,16 @@ class ReviewApp:
         s.chart = chart_data(series, axis, current)
         s.chart_slices = self._chart_slices = max((len(v) for v in series.values()), default=0)
         s.orientation = self.session.orientation()
+
+    def _maximum_ijk_of(self, heatmap):
+        """The heatmap's maximum voxel, found once per heatmap node (a pass over every voxel: 0.1 s at 512x512x300,
+        at every switch otherwise); a result volume never changes once loaded."""
+        key = (heatmap.GetID(), heatmap.GetImageData().GetMTime())
+        if key not in self._maxima:
+            if len(self._maxima) > 64:
+                self._maxima.clear()
+            self._maxima[key] = self._maximum_ijk(heatmap)
+        return self._maxima[key]
 
     @staticmethod
     def _maximum_ijk(heatmap):
