@@ -48,8 +48,24 @@ OWNER_FILE = "server.pid"
 #: the 3D view's heatmap size limit (voxels per axis): a backend heatmap is a 14-16 pixel patch grid interpolated,
 #: so 128 per axis keeps every patch of a 512-pixel slice at 4 voxels or more
 VOLUME_RENDERING_MAX_SIZE = 128
+#: the environment variable that sets it (tests: a small value makes small test volumes use the reduced copy)
+VOLUME_RENDERING_MAX_SIZE_ENV = "ANYMC3D_REVIEW_3D_MAX_SIZE"
 #: threads that read a case's files (image, heatmaps) at once
 READ_WORKERS = 2
+
+
+def volume_rendering_max_size() -> int:
+    """VOLUME_RENDERING_MAX_SIZE, or the environment's ANYMC3D_REVIEW_3D_MAX_SIZE (an integer >= 2)."""
+    raw = os.environ.get(VOLUME_RENDERING_MAX_SIZE_ENV)
+    if raw is None:
+        return VOLUME_RENDERING_MAX_SIZE
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise ValueError(f"{VOLUME_RENDERING_MAX_SIZE_ENV} must be an integer >= 2, not {raw!r}")
+    return value
 
 
 def make_run_root(parent=None) -> str:
@@ -168,7 +184,7 @@ class ReviewSession:
                                         tempRoot=self.run_root)
         # the 3D view renders heatmaps at most VOLUME_RENDERING_MAX_SIZE voxels per axis (block means; the slice
         # views show the full-resolution heatmap): a 512x512x300 volume costs seconds per frame on llvmpipe
-        self.display = DisplayOptions(volumeRenderingMaxSize=VOLUME_RENDERING_MAX_SIZE)
+        self.display = DisplayOptions(volumeRenderingMaxSize=volume_rendering_max_size())
         self.window_preset = "auto"
         self.loaded: OrderedDict[int, LoadedCase] = OrderedDict()
         self.current: LoadedCase | None = None
