@@ -66,7 +66,7 @@ def _plugins(model, spec, n):
     return out
 
 
-def throughput(name, device, slices, size, chunk, repeats, compile_row):
+def throughput(name, device, slices, size, chunk, repeats, compile_row, plugin_rows=True):
     spec = BackboneSpec(name, img_size=size)
     model = make_load_bearing(create_backbone(spec))
     plugins = _plugins(model, spec, 3)
@@ -93,7 +93,7 @@ def throughput(name, device, slices, size, chunk, repeats, compile_row):
         base = rows[0][1]
         print(f"  {label:24s} {seconds * 1000:9.1f} ms/volume   time ratio to timm eager {seconds / base:5.2f}", flush=True)
 
-    row("timm eager fp32", _time(timm_forward, device, repeats))
+    runners = [("timm eager fp32", timm_forward)]
     variants = [("engine (adapters)", {}), ("engine merged", {"merge_lora": True})]
     if compile_row:
         variants.append(("engine merged+compiled", {"merge_lora": True, "compile": True}))
@@ -103,7 +103,22 @@ def throughput(name, device, slices, size, chunk, repeats, compile_row):
             start = time.perf_counter()
             engine.predict_slices([volume], plugin, heatmap="attention")
             print(f"  (compilation, once: {time.perf_counter() - start:.0f} s)", flush=True)
-        row(label, _time(lambda: engine.predict_slices([volume], plugin, heatmap="attention"), device, repeats))
+        runners.append((label, lambda e=engine, p=plugin: e.predict_slices([volume], p, heatmap="attention")))
+    # Interleaved: every repeat times each variant once, so a machine that slows down mid-run slows all rows alike.
+    for _, fn in runners:
+        fn()  # warm-up
+    times = {label: [] for label, _ in runners}
+    for _ in range(repeats):
+        for label, fn in runners:
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[label].append(time.perf_counter() - start)
+    for label, _ in runners:
+        row(label, statistics.median(times[label]))
+    if not plugin_rows:
+        return []
     out = []
     out.append(f"## 2. {name}: each extra plugin (adapters, not merged; preprocessing shared)")
     engine, names = engine_with(3)
@@ -117,18 +132,32 @@ def throughput(name, device, slices, size, chunk, repeats, compile_row):
     return out
 
 
+def _rss_peak_mib() -> float:
+    """The process's resident-set high-water mark (VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _peak_rss_worker(name, size, slices, chunk):
-    """Run in a fresh process: one prediction; print the peak resident set in MiB."""
+    """Run in a fresh process: one prediction; print the resident set before it and its high-water mark during it
+    in MiB. Building the models peaks above what a prediction needs, so the mark is reset first (Linux
+    ``/proc/self/clear_refs`` 5) to measure the prediction itself."""
     spec = BackboneSpec(name, img_size=size)
     model = make_load_bearing(create_backbone(spec))
     (plugin,) = _plugins(model, spec, 1)
     engine = Engine(LoadedBackbone(make_load_bearing(create_backbone(spec)), spec, plugin.config.backbone_fingerprint),
                     device="cpu", chunk_size=chunk, merge_lora=True)
     name = engine.add_plugin(plugin)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    engine.predict_slices([torch.rand(slices, size, size)], name, heatmap="attention")
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"before": before, "peak": after}))
+    volume = torch.rand(slices, size, size)
+    del model
+    import gc
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_peak_mib()
+    engine.predict_slices([volume], name, heatmap="attention")
+    print(json.dumps({"before": before, "peak": _rss_peak_mib()}))
 
 
 def memory(name, size, chunk, counts):
@@ -141,8 +170,9 @@ def memory(name, size, chunk, counts):
         growth = m["peak"] - m["before"]
         first = first if first is not None else m["peak"]
         input_mib = n * size * size * 4 / 2 ** 20
-        out.append(f"  {n:4d} slices  peak {m['peak']:7.0f} MiB   peak ratio to {counts[0]} slices {m['peak'] / first:5.2f}"
-                   f"   (+{growth:5.0f} MiB during prediction, of which the input slices {input_mib:5.1f} MiB)")
+        out.append(f"  {n:4d} slices  before {m['before']:6.0f} MiB  peak during prediction {m['peak']:6.0f} MiB  "
+                   f"peak ratio to {counts[0]} slices {m['peak'] / first:5.2f}   (+{growth:5.0f} MiB, of which the input "
+                   f"slices {input_mib:5.1f} MiB)")
     return out
 
 
@@ -183,13 +213,15 @@ def cli_timing(name, size, slices, repeats):
         value = statistics.median(s[key] for s in splits)
         out.append(f"  {key:38s} {value:6.2f} s")
     importing = statistics.median(_import_time() for _ in range(3))
-    out.append(f"  of the start-up, `import anymc3d.engine` alone: {importing:.2f} s; target for start-up: <= 2 s")
+    floor = statistics.median(_import_time("torch") for _ in range(3))
+    out.append(f"  of the start-up, `import anymc3d.engine` alone: {importing:.2f} s; `import torch` alone: {floor:.2f} s "
+               "(the floor any torch process pays here); target for start-up: <= 2 s")
     return out
 
 
-def _import_time():
+def _import_time(module="anymc3d.engine"):
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import anymc3d.engine"], check=True)
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
     return time.perf_counter() - start
 
 
@@ -208,7 +240,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="Timed repeats, median reported (default: 3).")
     parser.add_argument("--compile", action="store_true", help="Add the torch.compile row (default: off; slow to compile).")
     parser.add_argument("--memory-slices", default="16,64,256", help="Slice counts for the memory rows (default: 16,64,256).")
-    parser.add_argument("--skip", default="", help="Comma-separated sections to skip: throughput,memory,cli (default: none).")
+    parser.add_argument("--skip", default="", help="Comma-separated sections to skip: throughput,plugins,memory,cli (default: none).")
     args = parser.parse_args()
     device = torch.device(args.device)
     skip = set(filter(None, args.skip.split(",")))
@@ -218,7 +250,7 @@ def main() -> None:
     for name in args.backbones:
         if "throughput" not in skip:
             print("\n".join(throughput(name, device, args.slices, args.size, args.chunk_size, args.repeats,
-                                       args.compile)), flush=True)  # section 1 prints its rows as they come
+                                       args.compile, "plugins" not in skip)), flush=True)  # section 1 prints its rows as they come
         if "memory" not in skip and device.type == "cpu":
             counts = [int(n) for n in args.memory_slices.split(",")]
             print("\n".join(memory(name, args.size, args.chunk_size, counts)), flush=True)
