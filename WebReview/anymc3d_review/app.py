@@ -751,7 +751,9 @@ class ReviewApp:
                     _importance_chart()
 
             v3.VDivider(classes="my-2")
-            html.Div("3D view", classes="text-subtitle-2")
+            html.Div("3D view", classes="text-subtitle-2 threed-title",
+                     title="the 3D view renders each heatmap averaged over blocks of voxels (at most 128 per axis; the "
+                           "heatmap comes from a 14-16 pixel patch grid); the slice views show it at full resolution")
             with html.Div(classes="d-flex flex-wrap", style="gap: 4px;"):
                 for action, label in (("left", "⟲ Rotate left"), ("right", "Rotate right ⟳"), ("up", "Tilt up"),
                                       ("down", "Tilt down"), ("zoom_in", "Zoom +"), ("zoom_out", "Zoom −"),
