@@ -1,13 +1,16 @@
 """Benchmark of the review page in a real browser: first frame after opening the page, switch of case and finding.
 
-Makes a folder with the demo backbone and plugin and three CT volumes (default 256x256x120; ``--size 512,512,300``
-for issue 14's target case; two predicted with per-finding heatmaps, one without results), starts
+Makes a folder with the demo backbone and plugin (three findings) and three CT volumes (default 256x256x120;
+``--size 512,512,300`` for issue 14's target case; two with per-finding heatmaps, one without results; the results
+are a real prediction of a binned copy written at the full geometry, see ``make_folder``), starts
 ``anymc3d review`` on it, and drives Chromium with Playwright (through the printed, keyed address):
 
 - first frame: from opening the page (navigation start) until every view (axial, coronal, sagittal, 3D) has shown
   a frame, the case with its heatmap (checked: heatmap colours in the slice views);
-- case switch: from the key press (next case) until every view has shown a frame of the new case; "cold" is the
-  first visit of a case (read from disk, nodes made by the Logic), "warm" a case still loaded;
+- case switch: from the request until every view has shown a frame of the new case; "first visit" is a neighbour
+  of the shown case, switched to once the server has loaded it in the background while the page was idle (that
+  background load is reported on its own line: it is not a switch); "visited before" a case still loaded; "cold"
+  a case never loaded, on a server that loads nothing ahead (files read, nodes made by the Logic);
 - finding switch: from the click on a table row until the slice views and the 3D view have shown the new heatmap.
 
 Targets (issues 8 and 14, 2 CPU cores): first frame <= 3 s, any switch <= 1.5 s (issue 14: on a 512x512x300 case
