@@ -485,15 +485,20 @@ class AnyMC3DSlicerLogic:
                 raise ValueError(f"Plugin {result['plugin']}: slice importance does not have num_slices values")
         return record
 
-    def importResults(self, record, inputs, options=None, displayOptions=None):
-        """Add the table, heatmaps, displays and chart of one record. All or nothing: on error, nothing is left."""
+    def importResults(self, record, inputs, options=None, displayOptions=None, preread=None):
+        """Add the table, heatmaps, displays and chart of one record. All or nothing: on error, nothing is left.
+
+        ``preread``: ``{path: outputs.readVolumeFile(path)}`` for files already read (e.g. in a thread); the others
+        are read here."""
+        preread = preread or {}
         options = options if options is not None else PredictionOptions()
         displayOptions = displayOptions if displayOptions is not None else DisplayOptions()
         nodesBefore = {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
         folderItem = 0
         try:
-            inputNodes = [self.loadInputFile(item) if isinstance(item, (str, os.PathLike)) else item for item in inputs]
-            outputs_, folderItem = self._importResults(record, inputNodes[0], options, displayOptions)
+            inputNodes = [self.loadInputFile(item, preread.get(str(item))) if isinstance(item, (str, os.PathLike)) else item
+                          for item in inputs]
+            outputs_, folderItem = self._importResults(record, inputNodes[0], options, displayOptions, preread)
             return outputs_
         except Exception:
             if folderItem:
@@ -504,13 +509,22 @@ class AnyMC3DSlicerLogic:
                     self.scene.RemoveNode(node)
             raise
 
-    def loadInputFile(self, path):
+    def loadInputFile(self, path, data=None):
+        """A case's image as a volume node named by its stem; ``data``: the file already read by
+        ``outputs.readVolumeFile`` (same node as the volumes logic makes: default display, storage node)."""
+        if data is not None:
+            node = outputs.volumeNodeFromArray(data[0], data[1], imageStem(str(path)))
+            self.scene.AddNode(node)
+            node.CreateDefaultDisplayNodes()
+            node.AddDefaultStorageNode(str(path))
+            return node
         node = self.volumesLogic.AddArchetypeVolume(str(path), imageStem(str(path)), 0)
         if node is None:
             raise ValueError(f"Cannot load {path}")
         return node
 
-    def _importResults(self, record, inputNode, options, displayOptions):
+    def _importResults(self, record, inputNode, options, displayOptions, preread=None):
+        preread = preread or {}
         results = record["results"]
         uniqueNames = self._uniquePluginNames([result["plugin"] for result in results])
         inputName = inputNode.GetName()
@@ -521,11 +535,13 @@ class AnyMC3DSlicerLogic:
         rows, rowHeatmaps, heatmapNodes = [], [], []
         for pluginName, result in zip(uniqueNames, results):
             if gradient:
-                byLabel = {label: outputs.loadHeatmapVolume(self.scene, path, inputNode, f"{inputName} {pluginName} heatmap {label}")
+                byLabel = {label: outputs.loadHeatmapVolume(self.scene, path, inputNode, f"{inputName} {pluginName} heatmap {label}",
+                                                            preread.get(path))
                            for label, path in result["finding_heatmaps"].items()}
                 heatmapNodes += list(byLabel.values())
             else:
-                heatmapNode = outputs.loadHeatmapVolume(self.scene, result["heatmap"], inputNode, f"{inputName} {pluginName} heatmap")
+                heatmapNode = outputs.loadHeatmapVolume(self.scene, result["heatmap"], inputNode, f"{inputName} {pluginName} heatmap",
+                                                        preread.get(result["heatmap"]))
                 heatmapNodes.append(heatmapNode)
             for label in result["labels"]:
                 rows.append({"Plugin": pluginName, "Finding": label,
@@ -552,10 +568,12 @@ class AnyMC3DSlicerLogic:
             outputs.setUpHeatmapDisplay(heatmapNode, colorNode, displayOptions.threshold)
             if displayOptions.volumeRendering:
                 outputs.setUpVolumeRendering(self.volumeRenderingLogic, heatmapNode, displayOptions.threshold,
-                                             visible=heatmapNode is rowHeatmaps[shownRow])
+                                             visible=heatmapNode is rowHeatmaps[shownRow],
+                                             maxSize=displayOptions.volumeRenderingMaxSize)
+        copies = [h.GetNodeReference(outputs.VOLUME_RENDERING_COPY_REFERENCE) for h in heatmapNodes]
         folderItem = outputs.placeInSubjectHierarchy(
             self.scene, inputNode, f"AnyMC3D {pluginTitle}: {inputName}",
-            [tableNode, *heatmapNodes, importanceTableNode, chartNode, *seriesNodes])
+            [tableNode, *heatmapNodes, *[c for c in copies if c is not None], importanceTableNode, chartNode, *seriesNodes])
         self.selectFinding(tableNode, shownRow, displayOptions)
         return PredictionOutputs(inputNode, tableNode, heatmapNodes, importanceTableNode, chartNode, folderItem, record), folderItem
 
@@ -581,20 +599,16 @@ class AnyMC3DSlicerLogic:
         shown = self.heatmapNodeForRow(tableNode, row)
         for index in range(tableNode.GetNumberOfNodeReferences(outputs.HEATMAP_REFERENCE)):
             heatmapNode = tableNode.GetNthNodeReference(outputs.HEATMAP_REFERENCE, index)
-            for displayIndex in range(heatmapNode.GetNumberOfDisplayNodes()):
-                displayNode = heatmapNode.GetNthDisplayNode(displayIndex)
-                if displayNode is not None and displayNode.IsA("vtkMRMLVolumeRenderingDisplayNode"):
-                    displayNode.SetVisibility(heatmapNode is shown and displayOptions.volumeRendering)
+            for displayNode in outputs.volumeRenderingDisplayNodes(heatmapNode):
+                displayNode.SetVisibility(heatmapNode is shown and displayOptions.volumeRendering)
         outputs.showHeatmapInSliceViews(self.scene, shown, tableNode.GetNodeReference(outputs.INPUT_REFERENCE),
                                         displayOptions.opacity)
         return shown
 
     def setHeatmapThreshold(self, heatmapNode, threshold):
         heatmapNode.GetDisplayNode().SetThreshold(float(threshold), 1.0)
-        for displayIndex in range(heatmapNode.GetNumberOfDisplayNodes()):
-            displayNode = heatmapNode.GetNthDisplayNode(displayIndex)
-            if displayNode is not None and displayNode.IsA("vtkMRMLVolumeRenderingDisplayNode"):
-                outputs.setHeatmapTransferFunctions(displayNode.GetVolumePropertyNode().GetVolumeProperty(), threshold)
+        for displayNode in outputs.volumeRenderingDisplayNodes(heatmapNode):
+            outputs.setHeatmapTransferFunctions(displayNode.GetVolumePropertyNode().GetVolumeProperty(), threshold)
 
     @staticmethod
     def heatmapMaximumRAS(heatmapNode):

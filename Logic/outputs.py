@@ -37,6 +37,8 @@ HEATMAP_COLOR_STOPS = ((0.0, (0.0015, 0.0005, 0.0139)), (0.0625, (0.0423, 0.0281
                        (1.0, (0.9884, 0.9984, 0.6449)))
 TABLE_COLUMNS = ("Plugin", "Finding", "Probability", "Threshold", "Decision")
 MAX_VOLUME_RENDERING_OPACITY = 0.6
+#: heatmap node --> the reduced copy its 3D view renders (DisplayOptions.volumeRenderingMaxSize)
+VOLUME_RENDERING_COPY_REFERENCE = "AnyMC3DVolumeRenderingCopy"
 
 
 def heatmapColor(value):
@@ -113,18 +115,67 @@ def heatmapColorTableNode(scene):
 # Nodes
 
 
-def loadHeatmapVolume(scene, path, referenceVolumeNode, name):
+def readVolumeFile(path):
+    """``(voxels, ijkToRas)`` of a 3D scalar image file: a (K, J, I) numpy array and its 4x4 IJK-to-RAS matrix.
+
+    Read with SimpleITK (the ITK readers Slicer's volume storage node uses; LPS turned into RAS here), which
+    releases the GIL while it reads and decompresses: a caller can read the next case in a thread while its
+    event loop goes on (VTK's reader holds the GIL for the whole read). Raises ValueError naming the file.
+    """
+    import SimpleITK as sitk  # shipped with Slicer
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise ValueError(f"Cannot read {path}: {str(error).strip().splitlines()[-1]}") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{path} is not a 3D scalar image")
+    lpsToRas = np.diag([-1.0, -1.0, 1.0])
+    ijkToRas = np.eye(4)
+    ijkToRas[:3, :3] = lpsToRas @ np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    ijkToRas[:3, 3] = lpsToRas @ np.asarray(image.GetOrigin())
+    return sitk.GetArrayFromImage(image), ijkToRas
+
+
+def volumeNodeFromArray(voxels, ijkToRas, name, node=None):
+    """A scalar volume node (not added to a scene) holding ``voxels`` (K, J, I) at ``ijkToRas``.
+
+    The node's image shares the array's memory (no copy: 0.3 s per 512x512x300 float volume); the VTK array keeps
+    the numpy array alive (``numpy_to_vtk``'s reference), so the caller must not change it afterwards.
+    """
+    voxels = np.ascontiguousarray(voxels)
+    imageData = vtk.vtkImageData()
+    imageData.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
+    scalars = numpy_support.numpy_to_vtk(voxels.ravel(), deep=False)
+    scalars.SetName("ImageScalars")
+    imageData.GetPointData().SetScalars(scalars)
+    node = node if node is not None else slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    matrix = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            matrix.SetElement(i, j, float(ijkToRas[i][j]))
+    node.SetIJKToRASMatrix(matrix)
+    node.SetAndObserveImageData(imageData)
+    return node
+
+
+def loadHeatmapVolume(scene, path, referenceVolumeNode, name, data=None):
     """Read a backend heatmap file into a new scalar volume with exactly the reference volume's IJK-to-RAS.
 
     The file must have the reference's geometry (cli-contract.md); it is checked, then the matrix is copied so
-    that the file's float rounding cannot shift the overlay.
+    that the file's float rounding cannot shift the overlay. ``data``: the file already read by
+    :func:`readVolumeFile` (the same checks apply).
     """
-    reader = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene: used only to read
-    reader.SetFileName(str(path))
-    heatmapNode = slicer.vtkMRMLScalarVolumeNode()
-    heatmapNode.SetName(name)
-    if not reader.ReadData(heatmapNode):
-        raise ValueError(f"Cannot read heatmap file {path}")
+    if data is not None:
+        heatmapNode = volumeNodeFromArray(data[0], data[1], name)
+    else:
+        reader = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene: used only to read
+        reader.SetFileName(str(path))
+        heatmapNode = slicer.vtkMRMLScalarVolumeNode()
+        heatmapNode.SetName(name)
+        if not reader.ReadData(heatmapNode):
+            raise ValueError(f"Cannot read heatmap file {path}")
     expectedDims = referenceVolumeNode.GetImageData().GetDimensions()
     if heatmapNode.GetImageData().GetDimensions() != expectedDims:
         raise ValueError(f"Heatmap {path} has size {heatmapNode.GetImageData().GetDimensions()}, "
@@ -143,27 +194,102 @@ def loadHeatmapVolume(scene, path, referenceVolumeNode, name):
 
 
 def setUpHeatmapDisplay(heatmapNode, colorNode, threshold):
-    """Slice-view display: blue -> red colour table on [0, 1], voxels under ``threshold`` transparent."""
-    heatmapNode.CreateDefaultDisplayNodes()
-    displayNode = heatmapNode.GetDisplayNode()
-    displayNode.SetAndObserveColorNodeID(colorNode.GetID())
+    """Slice-view display: blue -> red colour table on [0, 1], voxels under ``threshold`` transparent.
+
+    The display node is set up before it observes the heatmap (not ``CreateDefaultDisplayNodes``, whose automatic
+    window/level computes a histogram of the whole volume first: 2 s for 512x512x300 voxels, thrown away here).
+    """
+    displayNode = heatmapNode.GetScene().AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
     displayNode.SetAutoWindowLevel(False)
     displayNode.SetWindowLevelMinMax(0.0, 1.0)
     displayNode.SetAutoThreshold(False)
     displayNode.SetThreshold(float(threshold), 1.0)
     displayNode.SetApplyThreshold(True)
+    displayNode.SetAndObserveColorNodeID(colorNode.GetID())
+    heatmapNode.SetAndObserveDisplayNodeID(displayNode.GetID())
     return displayNode
 
 
-def setUpVolumeRendering(volumeRenderingLogic, heatmapNode, threshold, visible):
-    """3D display: a volume rendering display node with the heatmap transfer functions."""
-    displayNode = volumeRenderingLogic.CreateDefaultVolumeRenderingNodes(heatmapNode)
+def setUpVolumeRendering(volumeRenderingLogic, heatmapNode, threshold, visible, maxSize=0):
+    """3D display: a volume rendering display node with the heatmap transfer functions.
+
+    With ``maxSize`` > 0 and a heatmap larger than that along any axis, the 3D view renders a block-averaged copy
+    of at most ``maxSize`` voxels per axis (:func:`reducedVolumeRenderingCopy`) instead of the full volume: the
+    slice views still show the full-resolution heatmap. Returns the volume rendering display node.
+    """
+    source = heatmapNode
+    if maxSize and max(heatmapNode.GetImageData().GetDimensions()) > int(maxSize):
+        source = reducedVolumeRenderingCopy(heatmapNode, int(maxSize))
+    displayNode = volumeRenderingLogic.CreateDefaultVolumeRenderingNodes(source)
     propertyNode = displayNode.GetVolumePropertyNode()
     propertyNode.SetName(f"{heatmapNode.GetName()} transfer function")
     setHeatmapTransferFunctions(propertyNode.GetVolumeProperty(), threshold)
     propertyNode.Modified()
     displayNode.SetVisibility(bool(visible))
     return displayNode
+
+
+def reducedVolumeRenderingCopy(heatmapNode, maxSize):
+    """A copy of ``heatmapNode`` averaged over blocks of whole voxels so that no axis exceeds ``maxSize`` voxels,
+    at the same place in RAS (each copy voxel sits at the centre of its block), referenced from the heatmap.
+
+    Why: a software renderer (Mesa llvmpipe, the web review's server) ray-casts a 512x512x300 volume in seconds
+    per frame; a backend heatmap is a patch-grid map (one value per 14-16 pixel patch, interpolated), so blocks of
+    a few voxels lose nothing that is in the data. Hand-written with numpy (one reshape-mean) because the block
+    geometry must be exact; vtkImageShrink3D would need the same origin bookkeeping around it.
+    """
+    voxels = arrayFromVolumeNode(heatmapNode)  # (K, J, I)
+    factors = [max(1, -(-n // maxSize)) for n in voxels.shape]
+    padding = [(0, (-n) % f) for n, f in zip(voxels.shape, factors)]
+    if any(after for _, after in padding):
+        voxels = np.pad(voxels, padding, mode="edge")  # a partial last block averages its real voxels' edge value
+    (k, j, i), (fk, fj, fi) = [n // f for n, f in zip(voxels.shape, factors)], factors
+    # block sums one axis at a time (each pass reads contiguous memory: 2.5x faster than one 6-axis mean)
+    sums = voxels.reshape(k, fk, -1).sum(axis=1, dtype=np.float32)
+    sums = sums.reshape(k, j, fj, voxels.shape[2]).sum(axis=2).reshape(k, j, i, fi).sum(axis=3)
+    small = np.ascontiguousarray(sums / np.float32(fk * fj * fi), dtype=np.float32)
+    shape = [k, j, i]
+    imageData = vtk.vtkImageData()
+    imageData.SetDimensions(shape[2], shape[1], shape[0])
+    scalars = numpy_support.numpy_to_vtk(small.ravel(), deep=True, array_type=vtk.VTK_FLOAT)
+    scalars.SetName("ImageScalars")
+    imageData.GetPointData().SetScalars(scalars)
+    # copy IJK -> heatmap IJK: i_full = f * i_copy + (f - 1) / 2 per axis (I, J, K = numpy axes 2, 1, 0)
+    blockToFull = np.array([[fi, 0, 0, (fi - 1) / 2.0], [0, fj, 0, (fj - 1) / 2.0], [0, 0, fk, (fk - 1) / 2.0],
+                            [0, 0, 0, 1.0]])
+    ijkToRas = matrixToArray(ijkToRasMatrix(heatmapNode)) @ blockToFull
+    matrix = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            matrix.SetElement(i, j, float(ijkToRas[i, j]))
+    scene = heatmapNode.GetScene()
+    copyNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{heatmapNode.GetName()} (3D view, {shape[2]}x{shape[1]}x{shape[0]})")
+    copyNode.SetIJKToRASMatrix(matrix)
+    copyNode.SetAndObserveImageData(imageData)
+    copyNode.SetHideFromEditors(True)  # a display aid, not a result: the heatmap node is the result
+    copyNode.SetAttribute(ROLE_ATTRIBUTE, "heatmap 3D view copy")
+    if heatmapNode.GetParentTransformNode() is not None:
+        copyNode.SetAndObserveTransformNodeID(heatmapNode.GetParentTransformNode().GetID())
+    if heatmapNode.GetDisplayNode() is not None:  # the volume rendering logic copies the scalar display's colours
+        copyNode.CreateDefaultDisplayNodes()
+        copyNode.GetDisplayNode().SetAndObserveColorNodeID(heatmapNode.GetDisplayNode().GetColorNodeID())
+    heatmapNode.SetNodeReferenceID(VOLUME_RENDERING_COPY_REFERENCE, copyNode.GetID())
+    return copyNode
+
+
+def volumeRenderingDisplayNodes(heatmapNode):
+    """The volume rendering display nodes that show ``heatmapNode`` in 3D: its own, or its reduced copy's."""
+    nodes = [heatmapNode]
+    copyNode = heatmapNode.GetNodeReference(VOLUME_RENDERING_COPY_REFERENCE)
+    if copyNode is not None:
+        nodes.append(copyNode)
+    found = []
+    for node in nodes:
+        for index in range(node.GetNumberOfDisplayNodes()):
+            displayNode = node.GetNthDisplayNode(index)
+            if displayNode is not None and displayNode.IsA("vtkMRMLVolumeRenderingDisplayNode"):
+                found.append(displayNode)
+    return found
 
 
 def setHeatmapTransferFunctions(volumeProperty, threshold):

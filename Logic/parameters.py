@@ -52,8 +52,13 @@ class PredictionOptions:
 
 @parameterPack
 class DisplayOptions:
-    """How heatmaps are shown: slice-view overlay opacity and the threshold under which voxels are transparent."""
+    """How heatmaps are shown: slice-view overlay opacity and the threshold under which voxels are transparent.
+
+    ``volumeRenderingMaxSize`` > 0: the 3D view renders a block-averaged copy of a heatmap larger than that (voxels
+    per axis); 0 (Slicer's default, a GPU renders the full volume): the heatmap itself.
+    """
 
     opacity: Annotated[float, Minimum(0.0), Maximum(1.0)] = 0.5
     threshold: Annotated[float, Minimum(0.0), Maximum(1.0)] = 0.2
     volumeRendering: bool = True
+    volumeRenderingMaxSize: Annotated[int, Minimum(0)] = 0

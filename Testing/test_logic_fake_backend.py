@@ -203,6 +203,73 @@ def test_gradient_method_gives_one_heatmap_per_finding(sceneContext, obliqueVolu
     assert visible == [0, 1, 0]
 
 
+def test_reduced_volume_rendering_copy(sceneContext, obliqueVolumePath, fakePlugins, fakeLogic):
+    """volumeRenderingMaxSize: the 3D view renders block means of the heatmap at the blocks' centres; the slice
+    views keep the full-resolution heatmap; finding selection and threshold act on the copies."""
+    logic = fakeLogic("ok")
+    volume = sceneContext.loadVolume(obliqueVolumePath)  # 12 x 10 x 8 voxels
+    display = DisplayOptions(volumeRenderingMaxSize=4)
+    result = logic.runPrediction([volume], "b.safetensors", fakePlugins[:1], PredictionOptions(heatmapMethod="grad_last"),
+                                 display, timeout=60)
+    assert result.status == "ok", result.message
+    heatmaps, table = result.outputs.heatmapNodes, result.outputs.tableNode
+    vrLogic = sceneContext.volumeRenderingLogic
+    for heatmap in heatmaps:
+        assert heatmap.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()  # the result: untouched
+        assert vrLogic.GetFirstVolumeRenderingDisplayNode(heatmap) is None  # never ray-cast at full size
+        copy = heatmap.GetNodeReference(out.VOLUME_RENDERING_COPY_REFERENCE)
+        # blocks of ceil(12/4) = 3 (I), ceil(10/4) = 3 (J: 10 voxels + 2 copies of the edge), ceil(8/4) = 2 (K)
+        assert copy.GetImageData().GetDimensions() == (4, 4, 4)
+        full, small = out.arrayFromVolumeNode(heatmap), out.arrayFromVolumeNode(copy)
+        for (k, j, i) in [(0, 0, 0), (3, 3, 3), (1, 3, 0), (2, 1, 2)]:
+            block = [(k * 2 + a, min(j * 3 + b, 9), i * 3 + c) for a in range(2) for b in range(3) for c in range(3)]
+            assert small[k, j, i] == pytest.approx(np.mean([full[x] for x in block]), rel=1e-5)
+            if j < 3:  # a whole block: its copy voxel sits at the mean RAS of the block's voxels
+                centre = np.mean([ijkToRas(heatmap) @ [x, y, z, 1] for (z, y, x) in block], axis=0)
+                np.testing.assert_allclose(ijkToRas(copy) @ [i, j, k, 1], centre, atol=1e-9)
+        assert shNodeParent(sceneContext.scene, copy) == result.outputs.folderItem
+    logic.selectFinding(table, 2)
+    visible = [[d.GetVisibility() for d in out.volumeRenderingDisplayNodes(h)] for h in heatmaps]
+    assert visible == [[0], [0], [1]]
+    sliceComposite = out._nodesByClass(sceneContext.scene, "vtkMRMLSliceCompositeNode")
+    assert all(c.GetForegroundVolumeID() == heatmaps[2].GetID() for c in sliceComposite)
+    logic.setHeatmapThreshold(heatmaps[2], 0.5)
+    opacity = out.volumeRenderingDisplayNodes(heatmaps[2])[0].GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
+    assert [opacity.GetValue(x) for x in (0.45, 1.0)] == pytest.approx([0.0, out.MAX_VOLUME_RENDERING_OPACITY])
+
+
+def test_preread_files_make_the_same_nodes(sceneContext, obliqueVolumePath, fakeLogic, tmp_path):
+    """A file read by outputs.readVolumeFile (SimpleITK, in a thread) gives the node the volume storage node gives:
+    same voxels, type, IJK-to-RAS, display colours; a heatmap of another geometry is still refused."""
+    logic = fakeLogic("ok")
+    read = logic.loadInputFile(obliqueVolumePath)
+    pre = logic.loadInputFile(obliqueVolumePath, out.readVolumeFile(obliqueVolumePath))
+    np.testing.assert_allclose(ijkToRas(pre), ijkToRas(read), rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(out.arrayFromVolumeNode(pre), out.arrayFromVolumeNode(read))
+    assert pre.GetImageData().GetScalarType() == read.GetImageData().GetScalarType()
+    assert pre.GetName() == read.GetName() and pre.GetStorageNode().GetFileName() == read.GetStorageNode().GetFileName()
+    assert pre.GetDisplayNode().GetColorNodeID() == read.GetDisplayNode().GetColorNodeID()
+    image = sitk.ReadImage(obliqueVolumePath)
+    heatmapPath = str(tmp_path / "heatmap.nrrd")
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(image, 0.0, 1.0), sitk.sitkFloat32), heatmapPath)
+    viaStorage = out.loadHeatmapVolume(sceneContext.scene, heatmapPath, read, "a")
+    viaRead = out.loadHeatmapVolume(sceneContext.scene, heatmapPath, read, "b", out.readVolumeFile(heatmapPath))
+    np.testing.assert_array_equal(out.arrayFromVolumeNode(viaRead), out.arrayFromVolumeNode(viaStorage))
+    np.testing.assert_array_equal(ijkToRas(viaRead), ijkToRas(viaStorage))
+    image.SetOrigin((0.0, 0.0, 0.0))
+    movedPath = str(tmp_path / "moved.nrrd")
+    sitk.WriteImage(image, movedPath)
+    with pytest.raises(ValueError, match="geometry"):
+        out.loadHeatmapVolume(sceneContext.scene, movedPath, read, "c", out.readVolumeFile(movedPath))
+    with pytest.raises(ValueError, match="Cannot read"):
+        out.readVolumeFile(str(tmp_path / "missing.nrrd"))
+
+
+def shNodeParent(scene, node):
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    return shNode.GetItemParent(shNode.GetItemByDataNode(node))
+
+
 @pytest.mark.parametrize("mode, expectedExit", [("fail", 1), ("fatal", 2), ("missing_heatmap", 0)])
 def test_failing_run_adds_no_nodes(sceneContext, obliqueVolumePath, fakePlugins, fakeLogic, tempRoot, mode, expectedExit):
     logic = fakeLogic(mode)

@@ -45,6 +45,27 @@ WINDOW_PRESETS = {"auto": ("Auto", None, None), "brain": ("Brain", 80.0, 40.0),
                   "bone": ("Bone", 1800.0, 400.0)}
 RAS_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) direction of R, A, S
 OWNER_FILE = "server.pid"
+#: the 3D view's heatmap size limit (voxels per axis): a backend heatmap is a 14-16 pixel patch grid interpolated,
+#: so 128 per axis keeps every patch of a 512-pixel slice at 4 voxels or more
+VOLUME_RENDERING_MAX_SIZE = 128
+#: the environment variable that sets it (tests: a small value makes small test volumes use the reduced copy)
+VOLUME_RENDERING_MAX_SIZE_ENV = "ANYMC3D_REVIEW_3D_MAX_SIZE"
+#: threads that read a case's files (image, heatmaps) at once
+READ_WORKERS = 2
+
+
+def volume_rendering_max_size() -> int:
+    """VOLUME_RENDERING_MAX_SIZE, or the environment's ANYMC3D_REVIEW_3D_MAX_SIZE (an integer >= 2)."""
+    raw = os.environ.get(VOLUME_RENDERING_MAX_SIZE_ENV)
+    if raw is None:
+        return VOLUME_RENDERING_MAX_SIZE
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise ValueError(f"{VOLUME_RENDERING_MAX_SIZE_ENV} must be an integer >= 2, not {raw!r}")
+    return value
 
 
 def make_run_root(parent=None) -> str:
@@ -161,7 +182,9 @@ class ReviewSession:
                                         backendCommand=backend_command or guarded_backend_command(),
                                         volumesLogic=volumes_logic, volumeRenderingLogic=volume_rendering_logic,
                                         tempRoot=self.run_root)
-        self.display = DisplayOptions()
+        # the 3D view renders heatmaps at most VOLUME_RENDERING_MAX_SIZE voxels per axis (block means; the slice
+        # views show the full-resolution heatmap): a 512x512x300 volume costs seconds per frame on llvmpipe
+        self.display = DisplayOptions(volumeRenderingMaxSize=volume_rendering_max_size())
         self.window_preset = "auto"
         self.loaded: OrderedDict[int, LoadedCase] = OrderedDict()
         self.current: LoadedCase | None = None
@@ -179,13 +202,14 @@ class ReviewSession:
     def can_run(self) -> bool:
         return bool(self.backbone and self.plugins)
 
-    def show_case(self, index: int) -> LoadedCase:
-        """Show case ``index`` (loading it if needed). Raises RecordError when its results cannot be shown."""
+    def show_case(self, index: int, preread=None) -> LoadedCase:
+        """Show case ``index`` (loading it if needed). Raises RecordError when its results cannot be shown.
+        ``preread``: what :meth:`read_case_files` returned for it (files read in a thread)."""
         case = self.folder.case(index)
         loaded = self.loaded.get(index)
         if loaded is None:
             try:
-                loaded = self._load(case)
+                loaded = self._load(case, preread)
             except (RecordError, ValueError, OSError) as error:
                 self.load_errors[index] = str(error) or type(error).__name__  # the list shows it from now on
                 raise
@@ -195,8 +219,44 @@ class ReviewSession:
         self._evict()
         return loaded
 
-    def _load(self, case: Case) -> LoadedCase:
+    def case_files(self, index: int) -> list[str]:
+        """The image files a load of case ``index`` reads: its image, then its heatmaps (confined to the folder)."""
+        case = self.folder.case(index)
+        if case.status == "error":
+            return []
+        files = [str(case.path)]
+        if case.status == "results":
+            self.folder.check_record_paths(case.record)  # confinement first: nothing outside the folder is opened
+            for result in case.record.get("results") or []:
+                paths = [result.get("heatmap"), *(result.get("finding_heatmaps") or {}).values()]
+                files += [path for path in paths if isinstance(path, str) and path not in files]
+        return files
+
+    def read_case_files(self, index: int, workers: int = READ_WORKERS) -> dict:
+        """``{path: (voxels, ijkToRas)}`` of every file of case ``index``, read in ``workers`` threads.
+
+        Safe to call from a worker thread (no scene access; SimpleITK releases the GIL while it reads and
+        decompresses): the server's event loop keeps serving pages meanwhile. A file that cannot be read is left
+        out (the load on the event loop then reads it itself and reports the error)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            files = self.case_files(index)
+        except (RecordError, ValueError, OSError, IndexError):
+            return {}
+
+        def read(path):
+            try:
+                return path, logic_outputs.readVolumeFile(path)
+            except (ValueError, OSError):
+                return path, None
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return {path: data for path, data in pool.map(read, files) if data is not None}
+
+    def _load(self, case: Case, preread=None) -> LoadedCase:
         started = time.perf_counter()
+        preread = preread or {}
         before = _node_ids(self.scene)
         shared = {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
                   if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
@@ -210,7 +270,7 @@ class ReviewSession:
                 raise RecordError(str(error)) from error
             source = self._input_node(case) if case.is_dicom else str(case.path)
             try:
-                outputs = self.logic.importResults(record, [source], options, self.display)
+                outputs = self.logic.importResults(record, [source], options, self.display, preread=preread)
             except Exception:
                 if not isinstance(source, str):
                     self.scene.RemoveNode(source)
@@ -221,7 +281,7 @@ class ReviewSession:
         else:
             try:
                 loaded = LoadedCase(case.index, self._input_node(case) if case.is_dicom
-                                    else self.logic.loadInputFile(str(case.path)))
+                                    else self.logic.loadInputFile(str(case.path), preread.get(str(case.path))))
             except ValueError as error:
                 raise RecordError(str(error)) from error
         added = _node_ids(self.scene) - before
@@ -280,10 +340,8 @@ class ReviewSession:
 
     def _set_volume_rendering_visible(self, loaded, visible):
         for heatmap in loaded.heatmap_nodes():
-            for index in range(heatmap.GetNumberOfDisplayNodes()):
-                display = heatmap.GetNthDisplayNode(index)
-                if display is not None and display.IsA("vtkMRMLVolumeRenderingDisplayNode"):
-                    display.SetVisibility(bool(visible))
+            for display in logic_outputs.volumeRenderingDisplayNodes(heatmap):
+                display.SetVisibility(bool(visible))
 
     def neighbours(self, index=None):
         """The cases next to ``index`` (default: the shown one) in the listing, next first."""
@@ -303,7 +361,7 @@ class ReviewSession:
             if index not in keep:
                 self.unload(index)
 
-    def prefetch(self, index) -> bool:
+    def prefetch(self, index, preread=None) -> bool:
         """Load case ``index`` into the scene without showing it (the shown case stays as it was).
 
         The Logic's import shows what it imports (slice views, volume rendering): the shown case's display is put
@@ -316,7 +374,7 @@ class ReviewSession:
             return False
         shown = self.current
         try:
-            self._load(case)
+            self._load(case, preread)
         except (RecordError, ValueError, OSError):
             self.prefetch_failed.add(index)
             return False

@@ -109,6 +109,53 @@ def test_switching_finding_changes_overlay(page, results_json):
     assert max(changes.values()) > 2.0, changes
 
 
+def click_finding(page, row):
+    version = state(page, "scene_version")
+    settle(page)
+    t0 = now(page)
+    page.locator("tr.finding-row").nth(row).click()
+    wait_state(page, f"s('row') === {row} && s('scene_version') > {version}")
+    wait_frames(page, t0, (*SLICE_VIEWS, "ThreeD"))
+    settle(page)
+    return {view: view_pixels(page, view).astype(np.int16) for view in VIEWS}
+
+
+def mean_change(a, b):
+    return float(np.abs(a - b).mean())
+
+
+def test_every_switch_shows_that_findings_and_that_cases_heatmap(page, results_json):
+    """Finding and case switches (heatmaps kept loaded, 3D from a reduced copy) show the chosen heatmap: the
+    server's shown heatmap has that finding's file's maximum, and coming back to a finding or a case gives back its
+    pixels in every view, while another finding's pixels differ."""
+    show_case(page, "volume.nii.gz")
+    result = record_for(results_json, "volume.nii.gz")["results"][0]
+    order = [1, 2, 0] if state(page, "row") != 1 else [0, 2, 1]
+    shown = {}
+    for row in order:
+        shown[row] = click_finding(page, row)
+        voxels = sitk.GetArrayFromImage(sitk.ReadImage(result["finding_heatmaps"][result["labels"][row]]))
+        k, j, i = np.unravel_index(int(np.argmax(voxels)), voxels.shape)
+        assert state(page, "maximum_ijk") == [int(i), int(j), int(k)], result["labels"][row]
+    first, second = order[0], order[1]
+    assert max(mean_change(shown[first][v], shown[second][v]) for v in SLICE_VIEWS) > 2.0
+    again = click_finding(page, first)
+    for view in VIEWS:
+        assert mean_change(again[view], shown[first][view]) < 0.5, view
+    show_case(page, "second.nii.gz")
+    other = {view: view_pixels(page, view).astype(np.int16) for view in VIEWS}
+    second_size = sitk.ReadImage(record_for(results_json, "second.nii.gz")["image"]).GetSize()
+    assert state(page, "orientation")["Red"]["slice"].split(" ")[0].endswith(f"/{second_size[2]}")
+    show_case(page, "volume.nii.gz")
+    back = {view: view_pixels(page, view).astype(np.int16) for view in VIEWS}
+    row = state(page, "row")  # a case opens on its most probable finding
+    reference = again if row == first else shown[row]
+    for view in SLICE_VIEWS:  # (the 3D camera is reset to each case's bounds on a case switch)
+        assert mean_change(back[view], reference[view]) < 0.5, view
+    assert heatmap_fraction(view_pixels(page, "ThreeD")) > HEATMAP_SHARE
+    assert max(mean_change(other[v], back[v]) for v in SLICE_VIEWS) > 2.0
+
+
 def test_jump_to_maximum_moves_slices_to_heatmap_maximum(page, results_json):
     show_case(page, "volume.nii.gz")
     row = state(page, "row")
@@ -291,3 +338,36 @@ def test_ordinary_use_is_never_refused(page, server):
     wait_state(page, f"s('cursor_ijk') && s('cursor_ijk').join(',') !== '{','.join(map(str, cursor))}'")
     refused = [line for line in server.output().splitlines() if "refused: state change" in line]
     assert all("'case_index'" in line for line in refused), refused
+
+
+@pytest.fixture(scope="module")
+def reduced_server(review_folder, tmp_path_factory):
+    """A server whose 3D view renders heatmaps reduced to at most 16 voxels per axis (the demo volumes are larger)."""
+    from anymc3d_review.testing import ReviewServer
+
+    log = tmp_path_factory.mktemp("logs") / "server-reduced.log"
+    with ReviewServer(review_folder, env={"ANYMC3D_REVIEW_3D_MAX_SIZE": "16"}, log=log) as srv:
+        yield srv
+
+
+def test_3d_view_from_the_reduced_copy_shows_each_findings_heatmap(browser, reduced_server, results_json):
+    from anymc3d_review.testing import open_page
+
+    page = open_page(browser, reduced_server.url)
+    try:
+        wait_frames(page, 0, timeout=60)
+        show_case(page, "volume.nii.gz")
+        size = sitk.ReadImage(record_for(results_json, "volume.nii.gz")["image"]).GetSize()
+        assert max(size) > 16, size  # the copy is in use
+        row = state(page, "row")
+        first = view_pixels(page, "ThreeD").astype(np.int16)
+        assert heatmap_fraction(first) > HEATMAP_SHARE
+        other = click_finding(page, 1 if row == 0 else 0)
+        assert heatmap_fraction(other["ThreeD"]) > HEATMAP_SHARE
+        assert mean_change(other["ThreeD"], first) > 0.5  # another finding, another 3D heatmap
+        back = click_finding(page, row)
+        assert mean_change(back["ThreeD"], first) < 0.5
+        for view in SLICE_VIEWS:  # the slice views show the full-resolution heatmap (not the copy)
+            assert heatmap_fraction(back[view]) > HEATMAP_SHARE
+    finally:
+        page.close()
