@@ -56,7 +56,8 @@ def platt_through(scores: np.ndarray, labels: np.ndarray, anchor: float) -> floa
     x = (np.asarray(scores, dtype=np.float64) - anchor)[:, None]
     t = platt_targets(labels)
     # soft targets as scikit-learn takes them: each case once as a positive (weight t), once as a negative (1 - t)
-    fit = LogisticRegression(penalty=None, fit_intercept=False, tol=1e-10, max_iter=1000).fit(
+    # C = inf: no penalty (scikit-learn 1.8 deprecates penalty=None; C = inf means the same in every version)
+    fit = LogisticRegression(C=np.inf, fit_intercept=False, tol=1e-10, max_iter=1000).fit(
         np.vstack([x, x]), np.r_[np.ones(len(x), int), np.zeros(len(x), int)], sample_weight=np.r_[t, 1.0 - t])
     a = float(fit.coef_[0, 0])
     if not np.isfinite(a) or a <= 1e-6:
