@@ -376,41 +376,9 @@ def read_image(path: PathLike, *, series: str | None = None, max_voxels: int = 5
         InputError: naming ``path`` and the problem.
     """
     path = Path(path)
-    problem = link_problem(path)
-    if problem is not None:
-        raise InputError(path, problem)
-    if path.is_dir():
-        found = _dicom_series(path)
-        if not found:
-            raise InputError(path, "folder holds no DICOM series")
-        if series is not None:
-            found = [s for s in found if s[0] == series]
-            if not found:
-                raise InputError(path, f"folder holds no DICOM series {series}")
-        elif len(found) > 1:
-            logger.warning(
-                "%s: %d DICOM series found; using %s (%d files)", path, len(found), found[0][0], len(found[0][1])
-            )
-        files = found[0][1]
-        info = _read_information(files[0], path)
-        size = tuple(info.GetSize())[:2] + (len(files),)
-        _check_header(path, 3, size, (1.0, 1.0, 1.0), info.GetNumberOfComponents(), max_voxels)
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(files)
-    else:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        _read_information(reader, path)
-        _check_header(
-            path,
-            reader.GetDimension(),
-            reader.GetSize(),
-            reader.GetSpacing(),
-            reader.GetNumberOfComponents(),
-            max_voxels,
-        )
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_voxels(path)
+    reader = _checked_reader(path, series, max_voxels, warn_several=True)
+    if not path.is_dir() and path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_voxels(path)
     try:
         image = reader.Execute()
     except RuntimeError as error:
@@ -435,21 +403,33 @@ def check_image_header(path: PathLike, *, series: str | None = None, max_voxels:
     Raises:
         InputError: naming ``path`` and the problem.
     """
-    path = Path(path)
+    _checked_reader(Path(path), series, max_voxels)
+
+
+def _checked_reader(path: Path, series: str | None, max_voxels: int, warn_several: bool = False):
+    """The header step of :func:`read_image` and :func:`check_image_header`: link problems, the DICOM series to
+    read (``series``, else the first; ``warn_several`` logs when others are left), header checks; returns the
+    reader ready to ``Execute``."""
     problem = link_problem(path)
     if problem is not None:
         raise InputError(path, problem)
-    if path.is_dir():
-        found = [s for s in _dicom_series(path) if series is None or s[0] == series]
-        if not found:
-            raise InputError(path, "folder holds no DICOM series" + (f" {series}" if series else ""))
-        info = _read_information(found[0][1][0], path)
-        size = tuple(info.GetSize())[:2] + (len(found[0][1]),)
-        _check_header(path, 3, size, (1.0, 1.0, 1.0), info.GetNumberOfComponents(), max_voxels)
-        return
-    reader = _read_information(str(path), path)
-    _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetSpacing(), reader.GetNumberOfComponents(),
-                  max_voxels)
+    if not path.is_dir():
+        reader = _read_information(str(path), path)
+        _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetSpacing(),
+                      reader.GetNumberOfComponents(), max_voxels)
+        return reader
+    found = [s for s in _dicom_series(path) if series is None or s[0] == series]
+    if not found:
+        raise InputError(path, "folder holds no DICOM series" + (f" {series}" if series is not None else ""))
+    if warn_several and series is None and len(found) > 1:
+        logger.warning("%s: %d DICOM series found; using %s (%d files)", path, len(found), found[0][0], len(found[0][1]))
+    files = found[0][1]
+    info = _read_information(files[0], path)
+    size = tuple(info.GetSize())[:2] + (len(files),)
+    _check_header(path, 3, size, (1.0, 1.0, 1.0), info.GetNumberOfComponents(), max_voxels)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader
 
 
 def dicom_series_files(folder: PathLike, series: str | None = None) -> list[str]:
