@@ -485,11 +485,12 @@ class AnyMC3DSlicerLogic:
                 raise ValueError(f"Plugin {result['plugin']}: slice importance does not have num_slices values")
         return record
 
-    def importResults(self, record, inputs, options=None, displayOptions=None, preread=None):
+    def importResults(self, record, inputs, options=None, displayOptions=None, preread=None, defer=False):
         """Add the table, heatmaps, displays and chart of one record. All or nothing: on error, nothing is left.
 
         ``preread``: ``{path: outputs.readVolumeFile(path)}`` for files already read (e.g. in a thread); the others
-        are read here."""
+        are read here, or with ``defer`` imported as pending heatmap nodes (``outputs.pendingHeatmapVolume``) that
+        :meth:`completeHeatmap` fills when their files have been read: a viewer shows the first finding sooner."""
         preread = preread or {}
         options = options if options is not None else PredictionOptions()
         displayOptions = displayOptions if displayOptions is not None else DisplayOptions()
@@ -498,7 +499,7 @@ class AnyMC3DSlicerLogic:
         try:
             inputNodes = [self.loadInputFile(item, preread.get(str(item))) if isinstance(item, (str, os.PathLike)) else item
                           for item in inputs]
-            outputs_, folderItem = self._importResults(record, inputNodes[0], options, displayOptions, preread)
+            outputs_, folderItem = self._importResults(record, inputNodes[0], options, displayOptions, preread, defer)
             return outputs_
         except Exception:
             if folderItem:
@@ -515,7 +516,13 @@ class AnyMC3DSlicerLogic:
         if data is not None:
             node = outputs.volumeNodeFromArray(data[0], data[1], imageStem(str(path)))
             self.scene.AddNode(node)
-            node.CreateDefaultDisplayNodes()
+            windowRange = getattr(data, "windowRange", None)
+            if windowRange is None:
+                node.CreateDefaultDisplayNodes()
+            else:  # the automatic window, computed where the file was read (not a histogram on this thread)
+                outputs.createDisplayNodeWithWindow(node, windowRange)
+            if getattr(data, "valueRange", None) is not None:
+                node.SetAttribute(outputs.VALUE_RANGE_ATTRIBUTE, " ".join(repr(float(v)) for v in data.valueRange))
             node.AddDefaultStorageNode(str(path))
             return node
         node = self.volumesLogic.AddArchetypeVolume(str(path), imageStem(str(path)), 0)
@@ -523,8 +530,19 @@ class AnyMC3DSlicerLogic:
             raise ValueError(f"Cannot load {path}")
         return node
 
-    def _importResults(self, record, inputNode, options, displayOptions, preread=None):
+    def _importResults(self, record, inputNode, options, displayOptions, preread=None, defer=False):
         preread = preread or {}
+
+        paths = {}  # heatmap node ID -> its file
+
+        def heatmapVolume(path, name):
+            if defer and path not in preread:
+                node = outputs.pendingHeatmapVolume(self.scene, path, inputNode, name)
+            else:
+                node = outputs.loadHeatmapVolume(self.scene, path, inputNode, name, preread.get(path))
+            paths[node.GetID()] = path
+            return node
+
         results = record["results"]
         uniqueNames = self._uniquePluginNames([result["plugin"] for result in results])
         inputName = inputNode.GetName()
@@ -535,13 +553,11 @@ class AnyMC3DSlicerLogic:
         rows, rowHeatmaps, heatmapNodes = [], [], []
         for pluginName, result in zip(uniqueNames, results):
             if gradient:
-                byLabel = {label: outputs.loadHeatmapVolume(self.scene, path, inputNode, f"{inputName} {pluginName} heatmap {label}",
-                                                            preread.get(path))
+                byLabel = {label: heatmapVolume(path, f"{inputName} {pluginName} heatmap {label}")
                            for label, path in result["finding_heatmaps"].items()}
                 heatmapNodes += list(byLabel.values())
             else:
-                heatmapNode = outputs.loadHeatmapVolume(self.scene, result["heatmap"], inputNode, f"{inputName} {pluginName} heatmap",
-                                                        preread.get(result["heatmap"]))
+                heatmapNode = heatmapVolume(result["heatmap"], f"{inputName} {pluginName} heatmap")
                 heatmapNodes.append(heatmapNode)
             for label in result["labels"]:
                 rows.append({"Plugin": pluginName, "Finding": label,
@@ -566,16 +582,28 @@ class AnyMC3DSlicerLogic:
         shownRow = int(np.argmax([row["Probability"] for row in rows])) if rows else 0
         for heatmapNode in heatmapNodes:
             outputs.setUpHeatmapDisplay(heatmapNode, colorNode, displayOptions.threshold)
-            if displayOptions.volumeRendering:
+            if displayOptions.volumeRendering and outputs.pendingHeatmapFile(heatmapNode) is None:
+                data = preread.get(paths[heatmapNode.GetID()])
                 outputs.setUpVolumeRendering(self.volumeRenderingLogic, heatmapNode, displayOptions.threshold,
                                              visible=heatmapNode is rowHeatmaps[shownRow],
-                                             maxSize=displayOptions.volumeRenderingMaxSize)
+                                             maxSize=displayOptions.volumeRenderingMaxSize,
+                                             blocks=getattr(data, "blocks", None))
         copies = [h.GetNodeReference(outputs.VOLUME_RENDERING_COPY_REFERENCE) for h in heatmapNodes]
         folderItem = outputs.placeInSubjectHierarchy(
             self.scene, inputNode, f"AnyMC3D {pluginTitle}: {inputName}",
             [tableNode, *heatmapNodes, *[c for c in copies if c is not None], importanceTableNode, chartNode, *seriesNodes])
         self.selectFinding(tableNode, shownRow, displayOptions)
         return PredictionOutputs(inputNode, tableNode, heatmapNodes, importanceTableNode, chartNode, folderItem, record), folderItem
+
+    @staticmethod
+    def firstHeatmapFile(record, options=None):
+        """The heatmap file of the row :meth:`importResults` shows first (the most probable finding, as there), or
+        None: what a viewer reads first when it imports the others deferred."""
+        gradient = (options if options is not None else PredictionOptions()).heatmapMethod in FINDING_METHODS
+        rows = [(float(result["probabilities"][label]),
+                 (result.get("finding_heatmaps") or {}).get(label) if gradient else result.get("heatmap"))
+                for result in record.get("results") or [] for label in result.get("labels") or []]
+        return rows[int(np.argmax([probability for probability, _ in rows]))][1] if rows else None
 
     @staticmethod
     def _uniquePluginNames(names):
@@ -604,6 +632,24 @@ class AnyMC3DSlicerLogic:
         outputs.showHeatmapInSliceViews(self.scene, shown, tableNode.GetNodeReference(outputs.INPUT_REFERENCE),
                                         displayOptions.opacity)
         return shown
+
+    def completeHeatmap(self, tableNode, heatmapNode, data=None, displayOptions=None):
+        """Give a pending heatmap of ``tableNode`` (``importResults(defer=True)``) its file's voxels (``data``: the
+        file already read, with its 3D-view blocks), with the import's checks, and its 3D view (visible when the
+        slice views show this heatmap). Raises ValueError naming the file; the node then stays pending."""
+        displayOptions = displayOptions if displayOptions is not None else DisplayOptions()
+        inputNode = tableNode.GetNodeReference(outputs.INPUT_REFERENCE)
+        outputs.fillHeatmapVolume(heatmapNode, inputNode, data)
+        if displayOptions.volumeRendering:
+            shown = any(composite.GetForegroundVolumeID() == heatmapNode.GetID()  # the slice views show it
+                        for composite in outputs._nodesByClass(self.scene, "vtkMRMLSliceCompositeNode"))
+            outputs.setUpVolumeRendering(self.volumeRenderingLogic, heatmapNode, displayOptions.threshold,
+                                         visible=shown, maxSize=displayOptions.volumeRenderingMaxSize,
+                                         blocks=getattr(data, "blocks", None))
+            copyNode = heatmapNode.GetNodeReference(outputs.VOLUME_RENDERING_COPY_REFERENCE)
+            if copyNode is not None:  # next to its heatmap in the subject hierarchy
+                outputs.placeBeside(self.scene, copyNode, heatmapNode)
+        return heatmapNode
 
     def setHeatmapThreshold(self, heatmapNode, threshold):
         heatmapNode.GetDisplayNode().SetThreshold(float(threshold), 1.0)

@@ -7,6 +7,7 @@ Output nodes are linked by node references (saved with the scene) so a reloaded 
   order), --``AnyMC3DImportance``--> slice-importance table, --``AnyMC3DChart``--> chart.
 """
 
+import collections
 import itertools
 
 import numpy as np
@@ -39,6 +40,12 @@ TABLE_COLUMNS = ("Plugin", "Finding", "Probability", "Threshold", "Decision")
 MAX_VOLUME_RENDERING_OPACITY = 0.6
 #: heatmap node --> the reduced copy its 3D view renders (DisplayOptions.volumeRenderingMaxSize)
 VOLUME_RENDERING_COPY_REFERENCE = "AnyMC3DVolumeRenderingCopy"
+#: on a heatmap node imported before its file was read (pendingHeatmapVolume): the file it waits for
+PENDING_FILE_ATTRIBUTE = "AnyMC3D.PendingFile"
+#: on an image node loaded from a file read off the event loop: its automatic window "low high" (autoWindowRange)
+AUTO_WINDOW_ATTRIBUTE = "AnyMC3D.AutoWindow"
+#: on an image node loaded from a file read off the event loop: its lowest and highest value "low high"
+VALUE_RANGE_ATTRIBUTE = "AnyMC3D.ValueRange"
 
 
 def heatmapColor(value):
@@ -115,12 +122,22 @@ def heatmapColorTableNode(scene):
 # Nodes
 
 
-def readVolumeFile(path):
-    """``(voxels, ijkToRas)`` of a 3D scalar image file: a (K, J, I) numpy array and its 4x4 IJK-to-RAS matrix.
+class VolumeData(collections.namedtuple("VolumeData", "voxels ijkToRas windowRange blocks valueRange",
+                                         defaults=(None, None, None))):
+    """A volume file read off the event loop (:func:`readVolumeFile`): ``voxels`` (K, J, I) and ``ijkToRas``, plus
+    what would otherwise cost a second each on the event loop: ``windowRange`` (Slicer's automatic window of an
+    image, :func:`autoWindowRange`), ``valueRange`` (its lowest and highest value, what VTK's GetScalarRange
+    computes) and ``blocks`` (a heatmap's 3D-view block means, :func:`blockMeans`)."""
+
+
+def readVolumeFile(path, autoWindow=False, blockMaxSize=0):
+    """The :class:`VolumeData` of a 3D scalar image file (``voxels`` (K, J, I), 4x4 IJK-to-RAS matrix).
 
     Read with SimpleITK (the ITK readers Slicer's volume storage node uses; LPS turned into RAS here), which
     releases the GIL while it reads and decompresses: a caller can read the next case in a thread while its
-    event loop goes on (VTK's reader holds the GIL for the whole read). Raises ValueError naming the file.
+    event loop goes on (VTK's reader holds the GIL for the whole read). ``autoWindow``: also compute the image's
+    automatic window range; ``blockMaxSize`` > 0: also the heatmap's block means for a 3D view of that size
+    (numpy releases the GIL too). Raises ValueError naming the file.
     """
     import SimpleITK as sitk  # shipped with Slicer
 
@@ -134,7 +151,45 @@ def readVolumeFile(path):
     ijkToRas = np.eye(4)
     ijkToRas[:3, :3] = lpsToRas @ np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
     ijkToRas[:3, 3] = lpsToRas @ np.asarray(image.GetOrigin())
-    return sitk.GetArrayFromImage(image), ijkToRas
+    voxels = np.asarray(_ImageBuffer(image))  # no copy (0.4 s for 512x512x300 floats)
+    windowRange = autoWindowRange(voxels) if autoWindow else None
+    valueRange = (float(np.nanmin(voxels)), float(np.nanmax(voxels))) if autoWindow and voxels.size else None
+    blocks = blockMeans(voxels, blockMaxSize) if blockMaxSize and max(voxels.shape) > blockMaxSize else None
+    return VolumeData(voxels, ijkToRas, windowRange, blocks, valueRange)
+
+
+class _ImageBuffer:
+    """A SimpleITK image's voxel buffer for numpy (``np.asarray``) that holds the image: every array made from it
+    has this object as its base, so the buffer lives as long as any of them (SimpleITK's GetArrayViewFromImage is
+    valid only while the image lives; VTK keeps the array it wraps)."""
+
+    def __init__(self, image):
+        import SimpleITK as sitk
+
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
+#: Slicer's automatic window: the 0.1th to 99.9th intensity percentile (vtkMRMLScalarVolumeDisplayNode::
+#: CalculateAutoLevels, Slicer/Slicer 583e9b3 Libs/MRML/Core/vtkMRMLScalarVolumeDisplayNode.cxx)
+AUTO_WINDOW_PERCENTILES = (0.1, 99.9)
+#: voxels :func:`autoWindowRange` looks at (a regular subsample): 0.03 s instead of a 1 s histogram of 512x512x300
+AUTO_WINDOW_SAMPLES = 2_000_000
+
+
+def autoWindowRange(voxels):
+    """``(low, high)``: Slicer's automatic window/level range (its percentiles) of ``voxels``, computed on a regular
+    subsample of at most AUTO_WINDOW_SAMPLES voxels. Why: the display node's own automatic window computes a
+    histogram of the whole volume on the event loop (1 s for 512x512x300 voxels); a subsample gives the same
+    range to a fraction of the intensity range (tested against the display node's). NaN voxels are ignored."""
+    voxels = np.asarray(voxels)
+    step = max(1, int(np.ceil((voxels.size / AUTO_WINDOW_SAMPLES) ** (1 / 3))))
+    sample = voxels[::step, ::step, ::step].ravel()
+    sample = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample
+    if sample.size == 0:
+        return 0.0, 0.0
+    low, high = np.percentile(sample, AUTO_WINDOW_PERCENTILES)
+    return float(low), float(high)
 
 
 def volumeNodeFromArray(voxels, ijkToRas, name, node=None):
@@ -167,6 +222,43 @@ def loadHeatmapVolume(scene, path, referenceVolumeNode, name, data=None):
     that the file's float rounding cannot shift the overlay. ``data``: the file already read by
     :func:`readVolumeFile` (the same checks apply).
     """
+    heatmapNode = _checkedHeatmapNode(path, referenceVolumeNode, name, data)
+    _addHeatmapNode(scene, heatmapNode, referenceVolumeNode)
+    return heatmapNode
+
+
+def pendingHeatmapVolume(scene, path, referenceVolumeNode, name):
+    """A heatmap node whose file is still being read: the reference's geometry, no voxels yet (slice views show
+    nothing of it), ``path`` in its PENDING_FILE_ATTRIBUTE until :func:`fillHeatmapVolume` gives it the file's
+    voxels (with the checks of :func:`loadHeatmapVolume`). Lets a viewer show one finding while the others load."""
+    heatmapNode = slicer.vtkMRMLScalarVolumeNode()
+    heatmapNode.SetName(name)
+    copyGeometryExactly(heatmapNode, referenceVolumeNode)
+    _addHeatmapNode(scene, heatmapNode, referenceVolumeNode)
+    heatmapNode.SetAttribute(PENDING_FILE_ATTRIBUTE, str(path))
+    return heatmapNode
+
+
+def pendingHeatmapFile(heatmapNode):
+    """The file a pending heatmap node (:func:`pendingHeatmapVolume`) waits for, or None when it has its voxels."""
+    return heatmapNode.GetAttribute(PENDING_FILE_ATTRIBUTE) if heatmapNode is not None else None
+
+
+def fillHeatmapVolume(heatmapNode, referenceVolumeNode, data=None):
+    """Give a pending heatmap node its file's voxels (``data``: the file already read), checked as
+    :func:`loadHeatmapVolume` checks them. Raises ValueError naming the file (the node then stays pending)."""
+    path = pendingHeatmapFile(heatmapNode)
+    if path is None:
+        raise ValueError(f"{heatmapNode.GetName()} is not waiting for a file")
+    checked = _checkedHeatmapNode(path, referenceVolumeNode, heatmapNode.GetName(), data)
+    heatmapNode.SetAndObserveImageData(checked.GetImageData())
+    heatmapNode.RemoveAttribute(PENDING_FILE_ATTRIBUTE)
+    return heatmapNode
+
+
+def _checkedHeatmapNode(path, referenceVolumeNode, name, data=None):
+    """A heatmap file (or its ``data``) as a node outside the scene, checked against the reference's size and
+    geometry, with the reference's exact IJK-to-RAS."""
     if data is not None:
         heatmapNode = volumeNodeFromArray(data[0], data[1], name)
     else:
@@ -185,12 +277,45 @@ def loadHeatmapVolume(scene, path, referenceVolumeNode, name, data=None):
     if not np.allclose(matrixToArray(ijkToRasMatrix(heatmapNode)), reference, rtol=0, atol=1e-4 * scale):
         raise ValueError(f"Heatmap {path} does not have the input's geometry")
     copyGeometryExactly(heatmapNode, referenceVolumeNode)
+    return heatmapNode
+
+
+def _addHeatmapNode(scene, heatmapNode, referenceVolumeNode):
     scene.AddNode(heatmapNode)
     if referenceVolumeNode.GetParentTransformNode() is not None:
         heatmapNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetParentTransformNode().GetID())
     heatmapNode.SetAttribute(ROLE_ATTRIBUTE, "heatmap")
     heatmapNode.AddDefaultStorageNode()  # no file name yet: written when the scene is saved
-    return heatmapNode
+
+
+def createDisplayNodeWithWindow(volumeNode, windowRange):
+    """The display node ``CreateDefaultDisplayNodes`` makes (default colour map; Slicer 583e9b3
+    Libs/MRML/Core/vtkMRMLScalarVolumeNode.cxx), with the window ``(low, high)`` set instead of computed: the automatic
+    window's whole-volume histogram (1 s for 512x512x300 voxels) is never run. The range is kept in
+    AUTO_WINDOW_ATTRIBUTE so that "automatic window" can be restored later without it."""
+    displayNode = volumeNode.GetScene().AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+    if not displayNode.GetColorNodeID():
+        displayNode.SetDefaultColorMap()
+    displayNode.SetAutoWindowLevel(False)
+    displayNode.SetWindowLevelMinMax(float(windowRange[0]), float(windowRange[1]))
+    volumeNode.SetAttribute(AUTO_WINDOW_ATTRIBUTE, f"{float(windowRange[0])!r} {float(windowRange[1])!r}")
+    volumeNode.SetAndObserveDisplayNodeID(displayNode.GetID())
+    return displayNode
+
+
+def valueRangeOf(volumeNode):
+    """The image's lowest and highest value: kept by the Logic's loadInputFile when the file was read off the event
+    loop (``VolumeData.valueRange``), else VTK's GetScalarRange (a pass over every voxel: 1 s at 512x512x300)."""
+    value = volumeNode.GetAttribute(VALUE_RANGE_ATTRIBUTE)
+    if value:
+        return tuple(float(v) for v in value.split())
+    return tuple(volumeNode.GetImageData().GetScalarRange())
+
+
+def autoWindowOf(volumeNode):
+    """The automatic window ``(low, high)`` kept by :func:`createDisplayNodeWithWindow`, or None."""
+    value = volumeNode.GetAttribute(AUTO_WINDOW_ATTRIBUTE) if volumeNode is not None else None
+    return tuple(float(v) for v in value.split()) if value else None
 
 
 def setUpHeatmapDisplay(heatmapNode, colorNode, threshold):
@@ -210,16 +335,17 @@ def setUpHeatmapDisplay(heatmapNode, colorNode, threshold):
     return displayNode
 
 
-def setUpVolumeRendering(volumeRenderingLogic, heatmapNode, threshold, visible, maxSize=0):
+def setUpVolumeRendering(volumeRenderingLogic, heatmapNode, threshold, visible, maxSize=0, blocks=None):
     """3D display: a volume rendering display node with the heatmap transfer functions.
 
     With ``maxSize`` > 0 and a heatmap larger than that along any axis, the 3D view renders a block-averaged copy
     of at most ``maxSize`` voxels per axis (:func:`reducedVolumeRenderingCopy`) instead of the full volume: the
-    slice views still show the full-resolution heatmap. Returns the volume rendering display node.
+    slice views still show the full-resolution heatmap (``blocks``: its block means, already computed). Returns
+    the volume rendering display node.
     """
     source = heatmapNode
     if maxSize and max(heatmapNode.GetImageData().GetDimensions()) > int(maxSize):
-        source = reducedVolumeRenderingCopy(heatmapNode, int(maxSize))
+        source = reducedVolumeRenderingCopy(heatmapNode, int(maxSize), blocks)
     displayNode = volumeRenderingLogic.CreateDefaultVolumeRenderingNodes(source)
     propertyNode = displayNode.GetVolumePropertyNode()
     propertyNode.SetName(f"{heatmapNode.GetName()} transfer function")
@@ -229,25 +355,45 @@ def setUpVolumeRendering(volumeRenderingLogic, heatmapNode, threshold, visible, 
     return displayNode
 
 
-def reducedVolumeRenderingCopy(heatmapNode, maxSize):
+def blockFactors(shape, maxSize):
+    """Block size per numpy axis that brings ``shape`` to at most ``maxSize`` per axis."""
+    return tuple(max(1, -(-int(n) // int(maxSize))) for n in shape)
+
+
+def blockMeans(voxels, maxSize):
+    """``(means, factors)``: ``voxels`` (K, J, I) averaged over blocks of whole voxels, ``factors`` (fk, fj, fi) the
+    block size per axis, so that no axis exceeds ``maxSize``. Pure numpy (runs in a reading thread)."""
+    factors = blockFactors(voxels.shape, maxSize)
+    padding = [(0, (-n) % f) for n, f in zip(voxels.shape, factors)]
+    if any(after for _, after in padding):
+        voxels = np.pad(voxels, padding, mode="edge")  # a partial last block averages its real voxels' edge value
+    (k, j, i), (fk, fj, fi) = [n // f for n, f in zip(voxels.shape, factors)], factors
+    # one block row of slices at a time into reused buffers (3x faster than whole-volume passes, which fault in a
+    # third of the volume's size of fresh memory), each pass over contiguous memory
+    means = np.empty((k, j, i), dtype=np.float32)
+    plane = np.empty(voxels.shape[1:], dtype=np.float32)
+    for z in range(k):
+        np.sum(voxels[z * fk:(z + 1) * fk], axis=0, dtype=np.float32, out=plane)
+        means[z] = plane.reshape(j, fj, voxels.shape[2]).sum(axis=1).reshape(j, i, fi).sum(axis=2)
+    means /= np.float32(fk * fj * fi)
+    return means, factors
+
+
+def reducedVolumeRenderingCopy(heatmapNode, maxSize, blocks=None):
     """A copy of ``heatmapNode`` averaged over blocks of whole voxels so that no axis exceeds ``maxSize`` voxels,
     at the same place in RAS (each copy voxel sits at the centre of its block), referenced from the heatmap.
+    ``blocks``: :func:`blockMeans` of the heatmap's voxels, already computed (e.g. in the thread that read it).
 
     Why: a software renderer (Mesa llvmpipe, the web review's server) ray-casts a 512x512x300 volume in seconds
     per frame; a backend heatmap is a patch-grid map (one value per 14-16 pixel patch, interpolated), so blocks of
     a few voxels lose nothing that is in the data. Hand-written with numpy (one reshape-mean) because the block
     geometry must be exact; vtkImageShrink3D would need the same origin bookkeeping around it.
     """
-    voxels = arrayFromVolumeNode(heatmapNode)  # (K, J, I)
-    factors = [max(1, -(-n // maxSize)) for n in voxels.shape]
-    padding = [(0, (-n) % f) for n, f in zip(voxels.shape, factors)]
-    if any(after for _, after in padding):
-        voxels = np.pad(voxels, padding, mode="edge")  # a partial last block averages its real voxels' edge value
-    (k, j, i), (fk, fj, fi) = [n // f for n, f in zip(voxels.shape, factors)], factors
-    # block sums one axis at a time (each pass reads contiguous memory: 2.5x faster than one 6-axis mean)
-    sums = voxels.reshape(k, fk, -1).sum(axis=1, dtype=np.float32)
-    sums = sums.reshape(k, j, fj, voxels.shape[2]).sum(axis=2).reshape(k, j, i, fi).sum(axis=3)
-    small = np.ascontiguousarray(sums / np.float32(fk * fj * fi), dtype=np.float32)
+    dimensions = heatmapNode.GetImageData().GetDimensions()
+    if blocks is None or tuple(blocks[1]) != blockFactors(dimensions[::-1], maxSize):  # made for another size
+        blocks = blockMeans(arrayFromVolumeNode(heatmapNode), maxSize)
+    small, (fk, fj, fi) = blocks
+    k, j, i = small.shape
     shape = [k, j, i]
     imageData = vtk.vtkImageData()
     imageData.SetDimensions(shape[2], shape[1], shape[0])
@@ -271,7 +417,7 @@ def reducedVolumeRenderingCopy(heatmapNode, maxSize):
     if heatmapNode.GetParentTransformNode() is not None:
         copyNode.SetAndObserveTransformNodeID(heatmapNode.GetParentTransformNode().GetID())
     if heatmapNode.GetDisplayNode() is not None:  # the volume rendering logic copies the scalar display's colours
-        copyNode.CreateDefaultDisplayNodes()
+        createDisplayNodeWithWindow(copyNode, (0.0, 1.0))  # a heatmap's window; no histogram of the copy
         copyNode.GetDisplayNode().SetAndObserveColorNodeID(heatmapNode.GetDisplayNode().GetColorNodeID())
     heatmapNode.SetNodeReferenceID(VOLUME_RENDERING_COPY_REFERENCE, copyNode.GetID())
     return copyNode
@@ -402,6 +548,17 @@ def placeInSubjectHierarchy(scene, inputNode, folderName, nodes):
         else:
             shNode.CreateItem(folderItem, node)
     return folderItem
+
+
+def placeBeside(scene, node, sibling):
+    """Put ``node`` in the subject hierarchy folder of ``sibling``."""
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    parentItem = shNode.GetItemParent(shNode.GetItemByDataNode(sibling))
+    nodeItem = shNode.GetItemByDataNode(node)
+    if nodeItem:
+        shNode.SetItemParent(nodeItem, parentItem)
+    else:
+        shNode.CreateItem(parentItem, node)
 
 
 def _nodesByClass(scene, className):

@@ -19,6 +19,7 @@ No state a page can set is ever rendered as HTML: the chart is SVG elements boun
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import os
@@ -44,7 +45,7 @@ from .cases import CaseFolder, RecordError  # noqa: E402
 from .chart import CHART_HEIGHT, CHART_WIDTH, chart_data, colorbar_gradient, slice_from_chart_x  # noqa: E402
 from .guard import AccessGuard, boolean, finite_float, index_below, one_of  # noqa: E402
 from .modelinfo import UNTRAINED, PluginInfoReader, image_modality, modality_name, modality_warnings, record_plugins  # noqa: E402
-from .session import WINDOW_PRESETS, ReviewSession  # noqa: E402
+from .session import READ_WORKERS, WINDOW_PRESETS, ReviewSession, logic_outputs  # noqa: E402
 
 logger = logging.getLogger("anymc3d.review")
 
@@ -205,7 +206,9 @@ class ReviewApp:
         self.similarity = None  # the Logic's SimilaritySession, made on the first click (needs --backbone)
         self._cursor_task = None
         self._prefetch_task = None
-        self._reads = {}  # case index -> the pending read of its files (a future)
+        self._reads = {}  # file path -> its pending read (a future): a file is read once however many ask
+        self._read_pool = concurrent.futures.ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="review-read")
+        self._complete_tasks = {}  # case index -> the task reading its pending heatmaps
         self._maxima = {}  # (heatmap node ID, image MTime) -> its maximum voxel (IJK)
         self._last_activity = time.monotonic()
         self._server_ready = False
@@ -244,6 +247,7 @@ class ReviewApp:
         """The server stopped: end a running backend and remove the run folders (session.close)."""
         if self.similarity is not None:
             self.similarity.cleanup()
+        self._read_pool.shutdown(wait=False, cancel_futures=True)
         self.session.close()
 
     # State -------------------------------------------------------------------------------------------------
@@ -257,6 +261,7 @@ class ReviewApp:
         s.scene_version = 0      # +1 after every scene change the page asked for (tests, benchmark)
         s.loaded_cases = []      # indices of the cases loaded in the scene (read only)
         s.case_error = ""
+        s.heatmap_error = ""     # the shown finding's heatmap file could not be shown (a deferred read failed)
         s.loading = False
         s.rows = []
         s.row = 0
@@ -311,7 +316,9 @@ class ReviewApp:
         s.loaded_cases = sorted(session.loaded)  # cases kept in the scene (prefetched neighbours: instant switch)
         self._publish_cursor()
         heatmap = session.shown_heatmap()
-        s.maximum_ijk = self._maximum_ijk_of(heatmap) if heatmap is not None else None
+        pending = logic_outputs.pendingHeatmapFile(heatmap) is not None
+        s.maximum_ijk = self._maximum_ijk_of(heatmap) if heatmap is not None and not pending else None
+        s.heatmap_error = session.heatmap_error()
         self._publish_camera()
         self._publish_model()
         s.scene_version += 1
@@ -334,8 +341,8 @@ class ReviewApp:
         if case.path not in self._image_modality:
             self._image_modality[case.path] = image_modality(case.path)
         code, source = self._image_modality[case.path]
-        image = current.input_node.GetImageData() if current.input_node is not None else None
-        scalar_range = tuple(image.GetScalarRange()) if image is not None else None
+        has_image = current.input_node is not None and current.input_node.GetImageData() is not None
+        scalar_range = logic_outputs.valueRangeOf(current.input_node) if has_image else None
         s.model_warnings = modality_warnings(infos, code, source, scalar_range)
         items = []
         for info in infos:
@@ -383,11 +390,11 @@ class ReviewApp:
 
     # Case selection ----------------------------------------------------------------------------------------
 
-    def _show(self, index, preread=None):
+    def _show(self, index, preread=None, defer=False):
         s = self.state
         self._drop_similarity_maps()
         try:
-            self.session.show_case(index, preread)
+            self.session.show_case(index, preread, defer)
             s.case_error = self.session.case_error(index) if self.session.current.outputs is None else ""
         except Exception as error:  # noqa: BLE001 - a case that cannot be shown says why; the list goes on
             if not isinstance(error, RecordError):
@@ -417,7 +424,7 @@ class ReviewApp:
             if neighbour in self.session.loaded or neighbour in self.session.prefetch_failed:
                 continue
             # the files are read in threads (the page is served meanwhile); only the nodes are made here
-            preread = await asyncio.shield(self._read_files(neighbour))
+            preread = await self._read_case(neighbour)
             if self.state.case_index != index or self.state.loading or self.state.running:
                 return
             views = self.slicer_app.view_manager.get_views()
@@ -456,24 +463,68 @@ class ReviewApp:
         self.state.loading = True
         create_task(self._show_async(case_index))
 
-    def _read_files(self, index):
-        """The files of case ``index`` read in threads (session.read_case_files); one read per case at a time: a
-        switch to a case whose prefetch is reading waits for that read instead of starting a second one."""
-        future = self._reads.get(index)
+    def _read_file(self, path, image=False):
+        """The pending read of one file (session.read_file in the read threads); a file already being read (a
+        neighbour's prefetch, a deferred heatmap) is not read twice."""
+        future = self._reads.get(path)
         if future is None:
-            future = asyncio.get_running_loop().run_in_executor(None, self.session.read_case_files, index)
-            self._reads[index] = future
-            future.add_done_callback(lambda done: self._reads.pop(index, None) if self._reads.get(index) is done else None)
+            future = asyncio.get_running_loop().run_in_executor(self._read_pool, self.session.read_file, path, image)
+            self._reads[path] = future
+            future.add_done_callback(lambda done: self._reads.pop(path, None) if self._reads.get(path) is done else None)
         return future
+
+    async def _read_case(self, index, first=False):
+        """``{path: VolumeData}`` of case ``index``'s files read in the read threads (``first``: the image and the
+        heatmap shown first only); the page is served meanwhile."""
+        try:
+            files = self.session.case_files(index, first)
+        except (RecordError, ValueError, OSError, IndexError):
+            return {}
+        read = await asyncio.gather(*(asyncio.shield(self._read_file(path, image=n == 0)) for n, path in enumerate(files)))
+        return {path: data for path, data in zip(files, read) if data is not None}
 
     async def _show_async(self, index):
         await asyncio.sleep(0)  # let the "loading" state reach the page first
-        preread = None
-        if index not in self.session.loaded:  # a case not loaded: its files are read in threads, the page stays served
-            preread = await asyncio.shield(self._read_files(index))
+        preread, cold = None, index not in self.session.loaded
+        if cold:  # the image and the shown finding's heatmap first (read in threads); the others after the frame
+            preread = await self._read_case(index, first=True)
         with self.state:
             if index == self.state.case_index:
-                self._show(index, preread)
+                self._show(index, preread, defer=cold)
+            self.state.loading = False
+        if cold and index in self.session.loaded:
+            self._complete_tasks[index] = create_task(self._complete_pending(index))
+
+    async def _complete_pending(self, index):
+        """Read the heatmaps a deferred load left pending (the read threads, in row order) and give them to their
+        nodes; the page is told when the shown finding's arrives."""
+        loaded = self.session.loaded.get(index)
+        files = loaded.pending_files() if loaded is not None else []
+        reads = {path: self._read_file(path) for path in files}  # queued at once: the threads never wait for us
+        for path, read in reads.items():
+            data = await asyncio.shield(read)
+            if self.session.loaded.get(index) is not loaded:
+                return  # unloaded meanwhile
+            with self.state:
+                shown = self.session.current is loaded and logic_outputs.pendingHeatmapFile(self.session.shown_heatmap()) == path
+                self.session.complete_heatmap(index, path, data)
+                if shown:
+                    self._publish_scene()
+        self._complete_tasks.pop(index, None)
+
+    async def _select_pending(self, row):
+        """A finding whose heatmap is still being read: show it once its file is in (the page shows "loading")."""
+        loaded = self.session.current
+        path = logic_outputs.pendingHeatmapFile(self.session.logic.heatmapNodeForRow(loaded.table_node, row))
+        self.state.loading = True
+        self.state.flush()
+        data = await asyncio.shield(self._read_file(path))
+        with self.state:
+            if self.session.current is loaded:
+                self.session.complete_heatmap(loaded.index, path, data)
+                if self.state.row == row:
+                    self.session.select_finding(row)
+                    self._publish_scene()
             self.state.loading = False
 
     @trigger("review_next")
@@ -497,10 +548,15 @@ class ReviewApp:
         if row == self.session.row or self.session.current is None or self.session.current.outputs is None:
             return
         try:
-            self.session.select_finding(row)
+            heatmap = self.session.heatmap_for_row(row)
         except RecordError:
             self.state.row = self.session.row
             return
+        path = logic_outputs.pendingHeatmapFile(heatmap)
+        if path and path not in self.session.heatmap_errors:
+            create_task(self._select_pending(row))
+            return
+        self.session.select_finding(row)
         self._publish_scene()
 
     @change("threshold")
@@ -842,6 +898,8 @@ class ReviewApp:
                 html.Div("Ignored: {{ p }}", v_for="p in folder_problems", key="p", classes="text-caption text-amber")
             with html.Div(v_if="case_error", classes="mt-2"):
                 v3.VAlert("{{ case_error }}", type="error", density="compact", variant="tonal", classes="case-error")
+            with html.Div(v_if="heatmap_error && !case_error", classes="mt-2"):
+                v3.VAlert("{{ heatmap_error }}", type="error", density="compact", variant="tonal", classes="heatmap-error")
             with html.Div(v_if="can_run && shown_case >= 0 && !has_heatmap && !running", classes="mt-2"):
                 v3.VBtn("Run prediction", click="trigger('review_run')", color="primary", size="small",
                         block=True, classes="run-button")

@@ -135,6 +135,11 @@ class LoadedCase:
     def heatmap_nodes(self):
         return list(self.outputs.heatmapNodes) if self.outputs is not None else []
 
+    def pending_files(self) -> list[str]:
+        """The heatmap files this case still waits for (imported with ``defer``), in row order."""
+        files = [logic_outputs.pendingHeatmapFile(node) for node in self.heatmap_nodes()]
+        return list(dict.fromkeys(path for path in files if path))
+
 
 def _node_ids(scene):
     return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
@@ -195,6 +200,7 @@ class ReviewSession:
         self.prefetch_failed: set[int] = set()
         self.run_errors: dict[int, str] = {}  # errors of runs from the page that left no results file
         self.load_errors: dict[int, str] = {}  # cases that failed to open (listed as errors until they open)
+        self.heatmap_errors: dict[str, str] = {}  # heatmap files of deferred loads that could not be shown
 
     # Cases -------------------------------------------------------------------------------------------------
 
@@ -202,14 +208,15 @@ class ReviewSession:
     def can_run(self) -> bool:
         return bool(self.backbone and self.plugins)
 
-    def show_case(self, index: int, preread=None) -> LoadedCase:
+    def show_case(self, index: int, preread=None, defer=False) -> LoadedCase:
         """Show case ``index`` (loading it if needed). Raises RecordError when its results cannot be shown.
-        ``preread``: what :meth:`read_case_files` returned for it (files read in a thread)."""
+        ``preread``: what :meth:`read_case_files` returned for it (files read in a thread); ``defer``: heatmaps not
+        in it are imported pending (``LoadedCase.pending_files``; :meth:`complete_heatmap` fills them)."""
         case = self.folder.case(index)
         loaded = self.loaded.get(index)
         if loaded is None:
             try:
-                loaded = self._load(case, preread)
+                loaded = self._load(case, preread, defer)
             except (RecordError, ValueError, OSError) as error:
                 self.load_errors[index] = str(error) or type(error).__name__  # the list shows it from now on
                 raise
@@ -219,42 +226,75 @@ class ReviewSession:
         self._evict()
         return loaded
 
-    def case_files(self, index: int) -> list[str]:
-        """The image files a load of case ``index`` reads: its image, then its heatmaps (confined to the folder)."""
+    def case_files(self, index: int, first=False) -> list[str]:
+        """The image files a load of case ``index`` reads: its image, then its heatmaps (confined to the folder).
+        ``first``: only the image and the heatmap of the finding shown first (what a deferred load needs)."""
         case = self.folder.case(index)
         if case.status == "error":
             return []
         files = [str(case.path)]
         if case.status == "results":
             self.folder.check_record_paths(case.record)  # confinement first: nothing outside the folder is opened
+            if first:
+                path = self.logic.firstHeatmapFile(case.record, record_options(case.record))
+                return files + ([path] if isinstance(path, str) else [])
             for result in case.record.get("results") or []:
                 paths = [result.get("heatmap"), *(result.get("finding_heatmaps") or {}).values()]
                 files += [path for path in paths if isinstance(path, str) and path not in files]
         return files
 
-    def read_case_files(self, index: int, workers: int = READ_WORKERS) -> dict:
-        """``{path: (voxels, ijkToRas)}`` of every file of case ``index``, read in ``workers`` threads.
+    def read_file(self, path: str, image=False):
+        """The Logic's VolumeData of one file, or None when it cannot be read (the load on the event loop then
+        reads it itself and reports the error). An image comes with its automatic window, a heatmap with its
+        3D-view block means: both computed here, off the event loop.
 
-        Safe to call from a worker thread (no scene access; SimpleITK releases the GIL while it reads and
-        decompresses): the server's event loop keeps serving pages meanwhile. A file that cannot be read is left
-        out (the load on the event loop then reads it itself and reports the error)."""
+        Safe to call from a worker thread (no scene access; SimpleITK and numpy release the GIL)."""
+        maxSize = self.display.volumeRenderingMaxSize if self.display.volumeRendering and not image else 0
+        try:
+            return logic_outputs.readVolumeFile(path, autoWindow=image, blockMaxSize=maxSize)
+        except (ValueError, OSError):
+            return None
+
+    def read_case_files(self, index: int, workers: int = READ_WORKERS, first=False) -> dict:
+        """``{path: VolumeData}`` of the files of case ``index`` (``first``: see :meth:`case_files`), read in
+        ``workers`` threads (:meth:`read_file`). A file that cannot be read is left out."""
         from concurrent.futures import ThreadPoolExecutor
 
         try:
-            files = self.case_files(index)
+            files = self.case_files(index, first)
         except (RecordError, ValueError, OSError, IndexError):
             return {}
-
-        def read(path):
-            try:
-                return path, logic_outputs.readVolumeFile(path)
-            except (ValueError, OSError):
-                return path, None
-
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            return {path: data for path, data in pool.map(read, files) if data is not None}
+            read = pool.map(lambda item: self.read_file(item[1], image=item[0] == 0), enumerate(files))
+            return {path: data for path, data in zip(files, read) if data is not None}
 
-    def _load(self, case: Case, preread=None) -> LoadedCase:
+    def complete_heatmap(self, index: int, path: str, data) -> str:
+        """Give the pending heatmaps of loaded case ``index`` that wait for ``path`` their voxels (``data``: the
+        file read, or None to read it here). Returns "" or the one-line error (the finding then stays empty and
+        says why: ``heatmap_error``). A case no longer loaded is left alone."""
+        loaded = self.loaded.get(index)
+        if loaded is None:
+            return ""
+        error = ""
+        for node in loaded.heatmap_nodes():
+            if logic_outputs.pendingHeatmapFile(node) != path:
+                continue
+            try:
+                self.logic.completeHeatmap(loaded.table_node, node, data, self.display)
+            except ValueError as problem:
+                error = str(problem)
+                self.heatmap_errors[path] = error
+        if loaded is not self.current:
+            self._set_volume_rendering_visible(loaded, False)
+        return error
+
+    def heatmap_error(self) -> str:
+        """Why the shown finding's heatmap cannot be shown ("" when it is shown or still loading)."""
+        heatmap = self.shown_heatmap()
+        path = logic_outputs.pendingHeatmapFile(heatmap)
+        return self.heatmap_errors.get(path, "") if path else ""
+
+    def _load(self, case: Case, preread=None, defer=False) -> LoadedCase:
         started = time.perf_counter()
         preread = preread or {}
         before = _node_ids(self.scene)
@@ -270,7 +310,7 @@ class ReviewSession:
                 raise RecordError(str(error)) from error
             source = self._input_node(case) if case.is_dicom else str(case.path)
             try:
-                outputs = self.logic.importResults(record, [source], options, self.display, preread=preread)
+                outputs = self.logic.importResults(record, [source], options, self.display, preread=preread, defer=defer)
             except Exception:
                 if not isinstance(source, str):
                     self.scene.RemoveNode(source)
@@ -420,6 +460,7 @@ class ReviewSession:
             remapped[loaded.index] = loaded
         self.loaded = remapped
         self.prefetch_failed.clear()
+        self.heatmap_errors.clear()
         self.run_errors = {new_index[path]: message for path, message in errors.items() if path in new_index}
 
     def reset_views(self, same_geometry=False):
@@ -453,12 +494,19 @@ class ReviewSession:
                 rows[-1].update(checked[row])  # calibrated, raw, threshold and decision from the validated record
         return rows
 
-    def select_finding(self, row: int):
+    def heatmap_for_row(self, row: int):
+        """The heatmap node of the shown case's findings-table row ``row``; RecordError for anything else."""
         if self.current is None or self.current.table_node is None:
-            return None
+            raise RecordError("No findings shown")
         count = self.current.table_node.GetNumberOfRows()
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < count:
             raise RecordError(f"No finding {row!r}")
+        return self.logic.heatmapNodeForRow(self.current.table_node, row)
+
+    def select_finding(self, row: int):
+        if self.current is None or self.current.table_node is None:
+            return None
+        self.heatmap_for_row(row)
         self.row = row
         return self.logic.selectFinding(self.current.table_node, row, self.display)
 
@@ -486,7 +534,11 @@ class ReviewSession:
         if display is None:
             return
         _, window, level = WINDOW_PRESETS[self.window_preset]
-        if window is None:
+        auto = logic_outputs.autoWindowOf(loaded.input_node)
+        if window is None and auto is not None:  # the automatic window computed when the file was read
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(*auto)
+        elif window is None:
             display.AutoWindowLevelOn()
         else:
             display.AutoWindowLevelOff()
@@ -499,7 +551,7 @@ class ReviewSession:
 
     def jump_to_maximum(self):
         heatmap = self.shown_heatmap()
-        if heatmap is None:
+        if heatmap is None or logic_outputs.pendingHeatmapFile(heatmap) is not None:
             return None
         ras = self.logic.heatmapMaximumRAS(heatmap)
         self.jump_slices_to(ras)

@@ -371,3 +371,41 @@ def test_3d_view_from_the_reduced_copy_shows_each_findings_heatmap(browser, redu
             assert heatmap_fraction(back[view]) > HEATMAP_SHARE
     finally:
         page.close()
+
+
+@pytest.fixture(scope="module")
+def cold_server(review_folder, tmp_path_factory):
+    """A server that loads nothing ahead (every first visit of a case is cold), 3D copies of at most 16 voxels."""
+    from anymc3d_review.testing import ReviewServer
+
+    log = tmp_path_factory.mktemp("logs") / "server-cold.log"
+    with ReviewServer(review_folder, env={"ANYMC3D_REVIEW_PREFETCH": "0", "ANYMC3D_REVIEW_3D_MAX_SIZE": "16"},
+                      log=log) as srv:
+        yield srv
+
+
+def test_cold_case_opens_on_its_first_finding_and_every_finding_follows(browser, cold_server, results_json):
+    """A case never loaded opens on its most probable finding (read first with its image); the others' heatmaps,
+    read after the first frame, each show their own maximum and colours in every view."""
+    from anymc3d_review.testing import open_page
+
+    page = open_page(browser, cold_server.url)
+    try:
+        wait_frames(page, 0, timeout=60)
+        assert "volume.nii.gz" not in [c["name"] for c in state(page, "cases") if c["index"] in state(page, "loaded_cases")]
+        show_case(page, "volume.nii.gz")
+        result = record_for(results_json, "volume.nii.gz")["results"][0]
+        probabilities = [result["probabilities"][label] for label in result["labels"]]
+        first = state(page, "row")
+        assert first == int(np.argmax(probabilities))
+        for row in [*(r for r in range(len(result["labels"])) if r != first), first]:
+            shown = click_finding(page, row) if row != state(page, "row") else \
+                {view: view_pixels(page, view).astype(np.int16) for view in VIEWS}
+            voxels = sitk.GetArrayFromImage(sitk.ReadImage(result["finding_heatmaps"][result["labels"][row]]))
+            k, j, i = np.unravel_index(int(np.argmax(voxels)), voxels.shape)
+            assert state(page, "maximum_ijk") == [int(i), int(j), int(k)], result["labels"][row]
+            assert heatmap_fraction(shown["ThreeD"]) > HEATMAP_SHARE
+            assert max(heatmap_fraction(shown[view]) for view in SLICE_VIEWS) > HEATMAP_SHARE
+            assert state(page, "heatmap_error") == ""
+    finally:
+        page.close()
