@@ -625,6 +625,7 @@ class AnyMC3DSlicerLogic:
         """Show the heatmap of a findings-table row: slice-view foreground, the only visible volume rendering."""
         displayOptions = displayOptions if displayOptions is not None else DisplayOptions()
         shown = self.heatmapNodeForRow(tableNode, row)
+        tableNode.SetAttribute(outputs.SHOWN_ROW_ATTRIBUTE, str(int(row)))  # a heatmap filled later knows (completeHeatmap)
         for index in range(tableNode.GetNumberOfNodeReferences(outputs.HEATMAP_REFERENCE)):
             heatmapNode = tableNode.GetNthNodeReference(outputs.HEATMAP_REFERENCE, index)
             for displayNode in outputs.volumeRenderingDisplayNodes(heatmapNode):
@@ -635,14 +636,14 @@ class AnyMC3DSlicerLogic:
 
     def completeHeatmap(self, tableNode, heatmapNode, data=None, displayOptions=None):
         """Give a pending heatmap of ``tableNode`` (``importResults(defer=True)``) its file's voxels (``data``: the
-        file already read, with its 3D-view blocks), with the import's checks, and its 3D view (visible when the
-        slice views show this heatmap). Raises ValueError naming the file; the node then stays pending."""
+        file already read, with its 3D-view blocks), with the import's checks, and its 3D view (visible when its
+        row is the one :meth:`selectFinding` showed last). Raises ValueError naming the file; the node then stays pending."""
         displayOptions = displayOptions if displayOptions is not None else DisplayOptions()
         inputNode = tableNode.GetNodeReference(outputs.INPUT_REFERENCE)
         outputs.fillHeatmapVolume(heatmapNode, inputNode, data)
         if displayOptions.volumeRendering:
-            shown = any(composite.GetForegroundVolumeID() == heatmapNode.GetID()  # the slice views show it
-                        for composite in outputs._nodesByClass(self.scene, "vtkMRMLSliceCompositeNode"))
+            shownRow = tableNode.GetAttribute(outputs.SHOWN_ROW_ATTRIBUTE)
+            shown = shownRow is not None and self.heatmapNodeForRow(tableNode, int(shownRow)) is heatmapNode
             outputs.setUpVolumeRendering(self.volumeRenderingLogic, heatmapNode, displayOptions.threshold,
                                          visible=shown, maxSize=displayOptions.volumeRenderingMaxSize,
                                          blocks=getattr(data, "blocks", None))

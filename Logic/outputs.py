@@ -42,6 +42,8 @@ MAX_VOLUME_RENDERING_OPACITY = 0.6
 VOLUME_RENDERING_COPY_REFERENCE = "AnyMC3DVolumeRenderingCopy"
 #: on a heatmap node imported before its file was read (pendingHeatmapVolume): the file it waits for
 PENDING_FILE_ATTRIBUTE = "AnyMC3D.PendingFile"
+#: on a findings table: the row selectFinding showed last
+SHOWN_ROW_ATTRIBUTE = "AnyMC3D.ShownRow"
 #: on an image node loaded from a file read off the event loop: its automatic window "low high" (autoWindowRange)
 AUTO_WINDOW_ATTRIBUTE = "AnyMC3D.AutoWindow"
 #: on an image node loaded from a file read off the event loop: its lowest and highest value "low high"

@@ -193,12 +193,21 @@ class SimilaritySession:
         self.logic = logic
         self.backbonePath = str(backbonePath)
         self.options = options if options is not None else SimilarityOptions()
-        self.tempDir = tempfile.mkdtemp(prefix="AnyMC3D-similarity-", dir=logic.tempRoot)
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.tempDir, True)
+        self._tempDir = None
+        self._finalizer = None
         self._volumes = {}  # volume node ID -> (stamp, input path, cache folder, index)
         self._counter = 0
         self.job = None  # the running job
         self.pending = None  # the newest point waiting for the running job to end
+
+    @property
+    def tempDir(self):
+        """The session's folder (inputs, feature caches, maps), made on first use: a module opened without a
+        similarity click leaves nothing behind, even when its process ends without cleanup."""
+        if self._tempDir is None:
+            self._tempDir = tempfile.mkdtemp(prefix="AnyMC3D-similarity-", dir=self.logic.tempRoot)
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._tempDir, True)
+        return self._tempDir
 
     # Volumes and command ---------------------------------------------------------------------------------------
 
@@ -281,7 +290,9 @@ class SimilaritySession:
         """Cancel, then remove the session's folder (inputs, caches, maps)."""
         self.cancel()
         self._volumes.clear()
-        self._finalizer()
+        if self._finalizer is not None:
+            self._finalizer()
+        self._tempDir = self._finalizer = None  # a later use makes a new folder
 
     # Scene ----------------------------------------------------------------------------------------------------
 

@@ -177,6 +177,7 @@ def test_controller_debounces_markups_events_and_ignores_preview_points(sceneCon
 
     runner = FakeRunner(backend)
     session = SimilaritySession(logicOn(sceneContext, tempRoot, runner), "")
+    assert os.listdir(tempRoot) == []  # no folder until a map is asked for
     backbone = {"path": str(tmp_path / "missing.safetensors")}
     timers, statuses = [], []
     controller = SimilarityPointController(session, lambda: volume, lambda ms, callback: timers.append(callback),
@@ -224,4 +225,6 @@ def test_controller_debounces_markups_events_and_ignores_preview_points(sceneCon
     timers.clear()
     markups.SetNthControlPointPositionWorld(0, *sitkRas(image, (1, 1, 1)))
     assert timers == []  # no longer observed
+    assert os.listdir(tempRoot) == [os.path.basename(session.tempDir)]
     session.cleanup()
+    assert os.listdir(tempRoot) == []

@@ -51,6 +51,10 @@ logger = logging.getLogger("anymc3d.review")
 
 LAYOUT_ID = "AnyMC3D review"
 PREFETCH_IDLE_S = 1.2  # idle time of the page before neighbours are loaded
+#: a cold case waits this long after its image for its first heatmap before it is shown without it (one frame
+#: instead of two for a small heatmap; a 512x512x300 float heatmap takes more than a second to read)
+HEATMAP_WAIT_S = 0.1
+HEATMAP_WAIT_ENV = "ANYMC3D_REVIEW_HEATMAP_WAIT_S"  # sets it (tests: 0 shows every cold case's image first)
 VIEW_TITLES = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal", "ThreeD": "3D"}
 CAMERA_ACTIONS = ("left", "right", "up", "down", "zoom_in", "zoom_out", "reset", "anterior", "left_side", "superior")
 COLORBAR_LABEL = "relative attention (per-case max = 1), not a probability"
@@ -262,6 +266,7 @@ class ReviewApp:
         s.loaded_cases = []      # indices of the cases loaded in the scene (read only)
         s.case_error = ""
         s.heatmap_error = ""     # the shown finding's heatmap file could not be shown (a deferred read failed)
+        s.heatmap_loading = False  # the shown finding's heatmap is still being read (the views show the image)
         s.loading = False
         s.rows = []
         s.row = 0
@@ -319,6 +324,7 @@ class ReviewApp:
         pending = logic_outputs.pendingHeatmapFile(heatmap) is not None
         s.maximum_ijk = self._maximum_ijk_of(heatmap) if heatmap is not None and not pending else None
         s.heatmap_error = session.heatmap_error()
+        s.heatmap_loading = pending and not s.heatmap_error  # the views show the image until it is in
         self._publish_camera()
         self._publish_model()
         s.scene_version += 1
@@ -461,7 +467,22 @@ class ReviewApp:
         if case_index == self.state.shown_case and not self.state.case_error:
             return
         self.state.loading = True
+        self._drop_reads_except(case_index)
         create_task(self._show_async(case_index))
+
+    def _drop_reads_except(self, index):
+        """Another case was asked for: reads queued for other cases (prefetch, deferred heatmaps) that have not
+        started are dropped, so that this case's files are read next (a read already running finishes)."""
+        try:
+            keep = set(self.session.case_files(index))
+        except (RecordError, ValueError, OSError, IndexError):
+            keep = set()
+        for other, task in list(self._complete_tasks.items()):
+            if other != index:
+                task.cancel()
+        for path, future in list(self._reads.items()):
+            if path not in keep:
+                future.cancel()
 
     def _read_file(self, path, image=False):
         """The pending read of one file (session.read_file in the read threads); a file already being read (a
@@ -486,31 +507,62 @@ class ReviewApp:
     async def _show_async(self, index):
         await asyncio.sleep(0)  # let the "loading" state reach the page first
         preread, cold = None, index not in self.session.loaded
-        if cold:  # the image and the shown finding's heatmap first (read in threads); the others after the frame
-            preread = await self._read_case(index, first=True)
+        try:
+            if cold:  # the image (and the shown finding's heatmap when it is in soon after); the others after the frame
+                preread = await self._read_first(index)
+        except asyncio.CancelledError:  # its reads were dropped for a newer switch: that one shows its case
+            return
         with self.state:
             if index == self.state.case_index:
                 self._show(index, preread, defer=cold)
             self.state.loading = False
-        if cold and index in self.session.loaded:
+        loaded = self.session.loaded.get(index)
+        if loaded is not None and loaded.pending_files() and index not in self._complete_tasks:
             self._complete_tasks[index] = create_task(self._complete_pending(index))
 
+    async def _read_first(self, index):
+        """What a cold case is first shown with: its image, and its first finding's heatmap if that is read within
+        HEATMAP_WAIT_S after the image (both read at once in the read threads: measured on two shared cores, this
+        shows the heatmap 0.5 s sooner than reading the image alone first, and the image as soon). A heatmap not in
+        by then is shown when it is (the page says it is loading): the reader sees the case without waiting for it."""
+        try:
+            files = self.session.case_files(index, first=True)
+        except (RecordError, ValueError, OSError, IndexError):
+            return {}
+        if not files:
+            return {}
+        reads = [asyncio.shield(self._read_file(path, image=n == 0)) for n, path in enumerate(files)]
+        await asyncio.wait(reads[:1])
+        if reads[0].cancelled():
+            raise asyncio.CancelledError
+        if len(files) > 1:
+            await asyncio.wait(reads[1:], timeout=float(os.environ.get(HEATMAP_WAIT_ENV, HEATMAP_WAIT_S)))
+        return {path: read.result() for path, read in zip(files, reads)
+                if read.done() and not read.cancelled() and read.result() is not None}
+
     async def _complete_pending(self, index):
-        """Read the heatmaps a deferred load left pending (the read threads, in row order) and give them to their
-        nodes; the page is told when the shown finding's arrives."""
+        """Read the heatmaps a deferred load left pending (one at a time in the read threads; the shown finding's
+        first, then in row order) and give them to their nodes; the page is told when the shown finding's arrives."""
         loaded = self.session.loaded.get(index)
-        files = loaded.pending_files() if loaded is not None else []
-        reads = {path: self._read_file(path) for path in files}  # queued at once: the threads never wait for us
-        for path, read in reads.items():
-            data = await asyncio.shield(read)
-            if self.session.loaded.get(index) is not loaded:
-                return  # unloaded meanwhile
-            with self.state:
-                shown = self.session.current is loaded and logic_outputs.pendingHeatmapFile(self.session.shown_heatmap()) == path
-                self.session.complete_heatmap(index, path, data)
-                if shown:
-                    self._publish_scene()
-        self._complete_tasks.pop(index, None)
+        try:
+            files = loaded.pending_files() if loaded is not None else []
+            shown = logic_outputs.pendingHeatmapFile(self.session.shown_heatmap()) if self.session.current is loaded else None
+            files.sort(key=lambda path: path != shown)
+            for path in files:  # one at a time: two large reads at once slow the shown one down
+                data = await asyncio.shield(self._read_file(path))
+                if self.session.loaded.get(index) is not loaded:
+                    return  # unloaded meanwhile
+                with self.state:
+                    shown = self.session.current is loaded and logic_outputs.pendingHeatmapFile(self.session.shown_heatmap()) == path
+                    self.session.complete_heatmap(index, path, data)
+                    if shown:
+                        self._publish_scene()
+                        self._render_slice_views()
+        except asyncio.CancelledError:
+            pass  # another case was asked for: the rest is read when this case is shown again
+        finally:
+            if self._complete_tasks.get(index) is asyncio.current_task():
+                self._complete_tasks.pop(index)
 
     async def _select_pending(self, row):
         """A finding whose heatmap is still being read: show it once its file is in (the page shows "loading")."""
@@ -518,7 +570,10 @@ class ReviewApp:
         path = logic_outputs.pendingHeatmapFile(self.session.logic.heatmapNodeForRow(loaded.table_node, row))
         self.state.loading = True
         self.state.flush()
-        data = await asyncio.shield(self._read_file(path))
+        try:
+            data = await asyncio.shield(self._read_file(path))
+        except asyncio.CancelledError:
+            data = None  # dropped for a case switch: read below if this case is still shown
         with self.state:
             if self.session.current is loaded:
                 self.session.complete_heatmap(loaded.index, path, data)
@@ -846,7 +901,7 @@ class ReviewApp:
                          "m: jump to the maximum",
                          classes="text-caption text-grey mr-4")
                 v3.VProgressLinear(indeterminate=True, absolute=True, location="bottom", color="amber",
-                                   v_show="loading", classes="loading-bar")
+                                   v_show="loading || heatmap_loading", classes="loading-bar")
             with layout.drawer as drawer:
                 drawer.width = 360
                 self._build_panel()
@@ -898,6 +953,9 @@ class ReviewApp:
                 html.Div("Ignored: {{ p }}", v_for="p in folder_problems", key="p", classes="text-caption text-amber")
             with html.Div(v_if="case_error", classes="mt-2"):
                 v3.VAlert("{{ case_error }}", type="error", density="compact", variant="tonal", classes="case-error")
+            with html.Div(v_if="heatmap_loading && !case_error", classes="mt-2"):
+                v3.VAlert("Loading this finding's heatmap: the views show the image alone until it is in",
+                          type="info", density="compact", variant="tonal", classes="heatmap-loading")
             with html.Div(v_if="heatmap_error && !case_error", classes="mt-2"):
                 v3.VAlert("{{ heatmap_error }}", type="error", density="compact", variant="tonal", classes="heatmap-error")
             with html.Div(v_if="can_run && shown_case >= 0 && !has_heatmap && !running", classes="mt-2"):

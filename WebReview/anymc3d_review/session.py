@@ -240,8 +240,8 @@ class ReviewSession:
                 return files + ([path] if isinstance(path, str) else [])
             for result in case.record.get("results") or []:
                 paths = [result.get("heatmap"), *(result.get("finding_heatmaps") or {}).values()]
-                files += [path for path in paths if isinstance(path, str) and path not in files]
-        return files
+                files += [path for path in paths if isinstance(path, str)]
+        return list(dict.fromkeys(files))  # a file named twice (a result's heatmap is also a finding's) is read once
 
     def read_file(self, path: str, image=False):
         """The Logic's VolumeData of one file, or None when it cannot be read (the load on the event loop then

@@ -41,6 +41,7 @@ def show_case(page, name, views=VIEWS):
     page.locator(".case-item", has_text=name).click()
     wait_state(page, f"s('shown_case') === {index} && s('scene_version') > {version}")
     wait_frames(page, t0, views)
+    wait_state(page, "!s('heatmap_loading')")  # a cold case may show its image before its heatmap
     settle(page, views)
     return index
 
@@ -375,25 +376,33 @@ def test_3d_view_from_the_reduced_copy_shows_each_findings_heatmap(browser, redu
 
 @pytest.fixture(scope="module")
 def cold_server(review_folder, tmp_path_factory):
-    """A server that loads nothing ahead (every first visit of a case is cold), 3D copies of at most 16 voxels."""
+    """A server that loads nothing ahead (every first visit of a case is cold), 3D copies of at most 16 voxels, and
+    that never waits for a cold case's heatmap before showing its image."""
     from anymc3d_review.testing import ReviewServer
 
     log = tmp_path_factory.mktemp("logs") / "server-cold.log"
-    with ReviewServer(review_folder, env={"ANYMC3D_REVIEW_PREFETCH": "0", "ANYMC3D_REVIEW_3D_MAX_SIZE": "16"},
-                      log=log) as srv:
+    env = {"ANYMC3D_REVIEW_PREFETCH": "0", "ANYMC3D_REVIEW_3D_MAX_SIZE": "16",
+           "ANYMC3D_REVIEW_HEATMAP_WAIT_S": "0"}  # a case's image is shown as soon as it is read, its heatmap after
+    with ReviewServer(review_folder, env=env, log=log) as srv:
         yield srv
 
 
 def test_cold_case_opens_on_its_first_finding_and_every_finding_follows(browser, cold_server, results_json):
-    """A case never loaded opens on its most probable finding (read first with its image); the others' heatmaps,
-    read after the first frame, each show their own maximum and colours in every view."""
+    """A case never loaded opens on its most probable finding (its heatmap read with its image, shown when in);
+    the others' heatmaps, read after the first frame, each show their own maximum and colours in every view."""
     from anymc3d_review.testing import open_page
 
     page = open_page(browser, cold_server.url)
     try:
         wait_frames(page, 0, timeout=60)
-        assert "volume.nii.gz" not in [c["name"] for c in state(page, "cases") if c["index"] in state(page, "loaded_cases")]
-        show_case(page, "volume.nii.gz")
+        loaded = [c["name"] for c in state(page, "cases") if c["index"] in state(page, "loaded_cases")]
+        assert "volume.nii.gz" not in loaded and "second.nii.gz" not in loaded
+        # a quick switch through a cold case (its reads are dropped when the next case is asked for) to another
+        version = state(page, "scene_version")
+        for name in ("second.nii.gz", "volume.nii.gz"):
+            page.evaluate("(i) => window.trame.state.set('case_index', i)", case_index(page, name))
+        wait_state(page, f"s('shown_case') === {case_index(page, 'volume.nii.gz')} && s('scene_version') > {version}")
+        settle(page)
         result = record_for(results_json, "volume.nii.gz")["results"][0]
         probabilities = [result["probabilities"][label] for label in result["labels"]]
         first = state(page, "row")
@@ -407,5 +416,11 @@ def test_cold_case_opens_on_its_first_finding_and_every_finding_follows(browser,
             assert heatmap_fraction(shown["ThreeD"]) > HEATMAP_SHARE
             assert max(heatmap_fraction(shown[view]) for view in SLICE_VIEWS) > HEATMAP_SHARE
             assert state(page, "heatmap_error") == ""
+        show_case(page, "second.nii.gz")  # the case left at once opens whole later
+        other = record_for(results_json, "second.nii.gz")["results"][0]
+        row = state(page, "row")
+        voxels = sitk.GetArrayFromImage(sitk.ReadImage(other["finding_heatmaps"][other["labels"][row]]))
+        k, j, i = np.unravel_index(int(np.argmax(voxels)), voxels.shape)
+        assert state(page, "maximum_ijk") == [int(i), int(j), int(k)]
     finally:
         page.close()

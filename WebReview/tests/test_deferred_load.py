@@ -114,3 +114,34 @@ def test_heatmap_that_breaks_after_the_listing_is_named_on_its_finding(review_fo
     assert outputs.pendingHeatmapFile(session.shown_heatmap()) == broken
     session.select_finding((row + 1) % len(result["labels"]))
     assert session.heatmap_error() == ""
+
+
+def test_case_shown_before_its_first_heatmap_shows_it_when_it_is_in(review_folder, session_on):
+    """The image alone first (the shown finding's heatmap still being read): the table shows that finding, whose
+    node has no voxels and no 3D view; when it is filled, the 3D view shows it (and only it)."""
+    from anymc3d_review.cases import CaseFolder
+    from AnyMC3DSlicerLogic import outputs
+
+    folder = CaseFolder(review_folder)
+    index = folder.index_of("volume.nii.gz")
+    result = folder.case(index).record["results"][0]
+    session = session_on(folder)
+    image = str(folder.case(index).path)
+    loaded = session.show_case(index, {image: session.read_file(image, image=True)}, defer=True)
+    shown = session.shown_heatmap()
+    first = result["finding_heatmaps"][shown_row_label(result)]
+    assert outputs.pendingHeatmapFile(shown) == first and first in loaded.pending_files()
+    assert len(loaded.pending_files()) == len(result["labels"])
+    table = loaded.table_node
+    assert session.logic.heatmapNodeForRow(table, int(table.GetAttribute(outputs.SHOWN_ROW_ATTRIBUTE))) is shown
+    assert shown.GetImageData() is None and outputs.volumeRenderingDisplayNodes(shown) == []
+    assert session.heatmap_error() == ""  # loading, not failed
+    assert session.jump_to_maximum() is None  # no maximum to jump to yet
+    assert session.complete_heatmap(index, first, session.read_file(first)) == ""
+    assert [d.GetVisibility() for d in outputs.volumeRenderingDisplayNodes(shown)] == [1]
+    other = next(path for path in loaded.pending_files())
+    assert session.complete_heatmap(index, other, session.read_file(other)) == ""  # another finding: hidden in 3D
+    assert sum(d.GetVisibility() for h in loaded.heatmap_nodes() for d in outputs.volumeRenderingDisplayNodes(h)) == 1
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(first))
+    np.testing.assert_array_equal(outputs.arrayFromVolumeNode(shown), expected)
+    assert session.jump_to_maximum() is not None
