@@ -675,8 +675,13 @@ class ReviewApp:
         if self.state.running:
             return
         shown = self.folder.cases[self.session.current.index].path if self.session.current is not None else None
+        for task in self._complete_tasks.values():  # indices move: pending heatmaps are read again below
+            task.cancel()
         self.session.rescan()
         self._publish_cases()
+        current = self.session.current
+        if current is not None and current.pending_files():
+            self._complete_tasks[current.index] = create_task(self._complete_pending(current.index))
         if shown is not None:
             index = next((c.index for c in self.folder.cases if c.path == shown), -1)
             self.state.case_index = self.state.shown_case = index
