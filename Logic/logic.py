@@ -521,8 +521,10 @@ class AnyMC3DSlicerLogic:
                 node.CreateDefaultDisplayNodes()
             else:  # the automatic window, computed where the file was read (not a histogram on this thread)
                 outputs.createDisplayNodeWithWindow(node, windowRange)
-            if getattr(data, "valueRange", None) is not None:
-                node.SetAttribute(outputs.VALUE_RANGE_ATTRIBUTE, " ".join(repr(float(v)) for v in data.valueRange))
+            for attribute, pair in ((outputs.AUTO_WINDOW_ATTRIBUTE, windowRange),
+                                    (outputs.VALUE_RANGE_ATTRIBUTE, getattr(data, "valueRange", None))):
+                if pair is not None:  # kept for "automatic window" and the modality check, no pass over the voxels
+                    node.SetAttribute(attribute, " ".join(repr(float(v)) for v in pair))
             node.AddDefaultStorageNode(str(path))
             return node
         node = self.volumesLogic.AddArchetypeVolume(str(path), imageStem(str(path)), 0)

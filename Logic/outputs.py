@@ -293,14 +293,12 @@ def _addHeatmapNode(scene, heatmapNode, referenceVolumeNode):
 def createDisplayNodeWithWindow(volumeNode, windowRange):
     """The display node ``CreateDefaultDisplayNodes`` makes (default colour map; Slicer 583e9b3
     Libs/MRML/Core/vtkMRMLScalarVolumeNode.cxx), with the window ``(low, high)`` set instead of computed: the automatic
-    window's whole-volume histogram (1 s for 512x512x300 voxels) is never run. The range is kept in
-    AUTO_WINDOW_ATTRIBUTE so that "automatic window" can be restored later without it."""
+    window's whole-volume histogram (1 s for 512x512x300 voxels) is never run."""
     displayNode = volumeNode.GetScene().AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
     if not displayNode.GetColorNodeID():
         displayNode.SetDefaultColorMap()
     displayNode.SetAutoWindowLevel(False)
     displayNode.SetWindowLevelMinMax(float(windowRange[0]), float(windowRange[1]))
-    volumeNode.SetAttribute(AUTO_WINDOW_ATTRIBUTE, f"{float(windowRange[0])!r} {float(windowRange[1])!r}")
     volumeNode.SetAndObserveDisplayNodeID(displayNode.GetID())
     return displayNode
 
@@ -315,7 +313,7 @@ def valueRangeOf(volumeNode):
 
 
 def autoWindowOf(volumeNode):
-    """The automatic window ``(low, high)`` kept by :func:`createDisplayNodeWithWindow`, or None."""
+    """The automatic window ``(low, high)`` the Logic's loadInputFile kept (``VolumeData.windowRange``), or None."""
     value = volumeNode.GetAttribute(AUTO_WINDOW_ATTRIBUTE) if volumeNode is not None else None
     return tuple(float(v) for v in value.split()) if value else None
 
@@ -396,24 +394,12 @@ def reducedVolumeRenderingCopy(heatmapNode, maxSize, blocks=None):
         blocks = blockMeans(arrayFromVolumeNode(heatmapNode), maxSize)
     small, (fk, fj, fi) = blocks
     k, j, i = small.shape
-    shape = [k, j, i]
-    imageData = vtk.vtkImageData()
-    imageData.SetDimensions(shape[2], shape[1], shape[0])
-    scalars = numpy_support.numpy_to_vtk(small.ravel(), deep=True, array_type=vtk.VTK_FLOAT)
-    scalars.SetName("ImageScalars")
-    imageData.GetPointData().SetScalars(scalars)
     # copy IJK -> heatmap IJK: i_full = f * i_copy + (f - 1) / 2 per axis (I, J, K = numpy axes 2, 1, 0)
     blockToFull = np.array([[fi, 0, 0, (fi - 1) / 2.0], [0, fj, 0, (fj - 1) / 2.0], [0, 0, fk, (fk - 1) / 2.0],
                             [0, 0, 0, 1.0]])
     ijkToRas = matrixToArray(ijkToRasMatrix(heatmapNode)) @ blockToFull
-    matrix = vtk.vtkMatrix4x4()
-    for i in range(4):
-        for j in range(4):
-            matrix.SetElement(i, j, float(ijkToRas[i, j]))
-    scene = heatmapNode.GetScene()
-    copyNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{heatmapNode.GetName()} (3D view, {shape[2]}x{shape[1]}x{shape[0]})")
-    copyNode.SetIJKToRASMatrix(matrix)
-    copyNode.SetAndObserveImageData(imageData)
+    copyNode = volumeNodeFromArray(small, ijkToRas, f"{heatmapNode.GetName()} (3D view, {i}x{j}x{k})")
+    heatmapNode.GetScene().AddNode(copyNode)
     copyNode.SetHideFromEditors(True)  # a display aid, not a result: the heatmap node is the result
     copyNode.SetAttribute(ROLE_ATTRIBUTE, "heatmap 3D view copy")
     if heatmapNode.GetParentTransformNode() is not None:

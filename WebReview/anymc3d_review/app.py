@@ -494,15 +494,27 @@ class ReviewApp:
             future.add_done_callback(lambda done: self._reads.pop(path, None) if self._reads.get(path) is done else None)
         return future
 
-    async def _read_case(self, index, first=False):
-        """``{path: VolumeData}`` of case ``index``'s files read in the read threads (``first``: the image and the
-        heatmap shown first only); the page is served meanwhile."""
+    def _start_reads(self, index, first=False):
+        """``(files, reads)``: the reads (shielded futures) of case ``index``'s files (``first``: the image and the
+        heatmap shown first only), started in the read threads; the image is read with its window."""
         try:
             files = self.session.case_files(index, first)
         except (RecordError, ValueError, OSError, IndexError):
-            return {}
-        read = await asyncio.gather(*(asyncio.shield(self._read_file(path, image=n == 0)) for n, path in enumerate(files)))
-        return {path: data for path, data in zip(files, read) if data is not None}
+            return [], []
+        return files, [asyncio.shield(self._read_file(path, image=n == 0)) for n, path in enumerate(files)]
+
+    @staticmethod
+    def _read_results(files, reads):
+        """``{path: VolumeData}`` of the reads that are done and gave a volume."""
+        return {path: read.result() for path, read in zip(files, reads)
+                if read.done() and not read.cancelled() and read.result() is not None}
+
+    async def _read_case(self, index):
+        """``{path: VolumeData}`` of every file of case ``index``, read in the read threads (the page is served
+        meanwhile)."""
+        files, reads = self._start_reads(index)
+        await asyncio.gather(*reads)
+        return self._read_results(files, reads)
 
     async def _show_async(self, index):
         await asyncio.sleep(0)  # let the "loading" state reach the page first
@@ -525,20 +537,15 @@ class ReviewApp:
         HEATMAP_WAIT_S after the image (both read at once in the read threads: measured on two shared cores, this
         shows the heatmap 0.5 s sooner than reading the image alone first, and the image as soon). A heatmap not in
         by then is shown when it is (the page says it is loading): the reader sees the case without waiting for it."""
-        try:
-            files = self.session.case_files(index, first=True)
-        except (RecordError, ValueError, OSError, IndexError):
+        files, reads = self._start_reads(index, first=True)
+        if not reads:
             return {}
-        if not files:
-            return {}
-        reads = [asyncio.shield(self._read_file(path, image=n == 0)) for n, path in enumerate(files)]
         await asyncio.wait(reads[:1])
         if reads[0].cancelled():
             raise asyncio.CancelledError
-        if len(files) > 1:
+        if len(reads) > 1:
             await asyncio.wait(reads[1:], timeout=float(os.environ.get(HEATMAP_WAIT_ENV, HEATMAP_WAIT_S)))
-        return {path: read.result() for path, read in zip(files, reads)
-                if read.done() and not read.cancelled() and read.result() is not None}
+        return self._read_results(files, reads)
 
     async def _complete_pending(self, index):
         """Read the heatmaps a deferred load left pending (one at a time in the read threads; the shown finding's

@@ -208,15 +208,12 @@ def _check_semantics(record: dict) -> None:
 def validate_record(record: Any) -> dict:
     """Check one record against the schema and the contract's rules; raise :class:`RecordError` naming the
     field. Returns the record, so readers can write ``validate_record(json.loads(...))``."""
-    schema = record_schema()
     try:
-        import jsonschema
+        import jsonschema  # noqa: F401 - only whether it is installed
     except ImportError:  # a fresh Slicer has no jsonschema: the hand check covers what the schema uses
-        check_schema(record, schema, "record")
+        check_schema(record, record_schema(), "record")
     else:
-        # jsonschema.validate's own rule (the best-matching error), with the schema checked and the validator
-        # built once: validate() redoes both per call (0.1 s, on a viewer's event loop at every case switch)
-        exc = jsonschema.exceptions.best_match(_record_validator().iter_errors(record))
+        exc = schema_error(record, "record.schema.json")
         if exc is not None:
             where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
             raise RecordError(f"record/{where}: {exc.message}") from None
@@ -224,11 +221,20 @@ def validate_record(record: Any) -> dict:
     return record
 
 
-@functools.lru_cache(maxsize=1)
-def _record_validator():
+def schema_error(instance: Any, schema_file: str):
+    """jsonschema's best-matching error of ``instance`` against ``schemas/<schema_file>``, or None: the rule of
+    ``jsonschema.validate``, with the schema checked and its validator built once (validate() redoes both per call:
+    0.1 s, on a viewer's event loop at every case switch). Needs jsonschema."""
     import jsonschema
 
-    schema = record_schema()
+    return jsonschema.exceptions.best_match(_schema_validator(schema_file).iter_errors(instance))
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_validator(schema_file: str):
+    import jsonschema
+
+    schema = json.loads(resources.files("anymc3d").joinpath("schemas", schema_file).read_text())
     validator = jsonschema.validators.validator_for(schema)
     validator.check_schema(schema)
     return validator(schema)

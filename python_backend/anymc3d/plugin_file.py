@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from anymc3d.contract import RecordError, check_schema, is_temporary
+from anymc3d.contract import RecordError, check_schema, is_temporary, schema_error
 from anymc3d.errors import PluginError
 
 JSON_NAME, WEIGHTS_NAME = "plugin.json", "plugin.safetensors"
@@ -72,19 +72,17 @@ def parse_json(raw: bytes, path: os.PathLike | str) -> dict:
 def check_plugin_schema(d: dict, source: os.PathLike | str = "plugin") -> dict:
     """Check ``plugin.json`` contents against the schema (jsonschema when installed, else the contract's hand
     checker, which covers every keyword the schema uses); PluginError names the file and the field."""
-    schema = plugin_schema()
     try:
-        import jsonschema
+        import jsonschema  # noqa: F401 - only whether it is installed
     except ImportError:  # a fresh Slicer has no jsonschema
         try:
-            check_schema(d, schema, "(top level)")
+            check_schema(d, plugin_schema(), "(top level)")
         except RecordError as exc:
             where = str(exc).removeprefix("(top level)/")
             raise PluginError(f"{source}: invalid plugin metadata at {where}") from None
         return d
-    try:
-        jsonschema.validate(d, schema)
-    except jsonschema.ValidationError as exc:
+    exc = schema_error(d, "plugin.schema.json")
+    if exc is not None:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise PluginError(f"{source}: invalid plugin metadata at {where}: {exc.message}") from None
     return d
