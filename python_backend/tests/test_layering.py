@@ -14,7 +14,9 @@ ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "ba
          "planecycle.features", "augment", "losses", "calibration", "evaluation", "cases", "data", "encoders",
          "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "train", "demo",
          "scoring", "planecycle.cache", "planecycle.commands", "cli", "__main__"]
-FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "vtkmodules"}
+#: Slicer and its toolkits, and the packages above the backend (the Slicer Logic, the web review, trame)
+FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "vtkmodules", "anymc3dslicerlogic", "anymc3d_review", "trame",
+             "trame_slicer", "trame_server", "wslink"}
 PACKAGE = Path(anymc3d.__file__).parent
 
 
