@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="Predict findings and heatmaps for images.")
     pred.add_argument("images", nargs="+", help="Image files, DICOM series folders (one case per series), folders of "
-                      "images, or manifest CSVs (an 'image' column, paths relative to the CSV); the views of a "
-                      "multi-view case joined with '+'.")
+                      "images, or manifest CSVs (an 'image' or 'image_<view>' columns, paths relative to the CSV, "
+                      "docs/cli-contract.md); on the command line the views of a multi-view case joined with '+'.")
     pred.add_argument("--backbone", type=Path, required=True, help="Backbone weights file (required).")
     pred.add_argument("--plugin", type=Path, action="append", required=True,
                       help="Plugin file or folder; repeat for several plugins (required).")

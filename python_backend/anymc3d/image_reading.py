@@ -64,6 +64,14 @@ def link_problem(path: PathLike) -> str | None:
     return None
 
 
+def absolute(path: PathLike) -> str:
+    """The absolute, symlink-resolved path; the plain absolute path where resolving fails (a loop)."""
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # Python < 3.13 raises RuntimeError on a symlink loop
+        return os.path.abspath(path)
+
+
 def scan_folder(folder: PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Images directly in ``folder`` and the entries that look like images but cannot be opened.
 

@@ -300,16 +300,21 @@ def test_2d_plugin_refuses_contribution_in_one_line(demo_dir, tmp_path, caplog):
     assert "'contribution'" in record["error"] and "slice_lora" in record["error"] and "\n" not in record["error"]
 
 
-def test_manifest_errors_name_the_row(tmp_path, caplog):
-    from anymc3d.planecycle.fit import read_manifest
-
+def test_manifest_errors_name_the_line(tmp_path, caplog):
+    """fit-lifted reads the one manifest format (anymc3d.data.load_manifest): every problem named by its line."""
     shutil.copy(_case(tmp_path, "a", None, 0), tmp_path / "b.nii.gz")
     bad = _manifest(tmp_path, [["a.nii.gz", 0, "train"], ["b.nii.gz", 2, "train"], ["missing.nii.gz", 1, "tset"]])
-    with pytest.raises(ValueError) as err:
-        read_manifest(bad)
-    text = str(err.value)
-    assert "row 3: lesion must be 0 or 1, got '2'" in text and "row 4: image missing.nii.gz not found" in text
-    assert "row 4: split must be one of" in text
+
+    def fit(manifest):
+        return cli.main(["fit-lifted", str(manifest), "--backbone", str(tmp_path / "unused.safetensors"),
+                         "--out", str(tmp_path / "out.anymc3d"), "--log-level", "WARNING"])
+
+    assert fit(bad) == 2
+    assert "line 3: label lesion must be 0 or 1, got '2'" in caplog.text
+    assert f"line 4: image {tmp_path / 'missing.nii.gz'}: file or folder not found" in caplog.text
+    assert "line 4: split must be train, val or test, got 'tset'" in caplog.text
+    caplog.clear()
     one_class = _manifest(tmp_path, [["a.nii.gz", 0, "train"], ["b.nii.gz", 0, "train"]], "one.csv")
-    with pytest.raises(ValueError, match="needs both 0 and 1"):
-        read_manifest(one_class)
+    assert fit(one_class) == 2
+    assert "split 'train' (lines 2, 3): label lesion is 0 in every case" in caplog.text
+    assert not (tmp_path / "out.anymc3d").exists()
