@@ -195,6 +195,7 @@ def _cmd_info(args) -> int:
 def _info_text(path: Path) -> str:
     """The human-readable summary of one plugin: its metadata, parameter counts and training summary."""
     from anymc3d.plugin import load_plugin, read_plugin_metadata, read_training_summary
+    from anymc3d.plugin_file import training_lines
 
     meta = read_plugin_metadata(path)
     bb = meta["backbone"]
@@ -213,30 +214,10 @@ def _info_text(path: Path) -> str:
     lines.append(f"parameters   {lora + head:,} ({lora:,} LoRA, {head:,} queries and head)")
     if meta.get("description"):
         lines.append(f"description  {meta['description']}")
-    lines += training_lines(read_training_summary(path))
+    summary = read_training_summary(path)
+    lines += (training_lines(summary) if summary else  # untrained: its probabilities are those of random weights
+              ["training     untrained (no training summary): its probabilities mean nothing"])
     return "\n".join(lines)
-
-
-def training_lines(summary: Optional[dict]) -> list[str]:
-    """``info``'s lines on how the plugin was trained (anymc3d train's summary), or the plain warning that it
-    was not: an untrained plugin's probabilities are those of random weights."""
-    if not summary:
-        return ["training     untrained (no training summary): its probabilities mean nothing"]
-    counts = []
-    for split, s in summary.get("splits", {}).items():
-        per = s.get("positives", s.get("per_class", {}))
-        kind = "positive" if "positives" in s else "cases"
-        counts.append(f"{split} {s['cases']} (" + ", ".join(f"{k} {v} {kind}" for k, v in per.items()) + ")")
-    per_label = summary.get("val_auroc_per_label") or {}
-    val = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in per_label.items())
-    n_val = summary.get("splits", {}).get("val", {}).get("cases", "?")
-    best = summary.get("best_val_auroc")
-    return [f"training     {summary.get('epochs_run')} epochs of at most {summary.get('epochs_max')} "
-            f"(best epoch {summary.get('best_epoch')}), {summary.get('seconds')} s, {summary.get('processes', 1)} process(es)",
-            f"cases        {'; '.join(counts)}",
-            f"validation   AUROC {'n/a' if best is None else f'{best:.3f}'} ({val})",
-            f"calibrated   Platt scaling fitted on the {n_val} validation cases (F1-optimal raw score -> 0.5)",
-            f"manifest     {summary.get('manifest')} (sha256 {str(summary.get('manifest_sha256'))[:16]})"]
 
 
 class _Reporter:

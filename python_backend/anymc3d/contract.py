@@ -37,6 +37,8 @@ PARTIAL_MARKER = ".partial"
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 #: record statuses
 STATUS_OK, STATUS_ERROR = "ok", "error"
+#: plugin tasks: a sigmoid per finding (findings independent), or a softmax over the findings (one class)
+TASKS = ("multilabel", "multiclass")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -79,6 +81,15 @@ def heatmap_name(stem: str, plugin: str, label: Optional[str], fmt: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ record
+def decide(task: str, labels: list[str], probabilities: dict, thresholds: dict) -> dict[str, bool]:
+    """The decision rule, per label: multilabel, calibrated probability >= threshold; multiclass, the most probable
+    label (the first of equals)."""
+    if task == "multiclass":
+        top = max(labels, key=lambda k: probabilities[k])
+        return {k: k == top for k in labels}
+    return {k: probabilities[k] >= thresholds[k] for k in labels}
+
+
 def record_schema() -> dict:
     """The JSON schema of one record of ``anymc3d predict`` (schemas/record.schema.json)."""
     return json.loads(resources.files("anymc3d").joinpath("schemas/record.schema.json").read_text())
@@ -189,12 +200,7 @@ def _check_semantics(record: dict) -> None:
         for label, t in result["thresholds"].items():
             if not (math.isfinite(t) and 0.0 < t < 1.0):
                 raise RecordError(f"{where}/thresholds/{label}: {t!r} is not a threshold in (0, 1)")
-        probs = result["probabilities"]
-        if result["task"] == "multiclass":
-            top = max(labels, key=lambda k: probs[k])
-            expected = {k: k == top for k in labels}
-        else:
-            expected = {k: probs[k] >= result["thresholds"][k] for k in labels}
+        expected = decide(result["task"], labels, result["probabilities"], result["thresholds"])
         if result["decisions"] != expected:
             raise RecordError(f"{where}/decisions: {result['decisions']} do not follow from the probabilities "
                               f"and thresholds ({expected})")

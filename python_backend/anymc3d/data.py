@@ -28,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from anymc3d.contract import TASKS
 from anymc3d.errors import AnyMC3DError, InputError
 from anymc3d.image_reading import absolute, link_problem, read_image
 from anymc3d.preprocess_config import PreprocessConfig
@@ -194,8 +195,8 @@ def _task(path: Path, rows: list[tuple[int, dict]], label_cols: list[str], task:
     if task is None:
         values = [_parse_class(r.get(label_cols[0]) or "") for _, r in rows] if len(label_cols) == 1 else []
         task = "multiclass" if values and max((v or 0) for v in values) > 1 else "multilabel"
-    if task not in ("multilabel", "multiclass"):
-        raise ValueError(f"task: must be 'multilabel' or 'multiclass', got {task!r}")
+    if task not in TASKS:
+        raise ValueError(f"task: must be one of {TASKS}, got {task!r}")
     if task == "multiclass" and len(label_cols) != 1:
         raise ManifestError(path, [f"a multi-class task needs ONE integer label column, got {label_cols}"])
     return task

@@ -22,7 +22,7 @@ import torch
 from anymc3d import heatmap as hm
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, load_backbone, patch_grid
 from anymc3d.errors import AnyMC3DError, InputError, PluginError
-from anymc3d.contract import AUTO_HEATMAP
+from anymc3d.contract import AUTO_HEATMAP, decide
 from anymc3d.encoders import ENCODERS
 from anymc3d.lora import add_adapter, load_adapter_state, merge, remove_adapter
 from anymc3d.model import AnyMC3DModel
@@ -70,10 +70,10 @@ class Prediction:
 
     @property
     def decisions(self) -> np.ndarray:
-        """Multilabel: calibrated probability >= threshold; multiclass: the most probable class."""
-        if self.task == "multiclass":
-            return np.arange(len(self.labels)) == int(np.argmax(self.probabilities))
-        return self.probabilities >= self.thresholds
+        """The contract's decision rule (:func:`anymc3d.contract.decide`), per label in label order."""
+        decided = decide(self.task, self.labels, dict(zip(self.labels, self.probabilities.tolist())),
+                         dict(zip(self.labels, self.thresholds.tolist())))
+        return np.array([decided[k] for k in self.labels])
 
     def heatmap_image(self, label: Optional[str] = None) -> sitk.Image:
         """The heatmap in the first view's input geometry (same size, origin, spacing, direction)."""

@@ -25,7 +25,7 @@ from torch import nn
 
 from anymc3d import __version__
 from anymc3d.backbone import BackboneSpec
-from anymc3d.contract import safe_name  # noqa: F401 (re-exported)
+from anymc3d.contract import TASKS, safe_name  # noqa: F401 (safe_name re-exported)
 from anymc3d.encoders import ENCODERS
 from anymc3d.errors import PluginError
 from anymc3d.fileio import atomic_path
@@ -47,7 +47,6 @@ from anymc3d.pooling import TaskQueryPool
 from anymc3d.preprocess_config import PreprocessConfig
 
 FORMAT_VERSION = 1
-TASKS = ("multilabel", "multiclass")
 
 
 @dataclass

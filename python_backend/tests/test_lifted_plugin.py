@@ -177,6 +177,41 @@ def test_fit_lifted_separates_the_synthetic_task_and_random_labels_do_not(fitted
     assert 0.25 <= control <= 0.75
 
 
+def test_a_separated_validation_split_gives_a_finite_platt_slope(fitted):
+    """fit-lifted calibrates as training does (anymc3d.calibration): on a perfectly separated validation split the
+    slope is the maximum-likelihood fit to Platt's regularised targets (recomputed here with scipy), finite and
+    far below what a fit to the 0/1 labels runs off to."""
+    from anymc3d.engine import Engine
+    from anymc3d.plugin import read_plugin_metadata
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_expit
+    from sklearn.linear_model import LogisticRegression
+
+    engine = Engine(fitted["backbone"], device="cpu")
+    name = engine.add_plugin(fitted["real"])
+    z, y = [], []
+    with open(fitted["folder"] / "manifest.csv") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "val":
+                z.append(float(engine.predict_file(fitted["folder"] / row["image"], [name]).predictions[0].logits[0]))
+                y.append(int(row["lesion"]))
+    z, y = np.array(z), np.array(y)
+    assert z[y == 1].min() > z[y == 0].max()  # perfectly separated
+    meta = read_plugin_metadata(fitted["real"])
+    a, b = meta["calibration_a"][0], meta["calibration_b"][0]
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    x = z + b / a  # z - z*, where sigmoid(a z + b) = 0.5
+
+    def nll(slope):
+        return -float(np.sum(t * log_expit(slope * x) + (1 - t) * log_expit(-slope * x)))
+
+    expected = minimize_scalar(nll, bounds=(1e-6, 1e4), method="bounded", options={"xatol": 1e-9}).x
+    assert np.isfinite(a) and abs(a - expected) < 1e-3 * expected
+    zero_one = LogisticRegression(C=1e4, max_iter=5000).fit(z[:, None], y).coef_[0, 0]  # the former fit
+    assert zero_one > 5 * a
+
+
 def test_lifted_plugin_round_trips_with_its_encoder_options(fitted, tmp_path):
     loaded = load_plugin(fitted["real"])
     config = loaded.config

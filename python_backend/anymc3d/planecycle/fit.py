@@ -4,9 +4,10 @@ The backbone stays frozen and lifted (PlaneCycle, no gradients): each case's sli
 token of slice s) are computed once through :class:`anymc3d.model.AnyMC3DModel` with a zero task query, so the
 pooled case embedding v is the plain mean of all the volume's lifted patch tokens (uniform a_s). The linear head is
 fitted on v with scikit-learn's logistic regression (:meth:`MeanTokenHead.fit`), one per finding; with a ``val``
-split each finding gets a Platt calibration on it. The plugin keeps the zero query, so at prediction time the head
-sees exactly what it was fitted on, and a zero LoRA (B = 0: the backbone used as trained) per view, so the plugin
-file has the same members as every other kind.
+split the findings are calibrated on it as a trained plugin's are (:func:`anymc3d.calibration.calibrate`: Platt's
+regularised targets, probability 0.5 at the F1-optimal raw score). The plugin keeps the zero query, so at prediction
+time the head sees exactly what it was fitted on, and a zero LoRA (B = 0: the backbone used as trained) per view, so
+the plugin file has the same members as every other kind.
 
 Manifest: the one format of :func:`anymc3d.data.load_manifest`, single view (an ``image`` column), one 0/1 column per
 finding, an optional ``split`` column (train / val / test; without it every row is a train row). Every row and image
@@ -15,7 +16,6 @@ is checked before any feature is computed.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from anymc3d.backbone import load_backbone
+from anymc3d.calibration import Calibration, calibrate
 from anymc3d.data import SPLITS, Manifest, ManifestError, load_manifest, with_splits
+from anymc3d.evaluation import auroc
 from anymc3d.lora import LoraSettings, adapter_state, add_adapter, remove_adapter
 from anymc3d.model import AnyMC3DModel
 from anymc3d.planecycle.config import PlaneCycleConfig
@@ -62,27 +64,6 @@ def lifted_embeddings(model: AnyMC3DModel, manifest: Manifest, recipe: Preproces
         rows.append(model([slices[None].to(device)]).pooled[0].float().cpu().numpy())
         logger.info("lifted features %d/%d: %s", i + 1, len(manifest.cases), image_path.name)
     return np.stack(rows).astype(np.float64)
-
-
-def platt(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
-    """Platt scaling (a, b) of one finding's logits on a held-out split; (1, 0) when it cannot be fitted."""
-    from sklearn.linear_model import LogisticRegression
-
-    if len(set(targets)) < 2:
-        logger.warning("Platt calibration skipped: the val split has one class only")
-        return 1.0, 0.0
-    fitted = LogisticRegression(C=1e4, max_iter=2000).fit(logits.reshape(-1, 1), targets)
-    a, b = float(fitted.coef_[0, 0]), float(fitted.intercept_[0])
-    if not (a > 0 and math.isfinite(b)):
-        logger.warning("Platt calibration skipped: fitted slope %.3g is not positive", a)
-        return 1.0, 0.0
-    return a, b
-
-
-def _auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(targets, scores)) if len(set(targets)) == 2 else None
 
 
 @dataclass
@@ -125,8 +106,9 @@ def fit_lifted(manifest: Path | str, backbone: Path | str, out: Path | str, *, l
         head.head.bias.copy_(fitted.head.bias)
     logits = features @ fitted.head.weight.detach().double().numpy().T + fitted.head.bias.detach().double().numpy()
     val = _rows(data, "val")
-    calibration = [platt(logits[val, k], targets[val, k]) if len(val) else (1.0, 0.0)
-                   for k in range(len(data.labels))]
+    n = len(data.labels)
+    cal = calibrate(logits[val], targets[val], "multilabel") if len(val) else Calibration([1.0] * n, [0.0] * n,
+                                                                                          [0.5] * n, [0.0] * n)
 
     lora = LoraSettings()
     add_adapter(vit, "lifted_zero", lora)  # B = 0: the backbone as trained ("training-free")
@@ -136,13 +118,12 @@ def fit_lifted(manifest: Path | str, backbone: Path | str, out: Path | str, *, l
     config = PluginConfig(
         name=name or out.stem.split(".")[0], labels=data.labels, task="multilabel", backbone=loaded.spec,
         backbone_fingerprint=loaded.fingerprint, preprocessing=[recipe], lora=lora, kind=KIND,
-        encoder=lifting.to_dict(), calibration_a=[a for a, _ in calibration],
-        calibration_b=[b for _, b in calibration],
+        encoder=lifting.to_dict(), calibration_a=cal.a, calibration_b=cal.b, thresholds=cal.thresholds,
         description=(f"Lifted-feature plugin: PlaneCycle ({lifting.variant}, {','.join(lifting.cycle)}) mean "
                      f"patch token, logistic regression on {len(train)} cases of {data.path.name}"),
     )
     save_plugin(out, config, head.cpu(), [zero_lora])
     counts = {s: len(_rows(data, s)) for s in SPLITS}
-    auroc = {s: {label: _auroc(logits[_rows(data, s), k], targets[_rows(data, s), k])
+    per_split = {s: {label: auroc(targets[_rows(data, s), k], logits[_rows(data, s), k])
                  for k, label in enumerate(data.labels)} for s in SPLITS if counts[s]}
-    return FitResult(path=out, counts=counts, auroc=auroc)
+    return FitResult(path=out, counts=counts, auroc=per_split)

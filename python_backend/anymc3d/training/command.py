@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from anymc3d.contract import TASKS
 from anymc3d.training.config import TrainConfig, TrainingError
 from anymc3d.training.evaluate import evaluate_plugin
 from anymc3d.training.trainer import train
@@ -22,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="Plugin to write (.anymc3d file, or a folder); with "
                    "--folds K, a folder of K plugins and ensemble.json.")
     p.add_argument("--labels", default=None, help="Comma-separated label columns (default: every other column).")
-    p.add_argument("--task", default=None, choices=["multilabel", "multiclass"],
+    p.add_argument("--task", default=None, choices=TASKS,
                    help="Task (default: multiclass for one integer column with values above 1, else multilabel).")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"Maximum epochs (default: {d.epochs}).")
     p.add_argument("--patience", type=int, default=d.patience, help=f"Early-stopping patience in epochs (default: {d.patience}).")
