@@ -155,7 +155,7 @@ def _cmd_standby(args) -> int:
 
     End of input before a line (the parent closed the pipe or went away) ends quietly: nothing was asked.
     """
-    import anymc3d.records  # noqa: F401 - the point: torch, timm, peft, SimpleITK and the engine imported now
+    import anymc3d.runner  # noqa: F401 - the point: torch, timm, peft, SimpleITK and the engine imported now
 
     line = sys.stdin.readline()
     if not line.strip():
@@ -294,7 +294,7 @@ def _load_engine(args):
     from anymc3d.backbone import BackboneSpec, spec_from_file
     from anymc3d.engine import Engine
     from anymc3d.plugin import ensemble_members, read_plugin_metadata
-    from anymc3d.records import attach_plugins
+    from anymc3d.runner import attach_plugins
 
     first = read_plugin_metadata(ensemble_members(args.plugin[0].resolve())[0])
     spec = spec_from_file(args.backbone) or BackboneSpec.from_dict(first["backbone"])
@@ -324,7 +324,7 @@ def _cmd_predict(args) -> int:
         from anymc3d.scoring import run_ray  # imports Ray only here; says how to install it when missing
 
         return run_ray(args)
-    from anymc3d.records import predict_case
+    from anymc3d.runner import predict_case
 
     engine, units = _load_engine(args)
     names = [m for u in units for m in u.members]

@@ -5,7 +5,7 @@ The same prediction as the local run, spread over a Ray cluster without a schedu
     cases (anymc3d.cases, on the driver)
       -> read stage: Ray tasks read and check each case's images (CPU)           ``_read_batch``
       -> model stage: an actor pool, each actor one resident backbone with every  ``ModelWorker``
-         plugin attached; it predicts, writes heatmaps and commits the case's record file (anymc3d.records)
+         plugin attached; it predicts, writes heatmaps and commits the case's record file (anymc3d.runner)
       -> driver: progress (done / failed / cases per second), then the final JSON (or JSON Lines) assembled
          from the committed record files, in input order
 
@@ -157,7 +157,7 @@ class ModelWorker:
         from anymc3d.backbone import spec_from_file
         from anymc3d.engine import Engine
         from anymc3d.plugin import ensemble_members, load_plugin
-        from anymc3d.records import attach_plugins
+        from anymc3d.runner import attach_plugins
 
         self.options = options
         first = load_plugin(ensemble_members(options["plugin"][0])[0])
@@ -172,7 +172,7 @@ class ModelWorker:
         write_text_atomic(workers / f"{info['host']}-{info['pid']}.json", json.dumps(info))
 
     def __call__(self, batch: dict) -> dict:
-        from anymc3d.records import predict_case
+        from anymc3d.runner import predict_case
 
         out = {"key": [], "status": [], "error": []}
         for row in _rows(batch):
@@ -296,7 +296,7 @@ def _check_models(args) -> None:
     from anymc3d.backbone import spec_from_file
     from anymc3d.engine import Engine
     from anymc3d.plugin import ensemble_members, load_plugin
-    from anymc3d.records import attach_plugins
+    from anymc3d.runner import attach_plugins
 
     first = load_plugin(ensemble_members(args.plugin[0].resolve())[0])
     engine = Engine(args.backbone, spec=spec_from_file(args.backbone) or first.config.backbone, device="cpu")

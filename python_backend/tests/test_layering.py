@@ -13,7 +13,7 @@ ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "ba
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocess_config", "image_reading",
          "image_writing", "intensity", "preprocessing", "synthetic",
          "planecycle.features", "augment", "losses", "calibration", "evaluation", "data", "cases", "encoders",
-         "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records",
+         "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "runner",
          "training.config", "training.distributed", "training.standardize", "training.batching",
          "training.checkpoints", "training.trainer", "training.evaluate", "training.command", "demo",
          "scoring", "planecycle.cache", "planecycle.commands", "cli", "__main__"]

@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from anymc3d.cases import Case, expand_inputs
 from anymc3d.contract import RecordError, heatmap_name, validate_record
 from anymc3d.engine import Engine
-from anymc3d.records import (error_record, predict_case, read_records, write_heatmaps, write_record,
-                             write_records)
+from anymc3d.records import error_record, read_records, write_heatmaps, write_record, write_records
+from anymc3d.runner import predict_case
 
 
 @pytest.fixture(scope="module")
