@@ -14,7 +14,7 @@ import torch
 
 from anymc3d.backbone import BackboneSpec, create_backbone, fingerprint, make_load_bearing, save_backbone
 from anymc3d.lora import LoraSettings, add_adapter, adapter_state
-from anymc3d.plugin import PluginConfig, TaskPlugin, save_plugin
+from anymc3d.plugin import PluginConfig, TaskHead, save_plugin
 from anymc3d.image_writing import write_image_atomic
 from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.synthetic import make_ct_volume
@@ -31,7 +31,7 @@ def demo_backbone(spec: BackboneSpec = DEMO_SPEC, seed: int = 0) -> torch.nn.Mod
 def random_plugin(model: torch.nn.Module, spec: BackboneSpec, name: str = "demo_findings",
                   labels: Sequence[str] = DEMO_LABELS, task: str = "multilabel",
                   views: Sequence[str] = ("image",), preprocessing: Optional[PreprocessConfig] = None,
-                  lora_scale: float = 0.05, seed: int = 0) -> tuple[PluginConfig, TaskPlugin, list[dict]]:
+                  lora_scale: float = 0.05, seed: int = 0) -> tuple[PluginConfig, TaskHead, list[dict]]:
     """An untrained plugin for ``model``: random LoRA B (so the adapter changes the output), query, head."""
     torch.manual_seed(seed)
     settings = LoraSettings()
@@ -40,7 +40,7 @@ def random_plugin(model: torch.nn.Module, spec: BackboneSpec, name: str = "demo_
                           backbone_fingerprint=fingerprint(model), views=list(views),
                           preprocessing=[recipe] * len(views), lora=settings,
                           description="Untrained demo plugin with random weights: shows the data path only.")
-    head = TaskPlugin(model.embed_dim, len(labels), len(views))
+    head = TaskHead(model.embed_dim, len(labels), len(views))
     torch.nn.init.normal_(head.head.weight, std=1.0 / model.embed_dim ** 0.5)
     for pool in [head.task_pool, *(head.view_pools or [])]:
         torch.nn.init.normal_(pool.query, std=1.0)  # a peaked slice weighting, as after training

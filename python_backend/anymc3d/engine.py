@@ -97,7 +97,7 @@ class Prediction:
 
 
 @dataclass
-class CaseResult:
+class CasePredictions:
     """Predictions of every plugin for one case."""
 
     sources: list[str]
@@ -259,7 +259,7 @@ class Engine:
 
     def predict_image(self, images: Union[sitk.Image, Sequence[sitk.Image]], plugins: Optional[Sequence[str]] = None,
                       heatmap: Optional[str] = None, sources: Optional[Sequence[str]] = None,
-                      progress: Optional[Progress] = None) -> CaseResult:
+                      progress: Optional[Progress] = None) -> CasePredictions:
         """Predict one case given as SimpleITK image(s), one per view, with every (or the named) plugin.
 
         Slices shared by plugins with the same preprocessing recipe are prepared once.
@@ -287,11 +287,11 @@ class Engine:
                     prepared[key] = prepare(images[i], recipe, sources[i])
                 views.append(prepared[key])
             predictions.append(self.predict_slices([s for s, _ in views], name, heatmap, progress, geometry=views[0][1]))
-        return CaseResult(sources=[str(s) for s in sources], predictions=predictions)
+        return CasePredictions(sources=[str(s) for s in sources], predictions=predictions)
 
     def predict_file(self, paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
                      plugins: Optional[Sequence[str]] = None, heatmap: Optional[str] = None,
-                     progress: Optional[Progress] = None) -> CaseResult:
+                     progress: Optional[Progress] = None) -> CasePredictions:
         """Predict one case from image file(s) or DICOM folder(s), one per view."""
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if progress:

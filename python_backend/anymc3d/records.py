@@ -22,7 +22,7 @@ from anymc3d.fileio import write_text_atomic
 from anymc3d.image_writing import write_image_atomic
 
 if TYPE_CHECKING:  # the engine's result type, for annotations only: writing records runs no model
-    from anymc3d.engine import CaseResult
+    from anymc3d.engine import CasePredictions
 
 #: progress(stage, done, total), as the engine reports it
 Progress = Callable[[str, int, int], None]
@@ -45,7 +45,7 @@ def error_record(image: str, message: str, series: Optional[str] = None) -> dict
     return validate_record(record)
 
 
-def result_record(result: CaseResult, image: str, heatmaps: Optional[dict] = None, embedding: bool = False,
+def result_record(result: CasePredictions, image: str, heatmaps: Optional[dict] = None, embedding: bool = False,
                   series: Optional[str] = None) -> dict:
     """The record of a predicted case (docs/cli-contract.md).
 
@@ -82,7 +82,7 @@ def result_record(result: CaseResult, image: str, heatmaps: Optional[dict] = Non
     return validate_record(record)
 
 
-def write_heatmaps(result: CaseResult, folder: os.PathLike | str, stem: str, fmt: str,
+def write_heatmaps(result: CasePredictions, folder: os.PathLike | str, stem: str, fmt: str,
                    progress: Optional[Progress] = None) -> dict:
     """Write each prediction's heatmap(s) into ``folder``; returns ``{plugin: {label or None: abs path}}``.
 

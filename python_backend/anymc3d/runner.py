@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from anymc3d.cases import Case, read_case
-from anymc3d.engine import CaseResult, Engine, ensemble
+from anymc3d.cases import InputCase, read_case
+from anymc3d.engine import CasePredictions, Engine, ensemble
 from anymc3d.errors import AnyMC3DError
 from anymc3d.records import Progress, error_message, error_record, result_record, write_heatmaps
 
@@ -63,7 +63,7 @@ def attach_plugins(engine: Engine, paths: Sequence[os.PathLike | str]) -> list[P
     return units
 
 
-def combine_units(result: CaseResult, units: Optional[Sequence[PluginUnit]], ensemble_all: bool) -> None:
+def combine_units(result: CasePredictions, units: Optional[Sequence[PluginUnit]], ensemble_all: bool) -> None:
     """Replace each ensemble folder's member predictions by their ensemble (mean calibrated logit) named after
     the unit; with ``ensemble_all`` (``--ensemble``), then average the units into one ``ensemble``: an
     ensemble folder counts as one member there, as a single plugin does."""
@@ -75,7 +75,7 @@ def combine_units(result: CaseResult, units: Optional[Sequence[PluginUnit]], ens
         result.predictions = [ensemble(result.predictions)]
 
 
-def predict_case(engine: Engine, case: Case, plugins: Sequence[str], *, images=None, heatmap_method: Optional[str] = None,
+def predict_case(engine: Engine, case: InputCase, plugins: Sequence[str], *, images=None, heatmap_method: Optional[str] = None,
                  heatmap_dir: Optional[os.PathLike | str] = None, heatmap_format: str = "nii.gz",
                  ensemble_plugins: bool = False, embedding: bool = False, progress: Optional[Progress] = None,
                  units: Optional[Sequence[PluginUnit]] = None) -> dict:

@@ -22,7 +22,7 @@ from anymc3d.planecycle.converter import PlaneCycleEncoder
 from anymc3d.planecycle.encoder import LiftedLinearEncoder
 from anymc3d.plugin import (
     JSON_NAME,
-    TaskPlugin,
+    TaskHead,
     load_plugin,
     read_plugin_metadata,
     save_plugin,
@@ -37,9 +37,9 @@ SPACING = (1.0, 1.0, 3.0)
 LEFT, RIGHT = 12.0, 36.0   # lesion centre along I, in the left / right half
 
 
-def _head(width: int, classes: int, seed: int = 0) -> TaskPlugin:
+def _head(width: int, classes: int, seed: int = 0) -> TaskHead:
     torch.manual_seed(seed)
-    head = TaskPlugin(width, classes)
+    head = TaskHead(width, classes)
     with torch.no_grad():
         head.task_pool.query.normal_(0, 1.0)  # a non-uniform a_s: the identity must hold for any query
         head.head.weight.normal_(0, 1.0)
@@ -81,7 +81,7 @@ def test_contribution_maps_sum_to_logit_minus_bias_exactly():
 
 def test_two_view_plugin_refuses_contribution():
     bb = small_backbone("dinov2")
-    model = AnyMC3DModel(bb.model, TaskPlugin(bb.model.embed_dim, 1, 2), [None, None], kind="planecycle_linear")
+    model = AnyMC3DModel(bb.model, TaskHead(bb.model.embed_dim, 1, 2), [None, None], kind="planecycle_linear")
     views = [torch.rand(1, 4, 56, 56), torch.rand(1, 3, 56, 56)]
     with torch.no_grad():
         out = model(views, patch_tokens=True)

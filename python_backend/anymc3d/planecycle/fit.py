@@ -31,7 +31,7 @@ from anymc3d.lora import LoraSettings, adapter_state, add_adapter, remove_adapte
 from anymc3d.model import AnyMC3DModel
 from anymc3d.planecycle.config import PlaneCycleConfig
 from anymc3d.planecycle.head import MeanTokenHead
-from anymc3d.plugin import PluginConfig, TaskPlugin, save_plugin
+from anymc3d.plugin import PluginConfig, TaskHead, save_plugin
 from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.preprocessing import prepare
 
@@ -92,7 +92,7 @@ def fit_lifted(manifest: Path | str, backbone: Path | str, out: Path | str, *, l
         raise ValueError("device: 'cuda' was asked for, but no CUDA GPU is available")
     device = torch.device(device)
     vit = loaded.model.to(device).eval().requires_grad_(False)
-    head = TaskPlugin(vit.embed_dim, len(data.labels))
+    head = TaskHead(vit.embed_dim, len(data.labels))
     with torch.no_grad():
         head.task_pool.query.zero_()  # uniform a_s: v = mean of all lifted patch tokens
     model = AnyMC3DModel(vit, head.to(device), [None], kind=KIND, **lifting.to_dict())

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from anymc3d.plugin import TaskPlugin
+from anymc3d.plugin import TaskHead
 
 
 class _Scale(nn.Module):
@@ -51,7 +51,7 @@ class StandardizedLinear(nn.Module):
         return out
 
 
-def standardize_head(head: TaskPlugin, mean: torch.Tensor, std: torch.Tensor) -> None:
+def standardize_head(head: TaskHead, mean: torch.Tensor, std: torch.Tensor) -> None:
     """Reparametrise ``head`` in place to train on standardised embeddings (same function at the start)."""
     head.head = StandardizedLinear(head.head, mean, std)
     for pool in [head.task_pool, *(head.view_pools or [])]:
@@ -60,9 +60,9 @@ def standardize_head(head: TaskPlugin, mean: torch.Tensor, std: torch.Tensor) ->
         parametrize.register_parametrization(pool, "query", _Scale(1.0 / std))
 
 
-def plain_head(head: TaskPlugin) -> TaskPlugin:
-    """A plain :class:`TaskPlugin` computing exactly what the (possibly standardised) ``head`` computes."""
-    out = TaskPlugin(head.embed_dim, head.num_classes, head.num_views)
+def plain_head(head: TaskHead) -> TaskHead:
+    """A plain :class:`TaskHead` computing exactly what the (possibly standardised) ``head`` computes."""
+    out = TaskHead(head.embed_dim, head.num_classes, head.num_views)
     with torch.no_grad():
         pools = [(head.task_pool, out.task_pool)] + list(zip(head.view_pools or [], out.view_pools or []))
         for src, dst in pools:

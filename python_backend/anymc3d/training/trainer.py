@@ -29,7 +29,7 @@ from anymc3d.fileio import write_text_atomic
 from anymc3d.lora import LoraSettings, adapter_state, add_adapter, remove_adapter
 from anymc3d.losses import FocalLossConfig, dice_ce_loss, focal_loss
 from anymc3d.model import AnyMC3DModel
-from anymc3d.plugin import ENSEMBLE_INDEX, PluginConfig, TaskPlugin, probabilities, save_plugin
+from anymc3d.plugin import ENSEMBLE_INDEX, PluginConfig, TaskHead, probabilities, save_plugin
 from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.training.batching import case_seed, collate
 from anymc3d.training.checkpoints import (CHECKPOINT_VERSION, checkpoint_path, log_path, read_checkpoint,
@@ -95,7 +95,7 @@ class Trainer:
         for pname, p in model.named_parameters():
             p.requires_grad_(self.config.lora and any(f".{a}." in pname for a in self.adapters))
         c = model.embed_dim
-        self.head = TaskPlugin(c, len(self.manifest.labels), len(self.manifest.views))
+        self.head = TaskHead(c, len(self.manifest.labels), len(self.manifest.views))
         with torch.no_grad():
             self.head.head.weight.normal_(0, 0.01)
             self.head.head.bias.zero_()
@@ -401,7 +401,7 @@ def _calibrated_probs(z: np.ndarray, a: Sequence[float], b: Sequence[float], tas
 
 
 # ------------------------------------------------------------------------------------------ plugin + summary
-def save_trained_plugin(out: Path, config: PluginConfig, head: TaskPlugin, lora, summary: dict) -> Path:
+def save_trained_plugin(out: Path, config: PluginConfig, head: TaskHead, lora, summary: dict) -> Path:
     """Save the plugin with its training summary in the plugin's weights metadata (``read_training_summary``)."""
     if out.is_dir() and (out / "plugin.json").is_file():
         import shutil
