@@ -3,7 +3,7 @@ measured in this one run on the same synthetic volumes, plugin and heatmap setti
 
 Rows:
   local      one process: engine load once, then each case read, predicted, heatmap and record written
-             (anymc3d.records.predict_case, the CLI's loop)
+             (anymc3d.runner.predict_case, the CLI's loop)
   ray N      `anymc3d predict --ray --workers N` on a local Ray instance: a read stage of Ray tasks and an actor
              pool of N model workers, each case's record committed by the worker (anymc3d.scoring)
 
@@ -32,8 +32,9 @@ from anymc3d.cases import expand_inputs
 from anymc3d.demo import random_plugin
 from anymc3d.engine import Engine
 from anymc3d.plugin import save_plugin
-from anymc3d.preprocessing import PreprocessConfig
-from anymc3d.records import predict_case, write_records
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.records import write_records
+from anymc3d.runner import predict_case
 from anymc3d.synthetic import make_ct_volume
 
 

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from anymc3d.errors import PluginError
-from anymc3d.plugin_file import read_plugin_json, read_training_summary
+from anymc3d.plugin_file import read_plugin_json, read_training_summary, training_lines
 
 logger = logging.getLogger("anymc3d.review")
 
@@ -65,49 +65,6 @@ class PluginInfo:
 def _short(value, limit=300) -> str:
     text = " ".join(str(value).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def _number(value, digits=3) -> str:
-    try:
-        return f"{float(value):.{digits}f}"
-    except (TypeError, ValueError):
-        return "?"
-
-
-def training_lines(summary: dict) -> list[str]:
-    """The training summary (``anymc3d train``'s, see anymc3d/train.py) as short lines: epochs, case counts per split,
-    validation AUROC (best and per finding), calibration and how long it took. Unknown keys are left out."""
-    lines = []
-    if "epochs_run" in summary:
-        best = f", best epoch {summary['best_epoch']}" if "best_epoch" in summary else ""
-        limit = f" of at most {summary['epochs_max']}" if "epochs_max" in summary else ""
-        lines.append(f"epochs: {summary['epochs_run']}{limit}{best}")
-    splits = summary.get("splits")
-    if isinstance(splits, dict) and splits:
-        parts = []
-        for split, info in splits.items():
-            if not isinstance(info, dict):
-                continue
-            counts = info.get("positives") or info.get("per_class") or {}
-            detail = ", ".join(f"{_short(k, 40)} {v}" for k, v in counts.items()) if isinstance(counts, dict) else ""
-            word = "positive" if "positives" in info else "per class"
-            parts.append(f"{_short(split, 20)} {info.get('cases', '?')}" + (f" ({word}: {detail})" if detail else ""))
-        lines.append("cases: " + "; ".join(parts))
-    if "best_val_auroc" in summary:
-        line = f"validation AUROC: {_number(summary['best_val_auroc'])}"
-        per_label = summary.get("val_auroc_per_label")
-        if isinstance(per_label, dict) and per_label:
-            line += " (" + ", ".join(f"{_short(k, 40)} {_number(v)}" for k, v in per_label.items()) + ")"
-        lines.append(line)
-    if "raw_f1_thresholds" in summary or "youden_thresholds_validation" in summary:
-        lines.append("calibration: Platt scaling on the validation split; thresholds at the F1 point")
-    if "seconds" in summary:
-        processes = summary.get("processes")
-        lines.append(f"training time: {_number(summary['seconds'], 0)} s"
-                     + (f" on {processes} process{'es' if processes != 1 else ''}" if processes else ""))
-    if "manifest" in summary:
-        lines.append(f"manifest: {_short(os.path.basename(str(summary['manifest'])), 120)}")
-    return lines
 
 
 def intended_modality(meta: dict) -> tuple[str, str]:

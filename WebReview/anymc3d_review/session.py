@@ -335,7 +335,7 @@ class ReviewSession:
     def _input_node(self, case: Case):
         """A DICOM series case's volume: the Logic's loader on the series' first file (Slicer's archetype reader
         reads the whole series of that file), the files being those the backend reads (``dicom_series_files``)."""
-        from anymc3d.preprocessing import dicom_series_files
+        from anymc3d.image_reading import dicom_series_files
 
         files = dicom_series_files(case.path, case.series)
         if not files:
@@ -764,12 +764,14 @@ def _record_rows(record) -> list[dict]:
     """The table's rows from a record already checked by ``anymc3d.contract.validate_record`` (results x labels,
     the Logic's row order): calibrated and raw probability, threshold, and the decision recomputed from them
     (the contract's rule: calibrated >= threshold; multiclass: the most probable label)."""
+    from anymc3d.contract import decide
+
     rows = []
     for result in (record or {}).get("results") or []:
         probabilities = result["probabilities"]
-        top = max(result["labels"], key=lambda label: probabilities[label])
+        decided = decide(result["task"], result["labels"], probabilities, result["thresholds"])
         for label in result["labels"]:
-            positive = (label == top) if result["task"] == "multiclass" else probabilities[label] >= result["thresholds"][label]
+            positive = decided[label]
             rows.append({"finding": label, "probability": float(probabilities[label]),
                          "raw": float(result["probabilities_raw"][label]), "threshold": float(result["thresholds"][label]),
                          "decision": "positive" if positive else "negative"})

@@ -19,7 +19,7 @@ from anymc3d_review.modelinfo import (
     training_lines,
 )
 
-#: the keys anymc3d train writes (anymc3d/train.py Trainer._finish + data.Manifest.summary), with made-up values
+#: the keys anymc3d train writes (anymc3d/training/trainer.py Trainer._finish + data.Manifest.summary), with made-up values
 SUMMARY = {"manifest": "/data/lesions/manifest.csv", "manifest_sha256": "0" * 64, "task": "multilabel",
            "splits": {"train": {"cases": 40, "positives": {"lesion": 19, "calcification": 7}, "with_mask": 0},
                       "val": {"cases": 9, "positives": {"lesion": 4, "calcification": 2}, "with_mask": 0}},
@@ -63,11 +63,14 @@ def test_training_summary_is_shown_for_a_trained_plugin(demo_source, tmp_path):
     info = PluginInfoReader(tmp_path).read(str(plugin), "x")
     assert info.trained is True
     text = "\n".join(info.training)
-    assert f"epochs: {SUMMARY['epochs_run']} of at most {SUMMARY['epochs_max']}, best epoch {SUMMARY['best_epoch']}" in text
+    assert (f"training     {SUMMARY['epochs_run']} epochs of at most {SUMMARY['epochs_max']} "
+            f"(best epoch {SUMMARY['best_epoch']}), {SUMMARY['seconds']} s, 1 process(es)") in text
     # (the plugin stores the summary with sorted keys: findings in alphabetical order)
-    assert "train 40 (positive: calcification 7, lesion 19); val 9 (positive: calcification 2, lesion 4)" in text
-    assert f"validation AUROC: {SUMMARY['best_val_auroc']:.3f} (calcification 0.750, lesion 0.875)" in text
-    assert "calibration: Platt" in text and "manifest.csv" in text and "/data/lesions" not in text
+    assert ("train 40 (calcification 7 positive, lesion 19 positive); "
+            "val 9 (calcification 2 positive, lesion 4 positive)") in text
+    assert f"validation   AUROC {SUMMARY['best_val_auroc']:.3f} (calcification 0.750, lesion 0.875)" in text
+    assert "calibrated   Platt scaling fitted on the 9 validation cases" in text
+    assert "manifest.csv" in text and "/data/lesions" not in text
     assert training_lines({}) == []  # nothing invented for a summary without the known keys
 
 

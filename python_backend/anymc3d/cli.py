@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="Predict findings and heatmaps for images.")
     pred.add_argument("images", nargs="+", help="Image files, DICOM series folders (one case per series), folders of "
-                      "images, or manifest CSVs (an 'image' column, paths relative to the CSV); the views of a "
-                      "multi-view case joined with '+'.")
+                      "images, or manifest CSVs (an 'image' or 'image_<view>' columns, paths relative to the CSV, "
+                      "docs/cli-contract.md); on the command line the views of a multi-view case joined with '+'.")
     pred.add_argument("--backbone", type=Path, required=True, help="Backbone weights file (required).")
     pred.add_argument("--plugin", type=Path, action="append", required=True,
                       help="Plugin file or folder; repeat for several plugins (required).")
@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="Progress display: a bar on stderr, JSON lines on stdout, or none (default: bar).")
     _add_ray_options(pred)
     from anymc3d.planecycle.commands import register as add_planecycle_commands; add_planecycle_commands(sub)  # noqa: E702
-    from anymc3d.train import register as register_training; register_training(sub)  # noqa: E702 (train, eval)
+    from anymc3d.training.command import register as register_training; register_training(sub)  # noqa: E702 (train, eval)
     _add_extension_commands(sub)
     return parser
 
@@ -155,7 +155,7 @@ def _cmd_standby(args) -> int:
 
     End of input before a line (the parent closed the pipe or went away) ends quietly: nothing was asked.
     """
-    import anymc3d.records  # noqa: F401 - the point: torch, timm, peft, SimpleITK and the engine imported now
+    import anymc3d.runner  # noqa: F401 - the point: torch, timm, peft, SimpleITK and the engine imported now
 
     line = sys.stdin.readline()
     if not line.strip():
@@ -195,6 +195,7 @@ def _cmd_info(args) -> int:
 def _info_text(path: Path) -> str:
     """The human-readable summary of one plugin: its metadata, parameter counts and training summary."""
     from anymc3d.plugin import load_plugin, read_plugin_metadata, read_training_summary
+    from anymc3d.plugin_file import training_lines
 
     meta = read_plugin_metadata(path)
     bb = meta["backbone"]
@@ -213,30 +214,10 @@ def _info_text(path: Path) -> str:
     lines.append(f"parameters   {lora + head:,} ({lora:,} LoRA, {head:,} queries and head)")
     if meta.get("description"):
         lines.append(f"description  {meta['description']}")
-    lines += training_lines(read_training_summary(path))
+    summary = read_training_summary(path)
+    lines += (training_lines(summary) if summary else  # untrained: its probabilities are those of random weights
+              ["training     untrained (no training summary): its probabilities mean nothing"])
     return "\n".join(lines)
-
-
-def training_lines(summary: Optional[dict]) -> list[str]:
-    """``info``'s lines on how the plugin was trained (anymc3d train's summary), or the plain warning that it
-    was not: an untrained plugin's probabilities are those of random weights."""
-    if not summary:
-        return ["training     untrained (no training summary): its probabilities mean nothing"]
-    counts = []
-    for split, s in summary.get("splits", {}).items():
-        per = s.get("positives", s.get("per_class", {}))
-        kind = "positive" if "positives" in s else "cases"
-        counts.append(f"{split} {s['cases']} (" + ", ".join(f"{k} {v} {kind}" for k, v in per.items()) + ")")
-    per_label = summary.get("val_auroc_per_label") or {}
-    val = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in per_label.items())
-    n_val = summary.get("splits", {}).get("val", {}).get("cases", "?")
-    best = summary.get("best_val_auroc")
-    return [f"training     {summary.get('epochs_run')} epochs of at most {summary.get('epochs_max')} "
-            f"(best epoch {summary.get('best_epoch')}), {summary.get('seconds')} s, {summary.get('processes', 1)} process(es)",
-            f"cases        {'; '.join(counts)}",
-            f"validation   AUROC {'n/a' if best is None else f'{best:.3f}'} ({val})",
-            f"calibrated   Platt scaling fitted on the {n_val} validation cases (F1-optimal raw score -> 0.5)",
-            f"manifest     {summary.get('manifest')} (sha256 {str(summary.get('manifest_sha256'))[:16]})"]
 
 
 class _Reporter:
@@ -313,7 +294,7 @@ def _load_engine(args):
     from anymc3d.backbone import BackboneSpec, spec_from_file
     from anymc3d.engine import Engine
     from anymc3d.plugin import ensemble_members, read_plugin_metadata
-    from anymc3d.records import attach_plugins
+    from anymc3d.runner import attach_plugins
 
     first = read_plugin_metadata(ensemble_members(args.plugin[0].resolve())[0])
     spec = spec_from_file(args.backbone) or BackboneSpec.from_dict(first["backbone"])
@@ -343,7 +324,7 @@ def _cmd_predict(args) -> int:
         from anymc3d.scoring import run_ray  # imports Ray only here; says how to install it when missing
 
         return run_ray(args)
-    from anymc3d.records import predict_case
+    from anymc3d.runner import predict_case
 
     engine, units = _load_engine(args)
     names = [m for u in units for m in u.members]

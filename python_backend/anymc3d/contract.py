@@ -37,6 +37,8 @@ PARTIAL_MARKER = ".partial"
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 #: record statuses
 STATUS_OK, STATUS_ERROR = "ok", "error"
+#: plugin tasks: a sigmoid per finding (findings independent), or a softmax over the findings (one class)
+TASKS = ("multilabel", "multiclass")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -79,6 +81,15 @@ def heatmap_name(stem: str, plugin: str, label: Optional[str], fmt: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ record
+def decide(task: str, labels: list[str], probabilities: dict, thresholds: dict) -> dict[str, bool]:
+    """The decision rule, per label: multilabel, calibrated probability >= threshold; multiclass, the most probable
+    label (the first of equals)."""
+    if task == "multiclass":
+        top = max(labels, key=lambda k: probabilities[k])
+        return {k: k == top for k in labels}
+    return {k: probabilities[k] >= thresholds[k] for k in labels}
+
+
 def record_schema() -> dict:
     """The JSON schema of one record of ``anymc3d predict`` (schemas/record.schema.json)."""
     return json.loads(resources.files("anymc3d").joinpath("schemas/record.schema.json").read_text())
@@ -105,14 +116,26 @@ def _type_ok(value: Any, kinds) -> bool:
 def check_schema(value: Any, schema: dict, where: str) -> None:
     """Check ``value`` against the subset of JSON schema the project's schemas use (type, enum, const, allOf,
     if/then/else, required, properties, additionalProperties, items, minimum/maximum and their exclusive forms,
-    minLength/maxLength, minItems/maxItems, pattern); raise :class:`RecordError` naming the place. Used where jsonschema is not installed (a
-    fresh Slicer): hand-written because the point is to need no third-party package."""
+    minLength/maxLength, minItems/maxItems, pattern); raise :class:`RecordError` naming the place. Used where
+    jsonschema is not installed (a fresh Slicer): hand-written because the point is to need no third-party package."""
     if "type" in schema and not _type_ok(value, schema["type"]):
         raise RecordError(f"{where}: expected {schema['type']}, got {type(value).__name__}")
     if "enum" in schema and value not in schema["enum"]:
         raise RecordError(f"{where}: {value!r} is not one of {schema['enum']}")
     if "const" in schema and value != schema["const"]:
         raise RecordError(f"{where}: {value!r} is not {schema['const']!r}")
+    _check_combined(value, schema, where)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check_bounds(value, schema, where)
+    if isinstance(value, str):
+        _check_string(value, schema, where)
+    if isinstance(value, dict):
+        _check_object(value, schema, where)
+    if isinstance(value, list):
+        _check_array(value, schema, where)
+
+
+def _check_combined(value: Any, schema: dict, where: str) -> None:
     for part in schema.get("allOf", []):
         check_schema(value, part, where)
     if "if" in schema:
@@ -124,35 +147,39 @@ def check_schema(value: Any, schema: dict, where: str) -> None:
             branch = schema.get("then")
         if branch is not None:
             check_schema(value, branch, where)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        _check_bounds(value, schema, where)
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", math.inf):
-            raise RecordError(f"{where}: {value!r} has a length outside "
-                              f"[{schema.get('minLength', 0)}, {schema.get('maxLength', 'inf')}]")
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            raise RecordError(f"{where}: {value!r} does not match {schema['pattern']!r}")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                raise RecordError(f"{where}: '{key}' is a required property")
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        for key, item in value.items():
-            if key in props:
-                check_schema(item, props[key], f"{where}/{key}")
-            elif isinstance(extra, dict):
-                check_schema(item, extra, f"{where}/{key}")
-            elif extra is False:
-                raise RecordError(f"{where}: unexpected property '{key}'")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            raise RecordError(f"{where}: fewer than {schema['minItems']} items")
-        if len(value) > schema.get("maxItems", math.inf):
-            raise RecordError(f"{where}: more than {schema['maxItems']} items")
-        if isinstance(schema.get("items"), dict):
-            for i, item in enumerate(value):
-                check_schema(item, schema["items"], f"{where}/{i}")
+
+
+def _check_string(value: str, schema: dict, where: str) -> None:
+    if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", math.inf):
+        raise RecordError(f"{where}: {value!r} has a length outside "
+                          f"[{schema.get('minLength', 0)}, {schema.get('maxLength', 'inf')}]")
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        raise RecordError(f"{where}: {value!r} does not match {schema['pattern']!r}")
+
+
+def _check_object(value: dict, schema: dict, where: str) -> None:
+    for key in schema.get("required", []):
+        if key not in value:
+            raise RecordError(f"{where}: '{key}' is a required property")
+    props = schema.get("properties", {})
+    extra = schema.get("additionalProperties", True)
+    for key, item in value.items():
+        if key in props:
+            check_schema(item, props[key], f"{where}/{key}")
+        elif isinstance(extra, dict):
+            check_schema(item, extra, f"{where}/{key}")
+        elif extra is False:
+            raise RecordError(f"{where}: unexpected property '{key}'")
+
+
+def _check_array(value: list, schema: dict, where: str) -> None:
+    if len(value) < schema.get("minItems", 0):
+        raise RecordError(f"{where}: fewer than {schema['minItems']} items")
+    if len(value) > schema.get("maxItems", math.inf):
+        raise RecordError(f"{where}: more than {schema['maxItems']} items")
+    if isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            check_schema(item, schema["items"], f"{where}/{i}")
 
 
 def _check_bounds(value: float, schema: dict, where: str) -> None:
@@ -166,7 +193,6 @@ def _check_bounds(value: float, schema: dict, where: str) -> None:
         raise RecordError(f"{where}: {value} is not below {schema['exclusiveMaximum']}")
 
 
-_check_minimal = check_schema  # the former private name
 
 
 def _check_semantics(record: dict) -> None:
@@ -189,12 +215,7 @@ def _check_semantics(record: dict) -> None:
         for label, t in result["thresholds"].items():
             if not (math.isfinite(t) and 0.0 < t < 1.0):
                 raise RecordError(f"{where}/thresholds/{label}: {t!r} is not a threshold in (0, 1)")
-        probs = result["probabilities"]
-        if result["task"] == "multiclass":
-            top = max(labels, key=lambda k: probs[k])
-            expected = {k: k == top for k in labels}
-        else:
-            expected = {k: probs[k] >= result["thresholds"][k] for k in labels}
+        expected = decide(result["task"], labels, result["probabilities"], result["thresholds"])
         if result["decisions"] != expected:
             raise RecordError(f"{where}/decisions: {result['decisions']} do not follow from the probabilities "
                               f"and thresholds ({expected})")

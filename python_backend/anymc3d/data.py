@@ -1,19 +1,23 @@
-"""Training data: the dataset manifest, its up-front check, splits, and cases as model slices.
+"""The dataset manifest (the one reader every command uses), its up-front check, splits, and cases as model
+slices.
 
-A manifest is a CSV file. Columns:
-  ``image`` (one view) or ``image_<view>`` (several views, in column order): image paths;
+A manifest is a CSV file (UTF-8, optional BOM). Columns:
+  ``image`` (one view) or ``image_<view>`` (several views, in column order): image paths (a file or a DICOM
+  series folder; one path per cell);
   label columns: 0/1 per finding (binary or multi-label), or ONE integer column 0..C-1 (multi-class);
   ``split`` (optional): train / val / test; otherwise a seeded stratified split is drawn;
   ``mask`` (optional, may be empty per row): a lesion mask on the first view's grid (auxiliary supervision);
   ``id`` / ``case`` (optional): ignored for labels.
-Paths are relative to the manifest's folder. :func:`load_manifest` reads and checks every row and every
-image before training, and raises one :class:`ManifestError` listing all problems with their row numbers.
+Paths are relative to the manifest's folder. ``predict`` reads only the image columns; ``train``, ``eval`` and
+``fit-lifted`` read and check every row and every image before any work, and raise one :class:`ManifestError`
+listing all problems. Every message names a row by its line in the file (the header is line 1).
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import hashlib
+import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -24,8 +28,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from anymc3d.contract import TASKS
 from anymc3d.errors import AnyMC3DError, InputError
-from anymc3d.preprocessing import PreprocessConfig, prepare, read_image
+from anymc3d.image_reading import absolute, link_problem, read_image
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.preprocessing import prepare
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +45,7 @@ CACHE_VOXELS = 400 * 1024 ** 2
 
 
 class ManifestError(AnyMC3DError):
-    """A manifest with problems; ``problems`` lists them, one line each, with row numbers."""
+    """A manifest with problems; ``problems`` lists them, one line each, naming the row's line."""
 
     def __init__(self, path: Path, problems: Sequence[str]):
         self.problems = list(problems)
@@ -47,14 +54,16 @@ class ManifestError(AnyMC3DError):
 
 
 @dataclass
-class Case:
+class ManifestRow:
     """One manifest row: a case with one image per view, its target and optional mask."""
 
-    row: int                      # 1-based data row (the header is line 1, so row r is line r + 1)
+    row: int                      # 1-based data row: the case's stable key (seeds, splits, checkpoints)
     images: list[Path]
-    target: np.ndarray            # (K,) float 0/1 (multilabel) or () int class (multiclass)
+    target: np.ndarray            # (K,) float 0/1 (multilabel) or () int class (multiclass); (0,) unlabelled
     split: Optional[str] = None
     mask: Optional[Path] = None
+    line: int = 0                 # the row's line in the file (the header is line 1): every message names it
+    problems: list[str] = field(default_factory=list)   # kept only by ``load_manifest(strict=False)``
 
 
 @dataclass
@@ -65,15 +74,15 @@ class Manifest:
     views: list[str]
     labels: list[str]
     task: str
-    cases: list[Case]
+    cases: list[ManifestRow]
     sha256: str
     label_columns: list[str] = field(default_factory=list)
     images: dict = field(default_factory=dict, repr=False)   # cache: path -> sitk.Image
 
-    def subset(self, split: str) -> list[Case]:
+    def subset(self, split: str) -> list[ManifestRow]:
         return [c for c in self.cases if c.split == split]
 
-    def targets(self, cases: Sequence[Case]) -> np.ndarray:
+    def targets(self, cases: Sequence[ManifestRow]) -> np.ndarray:
         return np.stack([c.target for c in cases])
 
     def image(self, path: Path) -> sitk.Image:
@@ -129,8 +138,134 @@ def _same_geometry(a: sitk.Image, b: sitk.Image) -> Optional[str]:
     return None
 
 
+@dataclass
+class _Columns:
+    """What the header says: image columns (and view names), label columns, task, whether a split is given."""
+
+    images: list[str]
+    views: list[str]
+    labels: list[str]
+    task: str
+    split: bool
+
+
+def _read_rows(path: Path) -> tuple[bytes, list[str], list[tuple[int, dict]]]:
+    """The file's bytes, its header and its data rows, each with the line it starts on (the header is line 1)."""
+    try:
+        raw = path.read_bytes()
+        reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
+        header = list(reader.fieldnames or [])
+        rows = []
+        for r in reader:
+            inner = sum(v.count("\n") for v in r.values() if isinstance(v, str))  # quoted line breaks
+            rows.append((reader.line_num - inner, r))
+    except OSError as exc:
+        raise InputError(path, f"cannot read the manifest ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(path, f"cannot read the manifest ({exc})") from None
+    return raw, header, rows
+
+
+def _columns(path: Path, header: list[str], rows: list[tuple[int, dict]], labels: Optional[Sequence[str]],
+             task: Optional[str], labelled: bool) -> _Columns:
+    """Check the header (raising :class:`ManifestError`) and settle the label columns and the task."""
+    image_cols, views = _view_columns(header)
+    if not image_cols:
+        raise ManifestError(path, ["no 'image' (or 'image_<view>') column in the header"])
+    if not rows:
+        raise ManifestError(path, ["no data rows"])
+    if not labelled:
+        return _Columns(image_cols, views, [], "multilabel", False)
+    label_cols = _label_columns(path, header, image_cols, labels)
+    return _Columns(image_cols, views, label_cols, _task(path, rows, label_cols, task), "split" in header)
+
+
+def _label_columns(path: Path, header: list[str], image_cols: list[str], labels: Optional[Sequence[str]]) -> list[str]:
+    candidates = [h for h in header if h not in image_cols and h.lower() not in RESERVED and not h.startswith("mask_")]
+    label_cols = list(labels) if labels else candidates
+    missing_cols = [c for c in label_cols if c not in header]
+    if missing_cols:
+        raise ManifestError(path, [f"label column(s) {missing_cols} not in the header {header}"])
+    if not label_cols:
+        raise ManifestError(path, ["no label column (every column other than image, mask, split, id is a label)"])
+    return label_cols
+
+
+def _task(path: Path, rows: list[tuple[int, dict]], label_cols: list[str], task: Optional[str]) -> str:
+    if task is None:
+        values = [_parse_class(r.get(label_cols[0]) or "") for _, r in rows] if len(label_cols) == 1 else []
+        task = "multiclass" if values and max((v or 0) for v in values) > 1 else "multilabel"
+    if task not in TASKS:
+        raise ValueError(f"task: must be one of {TASKS}, got {task!r}")
+    if task == "multiclass" and len(label_cols) != 1:
+        raise ManifestError(path, [f"a multi-class task needs ONE integer label column, got {label_cols}"])
+    return task
+
+
+def _path(base: Path, value: str, where: str, column: str, problems: list[str]) -> Path:
+    """The absolute path a cell names (relative to the manifest); a problem when it cannot be opened."""
+    given = Path(value) if Path(value).is_absolute() else base / value
+    problem = link_problem(given)
+    if problem is not None:
+        problems.append(f"{where}: {column} {given}: {problem}")
+        return given
+    return Path(absolute(given))
+
+
+def _row_images(base: Path, r: dict, where: str, cols: _Columns, problems: list[str]) -> list[Path]:
+    images = []
+    for col in cols.images:
+        value = (r.get(col) or "").strip()
+        if not value:
+            problems.append(f"{where}: column {col} is empty")
+            continue
+        images.append(_path(base, value, where, col, problems))
+    return images
+
+
+def _row_target(r: dict, where: str, cols: _Columns, problems: list[str]) -> np.ndarray:
+    if not cols.labels:
+        return np.zeros(0, dtype=np.float32)
+    if cols.task == "multiclass":
+        v = _parse_class((r.get(cols.labels[0]) or "").strip())
+        if v is None:
+            problems.append(f"{where}: label {cols.labels[0]} must be a class number 0, 1, 2, ..., "
+                            f"got {r.get(cols.labels[0])!r}")
+        return np.asarray(v or 0, dtype=np.int64)
+    target = []
+    for col in cols.labels:
+        v = _parse_binary((r.get(col) or "").strip())
+        if v is None:
+            problems.append(f"{where}: label {col} must be 0 or 1, got {r.get(col)!r}")
+        target.append(v or 0.0)
+    return np.asarray(target, dtype=np.float32)
+
+
+def _row_split(r: dict, where: str, cols: _Columns, problems: list[str]) -> Optional[str]:
+    if not cols.split:
+        return None
+    split = _SPLIT_ALIASES.get((r.get("split") or "").strip().lower())
+    if split is None:
+        problems.append(f"{where}: split must be train, val or test, got {r.get('split')!r}")
+    return split
+
+
+def _row(base: Path, index: int, line: int, r: dict, cols: _Columns) -> ManifestRow:
+    """One data row read and checked; its problems are kept on it."""
+    where, problems = f"line {line}", []
+    images = _row_images(base, r, where, cols, problems)
+    target = _row_target(r, where, cols, problems)
+    if not cols.labels:  # predict: the image columns only
+        return ManifestRow(row=index, images=images, target=target, line=line, problems=problems)
+    split = _row_split(r, where, cols, problems)
+    mask_value = (r.get("mask") or "").strip()
+    mask = _path(base, mask_value, where, "mask", problems) if mask_value else None
+    return ManifestRow(row=index, images=images, target=target, split=split, mask=mask, line=line, problems=problems)
+
+
 def load_manifest(path: Path | str, labels: Optional[Sequence[str]] = None, task: Optional[str] = None,
-                  check_images: bool = True, cache: bool = True) -> Manifest:
+                  check_images: bool = True, cache: bool = True, labelled: bool = True,
+                  strict: bool = True) -> Manifest:
     """Read and check a manifest; raise :class:`ManifestError` with every problem found.
 
     Args:
@@ -139,87 +274,28 @@ def load_manifest(path: Path | str, labels: Optional[Sequence[str]] = None, task
             integer above 1, else multilabel.
         check_images: read every image and mask (the only way to find truncated or corrupt files).
         cache: keep the images read by the check in memory when they are small enough.
+        labelled: False reads the image columns only (``predict``): no labels, split or mask.
+        strict: False keeps each bad row's problems on the row instead of raising (``predict`` goes on with
+            the good rows); problems of the file or its header still raise.
+    Raises:
+        InputError: the file cannot be read as CSV. ManifestError: its problems, each naming its line.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(path, f"cannot read the manifest ({exc.strerror or exc})") from None
-    rows = list(csv.DictReader(raw.decode("utf-8-sig").splitlines()))
-    header = list(rows[0].keys()) if rows else next(csv.reader(raw.decode("utf-8-sig").splitlines()), [])
-    problems: list[str] = []
-    image_cols, views = _view_columns(header)
-    if not image_cols:
-        raise ManifestError(path, ["no 'image' (or 'image_<view>') column in the header"])
-    if not rows:
-        raise ManifestError(path, ["no data rows"])
-    candidates = [h for h in header if h not in image_cols and h.lower() not in RESERVED and not h.startswith("mask_")]
-    label_cols = list(labels) if labels else candidates
-    missing_cols = [c for c in label_cols if c not in header]
-    if missing_cols:
-        raise ManifestError(path, [f"label column(s) {missing_cols} not in the header {header}"])
-    if not label_cols:
-        raise ManifestError(path, ["no label column (every column other than image, mask, split, id is a label)"])
-    if task is None:
-        values = [_parse_class(r.get(label_cols[0]) or "") for r in rows] if len(label_cols) == 1 else []
-        task = "multiclass" if values and max((v or 0) for v in values) > 1 else "multilabel"
-    if task not in ("multilabel", "multiclass"):
-        raise ValueError(f"task: must be 'multilabel' or 'multiclass', got {task!r}")
-    if task == "multiclass" and len(label_cols) != 1:
-        raise ManifestError(path, [f"a multi-class task needs ONE integer label column, got {label_cols}"])
-    base = path.parent
-    cases: list[Case] = []
-    for index, r in enumerate(rows, start=1):
-        where = f"row {index} (line {index + 1})"
-        row_problems = []
-        images = []
-        for col in image_cols:
-            value = (r.get(col) or "").strip()
-            if not value:
-                row_problems.append(f"{where}: column {col} is empty")
-                continue
-            p = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
-            if not p.exists():
-                row_problems.append(f"{where}: {col} file not found: {p}")
-            images.append(p)
-        if task == "multilabel":
-            target = []
-            for col in label_cols:
-                v = _parse_binary((r.get(col) or "").strip())
-                if v is None:
-                    row_problems.append(f"{where}: label {col} must be 0 or 1, got {r.get(col)!r}")
-                target.append(v or 0.0)
-            target = np.asarray(target, dtype=np.float32)
-        else:
-            v = _parse_class((r.get(label_cols[0]) or "").strip())
-            if v is None:
-                row_problems.append(f"{where}: label {label_cols[0]} must be a class number 0, 1, 2, ..., "
-                                    f"got {r.get(label_cols[0])!r}")
-            target = np.asarray(v or 0, dtype=np.int64)
-        split = None
-        if "split" in header:
-            s = (r.get("split") or "").strip().lower()
-            split = _SPLIT_ALIASES.get(s)
-            if split is None:
-                row_problems.append(f"{where}: split must be train, val or test, got {r.get('split')!r}")
-        mask = None
-        mask_value = (r.get("mask") or "").strip()
-        if mask_value:
-            mask = (base / mask_value).resolve() if not Path(mask_value).is_absolute() else Path(mask_value)
-            if not mask.exists():
-                row_problems.append(f"{where}: mask file not found: {mask}")
-        problems.extend(row_problems)
-        cases.append(Case(row=index, images=images, target=target, split=split, mask=mask))
-    if task == "multiclass":
-        n_classes = int(max(int(c.target) for c in cases)) + 1
-        label_names = [f"{label_cols[0]}_{k}" for k in range(n_classes)]
+    raw, header, rows = _read_rows(path)
+    cols = _columns(path, header, rows, labels, task, labelled)
+    cases = [_row(path.parent, index, line, r, cols) for index, (line, r) in enumerate(rows, start=1)]
+    if cols.task == "multiclass":
+        label_names = [f"{cols.labels[0]}_{k}" for k in range(int(max(int(c.target) for c in cases)) + 1)]
     else:
-        label_names = list(label_cols)
-    manifest = Manifest(path=path, views=views, labels=label_names, task=task, cases=cases,
-                        sha256=hashlib.sha256(raw).hexdigest(), label_columns=label_cols)
+        label_names = list(cols.labels)
+    manifest = Manifest(path=path, views=cols.views, labels=label_names, task=cols.task, cases=cases,
+                        sha256=hashlib.sha256(raw).hexdigest(), label_columns=cols.labels)
+    problems = [p for c in cases for p in c.problems]
+    if not strict:
+        return manifest
     if check_images and not problems:
         problems.extend(_check_images(manifest, cache))
-    if not problems and "split" in header:
+    if not problems and cols.split:
         problems.extend(_check_splits(manifest))
     if problems:
         raise ManifestError(path, problems)
@@ -230,7 +306,7 @@ def _check_images(manifest: Manifest, cache: bool) -> list[str]:
     """Read every image and mask once: unreadable files and mask geometry are reported with row numbers."""
     problems, voxels = [], 0
     for case in manifest.cases:
-        where = f"row {case.row} (line {case.row + 1})"
+        where = f"line {case.line}"
         first = None
         for k, p in enumerate(case.images):
             try:
@@ -271,16 +347,16 @@ def _check_splits(manifest: Manifest) -> list[str]:
                 problems.append("split 'train' has no cases")
             continue  # no val rows: --folds draws them; a single run says so when it starts
         y = manifest.targets(cases)
-        rows = ", ".join(str(c.row) for c in cases[:10]) + (" ..." if len(cases) > 10 else "")
+        lines = ", ".join(str(c.line) for c in cases[:10]) + (" ..." if len(cases) > 10 else "")
         if manifest.task == "multilabel":
             for k, label in enumerate(manifest.labels):
                 if y[:, k].min() == y[:, k].max():
-                    problems.append(f"split {split!r} (rows {rows}): label {label} is {int(y[0, k])} in every case; "
+                    problems.append(f"split {split!r} (lines {lines}): label {label} is {int(y[0, k])} in every case; "
                                     "it needs positives and negatives")
         else:
             absent = [label for k, label in enumerate(manifest.labels) if not (y == k).any()]
             if absent:
-                problems.append(f"split {split!r} (rows {rows}): no case of class(es) {absent}")
+                problems.append(f"split {split!r} (lines {lines}): no case of class(es) {absent}")
     return problems
 
 
@@ -346,7 +422,7 @@ class PreparedCase:
     target: torch.Tensor
 
 
-def prepare_case(manifest: Manifest, case: Case, recipes: Sequence[PreprocessConfig]) -> PreparedCase:
+def prepare_case(manifest: Manifest, case: ManifestRow, recipes: Sequence[PreprocessConfig]) -> PreparedCase:
     """Read (or take from the cache) and slice every view of ``case``; the mask follows the first view."""
     views = []
     for p, recipe in zip(case.images, recipes):

@@ -14,8 +14,9 @@ import torch
 
 from anymc3d.backbone import BackboneSpec, create_backbone, fingerprint, make_load_bearing, save_backbone
 from anymc3d.lora import LoraSettings, add_adapter, adapter_state
-from anymc3d.plugin import PluginConfig, TaskPlugin, save_plugin
-from anymc3d.preprocessing import PreprocessConfig, write_image_atomic
+from anymc3d.plugin import PluginConfig, TaskHead, save_plugin
+from anymc3d.image_writing import write_image_atomic
+from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.synthetic import make_ct_volume
 
 DEMO_SPEC = BackboneSpec("dinov2_vits14_reg", img_size=112, depth=6, embed_dim=192, num_heads=3)
@@ -30,7 +31,7 @@ def demo_backbone(spec: BackboneSpec = DEMO_SPEC, seed: int = 0) -> torch.nn.Mod
 def random_plugin(model: torch.nn.Module, spec: BackboneSpec, name: str = "demo_findings",
                   labels: Sequence[str] = DEMO_LABELS, task: str = "multilabel",
                   views: Sequence[str] = ("image",), preprocessing: Optional[PreprocessConfig] = None,
-                  lora_scale: float = 0.05, seed: int = 0) -> tuple[PluginConfig, TaskPlugin, list[dict]]:
+                  lora_scale: float = 0.05, seed: int = 0) -> tuple[PluginConfig, TaskHead, list[dict]]:
     """An untrained plugin for ``model``: random LoRA B (so the adapter changes the output), query, head."""
     torch.manual_seed(seed)
     settings = LoraSettings()
@@ -39,7 +40,7 @@ def random_plugin(model: torch.nn.Module, spec: BackboneSpec, name: str = "demo_
                           backbone_fingerprint=fingerprint(model), views=list(views),
                           preprocessing=[recipe] * len(views), lora=settings,
                           description="Untrained demo plugin with random weights: shows the data path only.")
-    head = TaskPlugin(model.embed_dim, len(labels), len(views))
+    head = TaskHead(model.embed_dim, len(labels), len(views))
     torch.nn.init.normal_(head.head.weight, std=1.0 / model.embed_dim ** 0.5)
     for pool in [head.task_pool, *(head.view_pools or [])]:
         torch.nn.init.normal_(pool.query, std=1.0)  # a peaked slice weighting, as after training
@@ -163,7 +164,8 @@ def write_trained_demo(folder: os.PathLike | str, seed: int = 0, cases: int = 36
     from anymc3d.backbone import LoadedBackbone
     from anymc3d.engine import Engine
     from anymc3d.fileio import write_text_atomic
-    from anymc3d.train import TrainConfig, train
+    from anymc3d.training.config import TrainConfig
+    from anymc3d.training.trainer import train
 
     folder = Path(folder) / "trained"
     folder.mkdir(parents=True, exist_ok=True)

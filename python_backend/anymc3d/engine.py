@@ -22,12 +22,13 @@ import torch
 from anymc3d import heatmap as hm
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, load_backbone, patch_grid
 from anymc3d.errors import AnyMC3DError, InputError, PluginError
-from anymc3d.contract import AUTO_HEATMAP
+from anymc3d.contract import AUTO_HEATMAP, decide
 from anymc3d.encoders import ENCODERS
 from anymc3d.lora import add_adapter, load_adapter_state, merge, remove_adapter
 from anymc3d.model import AnyMC3DModel
 from anymc3d.plugin import LoadedPlugin, calibrated_logits, load_plugin, probabilities
-from anymc3d.preprocessing import SliceGeometry, prepare, read_image, validate_image
+from anymc3d.image_reading import read_image, validate_image
+from anymc3d.preprocessing import SliceGeometry, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,10 @@ class Prediction:
 
     @property
     def decisions(self) -> np.ndarray:
-        """Multilabel: calibrated probability >= threshold; multiclass: the most probable class."""
-        if self.task == "multiclass":
-            return np.arange(len(self.labels)) == int(np.argmax(self.probabilities))
-        return self.probabilities >= self.thresholds
+        """The contract's decision rule (:func:`anymc3d.contract.decide`), per label in label order."""
+        decided = decide(self.task, self.labels, dict(zip(self.labels, self.probabilities.tolist())),
+                         dict(zip(self.labels, self.thresholds.tolist())))
+        return np.array([decided[k] for k in self.labels])
 
     def heatmap_image(self, label: Optional[str] = None) -> sitk.Image:
         """The heatmap in the first view's input geometry (same size, origin, spacing, direction)."""
@@ -96,7 +97,7 @@ class Prediction:
 
 
 @dataclass
-class CaseResult:
+class CasePredictions:
     """Predictions of every plugin for one case."""
 
     sources: list[str]
@@ -258,7 +259,7 @@ class Engine:
 
     def predict_image(self, images: Union[sitk.Image, Sequence[sitk.Image]], plugins: Optional[Sequence[str]] = None,
                       heatmap: Optional[str] = None, sources: Optional[Sequence[str]] = None,
-                      progress: Optional[Progress] = None) -> CaseResult:
+                      progress: Optional[Progress] = None) -> CasePredictions:
         """Predict one case given as SimpleITK image(s), one per view, with every (or the named) plugin.
 
         Slices shared by plugins with the same preprocessing recipe are prepared once.
@@ -286,11 +287,11 @@ class Engine:
                     prepared[key] = prepare(images[i], recipe, sources[i])
                 views.append(prepared[key])
             predictions.append(self.predict_slices([s for s, _ in views], name, heatmap, progress, geometry=views[0][1]))
-        return CaseResult(sources=[str(s) for s in sources], predictions=predictions)
+        return CasePredictions(sources=[str(s) for s in sources], predictions=predictions)
 
     def predict_file(self, paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
                      plugins: Optional[Sequence[str]] = None, heatmap: Optional[str] = None,
-                     progress: Optional[Progress] = None) -> CaseResult:
+                     progress: Optional[Progress] = None) -> CasePredictions:
         """Predict one case from image file(s) or DICOM folder(s), one per view."""
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if progress:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TASKS = ("multilabel", "multiclass")
+from anymc3d.contract import TASKS
 
 
 @dataclass

@@ -16,7 +16,7 @@ from torch import nn
 
 from anymc3d.encoders import EncoderOutput, SliceProgress, create_encoder
 from anymc3d.lora import activate
-from anymc3d.plugin import TaskPlugin
+from anymc3d.plugin import TaskHead
 
 
 @dataclass
@@ -42,7 +42,7 @@ class AnyMC3DModel(nn.Module):
         encoder_options: keyword options of that encoder kind (``slice_lora``: ``chunk_size``, ``compile``).
     """
 
-    def __init__(self, backbone: nn.Module, head: TaskPlugin, adapters: Sequence[Optional[str]], *,
+    def __init__(self, backbone: nn.Module, head: TaskHead, adapters: Sequence[Optional[str]], *,
                  kind: str = "slice_lora", **encoder_options):
         super().__init__()
         if len(adapters) != head.num_views:

@@ -25,7 +25,7 @@ from torch import nn
 
 from anymc3d import __version__
 from anymc3d.backbone import BackboneSpec
-from anymc3d.contract import safe_name  # noqa: F401 (re-exported)
+from anymc3d.contract import TASKS, safe_name  # noqa: F401 (safe_name re-exported)
 from anymc3d.encoders import ENCODERS
 from anymc3d.errors import PluginError
 from anymc3d.fileio import atomic_path
@@ -44,10 +44,9 @@ from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free rea
     read_training_summary,
 )
 from anymc3d.pooling import TaskQueryPool
-from anymc3d.preprocessing import PreprocessConfig
+from anymc3d.preprocess_config import PreprocessConfig
 
 FORMAT_VERSION = 1
-TASKS = ("multilabel", "multiclass")
 
 
 @dataclass
@@ -87,6 +86,14 @@ class PluginConfig:
         self._validate()
 
     def _validate(self):
+        self._check_kind()
+        self._check_description()
+        self._check_findings()
+        self._check_calibration()
+        if not re.fullmatch(r"[0-9a-f]{64}", self.backbone_fingerprint):
+            raise ValueError("backbone_fingerprint: must be a SHA-256 hex digest")
+
+    def _check_kind(self):
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"format_version: this anymc3d reads version {FORMAT_VERSION}, the plugin is {self.format_version}")
         if self.kind not in ENCODERS:
@@ -97,12 +104,16 @@ class PluginConfig:
             self.encoder = ENCODERS[self.kind].validate_options(self.encoder)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"encoder: {exc}") from None
+
+    def _check_description(self):
         if not self.name.strip():
             raise ValueError("name: must not be empty")
         if not isinstance(self.modality, str) or (self.modality and not re.fullmatch(r"[A-Z]{2,4}", self.modality)):
             raise ValueError(f"modality: a DICOM Modality code such as 'CT' or 'MR' (or ''), got {self.modality!r}")
         if not isinstance(self.body_part, str) or len(self.body_part) > 200:
             raise ValueError("body_part: a short text (at most 200 characters)")
+
+    def _check_findings(self):
         if not self.labels or len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):
             raise ValueError(f"labels: need one or more distinct, non-empty names, got {self.labels!r}")
         if self.task not in TASKS:
@@ -113,6 +124,8 @@ class PluginConfig:
             raise ValueError(f"views: need one or more distinct names, got {self.views!r}")
         if len(self.preprocessing) != len(self.views):
             raise ValueError(f"preprocessing: one recipe per view expected ({len(self.views)}), got {len(self.preprocessing)}")
+
+    def _check_calibration(self):
         for key in ("calibration_a", "calibration_b", "thresholds"):
             values = getattr(self, key)
             if len(values) != len(self.labels):
@@ -123,8 +136,6 @@ class PluginConfig:
             raise ValueError("calibration_a: Platt slopes must be positive (a negative slope would invert the ranking)")
         if not all(0.0 < t < 1.0 for t in self.thresholds):
             raise ValueError("thresholds: must lie strictly between 0 and 1")
-        if not re.fullmatch(r"[0-9a-f]{64}", self.backbone_fingerprint):
-            raise ValueError("backbone_fingerprint: must be a SHA-256 hex digest")
 
     def to_dict(self) -> dict:
         """plugin.json contents; ``encoder`` only when the kind has options, ``modality`` / ``body_part`` only when
@@ -159,7 +170,7 @@ def validate_metadata(d: dict, source: str | os.PathLike = "plugin") -> PluginCo
         raise PluginError(f"{source}: invalid plugin metadata: {exc}") from None
 
 
-class TaskPlugin(nn.Module):
+class TaskHead(nn.Module):
     """Query pooling and linear head of a plugin (its LoRA lives on the shared backbone).
 
     Single view: the task query pools the slices. Several views: a query per view pools that view's
@@ -227,7 +238,7 @@ class LoadedPlugin:
     """A plugin read from disk: metadata, head module and per-view LoRA tensors."""
 
     config: PluginConfig
-    head: TaskPlugin
+    head: TaskHead
     lora: list[dict[str, torch.Tensor]]
     path: Optional[Path] = None
 
@@ -274,10 +285,10 @@ def check_sizes(tensors: dict[str, torch.Tensor], config: PluginConfig, source) 
             fail(f"the head takes {width} features, {key} reads {value.shape[-1]}")
 
 
-def _split_tensors(tensors: dict[str, torch.Tensor], config: PluginConfig, source) -> tuple[TaskPlugin, list[dict]]:
+def _split_tensors(tensors: dict[str, torch.Tensor], config: PluginConfig, source) -> tuple[TaskHead, list[dict]]:
     check_sizes(tensors, config, source)
     num_classes, embed_dim = tensors["head.weight"].shape
-    head = TaskPlugin(embed_dim, num_classes, len(config.views))
+    head = TaskHead(embed_dim, num_classes, len(config.views))
     head_state = {k: v for k, v in tensors.items() if not k.startswith("lora.")}
     try:
         head.load_state_dict(head_state, strict=True)
@@ -295,14 +306,14 @@ def _split_tensors(tensors: dict[str, torch.Tensor], config: PluginConfig, sourc
     return head, lora
 
 
-def _join_tensors(head: TaskPlugin, lora: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _join_tensors(head: TaskHead, lora: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     for view, state in enumerate(lora):
         tensors.update({f"lora.{view}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
     return tensors
 
 
-def plugin_bytes(config: PluginConfig, head: TaskPlugin, lora: Sequence[dict[str, torch.Tensor]],
+def plugin_bytes(config: PluginConfig, head: TaskHead, lora: Sequence[dict[str, torch.Tensor]],
                  training: Optional[dict] = None) -> tuple[bytes, bytes]:
     """The two members of a plugin: (plugin.json bytes, plugin.safetensors bytes); sets the weights hash.
 
@@ -319,7 +330,7 @@ def plugin_bytes(config: PluginConfig, head: TaskPlugin, lora: Sequence[dict[str
     return meta, weights
 
 
-def save_plugin(path: os.PathLike | str, config: PluginConfig, head: TaskPlugin,
+def save_plugin(path: os.PathLike | str, config: PluginConfig, head: TaskHead,
                 lora: Sequence[dict[str, torch.Tensor]], training: Optional[dict] = None) -> Path:
     """Write a plugin: a ``.anymc3d`` file, or a folder for any other path. Atomic: temp name, then rename."""
     path = Path(path)

@@ -126,3 +126,55 @@ def read_training_summary(path: os.PathLike | str) -> Optional[dict]:
     if summary is not None and not isinstance(summary, dict):
         raise PluginError(f"{path}: the training summary is not a JSON object")
     return summary
+
+
+def _short(value, limit: int = 300) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _number(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def training_lines(summary: dict) -> list[str]:
+    """How a plugin was trained (the summary ``anymc3d train`` stores in it), as short lines for people:
+    ``anymc3d info`` and the review page show these. Lines whose keys the summary lacks are left out, and names
+    are shortened: the summary is a file from elsewhere."""
+    lines = []
+    if "epochs_run" in summary:
+        limit = f" of at most {_short(summary['epochs_max'], 20)}" if "epochs_max" in summary else ""
+        best = f" (best epoch {_short(summary['best_epoch'], 20)})" if "best_epoch" in summary else ""
+        seconds = f", {_number(summary['seconds'], 1)} s" if "seconds" in summary else ""
+        lines.append(f"training     {_short(summary['epochs_run'], 20)} epochs{limit}{best}{seconds}, "
+                     f"{_short(summary.get('processes', 1), 20)} process(es)")
+    splits = summary.get("splits")
+    if isinstance(splits, dict) and splits:
+        lines.append("cases        " + "; ".join(_split_counts(split, s) for split, s in splits.items()
+                                                 if isinstance(s, dict)))
+    if "best_val_auroc" in summary:
+        per_label = summary.get("val_auroc_per_label")
+        val = (", ".join(f"{_short(k, 40)} {_number(v)}" for k, v in per_label.items())
+               if isinstance(per_label, dict) else "")
+        lines.append(f"validation   AUROC {_number(summary['best_val_auroc'])}" + (f" ({val})" if val else ""))
+    if "raw_f1_thresholds" in summary:
+        n_val = splits.get("val", {}).get("cases", "?") if isinstance(splits, dict) else "?"
+        lines.append(f"calibrated   Platt scaling fitted on the {_short(n_val, 20)} validation cases "
+                     "(F1-optimal raw score -> 0.5)")
+    if "manifest" in summary:
+        lines.append(f"manifest     {_short(os.path.basename(str(summary['manifest'])), 120)} "
+                     f"(sha256 {_short(summary.get('manifest_sha256'), 64)[:16]})")
+    return lines
+
+
+def _split_counts(split, s: dict) -> str:
+    """'train 40 (lesion 19 positive, ...)': a split's cases and positives per finding (or cases per class)."""
+    per = s.get("positives", s.get("per_class"))
+    kind = "positive" if "positives" in s else "cases"
+    detail = ", ".join(f"{_short(k, 40)} {_short(v, 20)} {kind}" for k, v in per.items()) if isinstance(per, dict) else ""
+    return f"{_short(split, 20)} {_short(s.get('cases', '?'), 20)}" + (f" ({detail})" if detail else "")

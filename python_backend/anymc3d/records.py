@@ -1,8 +1,8 @@
 """Result records and heatmap files: the one way every runner writes its outputs.
 
-The CLI, evaluation and the distributed (Ray) job build each case's record with :func:`result_record` or
-:func:`error_record`, write heatmaps with :func:`write_heatmaps` (names from ``contract.heatmap_name``) and
-write records with :func:`write_records` / :func:`write_record`. Every record is checked with
+The runner (:mod:`anymc3d.runner`, used by the CLI and the distributed Ray job) builds each case's record with
+:func:`result_record` or :func:`error_record`, writes heatmaps with :func:`write_heatmaps` (names from
+``contract.heatmap_name``) and records with :func:`write_records` / :func:`write_record`. Every record is checked with
 ``contract.validate_record`` before it is written, and every file is written under a temporary name and
 renamed (``fileio``), so a reader never sees a half-written or off-contract output.
 
@@ -12,20 +12,17 @@ Formats: a ``.jsonl`` path gets JSON Lines (one record per line, for large runs)
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
-from anymc3d.cases import Case, read_case
 from anymc3d.contract import STATUS_ERROR, STATUS_OK, RecordError, heatmap_name, validate_record, validate_records
-from anymc3d.engine import CaseResult, Engine, ensemble
 from anymc3d.errors import AnyMC3DError, one_line
 from anymc3d.fileio import write_text_atomic
-from anymc3d.preprocessing import write_image_atomic
+from anymc3d.image_writing import write_image_atomic
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:  # the engine's result type, for annotations only: writing records runs no model
+    from anymc3d.engine import CasePredictions
 
 #: progress(stage, done, total), as the engine reports it
 Progress = Callable[[str, int, int], None]
@@ -48,7 +45,7 @@ def error_record(image: str, message: str, series: Optional[str] = None) -> dict
     return validate_record(record)
 
 
-def result_record(result: CaseResult, image: str, heatmaps: Optional[dict] = None, embedding: bool = False,
+def result_record(result: CasePredictions, image: str, heatmaps: Optional[dict] = None, embedding: bool = False,
                   series: Optional[str] = None) -> dict:
     """The record of a predicted case (docs/cli-contract.md).
 
@@ -85,7 +82,7 @@ def result_record(result: CaseResult, image: str, heatmaps: Optional[dict] = Non
     return validate_record(record)
 
 
-def write_heatmaps(result: CaseResult, folder: os.PathLike | str, stem: str, fmt: str,
+def write_heatmaps(result: CasePredictions, folder: os.PathLike | str, stem: str, fmt: str,
                    progress: Optional[Progress] = None) -> dict:
     """Write each prediction's heatmap(s) into ``folder``; returns ``{plugin: {label or None: abs path}}``.
 
@@ -120,90 +117,6 @@ def write_heatmaps(result: CaseResult, folder: os.PathLike | str, stem: str, fmt
             path.unlink(missing_ok=True)
         raise
     return written
-
-
-@dataclass
-class PluginUnit:
-    """One ``--plugin`` argument as attached to an engine: a plugin, or a ``--folds`` ensemble folder whose
-    members are attached one by one and averaged into one prediction (``name``) for every case."""
-
-    name: str
-    members: list[str]   # the members' names in the engine
-    path: str
-
-    @property
-    def is_ensemble(self) -> bool:
-        return len(self.members) > 1 or self.members[0] != self.name
-
-
-def attach_plugins(engine: Engine, paths: Sequence[os.PathLike | str]) -> list[PluginUnit]:
-    """Load and attach every plugin of ``paths`` (a ``--folds`` folder: each of its members); names are made
-    unique with ``#i`` (the second plugin or ensemble of the same name is ``NAME#1``)."""
-    from anymc3d.plugin import ensemble_members, is_ensemble_path, load_plugin
-
-    units, taken = [], set()
-
-    def unique(name: str, i: int) -> str:
-        out = name if name not in taken else f"{name}#{i}"
-        taken.add(out)
-        return out
-
-    for i, path in enumerate(paths):
-        path = Path(path)
-        if not is_ensemble_path(path):
-            plugin = load_plugin(path)
-            name = engine.add_plugin(plugin, name=unique(plugin.config.name, i))
-            units.append(PluginUnit(name, [name], str(path)))
-            continue
-        members = [load_plugin(m) for m in ensemble_members(path)]
-        first = members[0].config
-        for m in members[1:]:
-            if m.config.labels != first.labels or m.config.task != first.task:
-                raise AnyMC3DError(f"{path}: ensemble members {members[0].path} and {m.path} differ in labels or task")
-        names = {m.config.name for m in members}
-        name = unique(first.name if len(names) == 1 else path.name, i)
-        attached = [engine.add_plugin(m, name=unique(f"{name}.fold{k}", i)) for k, m in enumerate(members)]
-        units.append(PluginUnit(name, attached, str(path)))
-    return units
-
-
-def combine_units(result: CaseResult, units: Optional[Sequence[PluginUnit]], ensemble_all: bool) -> None:
-    """Replace each ensemble folder's member predictions by their ensemble (mean calibrated logit) named after
-    the unit; with ``ensemble_all`` (``--ensemble``), then average the units into one ``ensemble``: an
-    ensemble folder counts as one member there, as a single plugin does."""
-    if units:
-        by_name = {p.plugin: p for p in result.predictions}
-        result.predictions = [ensemble([by_name[m] for m in u.members], name=u.name) if u.is_ensemble
-                              else by_name[u.members[0]] for u in units]
-    if ensemble_all:
-        result.predictions = [ensemble(result.predictions)]
-
-
-def predict_case(engine: Engine, case: Case, plugins: Sequence[str], *, images=None, heatmap_method: Optional[str] = None,
-                 heatmap_dir: Optional[os.PathLike | str] = None, heatmap_format: str = "nii.gz",
-                 ensemble_plugins: bool = False, embedding: bool = False, progress: Optional[Progress] = None,
-                 units: Optional[Sequence[PluginUnit]] = None) -> dict:
-    """One case from images to its record: read (unless ``images`` are given), predict, heatmaps, record.
-
-    ``units`` (from :func:`attach_plugins`): each ``--folds`` ensemble folder gives one prediction, the mean of
-    its members; ``ensemble_plugins`` (``--ensemble``) then averages everything into one.
-    Never raises for a bad case: any error becomes the case's error record (one line naming the path), so one
-    bad case never costs the others their results. Interrupts (KeyboardInterrupt, SystemExit) still stop the run.
-    """
-    progress = progress or (lambda stage, k, n: None)
-    try:
-        if images is None:
-            progress("reading", 0, 1)
-            images = read_case(case)
-        result = engine.predict_image(images, list(plugins), heatmap=heatmap_method if heatmap_dir else None,
-                                      sources=[str(v) for v in case.views], progress=progress)
-        combine_units(result, units, ensemble_plugins)
-        files = write_heatmaps(result, heatmap_dir, case.stem, heatmap_format, progress) if heatmap_dir else {}
-        progress("writing", 0, 1)
-        return result_record(result, case.image, files, embedding, case.series)
-    except Exception as error:  # the contract: a bad case is an error record, the batch goes on
-        logger.debug("case %s failed", case.image, exc_info=True)
-        return error_record(case.image, error_message(case.image, error), case.series)
 
 
 # ------------------------------------------------------------------------------------------ files

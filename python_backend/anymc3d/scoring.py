@@ -5,7 +5,7 @@ The same prediction as the local run, spread over a Ray cluster without a schedu
     cases (anymc3d.cases, on the driver)
       -> read stage: Ray tasks read and check each case's images (CPU)           ``_read_batch``
       -> model stage: an actor pool, each actor one resident backbone with every  ``ModelWorker``
-         plugin attached; it predicts, writes heatmaps and commits the case's record file (anymc3d.records)
+         plugin attached; it predicts, writes heatmaps and commits the case's record file (anymc3d.runner)
       -> driver: progress (done / failed / cases per second), then the final JSON (or JSON Lines) assembled
          from the committed record files, in input order
 
@@ -36,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-from anymc3d.cases import Case, expand_inputs, read_case
+from anymc3d.cases import InputCase, expand_inputs, read_case
 from anymc3d.contract import EXIT_CASE_FAILED, EXIT_OK, PARTIAL_MARKER, STATUS_ERROR, RecordError
 from anymc3d.errors import AnyMC3DError
 from anymc3d.fileio import write_text_atomic
@@ -62,12 +62,12 @@ def import_ray():
 
 
 # ------------------------------------------------------------------------------------------ run folder
-def record_file(run_dir: Path, case: Case) -> Path:
+def record_file(run_dir: Path, case: InputCase) -> Path:
     """The committed record of a case: named by a hash of its key, so inputs may be reordered between runs."""
     return run_dir / f"{hashlib.sha256(case.key.encode()).hexdigest()[:24]}.json"
 
 
-def committed(run_dir: Path, case: Case) -> bool:
+def committed(run_dir: Path, case: InputCase) -> bool:
     """True when the case's record is committed and complete: valid, for this image, heatmap files present."""
     path = record_file(run_dir, case)
     if not path.is_file():
@@ -92,7 +92,7 @@ def _run_options(args) -> dict:
     return {k: value(getattr(args, k)) for k in _RUN_OPTIONS}
 
 
-def _open_run_dir(args, cases: list[Case]) -> Path:
+def _open_run_dir(args, cases: list[InputCase]) -> Path:
     """Create the run folder, or check it matches this run; refuse to mix runs unless ``--resume``."""
     run_dir = args.run_dir or (Path(f"{args.json}.parts") if args.json is not None else None)
     if run_dir is None:
@@ -118,13 +118,13 @@ def _open_run_dir(args, cases: list[Case]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ stages
-def _case_rows(cases: list[Case]) -> list[dict]:
+def _case_rows(cases: list[InputCase]) -> list[dict]:
     return [{"key": c.key, "image": c.image, "views": "\n".join(str(v) for v in c.views), "series": c.series or "",
              "stem": c.stem, "error": c.error or ""} for c in cases]
 
 
-def _row_case(row: dict) -> Case:
-    return Case(image=str(row["image"]), views=[Path(v) for v in str(row["views"]).split("\n")],
+def _row_case(row: dict) -> InputCase:
+    return InputCase(image=str(row["image"]), views=[Path(v) for v in str(row["views"]).split("\n")],
                 stem=str(row["stem"]), series=str(row["series"]) or None, error=str(row["error"]) or None)
 
 
@@ -157,7 +157,7 @@ class ModelWorker:
         from anymc3d.backbone import spec_from_file
         from anymc3d.engine import Engine
         from anymc3d.plugin import ensemble_members, load_plugin
-        from anymc3d.records import attach_plugins
+        from anymc3d.runner import attach_plugins
 
         self.options = options
         first = load_plugin(ensemble_members(options["plugin"][0])[0])
@@ -172,7 +172,7 @@ class ModelWorker:
         write_text_atomic(workers / f"{info['host']}-{info['pid']}.json", json.dumps(info))
 
     def __call__(self, batch: dict) -> dict:
-        from anymc3d.records import predict_case
+        from anymc3d.runner import predict_case
 
         out = {"key": [], "status": [], "error": []}
         for row in _rows(batch):
@@ -296,14 +296,14 @@ def _check_models(args) -> None:
     from anymc3d.backbone import spec_from_file
     from anymc3d.engine import Engine
     from anymc3d.plugin import ensemble_members, load_plugin
-    from anymc3d.records import attach_plugins
+    from anymc3d.runner import attach_plugins
 
     first = load_plugin(ensemble_members(args.plugin[0].resolve())[0])
     engine = Engine(args.backbone, spec=spec_from_file(args.backbone) or first.config.backbone, device="cpu")
     attach_plugins(engine, [p.resolve() for p in args.plugin])
 
 
-def _execute(ray, args, todo: list[Case], run_dir: Path, progress: _Progress) -> None:
+def _execute(ray, args, todo: list[InputCase], run_dir: Path, progress: _Progress) -> None:
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     DataContext.get_current().enable_progress_bars = False  # our own progress: done / failed / per second
@@ -329,7 +329,7 @@ def _execute(ray, args, todo: list[Case], run_dir: Path, progress: _Progress) ->
         progress.case_done(str(row["key"]), str(row["status"]), str(row["error"]))
 
 
-def _assemble(run_dir: Path, cases: list[Case]) -> list[dict]:
+def _assemble(run_dir: Path, cases: list[InputCase]) -> list[dict]:
     """The final records, one per case in input order, read from the committed files."""
     records = []
     for case in cases:
@@ -342,7 +342,7 @@ def _assemble(run_dir: Path, cases: list[Case]) -> list[dict]:
     return records
 
 
-def _remove_stale_heatmaps(folder: Optional[Path], cases: list[Case]) -> None:
+def _remove_stale_heatmaps(folder: Optional[Path], cases: list[InputCase]) -> None:
     """Temporary heatmap files of this run's cases left by a worker killed mid-write (its retry wrote them whole)."""
     if folder is None:
         return

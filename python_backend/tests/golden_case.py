@@ -13,7 +13,7 @@ import torch
 
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, fingerprint, make_load_bearing
 from anymc3d.demo import random_plugin
-from anymc3d.plugin import LoadedPlugin, TaskPlugin
+from anymc3d.plugin import LoadedPlugin, TaskHead
 from anymc3d.synthetic import make_ct_volume
 
 GOLDEN = Path(__file__).parent / "data" / "golden_engine.npz"
@@ -33,7 +33,7 @@ def golden_backbone(family: str) -> LoadedBackbone:
 def golden_plugin(backbone: LoadedBackbone, views: int = 1) -> LoadedPlugin:
     names = ("image", "second")[:views]
     config, head, lora = random_plugin(backbone.model, backbone.spec, views=names, seed=5)
-    fresh = TaskPlugin(head.embed_dim, head.num_classes, head.num_views)
+    fresh = TaskHead(head.embed_dim, head.num_classes, head.num_views)
     fresh.load_state_dict(head.state_dict())
     return LoadedPlugin(config=config, head=fresh, lora=lora)
 

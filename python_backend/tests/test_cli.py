@@ -232,7 +232,7 @@ def test_demo_files_are_complete_and_loadable(demo_dir):
     """Each demo file loads with the reader a user's run uses, and the plugin fits the backbone."""
     from anymc3d.backbone import load_backbone
     from anymc3d.plugin import load_plugin
-    from anymc3d.preprocessing import read_image
+    from anymc3d.image_reading import read_image
 
     assert {p.name for p in demo_dir.iterdir()} >= {"backbone.safetensors", "plugin.anymc3d", "volume.nii.gz"}
     with gzip.open(demo_dir / "volume.nii.gz") as f:
@@ -419,8 +419,8 @@ def test_a_manifest_csv_lists_cases_relative_to_itself(demo_dir, tmp_path):
     assert main(_predict(demo_dir, archive / "list.csv", tmp_path / "wrong.csv", "--json", tmp_path / "r.json")) == 1
     good, missing, wrong = _records(tmp_path / "r.json")
     assert good["status"] == "ok" and good["image"] == str(archive / "ct" / "p1.nii.gz")
-    assert missing["error"] == f"{archive / 'ct' / 'p2.nii.gz'}: file or folder not found"
-    assert wrong["image"] == str(tmp_path / "wrong.csv") and "manifest has no 'image' column" in wrong["error"]
+    assert missing["error"] == f"{archive / 'list.csv'}: line 3: image {archive / 'ct' / 'p2.nii.gz'}: file or folder not found"
+    assert wrong["image"] == str(tmp_path / "wrong.csv") and "no 'image' (or 'image_<view>') column" in wrong["error"]
 
 
 def test_ray_options_without_ray_are_a_usage_error(demo_dir, tmp_path, caplog):

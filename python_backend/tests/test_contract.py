@@ -12,6 +12,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anymc3d import contract
@@ -103,3 +104,22 @@ def test_names_round_trip():
     assert contract.heatmap_name("c", "p q", "lé", "nrrd") == "c__p_q__l_.nrrd"
     assert contract.is_temporary(".c.nii.gz.abc.partial.nii.gz") and not contract.is_image_name(".x.nii.gz")
     assert contract.is_image_name("x.NRRD") and not contract.is_image_name("x.nii.gz.partial")
+
+
+
+def test_task_names_and_the_decision_rule():
+    """TASKS is what both schemas allow; decide() against numpy: p >= t per finding, or the argmax class."""
+    from anymc3d.plugin_file import plugin_schema
+
+    assert contract.record_schema()["properties"]["results"]["items"]["properties"]["task"]["enum"] == list(contract.TASKS)
+    assert plugin_schema()["properties"]["task"]["enum"] == list(contract.TASKS)
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c", "d"]
+    for _ in range(50):
+        p, t = rng.random(4), rng.uniform(0.05, 0.95, 4)
+        probs, thresholds = dict(zip(labels, p.tolist())), dict(zip(labels, t.tolist()))
+        assert contract.decide("multilabel", labels, probs, thresholds) == dict(zip(labels, (p >= t).tolist()))
+        top = labels[int(np.argmax(p))]
+        assert contract.decide("multiclass", labels, probs, thresholds) == {k: k == top for k in labels}
+    tie = {"a": 0.4, "b": 0.4, "c": 0.2, "d": 0.0}
+    assert contract.decide("multiclass", labels, tie, thresholds)["a"]  # the first of equals, as np.argmax

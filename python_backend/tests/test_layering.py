@@ -10,9 +10,12 @@ import anymc3d
 #: lowest first; a module may import only modules of a lower rank
 #: (subpackage modules by dotted name, e.g. "planecycle.op"; a subpackage's __init__ must stay import-free)
 ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "backbone", "lora", "pooling",
-         "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocessing", "synthetic",
-         "planecycle.features", "augment", "losses", "calibration", "evaluation", "cases", "data", "encoders",
-         "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "train", "demo",
+         "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocess_config", "image_reading",
+         "image_writing", "intensity", "preprocessing", "synthetic",
+         "planecycle.features", "augment", "losses", "calibration", "evaluation", "data", "cases", "encoders",
+         "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "runner",
+         "training.config", "training.distributed", "training.standardize", "training.batching",
+         "training.checkpoints", "training.trainer", "training.evaluate", "training.command", "demo",
          "scoring", "planecycle.cache", "planecycle.commands", "cli", "__main__"]
 #: Slicer and its toolkits, and the packages above the backend (the Slicer Logic, the web review, trame)
 FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "vtkmodules", "anymc3dslicerlogic", "anymc3d_review", "trame",

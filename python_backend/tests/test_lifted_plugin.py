@@ -22,7 +22,7 @@ from anymc3d.planecycle.converter import PlaneCycleEncoder
 from anymc3d.planecycle.encoder import LiftedLinearEncoder
 from anymc3d.plugin import (
     JSON_NAME,
-    TaskPlugin,
+    TaskHead,
     load_plugin,
     read_plugin_metadata,
     save_plugin,
@@ -37,9 +37,9 @@ SPACING = (1.0, 1.0, 3.0)
 LEFT, RIGHT = 12.0, 36.0   # lesion centre along I, in the left / right half
 
 
-def _head(width: int, classes: int, seed: int = 0) -> TaskPlugin:
+def _head(width: int, classes: int, seed: int = 0) -> TaskHead:
     torch.manual_seed(seed)
-    head = TaskPlugin(width, classes)
+    head = TaskHead(width, classes)
     with torch.no_grad():
         head.task_pool.query.normal_(0, 1.0)  # a non-uniform a_s: the identity must hold for any query
         head.head.weight.normal_(0, 1.0)
@@ -81,7 +81,7 @@ def test_contribution_maps_sum_to_logit_minus_bias_exactly():
 
 def test_two_view_plugin_refuses_contribution():
     bb = small_backbone("dinov2")
-    model = AnyMC3DModel(bb.model, TaskPlugin(bb.model.embed_dim, 1, 2), [None, None], kind="planecycle_linear")
+    model = AnyMC3DModel(bb.model, TaskHead(bb.model.embed_dim, 1, 2), [None, None], kind="planecycle_linear")
     views = [torch.rand(1, 4, 56, 56), torch.rand(1, 3, 56, 56)]
     with torch.no_grad():
         out = model(views, patch_tokens=True)
@@ -177,6 +177,41 @@ def test_fit_lifted_separates_the_synthetic_task_and_random_labels_do_not(fitted
     assert 0.25 <= control <= 0.75
 
 
+def test_a_separated_validation_split_gives_a_finite_platt_slope(fitted):
+    """fit-lifted calibrates as training does (anymc3d.calibration): on a perfectly separated validation split the
+    slope is the maximum-likelihood fit to Platt's regularised targets (recomputed here with scipy), finite and
+    far below what a fit to the 0/1 labels runs off to."""
+    from anymc3d.engine import Engine
+    from anymc3d.plugin import read_plugin_metadata
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_expit
+    from sklearn.linear_model import LogisticRegression
+
+    engine = Engine(fitted["backbone"], device="cpu")
+    name = engine.add_plugin(fitted["real"])
+    z, y = [], []
+    with open(fitted["folder"] / "manifest.csv") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "val":
+                z.append(float(engine.predict_file(fitted["folder"] / row["image"], [name]).predictions[0].logits[0]))
+                y.append(int(row["lesion"]))
+    z, y = np.array(z), np.array(y)
+    assert z[y == 1].min() > z[y == 0].max()  # perfectly separated
+    meta = read_plugin_metadata(fitted["real"])
+    a, b = meta["calibration_a"][0], meta["calibration_b"][0]
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    x = z + b / a  # z - z*, where sigmoid(a z + b) = 0.5
+
+    def nll(slope):
+        return -float(np.sum(t * log_expit(slope * x) + (1 - t) * log_expit(-slope * x)))
+
+    expected = minimize_scalar(nll, bounds=(1e-6, 1e4), method="bounded", options={"xatol": 1e-9}).x
+    assert np.isfinite(a) and abs(a - expected) < 1e-3 * expected
+    zero_one = LogisticRegression(C=1e4, max_iter=5000).fit(z[:, None], y).coef_[0, 0]  # the former fit
+    assert zero_one > 5 * a
+
+
 def test_lifted_plugin_round_trips_with_its_encoder_options(fitted, tmp_path):
     loaded = load_plugin(fitted["real"])
     config = loaded.config
@@ -235,7 +270,8 @@ def test_lesion_changes_the_contribution_map_where_it_is(fitted, side):
     """Exact and local: adding the lesion to a volume (same noise) changes sum_s a_s c_{s,t} by exactly the change
     of the logit, and the largest change is in the lesion's token column half and its slices."""
     from anymc3d.engine import Engine
-    from anymc3d.preprocessing import prepare, read_image
+    from anymc3d.image_reading import read_image
+    from anymc3d.preprocessing import prepare
 
     engine = Engine(fitted["backbone"], device="cpu")
     attached = engine.plugins[engine.add_plugin(fitted["real"])]
@@ -299,16 +335,21 @@ def test_2d_plugin_refuses_contribution_in_one_line(demo_dir, tmp_path, caplog):
     assert "'contribution'" in record["error"] and "slice_lora" in record["error"] and "\n" not in record["error"]
 
 
-def test_manifest_errors_name_the_row(tmp_path, caplog):
-    from anymc3d.planecycle.fit import read_manifest
-
+def test_manifest_errors_name_the_line(tmp_path, caplog):
+    """fit-lifted reads the one manifest format (anymc3d.data.load_manifest): every problem named by its line."""
     shutil.copy(_case(tmp_path, "a", None, 0), tmp_path / "b.nii.gz")
     bad = _manifest(tmp_path, [["a.nii.gz", 0, "train"], ["b.nii.gz", 2, "train"], ["missing.nii.gz", 1, "tset"]])
-    with pytest.raises(ValueError) as err:
-        read_manifest(bad)
-    text = str(err.value)
-    assert "row 3: lesion must be 0 or 1, got '2'" in text and "row 4: image missing.nii.gz not found" in text
-    assert "row 4: split must be one of" in text
+
+    def fit(manifest):
+        return cli.main(["fit-lifted", str(manifest), "--backbone", str(tmp_path / "unused.safetensors"),
+                         "--out", str(tmp_path / "out.anymc3d"), "--log-level", "WARNING"])
+
+    assert fit(bad) == 2
+    assert "line 3: label lesion must be 0 or 1, got '2'" in caplog.text
+    assert f"line 4: image {tmp_path / 'missing.nii.gz'}: file or folder not found" in caplog.text
+    assert "line 4: split must be train, val or test, got 'tset'" in caplog.text
+    caplog.clear()
     one_class = _manifest(tmp_path, [["a.nii.gz", 0, "train"], ["b.nii.gz", 0, "train"]], "one.csv")
-    with pytest.raises(ValueError, match="needs both 0 and 1"):
-        read_manifest(one_class)
+    assert fit(one_class) == 2
+    assert "split 'train' (lines 2, 3): label lesion is 0 in every case" in caplog.text
+    assert not (tmp_path / "out.anymc3d").exists()

@@ -9,7 +9,7 @@ from anymc3d.backbone import BackboneSpec, create_backbone
 from anymc3d.lora import (LoraSettings, activate, active_adapter, adapter_state, add_adapter, load_adapter_state,
                           lora_layers, remove_adapter, set_trainable, trainable_parameters)
 from anymc3d.errors import PluginError
-from anymc3d.plugin import TaskPlugin
+from anymc3d.plugin import TaskHead
 from conftest import small_backbone
 
 
@@ -109,7 +109,7 @@ def test_backward_reaches_every_plugin_parameter_and_no_frozen_one(family):
     _randomize_b(bb.model, "a")  # with B = 0 the gradient of A is exactly zero
     activate(bb.model, "a")
     set_trainable(bb.model, "a")
-    head = TaskPlugin(bb.model.embed_dim, 3)
+    head = TaskHead(bb.model.embed_dim, 3)
     cls = bb.model.forward_features(_input(bb, n=4))[:, 0]  # (S, C)
     head([cls[None]]).sum().backward()
     trainable = [(n, p) for n, p in bb.model.named_parameters() if p.requires_grad] + list(head.named_parameters())
@@ -125,7 +125,7 @@ def test_trainable_parameter_count_matches_the_paper(name, patch):
     model = create_backbone(BackboneSpec(name, img_size=patch * 2))
     add_adapter(model, "a", LoraSettings())
     set_trainable(model, "a")
-    head = TaskPlugin(384, 2)
+    head = TaskHead(384, 2)
     r, c = 8, 384
     lora = (3 * patch * patch * r + r * c) + 12 * ((c * r + r * 3 * c) + (c * r + r * c))
     assert trainable_parameters(model) == lora

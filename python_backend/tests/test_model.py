@@ -17,8 +17,10 @@ from anymc3d.demo import random_plugin
 from anymc3d.engine import Engine
 from anymc3d.lora import activate, add_adapter, load_adapter_state, merge, merged_adapter, set_trainable, unmerge
 from anymc3d.model import AnyMC3DModel
-from anymc3d.plugin import TaskPlugin, save_plugin
-from anymc3d.preprocessing import prepare, read_image, to_model_input, write_image_atomic
+from anymc3d.plugin import TaskHead, save_plugin
+from anymc3d.image_reading import read_image
+from anymc3d.image_writing import write_image_atomic
+from anymc3d.preprocessing import prepare, to_model_input
 from anymc3d.synthetic import make_ct_volume
 from conftest import small_backbone
 
@@ -37,7 +39,7 @@ def _model(family="dinov2", views=1, chunk_size=3, seed=0):
         add_adapter(bb.model, f"v{i}", config.lora)
         load_adapter_state(bb.model, f"v{i}", state)
         adapters.append(f"v{i}")
-    fresh = TaskPlugin(head.embed_dim, head.num_classes, head.num_views)
+    fresh = TaskHead(head.embed_dim, head.num_classes, head.num_views)
     fresh.load_state_dict(head.state_dict())
     return AnyMC3DModel(bb.model, fresh, adapters, chunk_size=chunk_size), bb
 

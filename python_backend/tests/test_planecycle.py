@@ -21,7 +21,9 @@ from anymc3d.backbone import make_load_bearing, save_backbone
 from anymc3d.planecycle import converter, features, op
 from anymc3d.planecycle.config import PlaneCycleConfig
 from anymc3d.planecycle.converter import PlaneCycleEncoder, lift
-from anymc3d.preprocessing import PreprocessConfig, prepare, read_image, to_model_input
+from anymc3d.image_reading import read_image
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.preprocessing import prepare, to_model_input
 from anymc3d.synthetic import make_ct_volume, random_oblique_direction
 from conftest import small_backbone
 
@@ -459,13 +461,13 @@ def test_lifted_encoder_kind_in_the_model(family):
     from anymc3d import encoders
     from anymc3d.model import AnyMC3DModel
     from anymc3d.planecycle import encoder
-    from anymc3d.plugin import TaskPlugin
+    from anymc3d.plugin import TaskHead
 
     assert encoders.ENCODERS["planecycle"] is encoder.LiftedEncoder
     bb = small_backbone(family)
     size = bb.spec.img_size
     torch.manual_seed(0)
-    head = TaskPlugin(bb.model.embed_dim, 2)
+    head = TaskHead(bb.model.embed_dim, 2)
     model = AnyMC3DModel(bb.model, head, [None], kind="planecycle", cycle=("HW", "DW", "DH"))
     cases = [torch.rand(5, size, size), torch.rand(3, size, size)]
     padded = torch.zeros(2, 5, size, size)

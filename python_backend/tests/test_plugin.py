@@ -14,7 +14,7 @@ from anymc3d.engine import Engine
 from anymc3d.errors import PluginError
 from anymc3d.plugin import (JSON_NAME, WEIGHTS_NAME, PluginConfig, find_plugins, load_plugin, read_plugin_metadata,
                             save_plugin)
-from anymc3d.preprocessing import PreprocessConfig
+from anymc3d.preprocess_config import PreprocessConfig
 from conftest import small_backbone
 
 
@@ -300,7 +300,7 @@ def test_sizes_in_the_metadata_are_checked_against_the_tensors_before_anything_i
     tamper(meta)
     _rewrite(path, meta=meta)
     built = []
-    monkeypatch.setattr(plugin_module.TaskPlugin, "__init__", lambda *a, **k: built.append(a) or pytest.fail("built"))
+    monkeypatch.setattr(plugin_module.TaskHead, "__init__", lambda *a, **k: built.append(a) or pytest.fail("built"))
     with pytest.raises(PluginError, match=r"p\.anymc3d: plugin.json does not match plugin.safetensors") as err:
         load_plugin(path)
     assert message in str(err.value) and "\n" not in str(err.value) and built == []

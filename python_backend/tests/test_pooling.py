@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from anymc3d.plugin import TaskPlugin
+from anymc3d.plugin import TaskHead
 from anymc3d.pooling import TaskQueryPool
 
 
@@ -44,7 +44,7 @@ def test_padding_mask_excludes_padded_slices():
 
 
 def test_multi_view_pools_views_then_the_task_query():
-    head = TaskPlugin(16, 3, num_views=2)
+    head = TaskHead(16, 3, num_views=2)
     views = [torch.randn(1, 6, 16), torch.randn(1, 9, 16)]
     logits = head(views)
     v0, a0 = head.view_pools[0](views[0])

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from anymc3d.cases import Case, expand_inputs
+from anymc3d.cases import InputCase, expand_inputs
 from anymc3d.contract import RecordError, heatmap_name, validate_record
 from anymc3d.engine import Engine
-from anymc3d.records import (error_record, predict_case, read_records, write_heatmaps, write_record,
-                             write_records)
+from anymc3d.records import error_record, read_records, write_heatmaps, write_record, write_records
+from anymc3d.runner import predict_case
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_an_off_contract_record_is_refused_and_nothing_is_written(good, tmp_path
 def test_a_case_that_fails_anywhere_becomes_its_error_record(engine, demo_dir, tmp_path, monkeypatch):
     """predict_case never raises for a bad case: reading, predicting and writing errors all give a one-line record."""
     (case,) = expand_inputs([str(demo_dir / "volume.nii.gz")])
-    bad = Case(image="/x/y.nii.gz", views=[tmp_path / "y.nii.gz"], stem="y")
+    bad = InputCase(image="/x/y.nii.gz", views=[tmp_path / "y.nii.gz"], stem="y")
     record = predict_case(engine, bad, ["demo_findings"])
     assert record["status"] == "error" and "y.nii.gz: file or folder not found" in record["error"]
     import anymc3d.records as records_module

@@ -113,7 +113,7 @@ def _predict_with_the_folder(folder, backbone, images, tmp_path):
 def test_bad_manifest_is_refused_before_training(tmp_path):
     manifest = write_task(tmp_path / "data", 6, seed=9)
     text = manifest.read_text().splitlines()
-    text[2] = text[2].rsplit(",", 1)[0] + ",2"  # row 2: label 2 (binary task)
+    text[2] = text[2].rsplit(",", 1)[0] + ",2"  # line 3: label 2 (binary task)
     text[3] = text[3].replace("case002", "gone")
     manifest.write_text("\n".join(text) + "\n")
     bb = small_backbone()
@@ -121,5 +121,5 @@ def test_bad_manifest_is_refused_before_training(tmp_path):
     r = _run("train", str(manifest), "--backbone", str(backbone), "--out", str(tmp_path / "p.anymc3d"),
              "--task", "multilabel", "--no-progress")
     assert r.returncode == 2
-    assert "row 2" in r.stderr and "0 or 1" in r.stderr and "row 3" in r.stderr and "gone" in r.stderr
+    assert "line 3: label lesion must be 0 or 1, got '2'" in r.stderr and "line 4: image" in r.stderr and "gone" in r.stderr
     assert not (tmp_path / "p.anymc3d").exists() and not (tmp_path / "p.anymc3d.checkpoint.safetensors").exists()

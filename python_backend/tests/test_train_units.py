@@ -162,7 +162,7 @@ def _write_csv(path: Path, rows: list[dict]):
     return path
 
 
-def test_bad_manifest_lists_every_problem_with_row_numbers(tmp_path):
+def test_bad_manifest_lists_every_problem_with_its_line(tmp_path):
     for i in range(4):
         _volume(tmp_path / f"c{i}.nii.gz")
     _volume(tmp_path / "badmask.nii.gz", size=(8, 8, 5))
@@ -174,9 +174,9 @@ def test_bad_manifest_lists_every_problem_with_row_numbers(tmp_path):
     with pytest.raises(ManifestError) as info:
         load_manifest(_write_csv(tmp_path / "m.csv", rows))
     text = str(info.value)
-    assert "row 2" in text and "missing.nii.gz" in text
-    assert "row 3" in text and "'yes'" in text
-    assert "row 4" in text and "0 or 1" in text
+    assert f"line 3: image {tmp_path / 'missing.nii.gz'}: file or folder not found" in text
+    assert "line 4: label lesion must be 0 or 1, got 'yes'" in text
+    assert "line 5: label lesion must be 0 or 1, got ''" in text
     assert len(info.value.problems) == 3
     # once labels and paths are right, images are read: unreadable file and mask geometry, with rows
     rows = [{"image": "c0.nii.gz", "lesion": "1", "mask": "badmask.nii.gz"},
@@ -185,8 +185,8 @@ def test_bad_manifest_lists_every_problem_with_row_numbers(tmp_path):
     with pytest.raises(ManifestError) as info:
         load_manifest(_write_csv(tmp_path / "m2.csv", rows))
     text = str(info.value)
-    assert "row 1" in text and "does not lie on the image grid" in text
-    assert "row 2" in text and "broken.nii.gz" in text
+    assert "line 2: mask" in text and "does not lie on the image grid" in text
+    assert f"line 3: {tmp_path / 'broken.nii.gz'}:" in text
 
 
 def test_one_class_only_in_a_split_is_refused(tmp_path):
@@ -194,7 +194,7 @@ def test_one_class_only_in_a_split_is_refused(tmp_path):
         _volume(tmp_path / f"c{i}.nii.gz")
     rows = [{"image": f"c{i}.nii.gz", "lesion": str(i % 2), "split": "train" if i < 4 else "val"} for i in range(6)]
     rows[4]["lesion"] = rows[5]["lesion"] = "1"
-    with pytest.raises(ManifestError, match=r"split 'val' \(rows 5, 6\): label lesion is 1 in every case"):
+    with pytest.raises(ManifestError, match=r"split 'val' \(lines 6, 7\): label lesion is 1 in every case"):
         load_manifest(_write_csv(tmp_path / "m.csv", rows))
 
 

@@ -96,12 +96,13 @@ def register(subparsers) -> None:
 
     fit = subparsers.add_parser("fit-lifted", help="Fit a lifted-feature plugin (kind planecycle_linear): a linear "
                                 "head on the mean PlaneCycle-lifted patch token, no backbone training.")
-    fit.add_argument("manifest", type=Path, help="CSV with an 'image' column (paths relative to the CSV), one 0/1 "
-                     "column per finding and an optional 'split' column (train/val/test; default train).")
+    fit.add_argument("manifest", type=Path, help="Manifest CSV (docs/cli-contract.md) with an 'image' column (paths "
+                     "relative to the CSV), one 0/1 column per finding and an optional 'split' column (train/val/test; "
+                     "without it every row trains).")
     fit.add_argument("--backbone", type=Path, required=True, help="Backbone weights file (required).")
     fit.add_argument("--out", type=Path, required=True, help="Plugin to write: a .anymc3d file or a folder (required).")
     fit.add_argument("--labels", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=None,
-                     help="Comma-separated label columns (default: every column but image and split).")
+                     help="Comma-separated label columns (default: every column but image, split, mask, id, case).")
     fit.add_argument("--variant", choices=VARIANTS, default="pcg",
                      help="Global tokens between planes: pcg = adaptive average pooling, pcm = mean (default: pcg).")
     fit.add_argument("--cycle", type=_cycle, default=DEFAULT_CYCLE,
@@ -117,7 +118,7 @@ def register(subparsers) -> None:
 
 
 def _settings(args) -> tuple:
-    from anymc3d.preprocessing import PreprocessConfig
+    from anymc3d.preprocess_config import PreprocessConfig
 
     return PlaneCycleConfig(variant=args.variant, cycle=args.cycle), PreprocessConfig(input_size=args.input_size)
 
@@ -173,7 +174,7 @@ def run_similarity(args) -> int:
         seed_to_slice,
         seed_token,
     )
-    from anymc3d.preprocessing import write_image_atomic
+    from anymc3d.image_writing import write_image_atomic
 
     seeds = list(dict.fromkeys(tuple(seed) for seed in args.seed))  # repeated seeds: one map
     try:
