@@ -496,6 +496,11 @@ class QFileDialog:
         return QFileDialog.nextOpenFileName
 
 
+class QIcon:
+    def __init__(self, path=""):
+        self.path = path
+
+
 class QProcessEnvironment:
     def __init__(self):
         self.values = {}
