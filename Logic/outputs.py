@@ -463,7 +463,7 @@ def createFindingsTable(scene, name, rows):
                 tableNode.SetCellText(index, columnIndex, str(value))
     tableNode.SetColumnDescription("Probability", "Calibrated probability (Platt scaling)")
     tableNode.SetColumnDescription("Decision", "Calibrated probability at or above the plugin's threshold")
-    tableNode.SetUseColumnNameAsColumnHeader(True)
+    tableNode.SetUseColumnTitleAsColumnHeader(True)
     tableNode.SetLocked(True)  # results: not editable in the table view
     tableNode.SetAttribute(ROLE_ATTRIBUTE, "findings")
     tableNode.Modified()
