@@ -266,8 +266,8 @@ class PredictionJob:
                 continue
             del self.heatmapReads[path]
             for node in self.result.outputs.heatmapNodes:
-                if outputs.pendingHeatmapFile(node) != path:
-                    continue
+                if outputs.pendingHeatmapFile(node) != path or node.GetScene() is None:
+                    continue  # filled already, or removed meanwhile (scene closed)
                 try:
                     self.logic.completeHeatmap(self.result.outputs.tableNode, node, future.result(), self.displayOptions)
                 except (ValueError, OSError) as error:

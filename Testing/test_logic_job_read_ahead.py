@@ -76,3 +76,19 @@ def test_wait_fills_every_heatmap_read_ahead(sceneContext, obliqueVolumePath, fa
     plain = logic.runPrediction([volume], "b.safetensors", fakePlugins[:1], PredictionOptions(heatmapMethod="grad_last"), timeout=60)
     for ahead, reference in zip(result.outputs.heatmapNodes, plain.outputs.heatmapNodes):
         np.testing.assert_array_equal(out.arrayFromVolumeNode(ahead), out.arrayFromVolumeNode(reference))
+
+
+def test_scene_closed_while_heatmaps_are_read(sceneContext, obliqueVolumePath, fakePlugins, fakeLogic):
+    """The scene is closed before the other heatmaps are in: they are dropped quietly and the run folder still goes."""
+    logic = fakeLogic("ok")
+    logic.readAhead = True
+    volume = sceneContext.loadVolume(obliqueVolumePath)
+    job = logic.startPrediction([volume], "b.safetensors", fakePlugins[:1], PredictionOptions(heatmapMethod="grad_last"))
+    while job.result is None:
+        logic.runner.processEvents(0.05)
+    pending = [node for node in job.result.outputs.heatmapNodes if out.pendingHeatmapFile(node) is not None]
+    assert pending and job.heatmapReads
+    sceneContext.scene.Clear(0)
+    assert job.wait(60)
+    assert not os.path.exists(job.tempDir) and job.heatmapErrors == {}
+    assert all(out.pendingHeatmapFile(node) is not None for node in pending)  # never filled after the close

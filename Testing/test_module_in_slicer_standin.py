@@ -13,6 +13,8 @@ import SimpleITK as sitk
 
 from .slicer_testing import BACKEND_PATH, REPO_ROOT, writeObliqueVolume
 
+pytestmark = pytest.mark.slow  # every scenario runs the module file in a child process
+
 STANDINS = os.path.join(REPO_ROOT, "Testing", "slicer_standins")
 BLOCKER = os.path.join(STANDINS, "blocker")
 SCENARIOS = os.path.join(REPO_ROOT, "Testing", "module_scenarios.py")
@@ -238,4 +240,15 @@ def test_self_test_runs_the_real_backend_on_the_sample_data():
     """The module's self-test (Reload & Test) in the stand-in application: real backend, shipped sample volume."""
     seen = runScenario("selfTest")
     assert seen["messages"][-1] == "Test passed" and seen["registered"]
-    assert seen["checksum"].startswith("SHA256:")
+    assert seen["checksum"].startswith("SHA256:") and not seen["deprecatedLoadFileType"]
+    (demo,) = [command for command in seen["commands"] if "demo" in command]
+    assert "--no-train" in demo  # the untrained demo: no two-minute training on the build machines
+    assert seen["leftRunning"] == []  # tearDown closed the Logic: no backend process kept waiting
+
+
+def test_self_test_skips_without_the_python_packages():
+    """A fresh Slicer on an offline build machine: the self-test is skipped (unittest.SkipTest) before it installs
+    anything or starts a backend."""
+    seen = runScenario("selfTest", block=FRESH_SLICER_LACKS)
+    assert "Python packages not installed" in seen["skipped"] and "torch" in seen["skipped"]
+    assert seen["pip"] == [] and seen["torchInstalls"] == [] and seen["madeLogic"] == 0 and seen["commands"] == []

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from AnyMC3DSlicerLogic import process as processModule
 
 from .slicer_testing import BACKEND_PATH, REPO_ROOT
@@ -41,6 +42,7 @@ def test_kill_helper_never_signals_pid_zero_or_negative(monkeypatch):
     assert ("kill", 2_000_000_000, signal.SIGKILL) in signalled
 
 
+@pytest.mark.slow  # a child-process Slicer scenario
 def test_failed_start_ends_the_job_with_a_clear_message_and_cancel_signals_nothing(tmp_path):
     """A backend that cannot start: the prediction job ends as failed with a message naming the program (it used to
     stay "running" for ever), the runner takes new work, and a Cancel or close afterwards signals no pid <= 0."""
@@ -70,6 +72,7 @@ print(json.dumps({{"finished": finished, "status": job.result and job.result.sta
     assert seen["signalled"] == []
 
 
+@pytest.mark.slow  # a child-process Slicer scenario
 def test_standin_qprocess_behaves_as_qt5():
     """The stand-in itself: a failed start emits errorOccurred(FailedToStart) only, pid 0; a normal run emits
     started (pid > 0), streams output before the exit, and reports pid 0 once finished; the child stays in the
@@ -116,6 +119,7 @@ print(json.dumps({"events": events, "badPid": badPid, "badError": bad.errorStrin
     assert seen["crash"] == [["error", 1], ["finished", 0, 1]]
 
 
+@pytest.mark.slow  # a child-process Slicer scenario
 def test_runner_reports_a_crash_as_crashed_not_success():
     """Qt 5 reports a child killed by a signal as finished(0, CrashExit): the runner must not pass that on as 0."""
     seen = runWithStandins("""
