@@ -3,11 +3,14 @@ registered by ``slicer_add_python_unittest`` (Slicer v5.10.0 a2b6d08, CMake/Slic
 
     Slicer --no-splash --testing [SLICER_ARGS] --additional-module-paths DIR... --python-code "CODE"
 
-It starts the Slicer-like Python (slicer-core + Testing/slicer_standins), loads each scripted module found in the
-additional module paths as the module factory does (the folder on ``sys.path``, the module class built with a
+As the launcher, it sets the environment first (the Slicer-like Python's stand-ins and the additional module paths
+on PYTHONPATH, as Slicer puts module folders on its path) and then replaces itself with the application: this
+same script, run again. That one starts the Slicer-like Python (slicer-core + Testing/slicer_standins), loads each
+scripted module found in the additional module paths as the module factory does (the module class built with a
 parent whose ``path`` is the file, ``startupCompleted()`` emitted), then runs CODE with ``slicer.testing``
 (Base/Python/slicer/testing.py: ``runUnitTest(path, testname)`` loads the tests of module ``testname`` with
-unittest, runs them, and exits with EXIT_FAILURE when they were not successful; skipped tests are success).
+unittest, runs them, and exits with EXIT_FAILURE when they were not successful; skipped tests are success). Its
+``path`` argument is already importable here (the module paths), so it is not added again.
 """
 
 import os
@@ -36,7 +39,6 @@ def parse(argv):
 
 
 def runUnitTest(path, testname):
-    sys.path.extend([path] if isinstance(path, str) else path)
     suite = unittest.TestLoader().loadTestsFromName(testname)
     result = unittest.TextTestRunner(verbosity=2).run(suite)
     if not result.wasSuccessful():
@@ -45,7 +47,10 @@ def runUnitTest(path, testname):
 
 def main():
     modulePaths, code = parse(sys.argv[1:])
-    sys.path[:0] = [STANDINS, *modulePaths]
+    if os.environ.get("ANYMC3D_STANDIN_LAUNCHED") != "1":  # the launcher: environment, then the application
+        env = dict(os.environ, ANYMC3D_STANDIN_LAUNCHED="1")
+        env["PYTHONPATH"] = os.pathsep.join([*modulePaths, STANDINS, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)])
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
     import slicer_app
 
     app = slicer_app.install()

@@ -529,7 +529,8 @@ class QByteArray(_Bytes):
 class QProcess(QObject):
     """Runs the command for real (subprocess), as Qt 5's QProcess on Unix does (qtbase 5.15
     src/corelib/io/qprocess.cpp and qprocess_unix.cpp: ``start``, ``_q_startupNotification``, ``_q_processDied``,
-    ``setErrorAndEmit``, ``cleanup``), with the signals delivered by the event loop (processEvents()):
+    ``setErrorAndEmit``, ``cleanup``; as read for /work/shared/notes/slicer-real.md, "Failure paths", 2026-12-07),
+    with the signals delivered by the event loop (processEvents()):
 
     - ``started()`` once the child runs; ``processId()`` is its pid until it has ended, 0 before a start and after
       the exit (``cleanup()`` runs before ``finished`` is emitted);
