@@ -13,6 +13,7 @@ from .logic import (
     PredictionOutputs,
     Progress,
 )
+from .outputs import COLOR_TABLE_NAME, nodeRole, nodesByClass, removeNode
 from .parameters import DisplayOptions, PredictionOptions
 from .plugins import PluginInfo, PluginLibrary
 from .process import (
@@ -35,4 +36,5 @@ __all__ = [
     "PluginInfo", "PluginLibrary", "PredictionJob", "PredictionOptions", "PredictionOutputs", "ProcessRunner",
     "Progress", "QProcessRunner", "SubprocessRunner", "killProcessTree",
 ]
+__all__ += ["COLOR_TABLE_NAME", "nodeRole", "nodesByClass", "removeNode"]
 __all__ += ["SimilarityJob", "SimilarityOptions", "SimilarityPointController", "SimilarityResult", "SimilaritySession"]

@@ -8,6 +8,7 @@ callback, and at the end the results are imported only if the exit code is 0 and
 The temporary folder is removed whatever the outcome; a failed or cancelled run leaves the scene as it was.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -125,12 +126,16 @@ def _moduleLogic(scene, moduleName, className):
 
 
 def _deliverUntilDone(job, timeout):
-    """Deliver the runner's callbacks until ``job.done``; False when ``timeout`` seconds pass first."""
+    """Deliver the runner's callbacks (and a job's heatmaps read ahead) until ``job.done``; False when ``timeout``
+    seconds pass first."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while not job.done:
         if deadline is not None and time.monotonic() > deadline:
             return False
         job.logic.runner.processEvents(0.05)
+        poll = getattr(job, "pollHeatmaps", None)
+        if poll is not None:
+            poll()
     return True
 
 
@@ -164,10 +169,13 @@ class PredictionJob:
         self.result = None
         self.heatmapStem = None  # the stem the backend names this case's heatmaps by (set by startPrediction)
         self._caseBase = None
+        self.heatmapReads = {}  # path -> Future of outputs.readVolumeFile: heatmaps read ahead, still to fill in
+        self.heatmapErrors = {}  # path -> one-line error of a heatmap that could not be filled in
 
     @property
     def done(self):
-        return self.result is not None
+        """The result is reported and every heatmap read ahead is in (the run's folder is then removed)."""
+        return self.result is not None and not self.heatmapReads
 
     def start(self):
         self._report(Progress("starting", 0.0))
@@ -221,15 +229,62 @@ class PredictionJob:
                 self._report(Progress("importing", STAGE_RANGES["importing"][0]))
                 record = self.logic.readRecord(self.jsonPath, self.pluginCount, self.tempDir, self.options,
                                                heatmapStem=self.heatmapStem)
-                importedOutputs = self.logic.importResults(record, self.inputs, self.options, self.displayOptions)
+                importedOutputs = self._import(record)
                 result = CaseResult(self.name, "ok", "", 0, importedOutputs)
             except Exception as error:  # noqa: BLE001 - a failed import is a failed case (scene rolled back)
                 result = CaseResult(self.name, "failed", f"Cannot import the results: {error}", 0)
         self._finish(result)
 
+    def _import(self, record):
+        """Import the record. With the Logic's ``readAhead``: only the heatmap shown first is read now; the others
+        are imported pending and read in threads (:meth:`pollHeatmaps` fills them in on this thread)."""
+        if not self.logic.readAhead:
+            return self.logic.importResults(record, self.inputs, self.options, self.displayOptions)
+        first = self.logic.firstHeatmapFile(record, self.options)
+        preread = {first: self._readHeatmap(first)} if first else {}
+        imported = self.logic.importResults(record, self.inputs, self.options, self.displayOptions, preread=preread,
+                                            defer=True)
+        pending = {outputs.pendingHeatmapFile(node) for node in imported.heatmapNodes} - {None}
+        if pending:
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="AnyMC3D-read")
+            self.heatmapReads = {path: pool.submit(self._readHeatmap, path) for path in sorted(pending)}
+            pool.shutdown(wait=False)
+        return imported
+
+    def _readHeatmap(self, path):
+        """One heatmap file (with its 3D-view blocks): SimpleITK and numpy release the GIL, so this runs in a thread."""
+        display = self.displayOptions
+        return outputs.readVolumeFile(path, blockMaxSize=display.volumeRenderingMaxSize if display.volumeRendering else 0)
+
+    def pollHeatmaps(self):
+        """Fill in the heatmaps whose files have been read (on the caller's, i.e. the GUI, thread); once all are in,
+        remove the run's folder. Rescheduled through the Logic's ``schedule`` while some are still being read."""
+        if self.result is None or self.result.outputs is None:
+            return
+        for path, future in list(self.heatmapReads.items()):
+            if not future.done():
+                continue
+            del self.heatmapReads[path]
+            for node in self.result.outputs.heatmapNodes:
+                if outputs.pendingHeatmapFile(node) != path or node.GetScene() is None:
+                    continue  # filled already, or removed meanwhile (scene closed)
+                try:
+                    self.logic.completeHeatmap(self.result.outputs.tableNode, node, future.result(), self.displayOptions)
+                except (ValueError, OSError) as error:
+                    self.heatmapErrors[path] = str(error)
+        if self.heatmapReads:
+            if self.logic.schedule is not None:
+                self.logic.schedule(50, self.pollHeatmaps)
+        else:
+            shutil.rmtree(self.tempDir, ignore_errors=True)
+
     def _finish(self, result):
-        """Remove the temporary folder (whatever the outcome), then report."""
-        shutil.rmtree(self.tempDir, ignore_errors=True)
+        """Report; the temporary folder is removed now (whatever the outcome) or, while heatmaps are still being
+        read from it, once they are in (:meth:`pollHeatmaps`)."""
+        if not self.heatmapReads:
+            shutil.rmtree(self.tempDir, ignore_errors=True)
+        elif self.logic.schedule is not None:
+            self.logic.schedule(50, self.pollHeatmaps)
         self.result = result
         if result.status == "ok":
             self._report(Progress("done", 1.0))
@@ -302,12 +357,20 @@ class AnyMC3DSlicerLogic:
         volumesLogic, volumeRenderingLogic: the module logics; default Slicer's, or new ones on ``scene``.
         tempRoot: where the per-run temporary folders are made (default: the system's).
 
+    ``readAhead`` / ``schedule`` (default off; the Slicer module sets them): see the class attributes.
+
     ``keepBackendReady`` (default False; the Slicer module sets it): keep one ``anymc3d standby`` process started
     ahead of the next run, so that Apply does not wait for torch, timm and peft to import (9 s of the backend's
     start-up on 2 cores, see benchmarks/results). It holds the imported libraries in memory (~0.5 GB) while idle.
     """
 
     keepBackendReady = False
+    #: import a run's results with only the first-shown heatmap read at once, the others read in threads and filled
+    #: in by ``PredictionJob.pollHeatmaps`` (the Slicer module sets it, with ``schedule``)
+    readAhead = False
+    #: ``schedule(milliseconds, callback)`` on the GUI thread's event loop (the module passes ``qt.QTimer.singleShot``);
+    #: None: callers poll (``job.wait``)
+    schedule = None
 
     def __init__(self, scene, runner=None, backendCommand=None, backendPath=None, volumesLogic=None,
                  volumeRenderingLogic=None, tempRoot=None):

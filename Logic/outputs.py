@@ -106,7 +106,7 @@ def copyGeometryExactly(targetNode, referenceNode):
 
 def heatmapColorTableNode(scene):
     """The heatmap colour table (HEATMAP_COLOR_STOPS, inferno), created once per scene (and saved with it)."""
-    for node in _nodesByClass(scene, "vtkMRMLColorTableNode"):
+    for node in nodesByClass(scene, "vtkMRMLColorTableNode"):
         if node.GetName() == COLOR_TABLE_NAME:
             return node
     colorNode = scene.AddNewNodeByClass("vtkMRMLColorTableNode", COLOR_TABLE_NAME)
@@ -463,7 +463,7 @@ def createFindingsTable(scene, name, rows):
                 tableNode.SetCellText(index, columnIndex, str(value))
     tableNode.SetColumnDescription("Probability", "Calibrated probability (Platt scaling)")
     tableNode.SetColumnDescription("Decision", "Calibrated probability at or above the plugin's threshold")
-    tableNode.SetUseColumnNameAsColumnHeader(True)
+    tableNode.SetUseColumnTitleAsColumnHeader(True)
     tableNode.SetLocked(True)  # results: not editable in the table view
     tableNode.SetAttribute(ROLE_ATTRIBUTE, "findings")
     tableNode.Modified()
@@ -507,7 +507,7 @@ def createImportanceChart(scene, name, slicingAxis, importanceByPlugin):
 
 def showHeatmapInSliceViews(scene, heatmapNode, backgroundVolumeNode, opacity):
     """Heatmap as foreground of every slice view present (none on slicer-core without views)."""
-    for compositeNode in _nodesByClass(scene, "vtkMRMLSliceCompositeNode"):
+    for compositeNode in nodesByClass(scene, "vtkMRMLSliceCompositeNode"):
         if backgroundVolumeNode is not None and not compositeNode.GetBackgroundVolumeID():
             compositeNode.SetBackgroundVolumeID(backgroundVolumeNode.GetID())
         compositeNode.SetForegroundVolumeID(heatmapNode.GetID() if heatmapNode is not None else None)
@@ -549,6 +549,21 @@ def placeBeside(scene, node, sibling):
         shNode.CreateItem(parentItem, node)
 
 
-def _nodesByClass(scene, className):
+def nodeRole(node):
+    """What an AnyMC3D output node is ("heatmap", "findings", "importance", "chart", ...), or None for any other
+    node (inputs included)."""
+    return node.GetAttribute(ROLE_ATTRIBUTE) if node is not None else None
+
+
+def nodesByClass(scene, className):
+    """The scene's nodes of ``className`` (subclasses included), as a list."""
     collection = scene.GetNodesByClass(className)
     return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
+def removeNode(scene, node):
+    """Remove ``node`` with its display and storage nodes (``scene.RemoveNode`` alone leaves them in the scene)."""
+    for dependent in [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] + [node.GetStorageNode()]:
+        if dependent is not None:
+            scene.RemoveNode(dependent)
+    scene.RemoveNode(node)

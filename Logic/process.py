@@ -33,6 +33,8 @@ class ExitCode(enum.IntEnum):
     CASE_FAILED = 1
     FATAL = 2
     CANCELLED = 1000  # never returned by the backend itself
+    FAILED_TO_START = 1001  # the process never ran (QProcess::FailedToStart: program missing, not executable)
+    CRASHED = 1002  # ended by a signal it did not ask for (QProcess::CrashExit), not by Cancel
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,10 +75,15 @@ def killProcessTree(pid, processGroup=False):
     """Kill ``pid`` and all its descendants.
 
     Args:
-        pid: the root process (for the backend: the PythonSlicer launcher).
+        pid: the root process (for the backend: the PythonSlicer launcher). A pid <= 0 (or None) signals nothing:
+            QProcess reports 0 before it started and after it ended, and ``os.kill(0, ...)`` would signal the
+            caller's whole process group (Slicer itself), ``os.kill(-1, ...)`` every process the user owns.
         processGroup: POSIX only; ``pid`` leads its own process group (started with ``start_new_session``),
             so the whole group is killed too, which also catches descendants already re-parented.
     """
+    if pid is None or int(pid) <= 0:
+        return
+    pid = int(pid)
     if os.name == "nt":
         subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], check=False, capture_output=True)
         return
@@ -303,7 +310,15 @@ def _readyKey(command, env, cwd):
 
 class _QtRun:
     """One ``qt.QProcess`` with its line buffers. Until a run adopts it (``callbacks`` None) its lines are kept
-    and replayed at adoption; a process kept ready that ends by itself is only marked ``ended``."""
+    and replayed at adoption; a process kept ready that ends by itself is only marked ``ended``.
+
+    Qt 5's QProcess (qtbase src/corelib/io/qprocess.cpp) reports a process that cannot start with
+    ``errorOccurred(FailedToStart)`` only, never ``finished``, and its ``processId()`` is 0 then and after an
+    exit: so the run ends on that error too, and the pid to kill is the one ``started()`` gave (0 until then).
+    """
+
+    FAILED_TO_START = 0  # QProcess::FailedToStart
+    CRASH_EXIT = 1  # QProcess::CrashExit
 
     def __init__(self, runner, command, env, cwd):
         import qt
@@ -314,6 +329,8 @@ class _QtRun:
         self.pending = []  # (kind, line) received before adoption
         self.buffers = {"stdout": "", "stderr": ""}
         self.ended = False
+        self.pid = 0
+        self.program = str(command[0])
         process = qt.QProcess()
         if env is not None:
             environment = qt.QProcessEnvironment()
@@ -325,6 +342,8 @@ class _QtRun:
         process.connect("readyReadStandardOutput()", lambda: self.onReadyRead("stdout"))
         process.connect("readyReadStandardError()", lambda: self.onReadyRead("stderr"))
         process.connect("finished(int,QProcess::ExitStatus)", self.onFinished)
+        process.connect("errorOccurred(QProcess::ProcessError)", self.onError)
+        process.connect("started()", self.onStarted)
         self.process = process
         command = [str(c) for c in command]
         process.start(command[0], command[1:])
@@ -334,6 +353,18 @@ class _QtRun:
             self.pending.append((kind, line))
         else:
             (self.callbacks[0] if kind == "stdout" else self.callbacks[1])(line)
+
+    def onStarted(self):
+        self.pid = int(self.process.processId())
+
+    def onError(self, error):
+        """Only FailedToStart ends the run here: for the other errors (Crashed, ...) ``finished`` follows."""
+        if int(error) != self.FAILED_TO_START or self.ended:
+            return
+        self.ended = True
+        self.pid = 0
+        self.emit("stderr", f"ERROR: cannot start {self.program}: {self.process.errorString()}")
+        self.runner._onFinished(self, ExitCode.FAILED_TO_START)
 
     def onReadyRead(self, kind):
         data = self.process.readAllStandardOutput() if kind == "stdout" else self.process.readAllStandardError()
@@ -353,17 +384,25 @@ class _QtRun:
             self.process.write(qt.QByteArray(stdinText.encode("utf-8")))
         self.process.closeWriteChannel()
 
-    def onFinished(self, exitCode, exitStatus=None):
+    def onFinished(self, exitCode, exitStatus=0):
+        if self.ended:
+            return
         for kind in ("stdout", "stderr"):
             self.onReadyRead(kind)
             if self.buffers[kind]:
                 self.emit(kind, self.buffers[kind])
                 self.buffers[kind] = ""
         self.ended = True
-        self.runner._onFinished(self, exitCode)
+        self.pid = 0
+        self.runner._onFinished(self, ExitCode.CRASHED if int(exitStatus) == self.CRASH_EXIT else exitCode)
 
     def kill(self):
-        killProcessTree(int(self.process.processId()))
+        """Kill the process tree of the pid ``started()`` gave; before that, only QProcess's own ``kill()`` (a no-op
+        when nothing runs); never a pid <= 0."""
+        if self.pid > 0:
+            killProcessTree(self.pid)
+        elif self.process is not None:
+            self.process.kill()
 
 
 class QProcessRunner(ProcessRunner):

@@ -297,9 +297,7 @@ class SimilaritySession:
     # Scene ----------------------------------------------------------------------------------------------------
 
     def similarityNodes(self, volumeNode):
-        collection = self.logic.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
-        return [node for node in nodes if node.GetAttribute(KIND_ATTRIBUTE) == SIMILARITY_KIND
+        return [node for node in outputs.nodesByClass(self.logic.scene, "vtkMRMLScalarVolumeNode") if node.GetAttribute(KIND_ATTRIBUTE) == SIMILARITY_KIND
                 and node.GetNodeReferenceID(outputs.INPUT_REFERENCE) == volumeNode.GetID()]
 
     def importMap(self, path, volumeNode, ijk):
@@ -313,17 +311,11 @@ class SimilaritySession:
             outputs.setUpHeatmapDisplay(node, outputs.heatmapColorTableNode(self.logic.scene), self.options.threshold)
             outputs.showHeatmapInSliceViews(self.logic.scene, node, volumeNode, self.options.opacity)
         except Exception:
-            self._removeNode(node)
+            outputs.removeNode(self.logic.scene, node)
             raise
         for old in previous:
-            self._removeNode(old)
+            outputs.removeNode(self.logic.scene, old)
         return node
-
-    def _removeNode(self, node):
-        for dependent in [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] + [node.GetStorageNode()]:
-            if dependent is not None:
-                self.logic.scene.RemoveNode(dependent)
-        self.logic.scene.RemoveNode(node)
 
 
 class SimilarityPointController:
@@ -368,6 +360,10 @@ class SimilarityPointController:
 
     @vtk.calldata_type(vtk.VTK_INT)
     def _onPointEvent(self, caller, event, callData=None):
+        if callData is not None and self._isPreview(callData):
+            # Persistent place mode: after each click a preview point follows the mouse, each move an event with
+            # its index; it must neither start a job nor restart the debounce of the point just placed.
+            return
         self._pointIndex = callData
         self._generation += 1
         generation = self._generation
@@ -386,6 +382,11 @@ class SimilarityPointController:
             self.configure(self.session)
         self._status("Computing the similarity map\u2026")
         self.lastJob = self.session.request(volumeNode, ras, self._onFinished)
+
+    def _isPreview(self, index):
+        node = self.markupsNode
+        return (node is not None and 0 <= index < node.GetNumberOfControlPoints()
+                and node.GetNthControlPointPositionStatus(index) == node.PositionPreview)
 
     def _definedPoint(self, index):
         node = self.markupsNode

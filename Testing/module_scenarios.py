@@ -18,10 +18,11 @@ import AnyMC3DSlicer
 
 
 def openModule(pluginFolder=None):
-    """What Slicer does when the user opens the module: build the widget, call setup() and enter()."""
+    """What Slicer does when the user opens the module: build the widget in its module panel, call setup() and
+    enter()."""
     if pluginFolder:
         qt.QSettings.store[AnyMC3DSlicer.SETTINGS_PLUGIN_FOLDER] = pluginFolder
-    widget = AnyMC3DSlicer.AnyMC3DSlicerWidget()
+    widget = AnyMC3DSlicer.AnyMC3DSlicerWidget(slicer_app.ModulePanel())
     widget.setup()
     widget.enter()
     return widget
@@ -63,6 +64,49 @@ def freshInstall(args):
             "inputVolume": widget._parameterNode.inputVolume.GetName(), "dialogs": app.dialogs,
             "torchInstalls": app.torchInstalls, "pipInstalls": app.pipInstalls, "jobStarted": widget.job is not None,
             "modules": sorted(name for name in ("torch", "timm", "peft", "jsonschema") if name in sys.modules)}
+
+
+def installFailure(args):
+    """Apply when the install step fails (pip or light-the-torch exits non-zero, as without network)."""
+    slicer.app.failures = dict(args["failures"])
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    volume.SetAndObserveImageData(__import__("vtk").vtkImageData())
+    widget = openModule(args["pluginFolder"])
+    widget.ui.pluginListWidget.selectRow(0)
+    widget.ui.backbonePathLineEdit.currentPath = args["backbone"]
+    app.answers["confirmOkCancelDisplay"] = True
+    raised = None
+    try:
+        widget.ui.applyButton.click()
+    except Exception as error:  # noqa: BLE001 - what used to reach the Python console as a traceback
+        raised = f"{type(error).__name__}: {error}"
+    return {"raised": raised, "dialogs": app.dialogs, "pip": app.pipInstalls, "constraints": app.pipConstraints,
+            "torchInstalls": app.torchInstalls, "jobStarted": widget.job is not None}
+
+
+def lifecycle(args):
+    """The widget as Slicer builds it without a parent (setup() inside __init__), the module's icon, Reload, and
+    the module manager's unload (cleanup): no backend process may be left waiting."""
+    moduleFile = os.path.join(args["moduleDir"], "AnyMC3DSlicer.py")
+    module = AnyMC3DSlicer.AnyMC3DSlicer(slicer_app.ModulePanel(path=moduleFile))
+    widget = AnyMC3DSlicer.AnyMC3DSlicerWidget()  # no parent: the base class calls setup() itself
+    seen = {"logicAfterInit": widget.logic is not None, "icon": getattr(module.parent.icon, "path", None)}
+    widget.logic.backendCommand = [sys.executable, "-c", "import sys, time; sys.stdin.readline(); time.sleep(60)"]
+    widget.logic.prepareBackend()
+    ready = widget.logic.runner._ready
+    oldLogicModule = sys.modules["AnyMC3DSlicerLogic.logic"]
+    widget.onReload()  # Slicer re-executes the module file
+    seen["logicReloaded"] = sys.modules["AnyMC3DSlicerLogic.logic"] is not oldLogicModule
+    seen["moduleUsesNewLogic"] = sys.modules["AnyMC3DSlicer"].LogicPackage is sys.modules["AnyMC3DSlicerLogic"]
+    slicer.app.moduleManager().unloadModule("AnyMC3DSlicer")  # calls the widget's cleanup()
+    popen = ready.process._popen if ready is not None and ready.process is not None else None
+    deadline = time.monotonic() + 10
+    while popen is not None and popen.poll() is None and time.monotonic() < deadline:
+        qt.QCoreApplication.processEvents()
+        time.sleep(0.05)
+    seen["readyStarted"] = popen is not None
+    seen["readyEnded"] = popen is not None and popen.poll() is not None
+    return seen
 
 
 def importRecord(logic, volume, heatmaps, method):
@@ -127,14 +171,31 @@ def processRunner(args):
 
 def selfTest(args):
     """The module's own self-test, as Slicer's Reload & Test runs it, with the real backend."""
-    module = AnyMC3DSlicer.AnyMC3DSlicer(slicer_app.ModulePanel())
+    module = AnyMC3DSlicer.AnyMC3DSlicer(slicer_app.ModulePanel(path=AnyMC3DSlicer.__file__))
+    made = []
+    original = AnyMC3DSlicer.AnyMC3DSlicerLogic.__init__
+
+    def remember(self, *a, **k):
+        original(self, *a, **k)
+        made.append(self)
+
+    AnyMC3DSlicer.AnyMC3DSlicerLogic.__init__ = remember
+    commands, realRun = [], AnyMC3DSlicer.subprocess.run
+    AnyMC3DSlicer.subprocess.run = lambda command, **kwargs: commands.append([str(c) for c in command]) or realRun(command, **kwargs)
     for signature, handler in app.connections:
         if signature == "startupCompleted()":
             handler()
     test = AnyMC3DSlicer.AnyMC3DSlicerTest()
-    test.runTest()
+    try:
+        test.runTest()
+    except __import__("unittest").SkipTest as skipped:
+        return {"skipped": str(skipped), "messages": test.messages, "madeLogic": len(made), "pip": app.pipInstalls,
+                "torchInstalls": app.torchInstalls, "commands": commands}
+    test.lastLogic = made[-1]
+    source = slicer_app.SampleDataLogic.sources[AnyMC3DSlicer.SAMPLE_NAME]
     return {"messages": test.messages, "registered": module.moduleName in slicer.selfTests,
-            "checksum": slicer_app.SampleDataLogic.sources[AnyMC3DSlicer.SAMPLE_NAME]["checksums"]}
+            "checksum": source["checksums"], "deprecatedLoadFileType": source["deprecatedLoadFileType"], "commands": commands,
+            "leftRunning": [int(run.process.processId()) for run in (test.lastLogic.runner._ready,) if run and not run.ended]}
 
 
 def similarityFromPoint(args):

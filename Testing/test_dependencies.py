@@ -3,10 +3,12 @@
 import ast
 import importlib.metadata
 import os
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from AnyMC3DSlicerLogic import DependencyChecker
 from AnyMC3DSlicerLogic.dependencies import SHIPPED_WITH_SLICER, TORCH_DISTRIBUTIONS
 from packaging.requirements import Requirement
@@ -45,7 +47,11 @@ def optionalExtras():
 
 def test_every_backend_import_is_installed_by_the_slicer_side():
     """Every third-party import is in the list the Slicer side installs; the only exceptions are imports made inside a
-    function for an optional extra the module never uses (ray, for ``predict --ray`` on a cluster)."""
+    function for an optional extra the module never uses (ray, for ``predict --ray`` on a cluster) and what only
+    training and evaluation import (``TRAINING_ONLY``; the slow test below runs prediction and similarity without
+    them)."""
+    from AnyMC3DSlicerLogic.dependencies import TRAINING_ONLY
+
     checker = DependencyChecker()  # the default: anymc3d.contract.requirements(), i.e. the package metadata
     installs = {canonicalize_name(r.name) for r in checker.requirements}
     distributions = importlib.metadata.packages_distributions()
@@ -56,7 +62,8 @@ def test_every_backend_import_is_installed_by_the_slicer_side():
         return {canonicalize_name(d) for d in distributions.get(name, [name])}
 
     uncovered = {name: sorted(dists(name)) for name, moduleLevel in imports.items()
-                 if not dists(name) & installs and (moduleLevel or not dists(name) & optionalExtras())}
+                 if not dists(name) & (installs | set(TRAINING_ONLY))
+                 and (moduleLevel or not dists(name) & optionalExtras())}
     assert not uncovered, f"imported by the backend, never installed in Slicer: {uncovered}"
     assert not any(imports[name] for name in imports if dists(name) & optionalExtras() - installs)  # lazily only
 
@@ -82,3 +89,38 @@ def test_bundled_backend_without_metadata_uses_the_same_list():
     assert sorted(contract._FALLBACK_REQUIREMENTS) == sorted(declared)
     assert sorted(str(r) for r in DependencyChecker(list(contract._FALLBACK_REQUIREMENTS)).requirements) == \
         sorted(str(Requirement(r)) for r in declared)
+
+
+def test_prediction_requirements_leave_the_training_extras_out():
+    """What the module installs for prediction and similarity: the backend's list less monai, scikit-learn and
+    matplotlib (monai's own torch pin could make pip replace Slicer's torch); everything else stays."""
+    from anymc3d.contract import requirements
+    from AnyMC3DSlicerLogic.dependencies import TRAINING_ONLY, backendRequirements
+
+    names = {canonicalize_name(Requirement(r).name) for r in backendRequirements()}
+    everything = {canonicalize_name(Requirement(r).name) for r in requirements()}
+    assert names == everything - set(TRAINING_ONLY)
+    assert set(TRAINING_ONLY) <= everything  # the filter removes something real
+    assert {"torch", "timm", "peft", "safetensors", "nibabel"} <= names
+
+
+@pytest.mark.slow
+def test_prediction_and_similarity_run_without_the_training_extras(demo, tmp_path):
+    """The independent check of TRAINING_ONLY: with monai, scikit-learn (sklearn) and matplotlib absent from the
+    interpreter, ``anymc3d predict`` and ``anymc3d similarity`` run the demo to the end."""
+    from .test_module_in_slicer_standin import BLOCKER
+
+    log = tmp_path / "attempts.log"
+    env = dict(os.environ, ANYMC3D_TEST_BLOCK="monai,sklearn,matplotlib", ANYMC3D_TEST_BLOCK_LOG=str(log))
+    env["PYTHONPATH"] = os.pathsep.join([BLOCKER, BACKEND, env.get("PYTHONPATH", "")])
+    commands = {
+        "predict": ["predict", demo["volume"], "--backbone", demo["backbone"], "--plugin", demo["plugin"], "--device", "cpu",
+                    "--json", str(tmp_path / "out.json")],
+        "similarity": ["similarity", demo["volume"], "--backbone", demo["backbone"], "--seed", "2,2,2", "--input-size", "112",
+                       "--out", str(tmp_path / "similarity.nii.gz")],
+    }
+    for name, arguments in commands.items():
+        completed = subprocess.run([sys.executable, "-m", "anymc3d", *arguments], capture_output=True, text=True, env=env,
+                                   check=False, timeout=600)
+        assert completed.returncode == 0, (name, completed.stderr[-3000:])
+    assert (tmp_path / "out.json").is_file() and (tmp_path / "similarity.nii.gz").is_file()

@@ -2,6 +2,8 @@
 macros (Testing/cmake_standins: the real macros' argument checks and install destinations); the installed tree is
 checked, then opened in a Slicer-like Python without torch (the installed layout, no source tree)."""
 
+import glob
+import json
 import os
 import re
 import shutil
@@ -12,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from .slicer_testing import REPO_ROOT
-from .test_module_in_slicer_standin import FRESH_SLICER_LACKS, runScenario
+from .test_module_in_slicer_standin import BLOCKER, FRESH_SLICER_LACKS, runScenario
+
+pytestmark = pytest.mark.slow  # CMake configure, build and install, child-process Slicer scenarios
 
 STANDINS = os.path.join(REPO_ROOT, "Testing", "cmake_standins")
 SCRIPTED = "lib/Slicer-5.10/qt-scripted-modules"
@@ -33,10 +37,24 @@ def run(*command, cwd=None, check=True):
     return completed
 
 
-def configure(cmake, source, build, version="5.10", extra=()):
+def pythonOf(version):
+    """An interpreter of Python ``version`` ("3.12": what Slicer 5.10 ships, and byte-compiles the scripts with), or
+    None."""
+    candidates = [shutil.which(f"python{version}"), *glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}*/bin/python{version}"))]
+    for candidate in filter(None, candidates):
+        completed = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                   capture_output=True, text=True, check=False)
+        if completed.returncode == 0 and completed.stdout.strip() == version:
+            return candidate
+    return None
+
+
+def configure(cmake, source, build, version="5.10", extra=(), slicerPython=None):
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    slicerPython = slicerPython or pythonOf("3.12") or pytest.skip("no Python 3.12 (Slicer 5.10's) to byte-compile with")
     return run(cmake, "-S", source, "-B", build, *generator, f"-DSlicer_DIR={STANDINS}", f"-DSTANDIN_SLICER_VERSION={version}",
-               f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=ON", *extra, check=False)
+               f"-DPython3_EXECUTABLE={sys.executable}", f"-DPYTHON_EXECUTABLE={slicerPython}", "-DBUILD_TESTING=ON",
+               *extra, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +64,7 @@ def installed(tmp_path_factory):
     cmake = cmakeExecutable()
     root = tmp_path_factory.mktemp("extension")
     build, prefix = root / "build", root / "install"
-    configured = configure(cmake, REPO_ROOT, build)
+    configured = configure(cmake, REPO_ROOT, build, extra=[f"-DPyTorch_DIR={root / 'PyTorch-build'}"])
     assert configured.returncode == 0, configured.stdout[-4000:] + configured.stderr[-4000:]
     run(cmake, "--build", build)
     run(cmake, "--install", build, "--prefix", prefix)
@@ -67,12 +85,25 @@ def test_installed_tree(installed):
     assert sorted(p.name for p in (modules / "anymc3d" / "schemas").glob("*.json")) == ["plugin.schema.json", "record.schema.json"]
     for resource in ("Icons/AnyMC3DSlicer.png", "UI/AnyMC3DSlicer.ui", "SampleData/AnyMC3DSyntheticCT.nrrd"):
         assert (modules / "Resources" / resource).read_bytes() == Path(REPO_ROOT, "Resources", resource).read_bytes()
-    assert list((modules / "AnyMC3DSlicerLogic" / "__pycache__").glob("*.pyc"))  # byte-compiled at build time
+    assert list((modules / "AnyMC3DSlicerLogic" / "__pycache__").glob("*.cpython-312.pyc"))  # by Slicer's Python
+
+
+def test_each_file_is_installed_once(installed):
+    """slicerMacroBuildScriptedModule installs the whole qt-scripted-modules build folder: nothing in it may be
+    installed a second time by another rule (CMake's install manifest lists every file each time it is installed)."""
+    manifest = (installed["build"] / "install_manifest.txt").read_text().splitlines()
+    counts = {}
+    for path in manifest:
+        counts[path] = counts.get(path, 0) + 1
+    assert len(manifest) > 20 and any(path.endswith("AnyMC3DSlicerLogic/logic.py") for path in manifest)
+    assert {path: n for path, n in counts.items() if n > 1} == {}
 
 
 def test_tests_registered_and_description(installed):
     listed = run(os.path.join(os.path.dirname(installed["cmake"]), "ctest"), "-N", cwd=installed["build"]).stdout
     assert "py_AnyMC3DSlicer" in listed and "py_nomainwindow_qSlicerAnyMC3DSlicerModuleGenericTest" in listed
+    paths = (installed["build"] / "AdditionalModulePaths.txt").read_text().splitlines()  # EXTENSION_DEPENDS looked up
+    assert paths == [f"{installed['build']}/{SCRIPTED}", f"{installed['build'].parent / 'PyTorch-build'}/{SCRIPTED}"]
     description = (installed["build"] / "AnyMC3D.s4ext").read_text()
     urls = re.findall(r"https://raw\.githubusercontent\.com/AnyMC3D/AnyMC3D/main/(\S+)", description)
     assert len(urls) == 2 and all(os.path.isfile(os.path.join(REPO_ROOT, path)) for path in urls), urls
@@ -108,5 +139,26 @@ def test_standin_macros_check_arguments_as_the_real_ones(installed, tmp_path):
         "INSTALL_DIR r NO_INSTALL_SUBDIR)\n")
     failed = configure(installed["cmake"], project, tmp_path / "b1")
     assert failed.returncode != 0 and "SCRIPTS is mandatory" in failed.stdout + failed.stderr
-    old = configure(installed["cmake"], REPO_ROOT, tmp_path / "b2", version="5.8")
-    assert old.returncode != 0 and "AnyMC3D needs Slicer 5.10 or later" in old.stdout + old.stderr
+    old = configure(installed["cmake"], REPO_ROOT, tmp_path / "b2", version="5.8", slicerPython=pythonOf("3.9") or "")
+    assert old.returncode != 0
+    said = " ".join((old.stdout + old.stderr).split())
+    assert "AnyMC3D needs Slicer 5.10 or later" in said or "Slicer 5.8 ships Python 3.9" in said  # without a Python 3.9 here, the stand-in stops first
+    wrong = configure(installed["cmake"], REPO_ROOT, tmp_path / "b3", slicerPython=sys.executable)
+    assert wrong.returncode != 0 and "Slicer 5.10 ships Python 3.12" in " ".join((wrong.stdout + wrong.stderr).split())
+
+
+def test_ctest_runs_the_self_test_as_the_build_machines_do(installed):
+    """The registered command, run by ctest in the build tree, offline and without the Python packages (a fresh
+    Slicer): the self-test is skipped, not failed, installs nothing, and the test has its own TIMEOUT."""
+    ctest = os.path.join(os.path.dirname(installed["cmake"]), "ctest")
+    shown = json.loads(run(ctest, "--show-only=json-v1", cwd=installed["build"]).stdout)
+    (selfTest,) = [test for test in shown["tests"] if test["name"] == "py_AnyMC3DSlicer"]
+    properties = {p["name"]: p["value"] for p in selfTest["properties"]}
+    assert 0 < float(properties["TIMEOUT"]) <= 1200 and properties["RUN_SERIAL"]
+    assert "--python-code" in selfTest["command"] and "--additional-module-paths" in selfTest["command"]
+    env = dict(os.environ, ANYMC3D_TEST_BLOCK=FRESH_SLICER_LACKS)
+    env["PYTHONPATH"] = os.pathsep.join([BLOCKER, env.get("PYTHONPATH", "")])
+    completed = subprocess.run([ctest, "-R", "^py_AnyMC3DSlicer$", "-V"], cwd=installed["build"], env=env,
+                               capture_output=True, text=True, check=False, timeout=900)
+    assert completed.returncode == 0, completed.stdout[-5000:]
+    assert "skipped" in completed.stdout and "Python packages not installed" in completed.stdout

@@ -231,7 +231,7 @@ def test_reduced_volume_rendering_copy(sceneContext, obliqueVolumePath, fakePlug
     logic.selectFinding(table, 2)
     visible = [[d.GetVisibility() for d in out.volumeRenderingDisplayNodes(h)] for h in heatmaps]
     assert visible == [[0], [0], [1]]
-    sliceComposite = out._nodesByClass(sceneContext.scene, "vtkMRMLSliceCompositeNode")
+    sliceComposite = out.nodesByClass(sceneContext.scene, "vtkMRMLSliceCompositeNode")
     assert all(c.GetForegroundVolumeID() == heatmaps[2].GetID() for c in sliceComposite)
     logic.setHeatmapThreshold(heatmaps[2], 0.5)
     opacity = out.volumeRenderingDisplayNodes(heatmaps[2])[0].GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
@@ -386,7 +386,7 @@ def test_scene_saves_and_reloads_with_display(sceneContext, obliqueVolumePath, f
     reloaded = SceneContext()
     reloaded.scene.SetURL(str(bundle / "bundle.mrml"))
     assert reloaded.scene.Connect()
-    tables = [t for t in out._nodesByClass(reloaded.scene, "vtkMRMLTableNode") if t.GetAttribute(out.ROLE_ATTRIBUTE) == "findings"]
+    tables = [t for t in out.nodesByClass(reloaded.scene, "vtkMRMLTableNode") if t.GetAttribute(out.ROLE_ATTRIBUTE) == "findings"]
     assert len(tables) == 1
     table = tables[0]
     assert table.GetNumberOfRows() == 6 and table.GetCellText(3, 1) == "nodule"

@@ -1,6 +1,7 @@
 """The module file in a Slicer-like Python (slicer-core + stand-ins that behave as Slicer's, CTK's and PythonQt's
 code does where it matters, see slicer_standins/). Each scenario runs in its own child process."""
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -11,6 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from .slicer_testing import BACKEND_PATH, REPO_ROOT, writeObliqueVolume
+
+pytestmark = pytest.mark.slow  # every scenario runs the module file in a child process
 
 STANDINS = os.path.join(REPO_ROOT, "Testing", "slicer_standins")
 BLOCKER = os.path.join(STANDINS, "blocker")
@@ -84,11 +87,14 @@ def test_fresh_install_lists_plugins_and_apply_offers_installation(demo, tmp_pat
     assert len(confirm) == 2 and confirm[0] == confirm[1]  # Apply, then Batch
     assert "torch>=2.3 (through the PyTorch extension)" in confirm[0] and "timm<1.1,>=1.0.20" in confirm[0]
     assert "jsonschema>=4" in confirm[0] and "tqdm>=4.60" in confirm[0] and "numpy" not in confirm[0]
+    assert not any(name in confirm[0] for name in ("monai", "scikit-learn", "matplotlib"))  # training only
     assert seen["torchInstalls"] == [{"askConfirmation": False, "torch": ">=2.3", "torchvision": ""}]
-    assert any("PyTorch could not be installed" in text for kind, text in seen["dialogs"] if kind == "errorDisplay")
+    # light-the-torch "installed" nothing here, so PyTorchUtils' own `import torch` fails: a message, not a traceback
+    assert any("Installing PyTorch failed" in text for kind, text in seen["dialogs"] if kind == "errorDisplay")
     assert not seen["jobStarted"] and seen["modules"] == []
     attempts = {line.split()[1].split(".")[0] for line in log.read_text().splitlines()} if log.exists() else set()
-    assert attempts <= {"jsonschema"}, attempts  # torch & co. never even tried; jsonschema is optional (hand checker)
+    # only installTorch imports torch (as SlicerPyTorch does, after its install); jsonschema is optional (hand checker)
+    assert attempts <= {"jsonschema", "torch"}, attempts
 
 
 def test_fresh_install_pip_route_uses_the_backends_pins(tmp_path):
@@ -102,7 +108,7 @@ missing = checker.missingPackages()
 try:
     checker.install(missing, confirm=lambda lines: True)
 except Exception as error:
-    print(json.dumps({"missing": missing, "pip": app.pipInstalls, "error": str(error)}))
+    print(json.dumps({"missing": missing, "pip": app.pipInstalls, "constraints": app.pipConstraints, "error": str(error)}))
 """
     env = dict(os.environ, ANYMC3D_TEST_BLOCK="timm,peft,jsonschema,tqdm")
     env["PYTHONPATH"] = os.pathsep.join([BLOCKER, STANDINS, BACKEND_PATH, os.environ.get("PYTHONPATH", "")])
@@ -110,8 +116,41 @@ except Exception as error:
     assert completed.returncode == 0, completed.stderr
     seen = json.loads(completed.stdout.strip().splitlines()[-1])
     assert sorted(seen["missing"]) == ["jsonschema", "peft", "timm", "tqdm"]
-    assert sorted(seen["pip"][0]) == ["jsonschema>=4", "peft>=0.17", "timm<1.1,>=1.0.20", "tqdm>=4.60"]
+    (arguments,) = seen["pip"]
+    assert sorted(arguments[:-2]) == ["jsonschema>=4", "peft>=0.17", "timm<1.1,>=1.0.20", "tqdm>=4.60"]
+    assert arguments[-2] == "--constraint"
+    # pip may not replace what Slicer's Python already has: torch (imported by PyTorchUtils), torchvision, numpy, scipy
+    expected = sorted(f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "torchvision", "numpy", "scipy"))
+    assert sorted(seen["constraints"][0]) == expected
+    assert not os.path.exists(arguments[-1])  # the constraints file is removed afterwards
     assert "Restart Slicer" in seen["error"]  # the stand-in installs nothing: still missing, restart asked
+
+
+@pytest.mark.parametrize(("failing", "blocked", "expected"), [
+    ("pip", "timm,peft,jsonschema,tqdm", "Installing "), ("light_the_torch", FRESH_SLICER_LACKS, "Installing PyTorch failed")])
+def test_install_failures_are_clear_messages(demo, tmp_path, failing, blocked, expected):
+    """pip or light-the-torch exits non-zero (no network, a pip conflict): Slicer's pip_install / PyTorchUtils raise
+    CalledProcessError; Apply shows one clear message (no traceback in the console) and starts nothing."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    shutil.copy(demo["plugin"], folder / "chest.anymc3d")
+    seen = runScenario("installFailure", {"pluginFolder": str(folder), "backbone": demo["backbone"],
+                                          "failures": {failing: 1}}, block=blocked)
+    assert seen["raised"] is None, seen["raised"]
+    errors = [text for kind, text in seen["dialogs"] if kind == "errorDisplay"]
+    assert len(errors) == 1 and errors[0].startswith(expected) and "exit code 1" in errors[0], errors
+    assert not seen["jobStarted"]
+
+
+def test_widget_lifecycle_as_slicer_runs_it():
+    """The real base class, given no parent, calls setup() inside __init__ (the widget's own attributes must not be
+    reset afterwards); the icon is found in source-tree mode too; Reload reloads Logic/ as well; the module
+    manager's unload calls cleanup(), which ends the backend process kept ready."""
+    seen = runScenario("lifecycle", {"moduleDir": MODULE_DIR})
+    assert seen["logicAfterInit"]
+    assert seen["icon"] and os.path.isfile(seen["icon"]) and seen["icon"].endswith("AnyMC3DSlicer.png")
+    assert seen["logicReloaded"] and seen["moduleUsesNewLogic"]
+    assert seen["readyStarted"] and seen["readyEnded"]
 
 
 @pytest.fixture
@@ -201,4 +240,15 @@ def test_self_test_runs_the_real_backend_on_the_sample_data():
     """The module's self-test (Reload & Test) in the stand-in application: real backend, shipped sample volume."""
     seen = runScenario("selfTest")
     assert seen["messages"][-1] == "Test passed" and seen["registered"]
-    assert seen["checksum"].startswith("SHA256:")
+    assert seen["checksum"].startswith("SHA256:") and not seen["deprecatedLoadFileType"]
+    (demo,) = [command for command in seen["commands"] if "demo" in command]
+    assert "--no-train" in demo  # the untrained demo: no two-minute training on the build machines
+    assert seen["leftRunning"] == []  # tearDown closed the Logic: no backend process kept waiting
+
+
+def test_self_test_skips_without_the_python_packages():
+    """A fresh Slicer on an offline build machine: the self-test is skipped (unittest.SkipTest) before it installs
+    anything or starts a backend."""
+    seen = runScenario("selfTest", block=FRESH_SLICER_LACKS)
+    assert "Python packages not installed" in seen["skipped"] and "torch" in seen["skipped"]
+    assert seen["pip"] == [] and seen["torchInstalls"] == [] and seen["madeLogic"] == 0 and seen["commands"] == []

@@ -99,3 +99,42 @@ def test_no_sys_path_edits_outside_the_one_fallback():
         module = file.read()
     assert module.count("spec_from_file_location") == 1 and module.count("def importLogicPackage") == 1
     assert not re.search(r"^\s*(from|import) Logic\b", module, re.MULTILINE)
+
+
+#: what sits above the Logic: the module file (its Widget) and the web review; the Logic never imports them
+ABOVE_THE_LOGIC = {"AnyMC3DSlicer", "anymc3d_review", "WebReview", "trame", "trame_slicer", "trame_server"}
+
+
+def logicImports():
+    """{file name: top-level names it imports (anywhere in the file; relative imports left out)}."""
+    import ast
+
+    found = {}
+    for name in sorted(os.listdir(LOGIC_DIR)):
+        if name.endswith(".py"):
+            with open(os.path.join(LOGIC_DIR, name), encoding="utf-8") as file:
+                tree = ast.parse(file.read())
+            found[name] = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                           for alias in node.names}
+            found[name] |= {node.module.split(".")[0] for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    return found
+
+
+def test_logic_never_imports_the_widget_or_the_review():
+    imports = logicImports()
+    assert "anymc3d" in imports["logic.py"] and "qt" in imports["process.py"]  # the scan sees real imports
+    offending = {name: sorted(found & ABOVE_THE_LOGIC) for name, found in imports.items() if found & ABOVE_THE_LOGIC}
+    assert offending == {}
+
+
+def test_the_module_file_uses_only_the_logic_packages_public_names():
+    """The Widget goes through the Logic package's API (its ``__all__``), never below it (``LogicPackage.outputs.X``)."""
+    import ast
+
+    with open(os.path.join(REPO_ROOT, "AnyMC3DSlicer", "AnyMC3DSlicer.py"), encoding="utf-8") as file:
+        tree = ast.parse(file.read())
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "LogicPackage"}
+    assert {"DependencyChecker", "nodeRole"} <= used  # the scan sees the uses
+    assert used - set(AnyMC3DSlicerLogic.__all__) == set()

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import slicer
 import vtk
 from AnyMC3DSlicerLogic import (
     AnyMC3DSlicerLogic,
@@ -228,3 +229,49 @@ def test_controller_debounces_markups_events_and_ignores_preview_points(sceneCon
     assert os.listdir(tempRoot) == [os.path.basename(session.tempDir)]
     session.cleanup()
     assert os.listdir(tempRoot) == []
+
+
+def test_persistent_place_mode_preview_point_does_not_drop_the_placed_points_job(sceneContext, tempRoot, volumePath, tmp_path):
+    """Persistent place mode, as Slicer's vtkSlicerMarkupsWidget::UpdatePreviewPoint runs it (v5.10.0): the click
+    defines point N, then at once a new point N+1 is added with status "preview" and follows the mouse, each move a
+    PointModifiedEvent with its index. The placed point's job must start; the preview point starts nothing."""
+    volume = sceneContext.loadVolume(volumePath, "Oblique")
+    image = sitk.ReadImage(volumePath)
+
+    def backend(command):
+        target = command[command.index("--out") + 1]
+        source = sitk.ReadImage(command[command.index("similarity") + 1])
+        sitk.WriteImage(sitk.Cast(source * 0, sitk.sitkFloat32), target)
+        return [json.dumps({"out": [target], "seeds": [command[command.index("--seed") + 1]], "features_cache": "miss"})], 0
+
+    runner = FakeRunner(backend)
+    session = SimilaritySession(logicOn(sceneContext, tempRoot, runner), "")
+    (tmp_path / "backbone.safetensors").write_bytes(b"weights")
+    timers = []
+    controller = SimilarityPointController(session, lambda: volume, lambda ms, callback: timers.append(callback),
+                                           configure=lambda s: setattr(s, "backbonePath", str(tmp_path / "backbone.safetensors")))
+    markups = sceneContext.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    controller.setMarkupsNode(markups)
+
+    markups.CreateDefaultDisplayNodes()
+    placed = markups.AddControlPoint(vtk.vtkVector3d(*sitkRas(image, (3, 4, 2))))  # the click: position defined
+    # What UpdatePreviewPoint does next, through the same display-node call: a new point, status "preview" ...
+    mouse = slicer.vtkMRMLInteractionEventData()
+    mouse.SetWorldPosition(list(sitkRas(image, (4, 4, 2))))
+    identity = [1, 0, 0, 0, 1, 0, 0, 0, 1]
+    display = markups.GetDisplayNode()
+    preview = display.UpdateActiveControlPointWorld(markups.GetNumberOfControlPoints(), mouse, identity, None, None,
+                                                    markups.PositionPreview)
+    for ijk in ((5, 4, 2), (6, 5, 2), (7, 5, 3)):  # ... that follows the mouse
+        mouse.SetWorldPosition(list(sitkRas(image, ijk)))
+        display.UpdateActiveControlPointWorld(preview, mouse, identity, None, None, markups.PositionPreview)
+    assert preview == placed + 1 and markups.GetNthControlPointPositionStatus(preview) == markups.PositionPreview
+    assert markups.GetNthControlPointPositionStatus(placed) == markups.PositionDefined
+    for callback in timers:
+        callback()
+    assert len(runner.commands) == 1, runner.commands
+    command = runner.commands[0]
+    assert command[command.index("--seed") + 1] == "3,4,2"  # the placed point, not the preview
+    runner.processEvents()
+    assert controller.lastJob.result.status == "ok"
+    session.cleanup()

@@ -1,12 +1,14 @@
 """The module's "Similarity from point" section in the Slicer-like Python (slicer-core + Testing/slicer_standins),
 with the real backend through the module's QProcess runner (its stand-in starts a real process)."""
 
+import pytest
 import SimpleITK as sitk
 
 from .slicer_testing import writeObliqueVolume
 from .test_module_in_slicer_standin import runScenario
 
 
+@pytest.mark.slow  # a child-process Slicer scenario with the real backend
 def test_placing_and_moving_a_point_shows_its_similarity_map(demo, tmp_path):
     path = writeObliqueVolume(tmp_path / "Oblique.nii.gz", size=(8, 8, 6))
     image = sitk.ReadImage(path)

@@ -1,6 +1,9 @@
 # Stand-in for an installed Slicer's SlicerConfig.cmake (Slicer/Slicer 583e9b3, CMake/SlicerConfig.cmake.in and
 # CMake/SlicerDirectories.cmake): the variables an extension reads, and the macros it calls (stand-ins next to this
-# file). STANDIN_SLICER_VERSION (default 5.10) selects the version; Python3_EXECUTABLE byte-compiles the scripts.
+# file). STANDIN_SLICER_VERSION (default 5.10) selects the version. As in a Slicer build tree, PYTHON_EXECUTABLE is
+# Slicer's own Python, which byte-compiles the scripts (Slicer 5.10 ships Python 3.12, 5.8 ships 3.9: another version
+# stops configuration), and Slicer_LAUNCHER_EXECUTABLE runs the registered tests (here slicer_launcher.py in the
+# Slicer-like Python, STANDIN_PYTHON: a Python with slicer-core).
 if(NOT DEFINED STANDIN_SLICER_VERSION)
   set(STANDIN_SLICER_VERSION "5.10")
 endif()
@@ -23,4 +26,24 @@ set(Slicer_README_FILE "${CMAKE_CURRENT_LIST_DIR}/no-such-Slicer-README.txt")
 set(Slicer_USE_FILE "${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake")
 set(Slicer_EXTENSION_GENERATE_CONFIG "${CMAKE_CURRENT_LIST_DIR}/SlicerExtensionGenerateConfig.cmake")
 set(Slicer_EXTENSION_CPACK "${CMAKE_CURRENT_LIST_DIR}/SlicerExtensionCPack.cmake")
+set(_shipped_python_3.12 "5.10;5.12;5.13")
+if("${STANDIN_SLICER_VERSION}" IN_LIST _shipped_python_3.12)
+  set(Slicer_PYTHON_VERSION "3.12")
+else()
+  set(Slicer_PYTHON_VERSION "3.9")
+endif()
+if(NOT PYTHON_EXECUTABLE)
+  message(FATAL_ERROR "PYTHON_EXECUTABLE (Slicer's Python ${Slicer_PYTHON_VERSION}) is not set")
+endif()
+execute_process(COMMAND ${PYTHON_EXECUTABLE} -c "import sys; print('%d.%d' % sys.version_info[:2])"
+  OUTPUT_VARIABLE _python_version OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _python_result)
+if(NOT _python_result EQUAL 0 OR NOT "${_python_version}" STREQUAL "${Slicer_PYTHON_VERSION}")
+  message(FATAL_ERROR "PYTHON_EXECUTABLE ${PYTHON_EXECUTABLE} is Python ${_python_version}; Slicer ${STANDIN_SLICER_VERSION} ships Python ${Slicer_PYTHON_VERSION}")
+endif()
+if(NOT STANDIN_PYTHON)
+  set(STANDIN_PYTHON ${Python3_EXECUTABLE})
+endif()
+set(Slicer_LAUNCHER_EXECUTABLE ${STANDIN_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/slicer_launcher.py)
+set(Slicer_QTLOADABLEMODULES_LIB_DIR "${Slicer_LIB_DIR}/qt-loadable-modules")
+set(Slicer_CLIMODULES_LIB_DIR "${Slicer_LIB_DIR}/cli-modules")
 set(Slicer_FOUND TRUE)

@@ -1,6 +1,9 @@
 # Stand-in for Slicer's SlicerExtensionCPack.cmake (Slicer/Slicer 583e9b3): the same sanity checks (non-empty
 # EXTENSION_NAME, Slicer_REVISION, Slicer_OS, Slicer_ARCHITECTURE; EXTENSION_README_FILE and EXTENSION_LICENSE_FILE
-# exist), then the extension description (the real one generates <name>.s4ext for the extensions index).
+# exist), then the extension description (the real one generates <name>.s4ext for the extensions index), and, as
+# Slicer v5.10.0's, the launcher's additional module paths: this build tree's and, for each EXTENSION_DEPENDS entry
+# other than NA, the build tree in <dep>_DIR (written to AdditionalModulePaths.txt, one per line; a dependency
+# whose <dep>_DIR is not set gives an empty folder there, as the real list does).
 foreach(_var EXTENSION_NAME Slicer_REVISION Slicer_OS Slicer_ARCHITECTURE)
   if("${${_var}}" STREQUAL "")
     message(FATAL_ERROR "error: ${_var} is either NOT defined or empty.")
@@ -16,3 +19,19 @@ foreach(_var HOMEPAGE CATEGORY CONTRIBUTORS DESCRIPTION ICONURL SCREENSHOTURLS D
   string(APPEND _description "${_var} ${EXTENSION_${_var}}\n")
 endforeach()
 file(WRITE ${CMAKE_BINARY_DIR}/${EXTENSION_NAME}.s4ext "${_description}")
+set(_build_dirs ${CMAKE_BINARY_DIR})
+set(_depends ${EXTENSION_DEPENDS})
+list(LENGTH _depends _count)
+if(_count EQUAL 1)
+  string(REPLACE " " ";" _depends "${_depends}")
+endif()
+foreach(_dep ${_depends})
+  if(NOT "${_dep}" STREQUAL "NA")
+    list(APPEND _build_dirs "${${_dep}_DIR}")
+  endif()
+endforeach()
+set(_paths "")
+foreach(_dir IN LISTS _build_dirs)
+  string(APPEND _paths "${_dir}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}\n")
+endforeach()
+file(WRITE ${CMAKE_BINARY_DIR}/AdditionalModulePaths.txt "${_paths}")

@@ -15,6 +15,7 @@ qMRMLTableModel.h; commontk/CTK 868d56c Libs/Widgets):
 """
 
 import inspect
+import queue
 import subprocess
 import threading
 import typing
@@ -495,6 +496,11 @@ class QFileDialog:
         return QFileDialog.nextOpenFileName
 
 
+class QIcon:
+    def __init__(self, path=""):
+        self.path = path
+
+
 class QProcessEnvironment:
     def __init__(self):
         self.values = {}
@@ -521,12 +527,27 @@ class QByteArray(_Bytes):
 
 
 class QProcess(QObject):
-    """Runs the command for real (subprocess); output and ``finished`` are delivered by processEvents(). Made
-    without a parent from Python, it is deleted with its last Python reference (see the module docstring)."""
+    """Runs the command for real (subprocess), as Qt 5's QProcess on Unix does (qtbase 5.15
+    src/corelib/io/qprocess.cpp and qprocess_unix.cpp: ``start``, ``_q_startupNotification``, ``_q_processDied``,
+    ``setErrorAndEmit``, ``cleanup``; as read for /work/shared/notes/slicer-real.md, "Failure paths", 2026-12-07),
+    with the signals delivered by the event loop (processEvents()):
 
-    SIGNALS = ("readyReadStandardOutput", "readyReadStandardError", "finished")
+    - ``started()`` once the child runs; ``processId()`` is its pid until it has ended, 0 before a start and after
+      the exit (``cleanup()`` runs before ``finished`` is emitted);
+    - a program that cannot be executed: ``errorOccurred(FailedToStart)`` only, never ``started`` or ``finished``,
+      ``processId()`` 0, ``errorString()`` saying why;
+    - output streamed: ``readyReadStandardOutput/Error`` as chunks arrive, while the process runs;
+    - a child killed by a signal: ``errorOccurred(Crashed)``, then ``finished(0, CrashExit)`` (the exit code of a
+      signalled child is 0 in Qt 5);
+    - the child stays in the caller's process group (QProcess does not call setsid).
+
+    Made without a parent from Python, it is deleted with its last Python reference (see the module docstring)."""
+
+    SIGNALS = ("readyReadStandardOutput", "readyReadStandardError", "finished", "errorOccurred", "started")
+    FailedToStart, Crashed = 0, 1
+    NormalExit, CrashExit = 0, 1
     live: typing.ClassVar[weakref.WeakSet] = weakref.WeakSet()
-    _running: typing.ClassVar[list] = []  # the "C++ side": (weak process, Popen, output holder), no strong reference to the wrapper
+    _running: typing.ClassVar[list] = []  # the "C++ side": dicts without a strong reference to the wrapper
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -534,6 +555,8 @@ class QProcess(QObject):
         self._cwd = None
         self._out = {"stdout": b"", "stderr": b""}
         self._popen = None
+        self._pid = 0
+        self._errorString = "Unknown error"
         QProcess.live.add(self)
 
     def setProcessEnvironment(self, environment):
@@ -545,23 +568,38 @@ class QProcess(QObject):
     def start(self, program, arguments):
         # QProcess opens stdin as a pipe (ReadWrite by default): the child reads what write() sends until
         # closeWriteChannel() (Qt 5/6 QProcess::start, QIODevice::ReadWrite).
-        self._popen = subprocess.Popen([program, *arguments], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, env=self._environment, cwd=self._cwd,
-                                       start_new_session=True)
-        holder = {}
-        popen = self._popen
-        readers = [threading.Thread(target=lambda k=kind, s=stream: holder.update({k: s.read()}), daemon=True)
-                   for kind, stream in (("stdout", popen.stdout), ("stderr", popen.stderr))]
-        for reader in readers:
+        entry = {"ref": weakref.ref(self), "chunks": queue.Queue(), "readers": [], "started": False}
+        try:
+            self._popen = subprocess.Popen([program, *arguments], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, env=self._environment, cwd=self._cwd)
+        except OSError as error:
+            self._popen = None
+            self._errorString = f"Process failed to start: {error.strerror or error}"
+            entry["failed"] = True
+            QProcess._running.append(entry)
+            return
+        self._pid = self._popen.pid
+        entry["popen"] = self._popen
+        for kind, stream in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
+            reader = threading.Thread(target=QProcess._readChunks, args=(stream, kind, entry["chunks"]), daemon=True)
             reader.start()
-        reader = threading.Thread(target=lambda: [r.join() for r in readers], daemon=True)
-        reader.start()
-        QProcess._running.append((weakref.ref(self), self._popen, holder, reader))
+            entry["readers"].append(reader)
+        QProcess._running.append(entry)
+
+    @staticmethod
+    def _readChunks(stream, kind, chunks):
+        while True:
+            data = stream.read1(65536)
+            if not data:
+                return
+            chunks.put((kind, data))
 
     def write(self, data):
         """QIODevice::write(const QByteArray&): the stand-in accepts only a QByteArray, as the module passes one."""
         if not isinstance(data, QByteArray):
             raise TypeError("QProcess.write expects a QByteArray")
+        if self._popen is None:
+            return -1
         try:
             self._popen.stdin.write(data.data())
             self._popen.stdin.flush()
@@ -570,13 +608,23 @@ class QProcess(QObject):
         return len(data.data())
 
     def closeWriteChannel(self):
+        if self._popen is None:
+            return
         try:
             self._popen.stdin.close()
         except BrokenPipeError:
             pass
 
+    def kill(self):
+        """QProcess::kill (a slot): SIGKILL to the child itself, nothing when it does not run."""
+        if self._popen is not None and self._pid and self._popen.poll() is None:
+            self._popen.kill()
+
     def processId(self):
-        return self._popen.pid
+        return self._pid
+
+    def errorString(self):
+        return self._errorString
 
     def readAllStandardOutput(self):
         data, self._out["stdout"] = self._out["stdout"], b""
@@ -588,23 +636,42 @@ class QProcess(QObject):
 
     @staticmethod
     def deliver():
-        """Event-loop step: for each finished process, its output, then ``finished(int, QProcess::ExitStatus)``."""
+        """Event-loop step: startup notification, output chunks, then exit (see the class docstring)."""
         for entry in list(QProcess._running):
-            ref, popen, holder, reader = entry
-            if popen.poll() is None or reader.is_alive():
-                continue
-            QProcess._running.remove(entry)
+            ref = entry["ref"]
             process = ref()
             if process is None:
+                QProcess._running.remove(entry)
                 continue
-            process._out = {"stdout": holder.get("stdout", b""), "stderr": holder.get("stderr", b"")}
             signals = process._signals
+            if entry.get("failed"):
+                QProcess._running.remove(entry)
+                del process
+                signals["errorOccurred"].emit(QProcess.FailedToStart)
+                continue
             del process
-            signals["readyReadStandardOutput"].emit()
-            if ref() is not None:
-                signals["readyReadStandardError"].emit()
-            if ref() is not None:
-                signals["finished"].emit(popen.returncode, 0)
+            if not entry["started"]:
+                entry["started"] = True
+                signals["started"].emit()
+            ended = entry["popen"].poll() is not None and not any(r.is_alive() for r in entry["readers"])
+            while ref() is not None:
+                try:
+                    kind, data = entry["chunks"].get_nowait()
+                except queue.Empty:
+                    break
+                ref()._out[kind] += data
+                signals["readyReadStandardOutput" if kind == "stdout" else "readyReadStandardError"].emit()
+            if not ended or ref() is None:
+                continue
+            QProcess._running.remove(entry)
+            ref()._pid = 0  # cleanup() before finished
+            returncode = entry["popen"].returncode
+            if returncode < 0:
+                signals["errorOccurred"].emit(QProcess.Crashed)
+                if ref() is not None:
+                    signals["finished"].emit(0, QProcess.CrashExit)
+            else:
+                signals["finished"].emit(returncode, QProcess.NormalExit)
 
 
 _originalProcessEvents = QCoreApplication.processEvents

@@ -3,10 +3,13 @@ what only the application has. ``install()`` must run before the module file is 
 
 Each stand-in names the real code it mirrors and behaves as it does where the module depends on it:
 
-- ``slicer.ScriptedLoadableModule`` (Slicer/Slicer 583e9b3, Base/Python/slicer/ScriptedLoadableModule.py): every
-  base class's ``__init__`` calls ``super().__init__()`` with no arguments; the logic's module name is its class
-  name without "Logic"; ``getParameterNode`` finds or adds the singleton ``vtkMRMLScriptedModuleNode`` of
-  ``slicer.mrmlScene``; the widget makes a parent with a layout when given none.
+- ``slicer.ScriptedLoadableModule`` (Slicer/Slicer 583e9b3, and v5.10.0 a2b6d08: Base/Python/slicer/
+  ScriptedLoadableModule.py): every base class's ``__init__`` calls ``super().__init__()`` with no arguments; the
+  module's icon is ``<folder of parent.path>/Resources/Icons/<ModuleName>.svg|.png`` when that file exists; the
+  logic's module name is its class name without "Logic"; ``getParameterNode`` finds or adds the singleton
+  ``vtkMRMLScriptedModuleNode`` of ``slicer.mrmlScene``; the widget given no parent makes one with a layout and
+  calls ``setup()`` itself, inside ``__init__``; every widget connects the module manager's
+  ``moduleAboutToBeUnloaded(QString)`` to ``cleanup()`` (Slicer calls it on unload and at exit).
 - ``slicer.parameterNodeWrapper`` (same commit, Base/Python/slicer/parameterNodeWrapper/wrapper.py,
   guiConnectors.py, parameterPack.py): typed members stored in the node's parameters and references;
   ``connectGui(ui)`` binds the widgets whose ``SlicerParameterName`` names a member: it writes the member into
@@ -16,14 +19,26 @@ Each stand-in names the real code it mirrors and behaves as it does where the mo
   and ``downloadSample`` that verifies a "SHA256:" checksum before loading.
 - ``PyTorchUtils`` (fepegar/SlicerPyTorch f677db9, PyTorchUtils/PyTorchUtils.py, now Slicer/SlicerPyTorch):
   ``PyTorchUtilsLogic().installTorch(askConfirmation, forceComputationBackend, torchVersionRequirement,
-  torchvisionVersionRequirement)``; here it records the call and installs nothing (returns None).
-- ``slicer.util`` dialogs and ``pip_install`` record what they were asked and answer from ``app.answers``.
+  torchvisionVersionRequirement)`` runs ``slicer.util._executePythonModule('light_the_torch', ["install",
+  "torch<spec>", "torchvision<spec>"])`` (blocking; ``subprocess.CalledProcessError`` on failure), then
+  ``import torch`` in Slicer's own process and returns it. Here light-the-torch installs nothing: it records the
+  call, fails when ``app.failures["light_the_torch"]`` is an exit code, and then torch is imported for real (so a
+  fresh Slicer, torch blocked, gets ModuleNotFoundError as a broken install would).
+- ``slicer.util.pip_install`` (Slicer v5.10.0 a2b6d08, Base/Python/slicer/util.py: ``pip_install``,
+  ``_executePythonModule``, ``logProcessOutput``): a string is split as the shell does, a list is taken as
+  arguments, anything else is ValueError; ``PythonSlicer -m pip install ...`` runs blocking and a non-zero exit
+  raises ``subprocess.CalledProcessError``. Here it records the arguments (and the contents of a
+  ``-c``/``--constraint`` file, as pip reads it) and fails when ``app.failures["pip"]`` is an exit code.
+- ``slicer.util`` dialogs record what they were asked and answer from ``app.answers``.
 """
 
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import os
+import shlex
+import subprocess
 import sys
 import tempfile
 import types
@@ -44,9 +59,12 @@ class Application:
     def __init__(self):
         self.dialogs = []  # (kind, text)
         self.answers = {"confirmOkCancelDisplay": False, "confirmYesNoDisplay": False}
-        self.pipInstalls = []
+        self.pipInstalls = []  # the arguments after "install"
+        self.pipConstraints = []  # the lines of each constraints file given to pip
         self.torchInstalls = []
+        self.failures = {}  # "pip" / "light_the_torch": the exit code that command returns
         self.connections = []
+        self._moduleManager = ModuleManager()
         self.slicerUserSettingsFilePath = os.path.join(tempfile.mkdtemp(prefix="slicer-settings-"), "Slicer.ini")
 
     def connect(self, signature, handler):
@@ -54,6 +72,26 @@ class Application:
 
     def commandOptions(self):
         return types.SimpleNamespace(testingEnabled=True)
+
+    def moduleManager(self):
+        return self._moduleManager
+
+
+class ModuleManager(qt.QObject):
+    """qSlicerModuleManager: emits ``moduleAboutToBeUnloaded(QString)`` before a module is unloaded (and at exit)."""
+
+    SIGNALS = ("moduleAboutToBeUnloaded",)
+
+    def unloadModule(self, moduleName):
+        self.moduleAboutToBeUnloaded.emit(moduleName)
+
+
+def _executePythonModule(module, args):
+    """``PythonSlicer -m module args`` as Slicer runs it: blocking, CalledProcessError on a non-zero exit."""
+    commandLine = ["PythonSlicer", "-m", module, *args]
+    exitCode = slicer.app.failures.get(module)
+    if exitCode:
+        raise subprocess.CalledProcessError(exitCode, commandLine)
 
 
 # --------------------------------------------------------------------------- ScriptedLoadableModule
@@ -63,6 +101,12 @@ class ScriptedLoadableModule:
         self.parent = parent
         self.moduleName = self.__class__.__name__
         parent.title, parent.categories, parent.dependencies, parent.contributors = "", [], [], []
+        moduleDir = os.path.dirname(self.parent.path)
+        for iconExtension in (".svg", ".png"):
+            iconPath = os.path.join(moduleDir, "Resources/Icons", self.moduleName + iconExtension)
+            if os.path.isfile(iconPath):
+                parent.icon = qt.QIcon(iconPath)
+                break
         slicer.selfTests[self.moduleName] = self.runTest
 
     def runTest(self, msec=100, **kwargs):
@@ -72,12 +116,15 @@ class ScriptedLoadableModule:
 
 
 class ModulePanel(qt.QWidget):
-    """The parent the application gives a module's widget: a layout, ``isEntered``."""
+    """The parent the application gives a module (``path``: the module file, ``icon``) and its widget (a layout,
+    ``isEntered``)."""
 
-    def __init__(self):
+    def __init__(self, path=""):
         super().__init__()
         self._layout = qt.QVBoxLayout()
         self.isEntered = True
+        self.path = path
+        self.icon = None
 
     def layout(self):
         return self._layout
@@ -88,14 +135,25 @@ class ScriptedLoadableModuleWidget:
         super().__init__()
         self.moduleName = self.__class__.__name__
         self.moduleName = self.moduleName.removesuffix("Widget")
-        self.parent = parent if parent is not None else ModulePanel()
+        self.parent = parent if parent else ModulePanel()
         self.layout = self.parent.layout()
+        if not parent:
+            self.setup()
+        slicer.app.moduleManager().connect("moduleAboutToBeUnloaded(QString)", self._onModuleAboutToBeUnloaded)
 
     def setup(self):
         pass
 
     def cleanup(self):
         pass
+
+    def onReload(self):
+        slicer.util.reloadScriptedModule(self.moduleName)
+
+    def _onModuleAboutToBeUnloaded(self, moduleName):
+        if moduleName == self.moduleName:
+            self.cleanup()
+            slicer.app.moduleManager().disconnect("moduleAboutToBeUnloaded(QString)", self._onModuleAboutToBeUnloaded)
 
 
 class ScriptedLoadableModuleLogic:
@@ -306,8 +364,13 @@ class SampleDataLogic:
     def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None, nodeNames=None,
                                        customDownloader=None, thumbnailFileName=None, loadFileTypes=None,
                                        loadFiles=None, loadFileProperties=None, checksums=None, loadFileType=None):
+        """As Slicer v5.10.0's: ``loadFileType`` is the deprecated alias of ``loadFileTypes`` (both: ValueError);
+        the stand-in records which one was used."""
+        if loadFileType is not None and loadFileTypes is not None:
+            raise ValueError("loadFileType and loadFileTypes cannot be specified at the same time")
         SampleDataLogic.sources[sampleName] = {"uris": uris, "fileNames": fileNames, "nodeNames": nodeNames,
-                                                   "checksums": checksums, "loadFileType": loadFileType}
+                                               "checksums": checksums, "loadFileTypes": loadFileTypes or loadFileType,
+                                               "deprecatedLoadFileType": loadFileType is not None}
 
 
 def downloadSample(sampleName):
@@ -325,6 +388,26 @@ class PyTorchUtilsLogic:
                      torchvisionVersionRequirement=None):
         slicer.app.torchInstalls.append({"askConfirmation": askConfirmation, "torch": torchVersionRequirement,
                                          "torchvision": torchvisionVersionRequirement})
+        args = ["install", "torch" + (torchVersionRequirement or ""), "torchvision" + (torchvisionVersionRequirement or "")]
+        _executePythonModule("light_the_torch", args)
+        import torch  # into Slicer's own process, as the real one does
+
+        return torch
+
+
+def pip_install(requirements):
+    if type(requirements) is str:
+        args = ["install", *shlex.split(requirements)]
+    elif type(requirements) is list:
+        args = ["install", *requirements]
+    else:
+        raise ValueError("pip_install requirement input must be string or list")
+    slicer.app.pipInstalls.append(args[1:])
+    for flag, value in itertools.pairwise(args):
+        if flag in ("-c", "--constraint"):
+            with open(value, encoding="utf-8") as file:
+                slicer.app.pipConstraints.append([line.strip() for line in file if line.strip()])
+    _executePythonModule("pip", args)
 
 
 # --------------------------------------------------------------------------- install
@@ -336,6 +419,18 @@ def _module(name, **attributes):
         parent, _, child = name.rpartition(".")
         setattr(sys.modules[parent], child, module)
     return module
+
+
+def reloadScriptedModule(moduleName):
+    """slicer.util.reloadScriptedModule (v5.10.0): re-executes the module's file under its name; nothing else is
+    reloaded (the packages it imports stay in sys.modules)."""
+    import importlib.util
+
+    filePath = sys.modules[moduleName].__file__
+    spec = importlib.util.spec_from_file_location(moduleName, filePath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[moduleName] = module
+    spec.loader.exec_module(module)
 
 
 def childWidgetVariables(widget):
@@ -392,10 +487,12 @@ def install():
 
     slicer.util.loadUI = qt.loadUI
     slicer.util.childWidgetVariables = childWidgetVariables
+    slicer.util.reloadScriptedModule = reloadScriptedModule
     slicer.util.WaitCursor = contextlib.nullcontext
     slicer.util.tryWithErrorDisplay = tryWithErrorDisplay
     for kind in ("errorDisplay", "confirmOkCancelDisplay", "confirmYesNoDisplay", "showStatusMessage", "infoDisplay"):
         setattr(slicer.util, kind, dialog(kind))
-    slicer.util.pip_install = app.pipInstalls.append
+    slicer.util.pip_install = pip_install
+    slicer.util._executePythonModule = _executePythonModule
     slicer.util.restart = lambda: app.dialogs.append(("restart", ""))
     return app

@@ -453,7 +453,7 @@ class ReviewApp:
             session._set_volume_rendering_visible(loaded, False)
         from AnyMC3DSlicerLogic import outputs
 
-        for composite in outputs._nodesByClass(session.scene, "vtkMRMLSliceCompositeNode"):
+        for composite in outputs.nodesByClass(session.scene, "vtkMRMLSliceCompositeNode"):
             composite.SetBackgroundVolumeID(None)
             composite.SetForegroundVolumeID(None)
         session.current = None
@@ -800,10 +800,12 @@ class ReviewApp:
         """A similarity map belongs to the shown case and the click: a case switch removes it (and its nodes)."""
         if self.similarity is None:
             return
+        from AnyMC3DSlicerLogic import outputs
+
         self.similarity.cancel()
         for loaded in self.session.loaded.values():
             for node in self.similarity.similarityNodes(loaded.input_node):
-                self.similarity._removeNode(node)
+                outputs.removeNode(self.session.scene, node)
         self.state.similarity_status = ""
 
     def _similarity_session(self):

@@ -145,11 +145,6 @@ def _node_ids(scene):
     return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
 
-def _nodes_by_class(scene, class_name):
-    collection = scene.GetNodesByClass(class_name)
-    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
-
-
 def record_options(record) -> PredictionOptions:
     """The PredictionOptions a record was made with (what the Logic's readRecord / importResults need)."""
     results = record.get("results") or []
@@ -298,7 +293,7 @@ class ReviewSession:
         started = time.perf_counter()
         preread = preread or {}
         before = _node_ids(self.scene)
-        shared = {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
+        shared = {node.GetID() for node in logic_outputs.nodesByClass(self.scene, "vtkMRMLColorTableNode")
                   if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
         if case.status == "results":
             record = case.record
@@ -325,7 +320,7 @@ class ReviewSession:
             except ValueError as error:
                 raise RecordError(str(error)) from error
         added = _node_ids(self.scene) - before
-        made_shared = {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
+        made_shared = {node.GetID() for node in logic_outputs.nodesByClass(self.scene, "vtkMRMLColorTableNode")
                        if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
         loaded.node_ids = tuple(sorted(added - shared - made_shared))
         loaded.load_seconds = time.perf_counter() - started
@@ -351,7 +346,7 @@ class ReviewSession:
         for other in self.loaded.values():
             if other is not loaded:
                 self._set_volume_rendering_visible(other, False)
-        for composite in _nodes_by_class(self.scene, "vtkMRMLSliceCompositeNode"):
+        for composite in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceCompositeNode"):
             composite.SetBackgroundVolumeID(loaded.input_node.GetID())
         if loaded.outputs is not None:
             self.row = self._default_row(loaded) if previous is not loaded else self.row
@@ -546,7 +541,7 @@ class ReviewSession:
 
     def set_opacity(self, opacity: float):
         self.display.opacity = min(max(float(opacity), 0.0), 1.0)
-        for composite in _nodes_by_class(self.scene, "vtkMRMLSliceCompositeNode"):
+        for composite in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceCompositeNode"):
             composite.SetForegroundOpacity(self.display.opacity)
 
     def jump_to_maximum(self):
@@ -584,7 +579,7 @@ class ReviewSession:
         """
         slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, float(ras[0]), float(ras[1]), float(ras[2]),
                                               slicer.vtkMRMLSliceNode.OffsetJumpSlice)
-        for crosshair in _nodes_by_class(self.scene, "vtkMRMLCrosshairNode"):
+        for crosshair in logic_outputs.nodesByClass(self.scene, "vtkMRMLCrosshairNode"):
             crosshair.SetCrosshairRAS(float(ras[0]), float(ras[1]), float(ras[2]))
             crosshair.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.ShowSmallBasic)
 
@@ -609,7 +604,7 @@ class ReviewSession:
         self.current.input_node.GetRASToIJKMatrix(matrix)
         ras_to_ijk = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
         dims = self.current.input_node.GetImageData().GetDimensions()
-        for slice_node in _nodes_by_class(self.scene, "vtkMRMLSliceNode"):
+        for slice_node in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceNode"):
             m = slice_node.GetSliceToRAS()
             to_ras = np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
             letters = {}
@@ -648,7 +643,7 @@ class ReviewSession:
     def cursor_ras(self):
         """The point where the three slice planes meet (None without three independent slice views)."""
         normals, offsets = [], []
-        for slice_node in _nodes_by_class(self.scene, "vtkMRMLSliceNode"):
+        for slice_node in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceNode"):
             matrix = slice_node.GetSliceToRAS()
             normal = np.array([matrix.GetElement(i, 2) for i in range(3)])
             origin = np.array([matrix.GetElement(i, 3) for i in range(3)])
@@ -672,7 +667,7 @@ class ReviewSession:
         return [int(round(x)) for x in ijk] if rounded else [float(x) for x in ijk]
 
     def slice_offsets(self):
-        return {node.GetName(): float(node.GetSliceOffset()) for node in _nodes_by_class(self.scene, "vtkMRMLSliceNode")}
+        return {node.GetName(): float(node.GetSliceOffset()) for node in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceNode")}
 
     # Runs --------------------------------------------------------------------------------------------------
 
@@ -718,7 +713,7 @@ class ReviewSession:
             if index in self.loaded:
                 self.unload(index)
             added = _node_ids(self.scene) - self._before_poll
-            added -= {node.GetID() for node in _nodes_by_class(self.scene, "vtkMRMLColorTableNode")
+            added -= {node.GetID() for node in logic_outputs.nodesByClass(self.scene, "vtkMRMLColorTableNode")
                       if node.GetName() == logic_outputs.COLOR_TABLE_NAME}
             self.loaded[index] = LoadedCase(index, outputs.inputNode, outputs, tuple(sorted(added)), outputs.folderItem,
                                             record=self.folder.case(index).record)

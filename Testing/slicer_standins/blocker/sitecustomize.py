@@ -4,6 +4,7 @@ ModuleNotFoundError and their distributions have no metadata; each attempt to im
 file ANYMC3D_TEST_BLOCK_LOG (so a test can show that nothing even tried)."""
 
 import importlib.abc
+import importlib.machinery
 import importlib.metadata
 import os
 import sys
@@ -13,13 +14,29 @@ LOG = os.environ.get("ANYMC3D_TEST_BLOCK_LOG")
 
 
 class _Blocker(importlib.abc.MetaPathFinder):
+    """Takes the place of the path finder: a blocked name is not found (``find_spec`` gives None, an import raises
+    ModuleNotFoundError), exactly as for a package that is not installed; other names are found as usual."""
+
+    def __init__(self, pathFinder):
+        self.pathFinder = pathFinder
+
     def find_spec(self, name, path=None, target=None):
         top = name.split(".")[0]
         if top in BLOCKED and top not in sys.modules:
             if LOG:
                 with open(LOG, "a", encoding="utf-8") as log:
                     log.write(f"{os.getpid()} {name}\n")
-            raise ModuleNotFoundError(f"No module named {name!r} (absent in this test)", name=name)
+            return None
+        return self.pathFinder.find_spec(name, path, target)
+
+    def invalidate_caches(self):
+        self.pathFinder.invalidate_caches()
+
+    def find_distributions(self, *args, **kwargs):
+        """Installed distributions (what importlib.metadata reads), the blocked ones left out."""
+        blocked = {name.lower() for name in BLOCKED}
+        return (dist for dist in self.pathFinder.find_distributions(*args, **kwargs)
+                if (dist.metadata["Name"] or "").replace("-", "_").lower() not in blocked)
 
 
 def _hide(function):
@@ -31,6 +48,6 @@ def _hide(function):
 
 
 if BLOCKED:
-    sys.meta_path.insert(0, _Blocker())
+    sys.meta_path[:] = [_Blocker(finder) if finder is importlib.machinery.PathFinder else finder for finder in sys.meta_path]
     importlib.metadata.version = _hide(importlib.metadata.version)
     importlib.metadata.distribution = _hide(importlib.metadata.distribution)
