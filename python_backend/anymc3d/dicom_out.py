@@ -267,7 +267,9 @@ def build_report(record: dict, source: SourceSeries):
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_modality_procedure(str(source.datasets[0].get("Modality", ""))),
         imaging_measurements=_groups(record), title=codes.cid7021.ImagingMeasurementReport,
-        referenced_images=source.datasets)
+        # highdicom 0.28's image library reads a cross-sectional image's geometry at the top level, where an
+        # enhanced multi-frame object has none: such a source is referenced by the evidence sequence alone
+        referenced_images=None if source.multiframe else source.datasets)
     report[0].ContentSequence.append(_research_note())
     sr = hd.sr.Comprehensive3DSR(
         evidence=source.datasets, content=report[0], series_instance_uid=generate_uid(),
