@@ -213,6 +213,7 @@ def _outputs(record):
     return files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ct_axial", "mr_oblique", "ct_uneven", "emr"])
 def test_every_written_object_is_valid_and_says_what_the_record_says(run, name):
     record = _by_folder(run, name)
@@ -225,6 +226,7 @@ def test_every_written_object_is_valid_and_says_what_the_record_says(run, name):
     check_parametric_map(files[1], result["heatmap"], run["series"][name], sr, uneven=name == "ct_uneven")
 
 
+@pytest.mark.slow
 def test_two_series_in_one_folder_each_get_their_own_objects(run):
     a = pydicom.dcmread(run["series"]["two_a"][0]).SeriesInstanceUID
     b = pydicom.dcmread(run["series"]["two_b"][0]).SeriesInstanceUID
@@ -236,6 +238,7 @@ def test_two_series_in_one_folder_each_get_their_own_objects(run):
     assert len({_by_folder(run, "two", uid)["dicom"][0] for uid in (a, b)}) == 2
 
 
+@pytest.mark.slow
 def test_a_series_without_frame_of_reference_and_a_nifti_input_are_one_line_errors_and_the_others_go_on(run):
     assert run["code"] == 1
     record = _by_folder(run, "ct_no_for")
@@ -249,6 +252,7 @@ def test_a_series_without_frame_of_reference_and_a_nifti_input_are_one_line_erro
     assert not [p for p in (run["out"] / "dicom").rglob("*") if ".partial" in p.name or p.is_symlink()]
 
 
+@pytest.mark.slow
 def test_info_prints_the_findings_read_back_from_the_sr(run, capsys):
     record = _by_folder(run, "mr_oblique")
     capsys.readouterr()
@@ -263,6 +267,7 @@ def test_info_prints_the_findings_read_back_from_the_sr(run, capsys):
     assert main(["info", record["dicom"][1]]) == 2  # a Parametric Map is not a report: one-line error, exit 2
 
 
+@pytest.mark.slow
 def test_gradient_maps_give_one_parametric_map_per_finding_from_a_csv_input(demo_dir, run, tmp_path):
     """CSV input, grad_rollout: one map per finding, each equal to its own heatmap file."""
     (tmp_path / "cases.csv").write_text(f"image\n{run['root'] / 'mr_oblique'}\n")
@@ -278,3 +283,92 @@ def test_gradient_maps_give_one_parametric_map_per_finding_from_a_csv_input(demo
         pm = [f for f in files if f.endswith(f"__{label}.dcm")][0]
         assert_valid(Path(pm))
         check_parametric_map(pm, result["finding_heatmaps"][label], run["series"]["mr_oblique"], sr)
+
+
+# ------------------------------------------------------------------------------------------ quick tier: the exporter alone
+def _hand_record(demo_dir, folder, heatmap, plugin_path=None):
+    """A record as predict writes it, with numbers chosen here, for the exporter without a model."""
+    labels = ["lesion", "effusion", "fracture"]
+    probs = {"lesion": 0.91, "effusion": 0.12, "fracture": 0.5}
+    return {"image": str(folder), "status": "ok", "error": None, "slicing_axis": 2, "num_slices": 4, "results": [{
+        "plugin": "demo_findings", "plugin_path": str(plugin_path or demo_dir / "plugin.anymc3d"), "task": "multilabel",
+        "labels": labels, "probabilities": probs, "probabilities_raw": {"lesion": 0.8, "effusion": 0.2, "fracture": 0.45},
+        "thresholds": {k: 0.5 for k in labels}, "decisions": {k: probs[k] >= 0.5 for k in labels}, "slicing_axis": 2,
+        "slice_importance": [0.25] * 4, "heatmap_method": "attention", "heatmap": str(heatmap), "finding_heatmaps": {}}]}
+
+
+def test_export_record_writes_valid_objects_equal_to_a_hand_made_record(demo_dir, tmp_path):
+    """No model: a record and a heatmap made here, exported, validated and read back (quick tier)."""
+    from anymc3d.contract import validate_record
+    from anymc3d.dicom_out import export_record, read_report
+    from anymc3d.preprocessing import read_image
+
+    files = write_series(tmp_path / "ct", _volume((4, 12, 14), 8), direction=OBLIQUE, patient_name="Łukasz^Żółć",
+                         charset="ISO_IR 192")
+    image = read_image(tmp_path / "ct")
+    values = np.random.default_rng(1).random(sitk.GetArrayFromImage(image).shape).astype(np.float32)
+    heat = sitk.GetImageFromArray(values / values.max())
+    heat.CopyInformation(image)
+    sitk.WriteImage(heat, str(tmp_path / "ct__demo_findings.nrrd"))
+    record = validate_record(_hand_record(demo_dir, tmp_path / "ct", tmp_path / "ct__demo_findings.nrrd"))
+    written = export_record(record, tmp_path / "dicom")
+    assert [Path(p).relative_to(tmp_path / "dicom").as_posix() for p in written] == ["ct/sr.dcm",
+                                                                                   "ct/pm__demo_findings.dcm"]
+    for path in written:
+        assert_valid(path)
+    sr = check_sr(record, written[0], files)
+    check_parametric_map(written[1], tmp_path / "ct__demo_findings.nrrd", files, sr)
+    report = read_report(written[0])
+    assert report["patient"] == "Łukasz^Żółć" and report["research_note"]
+    assert [(f["finding"], f["decision"]) for f in report["findings"]] == [("lesion", True), ("effusion", False),
+                                                                          ("fracture", True)]
+
+
+def test_export_never_writes_through_a_link_and_leaves_no_partial_file(demo_dir, tmp_path):
+    from anymc3d.dicom_out import export_record
+    from anymc3d.errors import InputError
+
+    write_series(tmp_path / "ct", _volume((3, 10, 10), 9))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "dicom" / "ct").symlink_to(tmp_path / "elsewhere")
+    record = _hand_record(demo_dir, tmp_path / "ct", None)
+    record["results"][0]["heatmap"] = None
+    with pytest.raises(InputError, match="is a symbolic link"):
+        export_record(record, tmp_path / "dicom")
+    assert not list((tmp_path / "elsewhere").iterdir())
+    written = export_record(record, tmp_path / "dicom2")  # no heatmap: the SR alone
+    assert [Path(p).name for p in written] == ["sr.dcm"]
+    assert not [p for p in (tmp_path / "dicom2").rglob("*") if ".partial" in p.name]
+
+
+def test_a_record_whose_heatmap_is_on_another_grid_is_refused_naming_the_series(demo_dir, tmp_path):
+    from anymc3d.dicom_out import export_record
+    from anymc3d.errors import InputError
+
+    files = write_series(tmp_path / "ct", _volume((4, 12, 12), 10))
+    wrong = sitk.Image(12, 12, 5, sitk.sitkFloat32)  # one slice too many
+    sitk.WriteImage(wrong, str(tmp_path / "h.nrrd"))
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    with pytest.raises(InputError, match=f"series {uid}\\): has 4 slices of 12x12, the predicted volume 5"):
+        export_record(_hand_record(demo_dir, tmp_path / "ct", tmp_path / "h.nrrd"), tmp_path / "dicom")
+    assert not (tmp_path / "dicom" / "ct").exists() or not list((tmp_path / "dicom" / "ct").iterdir())
+
+
+@pytest.mark.slow
+def test_predict_on_ray_writes_the_same_objects(demo_dir, run, tmp_path):
+    """--ray: each worker exports its cases; the objects are valid and say what the records say."""
+    pytest.importorskip("ray")
+    code = main(_predict(demo_dir, run["root"] / "two", run["root"] / "ct_axial", "--heatmap", tmp_path / "heat",
+                         "--dicom", tmp_path / "dicom", "--json", tmp_path / "r.json", "--ray", "--workers", "1"))
+    assert code == 0
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert len(records) == 3
+    for record in records:
+        key = "ct_axial" if record["image"].endswith("ct_axial") else (
+            "two_a" if record["series"] == pydicom.dcmread(run["series"]["two_a"][0]).SeriesInstanceUID else "two_b")
+        files = _outputs(record)
+        for path in files:
+            assert_valid(path, show=False)
+        sr = check_sr(record, files[0], run["series"][key])
+        check_parametric_map(files[1], record["results"][0]["heatmap"], run["series"][key], sr)

@@ -11,7 +11,7 @@ import anymc3d
 #: (subpackage modules by dotted name, e.g. "planecycle.op"; a subpackage's __init__ must stay import-free)
 ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "backbone", "lora", "pooling",
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocessing", "synthetic",
-         "planecycle.features", "augment", "losses", "calibration", "evaluation", "cases", "data", "encoders",
+         "planecycle.features", "augment", "losses", "calibration", "evaluation", "cases", "dicom_out", "data", "encoders",
          "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "train", "demo",
          "scoring", "planecycle.cache", "planecycle.commands", "cli", "__main__"]
 FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "vtkmodules"}
