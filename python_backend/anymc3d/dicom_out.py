@@ -158,6 +158,10 @@ def case_source(case, image, heatmaps: bool) -> SourceSeries:
     """The DICOM source of a case, checked before it is predicted (a case that cannot be exported costs no
     compute): one view, a DICOM series on the grid of the volume read (``image``), with a Frame of Reference
     when ``heatmaps`` are to become Parametric Maps. Raises InputError naming the case or series."""
+    try:
+        import highdicom  # noqa: F401 - only whether the optional extra is installed
+    except ImportError:
+        raise InputError(case.image, "--dicom needs highdicom: pip install 'anymc3d[dicom]'") from None
     if len(case.views) != 1:
         raise InputError(case.image, "--dicom needs a single DICOM series per case (nothing to reference)")
     source = read_source(case.views[0], case.series)
@@ -491,3 +495,43 @@ def print_report(path: os.PathLike | str, as_json: bool = False) -> int:
     report = read_report(path)
     print(json.dumps(report, indent=2, ensure_ascii=False) if as_json else report_text(report, path))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m anymc3d.dicom_out RECORD.json --out DIR [--stem NAME]``: export one record written by
+    ``predict`` (a JSON list holding one record, or the record) as the Slicer module does; prints a JSON list of
+    ``{"path", "sop_instance_uid", "series_instance_uid", "sop_class_uid"}``. Exit 2 with one line on stderr."""
+    import argparse
+    import json
+    import sys
+
+    import pydicom
+
+    from anymc3d.contract import validate_record
+    from anymc3d.errors import AnyMC3DError, one_line
+
+    parser = argparse.ArgumentParser(prog="python -m anymc3d.dicom_out", description=main.__doc__)
+    parser.add_argument("record", type=Path, help="JSON file holding the record (or a list of exactly one).")
+    parser.add_argument("--out", type=Path, required=True, help="Folder of the case folders.")
+    parser.add_argument("--stem", default=None, help="Case folder name (default: from the heatmap file names).")
+    args = parser.parse_args(argv)
+    try:
+        data = json.loads(args.record.read_text(encoding="utf-8"))
+        records = data if isinstance(data, list) else [data]
+        if len(records) != 1:
+            raise AnyMC3DError(f"{args.record}: holds {len(records)} records; give one")
+        written = export_record(validate_record(records[0]), args.out, stem=args.stem)
+    except (AnyMC3DError, OSError, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    described = []
+    for path in written:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        described.append({"path": path, "sop_instance_uid": ds.SOPInstanceUID, "sop_class_uid": ds.SOPClassUID,
+                          "series_instance_uid": ds.SeriesInstanceUID})
+    print(json.dumps(described))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
