@@ -15,7 +15,7 @@ import SimpleITK as sitk
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
 
-from .slicer_standins import dicomlib  # noqa: E402
+from .slicer_standins import dicomlib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def exported(sceneContext, demo, tmp_path):
     from AnyMC3DSlicerLogic.logic import PredictionOutputs
 
     writer = _series_writer()
-    files = writer.write_series(tmp_path / "pacs", np.random.default_rng(0).normal(0, 100, (5, 14, 16)).astype(np.int16),
+    writer.write_series(tmp_path / "pacs", np.random.default_rng(0).normal(0, 100, (5, 14, 16)).astype(np.int16),
                                 patient_name="Müller^Jürgen", charset="ISO_IR 100")
     db = dicomlib.DICOMDatabase(tmp_path / "db")
     assert dicomlib.importDicom(str(tmp_path / "pacs"), db, copyFiles=True)
@@ -80,9 +80,8 @@ def exported(sceneContext, demo, tmp_path):
 
 @pytest.mark.slow
 def test_export_adds_the_sr_and_map_under_the_sources_patient(exported):
-    from AnyMC3DSlicerLogic.dicomexport import exportToDicom
-
     from anymc3d.dicom_out import read_report
+    from AnyMC3DSlicerLogic.dicomexport import exportToDicom
 
     db, outputs = exported["db"], exported["outputs"]
     written = exportToDicom(exported["logic"], outputs, db, importer=dicomlib.importDicom)
@@ -105,7 +104,7 @@ def test_export_adds_the_sr_and_map_under_the_sources_patient(exported):
     image = exported["image"]
     for frame in range(pm.NumberOfFrames):
         position = pm.PerFrameFunctionalGroupsSequence[frame].PlanePositionSequence[0].ImagePositionPatient
-        k = int(round(image.TransformPhysicalPointToContinuousIndex([float(v) for v in position])[2]))
+        k = round(image.TransformPhysicalPointToContinuousIndex([float(v) for v in position])[2])
         np.testing.assert_allclose(position, image.TransformIndexToPhysicalPoint((0, 0, k)), atol=1e-4)
         np.testing.assert_allclose(pm.pixel_array[frame], exported["values"][k], atol=1e-6)
     assert not list(Path(exported["tmp"]).glob("anymc3d-dicom-*"))  # the temporary folder is gone
