@@ -21,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -49,8 +49,8 @@ GEOMETRY_TOLERANCE_MM = 1e-3
 
 def _codes():
     """The coded concepts of the report (imported here: highdicom is an optional extra)."""
-    from pydicom.sr.codedict import codes
     from highdicom.sr import CodedConcept
+    from pydicom.sr.codedict import codes
 
     private = {key: CodedConcept(key, SCHEME, meaning) for key, meaning in (
         ("RAWPROB", "Uncalibrated probability"), ("THRESHOLD", "Decision threshold"),
@@ -82,18 +82,18 @@ class SourceSeries:
     positions: np.ndarray
     orientation: np.ndarray
     pixel_spacing: tuple[float, float]
-    slice_thickness: Optional[float]
+    slice_thickness: float | None
 
     @property
     def multiframe(self) -> bool:
         return len(self.datasets) == 1 and int(getattr(self.datasets[0], "NumberOfFrames", 1) or 1) > 1
 
     @property
-    def frame_of_reference(self) -> Optional[str]:
+    def frame_of_reference(self) -> str | None:
         return getattr(self.datasets[0], "FrameOfReferenceUID", None) or None
 
     @property
-    def even_spacing(self) -> Optional[float]:
+    def even_spacing(self) -> float | None:
         """The slice spacing when the slices are evenly spaced (within the tolerance), else None."""
         steps = np.linalg.norm(np.diff(self.positions, axis=0), axis=1)
         if len(steps) and np.ptp(steps) <= GEOMETRY_TOLERANCE_MM and steps[0] > 0:
@@ -106,7 +106,7 @@ def _first(item, sequence: str):
     return value[0] if value else None
 
 
-def _frame_geometry(ds) -> tuple[np.ndarray, np.ndarray, tuple[float, float], Optional[float]]:
+def _frame_geometry(ds) -> tuple[np.ndarray, np.ndarray, tuple[float, float], float | None]:
     """Positions, orientation, pixel spacing, thickness of a multi-frame object's frames (functional groups)."""
     shared = _first(ds, "SharedFunctionalGroupsSequence")
 
@@ -124,7 +124,7 @@ def _frame_geometry(ds) -> tuple[np.ndarray, np.ndarray, tuple[float, float], Op
             None if thickness in (None, "") else float(thickness))
 
 
-def read_source(folder: os.PathLike | str, series: Optional[str] = None) -> SourceSeries:
+def read_source(folder: os.PathLike | str, series: str | None = None) -> SourceSeries:
     """The headers (no pixel data) of the DICOM series that ``read_image(folder, series=series)`` reads, in the
     same slice order. Raises InputError naming the folder and series when it is not a usable DICOM series."""
     import pydicom
@@ -215,8 +215,12 @@ def _algorithm(result: dict):
 
 
 def _groups(record: dict) -> list:
-    from highdicom.sr import (MeasurementsAndQualitativeEvaluations, Measurement, QualitativeEvaluation,
-                              TrackingIdentifier)
+    from highdicom.sr import (
+        Measurement,
+        MeasurementsAndQualitativeEvaluations,
+        QualitativeEvaluation,
+        TrackingIdentifier,
+    )
     from pydicom.uid import generate_uid
 
     c = _codes()
@@ -237,7 +241,12 @@ def _groups(record: dict) -> list:
 
 def _research_note():
     """The report's statement that it is for research use (a TID 1500 Qualitative Evaluations container)."""
-    from highdicom.sr import CodedConcept, ContainerContentItem, RelationshipTypeValues, TextContentItem
+    from highdicom.sr import (
+        CodedConcept,
+        ContainerContentItem,
+        RelationshipTypeValues,
+        TextContentItem,
+    )
     from pydicom.sr.codedict import codes
 
     container = ContainerContentItem(CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
@@ -299,7 +308,7 @@ def _utf8(dataset):
 
 # ------------------------------------------------------------------------------------------ parametric maps
 def build_parametric_map(heatmap, source: SourceSeries, sr, series_uid: str, number: int, plugin: str,
-                         label: Optional[str]):
+                         label: str | None):
     """A Parametric Map of one heatmap (a SimpleITK image on the source's grid) on the source's geometry, instance
     ``number`` of the maps' series ``series_uid``, referencing the report ``sr``."""
     import highdicom as hd
@@ -346,7 +355,7 @@ def _reference(pm, sr) -> None:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def heatmap_files(record: dict) -> list[tuple[str, Optional[str], str]]:
+def heatmap_files(record: dict) -> list[tuple[str, str | None, str]]:
     """(plugin, finding or None, path) of every heatmap file a record names, each file once."""
     out, seen = [], set()
     for result in record["results"]:
@@ -377,8 +386,8 @@ def case_folder(out_dir: os.PathLike | str, stem: str) -> Path:
     return folder
 
 
-def export_record(record: dict, out_dir: os.PathLike | str, *, stem: Optional[str] = None,
-                  source: Optional[SourceSeries] = None) -> list[str]:
+def export_record(record: dict, out_dir: os.PathLike | str, *, stem: str | None = None,
+                  source: SourceSeries | None = None) -> list[str]:
     """Write a record's SR and one Parametric Map per heatmap file into ``out_dir/<case>/``; returns the paths.
 
     ``source`` (from :func:`read_source`, checked against the predicted volume) is read from the record's image
@@ -465,7 +474,7 @@ def _group_dict(group) -> dict:
     algorithm = {code: text for code, text in texts if code in (codes.DCM.AlgorithmName.value,
                                                                 codes.DCM.AlgorithmVersion.value)}
     parameters = [text for code, text in texts if code == codes.DCM.AlgorithmParameters.value]
-    key = lambda code: (code.value, code.scheme_designator)  # noqa: E731
+    key = lambda code: (code.value, code.scheme_designator)
     return {"plugin": algorithm.get(codes.DCM.AlgorithmName.value), "finding": group.finding_type.value,
             "probability": by_name[key(c["probability"])], "probability_raw": by_name[key(c["rawprob"])],
             "threshold": by_name[key(c["threshold"])], "decision": decision.value.value == c["present"].value,
@@ -497,7 +506,7 @@ def print_report(path: os.PathLike | str, as_json: bool = False) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m anymc3d.dicom_out RECORD.json --out DIR [--stem NAME]``: export one record written by
     ``predict`` (a JSON list holding one record, or the record) as the Slicer module does; prints a JSON list of
     ``{"path", "sop_instance_uid", "series_instance_uid", "sop_class_uid"}``. Exit 2 with one line on stderr."""

@@ -6,8 +6,8 @@ Every attribute the CT Image, MR Image and Enhanced MR Image IODs make type 1 or
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import pydicom
@@ -34,8 +34,8 @@ def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
     return meta
 
 
-def _common(d: Dataset, *, patient_name: str, charset: Optional[str], study_uid: str, series_uid: str,
-            frame_of_reference: Optional[str], modality: str, series_number: int) -> None:
+def _common(d: Dataset, *, patient_name: str, charset: str | None, study_uid: str, series_uid: str,
+            frame_of_reference: str | None, modality: str, series_number: int) -> None:
     if charset is not None:
         d.SpecificCharacterSet = charset
     d.PatientName = patient_name
@@ -77,7 +77,7 @@ def _pixels(d: Dataset, frame: np.ndarray) -> None:
 
 
 def geometry(shape: Sequence[int], spacing: Sequence[float], origin: Sequence[float],
-             direction: np.ndarray, z_positions: Optional[Sequence[float]] = None) -> list[np.ndarray]:
+             direction: np.ndarray, z_positions: Sequence[float] | None = None) -> list[np.ndarray]:
     """Each slice's ImagePositionPatient: ``origin + z * normal`` (``z_positions`` in mm, default k * spacing)."""
     direction = np.asarray(direction, dtype=float).reshape(3, 3)
     zs = [k * spacing[2] for k in range(shape[0])] if z_positions is None else list(z_positions)
@@ -86,8 +86,8 @@ def geometry(shape: Sequence[int], spacing: Sequence[float], origin: Sequence[fl
 
 def write_series(folder: Path, volume: np.ndarray, *, spacing=(0.8, 0.8, 2.5), origin=(-50.0, -40.0, 10.0),
                  direction=np.eye(3), modality: str = "CT", patient_name: str = "Test^Patient",
-                 charset: Optional[str] = None, frame_of_reference: bool = True, z_positions=None,
-                 series_number: int = 1, study_uid: Optional[str] = None, prefix: str = "") -> list[Path]:
+                 charset: str | None = None, frame_of_reference: bool = True, z_positions=None,
+                 series_number: int = 1, study_uid: str | None = None, prefix: str = "") -> list[Path]:
     """One file per slice of ``volume`` (S, R, C int16), sorted on disk in reverse so a reader must sort by position."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

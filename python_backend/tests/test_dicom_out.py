@@ -13,7 +13,6 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
 from anymc3d.cli import main
 from anymc3d.plugin_file import read_plugin_json
 from dicom_series import write_enhanced_mr, write_series
