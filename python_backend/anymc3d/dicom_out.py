@@ -54,8 +54,7 @@ def _codes():
 
     private = {key: CodedConcept(key, SCHEME, meaning) for key, meaning in (
         ("RAWPROB", "Uncalibrated probability"), ("THRESHOLD", "Decision threshold"),
-        ("DECISION", "Decision at threshold"), ("ATTENTION", "Relative attention"),
-        ("RESEARCH", "Research use only"))}
+        ("DECISION", "Decision at threshold"), ("ATTENTION", "Relative attention"))}
     return {"probability": codes.DCM.Probability, "unit": codes.UCUM.NoUnits, "present": codes.SCT.Present,
             "absent": codes.SCT.Absent, **{k.lower(): v for k, v in private.items()}}
 
@@ -329,7 +328,7 @@ def build_parametric_map(heatmap, source: SourceSeries, sr, series_uid: str, num
         source_images=source.datasets, pixel_array=values, series_instance_uid=series_uid,
         series_number=PM_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=number,
         manufacturer=MANUFACTURER, manufacturer_model_name=plugin[:64], software_versions=f"anymc3d {__version__}",
-        device_serial_number=sr.SOPInstanceUID[-16:], contains_recognizable_visual_features=False,
+        device_serial_number=__version__, contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         content_description=f"AnyMC3D heatmap, research use only: {what}"[:64], content_label="HEATMAP",
