@@ -90,3 +90,37 @@ def test_a_link_or_a_file_outside_the_folder_is_never_served(tmp_path):
     folder = CaseFolder(_folder_again(root, [files[0], secret]))  # a record naming a file outside the folder
     status, body, _ = _get(folder, f"/dicom/0?{KEY_PARAMETER}=KEY")
     assert status == 404 and b"not yours" not in body
+
+
+@pytest.mark.slow
+def test_a_real_review_server_serves_what_predict_dicom_wrote(demo_source, tmp_path):
+    """predict --dicom into FOLDER/results/dicom on a DICOM series case, then the review server: the case's zip
+    with its key (the objects predict wrote, byte for byte), nothing without it."""
+    import importlib.util
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from anymc3d_review.testing import ReviewServer, http_status
+
+    spec = importlib.util.spec_from_file_location(
+        "dicom_series", Path(__file__).resolve().parents[2] / "python_backend" / "tests" / "dicom_series.py")
+    series = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(series)
+    root = tmp_path / "review"
+    series.write_series(root / "ct", np.random.default_rng(0).normal(0, 100, (5, 16, 16)).astype(np.int16))
+    completed = subprocess.run([sys.executable, "-m", "anymc3d", "predict", str(root / "ct"), "--backbone",
+                                str(demo_source / "backbone.safetensors"), "--plugin", str(demo_source / "plugin.anymc3d"),
+                                "--heatmap", str(root / "results" / "heatmaps"), "--dicom", str(root / "results" / "dicom"),
+                                "--json", str(root / "results" / "r.json"), "--progress", "none", "--device", "cpu"],
+                               capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    (record,) = json.loads((root / "results" / "r.json").read_text())
+    with ReviewServer(root, log=tmp_path / "server.log") as server:
+        assert http_status(server.base + "dicom/0") == 403
+        with urllib.request.urlopen(server.base + f"dicom/0?{KEY_PARAMETER}={server.key}", timeout=30) as response:
+            body = response.read()
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        assert [n.split("/", 1)[1] for n in archive.namelist()] == [Path(p).name for p in record["dicom"]]
+        assert [archive.read(n) for n in archive.namelist()] == [Path(p).read_bytes() for p in record["dicom"]]
