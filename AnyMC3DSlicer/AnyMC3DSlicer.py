@@ -232,6 +232,10 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpToMaximumButton.connect("clicked(bool)", self.onJumpToMaximum)
         self.ui.jumpToSliceButton.connect("clicked(bool)", self.onJumpToSlice)
         self.ui.batchRunButton.connect("clicked(bool)", self.onBatchRun)
+        self.exportDicomButton, self.lastOutputs = qt.QPushButton(), None  # Export to DICOM (Logic/dicomexport.py)
+        self.exportDicomButton.text, self.exportDicomButton.enabled = _("Export to DICOM"), False
+        self.layout.addWidget(self.exportDicomButton)
+        self.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
 
         self.setupSimilarity()
         self.onPluginFolderChanged(self.ui.pluginFolderPathLineEdit.currentPath)
@@ -470,6 +474,7 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("{ok} of {total} done").format(ok=len(done), total=len(results))
         if done:
             outputs = done[-1].outputs
+            self.lastOutputs, self.exportDicomButton.enabled = outputs, bool(outputs.inputNode.GetAttribute("DICOM.instanceUIDs"))
             self._parameterNode.resultTable = outputs.tableNode
             slicer.modules.plots.logic().ShowChartInLayout(outputs.chartNode)
         self.hideHeatmapsFromInputSelectors()
@@ -480,6 +485,14 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancelButton(self):
         if self.job is not None:
             self.job.cancel()
+
+    def onExportDicom(self):
+        dicomexport = importlib.import_module(LOGIC_PACKAGE + ".dicomexport")
+        try:
+            written = dicomexport.exportToDicom(self.logic, self.lastOutputs, slicer.dicomDatabase)
+        except dicomexport.DicomExportError as error:
+            return slicer.util.errorDisplay(_("Export to DICOM failed: {message}").format(message=str(error)))
+        self.ui.statusLabel.text = _("{n} DICOM objects added to the DICOM database").format(n=len(written))
 
     # Results
 

@@ -41,6 +41,7 @@ from trame_slicer.core import LayoutManager, SlicerApp  # noqa: E402
 from trame_slicer.rca_view import register_rca_factories  # noqa: E402
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 
+from . import dicom_download  # noqa: E402
 from .cases import CaseFolder, RecordError  # noqa: E402
 from .chart import CHART_HEIGHT, CHART_WIDTH, chart_data, colorbar_gradient, slice_from_chart_x  # noqa: E402
 from .guard import AccessGuard, boolean, finite_float, index_below, one_of  # noqa: E402
@@ -170,6 +171,7 @@ class ReviewApp:
         self.server = get_server(server, client_type="vue3")
         self.guard = AccessGuard(access_key)
         self.guard.install(self.server)
+        dicom_download.install(self.server, lambda: self.folder)  # GET dicom/<case>: behind the guard's middleware
         self.server.enable_module(trame_slicer_module)
         self.folder = folder if isinstance(folder, CaseFolder) else CaseFolder(folder)
         self.plugin_reader = PluginInfoReader(self.folder.root, trusted=plugins)
@@ -303,7 +305,8 @@ class ReviewApp:
                              "status": "running" if c.index == running else
                              ("error" if self.session.run_errors.get(c.index) or self.session.load_errors.get(c.index)
                               else c.status),
-                             "error": self.session.case_error(c.index)} for c in self.folder.cases]
+                             "error": self.session.case_error(c.index),
+                             "dicom": bool(isinstance(c.record, dict) and c.record.get("dicom"))} for c in self.folder.cases]
         for item in self.state.cases:
             item["status_text"] = STATUS_TEXT[item["status"]]
             item["color"] = STATUS_COLOR[item["status"]]
@@ -1023,6 +1026,7 @@ class ReviewApp:
                             v3.VChip("{{ r.decision }}", size="x-small",
                                      color=("r.decision === 'positive' ? 'red' : 'grey'",))
             html.Div("No findings for this case.", v_if="!rows.length", classes="text-caption text-grey")
+            dicom_download.link(html)
 
             with html.Div(v_if="rows.length"):
                 v3.VDivider(classes="my-2")

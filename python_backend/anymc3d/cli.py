@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-train", dest="train", action="store_false",
                       help="Skip the trained demo (about two minutes on 2 CPU cores) (default: train).")
 
-    info = sub.add_parser("info", help="Print a plugin's metadata.")
-    info.add_argument("plugin", type=Path, help="Plugin file (.anymc3d) or folder.")
+    info = sub.add_parser("info", help="Print a plugin's metadata, or the findings of an SR written by --dicom.")
+    info.add_argument("plugin", type=Path, help="Plugin file (.anymc3d) or folder, or an SR file (.dcm).")
     info.add_argument("--json", action="store_true", help="Print the plugin.json contents as JSON (default: a summary).")
 
     standby = sub.add_parser("standby", help="Import the backend, then read ONE command line from stdin (a JSON list "
@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                            "last-block CLS attention, for 2D plugins; contribution for lifted-feature plugins).")
     pred.add_argument("--heatmap-format", default=HEATMAP_FORMATS[0], choices=HEATMAP_FORMATS,
                       help="Heatmap file format (default: nii.gz).")
+    pred.add_argument("--dicom", type=Path, default=None, help="Folder for DICOM outputs of DICOM series inputs: per "
+                      "case a TID 1500 SR of the findings and a Parametric Map per heatmap file (docs/dicom.md; "
+                      "default: none).")
     pred.add_argument("--embedding", action="store_true",
                       help="Add each plugin's volume embedding v (C floats) to the JSON records (default: off).")
     pred.add_argument("--json", type=Path, default=None, help="Write the records here: a JSON list, or JSON Lines for a "
@@ -172,6 +175,10 @@ def _cmd_standby(args) -> int:
 
 def _cmd_info(args) -> int:
     from anymc3d.plugin import ensemble_members, read_ensemble_index, read_plugin_metadata
+
+    if args.plugin.suffix.lower() == ".dcm":  # a report written by predict --dicom: its findings
+        from anymc3d.dicom_out import print_report
+        return print_report(args.plugin, as_json=args.json)
 
     members = ensemble_members(args.plugin)
     if len(members) > 1 or members[0] != args.plugin:  # a --folds ensemble folder: its index, then each member
@@ -278,7 +285,8 @@ def _add_ray_options(pred: argparse.ArgumentParser) -> None:
 
 def _prepare_outputs(args) -> None:
     """Create the output folders; a path that cannot be used is a usage error before any case runs."""
-    for folder, flag in ((args.heatmap, "--heatmap"), (None if args.json is None else args.json.parent, "--json")):
+    for folder, flag in ((args.heatmap, "--heatmap"), (None if args.json is None else args.json.parent, "--json"),
+                         (getattr(args, "dicom", None), "--dicom")):
         if folder is None:
             continue
         try:
@@ -335,7 +343,7 @@ def _cmd_predict(args) -> int:
         reporter.case, reporter.image = index, case.image
         record = predict_case(engine, case, names, heatmap_method=args.heatmap_method, heatmap_dir=args.heatmap,
                               heatmap_format=args.heatmap_format, ensemble_plugins=args.ensemble,
-                              embedding=args.embedding, progress=reporter.stage, units=units)
+                              embedding=args.embedding, progress=reporter.stage, units=units, dicom_dir=args.dicom)
         if record["status"] == STATUS_ERROR:
             logger.error("%s", record["error"])
         records.append(record)

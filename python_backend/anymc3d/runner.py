@@ -78,11 +78,12 @@ def combine_units(result: CasePredictions, units: Optional[Sequence[PluginUnit]]
 def predict_case(engine: Engine, case: InputCase, plugins: Sequence[str], *, images=None, heatmap_method: Optional[str] = None,
                  heatmap_dir: Optional[os.PathLike | str] = None, heatmap_format: str = "nii.gz",
                  ensemble_plugins: bool = False, embedding: bool = False, progress: Optional[Progress] = None,
-                 units: Optional[Sequence[PluginUnit]] = None) -> dict:
+                 units: Optional[Sequence[PluginUnit]] = None, dicom_dir: Optional[os.PathLike | str] = None) -> dict:
     """One case from images to its record: read (unless ``images`` are given), predict, heatmaps, record.
 
     ``units`` (from :func:`attach_plugins`): each ``--folds`` ensemble folder gives one prediction, the mean of
-    its members; ``ensemble_plugins`` (``--ensemble``) then averages everything into one.
+    its members; ``ensemble_plugins`` (``--ensemble``) then averages everything into one. ``dicom_dir``: also
+    write the case's DICOM SR and Parametric Maps there (``anymc3d.dicom_out``; the record lists them in ``dicom``).
     Never raises for a bad case: any error becomes the case's error record (one line naming the path), so one
     bad case never costs the others their results. Interrupts (KeyboardInterrupt, SystemExit) still stop the run.
     """
@@ -91,12 +92,18 @@ def predict_case(engine: Engine, case: InputCase, plugins: Sequence[str], *, ima
         if images is None:
             progress("reading", 0, 1)
             images = read_case(case)
+        if dicom_dir:  # checked before predicting: a case that cannot be exported costs no compute
+            from anymc3d.dicom_out import case_source, export_record
+            source = case_source(case, images[0], heatmaps=bool(heatmap_dir))
         result = engine.predict_image(images, list(plugins), heatmap=heatmap_method if heatmap_dir else None,
                                       sources=[str(v) for v in case.views], progress=progress)
         combine_units(result, units, ensemble_plugins)
         files = write_heatmaps(result, heatmap_dir, case.stem, heatmap_format, progress) if heatmap_dir else {}
         progress("writing", 0, 1)
-        return result_record(result, case.image, files, embedding, case.series)
+        record = result_record(result, case.image, files, embedding, case.series)
+        if dicom_dir:
+            record["dicom"] = export_record(record, dicom_dir, stem=case.stem, source=source)
+        return record
     except Exception as error:  # the contract: a bad case is an error record, the batch goes on
         logger.debug("case %s failed", case.image, exc_info=True)
         return error_record(case.image, error_message(case.image, error), case.series)

@@ -48,7 +48,7 @@ INSTALL_HINT = "--ray needs Ray Data: pip install 'anymc3d[ray]' (or pip install
 RUN_FILE = "run.json"          # the options of the run, so --resume refuses a different run
 WORKERS_DIR = ".workers"       # one file per model-worker process (host, pid): operations and the kill test
 #: the options that change a record: a resumed run must have the same
-_RUN_OPTIONS = ("backbone", "plugin", "ensemble", "heatmap", "heatmap_method", "heatmap_format", "embedding")
+_RUN_OPTIONS = ("backbone", "plugin", "ensemble", "heatmap", "heatmap_method", "heatmap_format", "embedding", "dicom")
 
 
 def import_ray():
@@ -79,7 +79,7 @@ def committed(run_dir: Path, case: InputCase) -> bool:
     if record["image"] != case.image or record.get("series") != case.series:
         return False
     files = [r["heatmap"] for r in record["results"] if r["heatmap"]]
-    files += [f for r in record["results"] for f in r["finding_heatmaps"].values()]
+    files += [f for r in record["results"] for f in r["finding_heatmaps"].values()] + record.get("dicom", [])
     return all(Path(f).is_file() for f in files)
 
 
@@ -184,7 +184,7 @@ class ModelWorker:
                 record = predict_case(self.engine, case, self.names, images=pickle.loads(row["images"]),
                                       heatmap_method=o["heatmap_method"], heatmap_dir=o["heatmap"],
                                       heatmap_format=o["heatmap_format"], ensemble_plugins=o["ensemble"],
-                                      embedding=o["embedding"], units=self.units)
+                                      embedding=o["embedding"], units=self.units, dicom_dir=o["dicom"])
             write_record(record_file(self.run_dir, case), record)  # the commit
             out["key"].append(case.key)
             out["status"].append(record["status"])
@@ -315,7 +315,8 @@ def _execute(ray, args, todo: list[InputCase], run_dir: Path, progress: _Progres
                "device": args.device, "chunk_size": args.chunk_size, "run_dir": str(run_dir.resolve()),
                "heatmap_method": args.heatmap_method, "heatmap_format": args.heatmap_format,
                "heatmap": None if args.heatmap is None else str(args.heatmap.resolve()),
-               "ensemble": args.ensemble, "embedding": args.embedding}
+               "ensemble": args.ensemble, "embedding": args.embedding,
+               "dicom": None if args.dicom is None else str(args.dicom.resolve())}
     logger.info("ray run: %d case(s) on %d model worker(s) (%g CPU, %g GPU each)", len(todo), workers, cpus, gpus)
     # The read stage is a task pool of a size other than the actor pool's: Ray Data fuses a task stage into
     # the next actor stage when their sizes and resources agree (operator_fusion.py, _fuse_compute_strategy),

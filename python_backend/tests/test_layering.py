@@ -12,7 +12,7 @@ import anymc3d
 ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "backbone", "lora", "pooling",
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocess_config", "image_reading",
          "image_writing", "intensity", "preprocessing", "synthetic",
-         "planecycle.features", "augment", "losses", "calibration", "evaluation", "data", "cases", "encoders",
+         "planecycle.features", "augment", "losses", "calibration", "evaluation", "data", "cases", "dicom_out", "encoders",
          "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "runner",
          "training.config", "training.distributed", "training.standardize", "training.batching",
          "training.checkpoints", "training.trainer", "training.evaluate", "training.command", "demo",
