@@ -60,6 +60,8 @@ def resolve_backbone(source: os.PathLike | str, cache: Optional[os.PathLike | st
     line that says how to fetch it and where a copy made by hand goes."""
     path = Path(source)
     text = str(source)
+    if path.name == "config.json" and (path.parent / "model.safetensors").is_file():
+        return path.parent  # a transformers checkpoint named by its config (what a file chooser can pick)
     if path.exists() or text not in catalog():
         return path
     if not is_cached(text, cache):
