@@ -36,7 +36,9 @@ from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, make
 from anymc3d.demo import random_plugin
 from anymc3d.engine import Engine
 from anymc3d.plugin import LoadedPlugin, save_plugin
-from anymc3d.preprocessing import PreprocessConfig, to_model_input, write_image_atomic
+from anymc3d.image_writing import write_image_atomic
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.preprocessing import to_model_input
 from anymc3d.synthetic import make_ct_volume
 
 

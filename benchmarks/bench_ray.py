@@ -32,7 +32,7 @@ from anymc3d.cases import expand_inputs
 from anymc3d.demo import random_plugin
 from anymc3d.engine import Engine
 from anymc3d.plugin import save_plugin
-from anymc3d.preprocessing import PreprocessConfig
+from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.records import predict_case, write_records
 from anymc3d.synthetic import make_ct_volume
 

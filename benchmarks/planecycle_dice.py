@@ -31,7 +31,8 @@ from anymc3d.planecycle.features import (
     load_model,
     seed_token,
 )
-from anymc3d.preprocessing import PreprocessConfig, prepare, to_model_input
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.preprocessing import prepare, to_model_input
 from anymc3d.synthetic import make_ct_volume
 from sklearn.metrics import roc_auc_score
 

@@ -106,7 +106,7 @@ class CaseFolder:
         """(path, name, stem, series, unreadable) of each case, from the backend's expansion of FOLDER."""
         from anymc3d.cases import expand_inputs  # the backend's rule (torch is imported with it)
         from anymc3d.errors import InputError
-        from anymc3d.preprocessing import check_image_header
+        from anymc3d.image_reading import check_image_header
 
         found, seen = [], set()
         for case in expand_inputs([str(self.root)]):

@@ -335,7 +335,7 @@ class ReviewSession:
     def _input_node(self, case: Case):
         """A DICOM series case's volume: the Logic's loader on the series' first file (Slicer's archetype reader
         reads the whole series of that file), the files being those the backend reads (``dicom_series_files``)."""
-        from anymc3d.preprocessing import dicom_series_files
+        from anymc3d.image_reading import dicom_series_files
 
         files = dicom_series_files(case.path, case.series)
         if not files:

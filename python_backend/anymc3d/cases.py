@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from anymc3d.contract import IMAGE_SUFFIXES, image_stem
 from anymc3d.errors import InputError
-from anymc3d.preprocessing import dicom_series_ids, link_problem, read_image, scan_folder
+from anymc3d.image_reading import dicom_series_ids, link_problem, read_image, scan_folder
 
 #: the column of a manifest CSV that names the image (the training manifest's format)
 MANIFEST_COLUMN = "image"

@@ -25,7 +25,9 @@ import SimpleITK as sitk
 import torch
 
 from anymc3d.errors import AnyMC3DError, InputError
-from anymc3d.preprocessing import PreprocessConfig, prepare, read_image
+from anymc3d.image_reading import read_image
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.preprocessing import prepare
 
 logger = logging.getLogger(__name__)
 

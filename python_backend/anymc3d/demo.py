@@ -15,7 +15,8 @@ import torch
 from anymc3d.backbone import BackboneSpec, create_backbone, fingerprint, make_load_bearing, save_backbone
 from anymc3d.lora import LoraSettings, add_adapter, adapter_state
 from anymc3d.plugin import PluginConfig, TaskPlugin, save_plugin
-from anymc3d.preprocessing import PreprocessConfig, write_image_atomic
+from anymc3d.image_writing import write_image_atomic
+from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.synthetic import make_ct_volume
 
 DEMO_SPEC = BackboneSpec("dinov2_vits14_reg", img_size=112, depth=6, embed_dim=192, num_heads=3)

@@ -27,7 +27,8 @@ from anymc3d.encoders import ENCODERS
 from anymc3d.lora import add_adapter, load_adapter_state, merge, remove_adapter
 from anymc3d.model import AnyMC3DModel
 from anymc3d.plugin import LoadedPlugin, calibrated_logits, load_plugin, probabilities
-from anymc3d.preprocessing import SliceGeometry, prepare, read_image, validate_image
+from anymc3d.image_reading import read_image, validate_image
+from anymc3d.preprocessing import SliceGeometry, prepare
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free rea
     read_training_summary,
 )
 from anymc3d.pooling import TaskQueryPool
-from anymc3d.preprocessing import PreprocessConfig
+from anymc3d.preprocess_config import PreprocessConfig
 
 FORMAT_VERSION = 1
 TASKS = ("multilabel", "multiclass")

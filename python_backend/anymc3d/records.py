@@ -23,7 +23,7 @@ from anymc3d.contract import STATUS_ERROR, STATUS_OK, RecordError, heatmap_name,
 from anymc3d.engine import CaseResult, Engine, ensemble
 from anymc3d.errors import AnyMC3DError, one_line
 from anymc3d.fileio import write_text_atomic
-from anymc3d.preprocessing import write_image_atomic
+from anymc3d.image_writing import write_image_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -232,7 +232,7 @@ def test_demo_files_are_complete_and_loadable(demo_dir):
     """Each demo file loads with the reader a user's run uses, and the plugin fits the backbone."""
     from anymc3d.backbone import load_backbone
     from anymc3d.plugin import load_plugin
-    from anymc3d.preprocessing import read_image
+    from anymc3d.image_reading import read_image
 
     assert {p.name for p in demo_dir.iterdir()} >= {"backbone.safetensors", "plugin.anymc3d", "volume.nii.gz"}
     with gzip.open(demo_dir / "volume.nii.gz") as f:

@@ -13,7 +13,10 @@ from anymc3d.demo import random_plugin
 from anymc3d.engine import Engine, ensemble
 from anymc3d.errors import AnyMC3DError, InputError
 from anymc3d.plugin import save_plugin
-from anymc3d.preprocessing import PreprocessConfig, prepare, read_image, write_image_atomic
+from anymc3d.image_reading import read_image
+from anymc3d.image_writing import write_image_atomic
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.preprocessing import prepare
 from anymc3d.synthetic import make_ct_volume, random_oblique_direction
 from conftest import SMALL, small_backbone
 

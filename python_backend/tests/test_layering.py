@@ -9,8 +9,10 @@ import anymc3d
 
 #: lowest first; a module may import only modules of a lower rank
 #: (subpackage modules by dotted name, e.g. "planecycle.op"; a subpackage's __init__ must stay import-free)
-ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "layouts", "catalog", "backbone", "imgfocus", "hub", "lora", "pooling",
-         "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocessing", "synthetic",
+ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "layouts", "catalog", "backbone", "imgfocus",
+         "hub", "lora", "pooling",
+         "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocess_config", "image_reading",
+         "image_writing", "intensity", "preprocessing", "synthetic",
          "planecycle.features", "augment", "losses", "calibration", "evaluation", "cases", "data", "encoders",
          "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records",
          "training.config", "training.distributed", "training.standardize", "training.batching",

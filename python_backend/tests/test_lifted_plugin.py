@@ -235,7 +235,8 @@ def test_lesion_changes_the_contribution_map_where_it_is(fitted, side):
     """Exact and local: adding the lesion to a volume (same noise) changes sum_s a_s c_{s,t} by exactly the change
     of the logit, and the largest change is in the lesion's token column half and its slices."""
     from anymc3d.engine import Engine
-    from anymc3d.preprocessing import prepare, read_image
+    from anymc3d.image_reading import read_image
+    from anymc3d.preprocessing import prepare
 
     engine = Engine(fitted["backbone"], device="cpu")
     attached = engine.plugins[engine.add_plugin(fitted["real"])]

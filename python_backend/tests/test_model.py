@@ -18,7 +18,9 @@ from anymc3d.engine import Engine
 from anymc3d.lora import activate, add_adapter, load_adapter_state, merge, merged_adapter, set_trainable, unmerge
 from anymc3d.model import AnyMC3DModel
 from anymc3d.plugin import TaskPlugin, save_plugin
-from anymc3d.preprocessing import prepare, read_image, to_model_input, write_image_atomic
+from anymc3d.image_reading import read_image
+from anymc3d.image_writing import write_image_atomic
+from anymc3d.preprocessing import prepare, to_model_input
 from anymc3d.synthetic import make_ct_volume
 from conftest import small_backbone
 

@@ -21,7 +21,9 @@ from anymc3d.backbone import make_load_bearing, save_backbone
 from anymc3d.planecycle import converter, features, op
 from anymc3d.planecycle.config import PlaneCycleConfig
 from anymc3d.planecycle.converter import PlaneCycleEncoder, lift
-from anymc3d.preprocessing import PreprocessConfig, prepare, read_image, to_model_input
+from anymc3d.image_reading import read_image
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.preprocessing import prepare, to_model_input
 from anymc3d.synthetic import make_ct_volume, random_oblique_direction
 from conftest import small_backbone
 

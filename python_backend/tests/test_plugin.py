@@ -14,7 +14,7 @@ from anymc3d.engine import Engine
 from anymc3d.errors import PluginError
 from anymc3d.plugin import (JSON_NAME, WEIGHTS_NAME, PluginConfig, find_plugins, load_plugin, read_plugin_metadata,
                             save_plugin)
-from anymc3d.preprocessing import PreprocessConfig
+from anymc3d.preprocess_config import PreprocessConfig
 from conftest import small_backbone
 
 

@@ -1,7 +1,9 @@
-"""Tests of anymc3d.preprocessing and anymc3d.synthetic against independent computations."""
+"""Tests of anymc3d.preprocessing (with its config, image reading, intensity and writing modules) and anymc3d.synthetic
+against independent computations."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,9 +14,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from anymc3d import image_reading
 from anymc3d import preprocessing as pp
+from anymc3d.contract import image_stem
 from anymc3d.errors import InputError
-from anymc3d.preprocessing import PreprocessConfig, choose_slice_axis, prepare, read_image, to_model_input
+from anymc3d.image_reading import read_image
+from anymc3d.image_writing import write_image_atomic
+from anymc3d.intensity import normalize_intensity
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.preprocessing import choose_slice_axis, prepare, to_model_input
 from anymc3d.synthetic import make_ct_volume, random_oblique_direction
 
 # ------------------------------------------------------------------------------------------
@@ -128,7 +136,7 @@ def test_config_json_round_trip():
     assert back == config
     assert back.percentiles == (1.0, 99.0)
     assert PreprocessConfig.from_dict(PreprocessConfig().to_dict()) == PreprocessConfig()
-    assert all("help" in f.metadata for f in pp.dataclasses.fields(PreprocessConfig))
+    assert all("help" in f.metadata for f in dataclasses.fields(PreprocessConfig))
 
 
 @pytest.mark.parametrize(
@@ -226,17 +234,17 @@ def test_intensity_modes():
     rng = np.random.default_rng(1)
     voxels = rng.normal(100, 20, size=(6, 8, 8)).astype(np.float32)
     for mode in ("mri_zscore", "mri_percentile", "none"):
-        out = pp.normalize_intensity(voxels, PreprocessConfig(intensity=mode))
+        out = normalize_intensity(voxels, PreprocessConfig(intensity=mode))
         assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
-        assert np.isfinite(pp.normalize_intensity(np.full((3, 3, 3), 7.0), PreprocessConfig(intensity=mode))).all()
-    z = pp.normalize_intensity(voxels, PreprocessConfig(intensity="mri_zscore", zscore_clip=2.0))
+        assert np.isfinite(normalize_intensity(np.full((3, 3, 3), 7.0), PreprocessConfig(intensity=mode))).all()
+    z = normalize_intensity(voxels, PreprocessConfig(intensity="mri_zscore", zscore_clip=2.0))
     foreground = voxels[voxels > np.percentile(voxels, 1)]
     expected = (np.clip((voxels - foreground.mean()) / foreground.std(), -2, 2) + 2) / 4
     np.testing.assert_allclose(z, expected, atol=1e-5)
-    p = pp.normalize_intensity(voxels, PreprocessConfig(intensity="mri_percentile", percentiles=(10, 90)))
+    p = normalize_intensity(voxels, PreprocessConfig(intensity="mri_percentile", percentiles=(10, 90)))
     lo, hi = np.percentile(voxels, (10, 90))
     np.testing.assert_allclose(p, np.clip((voxels - lo) / (hi - lo), 0, 1), atol=1e-5)
-    assert (pp.normalize_intensity(np.full((3, 3, 3), 7.0), PreprocessConfig(intensity="none")) == 0).all()
+    assert (normalize_intensity(np.full((3, 3, 3), 7.0), PreprocessConfig(intensity="none")) == 0).all()
 
 
 # ------------------------------------------------------------------------------------------
@@ -474,16 +482,16 @@ def test_validate_image_in_memory():
     array = np.zeros((3, 4, 5), dtype=np.float32)
     array[0, 0, 0] = np.nan
     with pytest.raises(InputError, match="case7: has 1 NaN or infinite voxels"):
-        pp.validate_image(_image(array), "case7")
+        image_reading.validate_image(_image(array), "case7")
     with pytest.raises(InputError, match="single slice along axis 0"):
-        pp.validate_image(_image(np.zeros((3, 4, 1))))
+        image_reading.validate_image(_image(np.zeros((3, 4, 1))))
     with pytest.raises(InputError, match="2D"):
-        pp.validate_image(sitk.Image([4, 4], sitk.sitkFloat32))
+        image_reading.validate_image(sitk.Image([4, 4], sitk.sitkFloat32))
     singular = _image(np.zeros((3, 4, 5)))
     singular.SetDirection((1, 0, 0, 1, 1e-9, 0, 0, 0, 1))  # ITK refuses det == 0 exactly, not det ~ 0
     with pytest.raises(InputError, match="direction"):
-        pp.validate_image(singular)
-    pp.validate_image(make_ct_volume(size=(8, 8, 4)))
+        image_reading.validate_image(singular)
+    image_reading.validate_image(make_ct_volume(size=(8, 8, 4)))
 
 
 def _write_dicom_series(image, folder, series_number=1, prefix=""):
@@ -539,7 +547,7 @@ def test_read_dicom_series_and_find_images(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / ".a.partial-1.nii.gz").write_bytes(b"")
     (tmp_path / "empty").mkdir()
-    assert pp.find_images(tmp_path) == [tmp_path / "a.nii.gz", tmp_path / "b.nrrd", tmp_path / "ct_series"]
+    assert image_reading.find_images(tmp_path) == [tmp_path / "a.nii.gz", tmp_path / "b.nrrd", tmp_path / "ct_series"]
     with pytest.raises(InputError, match="empty: folder holds no DICOM series"):
         read_image(tmp_path / "empty")
 
@@ -554,7 +562,7 @@ def test_write_image_atomic_preserves_geometry(tmp_path, name):
     image = make_ct_volume(
         size=(9, 8, 5), spacing=(0.7, 0.9, 3.0), origin=(1, 2, 3), direction=random_oblique_direction(2)
     )
-    written = pp.write_image_atomic(image, tmp_path / name)
+    written = write_image_atomic(image, tmp_path / name)
     assert written == tmp_path / name
     assert sorted(os.listdir(tmp_path)) == [name]
     back = sitk.ReadImage(str(written))
@@ -565,7 +573,7 @@ def test_write_image_atomic_preserves_geometry(tmp_path, name):
 def test_write_image_atomic_missing_folder(tmp_path):
     target = tmp_path / "no" / "such" / "heat.nii.gz"
     with pytest.raises(InputError, match=r"heat\.nii\.gz: could not be written"):
-        pp.write_image_atomic(make_ct_volume(size=(4, 4, 3)), target)
+        write_image_atomic(make_ct_volume(size=(4, 4, 3)), target)
     assert os.listdir(tmp_path) == []
 
 
@@ -578,9 +586,9 @@ def test_write_image_atomic_failure_leaves_nothing(tmp_path, monkeypatch):
             handle.write(b"partial")
         raise RuntimeError("ITK ERROR: ImageFileWriter(0x1234): disk full")
 
-    monkeypatch.setattr(pp.sitk, "WriteImage", failing_write)
+    monkeypatch.setattr(sitk, "WriteImage", failing_write)
     with pytest.raises(InputError, match=r"heat\.nii\.gz: could not be written \(disk full\)"):
-        pp.write_image_atomic(make_ct_volume(size=(4, 4, 3)), tmp_path / "heat.nii.gz")
+        write_image_atomic(make_ct_volume(size=(4, 4, 3)), tmp_path / "heat.nii.gz")
     name = os.path.basename(seen[0])
     assert seen and name.startswith(".heat.nii.gz.") and name.endswith(".partial.nii.gz")  # hidden, real suffix
     assert os.listdir(tmp_path) == []
@@ -590,15 +598,15 @@ def test_write_image_atomic_rename_failure_leaves_nothing(tmp_path, monkeypatch)
     def failing_replace(src, dst):
         raise OSError("rename refused")
 
-    monkeypatch.setattr(pp.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(InputError, match="rename refused"):
-        pp.write_image_atomic(make_ct_volume(size=(4, 4, 3)), tmp_path / "heat.nrrd")
+        write_image_atomic(make_ct_volume(size=(4, 4, 3)), tmp_path / "heat.nrrd")
     assert os.listdir(tmp_path) == []
 
 
 def test_write_image_atomic_refuses_detached_header(tmp_path):
     with pytest.raises(InputError, match=r"heat\.mhd"):
-        pp.write_image_atomic(make_ct_volume(size=(4, 4, 3)), tmp_path / "heat.mhd")
+        write_image_atomic(make_ct_volume(size=(4, 4, 3)), tmp_path / "heat.mhd")
     assert os.listdir(tmp_path) == []
 
 
@@ -641,7 +649,7 @@ def test_synthetic_lesion_is_bright_where_asked():
 
 
 def test_image_stem_strips_only_image_suffixes():
-    assert [pp.image_stem(n) for n in ("case1.nii.gz", "CT.NRRD", "a.b.mha", "series.v2", "dicom_folder")] == [
+    assert [image_stem(n) for n in ("case1.nii.gz", "CT.NRRD", "a.b.mha", "series.v2", "dicom_folder")] == [
         "case1", "CT", "a.b", "series.v2", "dicom_folder"]
 
 
@@ -650,7 +658,7 @@ def test_each_dicom_series_of_a_folder_can_be_read_by_its_uid(tmp_path):
     small = sitk.Cast(make_ct_volume(size=(6, 6, 3), spacing=(1.0, 1.0, 3.0), seed=2), sitk.sitkInt16)
     _write_dicom_series(small, tmp_path / "mixed", series_number=1, prefix="a")
     _write_dicom_series(large, tmp_path / "mixed", series_number=2, prefix="b")
-    first, second = pp.dicom_series_ids(tmp_path / "mixed")
+    first, second = image_reading.dicom_series_ids(tmp_path / "mixed")
     for uid, volume in ((first, large), (second, small)):
         image = read_image(tmp_path / "mixed", series=uid)
         np.testing.assert_allclose(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(volume), atol=1e-3)
@@ -663,8 +671,8 @@ def test_scan_folder_reports_broken_links_that_find_images_skips(tmp_path):
     (tmp_path / "gone.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     (tmp_path / "ok_link.nii.gz").symlink_to(tmp_path / "a.nii.gz")
-    images, problems = pp.scan_folder(tmp_path)
-    assert images == pp.find_images(tmp_path) == [tmp_path / "a.nii.gz", tmp_path / "ok_link.nii.gz"]
+    images, problems = image_reading.scan_folder(tmp_path)
+    assert images == image_reading.find_images(tmp_path) == [tmp_path / "a.nii.gz", tmp_path / "ok_link.nii.gz"]
     assert [(p.name, why.split(" (")[0]) for p, why in problems] == [
         ("gone.nii.gz", "is a dangling symbolic link"), ("loop", "is a symbolic link loop")]
     with pytest.raises(InputError, match="loop: is a symbolic link loop"):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from anymc3d.planecycle.config import PlaneCycleConfig
 from anymc3d.planecycle.features import write_features
-from anymc3d.preprocessing import PreprocessConfig
+from anymc3d.preprocess_config import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 

@@ -117,7 +117,7 @@ def register(subparsers) -> None:
 
 
 def _settings(args) -> tuple:
-    from anymc3d.preprocessing import PreprocessConfig
+    from anymc3d.preprocess_config import PreprocessConfig
 
     return PlaneCycleConfig(variant=args.variant, cycle=args.cycle), PreprocessConfig(input_size=args.input_size)
 
@@ -173,7 +173,7 @@ def run_similarity(args) -> int:
         seed_to_slice,
         seed_token,
     )
-    from anymc3d.preprocessing import write_image_atomic
+    from anymc3d.image_writing import write_image_atomic
 
     seeds = list(dict.fromkeys(tuple(seed) for seed in args.seed))  # repeated seeds: one map
     try:

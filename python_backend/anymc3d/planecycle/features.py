@@ -24,13 +24,9 @@ from anymc3d.errors import BackboneError, InputError
 from anymc3d.fileio import atomic_path, write_text_atomic
 from anymc3d.planecycle.config import PlaneCycleConfig
 from anymc3d.planecycle.converter import VolumeFeatures, lift, slicewise_features
-from anymc3d.preprocessing import (
-    PreprocessConfig,
-    SliceGeometry,
-    prepare,
-    read_image,
-    to_model_input,
-)
+from anymc3d.image_reading import read_image
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.preprocessing import SliceGeometry, prepare, to_model_input
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,9 @@ from anymc3d.model import AnyMC3DModel
 from anymc3d.planecycle.config import PlaneCycleConfig
 from anymc3d.planecycle.head import MeanTokenHead
 from anymc3d.plugin import PluginConfig, TaskPlugin, save_plugin
-from anymc3d.preprocessing import PreprocessConfig, prepare, read_image
+from anymc3d.image_reading import read_image
+from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.preprocessing import prepare
 
 logger = logging.getLogger(__name__)
 

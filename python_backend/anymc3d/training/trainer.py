@@ -30,7 +30,7 @@ from anymc3d.lora import LoraSettings, adapter_state, add_adapter, remove_adapte
 from anymc3d.losses import FocalLossConfig, dice_ce_loss, focal_loss
 from anymc3d.model import AnyMC3DModel
 from anymc3d.plugin import ENSEMBLE_INDEX, PluginConfig, TaskPlugin, probabilities, save_plugin
-from anymc3d.preprocessing import PreprocessConfig
+from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.training.batching import case_seed, collate
 from anymc3d.training.checkpoints import (CHECKPOINT_VERSION, checkpoint_path, log_path, read_checkpoint,
                                           write_checkpoint)
