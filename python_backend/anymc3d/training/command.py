@@ -41,8 +41,10 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"Focal-loss alpha (default: {d.alpha}).")
     p.add_argument("--input-size", type=int, default=None, help="Slice size in pixels (default: the backbone's img_size).")
     p.add_argument("--num-slices", type=int, default=None, help="Resample each volume to this many slices (default: keep).")
-    p.add_argument("--intensity", default=d.intensity, choices=["ct", "mri_zscore", "mri_percentile", "none"],
-                   help=f"Intensity mapping (default: {d.intensity}).")
+    p.add_argument("--intensity", default=d.intensity, choices=["auto", "ct", "mri_zscore", "mri_percentile", "none"],
+                   help="Intensity mapping: auto = chosen per image, the CT window (--window) for a CT in Hounsfield "
+                   "units (its modality tag, or air near -1000 in view), else z-score; a forced mapping that blanks an "
+                   f"image is warned about (default: {d.intensity}).")
     p.add_argument("--window", default=d.window, help=f"CT window preset (default: {d.window}).")
     p.add_argument("--no-augment", action="store_true", help="Turn the 3D augmentation off (default: on).")
     p.add_argument("--no-lora", action="store_true", help="Train queries and head only, no LoRA (default: LoRA on).")

@@ -69,7 +69,7 @@ class Trainer:
         if size % backbone.spec.patch_size:
             raise TrainingError(f"input_size {size} is not a multiple of the patch size {backbone.spec.patch_size}")
         self.recipe = PreprocessConfig(input_size=size, num_slices=config.num_slices, intensity=config.intensity,
-                                       window=config.window if config.intensity == "ct" else None)
+                                       window=config.window if config.intensity in ("ct", "auto") else None)
         self.train_cases = manifest.subset("train")
         self.val_cases = manifest.subset("val")
         if not self.train_cases or not self.val_cases:
