@@ -127,7 +127,7 @@ def test_bad_manifest_is_refused_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_takes_a_plain_timm_state_dict(tmp_path):
+def test_train_and_eval_take_a_plain_timm_state_dict_and_show_progress(tmp_path):
     """The file as users have it (a plain timm state dict of a published size, no metadata): train names its
     architecture from the tensors (``--arch`` is checked, not needed) and the plugin records the same fingerprint."""
     import safetensors.torch
@@ -135,7 +135,7 @@ def test_train_takes_a_plain_timm_state_dict(tmp_path):
 
     from anymc3d.backbone import load_backbone, make_load_bearing
 
-    manifest = write_task(tmp_path / "data", 6, seed=3, splits=split_list(4, 2, 0))
+    manifest = write_task(tmp_path / "data", 8, seed=3, splits=split_list(4, 2, 2))
     model = make_load_bearing(timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=28))
     plain = tmp_path / "plain.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(plain))
@@ -143,8 +143,16 @@ def test_train_takes_a_plain_timm_state_dict(tmp_path):
     assert r.returncode != 0 and "holds dinov2_vits14, but --arch dinov2_vitb14 was given" in r.stderr
     out = tmp_path / "p.anymc3d"
     r = _run("train", str(manifest), "--backbone", str(plain), "--arch", "vit_small_patch14_dinov2", "--out", str(out),
-             "--epochs", "1", "--num-slices", "2", "--no-augment", "--no-progress")
+             "--epochs", "1", "--num-slices", "2", "--no-augment")
     assert r.returncode == 0, r.stderr[-2000:]
+    # every pass shows progress per volume: the statistics pass, the epoch (with its loss), the validation
+    assert "statistics (embedding mean and std of the training volumes, once)" in r.stderr
+    assert "epoch 1/1" in r.stderr and "validation" in r.stderr
+    assert "epoch 1/1: training loss" in r.stderr and "validation AUROC" in r.stderr
     meta = read_plugin_metadata(out)
     assert meta["backbone"]["name"] == "dinov2_vits14" and meta["backbone"]["img_size"] == 28
     assert meta["backbone_fingerprint"] == load_backbone(plain).fingerprint
+    r = _run("eval", str(manifest), "--backbone", str(plain), "--plugin", str(out), "--out", str(tmp_path / "ev"),
+             "--bootstrap", "20")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "eval, plugin 1 of 1" in r.stderr  # the eval pass shows its progress too
