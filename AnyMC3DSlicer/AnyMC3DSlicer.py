@@ -238,8 +238,24 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
 
         self.setupSimilarity()
+        self.ui.getBackboneButton.connect("clicked(bool)", self.onGetBackbone)  # Logic/backbones.py
         self.onPluginFolderChanged(self.ui.pluginFolderPathLineEdit.currentPath)
         self.initializeParameterNode()
+
+    def onGetBackbone(self):
+        rows = LogicPackage.listBackbones()
+        labels = [LogicPackage.backbones.describe(row) for row in rows]
+        label = qt.QInputDialog.getItem(slicer.util.mainWindow(), _("Get backbone"), _("Backbone:"), labels, 0, False)
+        if label in labels:
+            name = rows[labels.index(label)]["name"]
+            self.startJob(lambda onProgress, onFinished: LogicPackage.BackboneDownload(
+                self.logic, name, onProgress, lambda result: self.onBackboneFetched(result, onFinished)).start())
+
+    def onBackboneFetched(self, result, onFinished):
+        if result.status == "ok":
+            self.ui.backbonePathLineEdit.currentPath = result.weightsFile
+        onFinished(result)  # buttons, progress bar and the status line as for any job
+        self.ui.statusLabel.text = result.message
 
     def setupSimilarity(self):
         """The "Similarity from point" section: a Markups point on the input volume starts ``anymc3d similarity`` in the background
@@ -472,7 +488,7 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelled: the scene is unchanged") if not done else _("Cancelled")
         else:
             self.ui.statusLabel.text = _("{ok} of {total} done").format(ok=len(done), total=len(results))
-        if done:
+        if done and done[-1].outputs is not None:  # a fetched backbone adds nothing to the scene
             outputs = done[-1].outputs
             self.lastOutputs, self.exportDicomButton.enabled = outputs, bool(outputs.inputNode.GetAttribute("DICOM.instanceUIDs"))
             self._parameterNode.resultTable = outputs.tableNode

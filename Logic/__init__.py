@@ -4,6 +4,7 @@
 Importable without Qt (slicer-core is enough); the Widget in ``AnyMC3DSlicer/AnyMC3DSlicer.py`` wires it to the GUI.
 """
 
+from .backbones import BackboneDownload, BackboneResult, listBackbones
 from .dependencies import DependencyChecker, InstallError
 from .logic import (
     AnyMC3DSlicerLogic,
@@ -38,3 +39,4 @@ __all__ = [
 ]
 __all__ += ["COLOR_TABLE_NAME", "nodeRole", "nodesByClass", "removeNode"]
 __all__ += ["SimilarityJob", "SimilarityOptions", "SimilarityPointController", "SimilarityResult", "SimilaritySession"]
+__all__ += ["BackboneDownload", "BackboneResult", "listBackbones"]

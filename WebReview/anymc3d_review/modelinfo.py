@@ -13,7 +13,8 @@ The image's modality: the DICOM Modality tag (0008,0060) of a DICOM series case,
 field; other formats (NIfTI, NRRD) carry none. When the plugin expects CT or MR and the image states no modality,
 the intensities say whether the image can be a CT in Hounsfield units: a CT has air near -1000 HU around the body,
 so an image whose lowest value is above ``CT_MINIMUM_HU`` is no CT in HU, and one with values at or below
-``MR_SUSPICIOUS_MINIMUM`` is no MR magnitude image. Both are checks of the preprocessing's assumption, said so.
+``HU_AIR_MAXIMUM`` is no MR magnitude image (``anymc3d.intensity.modality_from_intensities``, the rule the
+backend's ``intensity="auto"`` uses). Both are checks of the preprocessing's assumption, said so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 from pathlib import Path
 
 from anymc3d.errors import PluginError
+from anymc3d.intensity import modality_from_intensities  # the one rule: is an image a CT in HU?
 from anymc3d.plugin_file import read_plugin_json, read_training_summary, training_lines
 
 logger = logging.getLogger("anymc3d.review")
@@ -34,8 +36,6 @@ INTENSITY_MODALITY = {"ct": "CT", "mri_zscore": "MR", "mri_percentile": "MR"}
 METAIMAGE_MODALITY = {"MET_MOD_CT": "CT", "MET_MOD_MR": "MR", "MET_MOD_NM": "NM", "MET_MOD_US": "US"}
 MODALITY_NAMES = {"CT": "CT", "MR": "MRI", "PT": "PET", "NM": "nuclear medicine", "US": "ultrasound", "CR": "radiograph",
                   "DX": "radiograph"}
-CT_MINIMUM_HU = -200.0         # a CT in HU has air (about -1000) or at least fat (about -100) in view
-MR_SUSPICIOUS_MINIMUM = -500.0  # magnitude MR images are not negative; HU air is
 UNTRAINED = "untrained: probabilities mean nothing"
 
 
@@ -198,11 +198,11 @@ def modality_warnings(plugins: list[PluginInfo], image_code: str, image_source: 
         if scalar_range is None:
             continue
         low = float(scalar_range[0])
-        if info.modality == "CT" and low > CT_MINIMUM_HU:
+        if info.modality == "CT" and modality_from_intensities(low) == "MR":
             warnings.append(f"{info.name} is meant for CT in Hounsfield units; this image states no modality and its "
                             f"lowest value is {low:.0f} (a CT has air near -1000 HU): probably not a CT, its findings "
                             "may not apply")
-        elif info.modality == "MR" and low <= MR_SUSPICIOUS_MINIMUM:
+        elif info.modality == "MR" and modality_from_intensities(low) == "CT":
             warnings.append(f"{info.name} is meant for MRI; this image states no modality and has values down to "
                             f"{low:.0f}, like a CT in Hounsfield units: its findings may not apply")
     return warnings

@@ -1,15 +1,17 @@
 """Frozen 2D foundation backbones (DINOv2 / DINOv3 from timm), local weight loading and fingerprints.
 
-The backbone is built by timm from a short name and never edited; weights come only from a local
-file (safetensors, or an official ``.pth`` read with ``weights_only=True``), mapped by the family's
-own timm ``checkpoint_filter_fn`` and loaded strictly. A fingerprint of the loaded weights lets a
-plugin refuse a backbone it was not made for.
+The backbone is built by timm from a short name and never edited; weights come only from local files
+(our safetensors, a plain timm state dict, an official ``.pth`` read with ``weights_only=True``, or a
+transformers checkpoint folder; see :mod:`anymc3d.layouts`) or a cached catalog name (:mod:`anymc3d.catalog`),
+mapped by the family's own timm ``checkpoint_filter_fn`` and loaded strictly. A fingerprint of the loaded
+weights lets a plugin refuse a backbone it was not made for.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,26 +23,12 @@ import timm
 import torch
 from torch import nn
 
+from anymc3d.catalog import resolve_backbone
 from anymc3d.errors import BackboneError
 from anymc3d.fileio import atomic_path
+from anymc3d.layouts import BACKBONES, infer_architecture, name_for_arch, read_checkpoint, read_state
 
 logger = logging.getLogger(__name__)
-
-#: short name -> timm architecture. DINOv3 maps to timm's bias-free variants on purpose: the ``_qkvb``
-#: variants compute qkv with ``F.linear(x, qkv.weight)``, which would bypass a LoRA wrapper on ``qkv``.
-BACKBONES: dict[str, str] = {
-    "dinov2_vits14": "vit_small_patch14_dinov2",
-    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2",
-    "dinov2_vitb14": "vit_base_patch14_dinov2",
-    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
-    "dinov2_vitl14": "vit_large_patch14_dinov2",
-    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2",
-    "dinov2_vitg14": "vit_giant_patch14_dinov2",
-    "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
-    "dinov3_vits16": "vit_small_patch16_dinov3",
-    "dinov3_vitb16": "vit_base_patch16_dinov3",
-    "dinov3_vitl16": "vit_large_patch16_dinov3",
-}
 
 #: safetensors metadata key under which our own backbone files record their architecture.
 SPEC_METADATA_KEY = "anymc3d.backbone"
@@ -127,44 +115,47 @@ def patch_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
 
 def read_weights(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a state dict and its metadata from safetensors or a ``.pth`` file, never unpickling objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneError(f"{path}: backbone weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            with safetensors.safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            metadata = {}
-    except Exception as exc:
-        raise BackboneError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from exc
-    for key in ("teacher", "model", "state_dict"):  # official checkpoints sometimes nest the weights
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneError(f"{path}: not a state dict of tensors")
-    state = {k.removeprefix("backbone."): v for k, v in state.items()}
-    return state, metadata
+    return read_state(Path(path))
 
 
 def spec_from_file(path: os.PathLike | str) -> Optional[BackboneSpec]:
-    """The architecture recorded in one of our backbone files, or None for official/third-party files."""
-    path = Path(path)
+    """The architecture a backbone source records: our file's metadata or a transformers folder's config (a
+    catalog name is looked up in the cache first); None for plain and official state dicts."""
+    path = resolve_backbone(path)
+    if path.is_dir():
+        return _recorded_spec(path, *read_checkpoint(path)[1:])
     if path.suffix != ".safetensors" or not path.is_file():
         return None
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(SPEC_METADATA_KEY)
+            metadata = f.metadata() or {}
     except Exception as exc:
         raise BackboneError(f"{path}: cannot read backbone weights ({exc})") from exc
-    if raw is None:
-        return None
+    return _recorded_spec(path, metadata, None)
+
+
+def _recorded_spec(path: Path, metadata: dict, config_spec: Optional[dict]) -> Optional[BackboneSpec]:
+    raw = metadata.get(SPEC_METADATA_KEY)
     try:
-        return BackboneSpec.from_dict(json.loads(raw))
+        if raw is not None:
+            return BackboneSpec.from_dict(json.loads(raw))
+        return None if config_spec is None else BackboneSpec(**config_spec)
     except (ValueError, TypeError) as exc:
         raise BackboneError(f"{path}: bad architecture metadata: {exc}") from exc
+
+
+def resolve_spec(path: Path, state: dict, metadata: dict, config_spec: Optional[dict],
+                 spec: Optional[BackboneSpec] = None, arch: Optional[str] = None) -> BackboneSpec:
+    """The architecture to build: ``spec`` (a plugin's), else the one the file records, else the one the tensors
+    show; ``arch`` (a short or timm name) must agree with what the file shows."""
+    found = _recorded_spec(path, metadata, config_spec)
+    if spec is None and found is None:
+        found = BackboneSpec(**infer_architecture(state, path))
+    if arch is not None and found is not None and name_for_arch(arch) != found.name:
+        raise BackboneError(f"{path}: holds {found.name}, but --arch {arch} was given")
+    if spec is not None and found is not None and not found.same_architecture(spec):
+        raise BackboneError(f"{path}: holds {found.name} {found.to_dict()}, but {spec.to_dict()} was asked for")
+    return spec or found
 
 
 def _filter_fn(spec: BackboneSpec):
@@ -184,17 +175,41 @@ def _check_dinov3_qkv_bias(state: dict[str, torch.Tensor], model: nn.Module, pat
                             "does not have; it is not a supported DINOv3 checkpoint")
 
 
-def load_weights(model: nn.Module, spec: BackboneSpec, path: os.PathLike | str, assign: bool = False) -> None:
-    """Load ``path`` into ``model`` strictly, mapping official key layouts with timm's filter.
+def _resize_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The file's absolute position embedding resized to the model's grid as DINOv2 and transformers do it:
+    bicubic, antialiased for the models with registers only. timm's filter always antialiases, a different
+    kernel for the models without (0.5 % off upsampled, 3.6 % from 37x37 to 16x16)."""
+    pos = state.get("pos_embed")
+    if pos is None or getattr(model, "pos_embed", None) is None:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    grid = tuple(model.patch_embed.grid_size)
+    prefix = 1 if math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1 else 0
+    if math.isqrt(pos.shape[1] - prefix) == grid[0] and grid[0] == grid[1]:
+        return state
+    antialias = getattr(model, "num_reg_tokens", 0) > 0
+    resized = resample_abs_pos_embed(pos.float(), new_size=list(grid), num_prefix_tokens=prefix, antialias=antialias)
+    return {**state, "pos_embed": resized.to(pos.dtype)}
+
+
+def load_weights(model: nn.Module, spec: BackboneSpec, path: os.PathLike | str, assign: bool = False,
+                 state: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Load ``path`` (or its already read ``state``) into ``model`` strictly, mapping official key layouts with
+    timm's filter.
 
     ``assign``: the file's tensors (cast to the model's dtypes) become the model's, as a model built on the meta
     device needs; otherwise they are copied into the existing ones."""
     path = Path(path)
-    state, _ = read_weights(path)
+    if state is None:
+        state = read_checkpoint(resolve_backbone(path))[0]
+    state = _resize_pos_embed(state, model)
     if family(spec.name) == "dinov3":
         _check_dinov3_qkv_bias(state, model, path)
+        if not any(name.endswith("q_bias") for name, _ in model.named_parameters()):  # all zero (checked above)
+            state = {k: v for k, v in state.items() if not k.endswith("attn.qkv.bias")}
     try:
-        state = _filter_fn(spec)(state, model)
+        state = _filter_fn(spec)(dict(state), model)  # timm's filter pops from its input
     except Exception as exc:
         raise BackboneError(f"{path}: weights cannot be mapped to {spec.name} ({type(exc).__name__}: {exc})") from exc
     expected = model.state_dict()
@@ -235,25 +250,28 @@ class LoadedBackbone:
     path: Optional[Path] = None
 
 
-def load_backbone(path: os.PathLike | str, spec: Optional[BackboneSpec] = None) -> LoadedBackbone:
-    """Build the architecture (from ``spec``, else from the file's metadata) and load the file into it."""
-    path = Path(path)
-    file_spec = spec_from_file(path)
-    spec = spec or file_spec
-    if spec is None:
-        raise BackboneError(f"{path}: the file does not say which architecture it holds; give the backbone name "
-                            "(it is taken from the plugin when one is given)")
-    if file_spec is not None and not file_spec.same_architecture(spec):
-        raise BackboneError(f"{path}: holds {file_spec.name} {file_spec.to_dict()}, but {spec.to_dict()} was asked for")
+def load_backbone(path: os.PathLike | str, spec: Optional[BackboneSpec] = None,
+                  arch: Optional[str] = None) -> LoadedBackbone:
+    """Build the architecture and load the weights into it: the one loader of every command.
+
+    Args:
+        path: a backbone file (ours, a plain timm state dict, an official checkpoint), a transformers checkpoint
+            folder, or a catalog name cached by ``anymc3d backbone get``.
+        spec: the architecture to build (a plugin's); default: recorded in the file, else read from its tensors.
+        arch: a short or timm name the file must hold (``--arch``); needed by no supported layout, checked.
+    """
+    path = resolve_backbone(path)
+    state, metadata, config_spec = read_checkpoint(path)
+    spec = resolve_spec(path, state, metadata, config_spec, spec, arch)
     # Built on the meta device, the random initialisation (most of the load time: 1.5 s of ViT-S on 2 cores) is
     # skipped, since every weight comes from the file. A buffer made at init and not kept in files (none in the
     # supported families but DINOv3's rotary periods, which timm recomputes) would stay meta: then build for real.
     model = create_backbone(spec, device="meta")
-    load_weights(model, spec, path, assign=True)
+    load_weights(model, spec, path, assign=True, state=state)
     _compute_buffers(model)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         model = create_backbone(spec)
-        load_weights(model, spec, path)
+        load_weights(model, spec, path, state=state)
     return LoadedBackbone(model=model, spec=spec, fingerprint=fingerprint(model), path=path)
 
 

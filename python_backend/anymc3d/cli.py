@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("images", nargs="+", help="Image files, DICOM series folders (one case per series), folders of "
                       "images, or manifest CSVs (an 'image' or 'image_<view>' columns, paths relative to the CSV, "
                       "docs/cli-contract.md); on the command line the views of a multi-view case joined with '+'.")
-    pred.add_argument("--backbone", type=Path, required=True, help="Backbone weights file (required).")
+    pred.add_argument("--backbone", type=Path, required=True, help="Backbone: a weights file (ours, plain timm, "
+                      "official .pth), a transformers checkpoint folder, or a name cached by `anymc3d backbone get` "
+                      "(required).")
     pred.add_argument("--plugin", type=Path, action="append", required=True,
                       help="Plugin file or folder; repeat for several plugins (required).")
     pred.add_argument("--ensemble", action="store_true",
@@ -109,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_ray_options(pred)
     from anymc3d.planecycle.commands import register as add_planecycle_commands; add_planecycle_commands(sub)  # noqa: E702
     from anymc3d.training.command import register as register_training; register_training(sub)  # noqa: E702 (train, eval)
+    from anymc3d.hub import register as register_backbones; register_backbones(sub)  # noqa: E702 (backbone list|get)
     _add_extension_commands(sub)
     return parser
 

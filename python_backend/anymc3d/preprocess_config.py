@@ -19,7 +19,7 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 """CT window presets: name -> (center, width) in HU."""
 
-INTENSITY_MODES = ("ct", "mri_zscore", "mri_percentile", "none")
+INTENSITY_MODES = ("auto", "ct", "mri_zscore", "mri_percentile", "none")
 
 
 def _is_int(value: Any) -> bool:
@@ -65,9 +65,10 @@ class PreprocessConfig:
         },
     )
     intensity: str = field(
-        default="ct",
+        default="auto",
         metadata={
-            "help": "Intensity mapping to [0, 1]: 'ct' (HU window), 'mri_zscore', 'mri_percentile', 'none' (min-max)."
+            "help": "Intensity mapping to [0, 1]: 'auto' (chosen from the image: the CT window for a CT in HU, else "
+            "'mri_zscore'), 'ct' (HU window), 'mri_zscore', 'mri_percentile', 'none' (min-max)."
         },
     )
     window: str | None = field(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from anymc3d.image_reading import PathLike, validate_image
-from anymc3d.intensity import normalize_intensity
+from anymc3d.intensity import image_modality, normalize_intensity, resolve_intensity, warn_if_blank
 from anymc3d.preprocess_config import PreprocessConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -184,7 +184,11 @@ def prepare(
         spacing=tuple(image.GetSpacing()),
         direction=tuple(image.GetDirection()),
     )
-    voxels = normalize_intensity(sitk.GetArrayViewFromImage(oriented), config)  # (K, J, I) oriented
+    raw = sitk.GetArrayViewFromImage(oriented)  # (K, J, I) oriented
+    modality = image_modality({k: image.GetMetaData(k) for k in image.GetMetaDataKeys()})
+    config = resolve_intensity(config, float(raw.min()), modality)
+    voxels = normalize_intensity(raw, config)
+    warn_if_blank(voxels, config, source)
     slices = np.moveaxis(voxels, _numpy_slice_axis(oriented_axis), 0)  # (S, H, W)
     slices = torch.from_numpy(np.ascontiguousarray(slices))
     m = config.input_size

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from scipy.special import expit, logit
 
 from anymc3d.backbone import save_backbone
@@ -123,3 +124,35 @@ def test_bad_manifest_is_refused_before_training(tmp_path):
     assert r.returncode == 2
     assert "line 3: label lesion must be 0 or 1, got '2'" in r.stderr and "line 4: image" in r.stderr and "gone" in r.stderr
     assert not (tmp_path / "p.anymc3d").exists() and not (tmp_path / "p.anymc3d.checkpoint.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_train_and_eval_take_a_plain_timm_state_dict_and_show_progress(tmp_path):
+    """The file as users have it (a plain timm state dict of a published size, no metadata): train names its
+    architecture from the tensors (``--arch`` is checked, not needed) and the plugin records the same fingerprint."""
+    import safetensors.torch
+    import timm
+
+    from anymc3d.backbone import load_backbone, make_load_bearing
+
+    manifest = write_task(tmp_path / "data", 8, seed=3, splits=split_list(4, 2, 2))
+    model = make_load_bearing(timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=28))
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(plain))
+    r = _run("train", str(manifest), "--backbone", str(plain), "--arch", "dinov2_vitb14", "--out", str(tmp_path / "x"))
+    assert r.returncode != 0 and "holds dinov2_vits14, but --arch dinov2_vitb14 was given" in r.stderr
+    out = tmp_path / "p.anymc3d"
+    r = _run("train", str(manifest), "--backbone", str(plain), "--arch", "vit_small_patch14_dinov2", "--out", str(out),
+             "--epochs", "1", "--num-slices", "2", "--no-augment")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # every pass shows progress per volume: the statistics pass, the epoch (with its loss), the validation
+    assert "statistics (embedding mean and std of the training volumes, once)" in r.stderr
+    assert "epoch 1/1" in r.stderr and "validation" in r.stderr
+    assert "epoch 1/1: training loss" in r.stderr and "validation AUROC" in r.stderr
+    meta = read_plugin_metadata(out)
+    assert meta["backbone"]["name"] == "dinov2_vits14" and meta["backbone"]["img_size"] == 28
+    assert meta["backbone_fingerprint"] == load_backbone(plain).fingerprint
+    r = _run("eval", str(manifest), "--backbone", str(plain), "--plugin", str(out), "--out", str(tmp_path / "ev"),
+             "--bootstrap", "20")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "eval, plugin 1 of 1" in r.stderr  # the eval pass shows its progress too

@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anymc3d.backbone import (
-    BACKBONES,
-    BackboneSpec,
-    fingerprint,
-    load_backbone,
-    read_weights,
-)
+from anymc3d.backbone import load_backbone
 from anymc3d.errors import BackboneError, InputError
 from anymc3d.fileio import atomic_path, write_text_atomic
 from anymc3d.planecycle.config import PlaneCycleConfig
@@ -46,60 +38,17 @@ MODES = ("planecycle", "slicewise")
 # ------------------------------------------------------------------------------------------------
 
 
-def _timm_filter(model: nn.Module):
-    if isinstance(model, timm.models.eva.Eva):
-        return timm.models.eva.checkpoint_filter_fn
-    return timm.models.vision_transformer.checkpoint_filter_fn
-
-
-def _pos_embed_img_size(model: nn.Module, state: dict[str, Tensor]) -> int | None:
-    """The square input size whose absolute position embedding has the file's shape (None: nothing to match)."""
-    if getattr(model, "pos_embed", None) is None or "pos_embed" not in state:
-        return None
-    prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
-    side = math.isqrt(state["pos_embed"].shape[1] - prefix)
-    if side * side != state["pos_embed"].shape[1] - prefix:
-        return None
-    return side * model.patch_embed.patch_size[0]
-
-
-def load_timm_backbone(path: Path, arch: str) -> nn.Module:
-    """A timm model ``arch`` holding the plain timm state dict in ``path``, loaded strictly.
-
-    The input size is taken from the file's position embedding, so it is used as trained, not resampled.
-    """
-    state, _ = read_weights(path)
-    try:
-        with torch.device("meta"):  # a free probe for the layout of the position embedding
-            probe = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
-        size = _pos_embed_img_size(probe, state)
-        kwargs = {} if size is None else {"img_size": size}
-        model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
-        model.load_state_dict(_timm_filter(model)(state, model), strict=True)
-    except Exception as exc:  # timm/torch raise assorted errors for unknown names and mismatched weights
-        raise BackboneError(f"{path}: cannot load as timm model {arch!r}: {' '.join(str(exc).split())[:300]}") from exc
-    return model.eval().requires_grad_(False)
-
-
 def load_model(path: Path, arch: str | None = None) -> tuple[nn.Module, str]:
-    """The backbone for features: ``(model, fingerprint)``.
+    """The backbone for features: ``(model, fingerprint)``, through the one loader of every command.
 
     Args:
-        path: our backbone file (architecture in its metadata), an official checkpoint, or a plain timm state dict.
-        arch: None (read the architecture from the file), a short name (e.g. 'dinov2_vits14_reg') or a timm
-            model name (e.g. 'vit_small_patch14_reg4_dinov2').
+        path: a backbone file (ours, an official checkpoint, a plain timm state dict), a transformers checkpoint
+            folder or a cached catalog name.
+        arch: None (the architecture from the file or its tensors), a short name (e.g. 'dinov2_vits14_reg') or a
+            timm model name (e.g. 'vit_small_patch14_reg4_dinov2') that the file must hold.
     """
-    if arch is None or arch in BACKBONES:
-        try:
-            loaded = load_backbone(path, BackboneSpec(arch) if arch else None)
-        except BackboneError as exc:
-            if arch is None and "does not say which architecture" in str(exc):
-                raise BackboneError(f"{path}: the file does not say which architecture it holds; give --arch "
-                                    "(a timm model name or one of " + ", ".join(sorted(BACKBONES)) + ")") from None
-            raise
-        return loaded.model, loaded.fingerprint
-    model = load_timm_backbone(Path(path), arch)
-    return model, fingerprint(model)
+    loaded = load_backbone(path, arch=arch)
+    return loaded.model, loaded.fingerprint
 
 
 def read_npy_volume(path: Path) -> Tensor:

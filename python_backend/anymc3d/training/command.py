@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from anymc3d.contract import TASKS
+from anymc3d.backbone import load_backbone
 from anymc3d.training.config import TrainConfig, TrainingError
 from anymc3d.training.evaluate import evaluate_plugin
 from anymc3d.training.trainer import train
@@ -19,7 +20,12 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="Train a task plugin on a manifest (CSV of images and labels).")
     p.add_argument("manifest", type=Path, help="Manifest CSV: image (or image_<view>) columns, label columns, "
                    "optional split and mask columns; paths relative to the CSV.")
-    p.add_argument("--backbone", type=Path, required=True, help="Backbone weights file (required; never rewritten).")
+    p.add_argument("--backbone", type=Path, required=True, help="Backbone: a weights file (ours, plain timm, official "
+                   ".pth), a transformers checkpoint folder, or a name cached by `anymc3d backbone get` (required; "
+                   "never rewritten).")
+    p.add_argument("--arch", default=None, help="Architecture the backbone must hold, a short name (e.g. "
+                   "dinov2_vits14) or timm name; checked, never needed: it is read from the file or its tensors "
+                   "(default: as read).")
     p.add_argument("--out", type=Path, required=True, help="Plugin to write (.anymc3d file, or a folder); with "
                    "--folds K, a folder of K plugins and ensemble.json.")
     p.add_argument("--labels", default=None, help="Comma-separated label columns (default: every other column).")
@@ -36,8 +42,10 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"Focal-loss alpha (default: {d.alpha}).")
     p.add_argument("--input-size", type=int, default=None, help="Slice size in pixels (default: the backbone's img_size).")
     p.add_argument("--num-slices", type=int, default=None, help="Resample each volume to this many slices (default: keep).")
-    p.add_argument("--intensity", default=d.intensity, choices=["ct", "mri_zscore", "mri_percentile", "none"],
-                   help=f"Intensity mapping (default: {d.intensity}).")
+    p.add_argument("--intensity", default=d.intensity, choices=["auto", "ct", "mri_zscore", "mri_percentile", "none"],
+                   help="Intensity mapping: auto = chosen per image, the CT window (--window) for a CT in Hounsfield "
+                   "units (its modality tag, or air near -1000 in view), else z-score; a forced mapping that blanks an "
+                   f"image is warned about (default: {d.intensity}).")
     p.add_argument("--window", default=d.window, help=f"CT window preset (default: {d.window}).")
     p.add_argument("--no-augment", action="store_true", help="Turn the 3D augmentation off (default: on).")
     p.add_argument("--no-lora", action="store_true", help="Train queries and head only, no LoRA (default: LoRA on).")
@@ -56,7 +64,8 @@ def register(sub) -> None:
 
     e = sub.add_parser("eval", help="Evaluate a plugin on a manifest: metrics JSON + CSV, ROC curves (PNG).")
     e.add_argument("manifest", type=Path, help="Manifest CSV (its test split is evaluated; all cases without one).")
-    e.add_argument("--backbone", type=Path, required=True, help="Backbone weights file (required).")
+    e.add_argument("--backbone", type=Path, required=True, help="Backbone: a weights file, a transformers checkpoint "
+                   "folder, or a name cached by `anymc3d backbone get` (required).")
     e.add_argument("--plugin", type=Path, required=True, help="Plugin file or folder, or a --folds ensemble folder (required).")
     e.add_argument("--out", type=Path, required=True, help="Folder for metrics.json, metrics.csv, roc_*.png (required).")
     e.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% CIs (default: 1000).")
@@ -84,7 +93,8 @@ def _cmd_train(args) -> int:
     if os.environ.get("LOCAL_RANK") is not None and device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     labels = args.labels.split(",") if args.labels else None
-    results = train(args.manifest, args.backbone, args.out, config, labels=labels, device=device, resume=args.resume,
+    backbone = load_backbone(args.backbone, arch=args.arch)
+    results = train(args.manifest, backbone, args.out, config, labels=labels, device=device, resume=args.resume,
                     folds=args.folds, progress=not args.no_progress, task=args.task)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"plugin": str(args.out), "val_auroc": [r.summary["best_val_auroc"] for r in results],

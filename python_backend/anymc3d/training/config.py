@@ -35,7 +35,7 @@ class TrainConfig:
     aux_seg: Optional[bool] = None       # None: on when some training cases have masks
     input_size: Optional[int] = None     # None: the backbone's img_size
     num_slices: Optional[int] = None     # None: keep each volume's slice count
-    intensity: str = "ct"
+    intensity: str = "auto"
     window: Optional[str] = "soft_tissue"
     chunk_size: int = 32
     val_fraction: float = 0.25           # without a split column

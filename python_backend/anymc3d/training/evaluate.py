@@ -17,6 +17,15 @@ from anymc3d.training.batching import collate
 from anymc3d.training.config import TrainingError
 
 
+def _volumes(cases, desc: str):
+    """``cases`` with a bar on stderr, one tick per volume, so that a long pass shows progress within seconds."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(cases, desc=desc, unit="volume", file=sys.stderr, leave=False, mininterval=1.0)
+
+
 @torch.no_grad()
 def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugins, device: str = "cpu",
                      chunk_size: int = 32) -> np.ndarray:
@@ -40,7 +49,7 @@ def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugin
         net = AnyMC3DModel(model, head, adapters, kind=config.kind, chunk_size=chunk_size)
         rows = []
         try:
-            for case in cases:
+            for case in _volumes(cases, f"eval, plugin {k + 1} of {len(plugins)}"):
                 item = prepare_case(manifest, case, config.preprocessing)
                 views, masks, _ = collate([item], len(adapters))
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):

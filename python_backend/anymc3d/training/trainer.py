@@ -69,7 +69,7 @@ class Trainer:
         if size % backbone.spec.patch_size:
             raise TrainingError(f"input_size {size} is not a multiple of the patch size {backbone.spec.patch_size}")
         self.recipe = PreprocessConfig(input_size=size, num_slices=config.num_slices, intensity=config.intensity,
-                                       window=config.window if config.intensity == "ct" else None)
+                                       window=config.window if config.intensity in ("ct", "auto") else None)
         self.train_cases = manifest.subset("train")
         self.val_cases = manifest.subset("val")
         if not self.train_cases or not self.val_cases:
@@ -126,12 +126,21 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
+    def _bar(self, iterable, desc: str, total: Optional[int] = None):
+        """A bar on stderr ticking per volume (the main process, when progress is on), so that every pass shows
+        progress within seconds; a pass on a CPU can take minutes."""
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, unit="volume", file=sys.stderr, leave=False, mininterval=1.0,
+                    disable=not self.progress)
+
     @torch.no_grad()
     def _embedding_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and std of the training slices' embeddings (bare backbone: LoRA B is 0)."""
         c = self.backbone.model.embed_dim
         total = torch.zeros(2 * c + 1, dtype=torch.float64)
-        for case in self.train_cases[self.dist.rank::self.dist.world]:
+        mine = self.train_cases[self.dist.rank::self.dist.world]
+        for case in self._bar(mine, "statistics (embedding mean and std of the training volumes, once)"):
             item = self._prepared(case)
             views, masks, _ = collate([item], len(self.adapters))
             with self._autocast():
@@ -195,6 +204,7 @@ class Trainer:
         warmup = int(self.config.warmup_fraction * total_steps)
         loss_sum = torch.zeros(4, dtype=torch.float64)  # loss sum, cases, seg-loss sum, cases with masks
         step = step0
+        bar = self._bar(None, f"epoch {epoch + 1}/{self.config.epochs}", total=len(self.train_cases))
         for micro_batches in self._steps(epoch):
             n_step = sum(len(mb) for mb in micro_batches)
             for g, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -209,6 +219,8 @@ class Trainer:
                 (loss * (len(mb) / n_step)).backward()
                 loss_sum += torch.tensor([value * len(mb), len(mb), (seg or 0.0) * len(mb), len(mb) if seg is not None else 0],
                                          dtype=torch.float64)
+                bar.update(len(mb) * self.dist.world)
+                bar.set_postfix(loss=f"{float(loss_sum[0] / max(1.0, float(loss_sum[1]))):.4f}", refresh=False)
             if self.dist.world > 1:
                 flat = torch.cat([p.grad.reshape(-1) for p in params])
                 self.dist.all_sum(flat)
@@ -218,6 +230,7 @@ class Trainer:
                     offset += p.numel()
             self.optimizer.step()
             step += 1
+        bar.close()
         loss_sum = self.dist.all_sum(loss_sum)
         self.last_seg_loss = float(loss_sum[2] / loss_sum[3]) if loss_sum[3] > 0 else None
         return float(loss_sum[0] / max(1.0, float(loss_sum[1]))), step
@@ -228,7 +241,7 @@ class Trainer:
         """Raw logits (N, K) of ``cases`` (no augmentation), in order; shared among processes."""
         self.head.eval()
         mine = {}
-        for i in range(self.dist.rank, len(cases), self.dist.world):
+        for i in self._bar(range(self.dist.rank, len(cases), self.dist.world), "validation"):
             views, masks, _ = collate([self._prepared(cases[i])], len(self.adapters))
             with self._autocast():
                 out = self.model([v.to(self.device) for v in views], masks=[m.to(self.device) for m in masks])
@@ -336,6 +349,9 @@ class Trainer:
             self._save(epoch, step, best, history, stopped)
             if self.dist.main:
                 self._write_log(history)
+            if self.progress:
+                logger.info("epoch %d/%d: training loss %.4f, validation AUROC %.3f (%.0f s)", epoch, self.config.epochs,
+                            loss, metrics["val_auroc"], time.time() - t0)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", val_auroc=f"{metrics['val_auroc']:.3f}")
                 bar.update(1)
