@@ -19,10 +19,20 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MENTION = re.compile(r"anymc3d ([a-z][a-z-]*)((?: [^`|\n]*)?)")
 
 
-def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = cli._parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+def _subparsers(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
+    parser = parser or cli._parser()
+    action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return {} if action is None else dict(action.choices)
+
+
+def _command_parser(parser: argparse.ArgumentParser, rest: str) -> argparse.ArgumentParser:
+    """Descend into nested subcommands (``anymc3d backbone get ...``) named at the start of ``rest``."""
+    for word in rest.split():
+        nested = _subparsers(parser)
+        if word not in nested:
+            break
+        parser = nested[word]
+    return parser
 
 
 def _fenced_lines(text: str) -> list[str]:
@@ -69,7 +79,7 @@ def test_every_mentioned_subcommand_and_flag_exists():
         if sub not in parsers:
             problems.append(f"{doc}: anymc3d {sub}: no such command")
             continue
-        known = {o for a in parsers[sub]._actions for o in a.option_strings}
+        known = {o for a in _command_parser(parsers[sub], rest)._actions for o in a.option_strings}
         for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest):
             if flag not in known:
                 problems.append(f"{doc}: anymc3d {sub} {flag}: no such option")
