@@ -70,7 +70,7 @@ def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBack
     (every case when the manifest has no test split); Youden thresholds from validation (the plugin's
     training summary, or the manifest's val split), never from the evaluated cases."""
     from anymc3d.evaluation import evaluate, write_report
-    from anymc3d.plugin import load_plugin, read_training_summary
+    from anymc3d.plugin import load_plugin
 
     members = ensemble_members(Path(plugin))
     plugins = [load_plugin(p) for p in members]
@@ -92,18 +92,25 @@ def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBack
     if val_cases:
         val_y, val_p = manifest.targets(val_cases), predict_manifest(manifest, val_cases, backbone, plugins, device)
     metrics = evaluate(y, probs, config.labels, config.thresholds, val_y, val_p, bootstrap=bootstrap)
-    summaries = [read_training_summary(p) for p in members]
     if val_cases is None or not val_cases:
-        stored = [s.get("youden_thresholds_validation") if s else None for s in summaries]
-        if len(plugins) == 1 and stored[0]:
-            from anymc3d.evaluation import at_threshold
-
-            yk = one_hot(y, probs.shape[1])
-            for k, label in enumerate(config.labels):
-                t = stored[0][k]
-                metrics["per_label"][label]["youden_threshold_from_validation"] = t
-                metrics["per_label"][label]["at_youden"] = None if t is None else at_threshold(yk[:, k], probs[:, k], t)
+        _stored_youden(metrics, members, config.labels, y, probs)
     metrics.update({"plugin": [str(p) for p in members], "manifest": str(manifest.path),
                     "manifest_sha256": manifest.sha256, "evaluated_split": "test" if manifest.subset("test") else "all"})
     write_report(metrics, y, probs, Path(out))
     return metrics
+
+
+def _stored_youden(metrics: dict, members: list, labels, y: np.ndarray, probs: np.ndarray) -> None:
+    """Without a val split: a single plugin's Youden thresholds stored from its training's validation, and the
+    metrics at them, added per label."""
+    from anymc3d.evaluation import at_threshold
+    from anymc3d.plugin import read_training_summary
+
+    summaries = [read_training_summary(p) for p in members]
+    stored = [s.get("youden_thresholds_validation") if s else None for s in summaries]
+    if len(members) == 1 and stored[0]:
+        yk = one_hot(y, probs.shape[1])
+        for k, label in enumerate(labels):
+            t = stored[0][k]
+            metrics["per_label"][label]["youden_threshold_from_validation"] = t
+            metrics["per_label"][label]["at_youden"] = None if t is None else at_threshold(yk[:, k], probs[:, k], t)
