@@ -23,6 +23,7 @@ from torch import nn
 
 from anymc3d.errors import BackboneError
 from anymc3d.fileio import atomic_path
+from anymc3d.safeio import loads
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def spec_from_file(path: os.PathLike | str) -> Optional[BackboneSpec]:
     if raw is None:
         return None
     try:
-        return BackboneSpec.from_dict(json.loads(raw))
+        return BackboneSpec.from_dict(loads(raw, f"{path}: architecture metadata", max_bytes=1024 ** 2))
     except (ValueError, TypeError) as exc:
         raise BackboneError(f"{path}: bad architecture metadata: {exc}") from exc
 

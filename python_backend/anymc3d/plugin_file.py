@@ -19,11 +19,11 @@ from typing import Optional
 
 from anymc3d.contract import RecordError, check_schema, is_temporary, schema_error
 from anymc3d.errors import PluginError
+from anymc3d.safeio import MAX_JSON_BYTES, check_stored_members, loads, read_limited
 
 JSON_NAME, WEIGHTS_NAME = "plugin.json", "plugin.safetensors"
 PLUGIN_SUFFIX = ".anymc3d"
 MAX_MEMBER_BYTES = 4 * 1024 ** 3
-MAX_JSON_BYTES = 16 * 1024 ** 2
 TRAINING_KEY = "anymc3d.training"  # safetensors metadata key of the optional training summary
 
 
@@ -34,36 +34,39 @@ def plugin_schema() -> dict:
 
 def read_members(path: os.PathLike | str, weights: bool = True) -> tuple[bytes, Optional[bytes]]:
     """(plugin.json bytes, plugin.safetensors bytes) of a plugin file or folder; the weights are None when
-    ``weights`` is False (a listing reads the small JSON member only). Raises PluginError naming the file."""
+    ``weights`` is False (a listing reads the small JSON member only). Sizes (and, in a zip, the members' names and
+    stored method) are checked before a byte is read. Raises PluginError naming the file."""
     path = Path(path)
+    limits = {JSON_NAME: MAX_JSON_BYTES, WEIGHTS_NAME: MAX_MEMBER_BYTES}
     if path.is_dir():
         files = [path / JSON_NAME, path / WEIGHTS_NAME]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise PluginError(f"{path}: plugin folder lacks {', '.join(missing)}")
-        return files[0].read_bytes(), files[1].read_bytes() if weights else None
+        try:
+            return (read_limited(files[0], limits[JSON_NAME]),
+                    read_limited(files[1], limits[WEIGHTS_NAME]) if weights else None)
+        except (OSError, ValueError) as exc:
+            raise PluginError(f"{path}: {exc}") from None
     if not path.is_file():
         raise PluginError(f"{path}: plugin not found")
     try:
         with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
-            if names != {JSON_NAME, WEIGHTS_NAME}:
-                raise PluginError(f"{path}: a plugin file holds exactly {JSON_NAME} and {WEIGHTS_NAME}, found {sorted(names)}")
-            if any(zf.getinfo(n).file_size > MAX_MEMBER_BYTES for n in names):
-                raise PluginError(f"{path}: plugin member larger than {MAX_MEMBER_BYTES} bytes")
-            if zf.getinfo(JSON_NAME).file_size > MAX_JSON_BYTES:
-                raise PluginError(f"{path}: {JSON_NAME} larger than {MAX_JSON_BYTES} bytes")
+            check_stored_members(zf, path, limits)
             return zf.read(JSON_NAME), zf.read(WEIGHTS_NAME) if weights else None
+    except ValueError as exc:
+        raise PluginError(str(exc)) from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise PluginError(f"{path}: not a readable plugin file ({exc})") from None
 
 
 def parse_json(raw: bytes, path: os.PathLike | str) -> dict:
-    """``plugin.json`` bytes as a dict; PluginError naming the file when it is not a JSON object."""
+    """``plugin.json`` bytes as a dict (size and nesting limited: :func:`anymc3d.safeio.loads`); PluginError
+    naming the file when it is not a JSON object."""
     try:
-        d = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PluginError(f"{path}: {JSON_NAME} is not valid JSON ({exc})") from None
+        d = loads(raw, f"{path}: {JSON_NAME}", MAX_JSON_BYTES)
+    except ValueError as exc:
+        raise PluginError(str(exc)) from None
     if not isinstance(d, dict):
         raise PluginError(f"{path}: {JSON_NAME} must hold a JSON object")
     return d
@@ -118,9 +121,9 @@ def read_training_summary(path: os.PathLike | str) -> Optional[dict]:
     _, weights = read_members(path)
     try:
         (length,) = struct.unpack("<Q", weights[:8])
-        header = json.loads(weights[8:8 + length])
+        header = loads(weights[8:8 + min(length, MAX_JSON_BYTES + 1)], f"{path}: weights header")
         raw = (header.get("__metadata__") or {}).get(TRAINING_KEY)
-        summary = None if raw is None else json.loads(raw)
+        summary = None if raw is None else loads(raw, f"{path}: training summary")
     except (struct.error, ValueError, AttributeError) as exc:
         raise PluginError(f"{path}: unreadable training summary ({exc})") from None
     if summary is not None and not isinstance(summary, dict):
