@@ -143,8 +143,14 @@ def readVolumeFile(path, autoWindow=False, blockMaxSize=0):
     """
     import SimpleITK as sitk  # shipped with Slicer
 
-    try:
-        image = sitk.ReadImage(str(path))
+    from anymc3d.safeio import check_voxels
+
+    try:  # the header first: a small file may declare billions of voxels
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        check_voxels(path, reader.GetSize())
+        image = reader.Execute()
     except RuntimeError as error:
         raise ValueError(f"Cannot read {path}: {str(error).strip().splitlines()[-1]}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
