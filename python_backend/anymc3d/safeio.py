@@ -62,7 +62,7 @@ def loads(raw, source, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSO
         return json.loads(text)
     except (ValueError, RecursionError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"{source}: not valid JSON ({message})") from None
+        raise ValueError(f"{source} is not valid JSON ({message})") from None
 
 
 def read_json(path, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH):
@@ -91,7 +91,7 @@ def check_stored_members(archive: zipfile.ZipFile, source, limits: dict) -> None
     infos = archive.infolist()
     names = [info.filename for info in infos]
     if sorted(names) != sorted(limits):
-        raise ValueError(f"{source}: holds {sorted(names)}, expected exactly {sorted(limits)}")
+        raise ValueError(f"{source}: holds exactly {' and '.join(sorted(limits))}, found {sorted(names)}")
     total = 0
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
