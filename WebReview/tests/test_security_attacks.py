@@ -184,7 +184,8 @@ def test_a_reload_keeps_working_without_the_key_in_the_address(server, browser):
 def test_control_characters_from_anyone_never_reach_the_log(server):
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # no key: a plain <img> could do this
     raw.sendall(b"GET /%1b]0;pwned%07%1b[2J/\x1b[31mraw HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    assert raw.recv(100).startswith(b"HTTP/1.1 4")
+    status = raw.recv(100).split(b"\r\n", 1)[0]
+    assert status.startswith(b"HTTP/1.") and status.split()[1].startswith(b"4"), status
     raw.close()
     assert http_status(server.base + "%1b]52;c;cHduZWQ=%07") == 403
 
@@ -289,13 +290,18 @@ def _plugin_with(path, json_bytes, weights=None, inflated_size=0):
 
 
 def _huge_heatmap(path):
-    """A NRRD heatmap of 3 KB that declares 1024x1024x520 = 545 M voxels (gzip of zeros)."""
+    """A gzipped NIfTI heatmap of about 1 KB whose header declares 1024x1024x520 = 545 M float voxels."""
     import gzip
 
-    header = (b"NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 1024 1024 520\n"
-              b"space directions: (1,0,0) (0,1,0) (0,0,1)\nkinds: domain domain domain\nendian: little\n"
-              b"encoding: gzip\nspace origin: (0,0,0)\n\n")
-    path.write_bytes(header + gzip.compress(b"\0" * (1024 * 1024)))
+    import nibabel as nib
+    import numpy as np
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((1024, 1024, 520))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    header["qform_code"] = header["sform_code"] = 1
+    path.write_bytes(gzip.compress(header.binaryblock + bytes(4) + bytes(1024 * 1024)))
 
 
 @pytest.mark.slow
@@ -343,13 +349,15 @@ def test_a_hostile_folder_starts_and_says_why_in_one_line(review_folder, tmp_pat
             await client.close()
             return states
 
-        first, second_state = run_async(look())
+        states = run_async(look())
         peak = process.memory_info().rss
-        problems = {m["path"].rsplit("/", 1)[1]: m["problem"] for s in (first, second_state) for m in s["model_info"]}
+        problems = {m["path"].rsplit("/", 1)[1]: m["problem"] for s in states for m in s["model_info"]}
         assert "nested deeper than 64 levels" in problems["nested.anymc3d"] and "\n" not in problems["nested.anymc3d"]
         assert "is compressed" in problems["bomb.anymc3d"]
-        shown = second_state["case_error"] + second_state["heatmap_error"]
-        assert "too large" in shown and "545259520 voxels" in shown, shown
+        index = next(c["index"] for c in states[0]["cases"] if c["name"] == "second.nii.gz")
+        shown = states[index]["case_error"] + states[index]["heatmap_error"]
+        assert "second" in shown and "is too large" in shown and "545259520 voxels" in shown, shown
+        assert "\n" not in shown
         assert peak < 3 * 1024 ** 3, peak  # neither 1 GiB inflated nor 545 M voxels read
     assert not list(temp.glob("AnyMC3D-*")), list(temp.iterdir())
 
@@ -365,3 +373,16 @@ def test_every_printed_address_is_bound_and_no_key_in_a_debug_log(review_folder)
         log = srv.output()
         assert log.count(srv.key) == len(srv.printed_urls()) == 1  # in the printed address only
         assert "GET" in log  # the DEBUG access log is there, without the key
+
+
+def test_heatmap_headers_are_checked_against_the_voxel_limit_before_reading(tmp_path):
+    """Both ways the review reads a heatmap (its read threads and the Logic's import) refuse a 1 KB file that
+    declares 545 M voxels from its header, in one line naming the file."""
+    from AnyMC3DSlicerLogic import outputs
+
+    path = tmp_path / "h.nii.gz"
+    _huge_heatmap(path)
+    assert path.stat().st_size < 4096
+    for read in (outputs.readVolumeFile, lambda p: outputs._checkedHeatmapNode(p, None, "h")):
+        with pytest.raises(ValueError, match=r"h\.nii\.gz is too large: \(1024, 1024, 520\) = 545259520 voxels"):
+            read(path)
