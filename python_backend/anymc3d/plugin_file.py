@@ -9,6 +9,7 @@ imports torch, timm or peft. :mod:`anymc3d.plugin` adds the torch side: the sema
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -111,20 +112,36 @@ def find_plugins(folder: os.PathLike | str) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if is_plugin_path(p))
 
 
+def _weights_header(path: Path) -> bytes:
+    """The safetensors header of a plugin's weights (length-prefixed JSON), read without the tensors; the member
+    checks of :func:`read_members` first."""
+    limits = {JSON_NAME: MAX_JSON_BYTES, WEIGHTS_NAME: MAX_MEMBER_BYTES}
+    with contextlib.ExitStack() as stack:
+        if path.is_dir():
+            read_members(path, weights=False)
+            file = stack.enter_context(open(path / WEIGHTS_NAME, "rb"))
+        else:
+            archive = stack.enter_context(zipfile.ZipFile(path))
+            check_stored_members(archive, path, limits)
+            file = stack.enter_context(archive.open(WEIGHTS_NAME))
+        (length,) = struct.unpack("<Q", file.read(8))
+        return file.read(min(length, MAX_JSON_BYTES + 1))
+
+
 def read_training_summary(path: os.PathLike | str) -> Optional[dict]:
     """The training summary a trained plugin carries in its weights' safetensors header (``anymc3d train`` writes
     it, see :func:`anymc3d.plugin.plugin_bytes`), or None for a plugin made otherwise (e.g. the untrained demo).
 
-    Torch-free: only the header is parsed (the review page and the Slicer module show it before torch is
-    installed). Raises PluginError naming the file when the header cannot be read."""
+    Torch-free, and only the header is read (the review page and the Slicer module show it before torch is
+    installed, for plugins of any size). Raises PluginError naming the file when the header cannot be read."""
     path = Path(path)
-    _, weights = read_members(path)
     try:
-        (length,) = struct.unpack("<Q", weights[:8])
-        header = loads(weights[8:8 + min(length, MAX_JSON_BYTES + 1)], f"{path}: weights header")
+        header = loads(_weights_header(path), f"{path}: weights header")
         raw = (header.get("__metadata__") or {}).get(TRAINING_KEY)
         summary = None if raw is None else loads(raw, f"{path}: training summary")
-    except (struct.error, ValueError, AttributeError) as exc:
+    except PluginError:
+        raise
+    except (struct.error, ValueError, AttributeError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise PluginError(f"{path}: unreadable training summary ({exc})") from None
     if summary is not None and not isinstance(summary, dict):
         raise PluginError(f"{path}: the training summary is not a JSON object")
