@@ -132,6 +132,9 @@ def test_command_line_defaults_to_loopback(caplog, monkeypatch, tmp_path):
             self.controller = self
             self.on_server_ready = self
             self.closed = False
+            from anymc3d_review.guard import AccessGuard
+
+            self.guard = AccessGuard()
 
         def add(self, callback):
             self.ready = callback
