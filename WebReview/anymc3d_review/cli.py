@@ -72,8 +72,8 @@ def reachable_hosts(host: str) -> list[str]:
                 found.append(info[4][0])
         except OSError:
             pass
-    found = [a for a in dict.fromkeys(found)
-             if not (ipaddress.ip_address(a.split("%")[0]).is_loopback or ipaddress.ip_address(a.split("%")[0]).is_link_local)]
+    addresses = {a: ipaddress.ip_address(a.split("%")[0]) for a in found}
+    found = [a for a, ip in addresses.items() if not (ip.is_loopback or ip.is_link_local)]
     return found or [socket.gethostname()]
 
 
