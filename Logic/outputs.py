@@ -141,10 +141,9 @@ def readVolumeFile(path, autoWindow=False, blockMaxSize=0):
     automatic window range; ``blockMaxSize`` > 0: also the heatmap's block means for a 3D view of that size
     (numpy releases the GIL too). Raises ValueError naming the file.
     """
-    import SimpleITK as sitk  # shipped with Slicer
 
     try:
-        image = sitk.ReadImage(str(path))
+        image = _headerChecked(path).Execute()
     except RuntimeError as error:
         raise ValueError(f"Cannot read {path}: {str(error).strip().splitlines()[-1]}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -158,6 +157,19 @@ def readVolumeFile(path, autoWindow=False, blockMaxSize=0):
     valueRange = (float(np.nanmin(voxels)), float(np.nanmax(voxels))) if autoWindow and voxels.size else None
     blocks = blockMeans(voxels, blockMaxSize) if blockMaxSize and max(voxels.shape) > blockMaxSize else None
     return VolumeData(voxels, ijkToRas, windowRange, blocks, valueRange)
+
+
+def _headerChecked(path):
+    """A SimpleITK reader of ``path`` whose header is within the voxel limit (``anymc3d.safeio.MAX_VOXELS``),
+    checked before a voxel is read: a small file may declare billions of voxels. ValueError names the file."""
+    import SimpleITK as sitk  # shipped with Slicer
+    from anymc3d.safeio import check_voxels
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    check_voxels(path, reader.GetSize())
+    return reader
 
 
 class _ImageBuffer:
@@ -264,6 +276,10 @@ def _checkedHeatmapNode(path, referenceVolumeNode, name, data=None):
     if data is not None:
         heatmapNode = volumeNodeFromArray(data[0], data[1], name)
     else:
+        try:
+            _headerChecked(path)
+        except RuntimeError:
+            raise ValueError(f"Cannot read heatmap file {path}") from None
         reader = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene: used only to read
         reader.SetFileName(str(path))
         heatmapNode = slicer.vtkMRMLScalarVolumeNode()

@@ -17,12 +17,12 @@ image and the heatmaps) must resolve inside FOLDER, or the record is refused; no
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
 from anymc3d.contract import RecordError as ContractError
 from anymc3d.contract import is_temporary, validate_record
+from anymc3d.safeio import read_json
 
 RESULTS_DIR = "results"
 HEATMAPS_DIR = "heatmaps"
@@ -137,13 +137,10 @@ class CaseFolder:
 
     @staticmethod
     def _read_json(path: Path) -> list:
-        try:
-            if path.stat().st_size > MAX_RESULTS_FILE_BYTES:
-                raise RecordError(f"{path.name} is too large")
-            with open(path, encoding="utf-8") as file:
-                data = json.load(file)
-        except (OSError, ValueError) as error:
-            raise RecordError(f"Cannot read {path.name}: {error}") from error
+        try:  # size and nesting limited (anymc3d.safeio): a hostile file is one line here, never a RecursionError
+            data = read_json(path, MAX_RESULTS_FILE_BYTES)
+        except ValueError as error:
+            raise RecordError(f"Cannot read {str(error).replace(str(path), path.name, 1)}") from None
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list):

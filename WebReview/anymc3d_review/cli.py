@@ -59,18 +59,21 @@ def reachable_hosts(host: str) -> list[str]:
     if host not in WILDCARD_HOSTS:
         return [host]
     found = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # no packet is sent: only the route is asked
+    families = [(socket.AF_INET, "192.0.2.1")] + ([(socket.AF_INET6, "2001:db8::1")] if host == "::" else [])
+    for family, documentation_address in families:  # "::" also binds IPv6: its addresses are printed too
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:  # no packet is sent: only the route is asked
+            try:
+                probe.connect((documentation_address, 9))
+                found.append(probe.getsockname()[0])
+            except OSError:
+                pass
         try:
-            probe.connect(("192.0.2.1", 9))
-            found.append(probe.getsockname()[0])
+            for info in socket.getaddrinfo(socket.gethostname(), None, family):
+                found.append(info[4][0])
         except OSError:
             pass
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            found.append(info[4][0])
-    except OSError:
-        pass
-    found = [a for a in dict.fromkeys(found) if not ipaddress.ip_address(a).is_loopback]
+    addresses = {a: ipaddress.ip_address(a.split("%")[0]) for a in found}
+    found = [a for a, ip in addresses.items() if not (ip.is_loopback or ip.is_link_local)]
     return found or [socket.gethostname()]
 
 
@@ -98,6 +101,9 @@ def run(args) -> int:
         if not Path(path).exists():
             logger.error("no such file: %s", path)
             return 2
+    if not args.host.strip():  # "" would bind every IPv4 and IPv6 address while printing only some
+        logger.error("--host needs an address: 127.0.0.1 (this machine), 0.0.0.0 (every IPv4 address) or :: (IPv6)")
+        return 2
     if not 0 <= args.port <= 65535:
         logger.error("bad port %s", args.port)
         return 2
@@ -118,6 +124,7 @@ def run(args) -> int:
     app = ReviewApp(folder, backbone=args.backbone.resolve() if args.backbone else None,
                     plugins=[p.resolve() for p in args.plugin], heatmap_method=args.heatmap_method, device=args.device,
                     quiet_vtk=quiet)
+    app.guard.scrubber.install()  # every log line from now on: no key, no control characters (any --log-level)
     app.server.controller.on_server_ready.add(
         lambda **_: print_addresses(app.guard, args.host, app.server.port, folder.resolve()))
     saved_argv = sys.argv

@@ -5,9 +5,20 @@ wslink "hello" secret is the public default ``wslink-secret``, any client may se
 other tab before the server sees it), and wslink's ``application.exit`` stops the server. This module closes that:
 
 - **Access key.** A key made per launch (:func:`make_key`) is carried by the printed address
-  (``?secret=KEY``). A request that carries it gets an ``HttpOnly; SameSite=Strict`` cookie; every HTTP request and
-  the websocket upgrade need the key or that cookie, and a request whose ``Origin`` is not the server's own
-  is refused (403). A websocket client is let through wslink's "hello" only when its upgrade passed this check.
+  (``?secret=KEY``). The key is never put in a cookie: cookies ignore ports, so every other web server on the
+  host (another user's Jupyter, a forwarded port) would receive it. A request that carries the key gets an
+  ``HttpOnly; SameSite=Strict`` cookie whose value is an HMAC of the key ("the page's files", not the key): it
+  opens the app's own static files (trame's generic page and scripts) and nothing else. Every HTTP request and the
+  websocket upgrade need the key or that cookie, and a request whose ``Origin`` is not the server's own is refused
+  (403). wslink's "hello" succeeds only with the key itself, on a websocket whose upgrade passed this check: a
+  server on another port that received the cookie cannot read a case. The page keeps the key in its tab's
+  ``sessionStorage`` (per origin: scheme, host and port) so that a reload still works (:data:`KEEP_KEY_SCRIPT`).
+- **Every RPC checked.** Only the RPCs of :meth:`AccessGuard._rpc_checks` are served, each with its arguments
+  validated and bounded (finite numbers, render sizes capped, interaction events rebuilt from checked fields, a
+  registered trigger name); ``trame.rca.push`` (a forged frame for every tab), ``trame.rca.drop`` (freezes a view),
+  ``trame.error.client`` (client text for the log), ``application.exit`` and any other name are refused. Each
+  client's wslink message chunks are capped (:class:`_CappedUnChunker`).
+- **Nothing raw in a log.** :class:`LogScrubber` escapes control characters in every log line and removes the key.
 - **State a page may write.** Only the keys of :attr:`AccessGuard.writable`, each through its validator; anything
   else (``trame__template_*``, script and style lists, the chart, the case list, ...) is refused and the server's
   value is sent back. Refused values are never pushed to other tabs.
@@ -30,6 +41,13 @@ What this relies on (read in the installed wheels, which match the named commits
 - trame-client 4.1.4 (vue3 bundle ``index-*.js``): the page reads ``secret`` from its address for the wslink hello
   and then removes it from the address bar; it sends the life cycles ``client_connected``, ``client_exited`` and
   ``client_unmounted``.
+- wslink 2.6.0 ``wslink/protocol.py``: ``WslinkHandler.unchunkers`` (client id -> ``UnChunker``), whose limit
+  ``handleSystemMessage`` raises to 4 GB per message after the hello (and a header may declare any size).
+- trame-rca 2.11.8 ``trame_rca/protocol.py`` (``StreamManager``: ``trame.rca.*``, ``_area_adapters``) and
+  ``rca/vtk_rca.py``, which hands the event to VTK's ``vtkRemoteInteractionAdapter::ProcessEvent`` (VTK
+  Web/Core/vtkRemoteInteractionAdapter.cxx: nlohmann ``at``/``get`` of the fields below; a NaN, a string or a
+  missing field is an uncaught C++ exception that aborts the process).
+- aiohttp 3.14 ``web.FileResponse`` and trame-client 4.1.4's ``index.html`` (from ``trame_client.module.vue3.www``).
 If any of these hooks is missing the server refuses to start (:meth:`AccessGuard.bind`): it never runs open.
 """
 
@@ -39,10 +57,14 @@ import hashlib
 import hmac
 import logging
 import math
+import re
 import secrets
 from urllib.parse import urlsplit
 
+from pathlib import Path
+
 from aiohttp import web
+from wslink.chunking import UnChunker
 from wslink.websocket import LinkProtocol
 
 logger = logging.getLogger("anymc3d.review")
@@ -59,6 +81,57 @@ SECURITY_HEADERS = {
 }
 
 
+#: the most a page may send as one wslink message, and in all its unfinished messages together (its largest
+#: real messages, state updates and events, are a few kB)
+MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_PENDING_BYTES = 4 * 1024 * 1024
+#: the largest render a page may ask for, per side in device pixels (a 4K screen's views are smaller)
+MAX_RENDER_SIDE = 2560
+#: every number a page sends is within this (slider positions in mm, event coordinates in pixels)
+MAX_ABS_NUMBER = 1e6
+#: the index page's first script: the key from the address goes to this tab's sessionStorage (per origin, unlike
+#: a cookie), and a reload without it in the address gets it back before trame's client reads it
+KEEP_KEY_SCRIPT = (
+    "<script>(function(){try{var p=new URLSearchParams(location.search),n='anymc3d_review_key',k=p.get('secret');"
+    "if(k){sessionStorage.setItem(n,k);}else{k=sessionStorage.getItem(n);if(k){p.set('secret',k);"
+    "history.replaceState(history.state,'',location.pathname+'?'+p.toString()+location.hash);}}}catch(e){}})();"
+    "</script>")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def printable(text, limit: int = 200) -> str:
+    """``text`` safe for a log line or a terminal: control and direction characters escaped (``\\x1b``),
+    at most ``limit`` characters."""
+    text = str(text)
+    text = text[:limit] + ("…" if len(text) > limit else "")
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class LogScrubber(logging.Filter):
+    """A handler filter: every log line with control characters escaped and the access key replaced (aiohttp's
+    access log at DEBUG prints request lines, which carry ``?secret=``)."""
+
+    def __init__(self, *secrets_):
+        super().__init__()
+        self.secrets = [s for s in secrets_ if s]
+
+    def filter(self, record):
+        message = record.getMessage()
+        for secret in self.secrets:
+            message = message.replace(secret, "<key>")
+        cleaned = printable(message, 20000)
+        if cleaned != record.msg or record.args:
+            record.msg, record.args = cleaned, None
+        return True
+
+    def install(self) -> None:
+        """On every handler of the root logger and of the loggers that exist now."""
+        loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+        for handler in {id(h): h for lg in loggers for h in getattr(lg, "handlers", [])}.values():
+            if self not in handler.filters:
+                handler.addFilter(self)
+
+
 def make_key() -> str:
     """A fresh access key (192 random bits). It starts with a letter: trame's client turns an all-digit URL
     parameter into a number."""
@@ -67,16 +140,12 @@ def make_key() -> str:
 
 # Validators of the state a page may write: each returns the value to apply or raises ValueError ----------------
 
-def finite_float(low=None, high=None):
+def finite_float(low=-MAX_ABS_NUMBER, high=MAX_ABS_NUMBER):
+    """A finite number clamped to [low, high] (by default +-MAX_ABS_NUMBER: never 1e308)."""
     def check(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"not a finite number: {value!r}")
-        value = float(value)
-        if low is not None:
-            value = max(low, value)
-        if high is not None:
-            value = min(high, value)
-        return value
+            raise ValueError(f"not a finite number: {printable(repr(value), 40)}")
+        return min(max(float(value), low), high)
     return check
 
 
@@ -118,7 +187,181 @@ class _HelloGate(LinkProtocol):
         self.authorised.discard(client_id)
 
     async def validateToken(self, token, client_id):
-        return client_id in self.authorised
+        return client_id in self.authorised and self.key_ok(token)
+
+    key_ok = staticmethod(lambda token: False)  # set by the AccessGuard: the key itself, never the cookie
+
+
+class _CappedUnChunker(UnChunker):
+    """wslink's UnChunker with bounded memory: one message at most MAX_MESSAGE_BYTES (wslink allows 4 GB after the
+    hello, each chunk header declaring its own size), all of a client's unfinished messages MAX_PENDING_BYTES."""
+
+    def set_max_message_size(self, size):
+        super().set_max_message_size(min(size, MAX_MESSAGE_BYTES))
+
+    def process_chunk(self, chunk):
+        header_size = int.from_bytes(chunk[8:12], "little") if len(chunk) >= 12 else 0
+        pending = sum(len(message["content"]) for message in self.pending_messages.values())
+        new = 0 if int.from_bytes(chunk[:4], "little") in self.pending_messages else header_size
+        if pending + new > MAX_PENDING_BYTES:
+            self.release_pending_messages()
+            raise ValueError("unfinished wslink messages over the limit: connection closed")
+        return super().process_chunk(chunk)
+
+
+class _CappedUnChunkers(dict):
+    def __setitem__(self, client_id, unchunker):
+        if type(unchunker) is UnChunker:
+            unchunker = _CappedUnChunker()
+        super().__setitem__(client_id, unchunker)
+
+
+# The RPCs a page may call besides state and life cycles: each checks its arguments and raises ValueError -------
+
+#: the interaction events VTK's adapter handles, and the numeric fields each needs (vtkRemoteInteractionAdapter.cxx)
+MOUSE_FIELDS = ("x", "y", "w", "h")
+EVENT_FIELDS = {
+    **{name: MOUSE_FIELDS for name in ("MouseMove", "LeftButtonPress", "LeftButtonRelease", "MiddleButtonPress",
+                                       "MiddleButtonRelease", "RightButtonPress", "RightButtonRelease")},
+    "MouseWheel": (*MOUSE_FIELDS, "spinY"),
+    **{name: () for name in ("StartMouseWheel", "EndMouseWheel", "StartInteractionEvent", "EndInteractionEvent",
+                             "StartInteraction", "Interaction", "EndInteraction")},
+    **{name: ("w", "h", "factor") for name in ("StartPinch", "Pinch", "EndPinch")},
+    **{name: ("w", "h") for name in ("StartPan", "Pan", "EndPan")},
+    **{name: ("w", "h", "rotation") for name in ("StartRotate", "Rotate", "EndRotate")},
+    **{name: () for name in ("KeyPress", "KeyDown", "KeyUp", "keyDown", "keyUp")},
+}
+KEY_EVENTS = ("KeyPress", "KeyDown", "KeyUp", "keyDown", "keyUp")
+MODIFIERS = ("ctrlKey", "altKey", "shiftKey", "metaKey", "controlKey", "buttonLeft", "buttonMiddle", "buttonRight")
+MAX_TEXT = 100
+
+
+def _number(value, low=-MAX_ABS_NUMBER, high=MAX_ABS_NUMBER) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ValueError(f"not a number in [{low:g}, {high:g}]: {printable(repr(value), 40)}")
+    return float(value)
+
+
+def _text(value, limit=MAX_TEXT) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ValueError(f"not a text of at most {limit} characters")
+    return value
+
+
+def _plain(value, depth=0):
+    """A trigger argument: JSON scalars (finite numbers, short texts) in small lists and objects."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value if isinstance(value, int) and abs(value) <= MAX_ABS_NUMBER else _number(value)
+    if isinstance(value, str):
+        return _text(value, 1000)
+    if depth < 3 and isinstance(value, list) and len(value) <= 64:
+        return [_plain(v, depth + 1) for v in value]
+    if depth < 3 and isinstance(value, dict) and len(value) <= 64:
+        return {_text(k): _plain(v, depth + 1) for k, v in value.items()}
+    raise ValueError("not a plain value")
+
+
+def interaction_event(event) -> dict:
+    """A page's interaction event rebuilt from checked fields only: a known type, finite numbers within bounds
+    (sizes >= 1: VTK divides by them), modifiers as 0/1, at most 10 touch positions; what VTK reads and no more."""
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str) or event["type"] not in EVENT_FIELDS:
+        raise ValueError("not a known interaction event")
+    if event["type"] in KEY_EVENTS and not isinstance(event.get("key"), str):
+        raise LookupError  # vtk.js's key events over a view (no key text): dropped quietly, VTK skips them anyway
+    kind = event["type"]
+    clean = {"type": kind}
+    for name in EVENT_FIELDS[kind]:
+        clean[name] = _number(event.get(name), 1.0 if name in ("w", "h") else -MAX_ABS_NUMBER)
+    for name in MODIFIERS:
+        clean[name] = 1 if event.get(name) in (True, 1) else 0
+    if kind in KEY_EVENTS:
+        clean["keyCode"] = int(_number(event.get("keyCode"), 0, 127))
+        clean["key"] = _text(event.get("key"), 16)
+    if kind.endswith(("Pinch", "Pan", "Rotate")):
+        positions = event.get("positions")
+        positions = list(positions.values()) if isinstance(positions, dict) else positions
+        if not isinstance(positions, list) or not 1 <= len(positions) <= 10:
+            raise ValueError("not 1 to 10 touch positions")
+        clean["positions"] = [{"x": _number(p.get("x")), "y": _number(p.get("y"))} if isinstance(p, dict)
+                              else _number(None) for p in positions]
+    if kind.endswith("Pan"):
+        translation = event.get("translation")
+        if not isinstance(translation, list) or len(translation) != 2:
+            raise ValueError("not a translation of two numbers")
+        clean["translation"] = [_number(v) for v in translation]
+    return clean
+
+
+def render_size(size) -> dict:
+    """A view's size from the page, capped at MAX_RENDER_SIDE device pixels per side (pixel ratio included)."""
+    if not isinstance(size, dict):
+        raise ValueError("not a size")
+    width, height = (_number(size.get(k, 300), 1.0) for k in ("w", "h"))
+    ratio = _number(size.get("p", 1), 0.25, 8.0)
+    width, height = min(width, MAX_RENDER_SIDE), min(height, MAX_RENDER_SIDE)
+    ratio = min(ratio, MAX_RENDER_SIDE / width, MAX_RENDER_SIDE / height)
+    return {"w": int(width), "h": int(height), "p": ratio}
+
+
+def _area(protocol, name) -> str:
+    if not isinstance(name, str) or name not in getattr(protocol, "_area_adapters", {}):
+        raise ValueError("not a view of this page")
+    return name
+
+
+def rpc_wrappers(note) -> dict:
+    """RPC name -> (function -> its checked wrapper). A call whose arguments fail a check is refused (``note``)
+    and does nothing."""
+    def checked(uri, check):
+        def wrap(function):
+            def call(protocol, *args, **kwargs):
+                try:
+                    args, kwargs = check(protocol, *args, **kwargs)
+                except (TypeError, ValueError) as error:
+                    note(f"{uri}: {error}")
+                    return None
+                except LookupError:
+                    return None
+                return function(protocol, *args, **kwargs)
+            return call
+        return wrap
+
+    def no_arguments(protocol):
+        return (), {}
+
+    def force_push(protocol, *keys):
+        if len(keys) > 64 or not all(isinstance(k, str) and k in protocol.server.state for k in keys):
+            raise ValueError("not names of the server's state")
+        return keys, {}
+
+    def trigger(protocol, name, args=(), kwargs=None):
+        if not isinstance(name, str) or len(name) > MAX_TEXT or protocol.server.controller.trigger_fn(name) is None:
+            raise ValueError("not a trigger of this page")
+        if not isinstance(args, list) or len(args) > 16 or not isinstance(kwargs or {}, dict) or len(kwargs or {}) > 16:
+            raise ValueError("bad trigger arguments")
+        return (name, _plain(args), _plain(kwargs or {})), {}
+
+    def event(protocol, area, origin, event):
+        return (_area(protocol, area), _text(origin), interaction_event(event)), {}
+
+    def size(protocol, area, origin, size):
+        return (_area(protocol, area), _text(origin), render_size(size)), {}
+
+    def area_only(protocol, area):
+        return (_area(protocol, area),), {}
+
+    def negotiate(protocol, area, codecs):
+        if not isinstance(codecs, list) or len(codecs) > 16:
+            raise ValueError("not a list of codecs")
+        return (_area(protocol, area), [_text(c) for c in codecs]), {}
+
+    checks = {"trame.state.get": no_arguments, "trame.force.push": force_push, "trame.trigger": trigger,
+              "trame.rca.event": event, "trame.rca.size": size, "trame.rca.reset": area_only,
+              "trame.rca.video.codecs": area_only, "trame.rca.video.negotiate": negotiate}
+    return {uri: checked(uri, check) for uri, check in checks.items()}
 
 
 class AccessGuard:
@@ -132,8 +375,12 @@ class AccessGuard:
         self.key = key or make_key()
         self.writable = dict(writable or {})
         self.cookie_name = "anymc3d_review_" + hashlib.sha256(self.key.encode()).hexdigest()[:12]
+        # the cookie's value: derived from the key, never the key (it opens the page's static files only)
+        self.cookie_value = hmac.new(self.key.encode(), b"anymc3d-review: the page's files", hashlib.sha256).hexdigest()
         self.refused: list[str] = []  # what was refused (newest last, bounded): for the log and the tests
         self._gate = _HelloGate()
+        self._gate.key_ok = self.key_ok
+        self.scrubber = LogScrubber(self.key, self.cookie_value)
 
     # Addresses -------------------------------------------------------------------------------------------
 
@@ -161,12 +408,16 @@ class AccessGuard:
             self._note(f"request from origin {request.headers.get('Origin')!r} to {request.path}")
             return web.Response(status=403, text=REFUSED_TEXT)
         by_key = self.key_ok(request.query.get(KEY_PARAMETER))
-        if not (by_key or self.key_ok(request.cookies.get(self.cookie_name))):
+        cookie = request.cookies.get(self.cookie_name)
+        by_cookie = isinstance(cookie, str) and hmac.compare_digest(cookie.encode(), self.cookie_value.encode())
+        if not (by_key or by_cookie):
             self._note(f"request without the access key to {request.path}")
             return web.Response(status=403, text=REFUSED_TEXT)
         request[AUTHORISED] = True
         try:
             response = await handler(request)
+            if isinstance(response, web.FileResponse) and request.path in ("/", "/index.html"):
+                response = self._index_page()
         except web.HTTPException as redirect:  # "/" -> "index.html?secret=...": keep the cookie on it too
             self._decorate(redirect, by_key)
             raise
@@ -179,7 +430,16 @@ class AccessGuard:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         if set_cookie:
-            response.set_cookie(self.cookie_name, self.key, httponly=True, samesite="Strict", path="/")
+            response.set_cookie(self.cookie_name, self.cookie_value, httponly=True, samesite="Strict", path="/")
+
+    @staticmethod
+    def _index_page():
+        """trame-client's index.html with :data:`KEEP_KEY_SCRIPT` first in its head (no caching: it is tiny)."""
+        from trame_client.module.vue3 import www
+
+        page = (Path(www) / "index.html").read_text(encoding="utf-8")
+        return web.Response(text=page.replace("<head>", "<head>" + KEEP_KEY_SCRIPT, 1), content_type="text/html",
+                            headers={"Cache-Control": "no-store"})
 
     # wslink: hello, state updates, exit -----------------------------------------------------------------
 
@@ -192,17 +452,17 @@ class AccessGuard:
         """``on_server_bind``: the aiohttp app is built but not frozen; the RPC table exists."""
         handlers = getattr(ws_server, "_ws_handlers", None)
         app = getattr(ws_server, "app", None)
-        if not handlers or app is None or any("trame.state.update" not in h.functionMap for h in handlers):
+        if (not handlers or app is None or any("trame.state.update" not in h.functionMap for h in handlers)
+                or any(not isinstance(getattr(h, "unchunkers", None), dict) for h in handlers)):
             raise RuntimeError("the review server cannot secure this wslink/trame version (see anymc3d_review.guard)")
         app.middlewares.append(self.middleware)
+        checks = self._rpc_checks()
         for handler in handlers:
+            handler.unchunkers = _CappedUnChunkers(handler.unchunkers)
             functions = handler.functionMap
-            protocol, update_state = functions["trame.state.update"]
-            functions["trame.state.update"] = (protocol, self._filtered_update(update_state))
-            if "trame.lifecycle.update" in functions:
-                functions["trame.lifecycle.update"] = (protocol, self._filtered_life_cycle(functions["trame.lifecycle.update"][1]))
-            for uri in ("application.exit", "application.exit.later"):
-                functions[uri] = (protocol, self._refused_exit)
+            for uri, (protocol, function) in list(functions.items()):
+                check = checks.get(uri)
+                functions[uri] = (protocol, check(function) if check else self._refused(uri))
 
     def _filtered_update(self, update_state):
         def update(protocol, changes, *_, **__):
@@ -233,16 +493,29 @@ class AccessGuard:
             return None
         return update
 
-    def _refused_exit(self, *_, **__):
-        self._note("application.exit from a client")
+    def _refused(self, uri):
+        def refuse(*_, **__):
+            if uri == "trame.error.client":  # a page's script error (every page open has some): text never logged
+                logger.debug("a page reported a script error (its text is not logged)")
+                return
+            self._note(f"{uri} from a client")
+        return refuse
+
+    def _rpc_checks(self):
+        """RPC name -> wrapper of its function that checks the arguments (every other RPC is refused)."""
+        return {"trame.state.update": self._filtered_update, "trame.lifecycle.update": self._filtered_life_cycle,
+                **rpc_wrappers(self._note)}
 
     def _note(self, what):
+        what = printable(what)
         logger.warning("refused: %s", what)
         self.refused = (self.refused + [what])[-50:]
 
 
 __all__ = [
     "AUTHORISED",
+    "LogScrubber",
+    "printable",
     "KEY_PARAMETER",
     "AccessGuard",
     "boolean",

@@ -11,12 +11,9 @@ volume renderings of the cases not shown.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
-import sys
-import tempfile
 import time
 from collections import OrderedDict
 
@@ -33,18 +30,24 @@ from AnyMC3DSlicerLogic import outputs as logic_outputs
 from AnyMC3DSlicerLogic.parameters import GRADIENT_METHODS, HEATMAP_METHODS
 
 from .cases import Case, CaseFolder, RecordError
+from .runs import (  # noqa: F401 (re-exported)
+    checked_results_folder,
+    guarded_backend_command,
+    make_run_root,
+    save_job_outputs,
+    start_prediction_into,
+    sweep_stale_run_roots,
+)
 
 
 logger = logging.getLogger("anymc3d.review")
 
-RUN_ROOT_PREFIX = "AnyMC3D-review-"
 #: window presets of the slice views: name -> (title, window, level) in the image's units (HU for CT);
 #: "auto" is the volume display's automatic window. Values: the usual radiology CT windows.
 WINDOW_PRESETS = {"auto": ("Auto", None, None), "brain": ("Brain", 80.0, 40.0),
                   "soft_tissue": ("Soft tissue", 400.0, 40.0), "lung": ("Lung", 1500.0, -600.0),
                   "bone": ("Bone", 1800.0, 400.0)}
 RAS_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) direction of R, A, S
-OWNER_FILE = "server.pid"
 #: the 3D view's heatmap size limit (voxels per axis): a backend heatmap is a 14-16 pixel patch grid interpolated,
 #: so 128 per axis keeps every patch of a 512-pixel slice at 4 voxels or more
 VOLUME_RENDERING_MAX_SIZE = 128
@@ -66,56 +69,6 @@ def volume_rendering_max_size() -> int:
     if value < 2:
         raise ValueError(f"{VOLUME_RENDERING_MAX_SIZE_ENV} must be an integer >= 2, not {raw!r}")
     return value
-
-
-def make_run_root(parent=None) -> str:
-    """A folder of this server's run folders (the Logic's ``AnyMC3D-*`` temporary folders go inside it), marked
-    with the server's pid. Folders of servers that no longer run (killed: no clean-up) are removed first."""
-    sweep_stale_run_roots(parent)
-    root = tempfile.mkdtemp(prefix=f"{RUN_ROOT_PREFIX}{os.getpid()}-", dir=parent)
-    with open(os.path.join(root, OWNER_FILE), "w", encoding="utf-8") as file:
-        file.write(str(os.getpid()))
-    return root
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_stale_run_roots(parent=None) -> list[str]:
-    """Remove the run-root folders whose server process is gone; returns what was removed."""
-    parent = parent or tempfile.gettempdir()
-    removed = []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return removed
-    for name in names:
-        path = os.path.join(parent, name)
-        if not name.startswith(RUN_ROOT_PREFIX) or not os.path.isdir(path) or os.path.islink(path):
-            continue
-        try:
-            with open(os.path.join(path, OWNER_FILE), encoding="utf-8") as file:
-                pid = int(file.read().strip())
-            if os.stat(path).st_uid != os.getuid():
-                continue
-        except (OSError, ValueError):
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def guarded_backend_command() -> list[str]:
-    """``python -m anymc3d`` through :mod:`anymc3d_review.backend_child`: the backend dies with this server."""
-    return [sys.executable, "-m", "anymc3d_review.backend_child", str(os.getpid()), "--", sys.executable, "-m", "anymc3d"]
 
 
 @dataclasses.dataclass
@@ -689,7 +642,10 @@ class ReviewSession:
         json_path, heatmap_dir = self.folder.results_paths(case)
         if case.record is not None or json_path.exists() or self.folder.results_on_disk(case):
             raise RecordError(f"{case.name} already has results: it is not run again (results are never overwritten)")
-        heatmap_dir.mkdir(parents=True, exist_ok=True)
+        try:  # a results folder that leads out of FOLDER is refused before anything runs
+            checked_results_folder(self.folder.root, heatmap_dir)
+        except (ValueError, OSError) as error:
+            raise RecordError(f"{case.name}: {error}") from None
         options = PredictionOptions(device=self.device, heatmapMethod=self.heatmap_method)
         self.run_errors.pop(index, None)
 
@@ -698,8 +654,8 @@ class ReviewSession:
             if on_finished:
                 on_finished(result)
 
-        job = start_prediction_into(self.logic, str(case.path), self.backbone, self.plugins, str(json_path),
-                                    str(heatmap_dir), options, self.display, on_progress, finished)
+        job = start_prediction_into(self.logic, str(case.path), self.backbone, self.plugins, str(self.folder.root),
+                                    str(json_path), str(heatmap_dir), options, self.display, on_progress, finished)
         self.job, self.job_case = job, index
         return job
 
@@ -771,77 +727,6 @@ def _record_rows(record) -> list[dict]:
                          "raw": float(result["probabilities_raw"][label]), "threshold": float(result["thresholds"][label]),
                          "decision": "positive" if positive else "negative"})
     return rows
-
-
-def start_prediction_into(logic, image_path, backbone, plugins, json_path, heatmap_dir, options, display_options,
-                          on_progress, on_finished):
-    """``AnyMC3DSlicerLogic.startPrediction`` on one image file, with its outputs also kept in the results folder.
-
-    The Logic's PredictionJob does everything (command line, SubprocessRunner, progress, errors, readRecord,
-    importResults, removal of its temporary folder). When the backend has finished successfully and before the
-    Logic imports (its "importing" progress report), the record and heatmaps are copied from the job's temporary
-    folder to ``heatmap_dir`` and ``json_path``, with the record's heatmap paths pointing at the copies. A copy that
-    fails makes the run fail (the Logic reports it as a failed import). With the ``outputDir`` argument proposed
-    for ``startPrediction`` in docs/review.md the backend would write there directly.
-    """
-    holder = {}
-
-    def progress(report):
-        if report.stage == "importing" and "job" in holder:
-            save_job_outputs(holder["job"], json_path, heatmap_dir)
-        if on_progress:
-            on_progress(report)
-
-    job = logic.startPrediction([image_path], backbone, plugins, options, display_options, progress, on_finished,
-                                name=os.path.basename(image_path))
-    holder["job"] = job
-    return job
-
-
-def save_job_outputs(job, json_path, heatmap_dir):
-    """Copy a finished job's record and heatmaps out of its temporary folder (atomic renames, paths rewritten)."""
-    with open(job.jsonPath, encoding="utf-8") as file:
-        records = json.load(file)
-    os.makedirs(heatmap_dir, exist_ok=True)
-    job_dir = os.path.realpath(job.heatmapDir)
-
-    def keep(path):
-        if not path:
-            return path
-        source = os.path.realpath(path)
-        if os.path.dirname(source) != job_dir:
-            raise ValueError(f"unexpected heatmap path {path}")
-        target = os.path.join(heatmap_dir, os.path.basename(source))
-        partial = _partial_name(target)
-        shutil.copyfile(source, partial)
-        _move_no_overwrite(partial, target)
-        return target
-
-    for record in records:
-        for result in record.get("results") or []:
-            result["heatmap"] = keep(result.get("heatmap"))
-            result["finding_heatmaps"] = {label: keep(path) for label, path in (result.get("finding_heatmaps") or {}).items()}
-    partial = _partial_name(str(json_path))
-    with open(partial, "w", encoding="utf-8") as file:
-        json.dump(records, file, indent=2)
-    _move_no_overwrite(partial, str(json_path))
-
-
-def _partial_name(target: str) -> str:
-    """A hidden ``.partial`` name beside ``target`` (the contract's temporary-file convention: never listed)."""
-    from anymc3d.contract import PARTIAL_MARKER
-
-    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{PARTIAL_MARKER}")
-
-
-def _move_no_overwrite(partial: str, target: str) -> None:
-    """Put a finished file in place only if nothing is there (a hard link fails on an existing name: atomic)."""
-    try:
-        os.link(partial, target)
-    except FileExistsError:
-        raise ValueError(f"{target} exists: results are never overwritten") from None
-    finally:
-        os.unlink(partial)
 
 
 __all__ = ["GRADIENT_METHODS", "LoadedCase", "ReviewSession", "guarded_backend_command", "make_run_root", "record_options",

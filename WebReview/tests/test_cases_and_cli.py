@@ -132,6 +132,9 @@ def test_command_line_defaults_to_loopback(caplog, monkeypatch, tmp_path):
             self.controller = self
             self.on_server_ready = self
             self.closed = False
+            from anymc3d_review.guard import AccessGuard
+
+            self.guard = AccessGuard()
 
         def add(self, callback):
             self.ready = callback
@@ -229,11 +232,12 @@ def test_run_outputs_never_overwrite(tmp_path):
     (results / "heatmaps").mkdir(parents=True)
     (results / "case.json").write_text("old results")
     with pytest.raises(ValueError, match="never overwritten"):
-        save_job_outputs(job, results / "case.json", results / "heatmaps")
+        save_job_outputs(job, tmp_path, results / "case.json", results / "heatmaps")
     assert (results / "case.json").read_text() == "old results"
+    assert not (results / "heatmaps" / "case__p.nrrd").exists()  # all or nothing: no orphan heatmap
     (results / "heatmaps" / "case__p.nrrd").write_bytes(b"old map")
     with pytest.raises(ValueError, match="never overwritten"):
-        save_job_outputs(job, results / "other.json", results / "heatmaps")
+        save_job_outputs(job, tmp_path, results / "other.json", results / "heatmaps")
     assert (results / "heatmaps" / "case__p.nrrd").read_bytes() == b"old map"
     assert not (results / "other.json").exists()
     assert not [p for p in results.rglob("*") if ".partial" in p.name]

@@ -200,3 +200,121 @@ def test_wildcard_host_prints_a_reachable_address_with_its_key(run_folder):
         assert all("?secret=" in url for url in urls)
         assert http_status(urls[0].split("?")[0]) == 403
         assert "anyone who has this address can read every case" in srv.output()
+
+
+@pytest.fixture(scope="module")
+def lifted_plugin(demo_source, tmp_path_factory):
+    """A lifted-feature plugin (the kind that gives ``contribution`` maps) fitted on the demo backbone with
+    ``anymc3d fit-lifted`` on 12 small synthetic cases."""
+    import csv
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("lifted")
+    rows = []
+    for i in range(12):
+        write_volume(folder / f"c{i}.nii.gz", (40, 40, 10), seed=100 + i, lesion=bool(i % 2))
+        rows.append([f"c{i}.nii.gz", i % 2, "train" if i < 8 else "val"])
+    with open(folder / "m.csv", "w", newline="") as file:
+        csv.writer(file).writerows([["image", "lesion", "split"], *rows])
+    subprocess.run([sys.executable, "-m", "anymc3d", "fit-lifted", str(folder / "m.csv"), "--backbone",
+                    str(demo_source / "backbone.safetensors"), "--out", str(folder / "lifted.anymc3d"),
+                    "--log-level", "WARNING"], check=True, capture_output=True, timeout=600)
+    return folder / "lifted.anymc3d"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["attention", "rollout", "grad_rollout", "grad_last", "contribution"])
+def test_run_from_the_page_with_every_heatmap_method(method, request, demo_source, browser, tmp_path):
+    """Every heatmap method runs from the page and puts each heatmap file in place once: gradient and
+    contribution maps, where a result's map is also its first finding's, no longer collide with themselves."""
+    from anymc3d.contract import FINDING_METHODS, HEATMAP_METHODS
+
+    assert method in HEATMAP_METHODS
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    plugin = request.getfixturevalue("lifted_plugin") if method == "contribution" else demo_source / "plugin.anymc3d"
+    shutil.copy(demo_source / "backbone.safetensors", folder / "backbone.safetensors")
+    shutil.copy(plugin, folder / "plugin.anymc3d")
+    write_volume(folder / "a_small.nii.gz", (48, 48, 12), seed=3)
+    with ReviewServer(folder, "--backbone", folder / "backbone.safetensors", "--plugin", folder / "plugin.anymc3d",
+                      "--device", "cpu", "--heatmap-method", method) as srv:
+        page = open_page(browser, srv.url)
+        try:
+            wait_frames(page, 0, timeout=60)
+            page.locator(".run-button").click()
+            wait_state(page, "s('running') === true", timeout=30)
+            wait_state(page, "s('running') === false", timeout=400)
+            assert state(page, "run_message") == "Done", state(page, "run_message")
+            wait_state(page, "s('shown_case') === 0 && s('rows').length > 0")
+            record = json.loads((folder / "results" / "a_small.json").read_text())[0]
+            result = record["results"][0]
+            assert record["status"] == "ok" and result["heatmap_method"] == method
+            named = {result["heatmap"], *(result.get("finding_heatmaps") or {}).values()} - {None}
+            if method in FINDING_METHODS:
+                assert set(result["finding_heatmaps"]) == set(result["labels"])
+            heatmaps = folder / "results" / "heatmaps"
+            assert {str(p) for p in heatmaps.iterdir()} == named  # each file once: no orphan, no partial
+            assert not [p for p in (folder / "results").rglob("*") if p.name.startswith(".")]
+            labels = [t.strip() for t in page.locator("td.finding-label").all_inner_texts()]
+            assert labels == result["labels"]
+        finally:
+            page.close()
+
+
+CORRUPTING_BACKEND = '''
+import json, os, sys
+from anymc3d.cli import main
+args = sys.argv[1:]
+if args == ["standby"]:
+    args = json.loads(sys.stdin.readline())
+code = main(args)
+if code == 0:  # the backend succeeded; its heatmaps are then made unreadable: the Logic's import must fail
+    folder = args[args.index("--heatmap") + 1]
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "wb") as file:
+            file.write(b"not an image")
+sys.exit(code)
+'''
+
+
+@pytest.mark.slow
+def test_a_failed_import_leaves_no_file_behind_and_the_case_can_run_again(demo_source, tmp_path):
+    """The real Logic and backend; a wrapper spoils the backend's heatmaps after it succeeded, so the outputs are
+    copied into results/ and then the Logic's import fails: every file the run put in place is removed, the
+    case says why, and it can be run again (no orphan makes a retry fail)."""
+    import sys
+
+    from anymc3d_review.cases import CaseFolder
+    from anymc3d_review.session import ReviewSession
+    from trame_slicer.core import SlicerApp
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    write_volume(folder / "a_small.nii.gz", (48, 48, 12), seed=3)
+    wrapper = tmp_path / "corrupting_backend.py"
+    wrapper.write_text(CORRUPTING_BACKEND)
+    (tmp_path / "runs").mkdir()
+    app = SlicerApp()
+    listing = CaseFolder(folder)
+    session = ReviewSession(app.scene, app.volumes_logic, app.app_logic.GetModuleLogic("VolumeRendering"), listing,
+                            backbone=demo_source / "backbone.safetensors", plugins=[demo_source / "plugin.anymc3d"],
+                            backend_command=[sys.executable, str(wrapper)], heatmap_method="grad_rollout",
+                            device="cpu", temp_root=str(tmp_path / "runs"))
+    finished = []
+    progress = []
+    try:
+        session.start_run(0, on_progress=progress.append, on_finished=finished.append)
+        deadline = time.monotonic() + 400
+        while session.poll() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert finished and finished[0].status == "failed", finished
+        assert "Cannot import the results" in finished[0].message
+        assert "importing" in [p.stage for p in progress]  # the outputs were put in place before the import
+        assert sorted(str(p.relative_to(folder)) for p in (folder / "results").rglob("*")) == ["results/heatmaps"]
+        assert "Cannot import the results" in session.case_error(0)
+        job = session.start_run(0)  # not refused: nothing left claims the case has results
+        assert job is not None
+        session.cancel_run()
+    finally:
+        session.close()

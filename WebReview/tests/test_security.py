@@ -55,10 +55,13 @@ def test_foreign_origin_or_keyless_websocket_gets_no_data(server):
         # no key, no cookie: refused, whatever the Origin (and trame's public default secret is no key)
         assert await WslinkClient.connect(server.base, origin=server.base.rstrip("/")) is None
         assert await WslinkClient.connect(server.base, query="?secret=wslink-secret") is None
-        # the server's own page (its Origin, the cookie) gets through: the refusals above are not a dead server
+        # the server's own page (its Origin, the cookie, the key in its hello) gets through: the refusals above
+        # are not a dead server; the cookie alone opens the upgrade, never the hello (it is not the key)
         client = await WslinkClient.connect(server.base, origin=server.base.rstrip("/"), cookie=cookie)
         assert client is not None
-        reply = await client.hello("wslink-secret")
+        assert "error" in await client.hello("wslink-secret")
+        assert "error" in await client.hello(cookie.split("=", 1)[1])
+        reply = await client.hello(server.key)
         assert "result" in reply, reply
         got = await client.call("trame.state.get")
         await client.close()

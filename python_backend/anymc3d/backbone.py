@@ -27,6 +27,7 @@ from anymc3d.catalog import resolve_backbone
 from anymc3d.errors import BackboneError
 from anymc3d.fileio import atomic_path
 from anymc3d.layouts import BACKBONES, infer_architecture, name_for_arch, read_checkpoint, read_state
+from anymc3d.safeio import loads
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def _recorded_spec(path: Path, metadata: dict, config_spec: Optional[dict]) -> O
     raw = metadata.get(SPEC_METADATA_KEY)
     try:
         if raw is not None:
-            return BackboneSpec.from_dict(json.loads(raw))
+            return BackboneSpec.from_dict(loads(raw, f"{path}: architecture metadata", max_bytes=1024 ** 2))
         return None if config_spec is None else BackboneSpec(**config_spec)
     except (ValueError, TypeError) as exc:
         raise BackboneError(f"{path}: bad architecture metadata: {exc}") from exc

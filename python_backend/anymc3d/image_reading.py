@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from anymc3d.contract import is_image_name, is_temporary
+from anymc3d.safeio import MAX_VOXELS
 from anymc3d.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def _check_nifti_voxels(path: Path) -> None:
             raise InputError(path, f"has {bad} NaN or infinite voxels")
 
 
-def read_image(path: PathLike, *, series: str | None = None, max_voxels: int = 512 * 1024**2) -> sitk.Image:
+def read_image(path: PathLike, *, series: str | None = None, max_voxels: int = MAX_VOXELS) -> sitk.Image:
     """Read a 3D image file or a DICOM series folder, check it, and return it as float32.
 
     The header is read first, so a file claiming a huge size is refused before any voxel is read.
@@ -218,7 +219,7 @@ def read_image(path: PathLike, *, series: str | None = None, max_voxels: int = 5
     return image
 
 
-def check_image_header(path: PathLike, *, series: str | None = None, max_voxels: int = 512 * 1024**2) -> None:
+def check_image_header(path: PathLike, *, series: str | None = None, max_voxels: int = MAX_VOXELS) -> None:
     """The checks of :func:`read_image` that need no voxels: readable header, 3D scalar, size, spacing (for a
     DICOM folder: the series' first file). For listings that must say at once which cases cannot be read (the
     review page); :func:`read_image` still checks everything when the case is read.

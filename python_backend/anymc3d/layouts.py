@@ -9,7 +9,6 @@ or inferred from the tensors' names and shapes; what cannot be mapped exactly is
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Optional
 import safetensors
 import torch
 
+from anymc3d.safeio import read_json
 from anymc3d.errors import BackboneError
 
 #: short name -> timm architecture. DINOv3 maps to timm's bias-free variants on purpose: the ``_qkvb``
@@ -101,12 +101,10 @@ def _read_transformers(folder: Path) -> tuple[dict, dict, dict]:
     if not config_path.is_file() or not weights.is_file():
         raise BackboneError(f"{folder}: a backbone folder must hold a transformers checkpoint (config.json and "
                             "model.safetensors)")
-    if config_path.stat().st_size > 1_000_000:
-        raise BackboneError(f"{config_path}: too large for a model config")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = read_json(config_path, max_bytes=1_000_000)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BackboneError(f"{config_path}: not valid JSON ({exc})") from None
+        raise BackboneError(str(exc) if str(config_path) in str(exc) else f"{config_path}: {exc}") from None
     if not isinstance(config, dict):
         raise BackboneError(f"{config_path}: not a JSON object")
     state, metadata = read_state(weights)

@@ -45,6 +45,7 @@ from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free rea
 )
 from anymc3d.pooling import TaskQueryPool
 from anymc3d.preprocess_config import PreprocessConfig
+from anymc3d.safeio import read_json
 
 FORMAT_VERSION = 1
 
@@ -384,9 +385,9 @@ def read_ensemble_index(path: os.PathLike | str) -> dict:
     """The checked ``ensemble.json`` of a ``--folds`` folder: ``{"plugins": [...], "folds": K, ...}``."""
     index = Path(path) / ENSEMBLE_INDEX
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PluginError(f"{index}: unreadable ensemble index ({exc})") from None
+        data = read_json(index, max_bytes=1024 ** 2)
+    except ValueError as exc:
+        raise PluginError(f"unreadable ensemble index: {exc}") from None
     plugins = data.get("plugins") if isinstance(data, dict) else None
     if not isinstance(plugins, list) or not plugins or not all(
             isinstance(p, str) and p and Path(p).name == p for p in plugins):

@@ -9,6 +9,7 @@ imports torch, timm or peft. :mod:`anymc3d.plugin` adds the torch side: the sema
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -19,11 +20,11 @@ from typing import Optional
 
 from anymc3d.contract import RecordError, check_schema, is_temporary, schema_error
 from anymc3d.errors import PluginError
+from anymc3d.safeio import MAX_JSON_BYTES, check_stored_members, loads, read_limited
 
 JSON_NAME, WEIGHTS_NAME = "plugin.json", "plugin.safetensors"
 PLUGIN_SUFFIX = ".anymc3d"
 MAX_MEMBER_BYTES = 4 * 1024 ** 3
-MAX_JSON_BYTES = 16 * 1024 ** 2
 TRAINING_KEY = "anymc3d.training"  # safetensors metadata key of the optional training summary
 
 
@@ -34,36 +35,39 @@ def plugin_schema() -> dict:
 
 def read_members(path: os.PathLike | str, weights: bool = True) -> tuple[bytes, Optional[bytes]]:
     """(plugin.json bytes, plugin.safetensors bytes) of a plugin file or folder; the weights are None when
-    ``weights`` is False (a listing reads the small JSON member only). Raises PluginError naming the file."""
+    ``weights`` is False (a listing reads the small JSON member only). Sizes (and, in a zip, the members' names and
+    stored method) are checked before a byte is read. Raises PluginError naming the file."""
     path = Path(path)
+    limits = {JSON_NAME: MAX_JSON_BYTES, WEIGHTS_NAME: MAX_MEMBER_BYTES}
     if path.is_dir():
         files = [path / JSON_NAME, path / WEIGHTS_NAME]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise PluginError(f"{path}: plugin folder lacks {', '.join(missing)}")
-        return files[0].read_bytes(), files[1].read_bytes() if weights else None
+        try:
+            return (read_limited(files[0], limits[JSON_NAME]),
+                    read_limited(files[1], limits[WEIGHTS_NAME]) if weights else None)
+        except (OSError, ValueError) as exc:
+            raise PluginError(f"{path}: {exc}") from None
     if not path.is_file():
         raise PluginError(f"{path}: plugin not found")
     try:
         with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
-            if names != {JSON_NAME, WEIGHTS_NAME}:
-                raise PluginError(f"{path}: a plugin file holds exactly {JSON_NAME} and {WEIGHTS_NAME}, found {sorted(names)}")
-            if any(zf.getinfo(n).file_size > MAX_MEMBER_BYTES for n in names):
-                raise PluginError(f"{path}: plugin member larger than {MAX_MEMBER_BYTES} bytes")
-            if zf.getinfo(JSON_NAME).file_size > MAX_JSON_BYTES:
-                raise PluginError(f"{path}: {JSON_NAME} larger than {MAX_JSON_BYTES} bytes")
+            check_stored_members(zf, path, limits)
             return zf.read(JSON_NAME), zf.read(WEIGHTS_NAME) if weights else None
+    except ValueError as exc:
+        raise PluginError(str(exc)) from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise PluginError(f"{path}: not a readable plugin file ({exc})") from None
 
 
 def parse_json(raw: bytes, path: os.PathLike | str) -> dict:
-    """``plugin.json`` bytes as a dict; PluginError naming the file when it is not a JSON object."""
+    """``plugin.json`` bytes as a dict (size and nesting limited: :func:`anymc3d.safeio.loads`); PluginError
+    naming the file when it is not a JSON object."""
     try:
-        d = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PluginError(f"{path}: {JSON_NAME} is not valid JSON ({exc})") from None
+        d = loads(raw, f"{path}: {JSON_NAME}", MAX_JSON_BYTES)
+    except ValueError as exc:
+        raise PluginError(str(exc)) from None
     if not isinstance(d, dict):
         raise PluginError(f"{path}: {JSON_NAME} must hold a JSON object")
     return d
@@ -108,20 +112,36 @@ def find_plugins(folder: os.PathLike | str) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if is_plugin_path(p))
 
 
+def _weights_header(path: Path) -> bytes:
+    """The safetensors header of a plugin's weights (length-prefixed JSON), read without the tensors; the member
+    checks of :func:`read_members` first."""
+    limits = {JSON_NAME: MAX_JSON_BYTES, WEIGHTS_NAME: MAX_MEMBER_BYTES}
+    with contextlib.ExitStack() as stack:
+        if path.is_dir():
+            read_members(path, weights=False)
+            file = stack.enter_context(open(path / WEIGHTS_NAME, "rb"))
+        else:
+            archive = stack.enter_context(zipfile.ZipFile(path))
+            check_stored_members(archive, path, limits)
+            file = stack.enter_context(archive.open(WEIGHTS_NAME))
+        (length,) = struct.unpack("<Q", file.read(8))
+        return file.read(min(length, MAX_JSON_BYTES + 1))
+
+
 def read_training_summary(path: os.PathLike | str) -> Optional[dict]:
     """The training summary a trained plugin carries in its weights' safetensors header (``anymc3d train`` writes
     it, see :func:`anymc3d.plugin.plugin_bytes`), or None for a plugin made otherwise (e.g. the untrained demo).
 
-    Torch-free: only the header is parsed (the review page and the Slicer module show it before torch is
-    installed). Raises PluginError naming the file when the header cannot be read."""
+    Torch-free, and only the header is read (the review page and the Slicer module show it before torch is
+    installed, for plugins of any size). Raises PluginError naming the file when the header cannot be read."""
     path = Path(path)
-    _, weights = read_members(path)
     try:
-        (length,) = struct.unpack("<Q", weights[:8])
-        header = json.loads(weights[8:8 + length])
+        header = loads(_weights_header(path), f"{path}: weights header")
         raw = (header.get("__metadata__") or {}).get(TRAINING_KEY)
-        summary = None if raw is None else json.loads(raw)
-    except (struct.error, ValueError, AttributeError) as exc:
+        summary = None if raw is None else loads(raw, f"{path}: training summary")
+    except PluginError:
+        raise
+    except (struct.error, ValueError, AttributeError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise PluginError(f"{path}: unreadable training summary ({exc})") from None
     if summary is not None and not isinstance(summary, dict):
         raise PluginError(f"{path}: the training summary is not a JSON object")

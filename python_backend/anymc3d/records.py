@@ -20,6 +20,7 @@ from anymc3d.contract import STATUS_ERROR, STATUS_OK, RecordError, heatmap_name,
 from anymc3d.errors import AnyMC3DError, one_line
 from anymc3d.fileio import write_text_atomic
 from anymc3d.image_writing import write_image_atomic
+from anymc3d.safeio import loads, read_json, read_limited
 
 if TYPE_CHECKING:  # the engine's result type, for annotations only: writing records runs no model
     from anymc3d.engine import CasePredictions
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # the engine's result type, for annotations only: writing rec
 #: progress(stage, done, total), as the engine reports it
 Progress = Callable[[str, int, int], None]
 JSONL_SUFFIX = ".jsonl"
+MAX_RECORDS_BYTES = 256 * 1024 ** 2  # a results file of a large batch (about 2 kB per record)
 
 
 def error_message(image: str, error: BaseException) -> str:
@@ -144,12 +146,12 @@ def write_records(path: os.PathLike | str, records: Iterable[dict]) -> Path:
 def read_records(path: os.PathLike | str) -> list[dict]:
     """Read and validate records written by :func:`write_records` (JSON list or JSON Lines) or
     :func:`write_record` (one record)."""
-    text = Path(path).read_text()
     try:
         if str(path).endswith(JSONL_SUFFIX):
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+            text = read_limited(path, MAX_RECORDS_BYTES).decode("utf-8")
+            data = [loads(line, path) for line in text.splitlines() if line.strip()]
         else:
-            data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise RecordError(f"{path}: not valid JSON ({error})") from None
+            data = read_json(path, MAX_RECORDS_BYTES)
+    except (ValueError, OSError) as error:
+        raise RecordError(str(error) if isinstance(error, ValueError) else f"{path}: {error}") from None
     return [validate_record(data)] if isinstance(data, dict) else validate_records(data)
