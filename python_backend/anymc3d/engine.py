@@ -65,6 +65,7 @@ class Prediction:
     finding_heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # gradient methods: per label
     plugin_paths: list[str] = field(default_factory=list)
     geometry: Optional[SliceGeometry] = None  # how view 0 was sliced: maps heatmap and importance back
+    heatmap_localisation: Optional[dict] = None  # the plugin's measured localisation of heatmap_method; None: never
     kind: str = "slice_lora"
 
     @property
@@ -258,6 +259,7 @@ class Engine:
             embedding=out.pooled[0].float().cpu().numpy(), heatmap_method=heatmap, heatmap=heatmap_volume,
             finding_heatmaps=finding_heatmaps,
             plugin_paths=[str(attached.plugin.path)] if attached.plugin.path else [], geometry=geometry,
+            heatmap_localisation=config.heatmap_localisation(heatmap),
         )
 
     def predict_image(self, images: Union[sitk.Image, Sequence[sitk.Image]], plugins: Optional[Sequence[str]] = None,

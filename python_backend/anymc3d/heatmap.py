@@ -23,8 +23,10 @@ from torch import nn
 
 from anymc3d.contract import GRADIENT_METHODS, HEATMAP_METHODS as METHODS, OCCLUSION  # noqa: F401 (re-exported)
 
-#: slices per occluded block (a patch of this many neighbouring slices)
+#: slices per occluded block (a square of patches on this many neighbouring slices)
 OCCLUSION_DEPTH = 3
+#: patches per side of the occluded square
+OCCLUSION_BLOCK = 1
 
 
 def check_method(method: str) -> str:

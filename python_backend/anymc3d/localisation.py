@@ -105,3 +105,54 @@ def summarise(per_case: Sequence[dict]) -> dict:
     if areas:
         out["mean_deletion_area"] = float(np.mean(areas))
     return out
+
+
+def measure_case(engine, plugin: str, views: Sequence, lesion: np.ndarray, spacing: Sequence[float],
+                 methods: Sequence[str], label: Optional[str] = None, deletion: bool = True,
+                 fractions: Sequence[float] = DELETION_FRACTIONS) -> dict[str, dict]:
+    """Localisation of each heatmap method of an attached plugin on one case with a lesion.
+
+    Args:
+        engine: an :class:`~anymc3d.engine.Engine` with ``plugin`` attached.
+        views: the case's preprocessed slices, one (S_v, M, M) tensor per view (the plugin's own recipe).
+        lesion: (S, M, M) lesion mask of view 0 in the same slice space.
+        spacing: mm per voxel of that space (:func:`slice_space_spacing`); the pointing game's tolerance is one
+            patch: the backbone's patch size times the larger in-plane spacing.
+        label: the finding whose map is measured (default: the plugin's first label).
+    """
+    import torch
+
+    config = engine.plugins[plugin].plugin.config
+    label = label or config.labels[0]
+    k = config.labels.index(label)
+    tolerance = engine.backbone.spec.patch_size * max(spacing[1:])
+
+    def probability(volume: np.ndarray) -> float:
+        slices = [torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)), *views[1:]]
+        return float(engine.predict_slices(slices, plugin).probabilities[k])
+
+    out = {}
+    for method in methods:
+        pred = engine.predict_slices(list(views), plugin, heatmap=method)
+        heat = pred.finding_heatmaps[label] if pred.finding_heatmaps else pred.heatmap
+        entry = localise(heat, lesion, spacing, tolerance).to_dict()
+        entry["probability"] = float(pred.probabilities[k])
+        if deletion:
+            entry["deletion_curve"], entry["deletion_area"] = deletion_curve(
+                probability, np.asarray(views[0]), heat, fractions)
+        out[method] = entry
+    return out
+
+
+#: what a plugin's model card keeps of each method's summary
+CARD_KEYS = ("cases", "hit_rate", "mass_over_volume_share", "median_distance_mm", "mean_deletion_area")
+
+
+def model_card(summaries: dict[str, dict], task: str) -> dict:
+    """The ``localisation`` entry of a plugin's model card from per-method :func:`summarise` results: the
+    best method has the highest hit rate, then the highest mass over volume share."""
+    measured = {m: {k: s[k] for k in CARD_KEYS if k in s} for m, s in summaries.items() if s.get("cases")}
+    if not measured:
+        raise ValueError("no method was measured on a case with a lesion")
+    best = max(measured, key=lambda m: (measured[m]["hit_rate"], measured[m]["mass_over_volume_share"]))
+    return {"task": task, "measured": measured, "best": best}

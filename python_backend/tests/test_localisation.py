@@ -92,3 +92,40 @@ def test_summary_of_cases():
     assert s["hit_rate"] == 0.5 and s["median_distance_mm"] == 15.0
     assert s["mass_over_volume_share"] == pytest.approx(0.1 / 0.02)
     assert s["mean_deletion_area"] == pytest.approx(0.4)
+
+
+def test_model_card_recorded_in_a_plugin_drives_auto(demo_dir, tmp_path):
+    import shutil
+
+    import torch
+
+    from anymc3d.engine import Engine
+    from anymc3d.localisation import model_card
+    from anymc3d.plugin import load_plugin, record_localisation
+
+    summaries = {"attention": {"cases": 6, "hit_rate": 0.0, "mass_over_volume_share": 1.1},
+                 "occlusion": {"cases": 6, "hit_rate": 0.83, "mass_over_volume_share": 16.0},
+                 "rollout": {"cases": 0}}
+    card = model_card(summaries, "a task")
+    assert card["best"] == "occlusion" and set(card["measured"]) == {"attention", "occlusion"}
+    measured = shutil.copy(demo_dir / "plugin.anymc3d", tmp_path / "measured.anymc3d")
+    before = load_plugin(measured)
+    record_localisation(measured, card)
+    after = load_plugin(measured)
+    assert after.config.localisation == card
+    assert after.config.weights_sha256 == before.config.weights_sha256
+    assert torch.equal(after.head.head.weight, before.head.head.weight)
+    with pytest.raises(Exception, match="localisation"):
+        record_localisation(measured, {**card, "best": "grad_last"})  # not measured
+    assert load_plugin(measured).config.localisation == card  # a refused card leaves the file as it was
+
+    engine = Engine(demo_dir / "backbone.safetensors", device="cpu")
+    engine.add_plugin(measured, "measured")
+    engine.add_plugin(demo_dir / "plugin.anymc3d", "never")
+    x = torch.rand(2, 112, 112, generator=torch.Generator().manual_seed(0))
+    x[:, :20] = 0.0  # some background
+    got = engine.predict_slices([x], "measured", heatmap="auto")
+    assert got.heatmap_method == "occlusion" and got.heatmap_localisation["hit_rate"] == 0.83
+    assert got.heatmap_localisation["task"] == "a task"
+    plain = engine.predict_slices([x], "never", heatmap="auto")
+    assert plain.heatmap_method == "attention" and plain.heatmap_localisation is None

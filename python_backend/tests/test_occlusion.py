@@ -17,25 +17,27 @@ def _case(size, n=5, seed=0):
     return (0.02 * torch.rand(n, size, size, generator=g) + disc * (0.5 + 0.4 * torch.rand(n, size, size, generator=g)))
 
 
-def _direct(model, x, s, p, depth, fill, patch, grid):
-    """logit drop when patch p of the depth-slice block centred on s is set to ``fill``, by a full forward."""
+def _direct(model, x, s, p, depth, fill, patch, grid, block=1):
+    """logit drop when the block x block square of patches holding patch p, on the depth slices centred on s, is
+    set to ``fill``, by a full forward."""
     n = x.shape[0]
     lo = max(0, min(s - depth // 2, n - depth))
     y = x.clone()
     r, c = divmod(p, grid[1])
-    y[lo:lo + depth, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = fill
+    r0, c0 = (r // block) * block * patch, (c // block) * block * patch
+    y[lo:lo + depth, r0:r0 + block * patch, c0:c0 + block * patch] = fill
     with torch.inference_mode():
         return (model([x[None]]).logits - model([y[None]]).logits)[0]  # (K,)
 
 
-@pytest.mark.parametrize("depth", [1, 3])
-def test_occlusion_equals_recomputing_each_occluded_volume(depth):
+@pytest.mark.parametrize("depth,block", [(1, 1), (3, 1), (3, 2), (2, 3)])
+def test_occlusion_equals_recomputing_each_occluded_volume(depth, block):
     model, bb = _model("dinov2", chunk_size=7)  # chunks that do not divide S x P
     size = bb.spec.img_size
     x = _case(size)
     with torch.inference_mode():
         out = model([x[None]])
-    maps = model.encoder.occlusion_maps(model, [x[None]], out, depth=depth, body_only=False, head_chunk=5)
+    maps = model.encoder.occlusion_maps(model, [x[None]], out, depth=depth, block=block, body_only=False, head_chunk=5)
     patch = bb.spec.patch_size
     grid = (size // patch, size // patch)
     assert maps.shape == (model.num_classes, 1, x.shape[0], grid[0] * grid[1])
@@ -43,7 +45,7 @@ def test_occlusion_equals_recomputing_each_occluded_volume(depth):
     fill = float(x[body].median())
     for s in (0, 2, x.shape[0] - 1):  # both ends (the block moved inside) and the middle
         for p in (0, 5, 6, grid[0] * grid[1] - 1):
-            np.testing.assert_allclose(maps[:, 0, s, p], _direct(model, x, s, p, depth, fill, patch, grid),
+            np.testing.assert_allclose(maps[:, 0, s, p], _direct(model, x, s, p, depth, fill, patch, grid, block),
                                        rtol=1e-4, atol=1e-5)
     assert maps.abs().max() > 1e-3  # occlusion changes the logits: the comparison can fail
 
