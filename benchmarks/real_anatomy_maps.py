@@ -114,7 +114,8 @@ def probe(work: Path, rows: list[dict], backbone, recipe: PreprocessConfig) -> d
 
 
 def train_plugin(work: Path, manifest: Path, backbone, args) -> tuple[Path, dict]:
-    from anymc3d.train import TrainConfig, train
+    from anymc3d.training.config import TrainConfig
+    from anymc3d.training.trainer import train
 
     out = work / f"plugin_{args.tag}.anymc3d"
     summary_path = work / f"plugin_{args.tag}.summary.json"

@@ -270,7 +270,8 @@ def write_real_demo(folder: os.PathLike | str, backbone: os.PathLike | str, arch
     from anymc3d.fileio import write_text_atomic
     from anymc3d.localisation import localise, slice_space_spacing
     from anymc3d.preprocessing import prepare
-    from anymc3d.train import TrainConfig, train
+    from anymc3d.training.config import TrainConfig
+    from anymc3d.training.trainer import train
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
