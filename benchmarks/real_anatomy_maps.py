@@ -139,20 +139,14 @@ def finish(volume: torch.Tensor, grid, weights=None) -> np.ndarray:
     return hm.weight_by_importance(hm.to_grid(volume.float().clamp(min=0), grid), weights).numpy()
 
 
-def variants(engine: Engine, name: str, x: torch.Tensor, grid, blocks, depths) -> dict[str, np.ndarray]:
-    """Maps computed here from the model's parts: body-restricted attention / grad_rollout; occlusion of squares of
-    ``blocks`` patches on ``depths`` slices, restricted to the body (what ``--heatmap-method occlusion`` gives)."""
+def occlusion_variants(engine: Engine, name: str, x: torch.Tensor, grid, blocks, depths) -> dict[str, np.ndarray]:
+    """Occlusion maps of squares of ``blocks`` patches on ``depths`` slices, restricted to the body (what
+    ``--heatmap-method occlusion`` gives), from one encoding pass per block size."""
     model = engine.plugins[name].model
-    body = hm.body_mask(x).reshape(x.shape[0], grid[0], x.shape[1] // grid[0], grid[1], x.shape[2] // grid[1])
-    body = body.any(4).any(2).float().numpy()  # (S, h, w)
-    out = {}
-    for method in ("attention", "grad_rollout"):
-        pred = engine.predict_slices([x], name, heatmap=method)
-        heat = pred.finding_heatmaps["lesion"] if pred.finding_heatmaps else pred.heatmap
-        out[f"{method}+body"] = heat * body
     with torch.inference_mode():
         o = model([x[None]])
     clean = o.embeddings[0][0].float()
+    out = {}
     for block in blocks:
         occluded, todo = model.encoder.occluded_embeddings(x, clean, block=block, body_only=True)
         for depth in depths:
@@ -162,7 +156,21 @@ def variants(engine: Engine, name: str, x: torch.Tensor, grid, blocks, depths) -
     return out
 
 
-def evaluate(work: Path, rows: list[dict], backbone, plugin: Path, args) -> dict:
+def case_maps(engine: Engine, name: str, x: torch.Tensor, grid, args) -> dict[str, np.ndarray]:
+    """Every measured map of one case: occlusion variants, then the engine's methods, each also restricted to the
+    body (``+body``: the map times the body mask on the patch grid)."""
+    maps = occlusion_variants(engine, name, x, grid, [int(b) for b in args.blocks.split(",")],
+                              [int(d) for d in args.depths.split(",")])
+    body = hm.body_mask(x).reshape(x.shape[0], grid[0], x.shape[1] // grid[0], grid[1], x.shape[2] // grid[1])
+    body = body.any(4).any(2).float().numpy()  # (S, h, w)
+    for method in args.methods.split(","):
+        pred = engine.predict_slices([x], name, heatmap=method)
+        maps[method] = pred.finding_heatmaps["lesion"] if pred.finding_heatmaps else pred.heatmap
+        maps[f"{method}+body"] = maps[method] * body
+    return maps
+
+
+def evaluate(work: Path, rows: list[dict], backbone, plugin: Path, args, save) -> dict:
     from sklearn.metrics import roc_auc_score
 
     engine = Engine(backbone, device="cpu")
@@ -170,44 +178,41 @@ def evaluate(work: Path, rows: list[dict], backbone, plugin: Path, args) -> dict
     recipe = engine.plugins[name].plugin.config.preprocessing[0]
     mask_recipe = PreprocessConfig(**{**recipe.to_dict(), "intensity": "none"})
     test = [r for r in rows if r["split"] == "test"]
-    probs, per_case = [], []
-    for row in test:
-        x, geometry = prepare(sitk.ReadImage(str(work / row["image"])), recipe)
-        pred = engine.predict_slices([x], name)
-        probs.append(float(pred.probabilities[0]))
+    prepared = [prepare(sitk.ReadImage(str(work / r["image"])), recipe) for r in test]
+    probs = [float(engine.predict_slices([x], name).probabilities[0]) for x, _ in prepared]
+    y = [int(r["lesion"]) for r in test]
+    result = {"test_cases": len(test), "test_positives": sum(y), "test_auroc": float(roc_auc_score(y, probs)),
+              "tolerance": "one patch: patch size x the larger in-plane spacing of the slice space",
+              "deletion_fractions": list(FRACTIONS), "localisation": {}, "per_case": []}
+    log(f"test AUROC {result['test_auroc']:.3f}")
+    for row, (x, geometry), p in zip(test, prepared, probs):
         if not int(row["lesion"]):
             continue
         m, _ = prepare(sitk.ReadImage(str(work / row["mask"])), mask_recipe)
         lesion = (m > 0.5).numpy()
         spacing = slice_space_spacing(geometry, lesion.shape)
-        t = time.time()
-        entry = measure_case(engine, name, [x], lesion, spacing, METHODS if not args.quick else ("attention",),
-                             fractions=FRACTIONS)
         tolerance = backbone.spec.patch_size * max(spacing[1:])
         grid = (x.shape[1] // backbone.spec.patch_size, x.shape[2] // backbone.spec.patch_size)
+        t = time.time()
 
-        def probability(v):
+        def probability(v, x=x, p=p):
             if np.array_equal(v, x.numpy()):
-                return probs[-1]
+                return p
             return float(engine.predict_slices([torch.from_numpy(np.ascontiguousarray(v, np.float32))], name).probabilities[0])
 
-        if not args.quick:
-            blocks = [int(b) for b in args.blocks.split(",")]
-            depths = [int(d) for d in args.depths.split(",")]
-            for key, heat in variants(engine, name, x, grid, blocks, depths).items():
-                e = localise(heat, lesion, spacing, tolerance).to_dict()
-                e["deletion_curve"], e["deletion_area"] = deletion_curve(probability, x.numpy(), heat, FRACTIONS)
-                entry[key] = e
-        per_case.append({"image": row["image"], "probability": probs[-1], "lesion_voxels": int(lesion.sum()),
-                         "seconds": round(time.time() - t, 1), "methods": entry})
-        log(f"{row['image']}: p={probs[-1]:.3f} " + " ".join(
+        entry = {}
+        for key, heat in case_maps(engine, name, x, grid, args).items():
+            entry[key] = localise(heat, lesion, spacing, tolerance).to_dict()
+            if key in args.deletion.split(","):
+                entry[key]["deletion_curve"], entry[key]["deletion_area"] = deletion_curve(
+                    probability, x.numpy(), heat, FRACTIONS)
+        result["per_case"].append({"image": row["image"], "probability": p, "lesion_voxels": int(lesion.sum()),
+                                   "seconds": round(time.time() - t, 1), "methods": entry})
+        result["localisation"] = {k: summarise([c["methods"][k] for c in result["per_case"]]) for k in entry}
+        save(result)
+        log(f"{row['image']}: p={p:.3f} " + " ".join(
             f"{k}={'hit' if v['hit'] else 'miss'}/{v['mass_ratio']:.1f}x" for k, v in entry.items()))
-    y = [int(r["lesion"]) for r in test]
-    methods = list(per_case[0]["methods"]) if per_case else []
-    summary = {m: summarise([c["methods"][m] for c in per_case]) for m in methods}
-    return {"test_cases": len(test), "test_positives": sum(y), "test_auroc": float(roc_auc_score(y, probs)),
-            "tolerance": "one patch: patch size x the larger in-plane spacing of the slice space",
-            "localisation": summary, "per_case": per_case}
+    return result
 
 
 def main() -> None:
@@ -227,6 +232,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="attention only, no variants (a smoke run).")
     p.add_argument("--blocks", default="2", help="Occluded squares' sides in patches (default: 2).")
+    p.add_argument("--methods", default="attention,grad_rollout", help="Engine heatmap methods also measured.")
+    p.add_argument("--deletion", default="occlusion_b2_d3,attention",
+                   help="Maps whose deletion curve is measured (each point is a forward of the case).")
     p.add_argument("--depths", default="1,3", help="Occluded blocks' depths in slices (default: 1,3).")
     p.add_argument("--stage", default="all", choices=["probe", "train", "all"], help="Stop after this stage.")
     args = p.parse_args()
@@ -252,10 +260,18 @@ def main() -> None:
     log(f"trained: val AUROC {result['training']['best_val_auroc']:.3f} in {result['training']['seconds']} s")
     if args.stage == "train":
         return
-    result.update(evaluate(args.work, rows, backbone, plugin, args))
-    result["seconds_total"] = round(time.time() - T0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    def save(partial: dict) -> None:
+        result.update(partial)
+        result["seconds_total"] = round(time.time() - T0, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        write_summary(result, args, n)
+
+    save(evaluate(args.work, rows, backbone, plugin, args, save))
+    print(args.out.with_suffix(".txt").read_text())
+
+
+def write_summary(result: dict, args, n: dict) -> None:
     lines = [f"# {result['command']}", f"# {result['date']}; {result['machine']}; {result['backbone']}",
              f"# task: {result['task']}; cases {n}; {args.size} px, {args.slices} slices, z-score",
              f"probe (frozen CLS, logistic regression): test AUROC {result['probe']['test_auroc']:.3f}, "
@@ -264,6 +280,7 @@ def main() -> None:
              f"{result['training']['epochs_run']} epochs): {result['training']['seconds']} s, best val AUROC "
              f"{result['training']['best_val_auroc']:.3f}; test AUROC {result['test_auroc']:.3f} "
              f"({result['test_cases']} cases, {result['test_positives']} positives)",
+             f"localisation on {len(result['per_case'])} test positives (hit: maximum within one patch of the lesion)",
              f"{'method':>24} {'hits':>6} {'median mm':>9} {'mass share':>10} {'vol share':>9} {'mass/vol':>8} "
              f"{'deletion AUC':>12}"]
     for method, s in result["localisation"].items():
@@ -271,7 +288,6 @@ def main() -> None:
                      f"{s['mean_mass_share']:>10.4f} {s['mean_volume_share']:>9.4f} {s['mass_over_volume_share']:>8.1f} "
                      f"{s.get('mean_deletion_area', float('nan')):>12.3f}")
     args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

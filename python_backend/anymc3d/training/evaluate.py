@@ -94,7 +94,7 @@ def localisation_report(manifest: Manifest, cases, backbone: LoadedBackbone, plu
     return {"cases": len(per_case), "methods": {m: summarise([c["methods"][m] for c in per_case]) for m in methods},
             "per_case": per_case,
             "measures": "hit: the map's maximum within one patch of the lesion; mass share of the lesion against its "
-                        "volume share (1x = a uniform map); deletion area: mean probability as the top-ranked 0-20 % "
+                        "volume share (1x = a uniform map); deletion area: mean probability as the top-ranked 0-10 % "
                         "of voxels are set to the case's median (lower: the map found the evidence)"}
 
 
