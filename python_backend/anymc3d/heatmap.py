@@ -4,8 +4,8 @@
 - ``rollout``: attention rollout (Abnar & Zuidema 2020) over all blocks, head mean, residual added.
 - ``grad_rollout`` / ``grad_last``: gradient-weighted attention (Chefer et al. 2021) for one finding,
   rolled out over all blocks or taken from the last block only.
-- ``occlusion``: for one finding, the logit's drop when one patch of ``OCCLUSION_DEPTH`` neighbouring slices is
-  set to the case's body median (computed by the encoder: ``SliceEncoder.occlusion_maps``), in the body only.
+- ``occlusion``: for one finding, the logit's drop when a square of ``OCCLUSION_BLOCK`` x ``OCCLUSION_BLOCK``
+  patches on ``OCCLUSION_DEPTH`` neighbouring slices is set to the case's body median (computed by the encoder: ``SliceEncoder.occlusion_maps``), in the body only.
 
 The paper's map needs one attention row only: :class:`ClsRowRecorder` takes the last block's post-norm
 (and, for DINOv3, rotary) queries and keys from hooks and computes the CLS query's row, while every block
@@ -25,8 +25,9 @@ from anymc3d.contract import GRADIENT_METHODS, HEATMAP_METHODS as METHODS, OCCLU
 
 #: slices per occluded block (a square of patches on this many neighbouring slices)
 OCCLUSION_DEPTH = 3
-#: patches per side of the occluded square
-OCCLUSION_BLOCK = 1
+#: patches per side of the occluded square (2: 4 times fewer backbone passes than single patches; what was measured
+#: on real anatomy, benchmarks/results/real-anatomy-maps-*)
+OCCLUSION_BLOCK = 2
 
 
 def check_method(method: str) -> str:

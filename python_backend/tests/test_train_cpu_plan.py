@@ -4,6 +4,7 @@ backbone on a CPU gets 112-pixel slices, 24 per volume, unless told otherwise.""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import numpy as np
@@ -22,6 +23,7 @@ from train_tasks import write_task
 FROZEN = TrainConfig(epochs=3, lora=False, augment=False, num_slices=6, seed=0)
 
 
+@pytest.mark.slow
 def test_cached_embeddings_train_the_same_plugin_and_encode_each_case_once(tmp_path, monkeypatch, caplog):
     manifest = write_task(tmp_path / "task", 8, splits=["train"] * 5 + ["val"] * 3)
     calls = []
@@ -68,3 +70,30 @@ def test_full_size_backbone_on_cpu_gets_the_cpu_recipe(tmp_path):
     assert (told.recipe.input_size, told.recipe.num_slices) == (224, 40)
     small = Trainer(manifest, small_backbone(), tmp_path / "p.anymc3d", TrainConfig(), device="cpu")
     assert (small.recipe.input_size, small.recipe.num_slices) == (56, None)
+
+
+@pytest.mark.slow
+def test_eval_with_a_mask_column_measures_localisation_and_records_it(tmp_path):
+    from anymc3d.training.evaluate import evaluate_plugin
+
+    manifest = write_task(tmp_path / "task", 10, masks=True, splits=["train"] * 4 + ["val"] * 2 + ["test"] * 4,
+                          radius_mm=(7.0, 9.0))
+    backbone = small_backbone()
+    train(manifest, backbone, tmp_path / "p.anymc3d", dataclasses.replace(FROZEN, aux_seg=False), progress=False)
+    metrics = evaluate_plugin(manifest, backbone, tmp_path / "p.anymc3d", tmp_path / "eval", bootstrap=10,
+                              heatmap_methods=["attention", "occlusion"], record="tiny CT lesions")
+    loc = metrics["localisation"]
+    positives = [c for c in load_manifest(manifest).subset("test") if c.target.any()]
+    assert loc["cases"] == len(positives) > 0
+    for method in ("attention", "occlusion"):
+        s = loc["methods"][method]
+        assert s["cases"] == len(positives) and 0.0 <= s["hit_rate"] <= 1.0
+        assert 0.0 < s["mean_volume_share"] < 0.2 and s["mean_deletion_area"] is not None
+        per = [c["methods"][method] for c in loc["per_case"]]
+        assert s["hit_rate"] == pytest.approx(np.mean([p["hit"] for p in per]))
+    card = load_plugin(tmp_path / "p.anymc3d").config.localisation
+    assert card["task"] == "tiny CT lesions" and set(card["measured"]) == {"attention", "occlusion"}
+    best = max(card["measured"], key=lambda m: (card["measured"][m]["hit_rate"],
+                                                card["measured"][m]["mass_over_volume_share"]))
+    assert card["best"] == best
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["localisation"]["cases"] == len(positives)
