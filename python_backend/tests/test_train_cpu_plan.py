@@ -76,8 +76,18 @@ def test_full_size_backbone_on_cpu_gets_the_cpu_recipe(tmp_path):
 def test_eval_with_a_mask_column_measures_localisation_and_records_it(tmp_path):
     from anymc3d.training.evaluate import evaluate_plugin
 
-    manifest = write_task(tmp_path / "task", 10, masks=True, splits=["train"] * 4 + ["val"] * 2 + ["test"] * 4,
-                          radius_mm=(7.0, 9.0))
+    import csv
+
+    manifest = write_task(tmp_path / "task", 10, masks=True, radius_mm=(7.0, 9.0))
+    with manifest.open() as f:
+        rows = list(csv.DictReader(f))
+    for y in ("0", "1"):  # per label: 2 train, 1 val, 2 test
+        for i, row in enumerate(r for r in rows if r["lesion"] == y):
+            row["split"] = ["train", "train", "val", "test", "test"][i]
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     backbone = small_backbone()
     train(manifest, backbone, tmp_path / "p.anymc3d", dataclasses.replace(FROZEN, aux_seg=False), progress=False)
     metrics = evaluate_plugin(manifest, backbone, tmp_path / "p.anymc3d", tmp_path / "eval", bootstrap=10,
