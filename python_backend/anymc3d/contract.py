@@ -18,13 +18,15 @@ from typing import Any, Optional
 
 #: heatmap methods (first: the paper's map). Which ones a plugin can give depends on its kind: ``contribution`` is
 #: the exact per-token share of the logit of lifted-feature (PlaneCycle) plugins; the others are the 2D kind's.
-HEATMAP_METHODS = ("attention", "rollout", "grad_rollout", "grad_last", "contribution")
+HEATMAP_METHODS = ("attention", "rollout", "grad_rollout", "grad_last", "contribution", "occlusion")
 #: ``--heatmap-method auto``: each plugin's own default map (``attention`` for 2D plugins)
 AUTO_HEATMAP = "auto"
 #: gradient-weighted attention methods (2D kind)
 GRADIENT_METHODS = ("grad_rollout", "grad_last")
+#: occlusion of token blocks in the plugin's slice space (2D kind): the logit's drop per block, per finding
+OCCLUSION = "occlusion"
 #: the methods that give one map per finding (records list them in ``finding_heatmaps``)
-FINDING_METHODS = GRADIENT_METHODS + ("contribution",)
+FINDING_METHODS = GRADIENT_METHODS + ("contribution", OCCLUSION)
 #: ``--device`` choices
 DEVICES = ("auto", "cpu", "cuda")
 #: heatmap file formats (``--heatmap-format``)

@@ -65,6 +65,8 @@ class Encoder(nn.Module):
     finding_heatmaps: tuple[str, ...] = ()
     #: whether :meth:`finding_maps` needs the forward's patch tokens
     finding_needs_patch_tokens = False
+    #: finding heatmaps that already include the pooling (not to be weighted by the slice importance a_s again)
+    unweighted_heatmaps: tuple[str, ...] = ()
 
     @property
     def heatmap_methods(self) -> tuple[str, ...]:
@@ -130,7 +132,8 @@ class SliceEncoder(Encoder):
     """
 
     forward_heatmaps = ("attention", "rollout")
-    finding_heatmaps = hm.GRADIENT_METHODS
+    finding_heatmaps = hm.GRADIENT_METHODS + (hm.OCCLUSION,)
+    unweighted_heatmaps = (hm.OCCLUSION,)
 
     def __init__(self, backbone: nn.Module, *, chunk_size: int = 32, compile: bool = False):
         super().__init__(backbone)
@@ -240,6 +243,8 @@ class SliceEncoder(Encoder):
         """Gradient maps: d logit_k / d h_s through the pooling and head, then :meth:`gradient_maps`."""
         if method not in self.finding_heatmaps:
             raise ValueError(f"{method!r} is not one of {self.finding_heatmaps}")
+        if method == hm.OCCLUSION:
+            return self.occlusion_maps(model, views, out, masks, progress=progress)
         cls_grads = model.logit_grads(out.embeddings, masks)
         mask = masks[0] if masks is not None else None
         return self.gradient_maps(views[0], mask, cls_grads, method == "grad_last", progress)
@@ -273,3 +278,97 @@ class SliceEncoder(Encoder):
         (chunks,) = self._in_chunks(flat.shape[0], step, progress)
         per_finding = torch.cat(chunks, dim=1)  # (K, N, P)
         return torch.stack([_scatter(m, mask.to(device)) for m in per_finding])  # (K, B, S, P)
+
+    @torch.no_grad()
+    def occlusion_maps(self, model, views, out, masks=None, depth: int = hm.OCCLUSION_DEPTH,
+                       block: int = hm.OCCLUSION_BLOCK, body_only: bool = True,
+                       progress: Optional[SliceProgress] = None, head_chunk: int = 256) -> torch.Tensor:
+        """Occlusion of token blocks in the plugin's own slice space, for K findings: (K, B, S, P).
+
+        Entry (k, b, s, p) is logit_k of the case minus logit_k when patch p of the ``depth`` slices centred on s
+        (the block moved inside the volume at its ends) is set to the case's fill value (the median of its body
+        pixels): how much the finding rests on that block. With ``block`` > 1 a square of ``block`` x ``block``
+        patches is occluded at a time (stride ``block``) and each of its patches gets its value: ``block``^2 times
+        fewer backbone passes. Slices are independent in this encoder, so each slice with one square filled
+        is encoded once (S x P / block^2 backbone passes, in chunks) and every block's logit comes from the pooling and head
+        alone, the other slices keeping their clean embeddings: exactly what re-encoding the occluded volume
+        gives. With ``body_only``, patches without body pixels (:func:`heatmap.body_mask`) are not occluded and
+        score 0: the map is restricted to the body, and the background costs nothing.
+        """
+        device = next(self.backbone.parameters()).device
+        slices = views[0]
+        mask = _flat_mask(slices, masks[0] if masks is not None else None)
+        b, s_max, m, _ = slices.shape
+        grid = self._grid(m, m)
+        rest = [e.float().to(device) for e in out.embeddings[1:]]
+        rest_masks = [None if masks is None else mk.to(device) for mk in (masks or [None] * len(views))[1:]]
+        result = torch.zeros(out.logits.shape[1], b, s_max, grid[0] * grid[1], device=device)
+        for case in range(b):
+            real = mask[case].nonzero().flatten().to(device)
+            clean = out.embeddings[0][case, real].float().to(device)  # (S, C)
+            occluded, todo = self.occluded_embeddings(slices[case].to(device)[real], clean, block, body_only, progress)
+            deltas = self._block_deltas(model, case, clean, occluded, todo, depth, rest, rest_masks,
+                                        out.logits[case].float().to(device), head_chunk)  # (K, S, squares)
+            result[:, case, real] = deltas[:, :, self._square_of_patch(grid, block).to(device)]
+        return result
+
+    @staticmethod
+    def _square_of_patch(grid: tuple[int, int], block: int) -> torch.Tensor:
+        """(P,) index of the occluded square (``block`` x ``block`` patches, row-major) holding each patch."""
+        rows, cols = torch.meshgrid(torch.arange(grid[0]) // block, torch.arange(grid[1]) // block, indexing="ij")
+        return (rows * -(-grid[1] // block) + cols).flatten()
+
+    @torch.no_grad()
+    def occluded_embeddings(self, x: torch.Tensor, clean: torch.Tensor, block: int = 1, body_only: bool = True,
+                            progress: Optional[SliceProgress] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One case's slices (S, M, M) with one square of ``block`` x ``block`` patches at a time set to the fill
+        value, encoded in chunks.
+
+        Returns (S, Q, C) embeddings for the Q squares (``clean`` (S, C) where a square was not occluded) and the
+        (n, 2) occluded (slice, square) pairs: every square, or with ``body_only`` those holding body pixels.
+        """
+        if block < 1:
+            raise ValueError(f"block must be >= 1 patch, got {block}")
+        x = x.float()
+        grid = self._grid(*x.shape[-2:])
+        ph, pw = self.backbone.patch_embed.patch_size
+        sh, sw = block * ph, block * pw
+        squares = (-(-grid[0] // block), -(-grid[1] // block))
+        body = hm.body_mask(x)
+        fill = x[body].median() if body.any() else x.median()
+        padded = torch.zeros(len(x), squares[0] * sh, squares[1] * sw, dtype=torch.bool, device=x.device)
+        padded[:, :grid[0] * ph, :grid[1] * pw] = body[:, :grid[0] * ph, :grid[1] * pw]
+        in_body = padded.reshape(len(x), squares[0], sh, squares[1], sw).any(4).any(2).reshape(len(x), -1)  # (S, Q)
+        todo = (in_body if body_only else torch.ones_like(in_body)).nonzero()  # (n, 2): slice, square
+        occluded = clean[:, None].repeat(1, in_body.shape[1], 1)  # (S, Q, C)
+
+        def step(start: int, stop: int) -> list:
+            batch = x[todo[start:stop, 0]].clone()  # (n, M, M)
+            for i, q in enumerate(todo[start:stop, 1].tolist()):
+                r, c = divmod(q, squares[1])
+                batch[i, r * sh:min((r + 1) * sh, grid[0] * ph), c * sw:min((c + 1) * sw, grid[1] * pw)] = fill
+            return [self._forward_features(to_model_input(batch))[:, 0].float()]
+
+        if len(todo):
+            (cls,) = self._in_chunks(len(todo), step, progress)
+            occluded[todo[:, 0], todo[:, 1]] = torch.cat(cls)
+        return occluded, todo
+
+    @staticmethod
+    @torch.no_grad()
+    def _block_deltas(model, case, clean, occluded, todo, depth, rest, rest_masks, logits, head_chunk):
+        """(K, S, P) logit drops of the blocks centred on each (slice, patch) in ``todo`` (others stay 0)."""
+        n_slices, n_patches, _ = occluded.shape
+        deltas = logits.new_zeros(logits.shape[0], n_slices, n_patches)
+        for start in range(0, len(todo), head_chunk):
+            part = todo[start:start + head_chunk]
+            h = clean[None].repeat(len(part), 1, 1)  # (n, S, C)
+            for i, (s, p) in enumerate(part.tolist()):
+                lo = max(0, min(s - depth // 2, n_slices - depth))
+                hi = min(n_slices, lo + depth)
+                h[i, lo:hi] = occluded[lo:hi, p]
+            others = [e[case:case + 1].expand(len(part), -1, -1) for e in rest]
+            others_masks = [None if mk is None else mk[case:case + 1].expand(len(part), -1) for mk in rest_masks]
+            v, _ = model.head.pool([h, *others], [None, *others_masks])
+            deltas[:, part[:, 0], part[:, 1]] = (logits[None] - model.forward_head(v)).T
+        return deltas

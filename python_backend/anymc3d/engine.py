@@ -66,6 +66,7 @@ class Prediction:
     finding_heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # gradient methods: per label
     plugin_paths: list[str] = field(default_factory=list)
     geometry: Optional[SliceGeometry] = None  # how view 0 was sliced: maps heatmap and importance back
+    heatmap_localisation: Optional[dict] = None  # the plugin's measured localisation of heatmap_method; None: never
     kind: str = "slice_lora"
 
     @property
@@ -215,8 +216,8 @@ class Engine:
         attached = self.plugins[plugin]
         config, model = attached.plugin.config, attached.model
         encoder = model.encoder
-        if heatmap == AUTO_HEATMAP:  # the kind's own default map
-            heatmap = encoder.heatmap_methods[0] if encoder.heatmap_methods else None
+        if heatmap == AUTO_HEATMAP:  # the plugin's best measured map, else the kind's own default
+            heatmap = auto_heatmap_method(config, encoder.heatmap_methods)
         if heatmap is not None:
             hm.check_method(heatmap)
             if heatmap not in encoder.heatmap_methods:
@@ -240,7 +241,11 @@ class Engine:
         elif per_finding:
             with self._autocast():
                 maps = model.finding_maps(batch, out, heatmap, progress=stage("heatmap"))  # (K, 1, S, P)
-            finding_heatmaps = {label: _volume(m[0], grid, importance) for label, m in zip(config.labels, maps)}
+            if heatmap in encoder.unweighted_heatmaps:  # the map includes the pooling: no a_s again; drops only
+                maps, weights = maps.clamp(min=0), torch.ones_like(importance)
+            else:
+                weights = importance
+            finding_heatmaps = {label: _volume(m[0], grid, weights) for label, m in zip(config.labels, maps)}
         logits = out.logits[0].float()
         calibrated = calibrated_logits(logits, config)
         probs = probabilities(calibrated, config.task).cpu().numpy()
@@ -255,6 +260,7 @@ class Engine:
             embedding=out.pooled[0].float().cpu().numpy(), heatmap_method=heatmap, heatmap=heatmap_volume,
             finding_heatmaps=finding_heatmaps,
             plugin_paths=[str(attached.plugin.path)] if attached.plugin.path else [], geometry=geometry,
+            heatmap_localisation=config.heatmap_localisation(heatmap),
         )
 
     def predict_image(self, images: Union[sitk.Image, Sequence[sitk.Image]], plugins: Optional[Sequence[str]] = None,
@@ -298,6 +304,15 @@ class Engine:
             progress("reading", 0, 1)
         images = [read_image(p) for p in paths]
         return self.predict_image(images, plugins, heatmap, sources=[str(Path(p)) for p in paths], progress=progress)
+
+
+def auto_heatmap_method(config, methods: Sequence[str]) -> Optional[str]:
+    """``--heatmap-method auto``: the method the plugin's model card measured best (``localisation.best``) when
+    its kind can give it, else the kind's default (the first of ``methods``); None for a kind without maps."""
+    best = (config.localisation or {}).get("best")
+    if best in methods:
+        return best
+    return methods[0] if methods else None
 
 
 def _volume(patch_maps: torch.Tensor, grid: tuple[int, int], importance: torch.Tensor) -> np.ndarray:

@@ -4,6 +4,8 @@
 - ``rollout``: attention rollout (Abnar & Zuidema 2020) over all blocks, head mean, residual added.
 - ``grad_rollout`` / ``grad_last``: gradient-weighted attention (Chefer et al. 2021) for one finding,
   rolled out over all blocks or taken from the last block only.
+- ``occlusion``: for one finding, the logit's drop when a square of ``OCCLUSION_BLOCK`` x ``OCCLUSION_BLOCK``
+  patches on ``OCCLUSION_DEPTH`` neighbouring slices is set to the case's body median (computed by the encoder: ``SliceEncoder.occlusion_maps``), in the body only.
 
 The paper's map needs one attention row only: :class:`ClsRowRecorder` takes the last block's post-norm
 (and, for DINOv3, rotary) queries and keys from hooks and computes the CLS query's row, while every block
@@ -19,7 +21,13 @@ import torch
 from timm.layers import apply_rot_embed_cat
 from torch import nn
 
-from anymc3d.contract import GRADIENT_METHODS, HEATMAP_METHODS as METHODS  # noqa: F401 (re-exported)
+from anymc3d.contract import GRADIENT_METHODS, HEATMAP_METHODS as METHODS, OCCLUSION  # noqa: F401 (re-exported)
+
+#: slices per occluded block (a square of patches on this many neighbouring slices)
+OCCLUSION_DEPTH = 3
+#: patches per side of the occluded square (2: 4 times fewer backbone passes than single patches; what was measured
+#: on real anatomy, benchmarks/results/real-anatomy-maps-*)
+OCCLUSION_BLOCK = 2
 
 
 def check_method(method: str) -> str:
@@ -187,3 +195,18 @@ def weight_by_importance(slice_maps: torch.Tensor, importance: torch.Tensor) -> 
     volume = slice_maps.float() * importance.float().reshape(-1, 1, 1)  # (S, h, w)
     peak = volume.max()
     return volume / peak if peak > 0 else volume
+
+
+def body_mask(slices: torch.Tensor) -> torch.Tensor:
+    """(S, M, M) slices in [0, 1] -> (S, M, M) bool: the body, i.e. pixels above the volume's Otsu threshold
+    (SimpleITK), holes filled slice by slice (dark structures inside the body, e.g. ventricles, belong to it)."""
+    import numpy as np
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    x = slices.detach().float().cpu().numpy()
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.Execute(sitk.GetImageFromArray(x))
+    above = x > otsu.GetThreshold()
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in above]) if above.any() else above
+    return torch.from_numpy(filled).to(slices.device)

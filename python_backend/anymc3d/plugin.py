@@ -25,10 +25,10 @@ from torch import nn
 
 from anymc3d import __version__
 from anymc3d.backbone import BackboneSpec
-from anymc3d.contract import TASKS, safe_name  # noqa: F401 (safe_name re-exported)
+from anymc3d.contract import HEATMAP_METHODS, TASKS, safe_name  # noqa: F401 (safe_name re-exported)
 from anymc3d.encoders import ENCODERS
 from anymc3d.errors import PluginError
-from anymc3d.fileio import atomic_path
+from anymc3d.fileio import atomic_path, write_text_atomic
 from anymc3d.lora import LoraSettings
 import anymc3d.planecycle.encoder  # noqa: F401 (registers the lifted encoder kinds)
 from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free reading of a plugin)
@@ -75,6 +75,10 @@ class PluginConfig:
     kind: str = field(default="slice_lora", metadata={"help": "Plugin kind: the encoder kind it runs on (anymc3d.encoders)."})
     encoder: dict = field(default_factory=dict, metadata={
         "help": "Options of the encoder kind (lifted kinds: variant, cycle); written only when not empty."})
+    localisation: dict = field(default_factory=dict, metadata={
+        "help": "Model card of the heatmaps: {'task': what they were measured on, 'measured': {method: {'cases', "
+                "'hit_rate', 'mass_over_volume_share', ...}}, 'best': method}; {} = never measured. `--heatmap-method "
+                "auto` opens the best method. Written only when measured."})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Plugin file format version."})
     anymc3d_version: str = field(default=__version__, metadata={"help": "Version of anymc3d that wrote it."})
     weights_sha256: str = field(default="", metadata={"help": "SHA-256 of plugin.safetensors (set on save)."})
@@ -91,6 +95,7 @@ class PluginConfig:
         self._check_description()
         self._check_findings()
         self._check_calibration()
+        self._validate_localisation()
         if not re.fullmatch(r"[0-9a-f]{64}", self.backbone_fingerprint):
             raise ValueError("backbone_fingerprint: must be a SHA-256 hex digest")
 
@@ -138,11 +143,32 @@ class PluginConfig:
         if not all(0.0 < t < 1.0 for t in self.thresholds):
             raise ValueError("thresholds: must lie strictly between 0 and 1")
 
+    def _validate_localisation(self) -> None:
+        loc = self.localisation
+        if not isinstance(loc, dict):
+            raise ValueError(f"localisation: must be an object, got {type(loc).__name__}")
+        if not loc:
+            return
+        measured = loc.get("measured")
+        if not isinstance(measured, dict) or not measured or not set(measured) <= set(HEATMAP_METHODS):
+            raise ValueError(f"localisation.measured: an object of heatmap methods {HEATMAP_METHODS}, got {measured!r}")
+        for method, entry in measured.items():
+            if not isinstance(entry, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                      for v in entry.values()):
+                raise ValueError(f"localisation.measured.{method}: an object of finite numbers")
+        if loc.get("best") not in measured:
+            raise ValueError(f"localisation.best: one of the measured methods {sorted(measured)}, got {loc.get('best')!r}")
+
+    def heatmap_localisation(self, method: Optional[str]) -> Optional[dict]:
+        """What the model card measured for ``method`` (with the task it was measured on), or None: never measured."""
+        entry = self.localisation.get("measured", {}).get(method) if method else None
+        return None if entry is None else {**entry, "task": self.localisation.get("task", "")}
+
     def to_dict(self) -> dict:
         """plugin.json contents; ``encoder`` only when the kind has options, ``modality`` / ``body_part`` only when
         stated (so readers of older files still read plugins written now)."""
         options = {"encoder": dict(self.encoder)} if self.encoder else {}
-        options.update({key: getattr(self, key) for key in ("modality", "body_part") if getattr(self, key)})
+        options.update({key: getattr(self, key) for key in ("modality", "body_part", "localisation") if getattr(self, key)})
         return {
             **options,
             "format_version": self.format_version, "kind": self.kind, "name": self.name, "labels": list(self.labels),
@@ -354,6 +380,26 @@ def save_plugin(path: os.PathLike | str, config: PluginConfig, head: TaskHead,
                 child.unlink()
             tmp_dir.rmdir()
     return path
+
+
+def record_localisation(path: os.PathLike | str, localisation: dict) -> PluginConfig:
+    """Write the heatmaps' measured localisation into a plugin's model card (``plugin.json``), weights untouched.
+
+    ``localisation``: ``{"task": ..., "measured": {method: {...numbers}}, "best": method}`` (checked as any
+    plugin.json is). The file (or the folder's plugin.json) is replaced atomically."""
+    path = Path(path)
+    raw, weights = read_members(path, weights=not path.is_dir())
+    d = parse_json(raw, path)
+    d["localisation"] = json.loads(json.dumps(localisation))
+    config = validate_metadata(d, path)
+    meta = json.dumps(config.to_dict(), indent=2, sort_keys=True).encode()
+    if path.is_dir():
+        write_text_atomic(path / JSON_NAME, meta.decode())
+        return config
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in ((JSON_NAME, meta), (WEIGHTS_NAME, weights)):
+            zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+    return config
 
 
 def read_plugin_metadata(path: os.PathLike | str) -> dict:

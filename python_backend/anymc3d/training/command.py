@@ -71,6 +71,14 @@ def register(sub) -> None:
     e.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% CIs (default: 1000).")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="Compute device (default: auto = CUDA if available, else CPU).")
+    e.add_argument("--heatmap-methods", default=None,
+                   help="Comma-separated heatmap methods whose localisation is measured on cases with a mask and a "
+                        "finding (default: every method of the plugin's kind).")
+    e.add_argument("--no-localisation", action="store_true",
+                   help="Skip measuring the heatmaps against the mask column (default: measure when there is one).")
+    e.add_argument("--record-localisation", metavar="TASK", default=None,
+                   help="Write the measured localisation, described by TASK, into the plugin's model card "
+                        "(--heatmap-method auto then opens its best method) (default: do not write).")
     e.set_defaults(handler=_cmd_eval)
 
 
@@ -103,7 +111,13 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    metrics = evaluate_plugin(args.manifest, args.backbone, args.plugin, args.out, _device(args.device), args.bootstrap)
+    methods = args.heatmap_methods.split(",") if args.heatmap_methods else None
+    metrics = evaluate_plugin(args.manifest, args.backbone, args.plugin, args.out, _device(args.device), args.bootstrap,
+                              heatmap_methods=methods, localisation=not args.no_localisation,
+                              record=args.record_localisation)
+    loc = metrics.get("localisation")
     print(json.dumps({"out": str(args.out), "macro_auroc": metrics["macro_auroc"],
-                      "macro_auroc_ci95": metrics["macro_auroc_ci95"]}))
+                      "macro_auroc_ci95": metrics["macro_auroc_ci95"],
+                      **({"localisation": {m: {k: s.get(k) for k in ("cases", "hit_rate", "mass_over_volume_share")}
+                                           for m, s in loc["methods"].items()}} if loc else {})}))
     return 0

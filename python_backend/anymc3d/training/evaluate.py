@@ -3,6 +3,7 @@ metrics report, with thresholds from validation, never from the evaluated cases.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,11 +65,59 @@ def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugin
     return probabilities(total.double() / len(plugins), plugins[0].config.task).numpy()
 
 
+def localisation_report(manifest: Manifest, cases, backbone: LoadedBackbone, plugin_path: Path,
+                        methods: Optional[Sequence[str]] = None, device: str = "cpu", deletion: bool = True) -> dict:
+    """Whether the plugin's heatmaps point at the finding, per method (``anymc3d.localisation``), on the
+    evaluated cases that have a lesion mask and a positive label (the map of that label is measured; the mask's
+    finding is the first positive label of a multi-label case). ``methods``: default every method of the kind."""
+    import logging
+
+    from anymc3d.engine import Engine
+    from anymc3d.localisation import measure_case, slice_space_spacing, summarise
+    from anymc3d.preprocessing import PreprocessConfig, prepare
+
+    log = logging.getLogger(__name__)
+    engine = Engine(backbone, device=device)
+    name = engine.add_plugin(plugin_path)
+    config = engine.plugins[name].plugin.config
+    methods = list(methods or engine.plugins[name].model.encoder.heatmap_methods)
+    per_case = []
+    with_mask = [c for c in cases if c.mask is not None and np.asarray(c.target).any()]
+    try:
+        for i, case in enumerate(with_mask):
+            target = np.asarray(case.target)
+            label = config.labels[int(target) if target.ndim == 0 else int(np.flatnonzero(target)[0])]
+            views, geometries = zip(*(prepare(manifest.image(p), r, source=p)
+                                      for p, r in zip(case.images, config.preprocessing)))
+            recipe = PreprocessConfig(**{**config.preprocessing[0].to_dict(), "intensity": "none"})
+            lesion = (prepare(manifest.image(case.mask), recipe, source=case.mask)[0] > 0.5).numpy()
+            if not lesion.any():
+                continue
+            spacing = slice_space_spacing(geometries[0], lesion.shape)
+            entry = measure_case(engine, name, list(views), lesion, spacing, methods, label, deletion)
+            per_case.append({"image": str(case.images[0]), "label": label, "methods": entry})
+            log.info("localisation %d/%d: %s %s", i + 1, len(with_mask), case.images[0].name,
+                     " ".join(f"{m}={'hit' if e['hit'] else 'miss'}" for m, e in entry.items()))
+    finally:
+        engine.remove_plugin(name)
+    return {"cases": len(per_case), "methods": {m: summarise([c["methods"][m] for c in per_case]) for m in methods},
+            "per_case": per_case,
+            "measures": "hit: the map's maximum within one patch of the lesion; mass share of the lesion against its "
+                        "volume share (1x = a uniform map); deletion area: mean probability as the top-ranked 0-10 % "
+                        "of voxels are set to the case's median (lower: the map found the evidence)"}
+
+
 def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBackbone, plugin: Path | str,
-                    out: Path | str, device: str = "cpu", bootstrap: int = 1000) -> dict:
+                    out: Path | str, device: str = "cpu", bootstrap: int = 1000,
+                    heatmap_methods: Optional[Sequence[str]] = None, localisation: bool = True,
+                    record: Optional[str] = None) -> dict:
     """``anymc3d eval``: metrics of a plugin (or ``--folds`` ensemble folder) on a manifest's test split
     (every case when the manifest has no test split); Youden thresholds from validation (the plugin's
-    training summary, or the manifest's val split), never from the evaluated cases."""
+    training summary, or the manifest's val split), never from the evaluated cases.
+
+    With a mask column, also whether each heatmap method points at the lesion (:func:`localisation_report`, one
+    plugin only); ``record`` (a description of the task) writes the result into the plugin's model card, so that
+    ``--heatmap-method auto`` opens its best method."""
     from anymc3d.evaluation import evaluate, write_report
     from anymc3d.plugin import load_plugin
 
@@ -96,6 +145,13 @@ def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBack
         _stored_youden(metrics, members, config.labels, y, probs)
     metrics.update({"plugin": [str(p) for p in members], "manifest": str(manifest.path),
                     "manifest_sha256": manifest.sha256, "evaluated_split": "test" if manifest.subset("test") else "all"})
+    if localisation and len(plugins) == 1 and any(c.mask is not None for c in cases):
+        metrics["localisation"] = localisation_report(manifest, cases, backbone, members[0], heatmap_methods, device)
+        if record and metrics["localisation"]["cases"]:
+            from anymc3d.localisation import model_card
+            from anymc3d.plugin import record_localisation
+
+            record_localisation(members[0], model_card(metrics["localisation"]["methods"], record))
     write_report(metrics, y, probs, Path(out))
     return metrics
 

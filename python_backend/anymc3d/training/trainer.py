@@ -34,7 +34,7 @@ from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.training.batching import case_seed, collate
 from anymc3d.training.checkpoints import (CHECKPOINT_VERSION, checkpoint_path, log_path, read_checkpoint,
                                           write_checkpoint)
-from anymc3d.training.config import TrainConfig, TrainingError
+from anymc3d.training.config import CPU_INPUT_SIZE, CPU_NUM_SLICES, TrainConfig, TrainingError
 from anymc3d.training.distributed import Dist, init_distributed
 from anymc3d.training.standardize import plain_head, standardize_head
 
@@ -65,10 +65,12 @@ class Trainer:
         self.device = torch.device(device)
         self.dist = dist or Dist()
         self.progress = progress and self.dist.main
-        size = config.input_size or backbone.spec.img_size
+        cpu_plan = self.device.type == "cpu" and backbone.spec.img_size >= 224
+        size = config.input_size or (CPU_INPUT_SIZE if cpu_plan else backbone.spec.img_size)
         if size % backbone.spec.patch_size:
             raise TrainingError(f"input_size {size} is not a multiple of the patch size {backbone.spec.patch_size}")
-        self.recipe = PreprocessConfig(input_size=size, num_slices=config.num_slices, intensity=config.intensity,
+        num_slices = config.num_slices or (CPU_NUM_SLICES if cpu_plan else None)
+        self.recipe = PreprocessConfig(input_size=size, num_slices=num_slices, intensity=config.intensity,
                                        window=config.window if config.intensity in ("ct", "auto") else None)
         self.train_cases = manifest.subset("train")
         self.val_cases = manifest.subset("val")
@@ -79,6 +81,12 @@ class Trainer:
         self.prepared: dict[int, PreparedCase] = {}
         has_masks = any(c.mask is not None for c in self.train_cases)
         self.aux_seg = has_masks if config.aux_seg is None else bool(config.aux_seg and has_masks)
+        frozen = not config.lora and not config.augment and not self.aux_seg
+        if config.cache_embeddings and not frozen:
+            raise TrainingError("cache_embeddings needs LoRA, augmentation and the auxiliary segmentation off "
+                                "(the slice embeddings must not change between epochs)")
+        self.cache = frozen if config.cache_embeddings is None else bool(config.cache_embeddings)
+        self.embedded: dict[int, list[torch.Tensor]] = {}
 
     # -------------------------------------------------------------- setup
     def _prepared(self, case) -> PreparedCase:
@@ -101,6 +109,10 @@ class Trainer:
             self.head.head.bias.zero_()
         self.decoder = SegDecoder(c) if self.aux_seg else None
         self.model = AnyMC3DModel(model, self.head, self.adapters, kind="slice_lora", chunk_size=self.config.chunk_size)
+        self.head.to(self.device)
+        if self.decoder is not None:
+            self.decoder.to(self.device)
+        self.run_plan = self.plan()
         if self.config.standardize:
             mean, std = self._embedding_stats()
             standardize_head(self.head, mean, std)
@@ -141,12 +153,8 @@ class Trainer:
         total = torch.zeros(2 * c + 1, dtype=torch.float64)
         mine = self.train_cases[self.dist.rank::self.dist.world]
         for case in self._bar(mine, "statistics (embedding mean and std of the training volumes, once)"):
-            item = self._prepared(case)
-            views, masks, _ = collate([item], len(self.adapters))
-            with self._autocast():
-                out = self.model([v.to(self.device) for v in views], masks=[m.to(self.device) for m in masks])
-            for emb, m in zip(out.embeddings, masks):
-                h = emb[m.to(emb.device)].double().cpu()  # (N, C)
+            for h in self._embeddings(case):  # per view (S_v, C)
+                h = h.double().cpu()
                 total += torch.cat([h.sum(0), (h ** 2).sum(0), torch.tensor([h.shape[0]], dtype=torch.float64)])
         total = self.dist.all_sum(total)
         n = total[-1]
@@ -154,6 +162,35 @@ class Trainer:
         var = (total[c:2 * c] / n - mean ** 2).clamp_min(0)
         std = var.sqrt().clamp_min(1e-6 * float(var.sqrt().max()) + 1e-12)
         return mean.float().to(self.device), std.float().to(self.device)
+
+    @torch.no_grad()
+    def _embeddings(self, case) -> list[torch.Tensor]:
+        """Per view, the case's (S_v, C) slice embeddings under the current weights; with the cache (frozen
+        backbone, no augmentation: they never change) computed once per case and kept."""
+        if case.row in self.embedded:
+            return self.embedded[case.row]
+        views, masks, _ = collate([self._prepared(case)], len(self.adapters))
+        with self._autocast():
+            features = self.model.forward_features([v.to(self.device) for v in views],
+                                                   [m.to(self.device) for m in masks])
+        out = [f.cls[0].float() for f in features]
+        if self.cache:
+            self.embedded[case.row] = out
+        return out
+
+    def _cached_logits(self, cases) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, K), targets) of ``cases`` from their cached slice embeddings: pooling and head only."""
+        per_case = [self._embeddings(c) for c in cases]
+        views, masks = [], []
+        for v in range(len(self.adapters)):
+            s_max = max(e[v].shape[0] for e in per_case)
+            h = per_case[0][v].new_zeros(len(cases), s_max, per_case[0][v].shape[1])
+            m = torch.zeros(len(cases), s_max, dtype=torch.bool, device=h.device)
+            for b, e in enumerate(per_case):
+                h[b, :e[v].shape[0]], m[b, :e[v].shape[0]] = e[v], True
+            views.append(h), masks.append(m)
+        v, _ = self.head.pool(views, masks)
+        return self.model.forward_head(v), torch.from_numpy(np.stack([c.target for c in cases]))
 
     # -------------------------------------------------------------- one epoch
     def _steps(self, epoch: int) -> list[list[list]]:
@@ -214,8 +251,14 @@ class Trainer:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             for mb in micro_batches[self.dist.rank::self.dist.world]:
-                items = [self._augmented(c, epoch) for c in mb]
-                loss, value, seg = self._loss(items)
+                if self.cache:
+                    logits, targets = self._cached_logits(mb)
+                    loss = focal_loss(logits.float(), targets.to(self.device), self.manifest.task,
+                                      FocalLossConfig(self.config.gamma, self.config.alpha))
+                    value, seg = float(loss.detach()), None
+                else:
+                    items = [self._augmented(c, epoch) for c in mb]
+                    loss, value, seg = self._loss(items)
                 (loss * (len(mb) / n_step)).backward()
                 loss_sum += torch.tensor([value * len(mb), len(mb), (seg or 0.0) * len(mb), len(mb) if seg is not None else 0],
                                          dtype=torch.float64)
@@ -242,6 +285,9 @@ class Trainer:
         self.head.eval()
         mine = {}
         for i in self._bar(range(self.dist.rank, len(cases), self.dist.world), "validation"):
+            if self.cache:
+                mine[i] = self._cached_logits([cases[i]])[0].float().cpu().numpy()[0]
+                continue
             views, masks, _ = collate([self._prepared(cases[i])], len(self.adapters))
             with self._autocast():
                 out = self.model([v.to(self.device) for v in views], masks=[m.to(self.device) for m in masks])
@@ -314,6 +360,41 @@ class Trainer:
         raise KeyError
 
     # -------------------------------------------------------------- the run
+    def plan(self) -> dict:
+        """Say up front what the run costs: the recipe, whether embeddings are cached, and the expected minutes
+        from the measured cost of the first training case (its slice embeddings, kept when cached)."""
+        case = self.train_cases[0]
+        slices = sum(v.shape[0] for v in self._prepared(case).views)
+        started = time.perf_counter()
+        if self.cache or not self.config.lora:
+            self._embeddings(case)
+            per_slice = (time.perf_counter() - started) / slices  # forward only
+            per_train_slice = per_slice
+        else:
+            loss, _, _ = self._loss([self._prepared(case)])
+            loss.backward()
+            for p in [*self.backbone.model.parameters(), *self.head.parameters(),
+                      *(self.decoder.parameters() if self.decoder is not None else [])]:
+                p.grad = None
+            per_train_slice = (time.perf_counter() - started) / slices  # forward + backward
+            per_slice = per_train_slice / 3
+        n_train, n_val = len(self.train_cases), len(self.val_cases)
+        if self.cache:
+            seconds = (n_train + n_val) * slices * per_slice
+        else:
+            seconds = (n_train * slices * (per_slice if self.config.standardize else 0)
+                       + self.config.epochs * slices * (n_train * per_train_slice + n_val * per_slice))
+        plan = {"input_size": self.recipe.input_size, "num_slices": self.recipe.num_slices, "lora": self.config.lora,
+                "cached_embeddings": self.cache, "seconds_per_slice": round(per_train_slice, 4),
+                "expected_minutes": round(seconds / 60 / max(1, self.dist.world), 1)}
+        if self.dist.main:
+            logger.info("plan: %d train + %d val cases, %s slices of %d px (%s), %s; measured %.3f s a slice -> about "
+                        "%.1f min for at most %d epochs", n_train, n_val, self.recipe.num_slices or "all",
+                        self.recipe.input_size, "LoRA" if self.config.lora else "frozen backbone",
+                        "slice embeddings cached" if self.cache else "no cache", per_train_slice,
+                        plan["expected_minutes"], self.config.epochs)
+        return plan
+
     def fit(self, resume: bool = False) -> TrainResult:
         t0 = time.time()
         self._build()
@@ -389,7 +470,7 @@ class Trainer:
             "best_epoch": best["epoch"], "best_val_auroc": best["score"][0], "seconds": round(seconds, 1),
             "processes": self.dist.world, "config": asdict(self.config),
             "raw_f1_thresholds": cal.raw_thresholds, "youden_thresholds_validation": youden,
-            "standardized_head": self.config.standardize, "aux_seg": self.aux_seg,
+            "standardized_head": self.config.standardize, "aux_seg": self.aux_seg, "plan": self.run_plan,
             "val_auroc_per_label": {lab: auroc(yk[:, k], probs[:, k]) for k, lab in enumerate(self.manifest.labels)},
         }
         config = PluginConfig(name=name, labels=list(self.manifest.labels), task=task, backbone=self.backbone.spec,

@@ -1,0 +1,90 @@
+"""Occlusion maps against a direct recomputation: each block filled in the slices and the whole model run again."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anymc3d import heatmap as hm
+from test_model import _model
+
+
+def _case(size, n=5, seed=0):
+    """A 'body' (bright disc with texture) on a dark background, so body-only occlusion has something to skip."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.3 * size) ** 2).float()
+    return (0.02 * torch.rand(n, size, size, generator=g) + disc * (0.5 + 0.4 * torch.rand(n, size, size, generator=g)))
+
+
+def _direct(model, x, s, p, depth, fill, patch, grid, block=1):
+    """logit drop when the block x block square of patches holding patch p, on the depth slices centred on s, is
+    set to ``fill``, by a full forward."""
+    n = x.shape[0]
+    lo = max(0, min(s - depth // 2, n - depth))
+    y = x.clone()
+    r, c = divmod(p, grid[1])
+    r0, c0 = (r // block) * block * patch, (c // block) * block * patch
+    y[lo:lo + depth, r0:r0 + block * patch, c0:c0 + block * patch] = fill
+    with torch.inference_mode():
+        return (model([x[None]]).logits - model([y[None]]).logits)[0]  # (K,)
+
+
+@pytest.mark.parametrize("depth,block", [(1, 1), (3, 1), (3, 2), (2, 3)])
+def test_occlusion_equals_recomputing_each_occluded_volume(depth, block):
+    model, bb = _model("dinov2", chunk_size=7)  # chunks that do not divide S x P
+    size = bb.spec.img_size
+    x = _case(size)
+    with torch.inference_mode():
+        out = model([x[None]])
+    maps = model.encoder.occlusion_maps(model, [x[None]], out, depth=depth, block=block, body_only=False, head_chunk=5)
+    patch = bb.spec.patch_size
+    grid = (size // patch, size // patch)
+    assert maps.shape == (model.num_classes, 1, x.shape[0], grid[0] * grid[1])
+    body = hm.body_mask(x)
+    fill = float(x[body].median())
+    for s in (0, 2, x.shape[0] - 1):  # both ends (the block moved inside) and the middle
+        for p in (0, 5, 6, grid[0] * grid[1] - 1):
+            np.testing.assert_allclose(maps[:, 0, s, p], _direct(model, x, s, p, depth, fill, patch, grid, block),
+                                       rtol=1e-4, atol=1e-5)
+    assert maps.abs().max() > 1e-3  # occlusion changes the logits: the comparison can fail
+
+
+def test_body_only_skips_the_background_and_keeps_body_blocks():
+    model, bb = _model("dinov2", chunk_size=4)
+    size = bb.spec.img_size
+    x = _case(size, seed=1)
+    with torch.inference_mode():
+        out = model([x[None]])
+    full = model.encoder.occlusion_maps(model, [x[None]], out, depth=1, body_only=False)
+    body = model.encoder.occlusion_maps(model, [x[None]], out, depth=1, body_only=True)
+    patch = bb.spec.patch_size
+    in_body = hm.body_mask(x).reshape(x.shape[0], size // patch, patch, size // patch, patch).any(4).any(2).flatten(1)
+    assert 0 < in_body.sum() < in_body.numel()
+    assert torch.all(body[:, 0][:, ~in_body] == 0)
+    np.testing.assert_allclose(body[:, 0][:, in_body], full[:, 0][:, in_body], rtol=1e-5, atol=1e-6)
+
+
+def test_padded_batch_equals_case_by_case():
+    model, bb = _model("dinov2", chunk_size=6)
+    size = bb.spec.img_size
+    a, b = _case(size, 4, seed=2), _case(size, 3, seed=3)
+    padded = torch.zeros(2, 4, size, size)
+    padded[0], padded[1, :3] = a, b
+    mask = torch.tensor([[True] * 4, [True, True, True, False]])
+    with torch.inference_mode():
+        out = model([padded], [mask])
+        single = [model([x[None]]) for x in (a, b)]
+    maps = model.finding_maps([padded], out, "occlusion", [mask])
+    for i, (x, o) in enumerate(zip((a, b), single)):
+        ref = model.finding_maps([x[None]], o, "occlusion")
+        np.testing.assert_allclose(maps[:, i, :x.shape[0]], ref[:, 0], rtol=1e-4, atol=1e-6)
+    assert torch.all(maps[:, 1, 3] == 0)
+
+
+def test_body_mask_fills_dark_structures_inside_the_body():
+    x = torch.zeros(2, 20, 20)
+    x[:, 4:16, 4:16] = 0.8
+    x[:, 8:12, 8:12] = 0.05  # a dark "ventricle" inside
+    m = hm.body_mask(x)
+    assert m[:, 4:16, 4:16].all() and not m[:, :4].any() and not m[:, :, 16:].any()
