@@ -13,7 +13,7 @@ ORDER = ["errors", "safeio", "contract", "plugin_file", "fileio", "planecycle.co
          "hub", "lora", "pooling",
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocess_config", "image_reading",
          "image_writing", "intensity", "preprocessing", "synthetic",
-         "planecycle.features", "augment", "losses", "calibration", "evaluation", "data", "cases", "dicom_out", "encoders",
+         "planecycle.features", "augment", "losses", "calibration", "evaluation", "localisation", "data", "cases", "dicom_out", "encoders",
          "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "runner",
          "training.config", "training.distributed", "training.standardize", "training.batching",
          "training.checkpoints", "training.trainer", "training.evaluate", "training.command", "demo",
