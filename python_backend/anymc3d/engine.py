@@ -1,6 +1,6 @@
 """Inference engine: one resident backbone serving many plugins and volumes.
 
-The engine owns the runtime options (device, autocast dtype, slice chunk, LoRA merging), loads the backbone
+The engine owns the runtime options (device, precision, slice chunk, LoRA merging), loads the backbone
 once, attaches each plugin as named LoRA adapters plus an :class:`~anymc3d.model.AnyMC3DModel` (the one
 forward), and predicts at three levels: image files, SimpleITK images, and tensors of preprocessed slices.
 Chunking and the out-of-memory retry belong to the plugin's encoder kind (:mod:`anymc3d.encoders`).
@@ -23,6 +23,7 @@ from anymc3d import heatmap as hm
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, load_backbone, patch_grid
 from anymc3d.errors import AnyMC3DError, InputError, PluginError
 from anymc3d.contract import AUTO_HEATMAP
+from anymc3d.device import precision_name, resolve_device, resolve_precision
 from anymc3d.encoders import ENCODERS
 from anymc3d.lora import add_adapter, load_adapter_state, merge, remove_adapter
 from anymc3d.model import AnyMC3DModel
@@ -33,16 +34,6 @@ logger = logging.getLogger(__name__)
 
 #: progress(stage, done, total): stage is "reading", "encoding", "heatmap" (see docs/cli-contract.md).
 Progress = Callable[[str, int, int], None]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; asking for CUDA without one is a clear error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AnyMC3DError("device 'cuda' was asked for, but no CUDA GPU is available (use --device cpu or auto)")
-    return device
 
 
 @dataclass
@@ -66,6 +57,7 @@ class Prediction:
     plugin_paths: list[str] = field(default_factory=list)
     geometry: Optional[SliceGeometry] = None  # how view 0 was sliced: maps heatmap and importance back
     kind: str = "slice_lora"
+    precision: str = "fp32"  # the backbone's precision (anymc3d.device); pooling, head and probabilities are fp32
 
     @property
     def decisions(self) -> np.ndarray:
@@ -114,28 +106,30 @@ class Engine:
 
     Args:
         backbone: a weights file (safetensors with our metadata, or an official ``.pth`` with ``spec``),
-            or an already loaded backbone.
+            or an already loaded backbone (taken over: moved to the device and cast to the precision in place).
         spec: the architecture, needed when the file does not record it (taken from a plugin by the CLI).
         device: "auto", "cpu", "cuda" or a torch device.
-        amp_dtype: autocast dtype on CUDA (default bfloat16); the CPU path runs in float32.
+        precision: the backbone's precision, "auto" (bf16 where the device computes it natively, else fp32),
+            "fp32", "bf16", "fp16" or a torch dtype (see :mod:`anymc3d.device`); the head runs in fp32.
         chunk_size: slices per backbone forward (encoder kinds whose slices are independent).
         merge_lora: fold a single-view plugin's LoRA into the backbone weights while it runs (plain layers, no
-            adapter matmuls); switching plugins restores the base weights bit for bit.
+            adapter matmuls; the fastest path, so the default); switching plugins restores the base weights bit
+            for bit. False runs the adapters unmerged.
         compile: run the slice encoder through ``torch.compile`` (falls back to eager where it cannot compile).
     """
 
     def __init__(self, backbone: Union[str, os.PathLike, LoadedBackbone], *, spec: Optional[BackboneSpec] = None,
-                 device: str | torch.device = "auto", amp_dtype: torch.dtype = torch.bfloat16, chunk_size: int = 32,
-                 merge_lora: bool = False, compile: bool = False):
+                 device: str | torch.device = "auto", precision: str | torch.dtype = "auto", chunk_size: int = 32,
+                 merge_lora: bool = True, compile: bool = False):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.device = resolve_device(device)
-        self.amp_dtype = amp_dtype
+        self.dtype = resolve_precision(precision, self.device)
         self.chunk_size = chunk_size
         self.merge_lora = merge_lora
         self.compile = compile
         self.backbone = backbone if isinstance(backbone, LoadedBackbone) else load_backbone(backbone, spec)
-        self.model = self.backbone.model.to(self.device).eval()
+        self.model = self.backbone.model.to(self.device, self.dtype).eval()
         self.plugins: dict[str, _Attached] = {}
         self._adapter_count = 0
 
@@ -172,7 +166,7 @@ class Engine:
             for adapter in adapters:
                 remove_adapter(self.model, adapter)
             raise PluginError(f"{source}: {exc}") from None
-        self.model.to(self.device)
+        self.model.to(self.device, self.dtype)  # the new adapters too
         plugin.head.to(self.device).eval()
         model = AnyMC3DModel(self.model, plugin.head, adapters, kind=config.kind, **self._encoder_options(config))
         self.plugins[name] = _Attached(plugin, model)
@@ -191,9 +185,10 @@ class Engine:
             remove_adapter(self.model, adapter)
 
     # ----------------------------------------------------------------------------------- prediction
-    def _autocast(self):
-        # bf16 autocast on CUDA only: CPU autocast is slower than fp32 on most CPUs and not bit-stable.
-        return torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.device.type == "cuda")
+    @property
+    def precision(self) -> str:
+        """The backbone's precision as records name it: 'fp32', 'bf16' or 'fp16'."""
+        return precision_name(self.dtype)
 
     def _prepare_weights(self, model: AnyMC3DModel) -> None:
         """Merge a single-view plugin's LoRA when asked (a merged adapter of another plugin is restored first)."""
@@ -228,7 +223,7 @@ class Engine:
         self._prepare_weights(model)
         record = heatmap if heatmap in encoder.forward_heatmaps else None
         per_finding = heatmap in encoder.finding_heatmaps
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             out = model(batch, heatmap=record, patch_tokens=per_finding and encoder.finding_needs_patch_tokens,
                         progress=stage("encoding"))
         grid = patch_grid(self.model, *views[0].shape[-2:])
@@ -237,8 +232,7 @@ class Engine:
         if record is not None:
             heatmap_volume = _volume(out.patch_maps[0], grid, importance)
         elif per_finding:
-            with self._autocast():
-                maps = model.finding_maps(batch, out, heatmap, progress=stage("heatmap"))  # (K, 1, S, P)
+            maps = model.finding_maps(batch, out, heatmap, progress=stage("heatmap"))  # (K, 1, S, P)
             finding_heatmaps = {label: _volume(m[0], grid, importance) for label, m in zip(config.labels, maps)}
         logits = out.logits[0].float()
         calibrated = calibrated_logits(logits, config)
@@ -254,6 +248,7 @@ class Engine:
             embedding=out.pooled[0].float().cpu().numpy(), heatmap_method=heatmap, heatmap=heatmap_volume,
             finding_heatmaps=finding_heatmaps,
             plugin_paths=[str(attached.plugin.path)] if attached.plugin.path else [], geometry=geometry,
+            precision=self.precision,
         )
 
     def predict_image(self, images: Union[sitk.Image, Sequence[sitk.Image]], plugins: Optional[Sequence[str]] = None,
@@ -328,4 +323,5 @@ def ensemble(predictions: Sequence[Prediction], name: str = "ensemble") -> Predi
         finding_heatmaps={k: mean([p.finding_heatmaps[k] for p in predictions]) for k in first.finding_heatmaps
                           if all(k in p.finding_heatmaps for p in predictions)},
         plugin_paths=[path for p in predictions for path in p.plugin_paths], geometry=first.geometry,
+        precision=first.precision,
     )

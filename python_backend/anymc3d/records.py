@@ -80,6 +80,7 @@ def result_record(result: CaseResult, image: str, heatmaps: Optional[dict] = Non
             "heatmap_method": pred.heatmap_method if files else None,
             "heatmap": files.get(None),
             "finding_heatmaps": {k: v for k, v in files.items() if k is not None},
+            "precision": pred.precision,
             **({"embedding": [float(x) for x in pred.embedding]} if embedding else {}),
         })
     return validate_record(record)
