@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="Progress display: a bar on stderr, JSON lines on stdout, or none (default: bar).")
     _add_ray_options(pred)
     from anymc3d.planecycle.commands import register as add_planecycle_commands; add_planecycle_commands(sub)  # noqa: E702
-    from anymc3d.train import register as register_training; register_training(sub)  # noqa: E702 (train, eval)
+    from anymc3d.training.command import register as register_training; register_training(sub)  # noqa: E702 (train, eval)
     _add_extension_commands(sub)
     return parser
 

@@ -163,7 +163,8 @@ def write_trained_demo(folder: os.PathLike | str, seed: int = 0, cases: int = 36
     from anymc3d.backbone import LoadedBackbone
     from anymc3d.engine import Engine
     from anymc3d.fileio import write_text_atomic
-    from anymc3d.train import TrainConfig, train
+    from anymc3d.training.config import TrainConfig
+    from anymc3d.training.trainer import train
 
     folder = Path(folder) / "trained"
     folder.mkdir(parents=True, exist_ok=True)

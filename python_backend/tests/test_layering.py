@@ -12,7 +12,9 @@ import anymc3d
 ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "backbone", "lora", "pooling",
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocessing", "synthetic",
          "planecycle.features", "augment", "losses", "calibration", "evaluation", "cases", "data", "encoders",
-         "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "train", "demo",
+         "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records",
+         "training.config", "training.distributed", "training.standardize", "training.batching",
+         "training.checkpoints", "training.trainer", "training.evaluate", "training.command", "demo",
          "scoring", "planecycle.cache", "planecycle.commands", "cli", "__main__"]
 FORBIDDEN = {"slicer", "qt", "vtk", "ctk", "mrml", "vtkmodules"}
 PACKAGE = Path(anymc3d.__file__).parent

@@ -1,5 +1,5 @@
 """The trainer learns: a small ellipsoid lesion in noisy CT-like volumes of varying size and spacing, on the
-test backbone (random, load-bearing: its slice embeddings barely vary, see train.py on the standardised head),
+test backbone (random, load-bearing: its slice embeddings barely vary, see training/standardize.py),
 with the default settings except a short budget; shuffled labels stay near chance; a finding visible in one
 of two views is learned through the multi-view path; masks drive the auxiliary decoder.
 
@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from anymc3d.train import TrainConfig, evaluate_plugin, train
+from anymc3d.training.config import TrainConfig
+from anymc3d.training.evaluate import evaluate_plugin
+from anymc3d.training.trainer import train
 from conftest import small_backbone
 from train_tasks import split_list, write_task
 

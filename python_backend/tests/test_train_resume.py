@@ -14,7 +14,9 @@ import torch
 
 from anymc3d.backbone import save_backbone
 from anymc3d.plugin import load_plugin, read_training_summary
-from anymc3d.train import TrainConfig, Trainer, checkpoint_path, read_checkpoint, train
+from anymc3d.training.checkpoints import checkpoint_path, read_checkpoint
+from anymc3d.training.config import TrainConfig
+from anymc3d.training.trainer import Trainer, train
 from conftest import small_backbone
 from train_tasks import split_list, write_task
 
@@ -78,7 +80,7 @@ def test_interrupt_and_resume_gives_the_uninterrupted_plugin(tiny_task, tmp_path
 _WRITER = r"""
 import sys, torch
 from pathlib import Path
-from anymc3d.train import write_checkpoint
+from anymc3d.training.checkpoints import write_checkpoint
 path = Path(sys.argv[1])
 i = 0
 while True:

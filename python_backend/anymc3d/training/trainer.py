@@ -1,32 +1,15 @@
-"""Training task plugins (the paper's appendix A3, D, H): LoRA per view on the frozen backbone, task query
-pooling and a linear head, trained with focal loss, calibrated on validation, saved as a plugin.
+"""The training loop: AdamW in two groups (LoRA; queries + head [+ decoder]), linear warm-up then cosine,
+gradient accumulation, bf16 autocast on CUDA only, validation AUROC each epoch, best state kept, early stopping;
+then Platt calibration on validation and the plugin saved with its training summary.
 
-One forward: :class:`anymc3d.model.AnyMC3DModel`. What is added here:
-
-* **Standardised head during training.** Slice embeddings of random (load-bearing) backbones, and to a lesser
-  degree of pretrained ones, share a large common part (cosine 0.9994 to their mean on synthetic CT): the
-  information is in a varying part ~1/400 of the norm, which AdamW's per-coordinate steps on a raw linear head
-  cannot find (issue 12's "trap"). As MAE's linear probe puts a BatchNorm before the head, the head and task
-  queries here train on embeddings standardised with the training set's per-dimension mean and std (measured
-  once, with the bare backbone), and are folded back into the plain head and query of the plugin format when
-  saved (exact, no format change): W = W'/sigma, b = b' - W mu, q = q'/sigma (softmax ignores the shift).
-* AdamW in two groups (LoRA; queries + head [+ decoder]), linear warm-up then cosine, gradient accumulation,
-  bf16 autocast on CUDA only, validation AUROC each epoch, best state kept, early stopping.
-* Checkpoints: one safetensors file (tensors + JSON in its metadata), written atomically each epoch; every
-  random draw derives from (seed, epoch, case), so ``--resume`` ends with the plugin of an uninterrupted run.
-* Several processes (``torchrun``): each rank takes its share of each step's cases; gradients are summed with
-  one ``all_reduce`` per optimizer step (what DDP's reducer does, written out because the optional decoder
-  and accumulation would need DDP's unused-parameter and no_sync bookkeeping); rank 0 alone writes.
+One forward: :class:`anymc3d.model.AnyMC3DModel`.
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,199 +17,28 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
-from torch import nn
-from torch.nn.utils import parametrize
 
 from anymc3d.augment import AugmentConfig, Augmenter
 from anymc3d.backbone import LoadedBackbone, load_backbone, spec_from_file
 from anymc3d.calibration import calibrate
-from anymc3d.data import (Manifest, PreparedCase, assign_split, fold_splits, load_manifest, prepare_case,
-                          with_splits)
+from anymc3d.data import Manifest, PreparedCase, assign_split, fold_splits, load_manifest, prepare_case, with_splits
 from anymc3d.decoder import SegDecoder
-from anymc3d.errors import AnyMC3DError
 from anymc3d.evaluation import auroc, one_hot, youden_threshold
-from anymc3d.fileio import atomic_path, write_text_atomic
+from anymc3d.fileio import write_text_atomic
 from anymc3d.lora import LoraSettings, adapter_state, add_adapter, remove_adapter
 from anymc3d.losses import FocalLossConfig, dice_ce_loss, focal_loss
 from anymc3d.model import AnyMC3DModel
-from anymc3d.plugin import (ENSEMBLE_INDEX, PluginConfig, TaskPlugin, calibrated_logits, ensemble_members,  # noqa: F401
-                            probabilities, save_plugin)
+from anymc3d.plugin import ENSEMBLE_INDEX, PluginConfig, TaskPlugin, probabilities, save_plugin
 from anymc3d.preprocessing import PreprocessConfig
+from anymc3d.training.batching import case_seed, collate
+from anymc3d.training.checkpoints import (CHECKPOINT_VERSION, checkpoint_path, log_path, read_checkpoint,
+                                          write_checkpoint)
+from anymc3d.training.config import TrainConfig, TrainingError
+from anymc3d.training.distributed import Dist, init_distributed
+from anymc3d.training.standardize import plain_head, standardize_head
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_VERSION = 1
-
-
-class TrainingError(AnyMC3DError):
-    """A training run that cannot start or continue (bad options, checkpoint of another run)."""
-
-
-@dataclass
-class TrainConfig:
-    """Training settings; the defaults learn on small data sets (see the tests)."""
-
-    epochs: int = 30
-    batch_size: int = 2                  # volumes per micro-batch
-    accumulation: int = 1                # micro-batches per optimizer step (over all processes)
-    lr_lora: float = 1e-4
-    wd_lora: float = 1e-5
-    lr_head: float = 1e-3
-    wd_head: float = 1e-4
-    warmup_fraction: float = 0.1         # of all optimizer steps
-    patience: int = 10                   # epochs without a better validation AUROC before stopping
-    gamma: float = 2.0
-    alpha: float = 0.25
-    seed: int = 0
-    augment: bool = True
-    standardize: bool = True
-    lora: bool = True                    # False: train queries and head only (frozen features)
-    lambda_seg: float = 1.0              # weight of the auxiliary Dice + CE (cases with masks only)
-    aux_seg: Optional[bool] = None       # None: on when some training cases have masks
-    input_size: Optional[int] = None     # None: the backbone's img_size
-    num_slices: Optional[int] = None     # None: keep each volume's slice count
-    intensity: str = "ct"
-    window: Optional[str] = "soft_tissue"
-    chunk_size: int = 32
-    val_fraction: float = 0.25           # without a split column
-    name: str = ""
-
-    def __post_init__(self):
-        for key in ("epochs", "batch_size", "accumulation", "chunk_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
-        if self.patience < 1:
-            raise ValueError(f"patience: must be >= 1, got {self.patience!r}")
-        for key in ("lr_lora", "lr_head"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key}: must be positive, got {getattr(self, key)!r}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction: must be in [0, 1), got {self.warmup_fraction!r}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
-        if self.lambda_seg < 0:
-            raise ValueError(f"lambda_seg: must be >= 0, got {self.lambda_seg!r}")
-        FocalLossConfig(self.gamma, self.alpha)
-
-
-# ------------------------------------------------------------------------------------------ distributed
-@dataclass
-class Dist:
-    """This process's place among the training processes (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(tensor)
-        return tensor
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed() -> Dist:
-    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("ANYMC3D_DIST_BACKEND") != "gloo" else "gloo"
-        torch.distributed.init_process_group(backend)
-    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
-
-
-# ------------------------------------------------------------------------------------------ standardised head
-class _Scale(nn.Module):
-    """Parametrisation q = q' * inv_std (the task queries see standardised embeddings)."""
-
-    def __init__(self, inv_std: torch.Tensor):
-        super().__init__()
-        self.register_buffer("inv_std", inv_std)
-
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return q * self.inv_std
-
-
-class StandardizedLinear(nn.Module):
-    """The head during training: ``W' ((v - mu) / sigma) + b'``; :meth:`fold` gives the equivalent nn.Linear."""
-
-    def __init__(self, linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        with torch.no_grad():
-            self.weight = nn.Parameter(linear.weight * std)          # (K, C), same function as ``linear``
-            self.bias = nn.Parameter(linear.bias + linear.weight @ mean)
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear((v - self.mean.to(v.dtype)) / self.std.to(v.dtype), self.weight, self.bias)
-
-    @torch.no_grad()
-    def fold(self) -> nn.Linear:
-        out = nn.Linear(self.weight.shape[1], self.weight.shape[0])
-        w = self.weight / self.std
-        out.weight.copy_(w)
-        out.bias.copy_(self.bias - w @ self.mean)
-        return out
-
-
-def standardize_head(head: TaskPlugin, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Reparametrise ``head`` in place to train on standardised embeddings (same function at the start)."""
-    head.head = StandardizedLinear(head.head, mean, std)
-    for pool in [head.task_pool, *(head.view_pools or [])]:
-        with torch.no_grad():
-            pool.query.mul_(std)  # q' = q * sigma, so q = q' / sigma is unchanged
-        parametrize.register_parametrization(pool, "query", _Scale(1.0 / std))
-
-
-def plain_head(head: TaskPlugin) -> TaskPlugin:
-    """A plain :class:`TaskPlugin` computing exactly what the (possibly standardised) ``head`` computes."""
-    out = TaskPlugin(head.embed_dim, head.num_classes, head.num_views)
-    with torch.no_grad():
-        pools = [(head.task_pool, out.task_pool)] + list(zip(head.view_pools or [], out.view_pools or []))
-        for src, dst in pools:
-            dst.query.copy_(src.query.detach())  # the parametrised value when standardised
-        linear = head.head.fold() if isinstance(head.head, StandardizedLinear) else head.head
-        out.head.load_state_dict(linear.state_dict())
-    return out
-
-
-# ------------------------------------------------------------------------------------------ batches
-def _case_seed(seed: int, epoch: int, row: int) -> int:
-    return (seed * 1_000_003 + epoch * 10_007 + row * 101) % (2 ** 31)
-
-
-def collate(items: Sequence[PreparedCase], num_views: int):
-    """Pad cases to a batch: per view (B, S_max, M, M) slices and (B, S_max) masks; targets; seg masks."""
-    views, masks = [], []
-    for v in range(num_views):
-        s_max = max(item.views[v].shape[0] for item in items)
-        m = items[0].views[v].shape[-1]
-        x = torch.zeros(len(items), s_max, m, m)
-        real = torch.zeros(len(items), s_max, dtype=torch.bool)
-        for b, item in enumerate(items):
-            s = item.views[v].shape[0]
-            x[b, :s], real[b, :s] = item.views[v], True
-        views.append(x), masks.append(real)
-    targets = torch.stack([item.target for item in items])
-    return views, masks, targets
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -237,40 +49,6 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> Path:
-    """One safetensors file with the JSON ``state`` in its metadata; temp name then rename (never torn)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    data = safetensors.torch.save(tensors, metadata={"anymc3d.checkpoint": json.dumps(state)})
-    with atomic_path(path, ".safetensors") as tmp:
-        with open(tmp, "wb") as f:  # written here (save_file would add a temp file of its own)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    return path
-
-
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            state = json.loads((f.metadata() or {})["anymc3d.checkpoint"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise TrainingError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: {exc})") from None
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise TrainingError(f"{path}: checkpoint version {state.get('version')} (this anymc3d writes {CHECKPOINT_VERSION})")
-    return tensors, state
-
-
-def checkpoint_path(out: Path) -> Path:
-    return out.with_name(out.name + ".checkpoint.safetensors")
-
-
-def log_path(out: Path) -> Path:
-    return out.with_name(out.name + ".train.jsonl")
-
-
-# ------------------------------------------------------------------------------------------ trainer
 @dataclass
 class TrainResult:
     plugin: Optional[Path]
@@ -381,7 +159,7 @@ class Trainer:
         item = self._prepared(case)
         if not self.config.augment:
             return item
-        seed = _case_seed(self.config.seed, epoch, case.row)
+        seed = case_seed(self.config.seed, epoch, case.row)
         views = []
         mask = item.mask
         for v, x in enumerate(item.views):
@@ -664,174 +442,3 @@ def train(manifest_path: Path | str, backbone: LoadedBackbone | Path | str, out:
             {"plugins": [f"fold{k}.anymc3d" for k in range(folds)], "folds": folds,
              "val_auroc": [r.summary["best_val_auroc"] for r in results]}, indent=2))
     return results
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugins, device: str = "cpu",
-                     chunk_size: int = 32) -> np.ndarray:
-    """Calibrated probabilities (N, K) of ``cases`` under one plugin, or the mean calibrated logit of an
-    ensemble (as ``predict --ensemble``), through :class:`AnyMC3DModel`."""
-    from anymc3d.lora import load_adapter_state
-
-    dev = torch.device(device)
-    model = backbone.model.to(dev)
-    total = None
-    for k, plugin in enumerate(plugins):
-        config = plugin.config
-        if config.backbone_fingerprint != backbone.fingerprint:
-            raise TrainingError(f"{plugin.path}: plugin was trained on another backbone (weights "
-                                f"{config.backbone_fingerprint[:12]} vs {backbone.fingerprint[:12]})")
-        adapters = [f"_eval{k}_{v}" for v in range(len(config.views))]
-        for name, state in zip(adapters, plugin.lora):
-            add_adapter(model, name, config.lora)
-            load_adapter_state(model, name, state)
-        head = plugin.head.to(dev).eval()
-        net = AnyMC3DModel(model, head, adapters, kind=config.kind, chunk_size=chunk_size)
-        rows = []
-        try:
-            for case in cases:
-                item = prepare_case(manifest, case, config.preprocessing)
-                views, masks, _ = collate([item], len(adapters))
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    out = net([v.to(dev) for v in views], masks=[m.to(dev) for m in masks])
-                rows.append(calibrated_logits(out.logits.float(), config).cpu())
-        finally:
-            for name in adapters:
-                remove_adapter(model, name)
-        z = torch.cat(rows)
-        total = z if total is None else total + z
-    # float64: a float32 sigmoid is exactly 1.0 above ~17, and tied scores would cost the metrics their ranking
-    return probabilities(total.double() / len(plugins), plugins[0].config.task).numpy()
-
-
-def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBackbone, plugin: Path | str,
-                    out: Path | str, device: str = "cpu", bootstrap: int = 1000) -> dict:
-    """``anymc3d eval``: metrics of a plugin (or ``--folds`` ensemble folder) on a manifest's test split
-    (every case when the manifest has no test split); Youden thresholds from validation (the plugin's
-    training summary, or the manifest's val split), never from the evaluated cases."""
-    from anymc3d.evaluation import evaluate, write_report
-    from anymc3d.plugin import load_plugin, read_training_summary
-
-    members = ensemble_members(Path(plugin))
-    plugins = [load_plugin(p) for p in members]
-    config = plugins[0].config
-    task = config.task
-    labels = None if task == "multiclass" else list(config.labels)
-    manifest = load_manifest(manifest_path, labels=labels, task=task)
-    if manifest.labels != list(config.labels):
-        raise TrainingError(f"{manifest_path}: labels {manifest.labels} differ from the plugin's {config.labels}")
-    if not isinstance(backbone, LoadedBackbone):
-        backbone = load_backbone(backbone, spec_from_file(backbone) or config.backbone)
-    cases = manifest.subset("test") or ([] if any(c.split for c in manifest.cases) else manifest.cases)
-    if not cases:
-        raise TrainingError(f"{manifest_path}: the split column has no test cases to evaluate")
-    probs = predict_manifest(manifest, cases, backbone, plugins, device)
-    y = manifest.targets(cases)
-    val_cases = manifest.subset("val")
-    val_y = val_p = None
-    if val_cases:
-        val_y, val_p = manifest.targets(val_cases), predict_manifest(manifest, val_cases, backbone, plugins, device)
-    metrics = evaluate(y, probs, config.labels, config.thresholds, val_y, val_p, bootstrap=bootstrap)
-    summaries = [read_training_summary(p) for p in members]
-    if val_cases is None or not val_cases:
-        stored = [s.get("youden_thresholds_validation") if s else None for s in summaries]
-        if len(plugins) == 1 and stored[0]:
-            from anymc3d.evaluation import at_threshold
-
-            yk = one_hot(y, probs.shape[1])
-            for k, label in enumerate(config.labels):
-                t = stored[0][k]
-                metrics["per_label"][label]["youden_threshold_from_validation"] = t
-                metrics["per_label"][label]["at_youden"] = None if t is None else at_threshold(yk[:, k], probs[:, k], t)
-    metrics.update({"plugin": [str(p) for p in members], "manifest": str(manifest.path),
-                    "manifest_sha256": manifest.sha256, "evaluated_split": "test" if manifest.subset("test") else "all"})
-    write_report(metrics, y, probs, Path(out))
-    return metrics
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def register(sub) -> None:
-    """Add ``train`` and ``eval`` to the ``anymc3d`` command line (called from ``cli._parser``)."""
-    d = TrainConfig()
-    p = sub.add_parser("train", help="Train a task plugin on a manifest (CSV of images and labels).")
-    p.add_argument("manifest", type=Path, help="Manifest CSV: image (or image_<view>) columns, label columns, "
-                   "optional split and mask columns; paths relative to the CSV.")
-    p.add_argument("--backbone", type=Path, required=True, help="Backbone weights file (required; never rewritten).")
-    p.add_argument("--out", type=Path, required=True, help="Plugin to write (.anymc3d file, or a folder); with "
-                   "--folds K, a folder of K plugins and ensemble.json.")
-    p.add_argument("--labels", default=None, help="Comma-separated label columns (default: every other column).")
-    p.add_argument("--task", default=None, choices=["multilabel", "multiclass"],
-                   help="Task (default: multiclass for one integer column with values above 1, else multilabel).")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"Maximum epochs (default: {d.epochs}).")
-    p.add_argument("--patience", type=int, default=d.patience, help=f"Early-stopping patience in epochs (default: {d.patience}).")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"Volumes per micro-batch (default: {d.batch_size}).")
-    p.add_argument("--accumulation", type=int, default=d.accumulation,
-                   help=f"Micro-batches per optimizer step, over all processes (default: {d.accumulation}).")
-    p.add_argument("--lr-lora", type=float, default=d.lr_lora, help=f"LoRA learning rate (default: {d.lr_lora}).")
-    p.add_argument("--lr-head", type=float, default=d.lr_head, help=f"Query and head learning rate (default: {d.lr_head}).")
-    p.add_argument("--gamma", type=float, default=d.gamma, help=f"Focal-loss gamma (default: {d.gamma}).")
-    p.add_argument("--alpha", type=float, default=d.alpha, help=f"Focal-loss alpha (default: {d.alpha}).")
-    p.add_argument("--input-size", type=int, default=None, help="Slice size in pixels (default: the backbone's img_size).")
-    p.add_argument("--num-slices", type=int, default=None, help="Resample each volume to this many slices (default: keep).")
-    p.add_argument("--intensity", default=d.intensity, choices=["ct", "mri_zscore", "mri_percentile", "none"],
-                   help=f"Intensity mapping (default: {d.intensity}).")
-    p.add_argument("--window", default=d.window, help=f"CT window preset (default: {d.window}).")
-    p.add_argument("--no-augment", action="store_true", help="Turn the 3D augmentation off (default: on).")
-    p.add_argument("--no-lora", action="store_true", help="Train queries and head only, no LoRA (default: LoRA on).")
-    p.add_argument("--no-standardize", action="store_true",
-                   help="Train the head on raw embeddings instead of standardised ones (default: standardised).")
-    p.add_argument("--lambda-seg", type=float, default=d.lambda_seg,
-                   help=f"Weight of the auxiliary segmentation loss on cases with masks (default: {d.lambda_seg}).")
-    p.add_argument("--no-aux-seg", action="store_true", help="Ignore masks (default: use them when present).")
-    p.add_argument("--folds", type=int, default=1, help="Train K plugins on K stratified folds (default: 1).")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"Random seed (default: {d.seed}).")
-    p.add_argument("--resume", action="store_true", help="Continue from the checkpoint beside --out (default: off).")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="Compute device (default: auto = CUDA if available, else CPU).")
-    p.add_argument("--no-progress", action="store_true", help="No progress bar (default: a bar on stderr).")
-    p.set_defaults(handler=_cmd_train)
-
-    e = sub.add_parser("eval", help="Evaluate a plugin on a manifest: metrics JSON + CSV, ROC curves (PNG).")
-    e.add_argument("manifest", type=Path, help="Manifest CSV (its test split is evaluated; all cases without one).")
-    e.add_argument("--backbone", type=Path, required=True, help="Backbone weights file (required).")
-    e.add_argument("--plugin", type=Path, required=True, help="Plugin file or folder, or a --folds ensemble folder (required).")
-    e.add_argument("--out", type=Path, required=True, help="Folder for metrics.json, metrics.csv, roc_*.png (required).")
-    e.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% CIs (default: 1000).")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="Compute device (default: auto = CUDA if available, else CPU).")
-    e.set_defaults(handler=_cmd_eval)
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda: no CUDA device is available")
-    return name
-
-
-def _cmd_train(args) -> int:
-    config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                         accumulation=args.accumulation, lr_lora=args.lr_lora, lr_head=args.lr_head, gamma=args.gamma,
-                         alpha=args.alpha, seed=args.seed, augment=not args.no_augment, standardize=not args.no_standardize,
-                         lora=not args.no_lora, lambda_seg=args.lambda_seg, aux_seg=False if args.no_aux_seg else None,
-                         input_size=args.input_size, num_slices=args.num_slices, intensity=args.intensity,
-                         window=args.window)
-    device = _device(args.device)
-    if os.environ.get("LOCAL_RANK") is not None and device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    labels = args.labels.split(",") if args.labels else None
-    results = train(args.manifest, args.backbone, args.out, config, labels=labels, device=device, resume=args.resume,
-                    folds=args.folds, progress=not args.no_progress, task=args.task)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"plugin": str(args.out), "val_auroc": [r.summary["best_val_auroc"] for r in results],
-                          "epochs_run": [r.summary["epochs_run"] for r in results]}))
-    return 0
-
-
-def _cmd_eval(args) -> int:
-    metrics = evaluate_plugin(args.manifest, args.backbone, args.plugin, args.out, _device(args.device), args.bootstrap)
-    print(json.dumps({"out": str(args.out), "macro_auroc": metrics["macro_auroc"],
-                      "macro_auroc_ci95": metrics["macro_auroc_ci95"]}))
-    return 0
