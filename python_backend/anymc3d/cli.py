@@ -322,7 +322,8 @@ def _load_engine(args):
     first = read_plugin_metadata(ensemble_members(args.plugin[0].resolve())[0])
     spec = spec_from_file(args.backbone) or BackboneSpec.from_dict(first["backbone"])
     engine = Engine(args.backbone, spec=spec, device=args.device, chunk_size=args.chunk_size,
-                    precision=args.precision, merge_lora=args.merge_lora)
+                    precision=args.precision, merge_lora=args.merge_lora,
+                    heatmap=args.heatmap_method if args.heatmap is not None else None)
     return engine, attach_plugins(engine, [p.resolve() for p in args.plugin])
 
 

@@ -22,6 +22,9 @@ from anymc3d.errors import AnyMC3DError
 NO_BF16_ENV = "ANYMC3D_NO_BF16"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
+#: heatmap methods whose bf16 maps missed the agreement bounds against fp32 (tests/test_precision.py, docs/model.md):
+#: "auto" runs a prediction that computes one of them in fp32
+FP32_METHODS = frozenset({"grad_last"})
 #: CPU flags (Linux /proc/cpuinfo, as lscpu shows them) that mean bf16 GEMMs run in hardware
 _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -58,8 +61,9 @@ def native_bf16(device: torch.device) -> bool:
     return bool(_cpu_flags() & set(_BF16_CPU_FLAGS))
 
 
-def resolve_precision(precision: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """The backbone dtype for ``precision`` ("auto", "fp32", "bf16", "fp16" or a torch float dtype) on ``device``."""
+def resolve_precision(precision: str | torch.dtype, device: torch.device, heatmap: str | None = None) -> torch.dtype:
+    """The backbone dtype for ``precision`` ("auto", "fp32", "bf16", "fp16" or a torch float dtype) on ``device``;
+    "auto" is fp32 for a run whose heatmap method is in :data:`FP32_METHODS`."""
     if isinstance(precision, torch.dtype):
         if precision not in NAMES:
             raise AnyMC3DError(f"precision: {precision} is not one of {', '.join(map(str, NAMES))}")
@@ -67,7 +71,7 @@ def resolve_precision(precision: str | torch.dtype, device: torch.device) -> tor
     if precision not in PRECISIONS:
         raise AnyMC3DError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
+        return torch.bfloat16 if native_bf16(device) and heatmap not in FP32_METHODS else torch.float32
     return DTYPES[precision]
 
 

@@ -25,7 +25,8 @@ from anymc3d.errors import AnyMC3DError, InputError, PluginError
 from anymc3d.contract import AUTO_HEATMAP
 from anymc3d.device import precision_name, resolve_device, resolve_precision
 from anymc3d.encoders import ENCODERS
-from anymc3d.lora import add_adapter, load_adapter_state, merge, remove_adapter
+from anymc3d.lora import (add_adapter, check_state, fold_state, load_adapter_state, merged_adapter, remove_adapter,
+                          unmerge)
 from anymc3d.model import AnyMC3DModel
 from anymc3d.plugin import LoadedPlugin, calibrated_logits, load_plugin, probabilities
 from anymc3d.preprocessing import SliceGeometry, prepare, read_image, validate_image
@@ -99,6 +100,7 @@ class CaseResult:
 class _Attached:
     plugin: LoadedPlugin
     model: AnyMC3DModel
+    folded: Optional[dict] = None  # merged plugins: their one view's LoRA tensors, folded in while they run
 
 
 class Engine:
@@ -116,15 +118,17 @@ class Engine:
             adapter matmuls; the fastest path, so the default); switching plugins restores the base weights bit
             for bit. False runs the adapters unmerged.
         compile: run the slice encoder through ``torch.compile`` (falls back to eager where it cannot compile).
+        heatmap: the heatmap method the caller will ask for, if known: "auto" precision is fp32 for the methods
+            whose bf16 maps missed the agreement bounds (``anymc3d.device.FP32_METHODS``).
     """
 
     def __init__(self, backbone: Union[str, os.PathLike, LoadedBackbone], *, spec: Optional[BackboneSpec] = None,
                  device: str | torch.device = "auto", precision: str | torch.dtype = "auto", chunk_size: int = 32,
-                 merge_lora: bool = True, compile: bool = False):
+                 merge_lora: bool = True, compile: bool = False, heatmap: Optional[str] = None):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.device = resolve_device(device)
-        self.dtype = resolve_precision(precision, self.device)
+        self.dtype = resolve_precision(precision, self.device, heatmap)
         self.chunk_size = chunk_size
         self.merge_lora = merge_lora
         self.compile = compile
@@ -154,23 +158,38 @@ class Engine:
         name = name or config.name
         if name in self.plugins:
             raise PluginError(f"{source}: a plugin named {name!r} is attached already")
+        folded = None
+        if self.merge_lora and len(plugin.lora) == 1:  # no adapter layers: folded into the weights when it runs
+            try:
+                check_state(self.model, plugin.lora[0], config.lora)
+            except PluginError as exc:
+                raise PluginError(f"{source}: {exc}") from None
+            folded = {k: v.to(self.device) for k, v in plugin.lora[0].items()}
+            adapters = [f"folded{self._adapter_count}"]
+            self._adapter_count += 1
+        else:
+            adapters = self._add_adapters(plugin, source)
+        plugin.head.to(self.device).eval()
+        model = AnyMC3DModel(self.model, plugin.head, adapters, kind=config.kind, **self._encoder_options(config))
+        self.plugins[name] = _Attached(plugin, model, folded)
+        return name
+
+    def _add_adapters(self, plugin: LoadedPlugin, source) -> list[str]:
+        """One peft adapter per view of ``plugin`` (multi-view plugins, or ``merge_lora=False``)."""
         adapters = []
         try:
             for view_state in plugin.lora:
                 adapter = f"adapter{self._adapter_count}"
                 self._adapter_count += 1
-                add_adapter(self.model, adapter, config.lora)
+                add_adapter(self.model, adapter, plugin.config.lora)
                 adapters.append(adapter)
                 load_adapter_state(self.model, adapter, view_state)
         except PluginError as exc:
             for adapter in adapters:
                 remove_adapter(self.model, adapter)
             raise PluginError(f"{source}: {exc}") from None
-        self.model.to(self.device, self.dtype)  # the new adapters too
-        plugin.head.to(self.device).eval()
-        model = AnyMC3DModel(self.model, plugin.head, adapters, kind=config.kind, **self._encoder_options(config))
-        self.plugins[name] = _Attached(plugin, model)
-        return name
+        self.model.to(self.device, self.dtype)  # the new adapter layers too
+        return adapters
 
     def _encoder_options(self, config) -> dict:
         """The options for the plugin's encoder kind: the engine's runtime options the kind's constructor accepts,
@@ -181,6 +200,10 @@ class Engine:
 
     def remove_plugin(self, name: str) -> None:
         attached = self.plugins.pop(name)
+        if attached.folded is not None:
+            if merged_adapter(self.model) == attached.model.adapters[0]:
+                unmerge(self.model)
+            return
         for adapter in attached.model.adapters:
             remove_adapter(self.model, adapter)
 
@@ -190,10 +213,10 @@ class Engine:
         """The backbone's precision as records name it: 'fp32', 'bf16' or 'fp16'."""
         return precision_name(self.dtype)
 
-    def _prepare_weights(self, model: AnyMC3DModel) -> None:
-        """Merge a single-view plugin's LoRA when asked (a merged adapter of another plugin is restored first)."""
-        if self.merge_lora and len(model.adapters) == 1:
-            merge(self.model, model.adapters[0])
+    def _prepare_weights(self, attached: _Attached) -> None:
+        """Fold a merged plugin's LoRA into the weights (another plugin's merged LoRA is restored first)."""
+        if attached.folded is not None:
+            fold_state(self.model, attached.model.adapters[0], attached.folded, attached.plugin.config.lora)
 
     def predict_slices(self, views: Sequence[torch.Tensor], plugin: str, heatmap: Optional[str] = None,
                        progress: Optional[Progress] = None, geometry: Optional[SliceGeometry] = None) -> Prediction:
@@ -220,7 +243,7 @@ class Engine:
             raise InputError(None, f"plugin {plugin} takes {len(config.views)} view(s) {config.views}, got {len(views)}")
         batch = [v[None] for v in views]  # (1, S_v, M, M): one case
         stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
-        self._prepare_weights(model)
+        self._prepare_weights(attached)
         record = heatmap if heatmap in encoder.forward_heatmaps else None
         per_finding = heatmap in encoder.finding_heatmaps
         with torch.inference_mode():

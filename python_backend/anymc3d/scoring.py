@@ -163,7 +163,8 @@ class ModelWorker:
         first = load_plugin(ensemble_members(options["plugin"][0])[0])
         spec = spec_from_file(options["backbone"]) or first.config.backbone
         self.engine = Engine(options["backbone"], spec=spec, device=options["device"], chunk_size=options["chunk_size"],
-                             precision=options.get("precision", "auto"), merge_lora=options.get("merge_lora", True))
+                             precision=options.get("precision", "auto"), merge_lora=options.get("merge_lora", True),
+                             heatmap=options["heatmap_method"] if options.get("heatmap") else None)
         self.units = attach_plugins(self.engine, options["plugin"])  # a --folds folder: its members, averaged
         self.names = [m for u in self.units for m in u.members]
         self.run_dir = Path(options["run_dir"])
