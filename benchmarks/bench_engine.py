@@ -87,7 +87,7 @@ def _plugins(model, spec, n):
     return out
 
 
-def throughput(name, device, slices, size, chunk, repeats, compile_row, plugin_rows=True, int8_row=False):
+def throughput(name, device, slices, size, chunk, repeats, compile_row, plugin_rows=True, int8_row=False, drop=()):
     spec = BackboneSpec(name, img_size=size)
     model = make_load_bearing(create_backbone(spec))
     plugins = _plugins(model, spec, 3)
@@ -116,7 +116,8 @@ def throughput(name, device, slices, size, chunk, repeats, compile_row, plugin_r
                 ("engine fp32 adapters", {"precision": "fp32", "merge_lora": False})]
     if compile_row:
         variants.append(("engine bf16 compiled", {"precision": "bf16", "compile": True}))
-    for label, options in variants:
+    runners = [r for r in runners if r[0] not in drop]
+    for label, options in [v for v in variants if v[0] not in drop]:
         engine, (plugin,) = engine_with(**options)
         if options.get("compile"):
             start = time.perf_counter()
@@ -298,6 +299,8 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=16, help="Slices per forward (default: 16).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repeats, median reported (default: 3).")
     parser.add_argument("--compile", action="store_true", help="Add the torch.compile row (default: off; slow to compile).")
+    parser.add_argument("--drop", default="", help="Comma-separated rows of section 1 to leave out, e.g. 'engine fp32 "
+                        "adapters,timm autocast bf16' (default: none; the fp32 and bf16 timm rows are always run).")
     parser.add_argument("--int8", action="store_true", help="Add the int8 dynamic-quantisation row (default: off).")
     parser.add_argument("--memory-slices", default="16,64,256", help="Slice counts for the memory rows (default: 16,64,256).")
     parser.add_argument("--skip", default="", help="Comma-separated sections to skip: throughput,plugins,memory,cli (default: none).")
@@ -311,7 +314,9 @@ def main() -> None:
     for name in args.backbones:
         if "throughput" not in skip:
             print("\n".join(throughput(name, device, args.slices, args.size, args.chunk_size, args.repeats,
-                                       args.compile, "plugins" not in skip, args.int8)), flush=True)  # section 1 prints its rows as they come
+                                       args.compile, "plugins" not in skip, args.int8,
+                                       set(filter(None, args.drop.split(","))) - {"timm eager fp32", "timm eager bf16"})),
+                  flush=True)  # section 1 prints its rows as they come
         if "memory" not in skip and device.type == "cpu":
             counts = [int(n) for n in args.memory_slices.split(",")]
             print("\n".join(memory(name, args.size, args.chunk_size, counts)), flush=True)
