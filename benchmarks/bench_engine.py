@@ -49,15 +49,17 @@ from anymc3d.synthetic import make_ct_volume
 
 def machine_line() -> str:
     """CPU model (lscpu), its bf16/int8 matrix flags, what precision "auto" picks, and the load: for saved output."""
-    from anymc3d.device import native_bf16
+    from anymc3d.device import native_bf16, precision_name, resolve_precision
 
     model = next((line.split(":", 1)[1].strip() for line in
                   subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                   if line.startswith("Model name")), platform.processor())
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     wanted = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni") if f in flags]
-    return (f"CPU {model}; flags {' '.join(wanted) or 'none of amx/avx512_bf16'}; auto precision on cpu: "
-            f"{'bf16' if native_bf16(torch.device('cpu')) else 'fp32'}; load average {os.getloadavg()} "
+    cpu = torch.device("cpu")
+    return (f"CPU {model}; flags {' '.join(wanted) or 'none of amx/avx512_bf16'}; native bf16 on cpu: "
+            f"{native_bf16(cpu)}; auto picks {precision_name(resolve_precision('auto', cpu))}; "
+            f"load average {os.getloadavg()} "
             "(the machine is shared: ratios come from interleaved timings)")
 
 

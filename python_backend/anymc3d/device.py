@@ -1,8 +1,8 @@
 """Where the backbone runs and in which precision: the one device resolution and the one precision rule.
 
 ``--device auto`` is CUDA when present, else the CPU. ``--precision auto`` is bf16 where the device computes it
-natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or AVX-512-BF16, detected at run time) and fp32 elsewhere.
-Reduced precision applies to the frozen backbone only: its weights and inputs are cast (a bf16 copy of the
+natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or AVX-512-BF16, detected at run time) and fp32 elsewhere,
+once bf16 holds the agreement bounds against fp32 (:data:`AUTO_BF16`: not yet, so auto is fp32 today). Reduced precision applies to the frozen backbone only: its weights and inputs are cast (a bf16 copy of the
 merged weights measured faster than autocast on CPU: benchmarks/results/), and the slice embeddings, patch maps,
 pooling, head, calibration and probabilities are float32. Setting the environment variable ``ANYMC3D_NO_BF16=1``
 reports bf16 as unavailable, so ``auto`` gives fp32 everywhere (tests, or a CPU that misreports).
@@ -22,6 +22,10 @@ from anymc3d.errors import AnyMC3DError
 NO_BF16_ENV = "ANYMC3D_NO_BF16"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
+#: whether "auto" may pick bf16 at all. False: on a trained DINOv2-S/14 (tests/test_precision.py) a bf16 copy of
+#: the weights moved a calibrated probability by 0.018 (bound 0.01; autocast 0.008), so auto stays fp32 and bf16
+#: is given only when asked for (--precision bf16), until a form holds the bounds (docs/model.md)
+AUTO_BF16 = False
 #: heatmap methods whose bf16 maps missed the agreement bounds against fp32 (tests/test_precision.py, docs/model.md):
 #: "auto" runs a prediction that computes one of them in fp32
 FP32_METHODS = frozenset({"grad_last"})
@@ -71,7 +75,8 @@ def resolve_precision(precision: str | torch.dtype, device: torch.device, heatma
     if precision not in PRECISIONS:
         raise AnyMC3DError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return torch.bfloat16 if native_bf16(device) and heatmap not in FP32_METHODS else torch.float32
+        bf16 = AUTO_BF16 and native_bf16(device) and heatmap not in FP32_METHODS
+        return torch.bfloat16 if bf16 else torch.float32
     return DTYPES[precision]
 
 
