@@ -8,7 +8,7 @@ plain dataclass, so the Logic takes the same objects in both places.
 import dataclasses
 from typing import Annotated
 
-from anymc3d.contract import DEVICES, GRADIENT_METHODS, HEATMAP_METHODS  # noqa: F401 (the contract's, re-exported)
+from anymc3d.contract import DEVICES, GRADIENT_METHODS, HEATMAP_METHODS, PRECISIONS  # noqa: F401 (the contract's, re-exported)
 
 try:
     from slicer.parameterNodeWrapper import Choice, Maximum, Minimum, parameterPack
@@ -33,6 +33,7 @@ class PredictionOptions:
     heatmapMethod: Annotated[str, Choice(HEATMAP_METHODS)] = "attention"
     ensemble: bool = False
     chunkSize: Annotated[int, Minimum(1)] = 32
+    precision: Annotated[str, Choice(PRECISIONS)] = "auto"
 
     def validate(self):
         if self.device not in DEVICES:
@@ -41,10 +42,13 @@ class PredictionOptions:
             raise ValueError(f"heatmapMethod must be one of {HEATMAP_METHODS}, got {self.heatmapMethod!r}")
         if int(self.chunkSize) < 1:
             raise ValueError(f"chunkSize must be >= 1, got {self.chunkSize!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def commandLineArguments(self):
         self.validate()
-        arguments = ["--device", self.device, "--heatmap-method", self.heatmapMethod, "--chunk-size", str(int(self.chunkSize))]
+        arguments = ["--device", self.device, "--heatmap-method", self.heatmapMethod, "--chunk-size", str(int(self.chunkSize)),
+                     "--precision", self.precision]
         if self.ensemble:
             arguments.append("--ensemble")
         return arguments

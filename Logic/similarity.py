@@ -39,6 +39,7 @@ class SimilarityOptions:
     """Backend settings (``anymc3d similarity``) and display of the map."""
 
     device: str = "auto"
+    precision: str = "auto"  # anymc3d.contract.PRECISIONS
     mode: str = "planecycle"
     inputSize: int = 224
     arch: str = ""
@@ -50,7 +51,8 @@ class SimilarityOptions:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if int(self.inputSize) < 1:
             raise ValueError(f"inputSize must be >= 1, got {self.inputSize!r}")
-        arguments = ["--device", self.device, "--mode", self.mode, "--input-size", str(int(self.inputSize))]
+        arguments = ["--device", self.device, "--precision", self.precision, "--mode", self.mode,
+                     "--input-size", str(int(self.inputSize))]
         return arguments + (["--arch", self.arch] if self.arch else [])
 
 

@@ -89,6 +89,7 @@ def main():
     predict.add_argument("--ensemble", action="store_true")
     predict.add_argument("--device", default="auto")
     predict.add_argument("--chunk-size", type=int, default=32)
+    predict.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     predict.add_argument("--progress", default="bar")
     argv = sys.argv[1:]
     if argv[:1] == ["standby"]:  # the backend's `anymc3d standby`: the command line comes as one JSON line on stdin

@@ -76,9 +76,11 @@ def test_command_line(sceneContext, tempRoot):
     assert command == ["PythonSlicer", "-m", "anymc3d", "predict", "a.nrrd", "--backbone", "w.safetensors",
                        "--plugin", "p1.anymc3d", "--plugin", "p2.anymc3d", "--heatmap", "h", "--heatmap-format", "nrrd",
                        "--json", "r.json", "--progress", "json", "--device", "cuda", "--heatmap-method", "grad_last",
-                       "--chunk-size", "8", "--ensemble"]
+                       "--chunk-size", "8", "--precision", "auto", "--ensemble"]
     with pytest.raises(ValueError):
         PredictionOptions(device="gpu").commandLineArguments()
+    with pytest.raises(ValueError):
+        PredictionOptions(precision="int8").commandLineArguments()
 
 
 def test_successful_run_imports_everything(sceneContext, obliqueVolumePath, fakePlugins, fakeLogic, tempRoot):

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from anymc3d import __version__
 from anymc3d.contract import (AUTO_HEATMAP, DEVICES, EXIT_CASE_FAILED, EXIT_OK, EXIT_USAGE, HEATMAP_FORMATS,
-                              HEATMAP_METHODS, STATUS_ERROR)
+                              HEATMAP_METHODS, PRECISION_HELP, PRECISIONS, STATUS_ERROR)
 from anymc3d.errors import AnyMC3DError, one_line
 
 logger = logging.getLogger("anymc3d")
@@ -114,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--device", default=DEVICES[0], choices=DEVICES,
                       help="Compute device (default: auto = CUDA if available, else CPU).")
     pred.add_argument("--chunk-size", type=positive_int, default=32, help="Slices per backbone forward (default: 32).")
+    pred.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0], help=PRECISION_HELP)
+    pred.add_argument("--no-merge-lora", dest="merge_lora", action="store_false",
+                      help="Run a single-view plugin's LoRA as separate adapter layers instead of folding it into the "
+                      "backbone weights (slower; default: merged).")
     pred.add_argument("--progress", default="bar", choices=["bar", "json", "none"],
                       help="Progress display: a bar on stderr, JSON lines on stdout, or none (default: bar).")
     _add_ray_options(pred)
@@ -325,7 +329,9 @@ def _load_engine(args):
 
     first = read_plugin_metadata(ensemble_members(args.plugin[0].resolve())[0])
     spec = spec_from_file(args.backbone) or BackboneSpec.from_dict(first["backbone"])
-    engine = Engine(args.backbone, spec=spec, device=args.device, chunk_size=args.chunk_size)
+    engine = Engine(args.backbone, spec=spec, device=args.device, chunk_size=args.chunk_size,
+                    precision=args.precision, merge_lora=args.merge_lora,
+                    heatmap=args.heatmap_method if args.heatmap is not None else None)
     return engine, attach_plugins(engine, [p.resolve() for p in args.plugin])
 
 

@@ -29,6 +29,12 @@ OCCLUSION = "occlusion"
 FINDING_METHODS = GRADIENT_METHODS + ("contribution", OCCLUSION)
 #: ``--device`` choices
 DEVICES = ("auto", "cpu", "cuda")
+#: numeric precision of the backbone (--precision); auto = bf16 where the device computes it natively, else fp32
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: the help text of ``--precision`` (predict, eval, features, similarity)
+PRECISION_HELP = ("Backbone precision: auto = bf16 where the device computes it natively (CPUs with AMX or "
+                  "AVX-512-BF16, CUDA GPUs with bf16), else fp32; pooling, head and probabilities are always fp32 "
+                  "(default: auto).")
 #: heatmap file formats (``--heatmap-format``)
 HEATMAP_FORMATS = ("nii.gz", "nrrd")
 #: image files that are cases (a folder holding a DICOM series is a case too)

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from anymc3d.backbone import BackboneSpec, create_backbone, fingerprint, make_load_bearing, save_backbone
@@ -79,8 +80,6 @@ LEARN_LABEL = "lesion"
 def mni_template() -> Optional["np.ndarray"]:
     """nilearn's MNI152 T1 template at 2 mm (99 x 117 x 95, x-y-z), read from the installed package; None
     without nilearn."""
-    import numpy as np
-
     try:
         from nilearn.datasets import load_mni152_template
     except ImportError:

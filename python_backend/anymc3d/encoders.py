@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from anymc3d import heatmap as hm
+from anymc3d.device import placement
 from anymc3d.preprocessing import to_model_input
 
 logger = logging.getLogger(__name__)
@@ -218,14 +219,14 @@ class SliceEncoder(Encoder):
             patch_tokens: also return the last block's patch tokens (auxiliary segmentation, features).
             heatmap: None, "attention" or "rollout": also return per-slice patch maps.
         """
-        device = next(self.backbone.parameters()).device
+        device, dtype = placement(self.backbone)
         mask = _flat_mask(slices, mask)
         flat = slices.to(device)[mask.to(device)]  # (N, M, M) real slices only
         grid = self._grid(*slices.shape[-2:])
         npt = self.backbone.num_prefix_tokens
 
         def step(start: int, stop: int) -> list:
-            tokens, maps = self._tokens(to_model_input(flat[start:stop].float()), heatmap)  # (n, N, C)
+            tokens, maps = self._tokens(to_model_input(flat[start:stop].float()).to(dtype), heatmap)  # (n, N, C)
             cls = tokens[:, 0].float()  # (n, C)
             patches = tokens[:, npt:].float().reshape(stop - start, *grid, -1) if patch_tokens else None  # (n, h, w, C)
             return [cls, patches, None if maps is None else maps.float()]
@@ -257,14 +258,14 @@ class SliceEncoder(Encoder):
         this encoder, so back-propagating <h_s, g_ks> chunk by chunk gives the exact gradient of logit_k with
         respect to each chunk's attention matrices, with memory bounded by the chunk.
         """
-        device = next(self.backbone.parameters()).device
+        device, dtype = placement(self.backbone)
         mask = _flat_mask(slices, mask)
         flat = slices.to(device)[mask.to(device)]  # (N, M, M)
         grads = cls_grads.to(device)[:, mask.to(device)]  # (K, N, C)
         npt = self.backbone.num_prefix_tokens
 
         def step(start: int, stop: int) -> list:
-            x = to_model_input(flat[start:stop].float()).requires_grad_(True)
+            x = to_model_input(flat[start:stop].float()).to(dtype).requires_grad_(True)
             maps = []
             with torch.enable_grad(), hm.AttentionRecorder(self.backbone.blocks, retain_grad=True) as rec:
                 cls = self.backbone.forward_features(x)[:, 0].float()  # (n, C)

@@ -1,6 +1,6 @@
 """Inference engine: one resident backbone serving many plugins and volumes.
 
-The engine owns the runtime options (device, autocast dtype, slice chunk, LoRA merging), loads the backbone
+The engine owns the runtime options (device, precision, slice chunk, LoRA merging), loads the backbone
 once, attaches each plugin as named LoRA adapters plus an :class:`~anymc3d.model.AnyMC3DModel` (the one
 forward), and predicts at three levels: image files, SimpleITK images, and tensors of preprocessed slices.
 Chunking and the out-of-memory retry belong to the plugin's encoder kind (:mod:`anymc3d.encoders`).
@@ -23,8 +23,10 @@ from anymc3d import heatmap as hm
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, load_backbone, patch_grid
 from anymc3d.errors import AnyMC3DError, InputError, PluginError
 from anymc3d.contract import AUTO_HEATMAP, decide
+from anymc3d.device import precision_name, resolve_device, resolve_precision
 from anymc3d.encoders import ENCODERS
-from anymc3d.lora import add_adapter, load_adapter_state, merge, remove_adapter
+from anymc3d.lora import (add_adapter, check_state, fold_state, load_adapter_state, merged_adapter, remove_adapter,
+                          unmerge)
 from anymc3d.model import AnyMC3DModel
 from anymc3d.plugin import LoadedPlugin, calibrated_logits, load_plugin, probabilities
 from anymc3d.image_reading import read_image, validate_image
@@ -34,16 +36,6 @@ logger = logging.getLogger(__name__)
 
 #: progress(stage, done, total): stage is "reading", "encoding", "heatmap" (see docs/cli-contract.md).
 Progress = Callable[[str, int, int], None]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; asking for CUDA without one is a clear error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AnyMC3DError("device 'cuda' was asked for, but no CUDA GPU is available (use --device cpu or auto)")
-    return device
 
 
 @dataclass
@@ -68,6 +60,7 @@ class Prediction:
     geometry: Optional[SliceGeometry] = None  # how view 0 was sliced: maps heatmap and importance back
     heatmap_localisation: Optional[dict] = None  # the plugin's measured localisation of heatmap_method; None: never
     kind: str = "slice_lora"
+    precision: str = "fp32"  # the backbone's precision (anymc3d.device); pooling, head and probabilities are fp32
 
     @property
     def decisions(self) -> np.ndarray:
@@ -109,6 +102,7 @@ class CasePredictions:
 class _Attached:
     plugin: LoadedPlugin
     model: AnyMC3DModel
+    folded: Optional[dict] = None  # merged plugins: their one view's LoRA tensors, folded in while they run
 
 
 class Engine:
@@ -116,28 +110,32 @@ class Engine:
 
     Args:
         backbone: a weights file (safetensors with our metadata, or an official ``.pth`` with ``spec``),
-            or an already loaded backbone.
+            or an already loaded backbone (taken over: moved to the device and cast to the precision in place).
         spec: the architecture, needed when the file does not record it (taken from a plugin by the CLI).
         device: "auto", "cpu", "cuda" or a torch device.
-        amp_dtype: autocast dtype on CUDA (default bfloat16); the CPU path runs in float32.
+        precision: the backbone's precision, "auto" (bf16 where the device computes it natively, else fp32),
+            "fp32", "bf16", "fp16" or a torch dtype (see :mod:`anymc3d.device`); the head runs in fp32.
         chunk_size: slices per backbone forward (encoder kinds whose slices are independent).
         merge_lora: fold a single-view plugin's LoRA into the backbone weights while it runs (plain layers, no
-            adapter matmuls); switching plugins restores the base weights bit for bit.
+            adapter matmuls; the fastest path, so the default); switching plugins restores the base weights bit
+            for bit. False runs the adapters unmerged.
         compile: run the slice encoder through ``torch.compile`` (falls back to eager where it cannot compile).
+        heatmap: the heatmap method the caller will ask for, if known: "auto" precision is fp32 for the methods
+            whose bf16 maps missed the agreement bounds (``anymc3d.device.FP32_METHODS``).
     """
 
     def __init__(self, backbone: Union[str, os.PathLike, LoadedBackbone], *, spec: Optional[BackboneSpec] = None,
-                 device: str | torch.device = "auto", amp_dtype: torch.dtype = torch.bfloat16, chunk_size: int = 32,
-                 merge_lora: bool = False, compile: bool = False):
+                 device: str | torch.device = "auto", precision: str | torch.dtype = "auto", chunk_size: int = 32,
+                 merge_lora: bool = True, compile: bool = False, heatmap: Optional[str] = None):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.device = resolve_device(device)
-        self.amp_dtype = amp_dtype
+        self.dtype = resolve_precision(precision, self.device, heatmap)
         self.chunk_size = chunk_size
         self.merge_lora = merge_lora
         self.compile = compile
         self.backbone = backbone if isinstance(backbone, LoadedBackbone) else load_backbone(backbone, spec)
-        self.model = self.backbone.model.to(self.device).eval()
+        self.model = self.backbone.model.to(self.device, self.dtype).eval()
         self.plugins: dict[str, _Attached] = {}
         self._adapter_count = 0
 
@@ -162,23 +160,38 @@ class Engine:
         name = name or config.name
         if name in self.plugins:
             raise PluginError(f"{source}: a plugin named {name!r} is attached already")
+        folded = None
+        if self.merge_lora and len(plugin.lora) == 1:  # no adapter layers: folded into the weights when it runs
+            try:
+                check_state(self.model, plugin.lora[0], config.lora)
+            except PluginError as exc:
+                raise PluginError(f"{source}: {exc}") from None
+            folded = {k: v.to(self.device) for k, v in plugin.lora[0].items()}
+            adapters = [f"folded{self._adapter_count}"]
+            self._adapter_count += 1
+        else:
+            adapters = self._add_adapters(plugin, source)
+        plugin.head.to(self.device).eval()
+        model = AnyMC3DModel(self.model, plugin.head, adapters, kind=config.kind, **self._encoder_options(config))
+        self.plugins[name] = _Attached(plugin, model, folded)
+        return name
+
+    def _add_adapters(self, plugin: LoadedPlugin, source) -> list[str]:
+        """One peft adapter per view of ``plugin`` (multi-view plugins, or ``merge_lora=False``)."""
         adapters = []
         try:
             for view_state in plugin.lora:
                 adapter = f"adapter{self._adapter_count}"
                 self._adapter_count += 1
-                add_adapter(self.model, adapter, config.lora)
+                add_adapter(self.model, adapter, plugin.config.lora)
                 adapters.append(adapter)
                 load_adapter_state(self.model, adapter, view_state)
         except PluginError as exc:
             for adapter in adapters:
                 remove_adapter(self.model, adapter)
             raise PluginError(f"{source}: {exc}") from None
-        self.model.to(self.device)
-        plugin.head.to(self.device).eval()
-        model = AnyMC3DModel(self.model, plugin.head, adapters, kind=config.kind, **self._encoder_options(config))
-        self.plugins[name] = _Attached(plugin, model)
-        return name
+        self.model.to(self.device, self.dtype)  # the new adapter layers too
+        return adapters
 
     def _encoder_options(self, config) -> dict:
         """The options for the plugin's encoder kind: the engine's runtime options the kind's constructor accepts,
@@ -189,18 +202,23 @@ class Engine:
 
     def remove_plugin(self, name: str) -> None:
         attached = self.plugins.pop(name)
+        if attached.folded is not None:
+            if merged_adapter(self.model) == attached.model.adapters[0]:
+                unmerge(self.model)
+            return
         for adapter in attached.model.adapters:
             remove_adapter(self.model, adapter)
 
     # ----------------------------------------------------------------------------------- prediction
-    def _autocast(self):
-        # bf16 autocast on CUDA only: CPU autocast is slower than fp32 on most CPUs and not bit-stable.
-        return torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.device.type == "cuda")
+    @property
+    def precision(self) -> str:
+        """The backbone's precision as records name it: 'fp32', 'bf16' or 'fp16'."""
+        return precision_name(self.dtype)
 
-    def _prepare_weights(self, model: AnyMC3DModel) -> None:
-        """Merge a single-view plugin's LoRA when asked (a merged adapter of another plugin is restored first)."""
-        if self.merge_lora and len(model.adapters) == 1:
-            merge(self.model, model.adapters[0])
+    def _prepare_weights(self, attached: _Attached) -> None:
+        """Fold a merged plugin's LoRA into the weights (another plugin's merged LoRA is restored first)."""
+        if attached.folded is not None:
+            fold_state(self.model, attached.model.adapters[0], attached.folded, attached.plugin.config.lora)
 
     def predict_slices(self, views: Sequence[torch.Tensor], plugin: str, heatmap: Optional[str] = None,
                        progress: Optional[Progress] = None, geometry: Optional[SliceGeometry] = None) -> Prediction:
@@ -227,10 +245,10 @@ class Engine:
             raise InputError(None, f"plugin {plugin} takes {len(config.views)} view(s) {config.views}, got {len(views)}")
         batch = [v[None] for v in views]  # (1, S_v, M, M): one case
         stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
-        self._prepare_weights(model)
+        self._prepare_weights(attached)
         record = heatmap if heatmap in encoder.forward_heatmaps else None
         per_finding = heatmap in encoder.finding_heatmaps
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             out = model(batch, heatmap=record, patch_tokens=per_finding and encoder.finding_needs_patch_tokens,
                         progress=stage("encoding"))
         grid = patch_grid(self.model, *views[0].shape[-2:])
@@ -239,8 +257,7 @@ class Engine:
         if record is not None:
             heatmap_volume = _volume(out.patch_maps[0], grid, importance)
         elif per_finding:
-            with self._autocast():
-                maps = model.finding_maps(batch, out, heatmap, progress=stage("heatmap"))  # (K, 1, S, P)
+            maps = model.finding_maps(batch, out, heatmap, progress=stage("heatmap"))  # (K, 1, S, P)
             if heatmap in encoder.unweighted_heatmaps:  # the map includes the pooling: no a_s again; drops only
                 maps, weights = maps.clamp(min=0), torch.ones_like(importance)
             else:
@@ -261,6 +278,7 @@ class Engine:
             finding_heatmaps=finding_heatmaps,
             plugin_paths=[str(attached.plugin.path)] if attached.plugin.path else [], geometry=geometry,
             heatmap_localisation=config.heatmap_localisation(heatmap),
+            precision=self.precision,
         )
 
     def predict_image(self, images: Union[sitk.Image, Sequence[sitk.Image]], plugins: Optional[Sequence[str]] = None,
@@ -344,4 +362,5 @@ def ensemble(predictions: Sequence[Prediction], name: str = "ensemble") -> Predi
         finding_heatmaps={k: mean([p.finding_heatmaps[k] for p in predictions]) for k in first.finding_heatmaps
                           if all(k in p.finding_heatmaps for p in predictions)},
         plugin_paths=[path for p in predictions for path in p.plugin_paths], geometry=first.geometry,
+        precision=first.precision,
     )

@@ -80,6 +80,7 @@ def result_record(result: CasePredictions, image: str, heatmaps: Optional[dict] 
             "heatmap": files.get(None),
             "finding_heatmaps": {k: v for k, v in files.items() if k is not None},
             "heatmap_localisation": pred.heatmap_localisation if files else None,
+            "precision": pred.precision,
             **({"embedding": [float(x) for x in pred.embedding]} if embedding else {}),
         })
     return validate_record(record)

@@ -162,7 +162,9 @@ class ModelWorker:
         self.options = options
         first = load_plugin(ensemble_members(options["plugin"][0])[0])
         spec = spec_from_file(options["backbone"]) or first.config.backbone
-        self.engine = Engine(options["backbone"], spec=spec, device=options["device"], chunk_size=options["chunk_size"])
+        self.engine = Engine(options["backbone"], spec=spec, device=options["device"], chunk_size=options["chunk_size"],
+                             precision=options.get("precision", "auto"), merge_lora=options.get("merge_lora", True),
+                             heatmap=options["heatmap_method"] if options.get("heatmap") else None)
         self.units = attach_plugins(self.engine, options["plugin"])  # a --folds folder: its members, averaged
         self.names = [m for u in self.units for m in u.members]
         self.run_dir = Path(options["run_dir"])
@@ -313,6 +315,7 @@ def _execute(ray, args, todo: list[InputCase], run_dir: Path, progress: _Progres
     workers = min(workers, len(todo))
     options = {"backbone": str(args.backbone.resolve()), "plugin": [str(p.resolve()) for p in args.plugin],
                "device": args.device, "chunk_size": args.chunk_size, "run_dir": str(run_dir.resolve()),
+               "precision": getattr(args, "precision", "auto"), "merge_lora": getattr(args, "merge_lora", True),
                "heatmap_method": args.heatmap_method, "heatmap_format": args.heatmap_format,
                "heatmap": None if args.heatmap is None else str(args.heatmap.resolve()),
                "ensemble": args.ensemble, "embedding": args.embedding,

@@ -21,7 +21,7 @@ def saved():
 def test_outputs_equal_the_saved_ones(saved, chunk_size):
     from anymc3d.engine import Engine
 
-    now = compute(lambda backbone: Engine(backbone, device="cpu", chunk_size=chunk_size))
+    now = compute(lambda backbone: Engine(backbone, device="cpu", chunk_size=chunk_size, precision="fp32"))
     assert sorted(now) == sorted(saved)
     for key, value in saved.items():
         np.testing.assert_allclose(now[key], value, rtol=RTOL, atol=ATOL, err_msg=key)

@@ -131,3 +131,37 @@ def test_trainable_parameter_count_matches_the_paper(name, patch):
     assert trainable_parameters(model) == lora
     assert trainable_parameters(model) + trainable_parameters(head) == lora + c + (c * 2 + 2)
     assert 0.22e6 < lora + c + c * 2 + 2 < 0.24e6
+
+
+def test_folding_without_adapter_layers_equals_the_peft_adapter_path(family):
+    """fold_state (no peft layers) gives the adapter path's output (peft's forward, the independent reference),
+    unmerge restores the base weights bit for bit, and tensors of the wrong shape are refused."""
+    from anymc3d.lora import check_state, fold_state, merged_adapter, unmerge
+
+    bb = small_backbone(family)
+    settings = LoraSettings(rank=4, alpha=8.0)
+    add_adapter(bb.model, "a", settings)
+    state = _randomize_b(bb.model, "a")
+    activate(bb.model, "a")
+    x = _input(bb)
+    with torch.no_grad():
+        adapted = bb.model.forward_features(x)
+    plain = small_backbone(family).model  # the same base weights, never given adapter layers
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    check_state(plain, state, settings)
+    fold_state(plain, "folded", state, settings)
+    assert merged_adapter(plain) == "folded" and not lora_layers(plain)
+    with torch.no_grad():
+        folded = plain.forward_features(x)
+    torch.testing.assert_close(folded, adapted, rtol=1e-4, atol=1e-4)
+    activate(plain, "folded")  # the folded plugin is the active one: nothing changes
+    assert merged_adapter(plain) == "folded"
+    unmerge(plain)
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
+    bad = dict(state)
+    key = next(k for k in bad if k.endswith("attn.qkv.lora_A.weight"))
+    bad[key] = bad[key][:, :-1]
+    with pytest.raises(PluginError, match="mismatched shapes"):
+        check_state(plain, bad, settings)
+    with pytest.raises(PluginError, match="missing"):
+        check_state(plain, {k: v for k, v in state.items() if k != key}, settings)

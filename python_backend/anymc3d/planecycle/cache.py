@@ -51,13 +51,13 @@ def file_sha256(path: Path) -> str:
 
 
 def cache_key(image: Path, backbone: Path, arch: str | None, mode: str, config: PlaneCycleConfig,
-              preprocess: PreprocessConfig) -> dict:
+              preprocess: PreprocessConfig, precision: str = "fp32") -> dict:
     """What the cached features depend on (JSON-serialisable; equal keys give equal features)."""
     stat = Path(backbone).stat()
     return {"version": CACHE_VERSION, "image_sha256": file_sha256(image),
             "backbone": {"path": str(Path(backbone).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
             "arch": arch, "mode": mode, "planecycle": config.to_dict() if mode == "planecycle" else None,
-            "preprocess": preprocess.to_dict()}
+            "preprocess": preprocess.to_dict(), "precision": precision}
 
 
 def _stored_key(folder: Path) -> dict | None:

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from anymc3d.contract import DEVICES, EXIT_OK, EXIT_USAGE, HEATMAP_FORMATS
+from anymc3d.contract import DEVICES, EXIT_OK, EXIT_USAGE, HEATMAP_FORMATS, PRECISION_HELP, PRECISIONS
 from anymc3d.planecycle.config import (
     DEFAULT_CYCLE,
     VARIANTS,
@@ -63,7 +63,8 @@ def _add_common(parser: argparse.ArgumentParser, mode_required: bool) -> None:
                         help="In-plane size image slices are resized to before the backbone (default: 224; "
                         "ignored for .npy input).")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
-                        help="Compute device; fp32 everywhere, TF32 off on CUDA (default: cpu).")
+                        help="Compute device (default: cpu).")
+    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0], help=PRECISION_HELP)
 
 
 def register(subparsers) -> None:
@@ -128,22 +129,24 @@ def run_features(args) -> int:
         compute_features,
         load_model,
         read_volume,
-        resolve_device,
         write_features,
     )
+    from anymc3d.device import precision_name, resolve_device, resolve_precision
 
     try:
         config, preprocess = _settings(args)
         device = resolve_device(args.device)
+        dtype = resolve_precision(args.precision, device)
         model, digest = load_model(args.backbone, args.arch)
         layers = check_layers(args.layers, len(model.blocks))
         volume, _ = read_volume(args.input, preprocess)
-        feats = compute_features(model, volume, args.mode, config, layers, device)
+        feats = compute_features(model, volume, args.mode, config, layers, device, dtype)
     except ValueError as exc:
         logger.error("%s", " ".join(str(exc).split()))
         return EXIT_USAGE
     meta = {"input": str(Path(args.input).resolve()), "mode": args.mode, "backbone": str(Path(args.backbone).resolve()),
             "backbone_fingerprint": digest, "arch": type(model).__name__, "layers": list(layers),
+            "precision": precision_name(dtype),
             "planecycle": config.to_dict() if args.mode == "planecycle" else None,
             "volume_embedding": "mean over slices of the per-slice CLS token (global_tokens[:, 0])"}
     written = write_features(feats, args.out, meta)
@@ -170,16 +173,17 @@ def run_similarity(args) -> int:
         cosine_map,
         load_model,
         read_volume,
-        resolve_device,
         seed_to_slice,
         seed_token,
     )
+    from anymc3d.device import precision_name, resolve_device, resolve_precision
     from anymc3d.image_writing import write_image_atomic
 
     seeds = list(dict.fromkeys(tuple(seed) for seed in args.seed))  # repeated seeds: one map
     try:
         config, preprocess = _settings(args)
         device = resolve_device(args.device)
+        dtype = resolve_precision(args.precision, device)
         paths = similarity_outputs(args.out, seeds, args.format)
         volume, geometry = read_volume(args.input, preprocess)
         if geometry is None:
@@ -192,12 +196,12 @@ def run_similarity(args) -> int:
 
         def compute():
             model, _ = load_model(args.backbone, args.arch)
-            return compute_features(model, volume, args.mode, config, device=device)
+            return compute_features(model, volume, args.mode, config, device=device, dtype=dtype)
 
         if args.features_cache is None:
             tokens, hit = compute().patch_tokens[0], None
         else:
-            key = cache_key(args.input, args.backbone, args.arch, args.mode, config, preprocess)
+            key = cache_key(args.input, args.backbone, args.arch, args.mode, config, preprocess, precision_name(dtype))
             meta = {"input": str(Path(args.input).resolve()), "mode": args.mode,
                     "backbone": str(Path(args.backbone).resolve())}
             cached = cached_patch_tokens(args.features_cache, key, compute, meta)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from anymc3d.device import placement
 from anymc3d.encoders import Encoder, EncoderOutput, SliceProgress, register_encoder
 from anymc3d.planecycle.config import DEFAULT_CYCLE, PlaneCycleConfig
 from anymc3d.planecycle.converter import PlaneCycleEncoder
@@ -59,7 +60,7 @@ class LiftedEncoder(Encoder):
         if heatmap is not None:
             raise ValueError(f"heatmap: the {self.kind!r} encoder has no {heatmap!r} heatmap")
         lifted = PlaneCycleEncoder(self.backbone, variant=self.config.variant, cycle=self.config.cycle)
-        device = next(self.backbone.parameters()).device
+        device, dtype = placement(self.backbone)
         b, s = slices.shape[:2]
         mask = torch.ones(b, s, dtype=torch.bool) if mask is None else mask.to("cpu", torch.bool)
         if mask.shape != (b, s):
@@ -70,7 +71,7 @@ class LiftedEncoder(Encoder):
         done = 0
         for i in range(b):
             real = slices[i][mask[i].to(slices.device)].to(device)  # (S_i, M, M)
-            feats = lifted.forward_features(to_model_input(real.float())[None])  # batch of one volume
+            feats = lifted.forward_features(to_model_input(real.float()).to(dtype)[None])  # batch of one volume
             cls = feats.cls_tokens[0].float()  # (S_i, C)
             if cls_out is None:
                 cls_out = cls.new_zeros(b, s, cls.shape[-1])  # (B, S, C), zeros at padding

@@ -79,23 +79,11 @@ def read_volume(path: Path, config: PreprocessConfig) -> tuple[Tensor, SliceGeom
 # ------------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """'cpu', 'cuda' or 'auto'; on CUDA TF32 is switched off, so fp32 means fp32."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise BackboneError("--device cuda: no CUDA device is available")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    return torch.device(name)
-
-
 @torch.inference_mode()
 def compute_features(model: nn.Module, volume: Tensor, mode: str = "planecycle",
                      config: PlaneCycleConfig | None = None, layers: Sequence[int] = (),
-                     device: torch.device | str = "cpu") -> VolumeFeatures:
-    """Features of one volume, on ``device`` in float32, returned on the CPU.
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> VolumeFeatures:
+    """Features of one volume, on ``device`` with the backbone in ``dtype``, returned on the CPU in float32.
 
     Args:
         model: timm DINOv2/DINOv3 backbone (moved to ``device``).
@@ -103,14 +91,15 @@ def compute_features(model: nn.Module, volume: Tensor, mode: str = "planecycle",
         mode: 'planecycle' (lifted) or 'slicewise' (the 2D model on every slice).
         config: the lifting settings (planecycle mode only).
         layers: 0-based block indices whose outputs to return too.
+        dtype: the backbone's precision (:func:`anymc3d.device.resolve_precision`); the model is cast to it.
 
     Returns:
         :class:`VolumeFeatures` with batch size 1.
     """
     if mode not in MODES:
         raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
-    model = model.to(device)
-    x = volume.to(device=device, dtype=torch.float32)[None]  # (1, D, 3, H, W)
+    model = model.to(device, dtype)
+    x = volume.to(device=device, dtype=torch.float32).to(dtype)[None]  # (1, D, 3, H, W)
     if mode == "planecycle":
         feats = lift(model, config).forward_features(x, layers)
     else:
@@ -206,12 +195,12 @@ class SimilarityResult:
 
 def similarity(model: nn.Module, image_path: Path, ijk: Sequence[int], mode: str = "planecycle",
                config: PlaneCycleConfig | None = None, preprocess: PreprocessConfig | None = None,
-               device: torch.device | str = "cpu") -> SimilarityResult:
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> SimilarityResult:
     """Seed-point similarity map of an image file, upsampled to the input geometry like heatmaps."""
     volume, geometry = read_volume(Path(image_path), preprocess or PreprocessConfig())
     if geometry is None:
         raise InputError(image_path, "similarity needs an image file (its geometry), not a .npy array")
-    feats = compute_features(model, volume, mode, config, device=device)
+    feats = compute_features(model, volume, mode, config, device=device, dtype=dtype)
     tokens = feats.patch_tokens[0]  # (D, h, w, C)
     try:
         token = seed_token(geometry, ijk, tokens.shape[:3])

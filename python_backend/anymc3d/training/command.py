@@ -1,22 +1,21 @@
 """The ``train`` and ``eval`` subcommands of the ``anymc3d`` command line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
-import torch
+from anymc3d.contract import PRECISION_HELP, PRECISIONS, TASKS
+from anymc3d.training.config import TrainConfig
 
-from anymc3d.contract import TASKS
-from anymc3d.backbone import load_backbone
-from anymc3d.training.config import TrainConfig, TrainingError
-from anymc3d.training.evaluate import evaluate_plugin
-from anymc3d.training.trainer import train
+# torch and the trainer are imported by the handlers: building the parser (``anymc3d --help``) imports no torch
 
 
 def register(sub) -> None:
     """Add ``train`` and ``eval`` to the ``anymc3d`` command line (called from ``cli._parser``)."""
-    d = TrainConfig()
+    d = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})  # the defaults, unvalidated
     p = sub.add_parser("train", help="Train a task plugin on a manifest (CSV of images and labels).")
     p.add_argument("manifest", type=Path, help="Manifest CSV: image (or image_<view>) columns, label columns, "
                    "optional split and mask columns; paths relative to the CSV.")
@@ -79,18 +78,22 @@ def register(sub) -> None:
     e.add_argument("--record-localisation", metavar="TASK", default=None,
                    help="Write the measured localisation, described by TASK, into the plugin's model card "
                         "(--heatmap-method auto then opens its best method) (default: do not write).")
+    e.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0], help=PRECISION_HELP)
     e.set_defaults(handler=_cmd_eval)
 
 
 def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda: no CUDA device is available")
-    return name
+    from anymc3d.device import resolve_device
+
+    return resolve_device(name).type
 
 
 def _cmd_train(args) -> int:
+    import torch
+
+    from anymc3d.backbone import load_backbone
+    from anymc3d.training.trainer import train
+
     config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                          accumulation=args.accumulation, lr_lora=args.lr_lora, lr_head=args.lr_head, gamma=args.gamma,
                          alpha=args.alpha, seed=args.seed, augment=not args.no_augment, standardize=not args.no_standardize,
@@ -111,10 +114,12 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from anymc3d.training.evaluate import evaluate_plugin
+
     methods = args.heatmap_methods.split(",") if args.heatmap_methods else None
     metrics = evaluate_plugin(args.manifest, args.backbone, args.plugin, args.out, _device(args.device), args.bootstrap,
                               heatmap_methods=methods, localisation=not args.no_localisation,
-                              record=args.record_localisation)
+                              record=args.record_localisation, precision=args.precision)
     loc = metrics.get("localisation")
     print(json.dumps({"out": str(args.out), "macro_auroc": metrics["macro_auroc"],
                       "macro_auroc_ci95": metrics["macro_auroc_ci95"],

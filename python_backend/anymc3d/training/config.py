@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 from anymc3d.errors import AnyMC3DError
-from anymc3d.losses import FocalLossConfig
 
 
 #: the CPU plan: a full-size backbone (img_size >= 224) on a CPU trains on slices of this size, this many per volume,
@@ -63,5 +62,7 @@ class TrainConfig:
             raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
         if self.lambda_seg < 0:
             raise ValueError(f"lambda_seg: must be >= 0, got {self.lambda_seg!r}")
+        from anymc3d.losses import FocalLossConfig  # here: the command line reads the defaults without torch
+
         FocalLossConfig(self.gamma, self.alpha)
 

@@ -29,13 +29,15 @@ def _volumes(cases, desc: str):
 
 @torch.no_grad()
 def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugins, device: str = "cpu",
-                     chunk_size: int = 32) -> np.ndarray:
+                     chunk_size: int = 32, precision: str = "fp32") -> np.ndarray:
     """Calibrated probabilities (N, K) of ``cases`` under one plugin, or the mean calibrated logit of an
-    ensemble (as ``predict --ensemble``), through :class:`AnyMC3DModel`."""
+    ensemble (as ``predict --ensemble``), through :class:`AnyMC3DModel`; the backbone in ``precision``
+    (:func:`anymc3d.device.resolve_precision`; cast in place), head and probabilities in fp32."""
+    from anymc3d.device import resolve_precision
     from anymc3d.lora import load_adapter_state
 
     dev = torch.device(device)
-    model = backbone.model.to(dev)
+    model = backbone.model.to(dev, resolve_precision(precision, dev))
     total = None
     for k, plugin in enumerate(plugins):
         config = plugin.config
@@ -46,6 +48,7 @@ def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugin
         for name, state in zip(adapters, plugin.lora):
             add_adapter(model, name, config.lora)
             load_adapter_state(model, name, state)
+        model.to(dtype=next(model.parameters()).dtype)  # the new adapters in the backbone's precision
         head = plugin.head.to(dev).eval()
         net = AnyMC3DModel(model, head, adapters, kind=config.kind, chunk_size=chunk_size)
         rows = []
@@ -53,8 +56,7 @@ def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugin
             for case in _volumes(cases, f"eval, plugin {k + 1} of {len(plugins)}"):
                 item = prepare_case(manifest, case, config.preprocessing)
                 views, masks, _ = collate([item], len(adapters))
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    out = net([v.to(dev) for v in views], masks=[m.to(dev) for m in masks])
+                out = net([v.to(dev) for v in views], masks=[m.to(dev) for m in masks])
                 rows.append(calibrated_logits(out.logits.float(), config).cpu())
         finally:
             for name in adapters:
@@ -110,7 +112,7 @@ def localisation_report(manifest: Manifest, cases, backbone: LoadedBackbone, plu
 def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBackbone, plugin: Path | str,
                     out: Path | str, device: str = "cpu", bootstrap: int = 1000,
                     heatmap_methods: Optional[Sequence[str]] = None, localisation: bool = True,
-                    record: Optional[str] = None) -> dict:
+                    record: Optional[str] = None, precision: str = "fp32") -> dict:
     """``anymc3d eval``: metrics of a plugin (or ``--folds`` ensemble folder) on a manifest's test split
     (every case when the manifest has no test split); Youden thresholds from validation (the plugin's
     training summary, or the manifest's val split), never from the evaluated cases.
@@ -118,6 +120,7 @@ def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBack
     With a mask column, also whether each heatmap method points at the lesion (:func:`localisation_report`, one
     plugin only); ``record`` (a description of the task) writes the result into the plugin's model card, so that
     ``--heatmap-method auto`` opens its best method."""
+    from anymc3d.device import precision_name
     from anymc3d.evaluation import evaluate, write_report
     from anymc3d.plugin import load_plugin
 
@@ -134,17 +137,19 @@ def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBack
     cases = manifest.subset("test") or ([] if any(c.split for c in manifest.cases) else manifest.cases)
     if not cases:
         raise TrainingError(f"{manifest_path}: the split column has no test cases to evaluate")
-    probs = predict_manifest(manifest, cases, backbone, plugins, device)
+    probs = predict_manifest(manifest, cases, backbone, plugins, device, precision=precision)
     y = manifest.targets(cases)
     val_cases = manifest.subset("val")
     val_y = val_p = None
     if val_cases:
-        val_y, val_p = manifest.targets(val_cases), predict_manifest(manifest, val_cases, backbone, plugins, device)
+        val_y, val_p = (manifest.targets(val_cases),
+                        predict_manifest(manifest, val_cases, backbone, plugins, device, precision=precision))
     metrics = evaluate(y, probs, config.labels, config.thresholds, val_y, val_p, bootstrap=bootstrap)
     if val_cases is None or not val_cases:
         _stored_youden(metrics, members, config.labels, y, probs)
     metrics.update({"plugin": [str(p) for p in members], "manifest": str(manifest.path),
-                    "manifest_sha256": manifest.sha256, "evaluated_split": "test" if manifest.subset("test") else "all"})
+                    "manifest_sha256": manifest.sha256, "evaluated_split": "test" if manifest.subset("test") else "all",
+                    "precision": precision_name(next(backbone.model.parameters()).dtype)})
     if localisation and len(plugins) == 1 and any(c.mask is not None for c in cases):
         metrics["localisation"] = localisation_report(manifest, cases, backbone, members[0], heatmap_methods, device)
         if record and metrics["localisation"]["cases"]:

