@@ -233,7 +233,7 @@ def _info_text(path: Path) -> str:
              f"labels       {', '.join(meta['labels'])}", f"views        {', '.join(meta['views'])}",
              f"backbone     {bb['name']} (img_size {bb['img_size']}), weights {meta['backbone_fingerprint'][:16]}",
              f"kind         {meta['kind']}",
-             *([f"encoder      " + ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
+             *(["encoder      " + ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
                                             for k, v in meta["encoder"].items())] if meta.get("encoder") else []),
              f"LoRA         rank {meta['lora']['rank']}, alpha {meta['lora']['alpha']}",
              f"thresholds   {meta['thresholds']}", f"calibration  a={meta['calibration_a']} b={meta['calibration_b']}",

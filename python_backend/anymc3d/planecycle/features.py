@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anymc3d.backbone import load_backbone
-from anymc3d.errors import BackboneError, InputError
+from anymc3d.errors import InputError
 from anymc3d.fileio import atomic_path, write_text_atomic
 from anymc3d.planecycle.config import PlaneCycleConfig
 from anymc3d.planecycle.converter import VolumeFeatures, lift, slicewise_features
