@@ -15,11 +15,12 @@ from pathlib import Path
 
 from anymc3d.contract import DEVICES, HEATMAP_METHODS
 
+from .quiet import quiet_loggers, quiet_vtk
+
 logger = logging.getLogger("anymc3d.review")
 
 DEFAULT_HOST = "127.0.0.1"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-QUIET_LOGGERS = ("trame", "trame_server", "trame_client", "trame_slicer", "trame_rca", "wslink", "aiohttp", "vtk")
 
 
 def register(subparsers) -> None:
@@ -106,8 +107,7 @@ def run(args) -> int:
                        "cases in %s (the default, 127.0.0.1, keeps it to this machine)", args.host, folder.resolve())
     quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
     if quiet:
-        for name in QUIET_LOGGERS:  # trame/wslink/aiohttp internals: warnings only, unless --log-level DEBUG
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_loggers()  # trame/wslink/aiohttp internals: warnings only, unless --log-level DEBUG
         quiet_vtk()
     if args.port and not port_free(args.host, args.port):
         logger.error("port %s on %s is in use: choose another with --port (0: any free port)", args.port, args.host)
@@ -133,17 +133,6 @@ def run(args) -> int:
         sys.argv = saved_argv
         app.close()  # Ctrl-C / SIGTERM end here: the backend is killed and the run folders removed
     return 0
-
-
-def quiet_vtk() -> None:
-    """VTK's own warnings (deprecation notices of the render window interactors trame-slicer makes, three per
-    launch) are internals a reader cannot act on: only VTK errors reach stderr, once (vtkLogger), unless
-    --log-level DEBUG. Slicer's application logic installs a new output window: ReviewApp calls this again after
-    making it."""
-    import vtk
-
-    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_ERROR)
-    vtk.vtkOutputWindow.GetInstance().SetDisplayModeToNever()  # errors still go through vtkLogger
 
 
 def port_free(host: str, port: int) -> bool:

@@ -237,3 +237,16 @@ def test_run_outputs_never_overwrite(tmp_path):
     assert (results / "heatmaps" / "case__p.nrrd").read_bytes() == b"old map"
     assert not (results / "other.json").exists()
     assert not [p for p in results.rglob("*") if ".partial" in p.name]
+
+
+def test_review_modules_import_in_one_direction():
+    """The command imports the app (lazily); the app and its modules never import the command (no import circle)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "anymc3d_review"
+    for name in ("app", "layout", "loader", "similarity", "quiet", "session"):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+        assert "cli" not in imported, f"{name}.py imports the command module"
+    assert (package / "app.py").read_text().count("\n") < 600
