@@ -113,6 +113,10 @@ def run(args) -> int:
         logger.error("port %s on %s is in use: choose another with --port (0: any free port)", args.port, args.host)
         return 2
 
+    missing = missing_requirements()
+    if missing:
+        logger.error("%s", missing)
+        return 2
     from .app import ReviewApp  # heavy imports (slicer, vtk, trame) only for this command
 
     app = ReviewApp(folder, backbone=args.backbone.resolve() if args.backbone else None,
@@ -133,6 +137,23 @@ def run(args) -> int:
         sys.argv = saved_argv
         app.close()  # Ctrl-C / SIGTERM end here: the backend is killed and the run folders removed
     return 0
+
+
+#: what the page needs beyond this package's own dependencies: (import name, the command that installs it)
+REQUIREMENTS = (("AnyMC3DSlicerLogic", "python -m pip install -e Logic"),
+                ("trame_slicer", "python -m pip install -e WebReview"))
+
+
+def missing_requirements() -> str:
+    """'' when the review can start; else one line naming what is missing and the command that installs it (the
+    Logic is a package of this checkout, not of PyPI: the review's pyproject cannot name it)."""
+    import importlib.util
+
+    for module, command in REQUIREMENTS:
+        if importlib.util.find_spec(module) is None:
+            return (f"the review needs {module}, which is not installed: from the checkout, {command} "
+                    f"(into this Python: {sys.executable})")
+    return ""
 
 
 def port_free(host: str, port: int) -> bool:

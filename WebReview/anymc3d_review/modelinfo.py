@@ -144,8 +144,8 @@ class PluginInfoReader:
         resolved = Path(path).resolve()
         info = PluginInfo(name=_short(name or resolved.name), path=_short(path))
         if not self.allowed(resolved):
-            info.problem = ("plugin file not opened: it is outside the review folder (start the review with "
-                            "--plugin naming it to show its information)")
+            info.problem = ("plugin file not opened: it is outside the review folder (to show it, start the review "
+                            f"with --backbone BACKBONE --plugin {_short(path, 200)}, which also runs cases from the page)")
             return info
         try:
             stat = resolved.stat()

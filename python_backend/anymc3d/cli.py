@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 #: commands that live in other packages (they may import Slicer's scene classes; this package may not)
-EXTENSION_HINTS = {"review": "the web review app is not installed: pip install -e WebReview (see README)"}
+EXTENSION_HINTS = {"review": "the web review app is not installed: from the checkout, "
+                              "python -m pip install -e Logic -e WebReview (into this venv; scripts/demo.sh does it)"}
 
 
 def _add_extension_commands(sub) -> None:
