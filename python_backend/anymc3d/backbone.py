@@ -88,6 +88,12 @@ class BackboneSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """What it is, for people (``contract.backbone_description``)."""
+        from anymc3d.contract import backbone_description
+
+        return backbone_description(self.to_dict())
+
     @classmethod
     def from_dict(cls, d: dict) -> "BackboneSpec":
         known = {f.name for f in fields(cls)}
@@ -130,6 +136,9 @@ def read_weights(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], dict
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"{path}: backbone weights file not found")
+    if _is_plugin_file(path):
+        raise BackboneError(f"{path}: this is a plugin file: use --plugin {path} (and --backbone for the backbone's "
+                            "weights it was trained on)")
     try:
         if path.suffix == ".safetensors":
             with safetensors.safe_open(str(path), framework="pt") as f:
@@ -147,6 +156,19 @@ def read_weights(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], dict
         raise BackboneError(f"{path}: not a state dict of tensors")
     state = {k.removeprefix("backbone."): v for k, v in state.items()}
     return state, metadata
+
+
+def _is_plugin_file(path: Path) -> bool:
+    """A plugin (a zip holding plugin.json) given where backbone weights belong."""
+    import zipfile
+
+    from anymc3d.plugin_file import JSON_NAME
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return JSON_NAME in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def spec_from_file(path: os.PathLike | str) -> Optional[BackboneSpec]:
@@ -244,7 +266,8 @@ def load_backbone(path: os.PathLike | str, spec: Optional[BackboneSpec] = None) 
         raise BackboneError(f"{path}: the file does not say which architecture it holds; give the backbone name "
                             "(it is taken from the plugin when one is given)")
     if file_spec is not None and not file_spec.same_architecture(spec):
-        raise BackboneError(f"{path}: holds {file_spec.name} {file_spec.to_dict()}, but {spec.to_dict()} was asked for")
+        raise BackboneError(f"{path}: holds {file_spec.describe()} {file_spec.to_dict()}, but {spec.describe()} "
+                            f"{spec.to_dict()} was asked for")
     # Built on the meta device, the random initialisation (most of the load time: 1.5 s of ViT-S on 2 cores) is
     # skipped, since every weight comes from the file. A buffer made at init and not kept in files (none in the
     # supported families but DINOv3's rotary periods, which timm recomputes) would stay meta: then build for real.

@@ -197,11 +197,14 @@ def _info_text(path: Path) -> str:
     """The human-readable summary of one plugin: its metadata, parameter counts and training summary."""
     from anymc3d.plugin import load_plugin, read_plugin_metadata, read_training_summary
 
+    from anymc3d.contract import backbone_description
+
     meta = read_plugin_metadata(path)
     bb = meta["backbone"]
     lines = [f"plugin       {meta['name']}  ({path})", f"task         {meta['task']}",
              f"labels       {', '.join(meta['labels'])}", f"views        {', '.join(meta['views'])}",
-             f"backbone     {bb['name']} (img_size {bb['img_size']}), weights {meta['backbone_fingerprint'][:16]}",
+             f"backbone     {backbone_description(bb)} (img_size {bb['img_size']}), "
+             f"weights {meta['backbone_fingerprint'][:16]}",
              f"kind         {meta['kind']}",
              *([f"encoder      " + ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
                                             for k, v in meta["encoder"].items())] if meta.get("encoder") else []),

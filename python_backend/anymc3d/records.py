@@ -23,6 +23,7 @@ from anymc3d.contract import STATUS_ERROR, STATUS_OK, RecordError, heatmap_name,
 from anymc3d.engine import CaseResult, Engine, ensemble
 from anymc3d.errors import AnyMC3DError, one_line
 from anymc3d.fileio import write_text_atomic
+from anymc3d.modality import add_record_warnings
 from anymc3d.preprocessing import write_image_atomic
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,10 @@ def predict_case(engine: Engine, case: Case, plugins: Sequence[str], *, images=N
         combine_units(result, units, ensemble_plugins)
         files = write_heatmaps(result, heatmap_dir, case.stem, heatmap_format, progress) if heatmap_dir else {}
         progress("writing", 0, 1)
-        return result_record(result, case.image, files, embedding, case.series)
+        record = result_record(result, case.image, files, embedding, case.series)
+        for warning in add_record_warnings(record, images[0], case.image):  # the review page's rule
+            logger.warning("%s: %s", case.image, warning)
+        return record
     except Exception as error:  # the contract: a bad case is an error record, the batch goes on
         logger.debug("case %s failed", case.image, exc_info=True)
         return error_record(case.image, error_message(case.image, error), case.series)

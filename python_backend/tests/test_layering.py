@@ -9,7 +9,7 @@ import anymc3d
 
 #: lowest first; a module may import only modules of a lower rank
 #: (subpackage modules by dotted name, e.g. "planecycle.op"; a subpackage's __init__ must stay import-free)
-ORDER = ["errors", "contract", "plugin_file", "fileio", "planecycle.config", "backbone", "lora", "pooling",
+ORDER = ["errors", "contract", "plugin_file", "modality", "fileio", "planecycle.config", "backbone", "lora", "pooling",
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocessing", "synthetic",
          "planecycle.features", "augment", "losses", "calibration", "evaluation", "cases", "data", "encoders",
          "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "train", "demo",
