@@ -40,9 +40,16 @@ from .chart import chart_data, colorbar_gradient, slice_from_chart_x  # noqa: E4
 from .guard import AccessGuard, boolean, finite_float, index_below, one_of  # noqa: E402
 from .layout import LAYOUT_ID, SLICE_VIEW_NAMES, build_ui, review_layout, slice_view_ui, threed_view_ui  # noqa: E402
 from .loader import CaseLoader  # noqa: E402
-from .modelinfo import PluginInfoReader, image_modality, modality_name, modality_warnings, record_plugins  # noqa: E402
+from .modelinfo import (  # noqa: E402
+    PluginInfoReader,
+    image_modality,
+    modality_name,
+    modality_warnings,
+    model_summary,
+    record_plugins,
+)
 from .quiet import quiet_vtk as silence_vtk  # noqa: E402
-from .session import WINDOW_PRESETS, ReviewSession, logic_outputs  # noqa: E402
+from .session import ALL_PRESETS, PERCENTILE_PRESETS, WINDOW_PRESETS, ReviewSession, logic_outputs  # noqa: E402
 from .similarity import SimilarityController  # noqa: E402
 
 logger = logging.getLogger("anymc3d.review")
@@ -125,8 +132,9 @@ class ReviewApp:
         writable = {"case_index": index_below(lambda: len(self.folder.cases)),
                     "row": index_below(lambda: len(self.state.rows or [])),
                     "threshold": finite_float(0.0, 1.0), "opacity": finite_float(0.0, 1.0),
-                    "window_preset": one_of(tuple(WINDOW_PRESETS)), "main_drawer": boolean,
-                    "similarity_mode": boolean}
+                    "window_preset": one_of(ALL_PRESETS), "main_drawer": boolean,
+                    "similarity_mode": boolean, "overlay_visible": boolean, "window_width": finite_float(1e-3),
+                    "window_level": finite_float(), "probability_details": boolean, "model_details": boolean}
         for view in self.slicer_app.view_manager.get_slice_views():
             # the slice slider trame-slicer binds to each slice view (trame_slicer 2.0.0 app/logic/slice_view_logic.py)
             writable[get_view_slider_typed_state(self.server, view).name.value] = finite_float()
@@ -160,7 +168,12 @@ class ReviewApp:
         s.chart = chart_data({}, None)
         s.chart_slices = 0
         s.window_preset = "auto"
-        s.window_presets = [{"name": name, "title": preset[0]} for name, preset in WINDOW_PRESETS.items()]
+        s.window_presets = self._presets(self.session.presets_for(True))
+        s.window_width = s.window_level = 0.0  # the shown image's window, typed or dragged (custom)
+        s.window_units = ""
+        s.overlay_visible = True
+        s.probability_details = False  # the findings table's raw and exact calibrated probabilities
+        s.model_details = False  # the model information beyond its one line
         s.orientation = {}
         s.cursor_ijk = None
         s.maximum_ijk = None
@@ -177,6 +190,7 @@ class ReviewApp:
         s.similarity_status = ""
         s.similarity_version = 0  # +1 when a map is shown (tests)
         s.model_info = []        # per plugin of the shown case: text only (modelinfo.PluginInfo)
+        s.model_summary = []     # one line per plugin (name, backbone, training); the rest on demand
         s.model_warnings = []    # the image's modality does not fit a plugin
         s.image_modality = ""
         self._publish_cases()
@@ -197,7 +211,8 @@ class ReviewApp:
         """Everything the page shows about the scene, after a change."""
         s, session = self.state, self.session
         rows = session.table_rows()
-        s.rows = [{**r, "probability_text": f"{r['probability']:.4f}", "threshold_text": f"{r['threshold']:.2f}",
+        s.rows = [{**r, "probability_text": f"{r['probability']:.2f}", "threshold_text": f"{r['threshold']:.2f}",
+                   "exact_text": f"{r['probability']:.4f}",
                    "raw_text": "" if r.get("raw") is None else f"{r['raw']:.4f}"} for r in rows]
         s.row = session.row
         s.has_heatmap = bool(rows)
@@ -223,7 +238,7 @@ class ReviewApp:
             return
         self._model_key = key
         if case is None:
-            s.model_info, s.model_warnings = [], []
+            s.model_info, s.model_warnings, s.model_summary = [], [], []
             return
         named = record_plugins(current.record) if current.record is not None else \
             [(str(p), "") for p in self.session.plugins]
@@ -242,7 +257,32 @@ class ReviewApp:
             item["for_run"] = current.record is None
             items.append(item)
         s.model_info = items
+        s.model_summary = [model_summary(info) for info in infos]
         s.image_modality = f"{modality_name(code)} ({source})" if code else "not stated by the file"
+        self._publish_presets(code == "CT" or (not code and scalar_range is not None and scalar_range[0] <= -500.0))
+
+    @staticmethod
+    def _presets(names):
+        titles = {**{n: p[0] for n, p in WINDOW_PRESETS.items()}, **{n: p[0] for n, p in PERCENTILE_PRESETS.items()}}
+        return [{"name": n, "title": titles[n]} for n in names if n != "custom"]
+
+    def _publish_presets(self, is_ct):
+        """Window presets that mean something for the shown image: CT windows in HU for a CT (stated, or HU air
+        in view), percentile windows otherwise (an MR's values have no fixed meaning). A preset of the other kind
+        gives way to Auto."""
+        names = self.session.presets_for(is_ct)
+        self.state.window_presets = self._presets(names)
+        self.state.window_units = "HU" if is_ct else ""
+        if self.session.window_preset not in names:
+            self.session.set_window_preset("auto")
+            self.state.window_preset = "auto"
+            self._render_slice_views()
+        self._publish_window()
+
+    def _publish_window(self):
+        shown = self.session.window_values_shown()
+        if shown is not None:
+            self.state.window_width, self.state.window_level = round(shown[0], 1), round(shown[1], 1)
 
     def _publish_cursor(self):
         s, session = self.state, self.session
@@ -252,6 +292,7 @@ class ReviewApp:
         s.chart = chart_data(series, axis, current)
         s.chart_slices = self._chart_slices = max((len(v) for v in series.values()), default=0)
         s.orientation = self.session.orientation()
+        self._publish_window()  # a drag in a slice view changes the window
 
     def _maximum_ijk_of(self, heatmap):
         """The heatmap's maximum voxel, found once per heatmap node (a pass over every voxel: 0.1 s at 512x512x300,
@@ -283,6 +324,7 @@ class ReviewApp:
     def _show(self, index, preread=None, defer=False):
         s = self.state
         self.similarity.drop_maps()
+        self.session.hide_crosshair()  # it marked a place in the previous case
         try:
             self.session.show_case(index, preread, defer)
             s.case_error = self.session.case_error(index) if self.session.current.outputs is None else ""
@@ -379,13 +421,47 @@ class ReviewApp:
     @change("window_preset")
     def _on_window_preset(self, window_preset, **_):
         self.loader.touch()
-        if window_preset not in WINDOW_PRESETS:
+        if window_preset not in [p["name"] for p in self.state.window_presets] and window_preset != "custom":
             self.state.window_preset = self.session.window_preset
             return
         if window_preset != self.session.window_preset:
-            self.session.set_window_preset(window_preset)
+            try:
+                self.session.set_window_preset(window_preset)
+            except RecordError:
+                self.state.window_preset = self.session.window_preset
+                return
+            self._render_slice_views()
+            self._publish_window()
+            self.state.scene_version += 1
+
+    @change("window_width", "window_level")
+    def _on_window_typed(self, window_width, window_level, **_):
+        """A window or level typed on the page (in the image's units): the "custom" window."""
+        shown = self.session.window_values_shown()
+        try:
+            width, level = float(window_width), float(window_level)
+        except (TypeError, ValueError):
+            return
+        if shown is None or (abs(width - round(shown[0], 1)) < 0.05 and abs(level - round(shown[1], 1)) < 0.05):
+            return  # the value the server published, not a new one
+        self.loader.touch()
+        self.session.set_window_values(width, level)
+        self.state.window_preset = "custom"
+        self._render_slice_views()
+        self.state.scene_version += 1
+
+    @change("overlay_visible")
+    def _on_overlay_visible(self, overlay_visible, **_):
+        self.loader.touch()
+        if bool(overlay_visible) != self.session.overlay_visible:
+            self.session.set_overlay_visible(bool(overlay_visible))
             self._render_slice_views()
             self.state.scene_version += 1
+
+    @trigger("review_toggle_overlay")
+    def _toggle_overlay(self):
+        """Key o: the heatmap overlay off / on."""
+        self.state.overlay_visible = not self.session.overlay_visible
 
     def _render_slice_views(self):
         """A display property changed (opacity, window): the views' next frame must show it now."""

@@ -22,6 +22,8 @@ COLORBAR_LABEL = "relative attention (per-case max = 1), not a probability"
 SLICE_VIEW_NAMES = ("Red", "Green", "Yellow")
 # Keys: over a slice view, Up/Down scroll its slices (what readers expect of a viewer); n/p, PageDown/PageUp, and
 # Up/Down anywhere else (the case list, the panel) change the case; m jumps to the heatmap's maximum.
+KEYS_HELP = ("n / p (or ↓ / ↑ outside the views): next / previous case · ↑ / ↓ over a view: slices · "
+             "m: jump to the maximum · o: overlay on / off")
 KEYBOARD_JS = (
     "trigger('review_hello'); window.__reviewMouse = [-1, -1];"
     " window.addEventListener('mousemove', (e) => { window.__reviewMouse = [e.clientX, e.clientY]; }, true);"
@@ -37,7 +39,8 @@ KEYBOARD_JS = (
     "   trigger('review_scroll', [view, e.key === 'ArrowUp' ? 1 : -1]); }"
     " else if (e.key === 'ArrowDown' || e.key === 'n' || e.key === 'PageDown') { e.preventDefault(); trigger('review_next'); }"
     " else if (e.key === 'ArrowUp' || e.key === 'p' || e.key === 'PageUp') { e.preventDefault(); trigger('review_previous'); }"
-    " else if (e.key === 'm') { trigger('review_jump_maximum'); } });"
+    " else if (e.key === 'm') { trigger('review_jump_maximum'); }"
+    " else if (e.key === 'o') { trigger('review_toggle_overlay'); } });"
     # similarity mode: a press of the left button on a slice view's image sends the view and the place in it
     # (fractions); 'mousedown', as the views' own handlers make the release land on another element (no 'click')
     " window.addEventListener('mousedown', (e) => {"
@@ -59,10 +62,33 @@ def _view_label(view_id, view):
              data_view=name, style="position: absolute; top: 4px; right: 8px; color: #ddd; pointer-events: none;")
 
 
-def slice_view_ui(server, view_id, view):
-    from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui
+def _gutter_button(icon, label, click):
+    """An icon button of a view's gutter with its label (title and aria-label: read by screen readers and shown on
+    hover; trame-slicer's own gutter buttons carry only a hover tooltip)."""
+    with v3.VBtn(size="medium", variant="text", click=click, title=label, classes="gutter-button",
+                 __properties=[("aria_label", "aria-label")], aria_label=label):
+        v3.VIcon(icon=icon, size="medium", color="white")
 
-    create_vertical_slice_view_gutter_ui(server, view_id, view)
+
+def _gutter(view, slice_view):
+    """The view's gutter (as trame-slicer 2.0.0's create_vertical_view_gutter_ui / create_slice_buttons, with
+    labelled buttons) and, for a slice view, trame-slicer's slice slider."""
+    with html.Div(classes="view-gutter", style="position: absolute;top: 0;left: 0;background-color: transparent;"):
+        with html.Div(classes="view-gutter-content d-flex flex-column fill-height pa-2"):
+            _gutter_button("mdi-camera-flip-outline", "Reset the camera of this view", view.reset_view)
+            if slice_view:
+                _gutter_button("mdi-video-3d", "Show this slice in the 3D view (on / off)", view.toggle_visible_in_3d)
+
+
+def slice_view_ui(server, view_id, view):
+    from trame_slicer.app.logic.slice_view_logic import connect_slice_view_slider_to_state
+    from trame_slicer.app.ui.slider import Slider
+
+    _gutter(view, slice_view=True)
+    with html.Div(classes="slice-slider-gutter",
+                  style="position: absolute;bottom: 0;left: 0;background-color: transparent;width: 100%;"):
+        Slider(classes="slice-slider", typed_state=connect_slice_view_slider_to_state(server, view), theme="dark",
+               dense=True)
     _view_label(view_id, view)
     _orientation_overlay(view.get_singleton_tag())
 
@@ -81,9 +107,7 @@ def _orientation_overlay(name):
 
 
 def threed_view_ui(server, view_id, view):
-    from trame_slicer.app.ui import create_vertical_view_gutter_ui
-
-    create_vertical_view_gutter_ui(server, view_id, view)
+    _gutter(view, slice_view=False)
     _view_label(view_id, view)
 
 
@@ -122,28 +146,35 @@ def _importance_chart():
 
 
 def build_ui(server, layout_manager):
-    """The page: toolbar, side panel (cases, findings, heatmap, similarity, 3D), the views' grid."""
+    """The page: toolbar, side panel (cases, findings, jumps, model, heatmap, window, chart, similarity, 3D), the
+    views' grid. Laid out to be read at 1280x720: the title, the findings, the jump buttons and the views need no
+    scrolling; the keys and the shared-view note are in the title attributes of short labels."""
     with SinglePageWithDrawerLayout(server, theme="dark", full_height=True) as layout:
         layout.title.set_text("AnyMC3D review")
+        layout.title.classes = "review-title flex-grow-0 text-no-wrap"
         layout.root.classes = "anymc3d-review"
+        layout.icon.title = "Show or hide the side panel"  # the drawer's menu icon: labelled like every icon
+        layout.icon._attr_names.append(("aria_label", "aria-label"))
+        layout.icon.aria_label = layout.icon.title
         client.ClientTriggers(mounted=KEYBOARD_JS)
         client.Style(
             ".anymc3d-review .v-navigation-drawer__content { overflow-y: auto; }"
+            " .review-title { min-width: max-content; }"
             " .findings-table tr.selected td { background: rgba(255,255,255,0.12); }"
             " .findings-table td, .findings-table th { padding: 0 6px !important; height: 26px !important; }"
-            " .case-list .v-list-item { min-height: 30px !important; }")
+            " .case-list .v-list-item { min-height: 30px !important; }"
+            " .slice-slider-gutter { width: calc(100% - 140px) !important; }")  # the scale bar stays visible
         with layout.toolbar:
-            html.Div("{{ folder_name }}", classes="text-caption text-grey ml-2")
-            html.Div("one shared view: every open tab shows the same case", classes="text-caption text-grey ml-4",
-                     title="all tabs of this address share one scene; a case switch in one moves the others")
+            html.Div("{{ folder_name }}", classes="text-caption text-grey ml-2 text-truncate folder-name",
+                     title="one shared view: all tabs of this address show the same case; a switch in one moves "
+                           "the others")
             v3.VSpacer()
-            html.Div("n/p (or ↑/↓ outside the views): next / previous case · ↑/↓ over a view: slices · "
-                     "m: jump to the maximum",
-                     classes="text-caption text-grey mr-4")
+            html.Div("Keys", classes="text-caption text-grey mr-4 keys-help", title=KEYS_HELP,
+                     __properties=[("aria_label", "aria-label")], aria_label=KEYS_HELP)
             v3.VProgressLinear(indeterminate=True, absolute=True, location="bottom", color="amber",
                                v_show="loading || heatmap_loading", classes="loading-bar")
         with layout.drawer as drawer:
-            drawer.width = 360
+            drawer.width = 340
             _build_panel()
         with layout.content:
             with html.Div(style="position: relative; width: 100%; display: flex;"
@@ -151,17 +182,22 @@ def build_ui(server, layout_manager):
                 layout_manager.initialize_layout_grid(layout)
     return layout
 
+
 def _build_model_panel():
-    """Per plugin: name, version, backbone, intended modality / body part, training summary (text only)."""
-    with html.Div(v_if="model_info.length", classes="model-info mb-2"):
-        html.Div("Model", classes="text-subtitle-2")
+    """One line per plugin under the findings (name, backbone, training), the rest on demand (text only)."""
+    with html.Div(v_if="model_summary.length", classes="model-info mb-2"):
+        with html.Div(classes="d-flex align-center"):
+            html.Div("Model", classes="text-subtitle-2", style="flex: 1;")
+            v3.VBtn("{{ model_details ? 'Less' : 'More' }}", size="x-small", variant="text", classes="model-more",
+                    click="model_details = !model_details", title="the model's version, modality, training, description")
         html.Div("plugins a run from here would use", v_if="model_info.length && model_info[0].for_run",
                  classes="text-caption text-grey")
-        with html.Div(v_for="m in model_info", key="m.path + m.name", classes="model-plugin text-caption mb-1"):
-            html.Div("{{ m.name }}", classes="text-body-2 model-name")
-            v3.VAlert(UNTRAINED, v_if="m.trained === false", type="error", density="compact", variant="flat",
-                      classes="untrained-warning my-1",
-                      title="the plugin carries no training summary: its weights were not trained by anymc3d train")
+        with html.Div(v_for="m in model_summary", key="m.name", classes="model-line text-caption"):
+            html.Span("{{ m.name }}", classes="text-body-2 model-name mr-1")
+            html.Span("{{ m.text }}", classes=("m.trained === false ? 'text-red' : 'text-grey'",))
+        with html.Div(v_for="m in model_info", key="m.path + m.name", v_if="model_details",
+                      classes="model-plugin text-caption mb-1 mt-1"):
+            html.Div("{{ m.name }}", classes="text-body-2")
             html.Div("{{ m.problem }}", v_if="m.problem", classes="text-amber model-problem")
             html.Div("version: {{ m.version }}", v_if="m.version", classes="model-version")
             html.Div("backbone: {{ m.backbone }}", v_if="m.backbone", classes="model-backbone")
@@ -172,6 +208,64 @@ def _build_model_panel():
     html.Div("image modality: {{ image_modality }}", v_if="shown_case >= 0 && image_modality",
              classes="text-caption image-modality")
 
+
+def _build_findings():
+    """Warnings, the findings table (calibrated probability to two decimals; the exact calibrated and the raw
+    values in the details), the jump buttons and the overlay switch."""
+    html.Div("Findings", classes="text-subtitle-2")
+    with html.Div(v_for="w in model_warnings", key="w", classes="mb-1"):
+        v3.VAlert("{{ w }}", type="warning", density="compact", variant="tonal", classes="modality-warning")
+    with html.Div(v_if="rows.length && model_info.some(m => m.trained === false)", classes="mb-1"):
+        v3.VAlert(f"{UNTRAINED} (a plugin of these findings was not trained)", type="error",
+                  density="compact", variant="flat", classes="untrained-findings untrained-warning")
+    with v3.VTable(density="compact", classes="findings-table", v_if="rows.length"):
+        with html.Thead():
+            with html.Tr():
+                html.Th("Plugin", v_if="new Set(rows.map(r => r.plugin)).size > 1")
+                html.Th("Finding")
+                html.Th("Probability", title="Platt-calibrated probability (what the decision uses)")
+                html.Th("Calibrated", v_if="probability_details", title="the calibrated probability, 4 decimals")
+                html.Th("Raw", v_if="probability_details", title="the head's uncalibrated probability")
+                html.Th("Threshold")
+                html.Th("Decision", title="calibrated probability >= threshold (checked, not copied)")
+        with html.Tbody():
+            with html.Tr(v_for="r in rows", key="r.row", click="row = r.row",
+                         classes=("r.row === row ? 'finding-row selected' : 'finding-row'",),
+                         style="cursor: pointer;"):
+                html.Td("{{ r.plugin }}", v_if="new Set(rows.map(r => r.plugin)).size > 1")
+                html.Td("{{ r.finding }}", classes="finding-label")
+                html.Td("{{ r.probability_text }}", classes="finding-probability")
+                html.Td("{{ r.exact_text }}", v_if="probability_details", classes="finding-exact text-grey")
+                html.Td("{{ r.raw_text }}", v_if="probability_details", classes="finding-raw text-grey")
+                html.Td("{{ r.threshold_text }}", classes="finding-threshold")
+                with html.Td(classes="finding-decision"):
+                    v3.VChip("{{ r.decision }}", size="x-small",
+                             color=("r.decision === 'positive' ? 'red' : 'grey'",))
+    html.Div("No findings for this case.", v_if="!rows.length", classes="text-caption text-grey")
+    with html.Div(classes="d-flex flex-wrap align-center mt-1", style="gap: 4px;", v_if="rows.length"):
+        v3.VBtn("Jump to maximum", click="trigger('review_jump_maximum')", size="small", classes="jump-maximum",
+                title="key m: move the slices through the heatmap's maximum")
+        v3.VBtn("Most important slice", click="trigger('review_jump_important')", size="small",
+                classes="jump-important")
+        v3.VBtn("{{ overlay_visible ? 'Overlay on' : 'Overlay off' }}", size="small", classes="overlay-toggle",
+                variant=("overlay_visible ? 'flat' : 'outlined'",), click="overlay_visible = !overlay_visible",
+                title="key o: the heatmap overlay on / off")
+        v3.VBtn("{{ probability_details ? 'Less' : 'Details' }}", size="x-small", variant="text",
+                classes="probability-details", click="probability_details = !probability_details",
+                title="the exact calibrated and the raw probabilities")
+
+
+def _build_window():
+    """Window presets of the shown image's kind (CT windows in HU, percentiles for other images)."""
+    with html.Div(classes="d-flex align-center flex-wrap mt-2", style="gap: 2px;", v_if="shown_case >= 0"):
+        html.Span("Window", classes="text-caption", style="width: 56px;",
+                  title="window/level of the image in the slice views")
+        v3.VBtn("{{ p.title }}", v_for="p in window_presets", key="p.name", size="x-small",
+                variant=("window_preset === p.name ? 'flat' : 'text'",),
+                color=("window_preset === p.name ? 'primary' : undefined",),
+                click="window_preset = p.name", classes=("'window-preset window-' + p.name",))
+
+
 def _build_panel():
     with html.Div(classes="pa-2"):
         with html.Div(classes="d-flex align-center"):
@@ -179,7 +273,7 @@ def _build_panel():
             v3.VSpacer()
             v3.VBtn("Rescan", click="trigger('review_rescan')", size="x-small", variant="text",
                     classes="rescan-button", disabled=("running",))
-        with v3.VList(density="compact", classes="case-list", max_height=220, style="overflow-y: auto;"):
+        with v3.VList(density="compact", classes="case-list", max_height=150, style="overflow-y: auto;"):
             with v3.VListItem(v_for="item in cases", key="item.index", click="case_index = item.index",
                               active=("item.index === case_index",), classes="case-item",
                               __properties=[("data_case", "data-case")], data_case=("item.name",)):
@@ -212,44 +306,10 @@ def _build_panel():
                       classes="text-caption text-grey mt-2"):
             html.Span("No results. Start the app with --backbone and --plugin to run cases from here.")
 
-        with html.Div(classes="d-flex align-center flex-wrap mt-2", style="gap: 2px;", v_if="shown_case >= 0"):
-            html.Span("Window", classes="text-caption", style="width: 56px;",
-                      title="window/level of the image in the slice views (CT presets in HU)")
-            v3.VBtn("{{ p.title }}", v_for="p in window_presets", key="p.name", size="x-small",
-                    variant=("window_preset === p.name ? 'flat' : 'text'",),
-                    color=("window_preset === p.name ? 'primary' : undefined",),
-                    click="window_preset = p.name", classes=("'window-preset window-' + p.name",))
+        v3.VDivider(classes="my-2")
+        _build_findings()
         v3.VDivider(classes="my-2")
         _build_model_panel()
-        html.Div("Findings", classes="text-subtitle-2")
-        with html.Div(v_for="w in model_warnings", key="w", classes="mb-1"):
-            v3.VAlert("{{ w }}", type="warning", density="compact", variant="tonal", classes="modality-warning")
-        with html.Div(v_if="rows.length && model_info.some(m => m.trained === false)", classes="mb-1"):
-            v3.VAlert(f"{UNTRAINED} (a plugin of these findings was not trained)", type="error",
-                      density="compact", variant="flat", classes="untrained-findings")
-        with v3.VTable(density="compact", classes="findings-table", v_if="rows.length"):
-            with html.Thead():
-                with html.Tr():
-                    html.Th("Plugin", v_if="new Set(rows.map(r => r.plugin)).size > 1")
-                    html.Th("Finding")
-                    html.Th("Calibrated", title="Platt-calibrated probability (what the decision uses)")
-                    html.Th("Raw", title="the head's uncalibrated probability")
-                    html.Th("Threshold")
-                    html.Th("Decision", title="calibrated probability >= threshold (checked, not copied)")
-            with html.Tbody():
-                with html.Tr(v_for="r in rows", key="r.row", click="row = r.row",
-                             classes=("r.row === row ? 'finding-row selected' : 'finding-row'",),
-                             style="cursor: pointer;"):
-                    html.Td("{{ r.plugin }}", v_if="new Set(rows.map(r => r.plugin)).size > 1")
-                    html.Td("{{ r.finding }}", classes="finding-label")
-                    html.Td("{{ r.probability_text }}", classes="finding-probability")
-                    html.Td("{{ r.raw_text }}", classes="finding-raw text-grey")
-                    html.Td("{{ r.threshold_text }}", classes="finding-threshold")
-                    with html.Td(classes="finding-decision"):
-                        v3.VChip("{{ r.decision }}", size="x-small",
-                                 color=("r.decision === 'positive' ? 'red' : 'grey'",))
-        html.Div("No findings for this case.", v_if="!rows.length", classes="text-caption text-grey")
-
         with html.Div(v_if="rows.length"):
             v3.VDivider(classes="my-2")
             html.Div("Heatmap", classes="text-subtitle-2")
@@ -273,11 +333,8 @@ def _build_panel():
                                     "shaded: under the threshold, not drawn")
                     v3.VSpacer()
                     html.Span("1")
-            with html.Div(classes="d-flex mt-1", style="gap: 4px;"):
-                v3.VBtn("Jump to maximum", click="trigger('review_jump_maximum')", size="small",
-                        classes="jump-maximum")
-                v3.VBtn("Most important slice", click="trigger('review_jump_important')", size="small",
-                        classes="jump-important")
+        _build_window()
+        with html.Div(v_if="rows.length"):
             html.Div("Slice importance", classes="text-subtitle-2 mt-2")
             with html.Div(classes="importance-chart-box", style="cursor: crosshair;", v_if="chart.lines.length",
                           click="trigger('review_chart_click', [$event.clientX - $event.currentTarget.getBoundingClientRect().left])"):

@@ -187,3 +187,18 @@ def modality_warnings(plugins: list[PluginInfo], image_code: str, image_source: 
         if warning:
             warnings.append(warning)
     return warnings
+
+
+def model_summary(info: PluginInfo) -> dict:
+    """One line for a plugin (name, backbone, how it was trained), for the line under the findings; the rest of
+    :class:`PluginInfo` is shown on demand."""
+    if not info.opened:
+        trained = info.problem or "not opened"
+    elif info.trained is False:
+        trained = UNTRAINED
+    else:
+        auroc = next((line.split(": ", 1)[1].split(" (")[0] for line in info.training
+                      if line.startswith("validation AUROC")), "")
+        trained = f"trained, validation AUROC {auroc}" if auroc else "trained"
+    parts = [info.backbone.split(" at ")[0]] if info.backbone else []
+    return {"name": info.name, "text": " · ".join([*parts, trained]), "trained": info.trained}
