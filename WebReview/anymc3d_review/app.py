@@ -460,8 +460,12 @@ class ReviewApp:
 
     @trigger("review_toggle_overlay")
     def _toggle_overlay(self):
-        """Key o: the heatmap overlay off / on."""
-        self.state.overlay_visible = not self.session.overlay_visible
+        """Key o: the heatmap overlay off / on (a server-side state change runs no change handler: done here)."""
+        self.loader.touch()
+        self.session.set_overlay_visible(not self.session.overlay_visible)
+        self.state.overlay_visible = self.session.overlay_visible
+        self._render_slice_views()
+        self.state.scene_version += 1
 
     def _render_slice_views(self):
         """A display property changed (opacity, window): the views' next frame must show it now."""

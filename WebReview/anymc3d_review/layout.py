@@ -165,9 +165,10 @@ def build_ui(server, layout_manager):
             " .case-list .v-list-item { min-height: 30px !important; }"
             " .slice-slider-gutter { width: calc(100% - 140px) !important; }")  # the scale bar stays visible
         with layout.toolbar:
-            html.Div("{{ folder_name }}", classes="text-caption text-grey ml-2 text-truncate folder-name",
-                     title="one shared view: all tabs of this address show the same case; a switch in one moves "
-                           "the others")
+            html.Div("{{ folder_name }}", classes="text-caption text-grey ml-2 text-truncate folder-name")
+            html.Div("one shared view: every open tab shows the same case",
+                     classes="text-caption text-grey ml-4 text-truncate",
+                     title="all tabs of this address share one scene; a case switch in one moves the others")
             v3.VSpacer()
             html.Div("Keys", classes="text-caption text-grey mr-4 keys-help", title=KEYS_HELP,
                      __properties=[("aria_label", "aria-label")], aria_label=KEYS_HELP)

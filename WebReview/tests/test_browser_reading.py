@@ -108,11 +108,11 @@ def test_layout_at_1280x720_without_scrolling(reading):
         page.screenshot(path=os.environ["ANYMC3D_REVIEW_SCREENSHOT"])
 
 
-def test_overlay_switch(reading):
+def test_overlay_switch_key_and_button(reading):
     page, *_ = reading
     show(page, "volume.nii.gz")
     assert heatmap_fraction(view_pixels(page, "Red")) > 0.02
-    change(page, lambda: page.locator(".overlay-toggle").click())
+    change(page, lambda: page.keyboard.press("o"))
     assert state(page, "overlay_visible") is False
     assert heatmap_fraction(view_pixels(page, "Red")) < 0.002
     change(page, lambda: page.locator(".overlay-toggle").click())
