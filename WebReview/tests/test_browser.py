@@ -321,6 +321,7 @@ def test_most_important_slice_and_chart_click(page, results_json):
     assert state(page, "cursor_ijk")[axis] == int(np.argmax(result["slice_importance"]))
     # a click on the chart's left edge goes to the first slice; the chart marks the current slice
     version = state(page, "scene_version")
+    page.locator(".importance-chart").scroll_into_view_if_needed()  # below the findings, model and sliders
     box = page.locator(".importance-chart").bounding_box()
     page.mouse.click(box["x"] + 34, box["y"] + box["height"] / 2)
     wait_state(page, f"s('scene_version') > {version}")
