@@ -21,12 +21,21 @@ import os
 from pathlib import Path
 
 from anymc3d.contract import RecordError as ContractError
-from anymc3d.contract import is_temporary, validate_record
+from anymc3d.contract import image_stem, is_temporary, validate_record
 from anymc3d.safeio import read_json
 
 RESULTS_DIR = "results"
 HEATMAPS_DIR = "heatmaps"
 MAX_RESULTS_FILE_BYTES = 64 * 1024 * 1024
+#: the last ``_``-separated word of an image stem that makes it a label map or a heatmap of a case, not a case
+DERIVED_WORDS = ("mask", "masks", "seg", "segmentation", "label", "labels", "labelmap", "lesion", "heatmap", "attention")
+
+
+def is_derived_name(name: str) -> bool:
+    """True for a file named as a heatmap or a label map of a case: the backend's heatmap names
+    (``<stem>__<plugin>[__<label>]``) or a stem whose last ``_`` word is one of DERIVED_WORDS."""
+    stem = image_stem(name)
+    return "__" in stem or ("_" in stem and stem.rsplit("_", 1)[-1].lower() in DERIVED_WORDS)
 
 
 class RecordError(ValueError):
@@ -102,13 +111,30 @@ class CaseFolder:
                 self._attach(case, record, results_file)
         return self.cases
 
+    def derived_files(self) -> set[Path]:
+        """Heatmaps the records of ``results/*.json`` name (resolved): outputs of a case, never a case."""
+        found = set()
+        for results_file in self._results_files():
+            try:
+                records = self._read_json(results_file)
+            except RecordError:
+                continue
+            for record in records:
+                for result in (record.get("results") or []) if isinstance(record, dict) else []:
+                    if not isinstance(result, dict):
+                        continue
+                    maps = [result.get("heatmap"), *(result.get("finding_heatmaps") or {}).values()] \
+                        if isinstance(result.get("finding_heatmaps") or {}, dict) else [result.get("heatmap")]
+                    found.update(Path(p).resolve() for p in maps if isinstance(p, str) and os.path.isabs(p))
+        return found
+
     def _expand(self) -> list[tuple]:
         """(path, name, stem, series, unreadable) of each case, from the backend's expansion of FOLDER."""
         from anymc3d.cases import expand_inputs  # the backend's rule (torch is imported with it)
         from anymc3d.errors import InputError
         from anymc3d.image_reading import check_image_header
 
-        found, seen = [], set()
+        found, seen, derived, skipped = [], set(), self.derived_files(), []
         for case in expand_inputs([str(self.root)]):
             if case.error is not None and Path(case.image) == self.root:
                 self.problems.append(f"{self.root.name}: no images ({case.error.split(': ', 1)[-1]})")
@@ -118,6 +144,9 @@ class CaseFolder:
                     self.results_dir in path.parents:
                 continue  # a link out of the folder; a second link to the same image; the results themselves
             seen.add((path, case.series))
+            if case.series is None and (path in derived or is_derived_name(path.name)):
+                skipped.append(path.name)
+                continue
             name = path.name if case.series is None else f"{path.name} [{case.stem}]"
             unreadable = case.error or ""
             if not unreadable:
@@ -126,6 +155,10 @@ class CaseFolder:
                 except InputError as error:
                     unreadable = str(error)
             found.append((path, name, case.stem, case.series, unreadable))
+        if skipped:
+            shown = ", ".join(sorted(skipped)[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
+            self.problems.append(f"{len(skipped)} heatmap or mask file{'s' if len(skipped) > 1 else ''} ({shown}): "
+                                 "not cases")
         return found
 
     def _results_files(self) -> list[Path]:

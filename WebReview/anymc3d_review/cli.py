@@ -15,11 +15,12 @@ from pathlib import Path
 
 from anymc3d.contract import DEVICES, HEATMAP_METHODS
 
+from .quiet import quiet_loggers, quiet_vtk
+
 logger = logging.getLogger("anymc3d.review")
 
 DEFAULT_HOST = "127.0.0.1"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-QUIET_LOGGERS = ("trame", "trame_server", "trame_client", "trame_slicer", "trame_rca", "wslink", "aiohttp", "vtk")
 
 
 def register(subparsers) -> None:
@@ -112,13 +113,16 @@ def run(args) -> int:
                        "cases in %s (the default, 127.0.0.1, keeps it to this machine)", args.host, folder.resolve())
     quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
     if quiet:
-        for name in QUIET_LOGGERS:  # trame/wslink/aiohttp internals: warnings only, unless --log-level DEBUG
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_loggers()  # trame/wslink/aiohttp internals: warnings only, unless --log-level DEBUG
         quiet_vtk()
     if args.port and not port_free(args.host, args.port):
         logger.error("port %s on %s is in use: choose another with --port (0: any free port)", args.port, args.host)
         return 2
 
+    missing = missing_requirements()
+    if missing:
+        logger.error("%s", missing)
+        return 2
     from .app import ReviewApp  # heavy imports (slicer, vtk, trame) only for this command
 
     app = ReviewApp(folder, backbone=args.backbone.resolve() if args.backbone else None,
@@ -142,15 +146,21 @@ def run(args) -> int:
     return 0
 
 
-def quiet_vtk() -> None:
-    """VTK's own warnings (deprecation notices of the render window interactors trame-slicer makes, three per
-    launch) are internals a reader cannot act on: only VTK errors reach stderr, once (vtkLogger), unless
-    --log-level DEBUG. Slicer's application logic installs a new output window: ReviewApp calls this again after
-    making it."""
-    import vtk
+#: what the page needs beyond this package's own dependencies: (import name, the command that installs it)
+REQUIREMENTS = (("AnyMC3DSlicerLogic", "python -m pip install -e Logic"),
+                ("trame_slicer", "python -m pip install -e WebReview"))
 
-    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_ERROR)
-    vtk.vtkOutputWindow.GetInstance().SetDisplayModeToNever()  # errors still go through vtkLogger
+
+def missing_requirements() -> str:
+    """'' when the review can start; else one line naming what is missing and the command that installs it (the
+    Logic is a package of this checkout, not of PyPI: the review's pyproject cannot name it)."""
+    import importlib.util
+
+    for module, command in REQUIREMENTS:
+        if importlib.util.find_spec(module) is None:
+            return (f"the review needs {module}, which is not installed: from the checkout, {command} "
+                    f"(into this Python: {sys.executable})")
+    return ""
 
 
 def port_free(host: str, port: int) -> bool:

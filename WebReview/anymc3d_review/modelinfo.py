@@ -9,12 +9,8 @@ Which plugin files are opened: a record names its plugins by path (``plugin_path
 is inside the review folder or is one of the plugins given on the command line (``--plugin``). Anything else is
 reported as not opened (the review folder's confinement, cases.py).
 
-The image's modality: the DICOM Modality tag (0008,0060) of a DICOM series case, or a MetaImage's ``Modality``
-field; other formats (NIfTI, NRRD) carry none. When the plugin expects CT or MR and the image states no modality,
-the intensities say whether the image can be a CT in Hounsfield units: a CT has air near -1000 HU around the body,
-so an image whose lowest value is above ``CT_MINIMUM_HU`` is no CT in HU, and one with values at or below
-``HU_AIR_MAXIMUM`` is no MR magnitude image (``anymc3d.intensity.modality_from_intensities``, the rule the
-backend's ``intensity="auto"`` uses). Both are checks of the preprocessing's assumption, said so.
+Whether the image fits a plugin's intended modality is the backend's rule (``anymc3d.modality``), the one
+``anymc3d predict`` warns with.
 """
 
 from __future__ import annotations
@@ -24,18 +20,18 @@ import logging
 import os
 from pathlib import Path
 
+from anymc3d.contract import backbone_description
 from anymc3d.errors import PluginError
-from anymc3d.intensity import modality_from_intensities  # the one rule: is an image a CT in HU?
+from anymc3d.modality import (  # noqa: F401 (the page's names for the backend's rule)
+    image_modality,
+    intended_modality,
+    modality_mismatch,
+    modality_name,
+)
 from anymc3d.plugin_file import read_plugin_json, read_training_summary, training_lines
 
 logger = logging.getLogger("anymc3d.review")
 
-#: the modality a plugin's intensity mapping assumes (anymc3d.preprocessing.PreprocessConfig.intensity)
-INTENSITY_MODALITY = {"ct": "CT", "mri_zscore": "MR", "mri_percentile": "MR"}
-#: MetaImage Modality field -> DICOM Modality code
-METAIMAGE_MODALITY = {"MET_MOD_CT": "CT", "MET_MOD_MR": "MR", "MET_MOD_NM": "NM", "MET_MOD_US": "US"}
-MODALITY_NAMES = {"CT": "CT", "MR": "MRI", "PT": "PET", "NM": "nuclear medicine", "US": "ultrasound", "CR": "radiograph",
-                  "DX": "radiograph"}
 UNTRAINED = "untrained: probabilities mean nothing"
 
 
@@ -67,16 +63,6 @@ def _short(value, limit=300) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def intended_modality(meta: dict) -> tuple[str, str]:
-    """(modality code, where it comes from) of a plugin's metadata; ('', '') when neither states one."""
-    if meta.get("modality"):
-        return str(meta["modality"]), "stated in the plugin"
-    found = {INTENSITY_MODALITY.get(str(p.get("intensity", "ct"))) for p in meta.get("preprocessing") or []
-             if isinstance(p, dict)}
-    found.discard(None)
-    if len(found) == 1:
-        return found.pop(), "from its preprocessing (intensity mapping)"
-    return "", ""
 
 
 class PluginInfoReader:
@@ -101,8 +87,8 @@ class PluginInfoReader:
         resolved = Path(path).resolve()
         info = PluginInfo(name=_short(name or resolved.name), path=_short(path))
         if not self.allowed(resolved):
-            info.problem = ("plugin file not opened: it is outside the review folder (start the review with "
-                            "--plugin naming it to show its information)")
+            info.problem = ("plugin file not opened: it is outside the review folder (to show it, start the review "
+                            f"with --backbone BACKBONE --plugin {_short(path, 200)}, which also runs cases from the page)")
             return info
         try:
             stat = resolved.stat()
@@ -127,7 +113,7 @@ class PluginInfoReader:
         info.name = _short(meta.get("name") or info.name)
         info.version = _short(f"anymc3d {meta.get('anymc3d_version', '?')}, plugin format {meta.get('format_version', '?')}")
         info.kind = _short(meta.get("kind", ""))
-        info.backbone = _short(f"{backbone.get('name', '?')} at {backbone.get('img_size', '?')} px")
+        info.backbone = _short(f"{backbone_description(backbone)} at {backbone.get('img_size', '?')} px")
         info.labels = _short(", ".join(str(label) for label in meta.get("labels") or []))
         info.description = _short(meta.get("description", ""))
         info.modality, info.modality_source = intended_modality(meta)
@@ -149,60 +135,29 @@ def record_plugins(record) -> list[tuple[str, str]]:
     return list(dict.fromkeys(found))
 
 
-def image_modality(path) -> tuple[str, str]:
-    """(modality code, source) stated by the image itself: the DICOM Modality tag of a series folder's first file, or
-    a MetaImage's Modality field; ('', '') when the format states none (NIfTI, NRRD) or it cannot be read."""
-    import SimpleITK as sitk
-
-    path = Path(path)
-    try:
-        if path.is_dir():
-            files = next((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid)
-                          for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)) or ()), ())
-            if not files:
-                return "", ""
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(files[0])
-            reader.ReadImageInformation()
-            code = reader.GetMetaData("0008|0060").strip() if reader.HasMetaDataKey("0008|0060") else ""
-            return (code.upper(), "DICOM tag (0008,0060)") if code else ("", "")
-        if path.name.lower().endswith((".mha", ".mhd")):
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            code = METAIMAGE_MODALITY.get(reader.GetMetaData("Modality")) if reader.HasMetaDataKey("Modality") else None
-            return (code, "MetaImage Modality field") if code else ("", "")
-    except RuntimeError as error:  # SimpleITK: unreadable header
-        logger.warning("cannot read the modality of %s: %s", path, error)
-    return "", ""
-
-
-def modality_name(code: str) -> str:
-    return MODALITY_NAMES.get(code, code)
-
-
 def modality_warnings(plugins: list[PluginInfo], image_code: str, image_source: str,
                       scalar_range: tuple[float, float] | None) -> list[str]:
     """Warnings for plugins whose intended modality does not fit the image: by the image's stated modality, or,
-    when it states none, by its intensities (see the module's docstring)."""
+    when it states none, by its intensities (the backend's rule, anymc3d.modality.modality_mismatch)."""
     warnings = []
+    minimum = float(scalar_range[0]) if scalar_range is not None else None
     for info in plugins:
-        if not info.modality:
-            continue
-        wanted = modality_name(info.modality)
-        if image_code:
-            if image_code != info.modality:
-                warnings.append(f"{info.name} is meant for {wanted} images; this image is {modality_name(image_code)} "
-                                f"({image_source}): its findings do not apply")
-            continue
-        if scalar_range is None:
-            continue
-        low = float(scalar_range[0])
-        if info.modality == "CT" and modality_from_intensities(low) == "MR":
-            warnings.append(f"{info.name} is meant for CT in Hounsfield units; this image states no modality and its "
-                            f"lowest value is {low:.0f} (a CT has air near -1000 HU): probably not a CT, its findings "
-                            "may not apply")
-        elif info.modality == "MR" and modality_from_intensities(low) == "CT":
-            warnings.append(f"{info.name} is meant for MRI; this image states no modality and has values down to "
-                            f"{low:.0f}, like a CT in Hounsfield units: its findings may not apply")
+        warning = modality_mismatch(info.name, info.modality, image_code, image_source, minimum)
+        if warning:
+            warnings.append(warning)
     return warnings
+
+
+def model_summary(info: PluginInfo) -> dict:
+    """One line for a plugin (name, backbone, how it was trained), for the line under the findings; the rest of
+    :class:`PluginInfo` is shown on demand."""
+    if not info.opened:
+        trained = info.problem or "not opened"
+    elif info.trained is False:
+        trained = UNTRAINED
+    else:
+        auroc = next((line.split(": ", 1)[1].split(" (")[0] for line in info.training
+                      if line.startswith("validation AUROC")), "")
+        trained = f"trained, validation AUROC {auroc}" if auroc else "trained"
+    parts = [info.backbone.split(" at ")[0]] if info.backbone else []
+    return {"name": info.name, "text": " · ".join([*parts, trained]), "trained": info.trained}

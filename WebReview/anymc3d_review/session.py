@@ -47,6 +47,13 @@ logger = logging.getLogger("anymc3d.review")
 WINDOW_PRESETS = {"auto": ("Auto", None, None), "brain": ("Brain", 80.0, 40.0),
                   "soft_tissue": ("Soft tissue", 400.0, 40.0), "lung": ("Lung", 1500.0, -600.0),
                   "bone": ("Bone", 1800.0, 400.0)}
+#: window presets of images that are not CT (MR, or no stated modality and no HU air): the window spans these
+#: percentiles of the image's values (name -> (title, low percentile, high percentile)); HU values mean nothing there
+PERCENTILE_PRESETS = {"p1_99": ("1–99 %", 1.0, 99.0), "p5_95": ("5–95 %", 5.0, 95.0), "p0_100": ("Full range", 0.0, 100.0)}
+ALL_PRESETS = ("auto", *(n for n in WINDOW_PRESETS if n != "auto"), *PERCENTILE_PRESETS, "custom")
+#: the crosshair's colour: cyan, which matplotlib's inferno (black, purple, red, orange, yellow) never takes,
+#: so it stays visible on the heatmap's peak
+CROSSHAIR_COLOR = (0.0, 0.9, 1.0)
 RAS_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) direction of R, A, S
 #: the 3D view's heatmap size limit (voxels per axis): a backend heatmap is a 14-16 pixel patch grid interpolated,
 #: so 128 per axis keeps every patch of a 512-pixel slice at 4 voxels or more
@@ -139,6 +146,8 @@ class ReviewSession:
         # views show the full-resolution heatmap): a 512x512x300 volume costs seconds per frame on llvmpipe
         self.display = DisplayOptions(volumeRenderingMaxSize=volume_rendering_max_size())
         self.window_preset = "auto"
+        self.window_values = None  # (window, level) typed or dragged ("custom")
+        self.overlay_visible = True
         self.loaded: OrderedDict[int, LoadedCase] = OrderedDict()
         self.current: LoadedCase | None = None
         self.row = 0
@@ -470,18 +479,49 @@ class ReviewSession:
                 self.logic.setHeatmapThreshold(heatmap, self.display.threshold)
 
     def set_window_preset(self, name: str):
-        """Window/level of the slice views' image (one of WINDOW_PRESETS), kept when the case changes."""
-        if name not in WINDOW_PRESETS:
+        """Window/level of the slice views' image (a name of ALL_PRESETS: CT windows in HU, percentile windows for
+        other images), kept when the case changes while it fits the case (else the case gets Auto)."""
+        if name not in ALL_PRESETS or (name == "custom" and self.window_values is None):
             raise RecordError(f"No window preset {name!r}")
         self.window_preset = name
         if self.current is not None:
             self._apply_window(self.current)
 
+    def set_window_values(self, window: float, level: float):
+        """A typed (or dragged) window and level, in the image's units; kept as the "custom" preset."""
+        self.window_values = (max(float(window), 1e-3), float(level))
+        self.set_window_preset("custom")
+
+    def window_values_shown(self):
+        """(window, level) the shown image is displayed with, or None."""
+        node = self.current.input_node if self.current is not None else None
+        display = node.GetDisplayNode() if node is not None else None
+        return (display.GetWindow(), display.GetLevel()) if display is not None else None
+
+    @staticmethod
+    def presets_for(is_ct: bool) -> list[str]:
+        """The presets that mean something for the image: CT windows in HU for a CT, percentiles otherwise."""
+        return ["auto", *((n for n in WINDOW_PRESETS if n != "auto") if is_ct else PERCENTILE_PRESETS), "custom"]
+
     def _apply_window(self, loaded):
         display = loaded.input_node.GetDisplayNode() if loaded.input_node is not None else None
         if display is None:
             return
-        _, window, level = WINDOW_PRESETS[self.window_preset]
+        if self.window_preset == "custom" and self.window_values is not None:
+            display.AutoWindowLevelOff()
+            display.SetWindowLevel(*self.window_values)
+            return
+        if self.window_preset in PERCENTILE_PRESETS:
+            import numpy as np
+
+            _, low, high = PERCENTILE_PRESETS[self.window_preset]
+            voxels = logic_outputs.arrayFromVolumeNode(loaded.input_node).ravel()
+            sample = voxels[:: max(1, voxels.size // 2_000_000)]  # a subsample: the window of millions of voxels
+            lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(lo, max(hi, lo + 1e-3))
+            return
+        _, window, level = WINDOW_PRESETS.get(self.window_preset, WINDOW_PRESETS["auto"])
         auto = logic_outputs.autoWindowOf(loaded.input_node)
         if window is None and auto is not None:  # the automatic window computed when the file was read
             display.AutoWindowLevelOff()
@@ -494,8 +534,22 @@ class ReviewSession:
 
     def set_opacity(self, opacity: float):
         self.display.opacity = min(max(float(opacity), 0.0), 1.0)
+        self._apply_overlay_opacity()
+
+    def set_overlay_visible(self, visible: bool):
+        """Show or hide the heatmap overlay of the slice views (the opacity slider keeps its value)."""
+        self.overlay_visible = bool(visible)
+        self._apply_overlay_opacity()
+
+    def _apply_overlay_opacity(self):
+        opacity = self.display.opacity if self.overlay_visible else 0.0
         for composite in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceCompositeNode"):
-            composite.SetForegroundOpacity(self.display.opacity)
+            composite.SetForegroundOpacity(opacity)
+
+    def hide_crosshair(self):
+        """The crosshair marks a jump target of the shown case: a case switch removes it."""
+        for crosshair in logic_outputs.nodesByClass(self.scene, "vtkMRMLCrosshairNode"):
+            crosshair.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.NoCrosshair)
 
     def jump_to_maximum(self):
         heatmap = self.shown_heatmap()
@@ -534,6 +588,7 @@ class ReviewSession:
                                               slicer.vtkMRMLSliceNode.OffsetJumpSlice)
         for crosshair in logic_outputs.nodesByClass(self.scene, "vtkMRMLCrosshairNode"):
             crosshair.SetCrosshairRAS(float(ras[0]), float(ras[1]), float(ras[2]))
+            crosshair.SetCrosshairColor(*CROSSHAIR_COLOR)
             crosshair.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.ShowSmallBasic)
 
     def scroll(self, view_name: str, step: int):

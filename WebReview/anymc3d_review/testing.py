@@ -56,14 +56,18 @@ class ReviewServer:
     without the key; ``output()`` everything it printed.
     """
 
-    def __init__(self, folder, *extra, host="127.0.0.1", port=None, env=None, log=None, log_level="WARNING"):
+    def __init__(self, folder, *extra, host="127.0.0.1", port=None, env=None, log=None, log_level="WARNING",
+                 command=None):
+        """``command``: a whole command line to start instead (e.g. the one the demo prints); ``--port`` and
+        ``--host`` are added to it."""
         self.port = port or free_port()
         self.host = host
         self.base = f"http://{host}:{self.port}/"
         self.url = None
         level = ["--log-level", log_level] if log_level else []  # None: the command's default
-        command = [sys.executable, "-m", "anymc3d", *level, "review", str(folder),
-                   "--port", str(self.port), "--host", host, *[str(e) for e in extra]]
+        command = [*command, "--port", str(self.port), "--host", host] if command else \
+            [sys.executable, "-m", "anymc3d", *level, "review", str(folder),
+             "--port", str(self.port), "--host", host, *[str(e) for e in extra]]
         self.log_path = log or tempfile.mkstemp(prefix="anymc3d-review-", suffix=".log")[1]
         self.log = open(self.log_path, "w")  # noqa: SIM115
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,

@@ -78,6 +78,9 @@ def show(page, name):
     if state(page, "shown_case") != index:
         page.locator(".case-item", has_text=name).click()
         wait_state(page, f"s('shown_case') === {index} && s('model_info') && s('model_info').length > 0")
+    if not state(page, "model_details"):  # the model's one line is always shown; the rest on demand
+        page.locator(".model-more").click()
+        wait_state(page, "s('model_details') === true")
     return index
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from anymc3d_review.cases import CaseFolder, RecordError
@@ -241,3 +242,57 @@ def test_run_outputs_never_overwrite(tmp_path):
     assert (results / "heatmaps" / "case__p.nrrd").read_bytes() == b"old map"
     assert not (results / "other.json").exists()
     assert not [p for p in results.rglob("*") if ".partial" in p.name]
+
+
+def test_review_modules_import_in_one_direction():
+    """The command imports the app (lazily); the app and its modules never import the command (no import circle)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "anymc3d_review"
+    for name in ("app", "layout", "loader", "similarity", "quiet", "session"):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+        assert "cli" not in imported, f"{name}.py imports the command module"
+    assert (package / "app.py").read_text().count("\n") < 700  # was 1081 before the split
+
+
+def test_heatmaps_and_masks_in_the_folder_are_not_cases(review_folder, tmp_path):
+    """A folder holding images, their masks and heatmaps (as the demo's trained/ folder does) lists the images only:
+    heatmaps named by a record, files named like the backend's heatmaps, and masks / heatmaps by name."""
+    folder = copy_case(review_folder, tmp_path)
+    record = json.loads((folder / "results" / "volume.json").read_text())[0]
+    named = Path(record["results"][0]["heatmap"])
+    moved = folder / "volume_probability.nii.gz"  # an unremarkable name: recognised only because a record names it
+    shutil.copy(named, moved)
+    record["results"][0]["heatmap"] = str(moved)
+    (folder / "results" / "volume.json").write_text(json.dumps([record]))
+    for name in ("volume_lesion.nii.gz", "volume_mask.nrrd", "volume_heatmap.nii.gz", "volume__demo__lesion.nrrd"):
+        shutil.copy(review_folder / "control.nii.gz", folder / name)
+    shutil.copy(review_folder / "control.nii.gz", folder / "case_two.nii.gz")  # a case, though it has a "_"
+    listing = CaseFolder(folder)
+    assert [c.name for c in listing.cases] == ["case_two.nii.gz", "volume.nii.gz"]
+    assert any("5 heatmap or mask files" in p and "not cases" in p for p in listing.problems), listing.problems
+    assert listing.cases[1].status == "results"
+
+
+def test_missing_logic_is_one_line_with_the_install_command(tmp_path, caplog, monkeypatch):
+    """Without the Logic package the command says which package and the command that installs it (no traceback)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "AnyMC3DSlicerLogic" else real(name, *a))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    with caplog.at_level(logging.ERROR, logger="anymc3d.review"):
+        assert parser.parse_args(["review", str(tmp_path), "--port", "0"]).handler(
+            parser.parse_args(["review", str(tmp_path), "--port", "0"])) == 2
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "AnyMC3DSlicerLogic" in line and "pip install -e Logic" in line and "\n" not in line
+
+
+def test_missing_review_hint_names_the_working_command():
+    from anymc3d.cli import EXTENSION_HINTS
+
+    assert "pip install -e Logic -e WebReview" in EXTENSION_HINTS["review"]

@@ -51,7 +51,7 @@ def test_untrained_demo_plugin_is_flagged_and_its_metadata_shown(demo_source, tm
     assert info.trained is False and info.training == []  # --no-train: no summary in the plugin
     assert info.name == meta["name"]
     assert meta["anymc3d_version"] in info.version and str(meta["format_version"]) in info.version
-    assert meta["backbone"]["name"] in info.backbone and str(meta["backbone"]["img_size"]) in info.backbone
+    assert "DINOv2-architecture demo, 6 blocks, width 192, random weights" in info.backbone and str(meta["backbone"]["img_size"]) in info.backbone
     assert (info.modality, info.body_part) == (meta["modality"], meta["body_part"]) == ("CT", "synthetic phantom")
     assert info.modality_source == "stated in the plugin"
     assert info.labels == ", ".join(meta["labels"])

@@ -77,6 +77,12 @@ class BackboneSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """What it is, for people (``contract.backbone_description``)."""
+        from anymc3d.contract import backbone_description
+
+        return backbone_description(self.to_dict())
+
     @classmethod
     def from_dict(cls, d: dict) -> "BackboneSpec":
         known = {f.name for f in fields(cls)}
@@ -116,7 +122,24 @@ def patch_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
 
 def read_weights(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a state dict and its metadata from safetensors or a ``.pth`` file, never unpickling objects."""
-    return read_state(Path(path))
+    path = Path(path)
+    if path.is_file() and _is_plugin_file(path):
+        raise BackboneError(f"{path}: this is a plugin file: use --plugin {path} (and --backbone for the backbone's "
+                            "weights it was trained on)")
+    return read_state(path)
+
+
+def _is_plugin_file(path: Path) -> bool:
+    """A plugin (a zip holding plugin.json) given where backbone weights belong."""
+    import zipfile
+
+    from anymc3d.plugin_file import JSON_NAME
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return JSON_NAME in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def spec_from_file(path: os.PathLike | str) -> Optional[BackboneSpec]:

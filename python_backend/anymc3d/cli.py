@@ -129,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 #: commands that live in other packages (they may import Slicer's scene classes; this package may not)
-EXTENSION_HINTS = {"review": "the web review app is not installed: pip install -e WebReview (see README)"}
+EXTENSION_HINTS = {"review": "the web review app is not installed: from the checkout, "
+                              "python -m pip install -e Logic -e WebReview (into this venv; scripts/demo.sh does it)"}
 
 
 def _add_extension_commands(sub) -> None:
@@ -227,11 +228,14 @@ def _info_text(path: Path) -> str:
     from anymc3d.plugin import load_plugin, read_plugin_metadata, read_training_summary
     from anymc3d.plugin_file import training_lines
 
+    from anymc3d.contract import backbone_description
+
     meta = read_plugin_metadata(path)
     bb = meta["backbone"]
     lines = [f"plugin       {meta['name']}  ({path})", f"task         {meta['task']}",
              f"labels       {', '.join(meta['labels'])}", f"views        {', '.join(meta['views'])}",
-             f"backbone     {bb['name']} (img_size {bb['img_size']}), weights {meta['backbone_fingerprint'][:16]}",
+             f"backbone     {backbone_description(bb)} (img_size {bb['img_size']}), "
+             f"weights {meta['backbone_fingerprint'][:16]}",
              f"kind         {meta['kind']}",
              *(["encoder      " + ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
                                             for k, v in meta["encoder"].items())] if meta.get("encoder") else []),

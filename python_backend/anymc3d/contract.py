@@ -82,6 +82,22 @@ def is_image_name(name: str) -> bool:
     return not is_temporary(name) and name.lower().endswith(IMAGE_SUFFIXES)
 
 
+def backbone_description(backbone: dict) -> str:
+    """What a backbone is, for people (``info``, mismatch messages, the review page), from its architecture entry
+    (``plugin.json``'s ``backbone``, ``BackboneSpec.to_dict()``): the released name (``dinov2_vits14_reg``), or
+    for a shrunk architecture (block count or width overridden: the demo's and the tests', of which no weights are
+    ever released or trained, the backbone being frozen) "DINOv2-architecture demo, 3 blocks, width 96, random
+    weights"."""
+    name = str(backbone.get("name", "?"))
+    depth, width = backbone.get("depth"), backbone.get("embed_dim")
+    if not depth and not width and not backbone.get("num_heads"):
+        return name
+    family = {"dinov2": "DINOv2", "dinov3": "DINOv3"}.get(name.split("_", 1)[0], name)
+    parts = [f"{family}-architecture demo"] + ([f"{depth} blocks"] if depth else []) + \
+        ([f"width {width}"] if width else []) + ["random weights"]
+    return ", ".join(parts)
+
+
 def heatmap_name(stem: str, plugin: str, label: Optional[str], fmt: str) -> str:
     """``<stem>__<plugin>.<fmt>``, or ``<stem>__<plugin>__<label>.<fmt>`` for per-finding maps."""
     parts = [stem, safe_name(plugin)] + ([safe_name(label)] if label is not None else [])

@@ -148,9 +148,9 @@ class Engine:
         mine = self.backbone
         if not config.backbone.same_architecture(mine.spec) or config.backbone_fingerprint != mine.fingerprint:
             raise PluginError(
-                f"{source}: plugin was made for backbone {config.backbone.name} with weights "
-                f"{config.backbone_fingerprint[:12]}, but the loaded backbone is {mine.spec.name} with weights "
-                f"{mine.fingerprint[:12]} ({mine.path}); use the backbone the plugin was trained on")
+                f"{source}: plugin was made for backbone {config.backbone.describe()} (weights "
+                f"{config.backbone_fingerprint[:12]}), but the loaded backbone is {mine.spec.describe()} (weights "
+                f"{mine.fingerprint[:12]}, {mine.path}); use the backbone the plugin was trained on")
         if plugin.head.embed_dim != self.model.embed_dim:
             raise PluginError(f"{source}: head width {plugin.head.embed_dim} != backbone width {self.model.embed_dim}")
         patch = self.backbone.spec.patch_size

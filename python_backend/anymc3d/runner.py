@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from anymc3d.cases import InputCase, read_case
 from anymc3d.engine import CasePredictions, Engine, ensemble
 from anymc3d.errors import AnyMC3DError
+from anymc3d.modality import add_record_warnings
 from anymc3d.records import Progress, error_message, error_record, result_record, write_heatmaps
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ def predict_case(engine: Engine, case: InputCase, plugins: Sequence[str], *, ima
         files = write_heatmaps(result, heatmap_dir, case.stem, heatmap_format, progress) if heatmap_dir else {}
         progress("writing", 0, 1)
         record = result_record(result, case.image, files, embedding, case.series)
+        for warning in add_record_warnings(record, images[0], case.image):  # the review page's rule
+            logger.warning("%s: %s", case.image, warning)
         if dicom_dir:
             record["dicom"] = export_record(record, dicom_dir, stem=case.stem, source=source)
         return record

@@ -132,7 +132,7 @@ def test_backbone_plugin_mismatch_is_a_usage_error(demo_dir, tmp_path, caplog):
     args = _predict(demo_dir, demo_dir / "volume.nii.gz", "--json", tmp_path / "r.json")
     args[args.index("--backbone") + 1] = str(tmp_path / "other.safetensors")
     assert main(args) == 2
-    assert "plugin was made for backbone dinov2_vits14_reg with weights" in caplog.text
+    assert "plugin was made for backbone DINOv2-architecture demo, 6 blocks, width 192, random weights (weights" in caplog.text
     assert not (tmp_path / "r.json").exists()
 
 

@@ -12,7 +12,7 @@ import anymc3d
 ORDER = ["errors", "safeio", "contract", "plugin_file", "fileio", "device", "planecycle.config", "layouts", "catalog", "backbone", "imgfocus",
          "hub", "lora", "pooling",
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocess_config", "image_reading",
-         "image_writing", "intensity", "preprocessing", "synthetic",
+         "image_writing", "intensity", "modality", "preprocessing", "synthetic",
          "planecycle.features", "augment", "losses", "calibration", "evaluation", "localisation", "data", "cases", "dicom_out", "encoders",
          "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "runner",
          "training.config", "training.distributed", "training.standardize", "training.batching",

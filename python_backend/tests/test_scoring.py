@@ -197,5 +197,5 @@ def test_a_plugin_made_for_another_backbone_is_a_usage_error_before_any_worker_s
                  tmp_path / "h", "--ray")
     args[args.index("--backbone") + 1] = str(tmp_path / "other.safetensors")
     assert main(args) == 2
-    assert "plugin was made for backbone dinov2_vits14_reg with weights" in caplog.text
+    assert "plugin was made for backbone DINOv2-architecture demo, 6 blocks, width 192, random weights (weights" in caplog.text
     assert not (tmp_path / "r.json.parts").exists() and not (tmp_path / "r.json").exists()
