@@ -37,6 +37,15 @@ def test_ruff_is_clean():
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
+def test_ruff_finds_no_pyflakes_error_in_the_whole_tree():
+    """Unused imports, undefined names and syntax errors, everywhere (the Slicer side above: ruff's defaults)."""
+    ruff = shutil.which("ruff") or pytest.skip("ruff is not installed")
+    paths = [os.path.join(REPO_ROOT, p) for p in ("python_backend", "WebReview", "Logic", "Testing", "AnyMC3DSlicer",
+                                                  "benchmarks")]
+    completed = subprocess.run([ruff, "check", "--select", "F,E9", *paths], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
 def test_module_classes_follow_slicer_conventions():
     tree = ast.parse(read(MODULE_FILE))
     classes = {node.name: [base.id if isinstance(base, ast.Name) else ast.unparse(base) for base in node.bases]

@@ -36,7 +36,7 @@ import torch
 from anymc3d import heatmap as hm
 from anymc3d.backbone import BackboneSpec, load_backbone
 from anymc3d.engine import Engine
-from anymc3d.localisation import deletion_curve, localise, measure_case, slice_space_spacing, summarise
+from anymc3d.localisation import deletion_curve, localise, slice_space_spacing, summarise
 from anymc3d.image_writing import write_image_atomic
 from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.preprocessing import prepare, to_model_input

@@ -6,16 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import timm
 import torch
-import transformers
 
 from anymc3d import catalog, hub
 from anymc3d.backbone import load_backbone, make_load_bearing

@@ -13,8 +13,6 @@ import math
 
 import numpy as np
 
-import pytest
-import torch
 
 from anymc3d.training.config import TrainConfig
 from anymc3d.training.evaluate import evaluate_plugin

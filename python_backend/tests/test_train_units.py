@@ -49,7 +49,6 @@ def _scores(n=200, seed=0):
 
 
 def test_platt_maps_f1_optimal_point_to_half_and_is_max_likelihood():
-    from scipy.optimize import minimize_scalar
     from sklearn.metrics import f1_score
 
     z, y = _scores()
