@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from AnyMC3DSlicerLogic import AnyMC3DSlicerLogic, BackboneDownload, ExitCode, SubprocessRunner, listBackbones
+from AnyMC3DSlicerLogic import (
+    AnyMC3DSlicerLogic,
+    BackboneDownload,
+    ExitCode,
+    SubprocessRunner,
+    listBackbones,
+)
 from AnyMC3DSlicerLogic.backbones import describe
 
 from .slicer_testing import BACKEND_PATH, FakeRunner
