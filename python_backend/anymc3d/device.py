@@ -10,13 +10,17 @@ reports bf16 as unavailable, so ``auto`` gives fp32 everywhere (tests, or a CPU 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from anymc3d.contract import PRECISIONS
 from anymc3d.errors import AnyMC3DError
+
+logger = logging.getLogger(__name__)
 
 #: environment switch: when set to a non-empty value other than "0", bf16 counts as unavailable
 NO_BF16_ENV = "ANYMC3D_NO_BF16"
@@ -97,3 +101,35 @@ def autocast(device: torch.device, dtype: torch.dtype = torch.bfloat16, enabled:
     if enabled and device.type == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def in_chunks(total: int, chunk_size: int, step: Callable[[int, int], list],
+              progress: Optional[Callable[[int, int], None]] = None) -> list[list]:
+    """Run ``step(start, stop) -> list of results`` over [0, total) in chunks and collect each result in order.
+
+    A chunk's results are kept only when its step completed: a CUDA out-of-memory error halves the chunk and redoes
+    the whole unit, so a retry can never duplicate or drop rows. Every chunked forward (slice encoders, the
+    slice-wise PlaneCycle baseline) goes through here.
+    """
+    if total < 1:
+        raise ValueError("no slices to encode")
+    start, size, collected = 0, chunk_size, []
+    if progress:
+        progress(0, total)
+    while start < total:
+        stop = min(total, start + size)
+        try:
+            results = step(start, stop)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("CUDA out of memory: retrying with %d slices per chunk", size)
+            continue
+        collected.append(results)
+        start = stop
+        if progress:
+            progress(start, total)
+    return [list(column) for column in zip(*collected)]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from anymc3d import heatmap as hm
-from anymc3d.device import placement
+from anymc3d.device import in_chunks, placement
 from anymc3d.preprocessing import to_model_input
 
 logger = logging.getLogger(__name__)
@@ -161,33 +161,8 @@ class SliceEncoder(Encoder):
         return model.forward_features(x)
 
     def _in_chunks(self, total: int, step: Callable[[int, int], list], progress: Optional[SliceProgress]) -> list[list]:
-        """Run ``step(start, stop) -> list of results`` over [0, total) and collect each result in order.
-
-        A chunk's results are kept only when its step completed: a CUDA out-of-memory error halves the chunk
-        and redoes the whole unit, so a retry can never duplicate or drop rows.
-        """
-        if total < 1:
-            raise ValueError("no slices to encode")
-        start, size, collected = 0, self.chunk_size, []
-        if progress:
-            progress(0, total)
-        while start < total:
-            stop = min(total, start + size)
-            try:
-                results = step(start, stop)
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
-                    raise
-                size //= 2
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                logger.warning("CUDA out of memory: retrying with %d slices per chunk", size)
-                continue
-            collected.append(results)
-            start = stop
-            if progress:
-                progress(start, total)
-        return [list(column) for column in zip(*collected)]
+        """:func:`anymc3d.device.in_chunks` at this encoder's chunk size (the CUDA out-of-memory retry)."""
+        return in_chunks(total, self.chunk_size, step, progress)
 
     def _tokens(self, x: torch.Tensor, heatmap: Optional[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The one backbone forward: (n, 3, M, M) -> tokens (n, N, C) after the final norm, and the per-slice

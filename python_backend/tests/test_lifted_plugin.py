@@ -274,7 +274,7 @@ def test_lesion_changes_the_contribution_map_where_it_is(fitted, side):
     from anymc3d.image_reading import read_image
     from anymc3d.preprocessing import prepare
 
-    engine = Engine(fitted["backbone"], device="cpu")
+    engine = Engine(fitted["backbone"], device="cpu", merge_lora=False)  # the model called directly: adapter layers
     attached = engine.plugins[engine.add_plugin(fitted["real"])]
     model, recipe = attached.model, attached.plugin.config.preprocessing[0]
     assert model.encoder.kind == "planecycle_linear" and model.encoder.config.cycle == CYCLE  # plugin.json's options

@@ -23,6 +23,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from anymc3d.device import in_chunks
 from anymc3d.planecycle.config import (
     DEFAULT_CYCLE,
     PlaneCycleConfig,
@@ -170,22 +171,24 @@ def slicewise_features(model: nn.Module, volume: Tensor, layers: Sequence[int] =
         model: timm VisionTransformer or Eva.
         volume: (B, D, 3, H, W) normalised slices.
         layers: 0-based block indices whose (normed) outputs to return as well.
-        chunk_size: slices per forward.
+        chunk_size: slices per forward (halved and retried on CUDA out of memory).
     """
     take = check_layers(layers, len(model.blocks))
     b, d = volume.shape[:2]
     g = int(model.num_prefix_tokens)
     h, w = model.patch_embed.dynamic_feat_size(tuple(volume.shape[-2:]))
-    finals, inter = [], {i: [] for i in take}
-    for chunk in volume.flatten(0, 1).split(chunk_size):  # (n, 3, H, W)
+
+    def step(start: int, stop: int) -> list[Tensor]:
+        chunk = flat[start:stop]  # (n, 3, H, W)
         if not take:
-            finals.append(model.forward_features(chunk))  # (n, G + h*w, C)
-            continue
+            return [model.forward_features(chunk)]  # (n, G + h*w, C)
         final, taken = model.forward_intermediates(chunk, indices=list(take), norm=True, output_fmt="NLC",
                                                    return_prefix_tokens=True)
-        finals.append(final)  # (n, G + h*w, C)
-        for i, (patch, prefix) in zip(take, taken):  # (n, h*w, C), (n, G, C)
-            inter[i].append(torch.cat([prefix, patch], dim=1))
+        return [final, *(torch.cat([prefix, patch], dim=1) for patch, prefix in taken)]  # (n, G + h*w, C) each
+
+    flat = volume.flatten(0, 1)
+    columns = in_chunks(flat.shape[0], chunk_size, step)  # the engine's chunking, with its out-of-memory retry
+    finals, inter = columns[0], {i: columns[1 + j] for j, i in enumerate(take)}
 
     def split(tokens: Tensor) -> tuple[Tensor, Tensor]:
         c = tokens.shape[-1]

@@ -24,6 +24,7 @@ from anymc3d.device import placement
 from anymc3d.encoders import Encoder, EncoderOutput, SliceProgress, register_encoder
 from anymc3d.planecycle.config import DEFAULT_CYCLE, PlaneCycleConfig
 from anymc3d.planecycle.converter import PlaneCycleEncoder
+from anymc3d.planecycle.head import token_terms
 from anymc3d.preprocessing import to_model_input
 
 
@@ -116,7 +117,7 @@ class LiftedLinearEncoder(LiftedEncoder):
         b, s, h, w, c = patch_tokens.shape
         flat = patch_tokens.reshape(b, s, h * w, c).float()
         with torch.no_grad():  # a map, not a training signal (the tokens may come from inference mode)
-            return torch.einsum("bstc,kc->kbst", flat, weight.detach().float()) / (h * w)
+            return token_terms(weight.detach().float(), flat) / (h * w)
 
     def finding_maps(self, model, views, out, method: str, masks=None,
                      progress: SliceProgress | None = None) -> torch.Tensor:

@@ -51,8 +51,7 @@ class MeanTokenHead(nn.Module):
     def contributions(self, patch_tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D, h, w, C) -> (B, K, D, h, w) per-token contributions; they sum to logits - bias."""
         weights = self._weights(patch_tokens, mask)  # (B, D, h, w)
-        scores = torch.einsum("bdhwc,kc->bkdhw", patch_tokens, self.head.weight)  # w_k · p_t
-        return scores * weights[:, None]
+        return token_terms(self.head.weight, patch_tokens).movedim(0, 1) * weights[:, None]
 
     @torch.no_grad()
     def fit(self, pooled: np.ndarray, labels: np.ndarray, c: float = 1.0) -> MeanTokenHead:
@@ -67,3 +66,9 @@ class MeanTokenHead(nn.Module):
             self.head.weight[k] = torch.as_tensor(model.coef_[0], dtype=self.head.weight.dtype)
             self.head.bias[k] = float(model.intercept_[0])
         return self
+
+
+def token_terms(weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(K, C) head weights, (..., C) tokens -> (K, ...) terms w_k · p_t: the linear head's per-token share of the
+    logit before the pooling's weights (the one formula of every contribution map)."""
+    return torch.einsum("...c,kc->k...", tokens, weight)
