@@ -244,7 +244,7 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onGetBackbone(self):
         rows = LogicPackage.listBackbones()
-        labels = [LogicPackage.backbones.describe(row) for row in rows]
+        labels = [LogicPackage.describeBackbone(row) for row in rows]
         label = qt.QInputDialog.getItem(slicer.util.mainWindow(), _("Get backbone"), _("Backbone:"), labels, 0, False)
         if label in labels:
             name = rows[labels.index(label)]["name"]

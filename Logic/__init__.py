@@ -5,6 +5,7 @@ Importable without Qt (slicer-core is enough); the Widget in ``AnyMC3DSlicer/Any
 """
 
 from .backbones import BackboneDownload, BackboneResult, listBackbones
+from .backbones import describe as describeBackbone
 from .dependencies import DependencyChecker, InstallError
 from .logic import (
     AnyMC3DSlicerLogic,
@@ -38,5 +39,6 @@ __all__ = [
     "Progress", "QProcessRunner", "SubprocessRunner", "killProcessTree",
 ]
 __all__ += ["COLOR_TABLE_NAME", "nodeRole", "nodesByClass", "removeNode"]
+__all__ += ["BackboneDownload", "BackboneResult", "describeBackbone", "listBackbones"]
 __all__ += ["SimilarityJob", "SimilarityOptions", "SimilarityPointController", "SimilarityResult", "SimilaritySession"]
 __all__ += ["BackboneDownload", "BackboneResult", "listBackbones"]

@@ -131,7 +131,7 @@ def backendEnv(extraPaths=()):
 def makeDemo(folder):
     """``anymc3d demo``: a tiny backbone, a plugin made for it and a volume."""
     completed = subprocess.run([sys.executable, "-m", "anymc3d", "demo", str(folder), "--no-train"], check=False, env=backendEnv(),
-                               capture_output=True, text=True, timeout=600)
+                               capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert completed.returncode == 0, completed.stderr
     return {"backbone": str(folder / "backbone.safetensors"), "plugin": str(folder / "plugin.anymc3d"),
             "volume": str(folder / "volume.nii.gz")}

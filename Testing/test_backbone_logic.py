@@ -85,7 +85,7 @@ def test_a_failed_or_cancelled_get_says_so(sceneContext, tempRoot):
 def test_a_real_get_through_the_real_runner(sceneContext, tempRoot, tmp_path, monkeypatch):
     """The real backend process (``anymc3d standby`` then ``backbone get``) against the stand-in hub: the Logic's
     command is one the real CLI takes, and its progress and result come from the real lines."""
-    sys.path.insert(0, str(Path(BACKEND_PATH) / "tests"))
+    monkeypatch.syspath_prepend(str(Path(BACKEND_PATH) / "tests"))  # the backend tests' hub stand-in and writer
     from hub_standin import HubStandIn
     from test_backbone_layouts import save_transformers
 

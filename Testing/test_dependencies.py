@@ -120,7 +120,7 @@ def test_prediction_and_similarity_run_without_the_training_extras(demo, tmp_pat
                        "--out", str(tmp_path / "similarity.nii.gz")],
     }
     for name, arguments in commands.items():
-        completed = subprocess.run([sys.executable, "-m", "anymc3d", *arguments], capture_output=True, text=True, env=env,
+        completed = subprocess.run([sys.executable, "-m", "anymc3d", *arguments], capture_output=True, text=True, encoding="utf-8", env=env,
                                    check=False, timeout=600)
         assert completed.returncode == 0, (name, completed.stderr[-3000:])
     assert (tmp_path / "out.json").is_file() and (tmp_path / "similarity.nii.gz").is_file()

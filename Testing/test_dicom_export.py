@@ -93,7 +93,7 @@ def test_export_adds_the_sr_and_map_under_the_sources_patient(exported):
     assert all(stored) and all(s.startswith(db.databaseDirectory) for s in stored)
     for path in stored:
         run = __import__("subprocess").run([shutil.which("dciodvfy") or pytest.skip("no dciodvfy"), path],
-                                           capture_output=True, text=True, timeout=60)
+                                           capture_output=True, text=True, encoding="utf-8", timeout=60)
         assert not [line for line in run.stderr.splitlines() if line.startswith("Error")], run.stderr
     report = read_report(stored[0])
     result = outputs.record["results"][0]

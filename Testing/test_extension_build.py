@@ -31,7 +31,7 @@ def cmakeExecutable():
 
 
 def run(*command, cwd=None, check=True):
-    completed = subprocess.run([str(c) for c in command], capture_output=True, text=True, cwd=cwd, check=False, timeout=600)
+    completed = subprocess.run([str(c) for c in command], capture_output=True, text=True, encoding="utf-8", cwd=cwd, check=False, timeout=600)
     if check:
         assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     return completed
@@ -43,7 +43,7 @@ def pythonOf(version):
     candidates = [shutil.which(f"python{version}"), *glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}*/bin/python{version}"))]
     for candidate in filter(None, candidates):
         completed = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                                   capture_output=True, text=True, check=False)
+                                   capture_output=True, text=True, encoding="utf-8", check=False)
         if completed.returncode == 0 and completed.stdout.strip() == version:
             return candidate
     return None
@@ -82,7 +82,9 @@ def test_installed_tree(installed):
     assert sorted(str(p.relative_to(modules / "anymc3d")) for p in (modules / "anymc3d").rglob("*.py")
                   if "__pycache__" not in p.parts) == backendFiles  # subpackages too
     assert {"plugin_file.py", "contract.py", "planecycle/__init__.py"} <= set(backendFiles)
-    assert sorted(p.name for p in (modules / "anymc3d" / "schemas").glob("*.json")) == ["plugin.schema.json", "record.schema.json"]
+    schemas = sorted(p.name for p in Path(REPO_ROOT, "python_backend", "anymc3d", "schemas").glob("*.json"))
+    assert {"plugin.schema.json", "record.schema.json"} <= set(schemas)
+    assert sorted(p.name for p in (modules / "anymc3d" / "schemas").glob("*.json")) == schemas
     for resource in ("Icons/AnyMC3DSlicer.png", "UI/AnyMC3DSlicer.ui", "SampleData/AnyMC3DSyntheticCT.nrrd"):
         assert (modules / "Resources" / resource).read_bytes() == Path(REPO_ROOT, "Resources", resource).read_bytes()
     assert list((modules / "AnyMC3DSlicerLogic" / "__pycache__").glob("*.cpython-312.pyc"))  # by Slicer's Python
@@ -91,7 +93,7 @@ def test_installed_tree(installed):
 def test_each_file_is_installed_once(installed):
     """slicerMacroBuildScriptedModule installs the whole qt-scripted-modules build folder: nothing in it may be
     installed a second time by another rule (CMake's install manifest lists every file each time it is installed)."""
-    manifest = (installed["build"] / "install_manifest.txt").read_text().splitlines()
+    manifest = (installed["build"] / "install_manifest.txt").read_text(encoding="utf-8").splitlines()
     counts = {}
     for path in manifest:
         counts[path] = counts.get(path, 0) + 1
@@ -102,9 +104,9 @@ def test_each_file_is_installed_once(installed):
 def test_tests_registered_and_description(installed):
     listed = run(os.path.join(os.path.dirname(installed["cmake"]), "ctest"), "-N", cwd=installed["build"]).stdout
     assert "py_AnyMC3DSlicer" in listed and "py_nomainwindow_qSlicerAnyMC3DSlicerModuleGenericTest" in listed
-    paths = (installed["build"] / "AdditionalModulePaths.txt").read_text().splitlines()  # EXTENSION_DEPENDS looked up
+    paths = (installed["build"] / "AdditionalModulePaths.txt").read_text(encoding="utf-8").splitlines()  # EXTENSION_DEPENDS looked up
     assert paths == [f"{installed['build']}/{SCRIPTED}", f"{installed['build'].parent / 'PyTorch-build'}/{SCRIPTED}"]
-    description = (installed["build"] / "AnyMC3D.s4ext").read_text()
+    description = (installed["build"] / "AnyMC3D.s4ext").read_text(encoding="utf-8")
     urls = re.findall(r"https://raw\.githubusercontent\.com/AnyMC3D/AnyMC3D/main/(\S+)", description)
     assert len(urls) == 2 and all(os.path.isfile(os.path.join(REPO_ROOT, path)) for path in urls), urls
     assert "DEPENDS PyTorch" in description and "Slicer 5.10" in description
@@ -159,6 +161,6 @@ def test_ctest_runs_the_self_test_as_the_build_machines_do(installed):
     env = dict(os.environ, ANYMC3D_TEST_BLOCK=FRESH_SLICER_LACKS)
     env["PYTHONPATH"] = os.pathsep.join([BLOCKER, env.get("PYTHONPATH", "")])
     completed = subprocess.run([ctest, "-R", "^py_AnyMC3DSlicer$", "-V"], cwd=installed["build"], env=env,
-                               capture_output=True, text=True, check=False, timeout=900)
+                               capture_output=True, text=True, encoding="utf-8", check=False, timeout=900)
     assert completed.returncode == 0, completed.stdout[-5000:]
     assert "skipped" in completed.stdout and "Python packages not installed" in completed.stdout

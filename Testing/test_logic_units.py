@@ -103,7 +103,7 @@ def test_plugin_library_with_fake_reader(tmp_path):
     good.write_text(json.dumps({"name": "chest", "task": "multilabel", "labels": ["a", "b"], "backbone": {"name": "vit"}}))
     bad = source / "bad.anymc3d"
     bad.write_text("{")
-    library = PluginLibrary(tmp_path / "plugins", metadataReader=lambda path: json.loads(Path(path).read_text()))
+    library = PluginLibrary(tmp_path / "plugins", metadataReader=lambda path: json.loads(Path(path).read_text(encoding="utf-8")))
     with pytest.raises(ValueError):
         library.importPlugin(str(bad))
     with pytest.raises(ValueError):

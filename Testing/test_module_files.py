@@ -33,7 +33,7 @@ def test_module_file_compiles(tmp_path):
 def test_ruff_is_clean():
     ruff = shutil.which("ruff") or pytest.skip("ruff is not installed")
     paths = [MODULE_FILE, os.path.join(REPO_ROOT, "Logic"), os.path.join(REPO_ROOT, "Testing")]
-    completed = subprocess.run([ruff, "check", *paths], capture_output=True, text=True, check=False)
+    completed = subprocess.run([ruff, "check", *paths], capture_output=True, text=True, encoding="utf-8", check=False)
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
@@ -42,7 +42,7 @@ def test_ruff_finds_no_pyflakes_error_in_the_whole_tree():
     ruff = shutil.which("ruff") or pytest.skip("ruff is not installed")
     paths = [os.path.join(REPO_ROOT, p) for p in ("python_backend", "WebReview", "Logic", "Testing", "AnyMC3DSlicer",
                                                   "benchmarks")]
-    completed = subprocess.run([ruff, "check", "--select", "F,E9", *paths], capture_output=True, text=True, check=False)
+    completed = subprocess.run([ruff, "check", "--select", "F,E9", *paths], capture_output=True, text=True, encoding="utf-8", check=False)
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
@@ -113,7 +113,7 @@ def test_logic_imports_no_qt():
     """The Logic must import without Qt: qt appears only inside QProcessRunner / the dependency installer."""
     code = "import sys, AnyMC3DSlicerLogic; assert 'qt' not in sys.modules and 'ctk' not in sys.modules"
     env = dict(os.environ)
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", env=env, check=False)
     assert completed.returncode == 0, completed.stderr
 
 

@@ -26,7 +26,7 @@ def runScenario(name, arguments=None, moduleDir=MODULE_DIR, block="", blockLog=N
     env = dict(os.environ, ANYMC3D_TEST_BLOCK=block, ANYMC3D_TEST_BLOCK_LOG=blockLog or "")
     env["PYTHONPATH"] = os.pathsep.join([BLOCKER, STANDINS, moduleDir, *extraPaths, env.get("PYTHONPATH", "")])
     completed = subprocess.run([sys.executable, SCENARIOS, name, json.dumps(arguments or {})], capture_output=True,
-                               text=True, env=env, cwd=os.path.dirname(SCENARIOS), timeout=timeout, check=False)
+                               text=True, encoding="utf-8", env=env, cwd=os.path.dirname(SCENARIOS), timeout=timeout, check=False)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -59,7 +59,7 @@ except TypeError as error:
     print("TypeError", error)
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([STANDINS, os.environ.get("PYTHONPATH", "")]))
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", env=env, check=False)
     assert "TypeError" in completed.stdout and "scene" in completed.stdout, completed.stdout + completed.stderr
 
 
@@ -92,7 +92,7 @@ def test_fresh_install_lists_plugins_and_apply_offers_installation(demo, tmp_pat
     # light-the-torch "installed" nothing here, so PyTorchUtils' own `import torch` fails: a message, not a traceback
     assert any("Installing PyTorch failed" in text for kind, text in seen["dialogs"] if kind == "errorDisplay")
     assert not seen["jobStarted"] and seen["modules"] == []
-    attempts = {line.split()[1].split(".")[0] for line in log.read_text().splitlines()} if log.exists() else set()
+    attempts = {line.split()[1].split(".")[0] for line in log.read_text(encoding="utf-8").splitlines()} if log.exists() else set()
     # only installTorch imports torch (as SlicerPyTorch does, after its install); jsonschema is optional (hand checker)
     assert attempts <= {"jsonschema", "torch"}, attempts
 
@@ -112,7 +112,7 @@ except Exception as error:
 """
     env = dict(os.environ, ANYMC3D_TEST_BLOCK="timm,peft,jsonschema,tqdm")
     env["PYTHONPATH"] = os.pathsep.join([BLOCKER, STANDINS, BACKEND_PATH, os.environ.get("PYTHONPATH", "")])
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", env=env, check=False)
     assert completed.returncode == 0, completed.stderr
     seen = json.loads(completed.stdout.strip().splitlines()[-1])
     assert sorted(seen["missing"]) == ["jsonschema", "peft", "timm", "tqdm"]
@@ -207,7 +207,7 @@ while not done:
 print(qt.deletedDuringSignal)
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([STANDINS, BACKEND_PATH, os.environ.get("PYTHONPATH", "")]))
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False, timeout=120)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", env=env, check=False, timeout=120)
     assert "('QProcess', 'finished')" in completed.stdout, completed.stdout + completed.stderr
 
 
@@ -229,7 +229,7 @@ print(json.dumps({"readyPid": readyPid, "out": out, "done": done, "live": len(qt
                   "deleted": qt.deletedDuringSignal}))
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([STANDINS, BACKEND_PATH, os.environ.get("PYTHONPATH", "")]))
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False, timeout=120)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", env=env, check=False, timeout=120)
     assert completed.returncode == 0, completed.stderr
     seen = json.loads(completed.stdout.strip().splitlines()[-1])
     assert seen["out"] == [f"{seen['readyPid']} hello"] and seen["done"] == [0]

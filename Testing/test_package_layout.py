@@ -41,7 +41,7 @@ print(json.dumps({"name": package.__name__, "folder": folder, "all": sorted(pack
 
 def describe(pythonPath, *arguments, block=""):
     env = dict(os.environ, ANYMC3D_TEST_BLOCK=block, PYTHONPATH=os.pathsep.join(pythonPath))
-    completed = subprocess.run([sys.executable, "-c", DESCRIBE, *arguments], capture_output=True, text=True, env=env,
+    completed = subprocess.run([sys.executable, "-c", DESCRIBE, *arguments], capture_output=True, text=True, encoding="utf-8", env=env,
                                cwd=tempfile.gettempdir(), check=False, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -59,7 +59,7 @@ def pipInstalled(tmp_path_factory):
     root = tmp_path_factory.mktemp("pip")
     shutil.copytree(LOGIC_DIR, root / "Logic", ignore=shutil.ignore_patterns("__pycache__"))
     completed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                                "--target", str(root / "target"), str(root / "Logic")], capture_output=True, text=True,
+                                "--target", str(root / "target"), str(root / "Logic")], capture_output=True, text=True, encoding="utf-8",
                                check=False, timeout=300)
     assert completed.returncode == 0, completed.stderr
     return root / "target"

@@ -19,7 +19,7 @@ STANDINS = os.path.join(REPO_ROOT, "Testing", "slicer_standins")
 
 def runWithStandins(code, timeout=120):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([STANDINS, BACKEND_PATH, os.environ.get("PYTHONPATH", "")]))
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False,
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", env=env, check=False,
                                timeout=timeout)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])

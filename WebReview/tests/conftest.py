@@ -19,7 +19,7 @@ pytest.importorskip("slicer")
 
 
 def run(command, **kwargs):
-    completed = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600, **kwargs)
+    completed = subprocess.run([str(c) for c in command], capture_output=True, text=True, encoding="utf-8", timeout=600, **kwargs)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed
 
@@ -87,4 +87,4 @@ def page(browser, server):
 def results_json(review_folder):
     import json
 
-    return json.loads((Path(review_folder) / "results" / "predictions.json").read_text())
+    return json.loads((Path(review_folder) / "results" / "predictions.json").read_text(encoding="utf-8"))

@@ -25,7 +25,7 @@ WIDTH, HEIGHT = 1280, 720
 def reading_folder(review_folder, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reading")
     shutil.copy(review_folder / "volume.nii.gz", folder / "volume.nii.gz")
-    records = json.loads((review_folder / "results" / "predictions.json").read_text())
+    records = json.loads((review_folder / "results" / "predictions.json").read_text(encoding="utf-8"))
     record = next(r for r in records if r["image"].endswith("/volume.nii.gz"))
     (folder / "results" / "heatmaps").mkdir(parents=True)
     for result in record["results"]:

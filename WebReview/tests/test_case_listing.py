@@ -40,7 +40,7 @@ def listing_folder(review_folder, demo_source, tmp_path_factory):
                            "--plugin", str(review_folder / "plugin.anymc3d"), "--heatmap-method", "grad_rollout",
                            "--heatmap", str(folder / "results" / "heatmaps"),
                            "--json", str(folder / "results" / "series.json"), "--progress", "none", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
 

@@ -18,7 +18,7 @@ def copy_case(review_folder, tmp_path, with_results=True):
     folder.mkdir()
     shutil.copy(review_folder / "volume.nii.gz", folder / "volume.nii.gz")
     if with_results:
-        records = json.loads((review_folder / "results" / "predictions.json").read_text())
+        records = json.loads((review_folder / "results" / "predictions.json").read_text(encoding="utf-8"))
         record = next(r for r in records if r["image"].endswith("/volume.nii.gz"))
         (folder / "results" / "heatmaps").mkdir(parents=True)
         for result in record["results"]:
@@ -62,7 +62,7 @@ def test_results_naming_files_outside_the_folder_are_refused(review_folder, tmp_
     folder = copy_case(review_folder, tmp_path)
     assert CaseFolder(folder).case(0).status == "results"
     path = folder / "results" / "volume.json"
-    record = json.loads(path.read_text())
+    record = json.loads(path.read_text(encoding="utf-8"))
     outside = tmp_path / "outside.nii.gz"
     shutil.copy(record[0]["results"][0]["heatmap"], outside)
     record[0]["results"][0]["finding_heatmaps"]["lesion"] = str(outside)
@@ -196,7 +196,7 @@ def test_impossible_records_are_refused_with_the_field_named(review_folder, tmp_
     }
     folder = copy_case(review_folder, tmp_path)
     path = folder / "results" / "volume.json"
-    good = path.read_text()
+    good = path.read_text(encoding="utf-8")
     assert CaseFolder(folder).case(0).status == "results"
     for name, spoil in cases.items():
         record = json.loads(good)
@@ -234,7 +234,7 @@ def test_run_outputs_never_overwrite(tmp_path):
     (results / "case.json").write_text("old results")
     with pytest.raises(ValueError, match="never overwritten"):
         save_job_outputs(job, tmp_path, results / "case.json", results / "heatmaps")
-    assert (results / "case.json").read_text() == "old results"
+    assert (results / "case.json").read_text(encoding="utf-8") == "old results"
     assert not (results / "heatmaps" / "case__p.nrrd").exists()  # all or nothing: no orphan heatmap
     (results / "heatmaps" / "case__p.nrrd").write_bytes(b"old map")
     with pytest.raises(ValueError, match="never overwritten"):
@@ -251,17 +251,17 @@ def test_review_modules_import_in_one_direction():
 
     package = Path(__file__).resolve().parents[1] / "anymc3d_review"
     for name in ("app", "layout", "loader", "similarity", "quiet", "session"):
-        tree = ast.parse((package / f"{name}.py").read_text())
+        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
         assert "cli" not in imported, f"{name}.py imports the command module"
-    assert (package / "app.py").read_text().count("\n") < 700  # was 1081 before the split
+    assert (package / "app.py").read_text(encoding="utf-8").count("\n") < 700  # was 1081 before the split
 
 
 def test_heatmaps_and_masks_in_the_folder_are_not_cases(review_folder, tmp_path):
     """A folder holding images, their masks and heatmaps (as the demo's trained/ folder does) lists the images only:
     heatmaps named by a record, files named like the backend's heatmaps, and masks / heatmaps by name."""
     folder = copy_case(review_folder, tmp_path)
-    record = json.loads((folder / "results" / "volume.json").read_text())[0]
+    record = json.loads((folder / "results" / "volume.json").read_text(encoding="utf-8"))[0]
     named = Path(record["results"][0]["heatmap"])
     moved = folder / "volume_probability.nii.gz"  # an unremarkable name: recognised only because a record names it
     shutil.copy(named, moved)

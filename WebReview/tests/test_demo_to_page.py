@@ -24,7 +24,7 @@ def test_demo_prints_a_review_command_that_shows_its_case_with_results(tmp_path,
     write_trained_demo(demo, cases=8, epochs=2)  # the same files as `anymc3d demo demo`, a smaller training
     env = {**os.environ, "ANYMC3D_VENV": sys.prefix}  # the printed command names this environment's anymc3d
     done = subprocess.run(["bash", str(ROOT / "scripts" / "demo_review.sh"), str(demo)], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=tmp_path)
+                          text=True, encoding="utf-8", timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     printed = lines[lines.index(next(x for x in lines if x.startswith("Look at the results"))) + 1].strip()
@@ -32,7 +32,7 @@ def test_demo_prints_a_review_command_that_shows_its_case_with_results(tmp_path,
     assert any(x.strip() == f"source {sys.prefix}/bin/activate && anymc3d review {demo}/review" for x in lines)
 
     review = demo / "review"
-    (record,) = json.loads((review / "results" / "heldout.json").read_text())
+    (record,) = json.loads((review / "results" / "heldout.json").read_text(encoding="utf-8"))
     result = record["results"][0]
     label = result["labels"][0]
     with ReviewServer(None, command=shlex.split(printed), env={"PATH": os.environ["PATH"]}) as server:

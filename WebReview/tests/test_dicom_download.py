@@ -36,8 +36,10 @@ def _get(folder, path, **kwargs):
             return response.status, await response.read(), response.headers
 
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
-    return asyncio.run(go())
+    with ThreadPoolExecutor(1) as pool:  # a loop of its own: an earlier test's browser may run one in this thread
+        return pool.submit(asyncio.run, go()).result()
 
 
 @pytest.fixture
@@ -114,9 +116,9 @@ def test_a_real_review_server_serves_what_predict_dicom_wrote(demo_source, tmp_p
                                 str(demo_source / "backbone.safetensors"), "--plugin", str(demo_source / "plugin.anymc3d"),
                                 "--heatmap", str(root / "results" / "heatmaps"), "--dicom", str(root / "results" / "dicom"),
                                 "--json", str(root / "results" / "r.json"), "--progress", "none", "--device", "cpu"],
-                               capture_output=True, text=True, timeout=600, check=False)
+                               capture_output=True, text=True, encoding="utf-8", timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    (record,) = json.loads((root / "results" / "r.json").read_text())
+    (record,) = json.loads((root / "results" / "r.json").read_text(encoding="utf-8"))
     with ReviewServer(root, log=tmp_path / "server.log") as server:
         assert http_status(server.base + "dicom/0") == 403
         with urllib.request.urlopen(server.base + f"dicom/0?{KEY_PARAMETER}={server.key}", timeout=30) as response:

@@ -71,13 +71,13 @@ def test_run_case_from_page_writes_results_and_shows_them(run_page, run_folder):
     wait_state(page, "s('shown_case') === 0 && s('rows').length > 0")
     settle(page, VIEWS, quiet=1.0)
     # results written in the folder's convention, and shown
-    results = json.loads((run_folder / "results" / "a_small.json").read_text())
+    results = json.loads((run_folder / "results" / "a_small.json").read_text(encoding="utf-8"))
     assert results[0]["status"] == "ok" and results[0]["image"] == str(run_folder / "a_small.nii.gz")
     heatmap = results[0]["results"][0]["heatmap"]
     assert heatmap.startswith(str(run_folder / "results" / "heatmaps")) and (run_folder / "results" / "heatmaps").is_dir()
     texts = [t.strip() for t in page.locator("td.finding-probability").all_inner_texts()]
     probabilities = results[0]["results"][0]["probabilities"]
-    assert texts == [f"{probabilities[label]:.4f}" for label in results[0]["results"][0]["labels"]]
+    assert texts == [f"{probabilities[label]:.2f}" for label in results[0]["results"][0]["labels"]]  # as a reader reads it
     assert state(page, "cases")[0]["status"] == "results"
     assert heatmap_fraction(view_pixels(page, "Red")) > 0.02
 
@@ -116,7 +116,7 @@ def test_forced_rerun_is_refused_and_results_are_kept(run_page, run_server, run_
     assert "already has results" in got["run_message"]
     assert sorted((run_folder / "results").rglob("*")) == files
     assert {path: (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else None) for path in files} == before
-    assert json.loads(json_path.read_text())[0]["status"] == "ok"
+    assert json.loads(json_path.read_text(encoding="utf-8"))[0]["status"] == "ok"
 
 
 def test_rescan_lists_a_file_added_while_the_server_runs(run_page, run_folder):
@@ -247,7 +247,7 @@ def test_run_from_the_page_with_every_heatmap_method(method, request, demo_sourc
             wait_state(page, "s('running') === false", timeout=400)
             assert state(page, "run_message") == "Done", state(page, "run_message")
             wait_state(page, "s('shown_case') === 0 && s('rows').length > 0")
-            record = json.loads((folder / "results" / "a_small.json").read_text())[0]
+            record = json.loads((folder / "results" / "a_small.json").read_text(encoding="utf-8"))[0]
             result = record["results"][0]
             assert record["status"] == "ok" and result["heatmap_method"] == method
             named = {result["heatmap"], *(result.get("finding_heatmaps") or {}).values()} - {None}

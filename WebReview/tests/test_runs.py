@@ -37,7 +37,7 @@ def test_a_heatmap_named_by_a_result_and_its_finding_is_copied_once(tmp_path):
     saved = save_job_outputs(job, folder, folder / "results" / "case.json", folder / "results" / "heatmaps")
     assert files_under(folder / "results") == ["case.json", "heatmaps", "heatmaps/case__p__a.nrrd",
                                                "heatmaps/case__p__b.nrrd"]
-    record = json.loads((folder / "results" / "case.json").read_text())[0]["results"][0]
+    record = json.loads((folder / "results" / "case.json").read_text(encoding="utf-8"))[0]["results"][0]
     heatmaps = folder / "results" / "heatmaps"
     assert record["heatmap"] == record["finding_heatmaps"]["a"] == str(heatmaps / "case__p__a.nrrd")
     assert (heatmaps / "case__p__b.nrrd").read_bytes() == b"map b"
@@ -58,8 +58,8 @@ def test_links_planted_at_every_guessable_name_are_never_followed(tmp_path):
     os.symlink(victims["b"], heatmaps / ".case__p__a.nrrd.partial")
     os.symlink(victims["c"], heatmaps / ".case__p__b.nrrd.partial")
     save_job_outputs(job, folder, results / "case.json", heatmaps)
-    assert all(victim.read_text() == "precious" for victim in victims.values())
-    assert not (results / "case.json").is_symlink() and json.loads((results / "case.json").read_text())
+    assert all(victim.read_text(encoding="utf-8") == "precious" for victim in victims.values())
+    assert not (results / "case.json").is_symlink() and json.loads((results / "case.json").read_text(encoding="utf-8"))
     # a link at a final name (even dangling) is an existing name: refused, the link's target untouched
     job2, other = make_job(tmp_path / "2"), folder_with_results(tmp_path / "2")
     os.symlink(outside / "new-file", other / "results" / "heatmaps" / "case__p__b.nrrd")
@@ -109,4 +109,4 @@ def test_a_race_at_link_time_rolls_back_what_was_linked(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="never overwritten"):
         save_job_outputs(job, folder, folder / "results" / "case.json", heatmaps)
     assert files_under(folder / "results") == ["case.json", "heatmaps"]
-    assert (folder / "results" / "case.json").read_text() == "appeared meanwhile"
+    assert (folder / "results" / "case.json").read_text(encoding="utf-8") == "appeared meanwhile"

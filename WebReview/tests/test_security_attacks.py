@@ -330,7 +330,7 @@ def test_a_hostile_folder_starts_and_says_why_in_one_line(review_folder, tmp_pat
     _plugin_with(folder / "nested.anymc3d", b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", weights)
     _plugin_with(folder / "bomb.anymc3d", raw, inflated_size=1024 ** 3)
     assert (folder / "bomb.anymc3d").stat().st_size < 2 * 1024 ** 2
-    text = (folder / "results" / "predictions.json").read_text().replace(str(review_folder), str(folder))
+    text = (folder / "results" / "predictions.json").read_text(encoding="utf-8").replace(str(review_folder), str(folder))
     records = json.loads(text)
     for record, plugin in zip(records, ("nested.anymc3d", "bomb.anymc3d")):
         for result in record["results"]:
@@ -374,7 +374,7 @@ def test_a_hostile_folder_starts_and_says_why_in_one_line(review_folder, tmp_pat
 @pytest.mark.slow
 def test_every_printed_address_is_bound_and_no_key_in_a_debug_log(review_folder):
     completed = subprocess.run([sys.executable, "-m", "anymc3d", "review", str(review_folder), "--host", ""],
-                               capture_output=True, text=True, timeout=300)
+                               capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert completed.returncode == 2 and "--host needs an address" in completed.stderr
     assert len(completed.stderr.strip().splitlines()) == 1
     with ReviewServer(review_folder, log_level="DEBUG") as srv:

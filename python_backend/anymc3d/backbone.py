@@ -122,24 +122,7 @@ def patch_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
 
 def read_weights(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a state dict and its metadata from safetensors or a ``.pth`` file, never unpickling objects."""
-    path = Path(path)
-    if path.is_file() and _is_plugin_file(path):
-        raise BackboneError(f"{path}: this is a plugin file: use --plugin {path} (and --backbone for the backbone's "
-                            "weights it was trained on)")
-    return read_state(path)
-
-
-def _is_plugin_file(path: Path) -> bool:
-    """A plugin (a zip holding plugin.json) given where backbone weights belong."""
-    import zipfile
-
-    from anymc3d.plugin_file import JSON_NAME
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return JSON_NAME in archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
+    return read_state(Path(path))
 
 
 def spec_from_file(path: os.PathLike | str) -> Optional[BackboneSpec]:
@@ -178,7 +161,8 @@ def resolve_spec(path: Path, state: dict, metadata: dict, config_spec: Optional[
     if arch is not None and found is not None and name_for_arch(arch) != found.name:
         raise BackboneError(f"{path}: holds {found.name}, but --arch {arch} was given")
     if spec is not None and found is not None and not found.same_architecture(spec):
-        raise BackboneError(f"{path}: holds {found.name} {found.to_dict()}, but {spec.to_dict()} was asked for")
+        raise BackboneError(f"{path}: holds {found.describe()} {found.to_dict()}, but {spec.describe()} {spec.to_dict()} "
+                            "was asked for")
     return spec or found
 
 

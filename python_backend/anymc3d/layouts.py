@@ -65,10 +65,26 @@ def name_for_arch(arch: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+def _is_plugin_file(path: Path) -> bool:
+    """A plugin (a zip holding plugin.json) given where backbone weights belong."""
+    import zipfile
+
+    from anymc3d.plugin_file import JSON_NAME
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return JSON_NAME in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A state dict of tensors and its metadata from safetensors or a ``.pth`` file, never unpickling objects."""
     if not path.is_file():
         raise BackboneError(f"{path}: backbone weights file not found")
+    if _is_plugin_file(path):
+        raise BackboneError(f"{path}: this is a plugin file: use --plugin {path} (and --backbone for the backbone's "
+                            "weights it was trained on)")
     try:
         if path.suffix == ".safetensors":
             with safetensors.safe_open(str(path), framework="pt") as f:

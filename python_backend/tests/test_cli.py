@@ -34,9 +34,9 @@ def test_golden_demo_run_as_a_user_would(demo_dir, tmp_path):
     out, heat = tmp_path / "results.json", tmp_path / "heatmaps"
     run = subprocess.run([sys.executable, "-m", "anymc3d", *_predict(demo_dir, demo_dir / "volume.nii.gz", "--heatmap",
                                                                       heat, "--json", out)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert run.returncode == 0, run.stderr
-    (record,) = json.loads(out.read_text())
+    (record,) = json.loads(out.read_text(encoding="utf-8"))
     (result,) = record["results"]
     assert record["status"] == "ok" and record["slicing_axis"] == 2 and record["num_slices"] == 40
     assert result["labels"] == ["lesion", "effusion", "fracture"] and result["heatmap_method"] == "attention"
@@ -92,7 +92,7 @@ def test_a_batch_goes_on_past_bad_cases_and_names_each_problem(demo_dir, tmp_pat
     out, heat = tmp_path / "r.json", tmp_path / "heat"
     code = main(_predict(demo_dir, cases, "--heatmap", heat, "--json", out))
     assert code == 1
-    records = {os.path.basename(r["image"]).split(".")[0]: r for r in json.loads(out.read_text())}
+    records = {os.path.basename(r["image"]).split(".")[0]: r for r in json.loads(out.read_text(encoding="utf-8"))}
     assert set(records) == set(expected) | {"good"}
     assert records["good"]["status"] == "ok"
     for name, words in expected.items():
@@ -164,12 +164,12 @@ def test_standby_runs_the_command_line_it_reads_on_stdin_as_if_given_directly(de
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(p) for p in sys.path if p]))
 
     def standby(text):
-        return subprocess.run([sys.executable, "-m", "anymc3d", "standby"], input=text, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "anymc3d", "standby"], input=text, capture_output=True, text=True, encoding="utf-8",
                               env=env, timeout=300)
 
     ran = standby(line)
     assert ran.returncode == 0, ran.stderr
-    a, b = (json.loads((tmp_path / f"{n}.json").read_text())[0] for n in ("direct", "standby"))
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text(encoding="utf-8"))[0] for n in ("direct", "standby"))
     assert [r["probabilities"] for r in a["results"]] == [r["probabilities"] for r in b["results"]]
     maps = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("hd", "hs")]
     assert maps[0] == maps[1] and maps[0]
@@ -188,7 +188,7 @@ def test_gradient_heatmaps_are_written_per_finding_and_an_ensemble_is_one_result
                     "--heatmap-format", "nrrd", "--json", tmp_path / "r.json", "--ensemble", "--plugin",
                     demo_dir / "plugin.anymc3d")
     assert main(args) == 0
-    (result,) = json.loads((tmp_path / "r.json").read_text())[0]["results"]
+    (result,) = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))[0]["results"]
     assert result["plugin"] == "ensemble" and len(result["plugin_path"]) == 2
     assert sorted(p.name for p in heat.iterdir()) == [f"volume__ensemble__{k}.nrrd" for k in sorted(result["labels"])]
     top = max(result["probabilities"], key=result["probabilities"].get)
@@ -285,21 +285,21 @@ def test_multi_view_case_joined_with_plus(demo_dir, tmp_path):
     args = _predict(demo_dir, f"{sag}+{cor}", "--json", tmp_path / "r.json", "--heatmap", tmp_path / "h", "--embedding")
     args[args.index("--plugin") + 1] = str(plugin)
     assert main(args) == 0
-    (record,) = json.loads((tmp_path / "r.json").read_text())
+    (record,) = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     (result,) = record["results"]
     assert record["image"] == f"{sag}+{cor}" and record["slicing_axis"] == 0 and record["num_slices"] == 10
     assert len(result["embedding"]) == 192 and sitk.ReadImage(result["heatmap"]).GetSize() == (10, 40, 36)
     args[args.index("--embedding")] = "--ensemble"  # one view given to a two-view plugin: a clear case error
     args[args.index(f"{sag}+{cor}")] = str(sag)
     assert main(args) == 1
-    assert "takes 2 view(s) ['sag', 'cor'], got 1" in json.loads((tmp_path / "r.json").read_text())[0]["error"]
+    assert "takes 2 view(s) ['sag', 'cor'], got 1" in json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))[0]["error"]
 
 
 # ------------------------------------------------------------------------------------------ bad input (issue 11, part 3)
 def _records(path):
     from anymc3d.contract import validate_records
 
-    return validate_records(json.loads(path.read_text()))
+    return validate_records(json.loads(path.read_text(encoding="utf-8")))
 
 
 @pytest.mark.parametrize("make", ["empty", "no_images"])

@@ -27,7 +27,7 @@ def record(demo_dir, tmp_path_factory):
     assert main(["predict", str(demo_dir / "volume.nii.gz"), "--backbone", str(demo_dir / "backbone.safetensors"),
                  "--plugin", str(demo_dir / "plugin.anymc3d"), "--device", "cpu", "--progress", "none",
                  "--json", str(out)]) == 0
-    return json.loads(out.read_text())[0]
+    return json.loads(out.read_text(encoding="utf-8"))[0]
 
 
 def _broken(record):
@@ -85,7 +85,7 @@ def test_without_jsonschema_the_hand_checker_refuses_the_same(record, monkeypatc
 
 
 def test_contract_needs_only_the_standard_library():
-    tree = ast.parse(Path(contract.__file__).read_text())
+    tree = ast.parse(Path(contract.__file__).read_text(encoding="utf-8"))
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     third_party = imported - set(sys.stdlib_module_names) - {"__future__"}
@@ -93,7 +93,7 @@ def test_contract_needs_only_the_standard_library():
 
 
 def test_fallback_requirements_equal_pyproject():
-    declared = tomllib.loads((BACKEND / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = tomllib.loads((BACKEND / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     assert list(contract._FALLBACK_REQUIREMENTS) == [d.split("#")[0].strip() for d in declared]
     names = {r.split(">")[0].split("<")[0].split("=")[0].strip().lower() for r in contract.requirements()}
     assert {"torch", "timm", "peft", "simpleitk", "jsonschema", "tqdm"} <= names

@@ -21,7 +21,7 @@ def test_real_demo_writes_a_truthful_report(tmp_path):
     bb = small_backbone()
     path = save_backbone(bb.model, SMALL["dinov2"], tmp_path / "backbone.safetensors")
     report = write_real_demo(tmp_path / "demo", path, cases=(4, 4), epochs=2)
-    assert json.loads((tmp_path / "demo" / "demo.json").read_text()) == report
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text(encoding="utf-8")) == report
     held = report["heldout"]
     assert held["heatmap_method"] == "occlusion" and 0.0 <= held["probability"] <= 1.0
     heat = sitk.ReadImage(held["heatmap"])

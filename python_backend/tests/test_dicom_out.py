@@ -31,7 +31,7 @@ NO_FRAME_OF_REFERENCE_ERRORS = (
 
 def dciodvfy(path) -> list[str]:
     """dciodvfy's Error and Warning lines for one file (it prints them on stderr)."""
-    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, encoding="utf-8", timeout=60)
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith(("Error", "Warning"))]
 
 
@@ -87,7 +87,7 @@ def run(demo_dir, tmp_path_factory):
     inputs = [root / name for name in ("ct_axial", "mr_oblique", "ct_uneven", "ct_no_for", "two", "emr")] + [nifti]
     code = main(_predict(demo_dir, *inputs, "--heatmap", out / "heat", "--dicom", out / "dicom",
                          "--json", out / "r.json"))
-    records = json.loads((out / "r.json").read_text())
+    records = json.loads((out / "r.json").read_text(encoding="utf-8"))
     return {"code": code, "records": records, "series": series, "root": root, "out": out}
 
 
@@ -273,7 +273,7 @@ def test_gradient_maps_give_one_parametric_map_per_finding_from_a_csv_input(demo
     code = main(_predict(demo_dir, tmp_path / "cases.csv", "--heatmap", tmp_path / "heat", "--heatmap-method",
                          "grad_rollout", "--dicom", tmp_path / "dicom", "--json", tmp_path / "r.json"))
     assert code == 0
-    (record,) = json.loads((tmp_path / "r.json").read_text())
+    (record,) = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     files = _outputs(record)
     (result,) = record["results"]
     assert sorted(Path(f).name for f in files[1:]) == sorted(f"pm__demo_findings__{k}.dcm" for k in result["labels"])
@@ -361,7 +361,7 @@ def test_predict_on_ray_writes_the_same_objects(demo_dir, run, tmp_path):
     code = main(_predict(demo_dir, run["root"] / "two", run["root"] / "ct_axial", "--heatmap", tmp_path / "heat",
                          "--dicom", tmp_path / "dicom", "--json", tmp_path / "r.json", "--ray", "--workers", "1"))
     assert code == 0
-    records = json.loads((tmp_path / "r.json").read_text())
+    records = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert len(records) == 3
     for record in records:
         key = "ct_axial" if record["image"].endswith("ct_axial") else (

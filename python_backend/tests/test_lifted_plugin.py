@@ -228,7 +228,7 @@ def test_lifted_plugin_round_trips_with_its_encoder_options(fitted, tmp_path):
     # a plugin.json without "encoder" (older writers) loads, with the kind's defaults
     folder = tmp_path / "old"
     save_plugin(folder, config, loaded.head, loaded.lora)
-    meta = json.loads((folder / JSON_NAME).read_text())
+    meta = json.loads((folder / JSON_NAME).read_text(encoding="utf-8"))
     del meta["encoder"]
     (folder / JSON_NAME).write_text(json.dumps(meta))
     assert load_plugin(folder).config.encoder == {"variant": "pcg", "cycle": ["HW", "DW", "DH", "HW"]}
@@ -245,7 +245,7 @@ def test_lifted_plugin_round_trips_with_its_encoder_options(fitted, tmp_path):
     (folder / JSON_NAME).write_text(json.dumps(meta))
     assert load_plugin(folder).config.encoder == {}
     assert "encoder" not in json.loads(save_plugin(tmp_path / "flat", load_plugin(folder).config, loaded.head,
-                                                   loaded.lora).joinpath(JSON_NAME).read_text())
+                                                   loaded.lora).joinpath(JSON_NAME).read_text(encoding="utf-8"))
 
 
 def test_info_shows_kind_and_lifting(fitted, capsys):
@@ -305,7 +305,7 @@ def test_predict_writes_a_contribution_record_and_heatmap_in_the_input_geometry(
                    "--plugin", str(fitted["real"]), "--device", "cpu", "--heatmap", str(heatmaps),
                    "--json", str(records), "--progress", "none"])
     assert rc == 0
-    found = json.loads(records.read_text())
+    found = json.loads(records.read_text(encoding="utf-8"))
     assert len(found) == 2
     volumes = []
     for record, image in zip(found, (with_lesion, without)):
@@ -331,7 +331,7 @@ def test_2d_plugin_refuses_contribution_in_one_line(demo_dir, tmp_path, caplog):
                    "--plugin", str(demo_dir / "plugin.anymc3d"), "--device", "cpu", "--heatmap", str(tmp_path / "h"),
                    "--heatmap-method", "contribution", "--json", str(records), "--progress", "none"])
     assert rc != 0
-    (record,) = json.loads(records.read_text())
+    (record,) = json.loads(records.read_text(encoding="utf-8"))
     assert record["status"] == "error"
     assert "'contribution'" in record["error"] and "slice_lora" in record["error"] and "\n" not in record["error"]
 

@@ -34,7 +34,7 @@ def _predicted(demo_dir, manifest, out, *extra) -> list[dict]:
     assert main(["predict", str(manifest), "--backbone", str(demo_dir / "backbone.safetensors"), "--plugin",
                  str(demo_dir / "plugin.anymc3d"), "--device", "cpu", "--progress", "none", "--json", str(out),
                  *extra]) == 1
-    return json.loads(out.read_text())
+    return json.loads(out.read_text(encoding="utf-8"))
 
 
 def test_every_command_names_the_same_bad_row_the_same_way(demo_dir, tmp_path, caplog):

@@ -56,8 +56,8 @@ def test_body_only_skips_the_background_and_keeps_body_blocks():
     x = _case(size, seed=1)
     with torch.inference_mode():
         out = model([x[None]])
-    full = model.encoder.occlusion_maps(model, [x[None]], out, depth=1, body_only=False)
-    body = model.encoder.occlusion_maps(model, [x[None]], out, depth=1, body_only=True)
+    full = model.encoder.occlusion_maps(model, [x[None]], out, depth=1, block=1, body_only=False)
+    body = model.encoder.occlusion_maps(model, [x[None]], out, depth=1, block=1, body_only=True)
     patch = bb.spec.patch_size
     in_body = hm.body_mask(x).reshape(x.shape[0], size // patch, patch, size // patch, patch).any(4).any(2).flatten(1)
     assert 0 < in_body.sum() < in_body.numel()

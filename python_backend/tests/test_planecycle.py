@@ -318,7 +318,7 @@ def test_features_cli_on_npy(backbone_files, family, mode, tmp_path):
     assert _rel(_load(out, "layer0_global_tokens"), ref_layer[1][0]) <= 1e-5
     assert _load(out, "layer2_patch_tokens").shape == patches.shape
     assert torch.allclose(_load(out, "volume_embedding"), glob[:, 0].mean(0), atol=1e-6)
-    meta = json.loads((out / "features.json").read_text())
+    meta = json.loads((out / "features.json").read_text(encoding="utf-8"))
     assert meta["mode"] == mode and meta["layers"] == [0, 2]
 
 

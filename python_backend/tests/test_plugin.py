@@ -207,7 +207,7 @@ assert not {"torch", "timm", "peft"} & set(sys.modules), sorted(sys.modules)
 print(json.dumps([out, training]))
 '''
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(anymc3d.__file__)))
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, encoding="utf-8", env=env, check=False)
     assert done.returncode == 0, done.stderr
     listed, training = json.loads(done.stdout)
     assert sorted(listed) == ["bad.anymc3d", "one.anymc3d", "two"]

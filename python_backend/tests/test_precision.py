@@ -33,7 +33,7 @@ ASSET = Path("/work/wt/assets/dinov2s-imgfocus.safetensors")
 def _cpu_flags() -> set[str]:
     """The CPU flags as lscpu shows them (read here independently of anymc3d.device)."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
     except OSError:
         return set()
     return {f for line in lines if line.startswith("flags") for f in line.split(":", 1)[1].split()}

@@ -46,7 +46,7 @@ def test_mri_under_a_ct_plugin_warns_on_stderr_and_in_the_record(demo, tmp_path,
     sitk.WriteImage(mri, str(tmp_path / "mri.nii.gz"))
     code, out = predict(demo, tmp_path / "mri.nii.gz", tmp_path, caplog)
     assert code == 0
-    (record,) = json.loads(out.read_text())
+    (record,) = json.loads(out.read_text(encoding="utf-8"))
     (warning,) = record["results"][0]["warnings"]
     assert "meant for CT" in warning and "lowest value is 0" in warning
     assert any(warning in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -55,7 +55,7 @@ def test_mri_under_a_ct_plugin_warns_on_stderr_and_in_the_record(demo, tmp_path,
 
     caplog.clear()
     code, out = predict(demo, demo / "volume.nii.gz", tmp_path, caplog)  # the demo CT (air at -1000 HU): no warning
-    (record,) = json.loads(out.read_text())
+    (record,) = json.loads(out.read_text(encoding="utf-8"))
     assert code == 0 and "warnings" not in record["results"][0]
     assert float(sitk.GetArrayViewFromImage(ct).min()) <= CT_MINIMUM_HU
 
@@ -82,5 +82,5 @@ def test_demo_backbone_is_named_for_what_it_is(demo, tmp_path, capsys, caplog):
     if code == 2:  # refused before any case ran
         assert "DINOv2-architecture demo, 6 blocks, width 192, random weights" in text, text
     else:  # or the case's error record carries it
-        (record,) = json.loads((tmp_path / "m.json").read_text())
+        (record,) = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
         assert "DINOv2-architecture demo, 6 blocks, width 192, random weights" in record["error"]

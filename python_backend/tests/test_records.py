@@ -65,8 +65,8 @@ def test_records_round_trip_as_json_and_json_lines(good, tmp_path):
     for name in ("r.json", "r.jsonl"):
         write_records(tmp_path / name, records)
         assert read_records(tmp_path / name) == records
-    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
-    assert json.loads((tmp_path / "r.json").read_text()) == records
+    assert len((tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+    assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8")) == records
     write_record(tmp_path / "one.json", record)
     assert read_records(tmp_path / "one.json") == [record]
 

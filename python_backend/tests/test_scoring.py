@@ -68,8 +68,8 @@ def test_ray_records_and_heatmaps_equal_the_local_runs(local_ray, demo_dir, two_
     _write_cases(cases, good=3, bad=True)
     assert main(_args(demo_dir, two_plugins, [cases], tmp_path / "local.json", tmp_path / "hl")) == 1
     assert main(_args(demo_dir, two_plugins, [cases], tmp_path / "ray.json", tmp_path / "hr", *RAY_FLAGS)) == 1
-    local = validate_records(json.loads((tmp_path / "local.json").read_text()))
-    remote = validate_records(json.loads((tmp_path / "ray.json").read_text()))
+    local = validate_records(json.loads((tmp_path / "local.json").read_text(encoding="utf-8")))
+    remote = validate_records(json.loads((tmp_path / "ray.json").read_text(encoding="utf-8")))
     assert [r["image"] for r in remote] == [r["image"] for r in local] and len(local) == 5
     assert [r["status"] for r in local].count("error") == 2
     for a, b in zip(local, remote):
@@ -103,7 +103,7 @@ def killed_run(local_ray, demo_dir, tmp_path_factory):
             commits = [p for p in run_dir.glob("*.json") if p.name != "run.json"]
             workers = sorted((run_dir / ".workers").glob("*.json"))
             if commits and workers:
-                pid = json.loads(workers[-1].read_text())["pid"]
+                pid = json.loads(workers[-1].read_text(encoding="utf-8"))["pid"]
                 killed.update(pid=pid, commits=len(commits))
                 os.kill(pid, signal.SIGKILL)
             time.sleep(0.05)
@@ -121,7 +121,7 @@ def test_a_killed_worker_is_retried_and_every_case_is_written_once(killed_run):
     with pytest.raises(ProcessLookupError):
         os.kill(run["killed"]["pid"], 0)  # the process really died
     assert run["code"] == 0
-    records = validate_records(json.loads(run["out"].read_text()))
+    records = validate_records(json.loads(run["out"].read_text(encoding="utf-8")))
     assert sorted(r["image"] for r in records) == sorted(str(p) for p in run["cases"].iterdir())
     assert all(r["status"] == "ok" for r in records)
     heat = run["root"] / "heat"
@@ -152,7 +152,7 @@ def test_resume_after_a_halfway_stop_runs_only_the_missing_cases(killed_run, dem
     assert {p.name: p.stat().st_mtime_ns for p in commits[3:]} == before
     assert sorted(p.name for p in run_dir.glob("*.json")) == sorted([p.name for p in commits] + ["run.json"])
     assert not list(run_dir.glob("*.partial"))
-    records = validate_records(json.loads((root / "r.json").read_text()))
+    records = validate_records(json.loads((root / "r.json").read_text(encoding="utf-8")))
     assert sorted(r["image"] for r in records) == sorted(str(p) for p in cases.iterdir())
     # a second --resume has nothing left to run (and needs no Ray workers)
     assert main(args) == 0

@@ -71,7 +71,7 @@ def test_second_call_loads_the_features_and_gives_identical_maps(backbone_path, 
     assert [p.rsplit("/", 1)[1] for p in first["out"]] == ["similarity_5_11_3.nrrd", "similarity_17_2_6.nrrd"]
     tokens_file = store / cache.TOKENS_NAME
     stamp = tokens_file.stat().st_mtime_ns
-    key = json.loads((store / cache.META_NAME).read_text())[cache.KEY_FIELD]
+    key = json.loads((store / cache.META_NAME).read_text(encoding="utf-8"))[cache.KEY_FIELD]
     assert key["image_sha256"] == cache.file_sha256(image)
 
     rc, second = _run(capsys, image, backbone_path, tmp_path / "second", SEEDS, "--features-cache", str(store),

@@ -28,7 +28,7 @@ print("PROBE " + json.dumps({"code": code, "imported": [m for m in watched if m 
 
 def _run(argv: list[str], env: dict | None = None) -> tuple[dict, float, str]:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True, text=True, encoding="utf-8",
                           env=env or os.environ.copy(), timeout=600)
     seconds = time.perf_counter() - start
     lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
@@ -48,7 +48,7 @@ def test_help_version_and_usage_errors_import_no_torch(argv, code):
 
 def _flags() -> set[str]:
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
     except OSError:
         return set()
     return {f for line in lines if line.startswith("flags") for f in line.split(":", 1)[1].split()}
@@ -72,5 +72,5 @@ def test_predict_imports_no_training_packages_and_states_its_precision(demo_dir,
     from anymc3d.device import AUTO_BF16
 
     native = bool(_flags() & {"amx_bf16", "avx512_bf16"})
-    (result,) = json.loads(out.read_text())[0]["results"]
+    (result,) = json.loads(out.read_text(encoding="utf-8"))[0]["results"]
     assert result["precision"] == ("bf16" if native and AUTO_BF16 else "fp32")

@@ -20,7 +20,7 @@ from train_tasks import split_list, write_task
 
 def _run(*args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "anymc3d", *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "anymc3d", *args], env=env, capture_output=True, text=True, encoding="utf-8", timeout=600)
 
 
 def test_folds_ensemble_eval_info_and_predict(tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_folds_ensemble_eval_info_and_predict(tmp_path, capsys):
     r = _run("train", str(manifest), "--backbone", str(backbone), "--out", str(out), "--folds", "2", "--epochs", "2",
              "--num-slices", "6", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
-    index = json.loads((out / "ensemble.json").read_text())
+    index = json.loads((out / "ensemble.json").read_text(encoding="utf-8"))
     assert index["plugins"] == ["fold0.anymc3d", "fold1.anymc3d"]
     s0, s1 = (read_training_summary(out / p) for p in index["plugins"])
     assert s0["splits"]["val"]["cases"] == s1["splits"]["val"]["cases"] == 6  # 12 non-test cases in 2 folds
@@ -40,7 +40,7 @@ def test_folds_ensemble_eval_info_and_predict(tmp_path, capsys):
     r = _run("eval", str(manifest), "--backbone", str(backbone), "--plugin", str(out), "--out", str(tmp_path / "ev"),
              "--bootstrap", "50")
     assert r.returncode == 0, r.stderr[-2000:]
-    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["cases"] == 4 and metrics["evaluated_split"] == "test" and len(metrics["plugin"]) == 2
     assert (tmp_path / "ev" / "metrics.csv").is_file() and (tmp_path / "ev" / "roc_lesion.png").is_file()
     _info_shows_the_training(out, [out / p for p in index["plugins"]], capsys)
@@ -71,7 +71,7 @@ def _info_shows_the_training(folder, members, capsys):
 
 
 def _results(path):
-    return [{r["plugin"]: r for r in record["results"]} for record in json.loads(path.read_text())]
+    return [{r["plugin"]: r for r in record["results"]} for record in json.loads(path.read_text(encoding="utf-8"))]
 
 
 def _predict(backbone, images, out, *plugins):
@@ -113,7 +113,7 @@ def _predict_with_the_folder(folder, backbone, images, tmp_path):
 
 def test_bad_manifest_is_refused_before_training(tmp_path):
     manifest = write_task(tmp_path / "data", 6, seed=9)
-    text = manifest.read_text().splitlines()
+    text = manifest.read_text(encoding="utf-8").splitlines()
     text[2] = text[2].rsplit(",", 1)[0] + ",2"  # line 3: label 2 (binary task)
     text[3] = text[3].replace("case002", "gone")
     manifest.write_text("\n".join(text) + "\n")

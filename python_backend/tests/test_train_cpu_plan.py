@@ -106,4 +106,4 @@ def test_eval_with_a_mask_column_measures_localisation_and_records_it(tmp_path):
     best = max(card["measured"], key=lambda m: (card["measured"][m]["hit_rate"],
                                                 card["measured"][m]["mass_over_volume_share"]))
     assert card["best"] == best
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["localisation"]["cases"] == len(positives)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))["localisation"]["cases"] == len(positives)

@@ -11,7 +11,7 @@ from anymc3d.plugin import read_training_summary
 def test_trained_demo_learns_and_points_at_the_lesion(tmp_path):
     report = write_trained_demo(tmp_path)
     print(json.dumps(report))
-    assert json.loads((tmp_path / "trained" / "demo.json").read_text()) == report
+    assert json.loads((tmp_path / "trained" / "demo.json").read_text(encoding="utf-8")) == report
     assert report["validation_auroc"] >= 0.9
     held = report["heldout"]
     assert held["decision"] and held["probability"] > 0.5

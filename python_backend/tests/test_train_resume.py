@@ -74,7 +74,7 @@ def test_interrupt_and_resume_gives_the_uninterrupted_plugin(tiny_task, tmp_path
     assert [h["val_auroc"] for h in full.history] == [h["val_auroc"] for h in resumed.history]
     summary = read_training_summary(out)
     assert summary["splits"]["train"]["cases"] == 8 and summary["epochs_run"] == 3
-    assert (out.parent / "resumed.anymc3d.train.jsonl").read_text().count("\n") == 3
+    assert (out.parent / "resumed.anymc3d.train.jsonl").read_text(encoding="utf-8").count("\n") == 3
 
 
 _WRITER = r"""
@@ -94,7 +94,7 @@ def test_sigkill_while_writing_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "run.checkpoint.safetensors"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     for delay in (0.3, 0.55, 0.8):
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True, encoding="utf-8", env=env)
         first = proc.stdout.readline()  # one complete checkpoint exists
         assert first.strip().isdigit()
         time.sleep(delay)
@@ -114,11 +114,11 @@ def test_ddp_two_gloo_processes_match_one_process(tiny_task, tmp_path):
               "--accumulation", "2", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "ANYMC3D_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "anymc3d", "train", *common, "--out", str(tmp_path / "one.anymc3d")],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           "29517", "-m", "anymc3d", "train", *common, "--out", str(tmp_path / "two.anymc3d")],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _tensors(tmp_path / "one.anymc3d"), _tensors(tmp_path / "two.anymc3d")
     assert a.keys() == b.keys()
