@@ -193,3 +193,6 @@ def test_real_backend_gradient_ensemble_per_finding_heatmaps(sceneContext, realL
         visible = [sceneContext.volumeRenderingLogic.GetFirstVolumeRenderingDisplayNode(h).GetVisibility() for h in heatmaps]
         assert visible == [int(h is shown) for h in heatmaps]
     assert os.listdir(tempRoot) == []
+
+
+pytestmark = pytest.mark.slow  # child backend processes: left out of the quick tier

@@ -89,6 +89,7 @@ def test_ras_to_ijk_on_an_oblique_volume_and_through_a_transform(sceneContext, v
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_point_map_geometry_seed_maximum_and_feature_cache(sceneContext, session, volumePath):
     volume = sceneContext.loadVolume(volumePath, "Oblique")
     image = sitk.ReadImage(volumePath)

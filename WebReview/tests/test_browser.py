@@ -431,3 +431,6 @@ def test_cold_case_opens_on_its_first_finding_and_every_finding_follows(browser,
         assert state(page, "maximum_ijk") == [int(i), int(j), int(k)]
     finally:
         page.close()
+
+
+pytestmark = pytest.mark.slow  # a real server and browser: left out of the quick tier

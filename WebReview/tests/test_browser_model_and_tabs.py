@@ -159,3 +159,6 @@ def test_case_list_shows_dicom_series_and_unreadable_files(model_page):
 
     settle(page, ("Red",))
     assert view_pixels(page, "Red").mean() > 10  # the series is drawn (grey, not black)
+
+
+pytestmark = pytest.mark.slow  # a real server and browser: left out of the quick tier

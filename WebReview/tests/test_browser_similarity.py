@@ -74,3 +74,6 @@ def test_click_shows_the_similarity_map_of_the_clicked_voxel_in_the_background(b
         assert heatmap_fraction(view_pixels(page, "Red")) < 0.002
     finally:
         page.close()
+
+
+pytestmark = pytest.mark.slow  # a real server and browser: left out of the quick tier

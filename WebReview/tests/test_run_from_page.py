@@ -318,3 +318,6 @@ def test_a_failed_import_leaves_no_file_behind_and_the_case_can_run_again(demo_s
         session.cancel_run()
     finally:
         session.close()
+
+
+pytestmark = pytest.mark.slow  # a real server, browser and backend runs: left out of the quick tier

@@ -153,6 +153,7 @@ def test_json_progress_lines_for_a_process_runner(demo_dir, tmp_path, capsys):
     assert events[-1] == {"event": "done", "ok": 1, "failed": 1, "json": str(tmp_path / "r.json")}
 
 
+@pytest.mark.slow
 def test_standby_runs_the_command_line_it_reads_on_stdin_as_if_given_directly(demo_dir, tmp_path):
     """``anymc3d standby`` (what the Slicer module keeps ready): the JSON line on stdin is run as ``main(argv)``
     would run it, in a new process: same exit code, same record and heatmap as a direct run; end of input is a

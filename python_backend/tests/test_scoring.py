@@ -199,3 +199,6 @@ def test_a_plugin_made_for_another_backbone_is_a_usage_error_before_any_worker_s
     assert main(args) == 2
     assert "plugin was made for backbone DINOv2-architecture demo, 6 blocks, width 192, random weights (weights" in caplog.text
     assert not (tmp_path / "r.json.parts").exists() and not (tmp_path / "r.json").exists()
+
+
+pytestmark = pytest.mark.slow  # a Ray cluster: left out of the quick tier

@@ -23,6 +23,7 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "anymc3d", *args], env=env, capture_output=True, text=True, encoding="utf-8", timeout=600)
 
 
+@pytest.mark.slow
 def test_folds_ensemble_eval_info_and_predict(tmp_path, capsys):
     manifest = write_task(tmp_path / "data", 16, seed=8, splits=split_list(12, 0, 4))  # no val rows: folds draw them
     bb = small_backbone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from anymc3d.demo import write_trained_demo
 from anymc3d.plugin import read_training_summary
 
@@ -17,3 +18,6 @@ def test_trained_demo_learns_and_points_at_the_lesion(tmp_path):
     assert held["decision"] and held["probability"] > 0.5
     assert held["heatmap_max_distance_to_lesion_mm"] <= 10.0
     assert read_training_summary(tmp_path / "trained" / "lesion.anymc3d")["splits"]["val"]["cases"] == 9
+
+
+pytestmark = pytest.mark.slow  # a training loop: left out of the quick tier

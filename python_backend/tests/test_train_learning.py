@@ -12,8 +12,7 @@ import logging
 import math
 
 import numpy as np
-
-
+import pytest
 from anymc3d.training.config import TrainConfig
 from anymc3d.training.evaluate import evaluate_plugin
 from anymc3d.training.trainer import train
@@ -121,3 +120,6 @@ def test_masks_are_used_only_when_asked_and_the_decoder_loss_falls(tmp_path):
     assert with_masks.summary["aux_seg"] and not without.summary["aux_seg"]
     assert all(h["train_seg_loss"] is None for h in without.history)
     assert min(seg[-3:]) < 0.8 * seg[0]
+
+
+pytestmark = pytest.mark.slow  # training loops: left out of the quick tier

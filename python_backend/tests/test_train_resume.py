@@ -106,6 +106,7 @@ def test_sigkill_while_writing_keeps_the_previous_checkpoint(tmp_path):
     assert all(".partial" in name for name in leftovers), leftovers  # a killed writer leaves only its temp files
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(tiny_task, tmp_path):
     """Same effective batch (2 cases per step): 1 process accumulates 2 micro-batches, 2 processes take one
     each and all-reduce. Tolerance: 1e-5 absolute on every plugin tensor (summation order may differ)."""
