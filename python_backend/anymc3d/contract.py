@@ -316,7 +316,8 @@ def requirements() -> list[str]:
 #: used only where the package metadata is absent (a source tree not installed); a test keeps it equal to
 #: pyproject.toml's dependencies.
 _FALLBACK_REQUIREMENTS = (
-    "torch>=2.3", "torchvision", "timm>=1.0.20,<1.1", "peft>=0.17", "SimpleITK>=2.3", "nibabel>=5", "numpy>=1.24",
+    "torch>=2.3", "torchvision", "timm>=1.0.20,<1.1", "huggingface_hub>=0.20", "peft>=0.17", "SimpleITK>=2.3",
+    "nibabel>=5", "numpy>=1.24",
     "safetensors>=0.4", "jsonschema>=4", "tqdm>=4.60", "monai>=1.3", "scipy>=1.10", "scikit-learn>=1.3",
     "matplotlib>=3.7",
 )

@@ -32,7 +32,7 @@ NAMES = {dtype: name for name, dtype in DTYPES.items()}
 AUTO_BF16 = False
 #: heatmap methods whose bf16 maps missed the agreement bounds against fp32 (tests/test_precision.py, docs/model.md):
 #: "auto" runs a prediction that computes one of them in fp32
-FP32_METHODS = frozenset({"grad_last", "rollout"})
+FP32_METHODS = frozenset({"grad_last", "rollout", "grad_rollout"})
 #: CPU flags (Linux /proc/cpuinfo, as lscpu shows them) that mean bf16 GEMMs run in hardware
 _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
