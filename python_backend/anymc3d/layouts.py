@@ -198,10 +198,7 @@ def _from_hf_dinov2(state: dict, config: dict, registers: bool) -> dict:
         for suffix in ("weight", "bias"):
             out[f"{dst}attn.qkv.{suffix}"] = _qkv(attn[0], attn[1], state, suffix, dim)
             out[f"{dst}attn.proj.{suffix}"] = state[f"{attn[2]}.{suffix}"]
-            for a, b in (("norm1", "norm1"), ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                out[f"{dst}{b}.{suffix}"] = state[f"{src}{a}.{suffix}"]
-        out[f"{dst}ls1.gamma"] = state[src + "layer_scale1.lambda1"]
-        out[f"{dst}ls2.gamma"] = state[src + "layer_scale2.lambda1"]
+        _copy_block(out, state, src, dst, ("mlp.fc1", "mlp.fc2"))
     return out
 
 
@@ -223,11 +220,17 @@ def _from_hf_dinov3(state: dict, config: dict) -> dict:
             out[f"{dst}attn.qkv.bias"] = _qkv(src + "attention.", names, state, "bias", dim)
         for suffix in ("weight", "bias"):
             out[f"{dst}attn.proj.{suffix}"] = state[f"{src}attention.o_proj.{suffix}"]
-            for a, b in (("norm1", "norm1"), ("norm2", "norm2"), ("mlp.up_proj", "mlp.fc1"), ("mlp.down_proj", "mlp.fc2")):
-                out[f"{dst}{b}.{suffix}"] = state[f"{src}{a}.{suffix}"]
-        out[f"{dst}ls1.gamma"] = state[src + "layer_scale1.lambda1"]
-        out[f"{dst}ls2.gamma"] = state[src + "layer_scale2.lambda1"]
+        _copy_block(out, state, src, dst, ("mlp.up_proj", "mlp.down_proj"))
     return out
+
+
+def _copy_block(out: dict, state: dict, src: str, dst: str, mlp: tuple[str, str]) -> None:
+    """One block's norms, MLP (transformers' ``mlp`` names -> fc1, fc2) and layer scales into the official layout."""
+    for suffix in ("weight", "bias"):
+        for a, b in (("norm1", "norm1"), ("norm2", "norm2"), (mlp[0], "mlp.fc1"), (mlp[1], "mlp.fc2")):
+            out[f"{dst}{b}.{suffix}"] = state[f"{src}{a}.{suffix}"]
+    out[f"{dst}ls1.gamma"] = state[src + "layer_scale1.lambda1"]
+    out[f"{dst}ls2.gamma"] = state[src + "layer_scale2.lambda1"]
 
 
 # ------------------------------------------------------------------------------------------------
