@@ -2,9 +2,13 @@
 
 ``--device auto`` is CUDA when present, else the CPU. ``--precision auto`` is bf16 where the device computes it
 natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or AVX-512-BF16, detected at run time) and fp32 elsewhere,
-once bf16 holds the agreement bounds against fp32 (:data:`AUTO_BF16`: not yet, so auto is fp32 today). Reduced precision applies to the frozen backbone only: its weights and inputs are cast (a bf16 copy of the
-merged weights measured faster than autocast on CPU: benchmarks/results/), and the slice embeddings, patch maps,
-pooling, head, calibration and probabilities are float32. Setting the environment variable ``ANYMC3D_NO_BF16=1``
+for the heatmap methods whose bf16 maps hold the agreement bounds against fp32 (:data:`FP32_METHODS` stay fp32).
+Reduced precision applies to the frozen backbone only, and the slice embeddings, patch maps, pooling, head,
+calibration and probabilities are float32. On a GPU the backbone's weights are cast. On a CPU, bf16 means bf16
+matrix products (:func:`bf16_products`): the transformer blocks' linear layers multiply in bf16 from a cached bf16
+copy of their fp32 weights, while the residual stream, norms and layer scales stay fp32. That form measured both
+closer to fp32 than a bf16 copy of the whole model (which rounds the residual stream in every block) and faster
+on this CPU (bf16 element-wise ops are slower than fp32 ones there; benchmarks/results/). Setting the environment variable ``ANYMC3D_NO_BF16=1``
 reports bf16 as unavailable, so ``auto`` gives fp32 everywhere (tests, or a CPU that misreports).
 """
 from __future__ import annotations
@@ -26,9 +30,7 @@ logger = logging.getLogger(__name__)
 NO_BF16_ENV = "ANYMC3D_NO_BF16"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
-#: whether "auto" may pick bf16 at all. False: on a trained DINOv2-S/14 (tests/test_precision.py) a bf16 copy of
-#: the weights moved a calibrated probability by 0.018 (bound 0.01; autocast 0.008), so auto stays fp32 and bf16
-#: is given only when asked for (--precision bf16), until a form holds the bounds (docs/model.md)
+#: whether "auto" may pick bf16 at all (tests/test_precision.py checks the agreement bounds it depends on)
 AUTO_BF16 = False
 #: heatmap methods whose bf16 maps missed the agreement bounds against fp32 (tests/test_precision.py, docs/model.md):
 #: "auto" runs a prediction that computes one of them in fp32
@@ -93,6 +95,61 @@ def placement(backbone: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """A ViT backbone's device and compute dtype (its patch embedding's): a bf16 backbone takes bf16 inputs."""
     weight = next(p for n, p in backbone.named_parameters() if n.startswith("patch_embed.") and p.ndim == 4)
     return weight.device, weight.dtype
+
+
+def place_backbone(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move a ViT backbone to ``device`` in the precision ``dtype`` (in place; returns it): bf16 on a CPU runs the
+    blocks' matrix products in bf16 with fp32 weights and activations around them (:func:`bf16_products`); any
+    other reduced precision casts the weights; fp32 undoes either."""
+    products = dtype == torch.bfloat16 and device.type == "cpu"
+    model.to(device, torch.float32 if products else dtype)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in name:
+            module.__class__ = _linear_class(name) if products else torch.nn.Linear
+    return model
+
+
+def backbone_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The precision a backbone computes in: bf16 when its products are bf16 (:func:`place_backbone`), else the
+    dtype of its weights."""
+    if any(isinstance(m, _Bf16Linear) for m in model.modules()):
+        return torch.bfloat16
+    return placement(model)[1]
+
+
+class _Bf16Linear(torch.nn.Linear):
+    """A Linear whose product runs in bf16 from a bf16 copy of its fp32 weight, made again whenever the weight
+    changes (LoRA folding, moves); its output is fp32 (a layer that feeds the residual stream)."""
+
+    keep_bf16 = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
+        cached = self.__dict__.get("_bf16")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: gradient maps reuse the copy
+                bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+                cached = self.__dict__["_bf16"] = (key, self.weight.to(torch.bfloat16), bias)
+        weight, bias = cached[1:]
+        if torch.is_grad_enabled() and self.weight.requires_grad:  # training through it: the weight's gradient
+            weight, bias = self.weight.to(torch.bfloat16), None if self.bias is None else self.bias.to(torch.bfloat16)
+        y = torch.nn.functional.linear(x.to(torch.bfloat16), weight, bias)
+        return y if self.keep_bf16 else y.float()
+
+
+class _Bf16InnerLinear(_Bf16Linear):
+    """The same, for a layer whose output stays inside the block (attention's qkv, the MLP's first layer): its
+    output stays bf16, so attention and the MLP's activation run in bf16 too."""
+
+    keep_bf16 = True
+
+
+#: layers whose output stays inside the block (timm ViT and Eva names)
+_INNER = (".attn.qkv", ".mlp.fc1", ".mlp.fc1_g", ".mlp.fc1_x")
+
+
+def _linear_class(name: str) -> type:
+    return _Bf16InnerLinear if name.removesuffix(".base_layer").endswith(_INNER) else _Bf16Linear
 
 
 def autocast(device: torch.device, dtype: torch.dtype = torch.bfloat16, enabled: bool = True):

@@ -23,7 +23,7 @@ from anymc3d import heatmap as hm
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, load_backbone, patch_grid
 from anymc3d.errors import AnyMC3DError, InputError, PluginError
 from anymc3d.contract import AUTO_HEATMAP, decide
-from anymc3d.device import precision_name, resolve_device, resolve_precision
+from anymc3d.device import place_backbone, precision_name, resolve_device, resolve_precision
 from anymc3d.encoders import ENCODERS
 from anymc3d.lora import (add_adapter, check_state, fold_state, load_adapter_state, merged_adapter, remove_adapter,
                           unmerge)
@@ -135,7 +135,7 @@ class Engine:
         self.merge_lora = merge_lora
         self.compile = compile
         self.backbone = backbone if isinstance(backbone, LoadedBackbone) else load_backbone(backbone, spec)
-        self.model = self.backbone.model.to(self.device, self.dtype).eval()
+        self.model = place_backbone(self.backbone.model, self.device, self.dtype).eval()
         self.plugins: dict[str, _Attached] = {}
         self._adapter_count = 0
 
@@ -190,7 +190,7 @@ class Engine:
             for adapter in adapters:
                 remove_adapter(self.model, adapter)
             raise PluginError(f"{source}: {exc}") from None
-        self.model.to(self.device, self.dtype)  # the new adapter layers too
+        place_backbone(self.model, self.device, self.dtype)  # the new adapter layers too
         return adapters
 
     def _encoder_options(self, config) -> dict:

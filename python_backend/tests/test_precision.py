@@ -16,7 +16,8 @@ import torch
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, fingerprint
 from anymc3d.demo import random_plugin
 import anymc3d.device as device_module
-from anymc3d.device import FP32_METHODS, NO_BF16_ENV, native_bf16, resolve_precision
+from anymc3d.device import (FP32_METHODS, NO_BF16_ENV, backbone_dtype, native_bf16, place_backbone,
+                             resolve_precision)
 from anymc3d.engine import Engine
 from anymc3d.errors import AnyMC3DError
 from anymc3d.plugin import LoadedPlugin
@@ -76,7 +77,31 @@ def test_explicit_precisions_and_bad_values(monkeypatch):
     with pytest.raises(AnyMC3DError, match="precision"):
         resolve_precision("int8", cpu)
     engine = Engine(_tiny_backbone(), device="cpu", precision="bf16")
-    assert engine.precision == "bf16" and {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert engine.precision == "bf16" and {p.dtype for p in engine.model.parameters()} == {torch.float32}
+    assert backbone_dtype(engine.model) == torch.bfloat16 and engine.precision == "bf16"
+
+
+def test_bf16_products_on_cpu_are_bf16_matrix_products_in_an_fp32_stream():
+    """On a CPU, bf16 = each block's linear layers multiply bf16-rounded inputs and weights (accumulated in fp32
+    and rounded), qkv/fc1 outputs stay bf16, proj/fc2 outputs return to fp32; computed here by hand per layer."""
+    backbone = _tiny_backbone()
+    fp32 = copy.deepcopy(backbone.model).eval()
+    model = place_backbone(backbone.model, torch.device("cpu"), torch.bfloat16).eval()
+    block, ref = model.blocks[0], fp32.blocks[0]
+    x = torch.randn(2, 5, ref.attn.qkv.in_features)
+    by_hand = torch.nn.functional.linear(x.bfloat16(), ref.attn.qkv.weight.bfloat16(), ref.attn.qkv.bias.bfloat16())
+    assert block.attn.qkv(x).dtype == torch.bfloat16 and torch.equal(block.attn.qkv(x), by_hand)
+    out = block.attn.proj(x)
+    by_hand = torch.nn.functional.linear(x.bfloat16(), ref.attn.proj.weight.bfloat16(), ref.attn.proj.bias.bfloat16())
+    assert out.dtype == torch.float32 and torch.equal(out, by_hand.float())
+    assert not torch.equal(out, ref.attn.proj(x)), "the product is not in bf16"
+    with torch.no_grad():  # a weight change (LoRA folding) is seen at the next call, not a stale bf16 copy
+        block.attn.proj.weight.add_(1.0)
+        ref.attn.proj.weight.add_(1.0)
+    by_hand = torch.nn.functional.linear(x.bfloat16(), ref.attn.proj.weight.bfloat16(), ref.attn.proj.bias.bfloat16())
+    assert torch.equal(block.attn.proj(x), by_hand.float())
+    assert backbone_dtype(place_backbone(model, torch.device("cpu"), torch.float32)) == torch.float32
+    assert torch.equal(model.blocks[0].attn.proj(x), ref.attn.proj(x))  # fp32 again: the plain layer
 
 
 def _tiny_backbone() -> LoadedBackbone:

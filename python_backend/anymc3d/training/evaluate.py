@@ -33,11 +33,12 @@ def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugin
     """Calibrated probabilities (N, K) of ``cases`` under one plugin, or the mean calibrated logit of an
     ensemble (as ``predict --ensemble``), through :class:`AnyMC3DModel`; the backbone in ``precision``
     (:func:`anymc3d.device.resolve_precision`; cast in place), head and probabilities in fp32."""
-    from anymc3d.device import resolve_precision
+    from anymc3d.device import place_backbone, resolve_precision
     from anymc3d.lora import load_adapter_state
 
     dev = torch.device(device)
-    model = backbone.model.to(dev, resolve_precision(precision, dev))
+    dtype = resolve_precision(precision, dev)
+    model = place_backbone(backbone.model, dev, dtype)
     total = None
     for k, plugin in enumerate(plugins):
         config = plugin.config
@@ -48,7 +49,7 @@ def predict_manifest(manifest: Manifest, cases, backbone: LoadedBackbone, plugin
         for name, state in zip(adapters, plugin.lora):
             add_adapter(model, name, config.lora)
             load_adapter_state(model, name, state)
-        model.to(dtype=next(model.parameters()).dtype)  # the new adapters in the backbone's precision
+        place_backbone(model, dev, dtype)  # the new adapters in the backbone's precision
         head = plugin.head.to(dev).eval()
         net = AnyMC3DModel(model, head, adapters, kind=config.kind, chunk_size=chunk_size)
         rows = []
@@ -120,7 +121,7 @@ def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBack
     With a mask column, also whether each heatmap method points at the lesion (:func:`localisation_report`, one
     plugin only); ``record`` (a description of the task) writes the result into the plugin's model card, so that
     ``--heatmap-method auto`` opens its best method."""
-    from anymc3d.device import precision_name
+    from anymc3d.device import backbone_dtype, precision_name
     from anymc3d.evaluation import evaluate, write_report
     from anymc3d.plugin import load_plugin
 
@@ -149,7 +150,7 @@ def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBack
         _stored_youden(metrics, members, config.labels, y, probs)
     metrics.update({"plugin": [str(p) for p in members], "manifest": str(manifest.path),
                     "manifest_sha256": manifest.sha256, "evaluated_split": "test" if manifest.subset("test") else "all",
-                    "precision": precision_name(next(backbone.model.parameters()).dtype)})
+                    "precision": precision_name(backbone_dtype(backbone.model))})
     if localisation and len(plugins) == 1 and any(c.mask is not None for c in cases):
         metrics["localisation"] = localisation_report(manifest, cases, backbone, members[0], heatmap_methods, device)
         if record and metrics["localisation"]["cases"]:
