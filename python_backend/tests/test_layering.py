@@ -13,8 +13,8 @@ ORDER = ["errors", "safeio", "contract", "plugin_file", "fileio", "device", "pla
          "hub", "lora", "pooling",
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocess_config", "image_reading",
          "image_writing", "intensity", "modality", "preprocessing", "synthetic",
-         "planecycle.features", "augment", "losses", "calibration", "evaluation", "localisation", "data", "cases", "dicom_out", "encoders",
-         "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "runner",
+         "augment", "losses", "calibration", "evaluation", "localisation", "data", "cases", "dicom_out", "encoders",
+         "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "planecycle.features", "records", "runner",
          "training.config", "training.distributed", "training.standardize", "training.batching",
          "training.checkpoints", "training.trainer", "training.evaluate", "training.command", "demo",
          "scoring", "planecycle.cache", "planecycle.commands", "cli", "__main__"]
