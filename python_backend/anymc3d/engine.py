@@ -374,13 +374,7 @@ def _volume(patch_maps: torch.Tensor, grid: tuple[int, int], importance: torch.T
 def ensemble(predictions: Sequence[Prediction], name: str = "ensemble") -> Prediction:
     """Average the members' calibrated logits (the members must share labels and task)."""
     first = predictions[0]
-    for p in predictions[1:]:
-        if p.labels != first.labels or p.task != first.task:
-            raise PluginError(f"ensemble members must share labels and task: {first.plugin} has {first.labels} "
-                              f"({first.task}), {p.plugin} has {p.labels} ({p.task})")
-        if p.geometry != first.geometry or [len(a) for a in p.slice_importance] != [len(a) for a in first.slice_importance]:
-            raise PluginError(f"ensemble members must slice the images alike: {first.plugin} and {p.plugin} "
-                              "have different preprocessing")
+    _check_members(predictions)
     mean = lambda arrays: np.mean(np.stack(arrays), axis=0)  # noqa: E731
     logits, calibrated = mean([p.logits for p in predictions]), mean([p.calibrated_logits for p in predictions])
     prob = lambda z: probabilities(torch.from_numpy(z), first.task).numpy()  # noqa: E731
@@ -392,8 +386,26 @@ def ensemble(predictions: Sequence[Prediction], name: str = "ensemble") -> Predi
         slice_importance=[mean(list(views)) for views in zip(*(p.slice_importance for p in predictions))],
         embedding=mean([p.embedding for p in predictions]), heatmap_method=first.heatmap_method,
         heatmap=mean(heatmaps) if len(heatmaps) == len(predictions) else None,
-        finding_heatmaps={k: mean([p.finding_heatmaps[k] for p in predictions]) for k in first.finding_heatmaps
-                          if all(k in p.finding_heatmaps for p in predictions)},
+        finding_heatmaps=_common_finding_heatmaps(predictions, mean),
         plugin_paths=[path for p in predictions for path in p.plugin_paths], geometry=first.geometry,
         precision=first.precision,
     )
+
+
+def _check_members(predictions: Sequence[Prediction]) -> None:
+    """PluginError unless every member shares the first's labels, task and slicing."""
+    first = predictions[0]
+    for p in predictions[1:]:
+        if p.labels != first.labels or p.task != first.task:
+            raise PluginError(f"ensemble members must share labels and task: {first.plugin} has {first.labels} "
+                              f"({first.task}), {p.plugin} has {p.labels} ({p.task})")
+        if p.geometry != first.geometry or [len(a) for a in p.slice_importance] != [len(a) for a in first.slice_importance]:
+            raise PluginError(f"ensemble members must slice the images alike: {first.plugin} and {p.plugin} "
+                              "have different preprocessing")
+
+
+def _common_finding_heatmaps(predictions: Sequence[Prediction], mean) -> dict[str, np.ndarray]:
+    """The mean per-finding heatmap of every finding that all members have a map for."""
+    first = predictions[0]
+    return {k: mean([p.finding_heatmaps[k] for p in predictions]) for k in first.finding_heatmaps
+            if all(k in p.finding_heatmaps for p in predictions)}
