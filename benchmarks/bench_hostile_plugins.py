@@ -27,8 +27,8 @@ def main():
     demo, out = Path(sys.argv[1]), Path(sys.argv[2] if len(sys.argv) > 2 else ".")
     raw, weights = read_members(demo)
     files = {"zip bomb (1 GiB deflated)": write_plugin_zip(out / "bomb.anymc3d", raw, inflated_size=1024 ** 3),
-             "plugin.json nested 100000 deep": write_plugin_zip(out / "nested.anymc3d",
-                                                                b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", weights)}
+             "plugin.json nested 100000 deep": write_plugin_zip(
+                 out / "nested.anymc3d", b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", weights)}
     baseline = peak_of([sys.executable, "-m", "anymc3d", "info", str(demo)])
     print(f"anymc3d info on the demo plugin: exit {baseline[0]}, peak RSS {baseline[1]} MB")
     for name, path in files.items():

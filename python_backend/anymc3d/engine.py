@@ -128,7 +128,8 @@ class Engine:
             whose bf16 maps missed the agreement bounds (``anymc3d.device.FP32_METHODS``).
     """
 
-    def __init__(self, backbone: Union[str, os.PathLike, LoadedBackbone, nn.Module], *, spec: Optional[BackboneSpec] = None,
+    def __init__(self, backbone: Union[str, os.PathLike, LoadedBackbone, nn.Module], *,
+                 spec: Optional[BackboneSpec] = None,
                  device: str | torch.device = "auto", precision: str | torch.dtype = "auto", chunk_size: int = 32,
                  merge_lora: bool = True, compile: bool = False, heatmap: Optional[str] = None):
         if chunk_size < 1:
