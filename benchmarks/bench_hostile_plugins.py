@@ -8,24 +8,10 @@ process and its exit status, stderr line count and last line are printed.
 """
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 from anymc3d.plugin_file import read_members
-
-
-def write(path, json_bytes, weights=None, inflated=0):
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(zipfile.ZipInfo("plugin.json"), json_bytes)
-        if weights is not None:
-            zf.writestr(zipfile.ZipInfo("plugin.safetensors"), weights)
-            return path
-        info = zipfile.ZipInfo("plugin.safetensors")
-        info.compress_type = zipfile.ZIP_DEFLATED
-        with zf.open(info, "w", force_zip64=True) as member:
-            for _ in range(inflated // 2 ** 20):
-                member.write(bytes(2 ** 20))
-    return path
+from anymc3d.testing import write_plugin_zip
 
 
 def peak_of(command):
@@ -40,9 +26,9 @@ def peak_of(command):
 def main():
     demo, out = Path(sys.argv[1]), Path(sys.argv[2] if len(sys.argv) > 2 else ".")
     raw, weights = read_members(demo)
-    files = {"zip bomb (1 GiB deflated)": write(out / "bomb.anymc3d", raw, inflated=1024 ** 3),
-             "plugin.json nested 100000 deep": write(out / "nested.anymc3d",
-                                                     b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", weights)}
+    files = {"zip bomb (1 GiB deflated)": write_plugin_zip(out / "bomb.anymc3d", raw, inflated_size=1024 ** 3),
+             "plugin.json nested 100000 deep": write_plugin_zip(
+                 out / "nested.anymc3d", b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", weights)}
     baseline = peak_of([sys.executable, "-m", "anymc3d", "info", str(demo)])
     print(f"anymc3d info on the demo plugin: exit {baseline[0]}, peak RSS {baseline[1]} MB")
     for name, path in files.items():

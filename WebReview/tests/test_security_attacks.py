@@ -283,19 +283,9 @@ def test_key_holders_cannot_crash_freeze_or_forge(server):
 
 def _plugin_with(path, json_bytes, weights=None, inflated_size=0):
     """A plugin zip: ``weights`` stored, or ``inflated_size`` zero bytes deflated (streamed: never in memory)."""
-    import zipfile
+    from anymc3d.testing import write_plugin_zip
 
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(zipfile.ZipInfo("plugin.json"), json_bytes)
-        if weights is not None:
-            zf.writestr(zipfile.ZipInfo("plugin.safetensors"), weights)
-            return path
-        info = zipfile.ZipInfo("plugin.safetensors")
-        info.compress_type = zipfile.ZIP_DEFLATED
-        with zf.open(info, "w", force_zip64=True) as member:
-            for _ in range(inflated_size // 2 ** 20):
-                member.write(bytes(2 ** 20))
-    return path
+    return write_plugin_zip(path, json_bytes, weights, inflated_size=inflated_size)
 
 
 def _huge_heatmap(path):

@@ -211,16 +211,31 @@ def load_weights(model: nn.Module, spec: BackboneSpec, path: os.PathLike | str, 
     path = Path(path)
     if state is None:
         state = read_checkpoint(resolve_backbone(path))[0]
+    state = _mapped_state(state, model, spec, path)
+    expected = model.state_dict()
+    _check_fit(state, expected, spec, path)
+    if assign:
+        state = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def _mapped_state(state: dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec,
+                  path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors in ``model``'s key layout and position-embedding grid (timm's filter, DINOv3's qkv bias)."""
     state = _resize_pos_embed(state, model)
     if family(spec.name) == "dinov3":
         _check_dinov3_qkv_bias(state, model, path)
         if not any(name.endswith("q_bias") for name, _ in model.named_parameters()):  # all zero (checked above)
             state = {k: v for k, v in state.items() if not k.endswith("attn.qkv.bias")}
     try:
-        state = _filter_fn(spec)(dict(state), model)  # timm's filter pops from its input
+        return _filter_fn(spec)(dict(state), model)  # timm's filter pops from its input
     except Exception as exc:
         raise BackboneError(f"{path}: weights cannot be mapped to {spec.name} ({type(exc).__name__}: {exc})") from exc
-    expected = model.state_dict()
+
+
+def _check_fit(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], spec: BackboneSpec,
+               path: Path) -> None:
+    """BackboneError naming ``path`` and the first missing, unexpected and misshapen keys, if any."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
@@ -230,9 +245,6 @@ def load_weights(model: nn.Module, spec: BackboneSpec, path: os.PathLike | str, 
                  for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                       ("mismatched shapes", wrong_shape)) if items]
         raise BackboneError(f"{path}: weights do not fit backbone {spec.name}: " + "; ".join(parts))
-    if assign:
-        state = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def fingerprint(model: nn.Module) -> str:

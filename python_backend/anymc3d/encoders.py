@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from anymc3d import heatmap as hm
 from anymc3d.device import in_chunks, placement
+from anymc3d.planecycle.config import check_layers
+from anymc3d.planecycle.converter import VolumeFeatures
 from anymc3d.preprocessing import to_model_input
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,15 @@ class Encoder(nn.Module):
     def forward(self, slices: torch.Tensor, mask: Optional[torch.Tensor] = None, *, patch_tokens: bool = False,
                 heatmap: Optional[str] = None, progress: Optional[SliceProgress] = None) -> EncoderOutput:
         raise NotImplementedError
+
+    def features(self, volume: torch.Tensor, layers: Sequence[int] = ()) -> VolumeFeatures:
+        """Token features (``anymc3d features`` / ``similarity``) of a batch of volumes of model input.
+
+        Args:
+            volume: (B, D, 3, H, W) normalised slices, on the backbone's device and in its dtype.
+            layers: 0-based block indices whose (normed) outputs to return as well.
+        """
+        raise NotImplementedError(f"encoder kind {self.kind!r} gives no token features")
 
     def finding_maps(self, model, views, out, method: str, masks=None,
                      progress: Optional[SliceProgress] = None) -> torch.Tensor:
@@ -213,6 +224,36 @@ class SliceEncoder(Encoder):
             patch_tokens=_scatter(torch.cat(patches), mask) if patch_tokens else None,
             patch_maps=_scatter(torch.cat(maps), mask) if heatmap is not None else None,
         )
+
+    def features(self, volume: torch.Tensor, layers: Sequence[int] = ()) -> VolumeFeatures:
+        """The 2D baseline: every slice through the backbone on its own, shaped like lifted features (the bare
+        backbone's timm ``forward_features``, or its ``forward_intermediates`` when ``layers`` are asked for), in
+        chunks with the out-of-memory retry."""
+        model = self.backbone
+        take = check_layers(layers, len(model.blocks))
+        b, d = volume.shape[:2]
+        g = int(model.num_prefix_tokens)
+        h, w = model.patch_embed.dynamic_feat_size(tuple(volume.shape[-2:]))
+        flat = volume.flatten(0, 1)  # (B*D, 3, H, W)
+
+        def step(start: int, stop: int) -> list[torch.Tensor]:
+            chunk = flat[start:stop]  # (n, 3, H, W)
+            if not take:
+                return [self._forward_features(chunk)]  # (n, G + h*w, C)
+            final, taken = model.forward_intermediates(chunk, indices=list(take), norm=True, output_fmt="NLC",
+                                                       return_prefix_tokens=True)
+            return [final, *(torch.cat([prefix, patch], dim=1) for patch, prefix in taken)]  # (n, G + h*w, C) each
+
+        columns = self._in_chunks(flat.shape[0], step, None)
+        finals, inter = columns[0], {i: columns[1 + j] for j, i in enumerate(take)}
+
+        def split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            c = tokens.shape[-1]
+            return tokens[:, g:].reshape(b, d, h, w, c), tokens[:, :g].reshape(b, d, g, c)
+
+        patches, glob = split(torch.cat(finals))
+        return VolumeFeatures(patch_tokens=patches, global_tokens=glob,
+                              layers={i: split(torch.cat(inter[i])) for i in take})
 
     def finding_maps(self, model, views, out, method: str, masks=None,
                      progress: Optional[SliceProgress] = None) -> torch.Tensor:

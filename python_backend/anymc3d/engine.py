@@ -18,16 +18,18 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 import torch
+from torch import nn
 
 from anymc3d import heatmap as hm
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, load_backbone, patch_grid
 from anymc3d.errors import AnyMC3DError, InputError, PluginError
 from anymc3d.contract import AUTO_HEATMAP, decide
-from anymc3d.device import place_backbone, precision_name, resolve_device, resolve_precision
-from anymc3d.encoders import ENCODERS
-from anymc3d.lora import (add_adapter, check_state, fold_state, load_adapter_state, merged_adapter, remove_adapter,
-                          unmerge)
+from anymc3d.device import place_backbone, placement, precision_name, resolve_device, resolve_precision
+from anymc3d.encoders import ENCODERS, create_encoder
+from anymc3d.lora import (activate, add_adapter, check_state, fold_state, load_adapter_state, merged_adapter,
+                          remove_adapter, unmerge)
 from anymc3d.model import AnyMC3DModel
+from anymc3d.planecycle.converter import VolumeFeatures
 from anymc3d.plugin import LoadedPlugin, calibrated_logits, load_plugin, probabilities
 from anymc3d.image_reading import read_image, validate_image
 from anymc3d.preprocessing import SliceGeometry, prepare
@@ -110,7 +112,9 @@ class Engine:
 
     Args:
         backbone: a weights file (safetensors with our metadata, or an official ``.pth`` with ``spec``),
-            or an already loaded backbone (taken over: moved to the device and cast to the precision in place).
+            or an already loaded backbone (taken over: moved to the device and cast to the precision in place),
+            or a bare timm model, taken over likewise, for :meth:`features` only (a plugin is checked against the
+            architecture and fingerprint that a loaded backbone carries).
         spec: the architecture, needed when the file does not record it (taken from a plugin by the CLI).
         device: "auto", "cpu", "cuda" or a torch device.
         precision: the backbone's precision, "auto" (bf16 where the device computes it natively, else fp32),
@@ -124,7 +128,8 @@ class Engine:
             whose bf16 maps missed the agreement bounds (``anymc3d.device.FP32_METHODS``).
     """
 
-    def __init__(self, backbone: Union[str, os.PathLike, LoadedBackbone], *, spec: Optional[BackboneSpec] = None,
+    def __init__(self, backbone: Union[str, os.PathLike, LoadedBackbone, nn.Module], *,
+                 spec: Optional[BackboneSpec] = None,
                  device: str | torch.device = "auto", precision: str | torch.dtype = "auto", chunk_size: int = 32,
                  merge_lora: bool = True, compile: bool = False, heatmap: Optional[str] = None):
         if chunk_size < 1:
@@ -134,6 +139,8 @@ class Engine:
         self.chunk_size = chunk_size
         self.merge_lora = merge_lora
         self.compile = compile
+        if isinstance(backbone, nn.Module):
+            backbone = LoadedBackbone(model=backbone, spec=None, fingerprint="")
         self.backbone = backbone if isinstance(backbone, LoadedBackbone) else load_backbone(backbone, spec)
         self.model = place_backbone(self.backbone.model, self.device, self.dtype).eval()
         self.plugins: dict[str, _Attached] = {}
@@ -146,6 +153,9 @@ class Engine:
         config = plugin.config
         source = plugin.path or config.name
         mine = self.backbone
+        if mine.spec is None:
+            raise PluginError(f"{source}: this engine runs a bare model, with no architecture or fingerprint to "
+                              "check a plugin against; load the backbone from its file")
         if not config.backbone.same_architecture(mine.spec) or config.backbone_fingerprint != mine.fingerprint:
             raise PluginError(
                 f"{source}: plugin was made for backbone {config.backbone.describe()} (weights "
@@ -172,7 +182,8 @@ class Engine:
         else:
             adapters = self._add_adapters(plugin, source)
         plugin.head.to(self.device).eval()
-        model = AnyMC3DModel(self.model, plugin.head, adapters, kind=config.kind, **self._encoder_options(config))
+        model = AnyMC3DModel(self.model, plugin.head, adapters, kind=config.kind,
+                             **self._encoder_options(config.kind, config.encoder))
         self.plugins[name] = _Attached(plugin, model, folded)
         return name
 
@@ -193,12 +204,14 @@ class Engine:
         place_backbone(self.model, self.device, self.dtype)  # the new adapter layers too
         return adapters
 
-    def _encoder_options(self, config) -> dict:
-        """The options for the plugin's encoder kind: the engine's runtime options the kind's constructor accepts,
-        merged with the plugin's own ``encoder`` options (validated by the kind when the plugin was read)."""
-        accepted = inspect.signature(ENCODERS[config.kind]).parameters
+    def _encoder_options(self, kind: str, own: dict) -> dict:
+        """The options for encoder ``kind``: the engine's runtime options the kind's constructor accepts, merged
+        with the kind's own options (a plugin's ``encoder`` options, validated by the kind when it was read)."""
+        if kind not in ENCODERS:
+            raise ValueError(f"kind: unknown encoder kind {kind!r}; known: {sorted(ENCODERS)}")
+        accepted = inspect.signature(ENCODERS[kind]).parameters
         options = {"chunk_size": self.chunk_size, "compile": self.compile}
-        return {**{k: v for k, v in options.items() if k in accepted}, **config.encoder}
+        return {**{k: v for k, v in options.items() if k in accepted}, **own}
 
     def remove_plugin(self, name: str) -> None:
         attached = self.plugins.pop(name)
@@ -208,6 +221,27 @@ class Engine:
             return
         for adapter in attached.model.adapters:
             remove_adapter(self.model, adapter)
+
+    # ----------------------------------------------------------------------------------- features
+    def features(self, volume: torch.Tensor, kind: str = "planecycle", layers: Sequence[int] = (),
+                 **options) -> VolumeFeatures:
+        """Token features of one volume from the bare backbone (no plugin's LoRA), through encoder ``kind``.
+
+        Args:
+            volume: (D, 3, H, W) normalised slices (``preprocessing.to_model_input``), cast to the engine's
+                device and precision.
+            kind: "planecycle" (lifted; ``variant`` and ``cycle`` in ``options``) or "slice_lora" (the 2D model on
+                every slice, in chunks of the engine's chunk size with the out-of-memory retry).
+            layers: 0-based block indices whose (normed) outputs to return as well.
+
+        Returns:
+            :class:`VolumeFeatures` with batch size 1, float32 on the CPU.
+        """
+        activate(self.model, None)  # a plugin's merged or active LoRA is set aside (restored bit for bit)
+        encoder = create_encoder(kind, self.model, **self._encoder_options(kind, options))
+        x = volume.to(self.device, placement(self.model)[1])[None]  # (1, D, 3, H, W), the backbone's input dtype
+        with torch.inference_mode():
+            return encoder.features(x, layers).float_cpu()
 
     # ----------------------------------------------------------------------------------- prediction
     @property
@@ -341,13 +375,7 @@ def _volume(patch_maps: torch.Tensor, grid: tuple[int, int], importance: torch.T
 def ensemble(predictions: Sequence[Prediction], name: str = "ensemble") -> Prediction:
     """Average the members' calibrated logits (the members must share labels and task)."""
     first = predictions[0]
-    for p in predictions[1:]:
-        if p.labels != first.labels or p.task != first.task:
-            raise PluginError(f"ensemble members must share labels and task: {first.plugin} has {first.labels} "
-                              f"({first.task}), {p.plugin} has {p.labels} ({p.task})")
-        if p.geometry != first.geometry or [len(a) for a in p.slice_importance] != [len(a) for a in first.slice_importance]:
-            raise PluginError(f"ensemble members must slice the images alike: {first.plugin} and {p.plugin} "
-                              "have different preprocessing")
+    _check_members(predictions)
     mean = lambda arrays: np.mean(np.stack(arrays), axis=0)  # noqa: E731
     logits, calibrated = mean([p.logits for p in predictions]), mean([p.calibrated_logits for p in predictions])
     prob = lambda z: probabilities(torch.from_numpy(z), first.task).numpy()  # noqa: E731
@@ -359,8 +387,26 @@ def ensemble(predictions: Sequence[Prediction], name: str = "ensemble") -> Predi
         slice_importance=[mean(list(views)) for views in zip(*(p.slice_importance for p in predictions))],
         embedding=mean([p.embedding for p in predictions]), heatmap_method=first.heatmap_method,
         heatmap=mean(heatmaps) if len(heatmaps) == len(predictions) else None,
-        finding_heatmaps={k: mean([p.finding_heatmaps[k] for p in predictions]) for k in first.finding_heatmaps
-                          if all(k in p.finding_heatmaps for p in predictions)},
+        finding_heatmaps=_common_finding_heatmaps(predictions, mean),
         plugin_paths=[path for p in predictions for path in p.plugin_paths], geometry=first.geometry,
         precision=first.precision,
     )
+
+
+def _check_members(predictions: Sequence[Prediction]) -> None:
+    """PluginError unless every member shares the first's labels, task and slicing."""
+    first = predictions[0]
+    for p in predictions[1:]:
+        if p.labels != first.labels or p.task != first.task:
+            raise PluginError(f"ensemble members must share labels and task: {first.plugin} has {first.labels} "
+                              f"({first.task}), {p.plugin} has {p.labels} ({p.task})")
+        if p.geometry != first.geometry or [len(a) for a in p.slice_importance] != [len(a) for a in first.slice_importance]:
+            raise PluginError(f"ensemble members must slice the images alike: {first.plugin} and {p.plugin} "
+                              "have different preprocessing")
+
+
+def _common_finding_heatmaps(predictions: Sequence[Prediction], mean) -> dict[str, np.ndarray]:
+    """The mean per-finding heatmap of every finding that all members have a map for."""
+    first = predictions[0]
+    return {k: mean([p.finding_heatmaps[k] for p in predictions]) for k in first.finding_heatmaps
+            if all(k in p.finding_heatmaps for p in predictions)}

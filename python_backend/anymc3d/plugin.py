@@ -295,21 +295,27 @@ def check_sizes(tensors: dict[str, torch.Tensor], config: PluginConfig, source) 
     views = {key.split(".")[1] for key in tensors if key.startswith("lora.")}
     if views != {str(i) for i in range(len(config.views))}:
         fail(f"{len(config.views)} view(s) {config.views}, LoRA weights for view(s) {sorted(views)}")
-    rank = config.lora.rank
     for key, value in tensors.items():
-        if not key.startswith("lora."):
-            continue
-        if key.endswith("lora_A.weight") and value.shape[0] != rank:
-            fail(f"lora.rank is {rank}, {key} has rank {value.shape[0]}")
-        if key.endswith("lora_B.weight") and (value.ndim < 2 or value.shape[1] != rank):
-            fail(f"lora.rank is {rank}, {key} has shape {tuple(value.shape)}")
-        block = _BLOCK.search(key)
-        if block and spec.depth is not None and int(block.group(1)) >= spec.depth:
-            fail(f"backbone.depth is {spec.depth}, {key} adapts block {block.group(1)}")
-        if "patch_embed.proj.lora_A" in key and tuple(value.shape[2:]) != (spec.patch_size, spec.patch_size):
-            fail(f"{spec.name} has {spec.patch_size}-pixel patches, {key} has shape {tuple(value.shape)}")
-        if key.endswith("lora_A.weight") and "patch_embed" not in key and value.shape[-1] != width:
-            fail(f"the head takes {width} features, {key} reads {value.shape[-1]}")
+        problem = _lora_size_problem(key, value, config, width) if key.startswith("lora.") else None
+        if problem:
+            fail(problem)
+
+
+def _lora_size_problem(key: str, value: torch.Tensor, config: PluginConfig, width: int) -> Optional[str]:
+    """What LoRA tensor ``key`` contradicts in plugin.json (rank, depth, patch size, width), or None."""
+    rank, spec = config.lora.rank, config.backbone
+    if key.endswith("lora_A.weight") and value.shape[0] != rank:
+        return f"lora.rank is {rank}, {key} has rank {value.shape[0]}"
+    if key.endswith("lora_B.weight") and (value.ndim < 2 or value.shape[1] != rank):
+        return f"lora.rank is {rank}, {key} has shape {tuple(value.shape)}"
+    block = _BLOCK.search(key)
+    if block and spec.depth is not None and int(block.group(1)) >= spec.depth:
+        return f"backbone.depth is {spec.depth}, {key} adapts block {block.group(1)}"
+    if "patch_embed.proj.lora_A" in key and tuple(value.shape[2:]) != (spec.patch_size, spec.patch_size):
+        return f"{spec.name} has {spec.patch_size}-pixel patches, {key} has shape {tuple(value.shape)}"
+    if key.endswith("lora_A.weight") and "patch_embed" not in key and value.shape[-1] != width:
+        return f"the head takes {width} features, {key} reads {value.shape[-1]}"
+    return None
 
 
 def _split_tensors(tensors: dict[str, torch.Tensor], config: PluginConfig, source) -> tuple[TaskHead, list[dict]]:

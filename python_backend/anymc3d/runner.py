@@ -94,7 +94,8 @@ def predict_case(engine: Engine, case: InputCase, plugins: Sequence[str], *, ima
             progress("reading", 0, 1)
             images = read_case(case)
         if dicom_dir:  # checked before predicting: a case that cannot be exported costs no compute
-            from anymc3d.dicom_out import case_source, export_record
+            from anymc3d.dicom_out import export_record
+            from anymc3d.dicom_source import case_source
             source = case_source(case, images[0], heatmaps=bool(heatmap_dir))
         result = engine.predict_image(images, list(plugins), heatmap=heatmap_method if heatmap_dir else None,
                                       sources=[str(v) for v in case.views], progress=progress)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from anymc3d.device import in_chunks
-from anymc3d.planecycle.converter import slicewise_features
+from anymc3d.encoders import SliceEncoder
 from conftest import small_backbone
 
 
@@ -23,11 +23,11 @@ def test_in_chunks_retries_at_half_size_without_duplicating_rows():
     assert sizes[:2] == [8, 4] and max(sizes[2:]) <= 2
 
 
-def test_slicewise_features_survive_out_of_memory_with_identical_tokens():
+def test_slice_encoder_features_survive_out_of_memory_with_identical_tokens():
     model = small_backbone("dinov2").model.eval()
     volume = torch.randn(1, 6, 3, 56, 56)
     with torch.no_grad():
-        expected = slicewise_features(model, volume, layers=[1], chunk_size=6)
+        expected = SliceEncoder(model, chunk_size=6).features(volume, layers=[1])
         forward = model.forward_intermediates
 
         def failing(chunk, **kwargs):
@@ -36,6 +36,6 @@ def test_slicewise_features_survive_out_of_memory_with_identical_tokens():
             return forward(chunk, **kwargs)
 
         model.forward_intermediates = failing
-        got = slicewise_features(model, volume, layers=[1], chunk_size=6)
+        got = SliceEncoder(model, chunk_size=6).features(volume, layers=[1])
     torch.testing.assert_close(got.patch_tokens, expected.patch_tokens, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.layers[1][0], expected.layers[1][0], rtol=1e-5, atol=1e-6)

@@ -9,12 +9,12 @@ import anymc3d
 
 #: lowest first; a module may import only modules of a lower rank
 #: (subpackage modules by dotted name, e.g. "planecycle.op"; a subpackage's __init__ must stay import-free)
-ORDER = ["errors", "safeio", "contract", "plugin_file", "fileio", "device", "planecycle.config", "layouts", "catalog", "backbone", "imgfocus",
+ORDER = ["errors", "safeio", "contract", "plugin_file", "testing", "fileio", "device", "planecycle.config", "layouts", "catalog", "backbone", "imgfocus",
          "hub", "lora", "pooling",
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocess_config", "image_reading",
          "image_writing", "intensity", "modality", "preprocessing", "synthetic",
-         "planecycle.features", "augment", "losses", "calibration", "evaluation", "localisation", "data", "cases", "dicom_out", "encoders",
-         "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "records", "runner",
+         "augment", "losses", "calibration", "evaluation", "localisation", "data", "cases", "dicom_source", "dicom_out", "encoders",
+         "planecycle.encoder", "decoder", "plugin", "model", "planecycle.fit", "engine", "planecycle.features", "records", "runner",
          "training.config", "training.distributed", "training.standardize", "training.batching",
          "training.checkpoints", "training.trainer", "training.evaluate", "training.command", "demo",
          "scoring", "planecycle.cache", "planecycle.commands", "cli", "__main__"]

@@ -44,6 +44,26 @@ def _model(family="dinov2", views=1, chunk_size=3, seed=0):
     return AnyMC3DModel(bb.model, fresh, adapters, chunk_size=chunk_size), bb
 
 
+def pad(volumes):
+    """Volumes (S_i, M, M) as one padded batch (B, max S_i, M, M) and its mask (B, max S_i), True on real slices."""
+    longest, size = max(x.shape[0] for x in volumes), volumes[0].shape[-1]
+    padded = torch.zeros(len(volumes), longest, size, size)
+    mask = torch.zeros(len(volumes), longest, dtype=torch.bool)
+    for i, x in enumerate(volumes):
+        padded[i, :x.shape[0]], mask[i, :x.shape[0]] = x, True
+    return padded, mask
+
+
+def padded_and_single_maps(model, volumes, method):
+    """Finding maps of one-view cases batched (padded, masked) (K, B, S, P) and of each case alone [(K, 1, S_i, P)]."""
+    padded, mask = pad(volumes)
+    with torch.inference_mode():
+        out = model([padded], [mask])
+        single = [model([x[None]]) for x in volumes]
+    maps = model.finding_maps([padded], out, method, [mask])
+    return maps, [model.finding_maps([x[None]], o, method) for x, o in zip(volumes, single)]
+
+
 @pytest.mark.parametrize("family", ["dinov2", "dinov3"])
 def test_batched_padded_forward_equals_case_by_case(family):
     model, bb = _model(family, views=2)
@@ -51,16 +71,7 @@ def test_batched_padded_forward_equals_case_by_case(family):
     cases = [(_slices(5, size, 1), _slices(4, size, 2)), (_slices(3, size, 3), _slices(6, size, 4))]
     with torch.inference_mode():
         alone = [model([a[None], b[None]], heatmap="attention") for a, b in cases]
-        views, masks = [], []
-        for v in range(2):
-            longest = max(c[v].shape[0] for c in cases)
-            padded = torch.zeros(2, longest, size, size)
-            mask = torch.zeros(2, longest, dtype=torch.bool)
-            for i, c in enumerate(cases):
-                padded[i, : c[v].shape[0]] = c[v]
-                mask[i, : c[v].shape[0]] = True
-            views.append(padded)
-            masks.append(mask)
+        views, masks = map(list, zip(*(pad([c[v] for c in cases]) for v in range(2))))
         batched = model(views, masks, heatmap="attention")
     for i, single in enumerate(alone):
         np.testing.assert_allclose(batched.logits[i], single.logits[0], rtol=1e-5, atol=1e-6)
@@ -77,15 +88,8 @@ def test_batched_gradient_maps_equal_case_by_case():
     model, bb = _model("dinov2", chunk_size=2)
     size = bb.spec.img_size
     a, b = _slices(4, size, 5), _slices(3, size, 6)
-    padded = torch.zeros(2, 4, size, size)
-    padded[0], padded[1, :3] = a, b
-    mask = torch.tensor([[True] * 4, [True, True, True, False]])
-    with torch.inference_mode():
-        out = model([padded], [mask])
-        single = [model([x[None]]) for x in (a, b)]
-    maps = model.finding_maps([padded], out, "grad_rollout", [mask])  # (K, 2, 4, P)
-    for i, (x, o) in enumerate(zip((a, b), single)):
-        ref = model.finding_maps([x[None]], o, "grad_rollout")  # (K, 1, S, P)
+    maps, refs = padded_and_single_maps(model, [a, b], "grad_rollout")  # (K, 2, 4, P), [(K, 1, S, P)]
+    for i, (x, ref) in enumerate(zip((a, b), refs)):
         np.testing.assert_allclose(maps[:, i, : x.shape[0]], ref[:, 0], rtol=1e-4, atol=1e-7)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anymc3d import heatmap as hm
-from test_model import _model
+from test_model import _model, padded_and_single_maps
 
 
 def _case(size, n=5, seed=0):
@@ -69,15 +69,8 @@ def test_padded_batch_equals_case_by_case():
     model, bb = _model("dinov2", chunk_size=6)
     size = bb.spec.img_size
     a, b = _case(size, 4, seed=2), _case(size, 3, seed=3)
-    padded = torch.zeros(2, 4, size, size)
-    padded[0], padded[1, :3] = a, b
-    mask = torch.tensor([[True] * 4, [True, True, True, False]])
-    with torch.inference_mode():
-        out = model([padded], [mask])
-        single = [model([x[None]]) for x in (a, b)]
-    maps = model.finding_maps([padded], out, "occlusion", [mask])
-    for i, (x, o) in enumerate(zip((a, b), single)):
-        ref = model.finding_maps([x[None]], o, "occlusion")
+    maps, refs = padded_and_single_maps(model, [a, b], "occlusion")
+    for i, (x, ref) in enumerate(zip((a, b), refs)):
         np.testing.assert_allclose(maps[:, i, :x.shape[0]], ref[:, 0], rtol=1e-4, atol=1e-6)
     assert torch.all(maps[:, 1, 3] == 0)
 

@@ -15,6 +15,7 @@ from anymc3d.cli import main
 from anymc3d.errors import PluginError
 from anymc3d.plugin import JSON_NAME, WEIGHTS_NAME, read_plugin_metadata
 from anymc3d.plugin_file import read_members, read_training_summary
+from anymc3d.testing import write_plugin_zip
 
 NESTED = "[" * 100_000 + "]" * 100_000  # json.loads alone: RecursionError
 
@@ -60,13 +61,6 @@ def test_json_limits_give_one_line_errors_naming_the_source(tmp_path):
         safeio.loads("{not json", "x")
 
 
-def write_plugin(path, json_bytes, weights, compress=zipfile.ZIP_STORED):
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(zipfile.ZipInfo(JSON_NAME), json_bytes, compress_type=zipfile.ZIP_STORED)
-        zf.writestr(zipfile.ZipInfo(WEIGHTS_NAME), weights, compress_type=compress)
-    return path
-
-
 @pytest.fixture
 def demo_members(demo_dir):
     return read_members(demo_dir / "plugin.anymc3d")
@@ -74,7 +68,7 @@ def demo_members(demo_dir):
 
 def test_info_and_predict_on_deeply_nested_plugin_json_fail_in_one_line(demo_dir, demo_members, tmp_path, caplog):
     raw, weights = demo_members
-    nested = write_plugin(tmp_path / "nested.anymc3d", b'{"name": ' + NESTED.encode() + b"}", weights)
+    nested = write_plugin_zip(tmp_path / "nested.anymc3d", b'{"name": ' + NESTED.encode() + b"}", weights)
     with caplog.at_level(logging.ERROR):
         assert main(["info", str(nested)]) == 2
         out = tmp_path / "out.json"
@@ -91,7 +85,7 @@ def test_a_compressed_member_is_refused_before_a_byte_is_inflated(demo_members, 
     """A deflated member (a zip bomb's way to declare more than the file holds) is refused from the central
     directory: reading it is never tried (the inflater is replaced by one that fails the test)."""
     raw, weights = demo_members
-    bomb = write_plugin(tmp_path / "bomb.anymc3d", raw, b"\0" * (64 * 1024 ** 2), compress=zipfile.ZIP_DEFLATED)
+    bomb = write_plugin_zip(tmp_path / "bomb.anymc3d", raw, b"\0" * (64 * 1024 ** 2), compress=zipfile.ZIP_DEFLATED)
     assert bomb.stat().st_size < 1024 ** 2  # 64 MB of weights in under 1 MB
     monkeypatch.setattr(zipfile, "_get_decompressor", lambda *_: pytest.fail("a member was inflated"))
     for read in (read_plugin_metadata, read_members, read_training_summary):
@@ -102,7 +96,7 @@ def test_a_compressed_member_is_refused_before_a_byte_is_inflated(demo_members, 
 
 def test_member_sizes_are_checked_against_the_limits_before_reading(demo_members, tmp_path, monkeypatch):
     raw, weights = demo_members
-    plugin = write_plugin(tmp_path / "p.anymc3d", raw, weights)
+    plugin = write_plugin_zip(tmp_path / "p.anymc3d", raw, weights)
     monkeypatch.setattr("anymc3d.plugin_file.MAX_MEMBER_BYTES", len(weights) - 1)
     monkeypatch.setattr(zipfile.ZipFile, "read", lambda *_: pytest.fail("a member was read"))
     with pytest.raises(PluginError, match="member plugin.safetensors is larger than"):
@@ -137,6 +131,6 @@ def test_other_json_readers_are_limited(tmp_path):
 def test_training_summary_header_length_is_bounded(demo_members, tmp_path):
     raw, weights = demo_members
     huge = (2 ** 62).to_bytes(8, "little") + weights[8:]
-    plugin = write_plugin(tmp_path / "h.anymc3d", raw, huge)
+    plugin = write_plugin_zip(tmp_path / "h.anymc3d", raw, huge)
     with pytest.raises(PluginError, match=r"h\.anymc3d: unreadable training summary"):
         read_training_summary(plugin)

@@ -23,7 +23,6 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from anymc3d.device import in_chunks
 from anymc3d.planecycle.config import (
     DEFAULT_CYCLE,
     PlaneCycleConfig,
@@ -57,6 +56,14 @@ class VolumeFeatures:
     def volume_embedding(self) -> Tensor:
         """(B, C): mean of the per-slice CLS tokens."""
         return self.cls_tokens.mean(dim=1)
+
+    def float_cpu(self) -> "VolumeFeatures":
+        """The same features as float32 tensors on the CPU."""
+        def cpu(t: Tensor) -> Tensor:
+            return t.float().cpu()
+
+        return VolumeFeatures(patch_tokens=cpu(self.patch_tokens), global_tokens=cpu(self.global_tokens),
+                              layers={i: (cpu(p), cpu(g)) for i, (p, g) in self.layers.items()})
 
 
 class PlaneCycleEncoder(nn.Module):
@@ -162,38 +169,3 @@ def lift(model: nn.Module, config: PlaneCycleConfig | None = None) -> PlaneCycle
     """Wrap ``model`` as a PlaneCycle 3D encoder (no copy, no edit)."""
     config = config or PlaneCycleConfig()
     return PlaneCycleEncoder(model, variant=config.variant, cycle=config.cycle)
-
-
-def slicewise_features(model: nn.Module, volume: Tensor, layers: Sequence[int] = (), chunk_size: int = 32) -> VolumeFeatures:
-    """The 2D baseline: timm's own ``forward_intermediates`` on every slice, shaped like lifted features.
-
-    Args:
-        model: timm VisionTransformer or Eva.
-        volume: (B, D, 3, H, W) normalised slices.
-        layers: 0-based block indices whose (normed) outputs to return as well.
-        chunk_size: slices per forward (halved and retried on CUDA out of memory).
-    """
-    take = check_layers(layers, len(model.blocks))
-    b, d = volume.shape[:2]
-    g = int(model.num_prefix_tokens)
-    h, w = model.patch_embed.dynamic_feat_size(tuple(volume.shape[-2:]))
-
-    def step(start: int, stop: int) -> list[Tensor]:
-        chunk = flat[start:stop]  # (n, 3, H, W)
-        if not take:
-            return [model.forward_features(chunk)]  # (n, G + h*w, C)
-        final, taken = model.forward_intermediates(chunk, indices=list(take), norm=True, output_fmt="NLC",
-                                                   return_prefix_tokens=True)
-        return [final, *(torch.cat([prefix, patch], dim=1) for patch, prefix in taken)]  # (n, G + h*w, C) each
-
-    flat = volume.flatten(0, 1)
-    columns = in_chunks(flat.shape[0], chunk_size, step)  # the engine's chunking, with its out-of-memory retry
-    finals, inter = columns[0], {i: columns[1 + j] for j, i in enumerate(take)}
-
-    def split(tokens: Tensor) -> tuple[Tensor, Tensor]:
-        c = tokens.shape[-1]
-        return tokens[:, g:].reshape(b, d, h, w, c), tokens[:, :g].reshape(b, d, g, c)
-
-    patches, glob = split(torch.cat(finals))
-    return VolumeFeatures(patch_tokens=patches, global_tokens=glob,
-                          layers={i: split(torch.cat(inter[i])) for i in take})

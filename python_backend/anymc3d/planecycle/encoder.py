@@ -23,7 +23,7 @@ from torch import nn
 from anymc3d.device import placement
 from anymc3d.encoders import Encoder, EncoderOutput, SliceProgress, register_encoder
 from anymc3d.planecycle.config import DEFAULT_CYCLE, PlaneCycleConfig
-from anymc3d.planecycle.converter import PlaneCycleEncoder
+from anymc3d.planecycle.converter import PlaneCycleEncoder, VolumeFeatures
 from anymc3d.planecycle.head import token_terms
 from anymc3d.preprocessing import to_model_input
 
@@ -48,6 +48,15 @@ class LiftedEncoder(Encoder):
         """A plugin's ``encoder`` options: the lifting settings (variant, cycle), normalised."""
         return PlaneCycleConfig.from_dict(dict(options)).to_dict()
 
+    def lifted(self) -> PlaneCycleEncoder:
+        """The lifted view of the resident backbone (a wrapper: no copy, no edit)."""
+        return PlaneCycleEncoder(self.backbone, variant=self.config.variant, cycle=self.config.cycle)
+
+    def features(self, volume: torch.Tensor, layers: Sequence[int] = ()) -> VolumeFeatures:
+        """Lifted token features of (B, D, 3, H, W) normalised volumes: each volume runs whole (its slices are
+        mixed by the DW/DH blocks, so there are no chunks)."""
+        return self.lifted().forward_features(volume, layers)
+
     def forward(self, slices: torch.Tensor, mask: torch.Tensor | None = None, *, patch_tokens: bool = False,
                 heatmap: str | None = None, progress: SliceProgress | None = None) -> EncoderOutput:
         """Encode a batch of volumes, one volume at a time.
@@ -60,7 +69,7 @@ class LiftedEncoder(Encoder):
         """
         if heatmap is not None:
             raise ValueError(f"heatmap: the {self.kind!r} encoder has no {heatmap!r} heatmap")
-        lifted = PlaneCycleEncoder(self.backbone, variant=self.config.variant, cycle=self.config.cycle)
+        lifted = self.lifted()
         device, dtype = placement(self.backbone)
         b, s = slices.shape[:2]
         mask = torch.ones(b, s, dtype=torch.bool) if mask is None else mask.to("cpu", torch.bool)

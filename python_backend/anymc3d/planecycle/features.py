@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anymc3d.backbone import load_backbone
+from anymc3d.engine import Engine
 from anymc3d.errors import InputError
 from anymc3d.fileio import atomic_path, write_text_atomic
 from anymc3d.planecycle.config import PlaneCycleConfig
-from anymc3d.planecycle.converter import VolumeFeatures, lift, slicewise_features
+from anymc3d.planecycle.converter import VolumeFeatures
 from anymc3d.image_reading import read_image
 from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.preprocessing import SliceGeometry, prepare, to_model_input
@@ -79,37 +80,33 @@ def read_volume(path: Path, config: PreprocessConfig) -> tuple[Tensor, SliceGeom
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
+#: ``--mode`` -> the engine's encoder kind that computes it
+KINDS = {"planecycle": "planecycle", "slicewise": "slice_lora"}
+
+
 def compute_features(model: nn.Module, volume: Tensor, mode: str = "planecycle",
                      config: PlaneCycleConfig | None = None, layers: Sequence[int] = (),
                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> VolumeFeatures:
     """Features of one volume, on ``device`` with the backbone in ``dtype``, returned on the CPU in float32.
 
+    The backbone runs in an :class:`~anymc3d.engine.Engine` (its device and precision handling) through the
+    encoder kind of ``mode`` (:meth:`Engine.features`), as plugins' slices do.
+
     Args:
-        model: timm DINOv2/DINOv3 backbone (moved to ``device``).
+        model: timm DINOv2/DINOv3 backbone (moved to ``device`` and cast to ``dtype`` in place).
         volume: (D, 3, H, W) normalised slices.
         mode: 'planecycle' (lifted) or 'slicewise' (the 2D model on every slice).
         config: the lifting settings (planecycle mode only).
         layers: 0-based block indices whose outputs to return too.
-        dtype: the backbone's precision (:func:`anymc3d.device.resolve_precision`); the model is cast to it.
+        dtype: the backbone's precision (:func:`anymc3d.device.resolve_precision`).
 
     Returns:
         :class:`VolumeFeatures` with batch size 1.
     """
     if mode not in MODES:
         raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
-    model = model.to(device, dtype)
-    x = volume.to(device=device, dtype=torch.float32).to(dtype)[None]  # (1, D, 3, H, W)
-    if mode == "planecycle":
-        feats = lift(model, config).forward_features(x, layers)
-    else:
-        feats = slicewise_features(model, x, layers)
-
-    def cpu(t: Tensor) -> Tensor:
-        return t.float().cpu()
-
-    return VolumeFeatures(patch_tokens=cpu(feats.patch_tokens), global_tokens=cpu(feats.global_tokens),
-                          layers={i: (cpu(p), cpu(g)) for i, (p, g) in feats.layers.items()})
+    options = (config or PlaneCycleConfig()).to_dict() if mode == "planecycle" else {}
+    return Engine(model, device=device, precision=dtype).features(volume, KINDS[mode], layers, **options)
 
 
 def _save_npy(array: Tensor | np.ndarray, path: Path) -> Path:

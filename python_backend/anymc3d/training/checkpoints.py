@@ -46,3 +46,45 @@ def checkpoint_path(out: Path) -> Path:
 
 def log_path(out: Path) -> Path:
     return out.with_name(out.name + ".train.jsonl")
+
+
+def save_run(path: Path, trainable: dict[str, torch.Tensor], optimizer, identity: dict, run: dict) -> Path:
+    """A training run's checkpoint: the trainable tensors, the best state, AdamW's moments and the RNG, with
+    ``identity`` (what makes it this run) and ``run`` (next_epoch, step, best, history, stopped) as JSON."""
+    best = run["best"]
+    tensors = {f"param.{k}": v for k, v in trainable.items()}
+    tensors.update({f"best.{k}": v for k, v in best["state"].items()})
+    index = {id(p): n for n, p in trainable.items()}
+    for p, st in optimizer.state.items():
+        for key, value in st.items():
+            tensors[f"adam.{index[id(p)]}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    state = {"version": CHECKPOINT_VERSION, "identity": identity, "next_epoch": run["next_epoch"], "step": run["step"],
+             "best_epoch": best["epoch"], "best_score": best["score"], "history": run["history"],
+             "stopped": run["stopped"], "names": list(trainable)}
+    return write_checkpoint(path, tensors, json.loads(json.dumps(state)))
+
+
+def load_run(path: Path, trainable: dict[str, torch.Tensor], optimizer, identity: dict) -> dict:
+    """Restore :func:`save_run`'s checkpoint into ``trainable`` and ``optimizer`` (and the RNG); TrainingError
+    naming the file when it is another run's. Returns next_epoch, step, best, history, stopped."""
+    tensors, state = read_checkpoint(path)
+    mine = json.loads(json.dumps(identity))
+    if state["identity"] != mine:
+        differs = [k for k in mine if state["identity"].get(k) != mine[k]]
+        raise TrainingError(f"{path}: checkpoint of another run (different {', '.join(differs)}); "
+                            "remove it or train into another --out")
+    names = {id(p): n for n, p in trainable.items()}
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(tensors[f"param.{name}"])
+    for p in trainable.values():
+        st = {key.rsplit(".", 1)[1]: t for key, t in tensors.items()
+              if key.startswith("adam.") and key.rsplit(".", 1)[0] == f"adam.{names[id(p)]}"}
+        if st:
+            optimizer.state[p] = {k: v.clone() for k, v in st.items()}
+    torch.set_rng_state(tensors["rng.torch"])
+    best = {"epoch": state["best_epoch"], "score": state["best_score"],
+            "state": {k.removeprefix("best."): t for k, t in tensors.items() if k.startswith("best.")}}
+    return {"next_epoch": state["next_epoch"], "step": state["step"], "best": best, "history": state["history"],
+            "stopped": state["stopped"]}

@@ -25,6 +25,16 @@ class Dist:
             torch.distributed.all_reduce(tensor)
         return tensor
 
+    def all_sum_grads(self, params) -> None:
+        """Sum the gradients of ``params`` over the processes, in one flat all-reduce (nothing with one process)."""
+        if self.world == 1:
+            return
+        flat = self.all_sum(torch.cat([p.grad.reshape(-1) for p in params]))
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
     def gather(self, obj) -> list:
         if self.world == 1:
             return [obj]

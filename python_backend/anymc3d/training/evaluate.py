@@ -128,11 +128,7 @@ def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBack
     members = ensemble_members(Path(plugin))
     plugins = [load_plugin(p) for p in members]
     config = plugins[0].config
-    task = config.task
-    labels = None if task == "multiclass" else list(config.labels)
-    manifest = load_manifest(manifest_path, labels=labels, task=task)
-    if manifest.labels != list(config.labels):
-        raise TrainingError(f"{manifest_path}: labels {manifest.labels} differ from the plugin's {config.labels}")
+    manifest = _plugin_manifest(manifest_path, config)
     if not isinstance(backbone, LoadedBackbone):
         backbone = load_backbone(backbone, spec_from_file(backbone) or config.backbone)
     cases = manifest.subset("test") or ([] if any(c.split for c in manifest.cases) else manifest.cases)
@@ -146,20 +142,34 @@ def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBack
         val_y, val_p = (manifest.targets(val_cases),
                         predict_manifest(manifest, val_cases, backbone, plugins, device, precision=precision))
     metrics = evaluate(y, probs, config.labels, config.thresholds, val_y, val_p, bootstrap=bootstrap)
-    if val_cases is None or not val_cases:
+    if not val_cases:
         _stored_youden(metrics, members, config.labels, y, probs)
     metrics.update({"plugin": [str(p) for p in members], "manifest": str(manifest.path),
                     "manifest_sha256": manifest.sha256, "evaluated_split": "test" if manifest.subset("test") else "all",
                     "precision": precision_name(backbone_dtype(backbone.model))})
     if localisation and len(plugins) == 1 and any(c.mask is not None for c in cases):
         metrics["localisation"] = localisation_report(manifest, cases, backbone, members[0], heatmap_methods, device)
-        if record and metrics["localisation"]["cases"]:
-            from anymc3d.localisation import model_card
-            from anymc3d.plugin import record_localisation
-
-            record_localisation(members[0], model_card(metrics["localisation"]["methods"], record))
+        _record_card(members[0], metrics["localisation"], record)
     write_report(metrics, y, probs, Path(out))
     return metrics
+
+
+def _plugin_manifest(manifest_path: Path | str, config) -> Manifest:
+    """The manifest read for the plugin's task; TrainingError naming it when its labels are not the plugin's."""
+    labels = None if config.task == "multiclass" else list(config.labels)
+    manifest = load_manifest(manifest_path, labels=labels, task=config.task)
+    if manifest.labels != list(config.labels):
+        raise TrainingError(f"{manifest_path}: labels {manifest.labels} differ from the plugin's {config.labels}")
+    return manifest
+
+
+def _record_card(plugin: Path, localisation: dict, record: Optional[str]) -> None:
+    """With ``record`` (a description of the task), the measured localisation into the plugin's model card."""
+    if record and localisation["cases"]:
+        from anymc3d.localisation import model_card
+        from anymc3d.plugin import record_localisation
+
+        record_localisation(plugin, model_card(localisation["methods"], record))
 
 
 def _stored_youden(metrics: dict, members: list, labels, y: np.ndarray, probs: np.ndarray) -> None:

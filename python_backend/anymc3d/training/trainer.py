@@ -2,7 +2,9 @@
 gradient accumulation, bf16 autocast on CUDA only, validation AUROC each epoch, best state kept, early stopping;
 then Platt calibration on validation and the plugin saved with its training summary.
 
-One forward: :class:`anymc3d.model.AnyMC3DModel`.
+One forward: :class:`anymc3d.model.AnyMC3DModel`. The file is a little over 500 lines because what is left is one
+loop over the run's shared state; its separable jobs (config, checkpoints, distributed, standardised head, batching,
+evaluation) are modules of their own.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from anymc3d.model import AnyMC3DModel
 from anymc3d.plugin import ENSEMBLE_INDEX, PluginConfig, TaskHead, probabilities, save_plugin
 from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.training.batching import case_seed, collate
-from anymc3d.training.checkpoints import (CHECKPOINT_VERSION, checkpoint_path, log_path, read_checkpoint,
+from anymc3d.training.checkpoints import (CHECKPOINT_VERSION, checkpoint_path, load_run, log_path, save_run,
                                           write_checkpoint)
 from anymc3d.training.config import CPU_INPUT_SIZE, CPU_NUM_SLICES, TrainConfig, TrainingError
 from anymc3d.training.distributed import Dist, init_distributed
@@ -66,13 +68,7 @@ class Trainer:
         self.device = torch.device(device)
         self.dist = dist or Dist()
         self.progress = progress and self.dist.main
-        cpu_plan = self.device.type == "cpu" and backbone.spec.img_size >= 224
-        size = config.input_size or (CPU_INPUT_SIZE if cpu_plan else backbone.spec.img_size)
-        if size % backbone.spec.patch_size:
-            raise TrainingError(f"input_size {size} is not a multiple of the patch size {backbone.spec.patch_size}")
-        num_slices = config.num_slices or (CPU_NUM_SLICES if cpu_plan else None)
-        self.recipe = PreprocessConfig(input_size=size, num_slices=num_slices, intensity=config.intensity,
-                                       window=config.window if config.intensity in ("ct", "auto") else None)
+        self.recipe = self._recipe(config, backbone.spec, self.device)
         self.train_cases = manifest.subset("train")
         self.val_cases = manifest.subset("val")
         if not self.train_cases or not self.val_cases:
@@ -82,12 +78,30 @@ class Trainer:
         self.prepared: dict[int, PreparedCase] = {}
         has_masks = any(c.mask is not None for c in self.train_cases)
         self.aux_seg = has_masks if config.aux_seg is None else bool(config.aux_seg and has_masks)
-        frozen = not config.lora and not config.augment and not self.aux_seg
+        self.cache = self._caching(config, self.aux_seg)
+        self.embedded: dict[int, list[torch.Tensor]] = {}
+
+    @staticmethod
+    def _recipe(config: TrainConfig, spec, device: torch.device) -> PreprocessConfig:
+        """The slices to train on: the config's size and count, else the CPU plan's (``CPU_INPUT_SIZE``,
+        ``CPU_NUM_SLICES``) for a full-size backbone on the CPU, else the backbone's own size."""
+        cpu_plan = device.type == "cpu" and spec.img_size >= 224
+        size = config.input_size or (CPU_INPUT_SIZE if cpu_plan else spec.img_size)
+        if size % spec.patch_size:
+            raise TrainingError(f"input_size {size} is not a multiple of the patch size {spec.patch_size}")
+        num_slices = config.num_slices or (CPU_NUM_SLICES if cpu_plan else None)
+        return PreprocessConfig(input_size=size, num_slices=num_slices, intensity=config.intensity,
+                                window=config.window if config.intensity in ("ct", "auto") else None)
+
+    @staticmethod
+    def _caching(config: TrainConfig, aux_seg: bool) -> bool:
+        """Whether slice embeddings are computed once and reused: by default when nothing changes them between
+        epochs (no LoRA, augmentation or auxiliary segmentation); asking for it otherwise is an error."""
+        frozen = not config.lora and not config.augment and not aux_seg
         if config.cache_embeddings and not frozen:
             raise TrainingError("cache_embeddings needs LoRA, augmentation and the auxiliary segmentation off "
                                 "(the slice embeddings must not change between epochs)")
-        self.cache = frozen if config.cache_embeddings is None else bool(config.cache_embeddings)
-        self.embedded: dict[int, list[torch.Tensor]] = {}
+        return frozen if config.cache_embeddings is None else bool(config.cache_embeddings)
 
     # -------------------------------------------------------------- setup
     def _prepared(self, case) -> PreparedCase:
@@ -265,13 +279,7 @@ class Trainer:
                                          dtype=torch.float64)
                 bar.update(len(mb) * self.dist.world)
                 bar.set_postfix(loss=f"{float(loss_sum[0] / max(1.0, float(loss_sum[1]))):.4f}", refresh=False)
-            if self.dist.world > 1:
-                flat = torch.cat([p.grad.reshape(-1) for p in params])
-                self.dist.all_sum(flat)
-                offset = 0
-                for p in params:
-                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+            self.dist.all_sum_grads(params)
             self.optimizer.step()
             step += 1
         bar.close()
@@ -317,48 +325,13 @@ class Trainer:
                 "splits": {c.row: c.split for c in self.manifest.cases}}
 
     def _save(self, next_epoch: int, step: int, best: dict, history: list, stopped: bool) -> None:
-        if not self.dist.main:
-            return
-        tensors = {f"param.{k}": v for k, v in self.trainable().items()}
-        tensors.update({f"best.{k}": v for k, v in best["state"].items()})
-        names = list(self.trainable())
-        index = {id(p): n for n, p in self.trainable().items()}
-        for p, st in self.optimizer.state.items():
-            for key, value in st.items():
-                tensors[f"adam.{index[id(p)]}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        tensors["rng.torch"] = torch.get_rng_state()
-        state = {"version": CHECKPOINT_VERSION, "identity": self._identity(), "next_epoch": next_epoch, "step": step,
-                 "best_epoch": best["epoch"], "best_score": best["score"], "history": history, "stopped": stopped,
-                 "names": names}
-        write_checkpoint(checkpoint_path(self.out), tensors, json.loads(json.dumps(state)))
+        if self.dist.main:
+            save_run(checkpoint_path(self.out), self.trainable(), self.optimizer, self._identity(),
+                     {"next_epoch": next_epoch, "step": step, "best": best, "history": history, "stopped": stopped})
 
     def _load(self, path: Path) -> tuple[int, int, dict, list, bool]:
-        tensors, state = read_checkpoint(path)
-        mine = json.loads(json.dumps(self._identity()))
-        if state["identity"] != mine:
-            differs = [k for k in mine if state["identity"].get(k) != mine[k]]
-            raise TrainingError(f"{path}: checkpoint of another run (different {', '.join(differs)}); "
-                                "remove it or train into another --out")
-        trainable = self.trainable()
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(tensors[f"param.{name}"])
-        for p in trainable.values():
-            st = {key.rsplit(".", 1)[1]: t for key, t in tensors.items()
-                  if key.startswith("adam.") and key.rsplit(".", 1)[0] == f"adam.{self._name_of(p, trainable)}"}
-            if st:
-                self.optimizer.state[p] = {k: v.clone() for k, v in st.items()}
-        torch.set_rng_state(tensors["rng.torch"])
-        best = {"epoch": state["best_epoch"], "score": state["best_score"],
-                "state": {k.removeprefix("best."): t for k, t in tensors.items() if k.startswith("best.")}}
-        return state["next_epoch"], state["step"], best, state["history"], state["stopped"]
-
-    @staticmethod
-    def _name_of(p, trainable) -> str:
-        for n, q in trainable.items():
-            if q is p:
-                return n
-        raise KeyError
+        run = load_run(path, self.trainable(), self.optimizer, self._identity())
+        return run["next_epoch"], run["step"], run["best"], run["history"], run["stopped"]
 
     # -------------------------------------------------------------- the run
     def plan(self) -> dict:
