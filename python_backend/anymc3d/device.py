@@ -3,12 +3,12 @@
 ``--device auto`` is CUDA when present, else the CPU. ``--precision auto`` is bf16 where the device computes it
 natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or AVX-512-BF16, detected at run time) and fp32 elsewhere,
 for the heatmap methods whose bf16 maps hold the agreement bounds against fp32 (:data:`FP32_METHODS` stay fp32).
-Reduced precision applies to the frozen backbone only, and the slice embeddings, patch maps, pooling, head,
-calibration and probabilities are float32. On a GPU the backbone's weights are cast. On a CPU, bf16 means bf16
-matrix products (:func:`bf16_products`): the transformer blocks' linear layers multiply in bf16 from a cached bf16
-copy of their fp32 weights, while the residual stream, norms and layer scales stay fp32. That form measured both
-closer to fp32 than a bf16 copy of the whole model (which rounds the residual stream in every block) and faster
-on this CPU (bf16 element-wise ops are slower than fp32 ones there; benchmarks/results/). Setting the environment variable ``ANYMC3D_NO_BF16=1``
+Reduced precision applies to the frozen backbone only; slice embeddings, patch maps, pooling, head, calibration and
+probabilities are float32. bf16 means bf16 matrix products in the blocks' MLPs (:func:`place_backbone`), two
+thirds of a ViT block's multiply-adds, from a cached bf16 copy of their fp32 weights; attention, norms, layer
+scales and the residual stream stay fp32. Over 40 volumes through a trained backbone that form moved a calibrated
+probability by 0.005 at most, where a bf16 copy of the whole model moved one by 0.018 and bf16 products in
+attention too by 0.013 (bound 0.01; docs/model.md). Setting the environment variable ``ANYMC3D_NO_BF16=1``
 reports bf16 as unavailable, so ``auto`` gives fp32 everywhere (tests, or a CPU that misreports).
 """
 from __future__ import annotations
@@ -98,20 +98,20 @@ def placement(backbone: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def place_backbone(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a ViT backbone to ``device`` in the precision ``dtype`` (in place; returns it): bf16 on a CPU runs the
-    blocks' matrix products in bf16 with fp32 weights and activations around them (:func:`bf16_products`); any
-    other reduced precision casts the weights; fp32 undoes either."""
-    products = dtype == torch.bfloat16 and device.type == "cpu"
+    """Move a ViT backbone to ``device`` in the precision ``dtype`` (in place; returns it): bf16 runs the blocks'
+    MLP products in bf16 with fp32 weights and an fp32 stream around them (the form the agreement tests hold to
+    their bounds); fp16 casts the weights; fp32 undoes either."""
+    products = dtype == torch.bfloat16
     model.to(device, torch.float32 if products else dtype)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".lora_" not in name:
-            module.__class__ = _linear_class(name) if products else torch.nn.Linear
+            module.__class__ = _linear_class(name) if products and ".mlp." in name else torch.nn.Linear
     return model
 
 
 def backbone_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The precision a backbone computes in: bf16 when its products are bf16 (:func:`place_backbone`), else the
-    dtype of its weights."""
+    """The precision a backbone computes in: bf16 when its MLP products are bf16 (:func:`place_backbone`), else
+    the dtype of its weights."""
     if any(isinstance(m, _Bf16Linear) for m in model.modules()):
         return torch.bfloat16
     return placement(model)[1]
@@ -138,14 +138,14 @@ class _Bf16Linear(torch.nn.Linear):
 
 
 class _Bf16InnerLinear(_Bf16Linear):
-    """The same, for a layer whose output stays inside the block (attention's qkv, the MLP's first layer): its
-    output stays bf16, so attention and the MLP's activation run in bf16 too."""
+    """The same, for a layer whose output stays inside the MLP (its first layer): the activation runs in bf16 and
+    the second layer takes it without a cast."""
 
     keep_bf16 = True
 
 
-#: layers whose output stays inside the block (timm ViT and Eva names)
-_INNER = (".attn.qkv", ".mlp.fc1", ".mlp.fc1_g", ".mlp.fc1_x")
+#: MLP layers whose output stays inside the MLP (timm ViT and Eva names, SwiGLU included)
+_INNER = (".mlp.fc1", ".mlp.fc1_g", ".mlp.fc1_x")
 
 
 def _linear_class(name: str) -> type:

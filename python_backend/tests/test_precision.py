@@ -81,27 +81,29 @@ def test_explicit_precisions_and_bad_values(monkeypatch):
     assert backbone_dtype(engine.model) == torch.bfloat16 and engine.precision == "bf16"
 
 
-def test_bf16_products_on_cpu_are_bf16_matrix_products_in_an_fp32_stream():
-    """On a CPU, bf16 = each block's linear layers multiply bf16-rounded inputs and weights (accumulated in fp32
-    and rounded), qkv/fc1 outputs stay bf16, proj/fc2 outputs return to fp32; computed here by hand per layer."""
+def test_bf16_products_on_cpu_are_the_mlps_matrix_products_in_an_fp32_stream():
+    """On a CPU, bf16 = each block's MLP multiplies bf16-rounded inputs and weights (fc1's output stays bf16,
+    fc2's returns to fp32); attention, norms, layer scales and the residual stream stay fp32. By hand per layer."""
     backbone = _tiny_backbone()
     fp32 = copy.deepcopy(backbone.model).eval()
     model = place_backbone(backbone.model, torch.device("cpu"), torch.bfloat16).eval()
     block, ref = model.blocks[0], fp32.blocks[0]
-    x = torch.randn(2, 5, ref.attn.qkv.in_features)
-    by_hand = torch.nn.functional.linear(x.bfloat16(), ref.attn.qkv.weight.bfloat16(), ref.attn.qkv.bias.bfloat16())
-    assert block.attn.qkv(x).dtype == torch.bfloat16 and torch.equal(block.attn.qkv(x), by_hand)
-    out = block.attn.proj(x)
-    by_hand = torch.nn.functional.linear(x.bfloat16(), ref.attn.proj.weight.bfloat16(), ref.attn.proj.bias.bfloat16())
+    x = torch.randn(2, 5, ref.mlp.fc1.in_features)
+    by_hand = torch.nn.functional.linear(x.bfloat16(), ref.mlp.fc1.weight.bfloat16(), ref.mlp.fc1.bias.bfloat16())
+    assert block.mlp.fc1(x).dtype == torch.bfloat16 and torch.equal(block.mlp.fc1(x), by_hand)
+    h = torch.randn(2, 5, ref.mlp.fc2.in_features)
+    out = block.mlp.fc2(h)
+    by_hand = torch.nn.functional.linear(h.bfloat16(), ref.mlp.fc2.weight.bfloat16(), ref.mlp.fc2.bias.bfloat16())
     assert out.dtype == torch.float32 and torch.equal(out, by_hand.float())
-    assert not torch.equal(out, ref.attn.proj(x)), "the product is not in bf16"
+    assert not torch.equal(out, ref.mlp.fc2(h)), "the product is not in bf16"
+    assert torch.equal(block.attn.qkv(x), ref.attn.qkv(x)) and torch.equal(block.attn.proj(x), ref.attn.proj(x))
     with torch.no_grad():  # a weight change (LoRA folding) is seen at the next call, not a stale bf16 copy
-        block.attn.proj.weight.add_(1.0)
-        ref.attn.proj.weight.add_(1.0)
-    by_hand = torch.nn.functional.linear(x.bfloat16(), ref.attn.proj.weight.bfloat16(), ref.attn.proj.bias.bfloat16())
-    assert torch.equal(block.attn.proj(x), by_hand.float())
+        block.mlp.fc2.weight.add_(1.0)
+        ref.mlp.fc2.weight.add_(1.0)
+    by_hand = torch.nn.functional.linear(h.bfloat16(), ref.mlp.fc2.weight.bfloat16(), ref.mlp.fc2.bias.bfloat16())
+    assert torch.equal(block.mlp.fc2(h), by_hand.float())
     assert backbone_dtype(place_backbone(model, torch.device("cpu"), torch.float32)) == torch.float32
-    assert torch.equal(model.blocks[0].attn.proj(x), ref.attn.proj(x))  # fp32 again: the plain layer
+    assert torch.equal(model.blocks[0].mlp.fc2(h), ref.mlp.fc2(h))  # fp32 again: the plain layer
 
 
 def _tiny_backbone() -> LoadedBackbone:
