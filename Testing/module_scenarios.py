@@ -180,8 +180,8 @@ def selfTest(args):
         made.append(self)
 
     AnyMC3DSlicer.AnyMC3DSlicerLogic.__init__ = remember
-    commands, realRun = [], AnyMC3DSlicer.subprocess.run
-    AnyMC3DSlicer.subprocess.run = lambda command, **kwargs: commands.append([str(c) for c in command]) or realRun(command, **kwargs)
+    commands, realRun = [], AnyMC3DSlicer.selftest.subprocess.run
+    AnyMC3DSlicer.selftest.subprocess.run = lambda command, **kwargs: commands.append([str(c) for c in command]) or realRun(command, **kwargs)
     for signature, handler in app.connections:
         if signature == "startupCompleted()":
             handler()
