@@ -107,6 +107,8 @@ class AnyMC3DSlicerLogic:
     #: import a run's results with only the first-shown heatmap read at once, the others read in threads and filled
     #: in by ``PredictionJob.pollHeatmaps`` (the Slicer module sets it, with ``schedule``)
     readAhead = False
+    #: where training work folders are made (manifest, volumes, checkpoint; training.py); None: the system's temp
+    trainingRoot = None
     #: ``schedule(milliseconds, callback)`` on the GUI thread's event loop (the module passes ``qt.QTimer.singleShot``);
     #: None: callers poll (``job.wait``)
     schedule = None
