@@ -92,6 +92,7 @@ from anymc3d.contract import DEVICES, HEATMAP_METHODS
 from AnyMC3DSlicerLib import selftest
 from AnyMC3DSlicerLib.pluginsection import SETTINGS_PLUGIN_FOLDER, PluginSection
 from AnyMC3DSlicerLib.resultsection import ResultSection
+from AnyMC3DSlicerLib.trainsection import TrainSection
 
 
 def backendPath():
@@ -174,7 +175,7 @@ def reloadLogicPackage():
         del sys.modules[name]
 
 
-class AnyMC3DSlicerWidget(PluginSection, ResultSection, ScriptedLoadableModuleWidget, VTKObservationMixin):
+class AnyMC3DSlicerWidget(PluginSection, ResultSection, TrainSection, ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         # Set before the base class's __init__: given no parent, it calls setup() itself.
         self.logic = None
@@ -236,6 +237,7 @@ class AnyMC3DSlicerWidget(PluginSection, ResultSection, ScriptedLoadableModuleWi
         self.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
 
         self.setupSimilarity()
+        self.setupTrainSection()  # AnyMC3DSlicerLib/trainsection.py
         self.ui.getBackboneButton.connect("clicked(bool)", self.onGetBackbone)  # Logic/backbones.py
         self.onPluginFolderChanged(self.ui.pluginFolderPathLineEdit.currentPath)
         self.initializeParameterNode()
@@ -271,8 +273,9 @@ class AnyMC3DSlicerWidget(PluginSection, ResultSection, ScriptedLoadableModuleWi
         self.ui.similarityMarkupsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.similarityController.setMarkupsNode)
 
     def cleanup(self):
-        if self.job is not None:
-            self.job.cancel()
+        for job in (self.job, self.trainingJob):
+            if job is not None:
+                job.cancel()
         self.similarityController.setMarkupsNode(None)
         self.similaritySession.cleanup()  # its temporary inputs and feature caches
         self.logic.close()  # the backend process kept ready
@@ -291,12 +294,14 @@ class AnyMC3DSlicerWidget(PluginSection, ResultSection, ScriptedLoadableModuleWi
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
-        if self.job is not None:
-            self.job.cancel()
+        for job in (self.job, self.trainingJob):
+            if job is not None:
+                job.cancel()
         self.similaritySession.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
+        self.showTrainingTable(None)
         if self.parent.isEntered:
             self.initializeParameterNode()
 

@@ -16,6 +16,7 @@ class PluginSection:
 
     pluginLibrary = None
     _dependenciesChecked = False
+    _trainingDependenciesChecked = False
 
     def onPluginFolderChanged(self, folder):
         qt.QSettings().setValue(SETTINGS_PLUGIN_FOLDER, folder)
@@ -54,10 +55,13 @@ class PluginSection:
                 self.pluginLibrary.removePlugin(plugin.path)
             self.refreshPlugins()
 
-    def ensureDependencies(self):
-        if self._dependenciesChecked:
+    def ensureDependencies(self, training=False):
+        """Install what the backend needs (``training``: also what ``anymc3d train`` / ``eval`` need) after asking."""
+        if self._dependenciesChecked and (self._trainingDependenciesChecked or not training):
             return True
-        checker = LogicPackage.DependencyChecker()
+        from AnyMC3DSlicerLogic.dependencies import trainingRequirements
+
+        checker = LogicPackage.DependencyChecker(trainingRequirements() if training else None)
         missing = checker.missingPackages()
         try:
             checker.install(missing, confirm=lambda lines: slicer.util.confirmOkCancelDisplay(
@@ -73,4 +77,5 @@ class PluginSection:
             slicer.util.errorDisplay(_("Installing the Python packages AnyMC3D needs failed: {error}").format(error=error))
             return False
         self._dependenciesChecked = True
+        self._trainingDependenciesChecked = self._trainingDependenciesChecked or training
         return True
