@@ -473,6 +473,8 @@ class AnyMC3DSlicerLogic(LogicPackage.AnyMC3DSlicerLogic, ScriptedLoadableModule
         ScriptedLoadableModuleLogic.__init__(self)
         LogicPackage.AnyMC3DSlicerLogic.__init__(self, slicer.mrmlScene, runner=runner, backendPath=backendPath())
         self.schedule = lambda milliseconds, callback: qt.QTimer.singleShot(milliseconds, callback)
+        # training work folders (checkpoints) where a restart finds them again: beside Slicer's settings
+        self.trainingRoot = os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "AnyMC3D", "training")
 
     def getParameterNode(self):
         return AnyMC3DSlicerParameterNode(super().getParameterNode())

@@ -180,6 +180,17 @@ def addCase(table, volumeNode, labels=None, split="auto", maskNode=None):
     return row
 
 
+def removeCase(table, row):
+    """Remove one row; the later rows' volume and mask references move up with them (roles are per row)."""
+    count = table.GetNumberOfRows()
+    for later in range(int(row), count - 1):
+        for role in (VOLUME_REFERENCE, MASK_REFERENCE):
+            table.SetNodeReferenceID(f"{role}{later}", table.GetNodeReferenceID(f"{role}{later + 1}"))
+    for role in (VOLUME_REFERENCE, MASK_REFERENCE):
+        table.SetNodeReferenceID(f"{role}{count - 1}", None)
+    table.RemoveRow(int(row))
+
+
 def setCell(table, row, column, value):
     """Set a label, split or mask (``column`` MASK_COLUMN with a node or None) of one row."""
     if column == MASK_COLUMN:

@@ -192,8 +192,13 @@ def test_bad_tables_are_refused_before_anything_runs_naming_the_case(sceneContex
     assert problemsOf(table) == ["split 'val' has no cases (too few cases for a split)",
                                  "split 'test' has no cases (too few cases for a split)"]
     small = labelledTable(sceneContext.scene, volumes[:3], labels[:3])
-    for row in range(3, small.GetNumberOfRows()):
-        small.RemoveRow(3)
+    trainingtable.removeCase(small, 1)  # the later rows' volumes move up with them
+    assert [case.volumeNode for case in trainingtable.readCases(small)[:3]] == [volumes[0], volumes[2], volumes[3]]
+    assert [case.name for case in trainingtable.readCases(small)[:3]] == ["case00", "case02", "case03"]
+    while small.GetNumberOfRows() > 3:
+        trainingtable.removeCase(small, 3)
+    assert trainingtable.readCases(small)[-1].volumeNode is volumes[3]
+    trainingtable.setCell(small, 2, "lesion", 1)
     (problem,) = problemsOf(small)
     assert problem.startswith("too few cases to draw the 'auto' splits (cases per label combination {'0': 2, '1': 1}")
 
