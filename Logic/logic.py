@@ -96,13 +96,11 @@ class AnyMC3DSlicerLogic:
         volumesLogic, volumeRenderingLogic: the module logics; default Slicer's, or new ones on ``scene``.
         tempRoot: where the per-run temporary folders are made (default: the system's).
 
-    ``readAhead`` / ``schedule`` (default off; the Slicer module sets them): see the class attributes.
-
-    ``keepBackendReady`` (default False; the Slicer module sets it): keep one ``anymc3d standby`` process started
-    ahead of the next run, so that Apply does not wait for torch, timm and peft to import (9 s of the backend's
-    start-up on 2 cores, see benchmarks/results). It holds the imported libraries in memory (~0.5 GB) while idle.
+    The class attributes below are off by default; the Slicer module sets them.
     """
 
+    #: keep one ``anymc3d standby`` process started ahead of the next run, so that Apply does not wait for torch, timm
+    #: and peft to import (9 s on 2 cores, benchmarks/results); it holds them in memory (~0.5 GB) while idle
     keepBackendReady = False
     #: import a run's results with only the first-shown heatmap read at once, the others read in threads and filled
     #: in by ``PredictionJob.pollHeatmaps`` (the Slicer module sets it, with ``schedule``)
