@@ -237,9 +237,10 @@ def startTraining(logic, table, library, onProgress=None, resume=False):
 
 @pytest.mark.slow
 def test_training_through_the_logic_matches_anymc3d_eval(sceneContext, lesionScene, tinyBackbone, tmp_path):
-    volumes, _, labels = lesionScene
-    settings = TrainingSettings(name="lesion", labels=("lesion",), backbone=tinyBackbone, epochs=3, device="cpu")
-    table = labelledTable(sceneContext.scene, volumes, labels, settings)
+    volumes, masks, labels = lesionScene
+    settings = TrainingSettings(name="lesion", labels=("lesion",), backbone=tinyBackbone, epochs=3, device="cpu",
+                                description="synthetic lesion")
+    table = labelledTable(sceneContext.scene, volumes, labels, settings, masks=masks)  # mask supervision too
     logic = makeLogic(sceneContext, tmp_path)
     library = PluginLibrary(str(tmp_path / "plugins"))
     reports = []
@@ -258,6 +259,8 @@ def test_training_through_the_logic_matches_anymc3d_eval(sceneContext, lesionSce
     (info,) = library.plugins()[0]
     assert info.path == result.pluginPath and os.listdir(library.folder) == ["lesion.anymc3d"]
     assert info.metadata["labels"] == ["lesion"]
+    assert info.metadata["localisation"]["task"] == "synthetic lesion"  # measured on the test cases' masks by eval
+    assert job.result.metrics["localisation"]["cases"] == 2  # the test split's two lesion cases
     # the held-out AUROC is what `anymc3d eval` reports on the same manifest, run separately
     manifestPath = os.path.join(result.workFolder, "manifest.csv")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([BACKEND_PATH, os.environ.get("PYTHONPATH", "")]))
