@@ -4,16 +4,12 @@ The Module, a thin Widget that wires Resources/UI/AnyMC3DSlicer.ui to the Logic,
 process work is in the Logic package (``Logic/`` in the source tree, installed as ``AnyMC3DSlicerLogic``).
 """
 
-import hashlib
 import importlib
 import importlib.util
 import logging
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import unittest
 
 import qt
 import slicer
@@ -24,20 +20,19 @@ from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SETTINGS_BACKBONE = "AnyMC3D/BackbonePath"
-SETTINGS_PLUGIN_FOLDER = "AnyMC3D/PluginFolder"
 SAMPLE_NAME = "AnyMC3DSyntheticCT"
 SAMPLE_SHA256 = "385a2ec06beb1726f5cdf0fd0ddab27ab256d1712c4de529679ebbe3c0fa7e86"
 #: Slicer 5.10 ships Python 3.12; the backend needs Python 3.10 or later (Slicer 5.8 ships 3.9).
 MINIMUM_SLICER_VERSION = (5, 10)
 MINIMUM_PYTHON = (3, 10)
 LOGIC_PACKAGE = "AnyMC3DSlicerLogic"
+WIDGET_PACKAGE = "AnyMC3DSlicerLib"
 DEVICE_LABELS = {"auto": "auto", "cuda": "GPU", "cpu": "CPU"}
 
 
@@ -92,8 +87,12 @@ def checkVersions(slicerVersion=None):
 
 
 LogicPackage = importLogicPackage()
-# after importLogicPackage(), which may load anymc3d from the source tree
+# after importLogicPackage(), which may load anymc3d from the source tree; the widget's parts import the Logic package
 from anymc3d.contract import DEVICES, HEATMAP_METHODS
+from AnyMC3DSlicerLib import selftest
+from AnyMC3DSlicerLib.pluginsection import SETTINGS_PLUGIN_FOLDER, PluginSection
+from AnyMC3DSlicerLib.resultsection import ResultSection
+from AnyMC3DSlicerLib.trainsection import TrainSection
 
 
 def backendPath():
@@ -170,13 +169,13 @@ class AnyMC3DSlicerParameterNode:
 
 
 def reloadLogicPackage():
-    """Drop the Logic package's modules, so that the module file's re-execution (Slicer's Reload, which re-executes
-    this file only) imports the Logic afresh from its files."""
-    for name in [name for name in sys.modules if name == LOGIC_PACKAGE or name.startswith(LOGIC_PACKAGE + ".")]:
+    """Drop the Logic package's modules and the widget's parts (AnyMC3DSlicerLib), so that the module file's
+    re-execution (Slicer's Reload, which re-executes this file only) imports them afresh from their files."""
+    for name in [name for name in sys.modules if name.split(".")[0] in (LOGIC_PACKAGE, WIDGET_PACKAGE)]:
         del sys.modules[name]
 
 
-class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class AnyMC3DSlicerWidget(PluginSection, ResultSection, TrainSection, ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         # Set before the base class's __init__: given no parent, it calls setup() itself.
         self.logic = None
@@ -238,6 +237,7 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
 
         self.setupSimilarity()
+        self.setupTrainSection()  # AnyMC3DSlicerLib/trainsection.py
         self.ui.getBackboneButton.connect("clicked(bool)", self.onGetBackbone)  # Logic/backbones.py
         self.onPluginFolderChanged(self.ui.pluginFolderPathLineEdit.currentPath)
         self.initializeParameterNode()
@@ -273,8 +273,9 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.similarityMarkupsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.similarityController.setMarkupsNode)
 
     def cleanup(self):
-        if self.job is not None:
-            self.job.cancel()
+        for job in (self.job, self.trainingJob):
+            if job is not None:
+                job.cancel()
         self.similarityController.setMarkupsNode(None)
         self.similaritySession.cleanup()  # its temporary inputs and feature caches
         self.logic.close()  # the backend process kept ready
@@ -293,12 +294,14 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
-        if self.job is not None:
-            self.job.cancel()
+        for job in (self.job, self.trainingJob):
+            if job is not None:
+                job.cancel()
         self.similaritySession.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
+        self.showTrainingTable(None)
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -343,45 +346,6 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for selector in (self.ui.inputVolumeSelector, self.ui.secondViewSelector):
             selector.sortFilterProxyModel().hiddenNodeIDs = heatmapIds
 
-    # Plugins
-
-    def onPluginFolderChanged(self, folder):
-        qt.QSettings().setValue(SETTINGS_PLUGIN_FOLDER, folder)
-        self.pluginLibrary = LogicPackage.PluginLibrary(folder)  # reads plugin.json only: no torch, no process
-        self.refreshPlugins()
-
-    def refreshPlugins(self):
-        self.ui.pluginListWidget.clear()
-        with slicer.util.WaitCursor():
-            plugins, problems = self.pluginLibrary.plugins()
-        for plugin in plugins:
-            item = qt.QListWidgetItem(plugin.name)
-            item.setData(qt.Qt.UserRole, plugin.path)
-            item.setToolTip(plugin.description())
-            self.ui.pluginListWidget.addItem(item)
-        for path, message in problems:
-            slicer.util.showStatusMessage(_("Cannot read plugin {path}: {message}").format(path=path, message=message), 5000)
-
-    def selectedPlugins(self):
-        return [self.pluginLibrary.plugin(item.data(qt.Qt.UserRole)) for item in self.ui.pluginListWidget.selectedItems()]
-
-    def onPluginSelectionChanged(self):
-        self.ui.pluginInfoLabel.text = "\n".join(plugin.description() for plugin in self.selectedPlugins())
-
-    def onImportPlugin(self):
-        path = qt.QFileDialog.getOpenFileName(self.parent, _("Import plugin"), "", _("AnyMC3D plugin (*.anymc3d)"))
-        if path:
-            with slicer.util.tryWithErrorDisplay(_("Cannot import the plugin."), waitCursor=True):
-                self.pluginLibrary.importPlugin(path)
-            self.refreshPlugins()
-
-    def onRemovePlugin(self):
-        plugins = self.selectedPlugins()
-        if plugins and slicer.util.confirmYesNoDisplay(_("Remove {names}?").format(names=", ".join(p.name for p in plugins))):
-            for plugin in plugins:
-                self.pluginLibrary.removePlugin(plugin.path)
-            self.refreshPlugins()
-
     # Options
 
     def onDeviceChanged(self, index):
@@ -405,27 +369,6 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceNoteLabel.text = ""
 
     # Run
-
-    def ensureDependencies(self):
-        if self._dependenciesChecked:
-            return True
-        checker = LogicPackage.DependencyChecker()
-        missing = checker.missingPackages()
-        try:
-            checker.install(missing, confirm=lambda lines: slicer.util.confirmOkCancelDisplay(
-                _("AnyMC3D needs these Python packages, which will be downloaded and installed now:") + "\n\n" + "\n".join(lines)))
-        except LogicPackage.InstallError as error:
-            if error.restartRequired and slicer.util.confirmOkCancelDisplay(error.message + "\n\n" + _("Restart Slicer now?")):
-                slicer.util.restart()
-            else:
-                slicer.util.errorDisplay(error.message)
-            return False
-        except Exception as error:  # any other install failure: a message, not a console traceback
-            logging.getLogger("AnyMC3D").exception("Installing the Python dependencies failed")
-            slicer.util.errorDisplay(_("Installing the Python packages AnyMC3D needs failed: {error}").format(error=error))
-            return False
-        self._dependenciesChecked = True
-        return True
 
     def onApplyButton(self):
         inputs = [node for node in (self._parameterNode.inputVolume, self._parameterNode.secondView) if node]
@@ -510,43 +453,6 @@ class AnyMC3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return slicer.util.errorDisplay(_("Export to DICOM failed: {message}").format(message=str(error)))
         self.ui.statusLabel.text = _("{n} DICOM objects added to the DICOM database").format(n=len(written))
 
-    # Results
-
-    def onResultTableChanged(self, tableNode):
-        self.ui.findingsTableView.setMRMLTableNode(tableNode)
-        enabled = LogicPackage.nodeRole(tableNode) == "findings"
-        self.ui.jumpToMaximumButton.enabled = self.ui.jumpToSliceButton.enabled = enabled
-
-    def selectedRow(self):
-        """The table-node row of the selected findings row (0 when none). The view may sort: its index is mapped to
-        the source model, whose rows are the table's (qMRMLTableModel::mrmlTableRowIndex is not callable from
-        Python: not a slot, Q_INVOKABLE or property)."""
-        view = self.ui.findingsTableView
-        indexes = view.selectionModel().selectedIndexes() if view.selectionModel() else []
-        if not indexes:
-            return 0
-        return int(view.sortFilterProxyModel().mapToSource(indexes[0]).row())
-
-    def onFindingSelected(self):
-        tableNode = self._parameterNode.resultTable
-        if tableNode is not None:
-            self.logic.selectFinding(tableNode, self.selectedRow(), self._parameterNode.display)
-
-    def updateHeatmapDisplay(self):
-        tableNode = self._parameterNode.resultTable if self._parameterNode else None
-        if tableNode is None:
-            return
-        heatmapNode = self.logic.heatmapNodeForRow(tableNode, self.selectedRow())
-        self.logic.setHeatmapThreshold(heatmapNode, self._parameterNode.display.threshold)
-        self.logic.selectFinding(tableNode, self.selectedRow(), self._parameterNode.display)
-
-    def onJumpToMaximum(self):
-        tableNode = self._parameterNode.resultTable
-        self.logic.jumpSlicesTo(self.logic.heatmapMaximumRAS(self.logic.heatmapNodeForRow(tableNode, self.selectedRow())))
-
-    def onJumpToSlice(self):
-        self.logic.jumpSlicesTo(self.logic.mostImportantSliceRAS(self._parameterNode.resultTable, self.selectedRow()))
-
 
 #
 # Logic
@@ -567,6 +473,8 @@ class AnyMC3DSlicerLogic(LogicPackage.AnyMC3DSlicerLogic, ScriptedLoadableModule
         ScriptedLoadableModuleLogic.__init__(self)
         LogicPackage.AnyMC3DSlicerLogic.__init__(self, slicer.mrmlScene, runner=runner, backendPath=backendPath())
         self.schedule = lambda milliseconds, callback: qt.QTimer.singleShot(milliseconds, callback)
+        # training work folders (checkpoints) where a restart finds them again: beside Slicer's settings
+        self.trainingRoot = os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "AnyMC3D", "training")
 
     def getParameterNode(self):
         return AnyMC3DSlicerParameterNode(super().getParameterNode())
@@ -577,130 +485,11 @@ class AnyMC3DSlicerLogic(LogicPackage.AnyMC3DSlicerLogic, ScriptedLoadableModule
 #
 
 
-class AnyMC3DSlicerTest(ScriptedLoadableModuleTest):
-    """End to end on the CPU: the untrained demo backbone and plugin, the shipped sample volume, the real backend.
+class AnyMC3DSlicerTest(selftest.EndToEndTest):
+    """The module's self-test (AnyMC3DSlicerLib/selftest.py) on this module's logic and sample data."""
 
-    The results are checked against the backend run directly on the sample file (same probabilities within
-    1e-4) and against the contract (probabilities in [0, 1], decisions from the thresholds, slice importance sums
-    to 1, heatmaps max-normalised on the input grid); geometry with a tolerance of 1e-6 of the matrix scale.
-
-    Safe on the extension build machines, which run it through ctest, offline: it installs nothing (missing Python
-    packages skip it), its backbone is the demo's (written locally, no download), the demo is not trained, and
-    tearDown closes the Logic (no backend process left waiting).
-    """
-
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-        self.tempDir = tempfile.mkdtemp(prefix="AnyMC3DTest-")
-        self.logic = None
-
-    def tearDown(self):
-        if self.logic is not None:
-            self.logic.close()  # the backend process kept ready
-            self.logic = None
-        shutil.rmtree(self.tempDir, ignore_errors=True)
-
-    def runTest(self):
-        self.setUp()
-        try:
-            self.test_EndToEnd()
-        finally:
-            self.tearDown()
-
-    def assertMatricesClose(self, actual, expected, relative=1e-6):
-        import numpy as np
-
-        actual, expected = slicer.util.arrayFromVTKMatrix(actual), slicer.util.arrayFromVTKMatrix(expected)
-        scale = max(1.0, float(np.abs(expected).max()))
-        self.assertTrue(np.allclose(actual, expected, rtol=0, atol=relative * scale), f"{actual} != {expected}")
-
-    def skipUnlessDependenciesPresent(self):
-        """Skip (never install: the build machines run this offline) when the backend's packages are missing."""
-        missing = LogicPackage.DependencyChecker().missingPackages()
-        if missing:
-            reason = f"AnyMC3D self-test skipped: Python packages not installed: {', '.join(missing)} (Apply installs them)"
-            self.delayDisplay(reason)
-            raise unittest.SkipTest(reason)
-
-    def test_EndToEnd(self):
-        import json
-
-        import numpy as np
-
-        self.delayDisplay("Checking dependencies")
-        self.skipUnlessDependenciesPresent()
-        logic = self.logic = AnyMC3DSlicerLogic()
-
-        self.delayDisplay("Creating the demo backbone and plugin (untrained: no download, no training)")
-        subprocess.run([*logic.backendCommand, "demo", self.tempDir, "--no-train"], env=logic.backendEnvironment(),
-                       check=True, capture_output=True)
-        backbone, plugin = os.path.join(self.tempDir, "backbone.safetensors"), os.path.join(self.tempDir, "plugin.anymc3d")
-
-        self.delayDisplay("Running the backend directly on the sample file (the reference)")
-        import SampleData
-
-        registerSampleData()
-        samplePath = resourcePath("SampleData", f"{SAMPLE_NAME}.nrrd")
-        with open(samplePath, "rb") as file:
-            self.assertEqual(hashlib.sha256(file.read()).hexdigest(), SAMPLE_SHA256)
-        referenceJson = os.path.join(self.tempDir, "reference.json")
-        subprocess.run([*logic.backendCommand, "predict", samplePath, "--backbone", backbone, "--plugin", plugin,
-                        "--device", "cpu", "--json", referenceJson], env=logic.backendEnvironment(), check=True,
-                       capture_output=True)
-        with open(referenceJson, encoding="utf-8") as file:
-            (reference,) = json.load(file)
-        (referenceResult,) = reference["results"]
-
-        self.delayDisplay("Running the backend through the Logic on the loaded sample volume")
-        inputVolume = SampleData.downloadSample(SAMPLE_NAME)
-        self.assertIsNotNone(inputVolume)
-        stages = []
-        result = logic.runPrediction([inputVolume], backbone, [plugin], LogicPackage.PredictionOptions(device="cpu"),
-                                     onProgress=lambda p: stages.append(p.stage), timeout=600)
-        self.assertEqual(result.status, "ok", result.message)
-        self.assertIn("encoding", stages)
-        (backendResult,) = result.outputs.record["results"]
-        table = result.outputs.tableNode
-        self.assertEqual(table.GetNumberOfRows(), len(referenceResult["labels"]))
-        for row, label in enumerate(referenceResult["labels"]):
-            probability = float(table.GetCellText(row, 2))
-            self.assertEqual(table.GetCellText(row, 1), label)
-            self.assertTrue(0.0 <= probability <= 1.0)
-            self.assertAlmostEqual(probability, referenceResult["probabilities"][label], delta=1e-4)
-            threshold = backendResult["thresholds"][label]
-            self.assertEqual(table.GetCellText(row, 4), "positive" if probability >= threshold else "negative")
-        self.assertAlmostEqual(sum(backendResult["slice_importance"]), 1.0, delta=1e-3)
-        self.assertEqual(len(backendResult["slice_importance"]), result.outputs.record["num_slices"])
-        np.testing.assert_allclose(backendResult["slice_importance"], referenceResult["slice_importance"], atol=1e-4)
-        (heatmap,) = result.outputs.heatmapNodes
-        voxels = slicer.util.arrayFromVolume(heatmap)
-        self.assertAlmostEqual(float(voxels.max()), 1.0, delta=1e-5)
-        self.assertGreaterEqual(float(voxels.min()), -1e-6)
-
-        self.delayDisplay("Running again on an oblique, anisotropic copy: the heatmap must follow the geometry")
-        ijkToRas = vtk.vtkMatrix4x4()
-        inputVolume.GetIJKToRASMatrix(ijkToRas)
-        rotation = vtk.vtkTransform()
-        rotation.RotateZ(20)
-        rotation.RotateX(10)
-        rotation.Scale(0.8, 0.9, 2.5)
-        oblique = vtk.vtkMatrix4x4()
-        vtk.vtkMatrix4x4.Multiply4x4(rotation.GetMatrix(), ijkToRas, oblique)
-        inputVolume.SetIJKToRASMatrix(oblique)
-        result = logic.runPrediction([inputVolume], backbone, [plugin], LogicPackage.PredictionOptions(device="cpu"), timeout=600)
-        self.assertEqual(result.status, "ok", result.message)
-        (heatmap,) = result.outputs.heatmapNodes
-        heatmapMatrix, inputMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-        heatmap.GetIJKToRASMatrix(heatmapMatrix)
-        inputVolume.GetIJKToRASMatrix(inputMatrix)
-        self.assertMatricesClose(heatmapMatrix, inputMatrix)  # the node re-decomposes the matrix (~1e-17 off)
-        self.assertMatricesClose(heatmapMatrix, oblique)
-        self.assertEqual(heatmap.GetImageData().GetDimensions(), inputVolume.GetImageData().GetDimensions())
-        self.assertEqual(heatmap.GetDisplayNode().GetColorNode().GetName(), LogicPackage.COLOR_TABLE_NAME)
-        volumeRendering = slicer.modules.volumerendering.logic().GetFirstVolumeRenderingDisplayNode(heatmap)
-        self.assertIsNotNone(volumeRendering)
-        self.assertTrue(volumeRendering.GetVisibility())
-        for compositeNode in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):  # none with --no-main-window
-            self.assertEqual(compositeNode.GetForegroundVolumeID(), heatmap.GetID())
-        self.assertEqual(result.outputs.chartNode.GetNumberOfPlotSeriesNodes(), 1)
-        self.delayDisplay("Test passed")
+    logicClass = AnyMC3DSlicerLogic
+    logicPackage = LogicPackage
+    registerSampleData = staticmethod(registerSampleData)
+    sampleName, sampleSha256 = SAMPLE_NAME, SAMPLE_SHA256
+    samplePath = staticmethod(lambda: resourcePath("SampleData", f"{SAMPLE_NAME}.nrrd"))

@@ -54,6 +54,14 @@ def backendRequirements():
     return [r for r in requirements() if canonicalize_name(Requirement(r).name) not in TRAINING_ONLY]
 
 
+def trainingRequirements():
+    """What training in Slicer needs (``anymc3d train``, ``eval``): every backend requirement, ``TRAINING_ONLY``
+    included."""
+    from anymc3d.contract import requirements
+
+    return list(requirements())
+
+
 def installedVersion(distribution):
     """The installed version of a distribution, or None (read from metadata: nothing is imported)."""
     try:

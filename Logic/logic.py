@@ -8,14 +8,11 @@ callback, and at the end the results are imported only if the exit code is 0 and
 The temporary folder is removed whatever the outcome; a failed or cancelled run leaves the scene as it was.
 """
 
-import concurrent.futures
-import dataclasses
 import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 
 import numpy as np
 import slicer
@@ -31,57 +28,20 @@ from anymc3d.contract import (
 )
 
 from . import outputs
+from .jobs import (
+    BatchJob,
+    CaseResult,
+    PredictionJob,
+    PredictionOutputs,
+    Progress,
+    waitOrCancel,
+)
 from .parameters import DisplayOptions, PredictionOptions
-from .process import ExitCode, SubprocessRunner, lastErrorLine, parseEventLine
+from .process import ExitCode, SubprocessRunner
 
 INPUT_FORMAT = "nrrd"  # NRRD stores the geometry in double precision (NIfTI in float32): IJK-to-RAS kept exactly
 
-# Share of the progress bar per stage of one case.
-STAGE_RANGES = {"starting": (0.0, 0.0), "reading": (0.0, 0.05), "encoding": (0.05, 0.8), "heatmap": (0.8, 0.9),
-                "writing": (0.9, 0.95), "importing": (0.95, 1.0), "done": (1.0, 1.0)}
-
-
-@dataclasses.dataclass
-class Progress:
-    """One progress report: ``stage`` is starting, reading, encoding, heatmap, writing, importing or done."""
-
-    stage: str
-    fraction: float
-    done: int = 0
-    total: int = 0
-    case: int = 0
-    cases: int = 1
-
-    @property
-    def message(self):
-        if self.stage == "encoding" and self.total:
-            return f"Encoding slices {self.done}/{self.total}"
-        return {"starting": "Starting the backend", "reading": "Reading the volume", "heatmap": "Computing the heatmap",
-                "writing": "Writing the results", "importing": "Importing the results", "done": "Done"}.get(self.stage, self.stage)
-
-
-@dataclasses.dataclass
-class PredictionOutputs:
-    """The nodes a successful prediction added to the scene."""
-
-    inputNode: object
-    tableNode: object
-    heatmapNodes: list
-    importanceTableNode: object
-    chartNode: object
-    folderItem: int
-    record: dict
-
-
-@dataclasses.dataclass
-class CaseResult:
-    """Outcome of one case: ``status`` is "ok", "failed" or "cancelled"."""
-
-    name: str
-    status: str
-    message: str = ""
-    exitCode: int = 0
-    outputs: PredictionOutputs = None
+__all__ = ["AnyMC3DSlicerLogic", "BatchJob", "CaseResult", "PredictionJob", "PredictionOutputs", "Progress"]
 
 
 def fileSafe(name):
@@ -125,227 +85,6 @@ def _moduleLogic(scene, moduleName, className):
     return logic
 
 
-def _deliverUntilDone(job, timeout):
-    """Deliver the runner's callbacks (and a job's heatmaps read ahead) until ``job.done``; False when ``timeout``
-    seconds pass first."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not job.done:
-        if deadline is not None and time.monotonic() > deadline:
-            return False
-        job.logic.runner.processEvents(0.05)
-        poll = getattr(job, "pollHeatmaps", None)
-        if poll is not None:
-            poll()
-    return True
-
-
-def _waitOrCancel(job, timeout):
-    """Block until ``job`` ends; past ``timeout`` seconds cancel it and wait for the cancellation."""
-    if not job.wait(timeout):
-        job.cancel()
-        job.wait(30)
-
-
-class PredictionJob:
-    """One running ``anymc3d predict`` process and the import of its results."""
-
-    def __init__(self, logic, name, inputs, command, tempDir, pluginCount, options, displayOptions, onProgress, onFinished):
-        self.logic = logic
-        self.name = name
-        self.inputs = inputs
-        self.command = command
-        self.tempDir = tempDir
-        self.pluginCount = pluginCount
-        self.options = options
-        self.displayOptions = displayOptions
-        self.onProgress = onProgress
-        self.onFinished = onFinished
-        self.jsonPath = os.path.join(tempDir, "results.json")
-        self.heatmapDir = os.path.join(tempDir, "heatmaps")
-        self.stdoutLog = []
-        self.stderrLog = []
-        self.events = []
-        self.caseErrors = []
-        self.result = None
-        self.heatmapStem = None  # the stem the backend names this case's heatmaps by (set by startPrediction)
-        self._caseBase = None
-        self.heatmapReads = {}  # path -> Future of outputs.readVolumeFile: heatmaps read ahead, still to fill in
-        self.heatmapErrors = {}  # path -> one-line error of a heatmap that could not be filled in
-
-    @property
-    def done(self):
-        """The result is reported and every heatmap read ahead is in (the run's folder is then removed)."""
-        return self.result is not None and not self.heatmapReads
-
-    def start(self):
-        self._report(Progress("starting", 0.0))
-        try:
-            self.logic.startBackend(self.command, self._onStdoutLine, self._onStderrLine, self._onFinished)
-        except Exception as error:  # noqa: BLE001 - any start failure is a failed case
-            self._finish(CaseResult(self.name, "failed", f"Cannot start the backend: {error}", int(ExitCode.FATAL)))
-
-    def cancel(self):
-        if not self.done:
-            self.logic.runner.cancel()
-
-    def wait(self, timeout=None):
-        """Deliver the runner's callbacks until the job is finished (tests, self-test). False on timeout."""
-        return _deliverUntilDone(self, timeout)
-
-    # Backend output
-
-    def _onStdoutLine(self, line):
-        event = parseEventLine(line)
-        if event is None:
-            self.stdoutLog.append(line)
-            return
-        self.events.append(event)
-        kind = event["event"]
-        if kind == "progress":
-            case, cases = int(event.get("case", 0)), max(1, int(event.get("cases", 1)))
-            if self._caseBase is None:
-                self._caseBase = 0 if case == 0 else 1  # the contract does not say whether cases count from 0 or 1
-            caseIndex = min(max(case - self._caseBase, 0), cases - 1)
-            stage = str(event.get("stage", ""))
-            done, total = int(event.get("done", 0)), int(event.get("total", 0))
-            low, high = STAGE_RANGES.get(stage, (0.0, 0.95))
-            within = low + (high - low) * (done / total if total else 0.0)
-            self._report(Progress(stage, (caseIndex + within) / cases, done, total, caseIndex, cases))
-        elif kind == "case_done" and event.get("status") != "ok":
-            self.caseErrors.append(str(event.get("error") or "unknown error"))
-
-    def _onStderrLine(self, line):
-        self.stderrLog.append(line)
-        del self.stderrLog[:-200]
-
-    def _onFinished(self, exitCode):
-        if exitCode == ExitCode.CANCELLED:
-            result = CaseResult(self.name, "cancelled", "Cancelled", int(ExitCode.CANCELLED))
-        elif exitCode != 0:
-            message = "; ".join(self.caseErrors) or lastErrorLine(self.stderrLog) or f"The backend exited with code {exitCode}"
-            result = CaseResult(self.name, "failed", message, int(exitCode))
-        else:
-            try:
-                self._report(Progress("importing", STAGE_RANGES["importing"][0]))
-                record = self.logic.readRecord(self.jsonPath, self.pluginCount, self.tempDir, self.options,
-                                               heatmapStem=self.heatmapStem)
-                importedOutputs = self._import(record)
-                result = CaseResult(self.name, "ok", "", 0, importedOutputs)
-            except Exception as error:  # noqa: BLE001 - a failed import is a failed case (scene rolled back)
-                result = CaseResult(self.name, "failed", f"Cannot import the results: {error}", 0)
-        self._finish(result)
-
-    def _import(self, record):
-        """Import the record. With the Logic's ``readAhead``: only the heatmap shown first is read now; the others
-        are imported pending and read in threads (:meth:`pollHeatmaps` fills them in on this thread)."""
-        if not self.logic.readAhead:
-            return self.logic.importResults(record, self.inputs, self.options, self.displayOptions)
-        first = self.logic.firstHeatmapFile(record, self.options)
-        preread = {first: self._readHeatmap(first)} if first else {}
-        imported = self.logic.importResults(record, self.inputs, self.options, self.displayOptions, preread=preread,
-                                            defer=True)
-        pending = {outputs.pendingHeatmapFile(node) for node in imported.heatmapNodes} - {None}
-        if pending:
-            pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="AnyMC3D-read")
-            self.heatmapReads = {path: pool.submit(self._readHeatmap, path) for path in sorted(pending)}
-            pool.shutdown(wait=False)
-        return imported
-
-    def _readHeatmap(self, path):
-        """One heatmap file (with its 3D-view blocks): SimpleITK and numpy release the GIL, so this runs in a thread."""
-        display = self.displayOptions
-        return outputs.readVolumeFile(path, blockMaxSize=display.volumeRenderingMaxSize if display.volumeRendering else 0)
-
-    def pollHeatmaps(self):
-        """Fill in the heatmaps whose files have been read (on the caller's, i.e. the GUI, thread); once all are in,
-        remove the run's folder. Rescheduled through the Logic's ``schedule`` while some are still being read."""
-        if self.result is None or self.result.outputs is None:
-            return
-        for path, future in list(self.heatmapReads.items()):
-            if not future.done():
-                continue
-            del self.heatmapReads[path]
-            for node in self.result.outputs.heatmapNodes:
-                if outputs.pendingHeatmapFile(node) != path or node.GetScene() is None:
-                    continue  # filled already, or removed meanwhile (scene closed)
-                try:
-                    self.logic.completeHeatmap(self.result.outputs.tableNode, node, future.result(), self.displayOptions)
-                except (ValueError, OSError) as error:
-                    self.heatmapErrors[path] = str(error)
-        if self.heatmapReads:
-            if self.logic.schedule is not None:
-                self.logic.schedule(50, self.pollHeatmaps)
-        else:
-            shutil.rmtree(self.tempDir, ignore_errors=True)
-
-    def _finish(self, result):
-        """Report; the temporary folder is removed now (whatever the outcome) or, while heatmaps are still being
-        read from it, once they are in (:meth:`pollHeatmaps`)."""
-        if not self.heatmapReads:
-            shutil.rmtree(self.tempDir, ignore_errors=True)
-        elif self.logic.schedule is not None:
-            self.logic.schedule(50, self.pollHeatmaps)
-        self.result = result
-        if result.status == "ok":
-            self._report(Progress("done", 1.0))
-        if self.onFinished:
-            self.onFinished(result)
-
-    def _report(self, progress):
-        if self.onProgress:
-            self.onProgress(progress)
-
-
-class BatchJob:
-    """Cases run one after another; a bad case is reported and skipped. ``results``: one CaseResult per case."""
-
-    def __init__(self, logic, cases, startCase, onCaseDone, onFinished, onProgress):
-        self.logic = logic
-        self.cases = list(cases)
-        self.startCase = startCase
-        self.onCaseDone = onCaseDone
-        self.onFinished = onFinished
-        self.onProgress = onProgress
-        self.results = []
-        self.current = None
-        self.cancelled = False
-        self.done = False
-
-    def start(self):
-        self._next()
-
-    def _next(self):
-        index = len(self.results)
-        if self.cancelled or index >= len(self.cases):
-            self.done = True
-            if self.onFinished:
-                self.onFinished(self.results)
-            return
-
-        def caseProgress(progress):
-            if self.onProgress:
-                self.onProgress(dataclasses.replace(progress, case=index, cases=len(self.cases),
-                                                    fraction=(index + progress.fraction) / len(self.cases)))
-
-        self.current = self.startCase(self.cases[index], caseProgress, self._onCaseFinished)
-
-    def _onCaseFinished(self, result):
-        self.results.append(result)
-        if result.status == "cancelled":
-            self.cancelled = True
-        if self.onCaseDone:
-            self.onCaseDone(result)
-        self._next()
-
-    def cancel(self):
-        self.cancelled = True
-        if self.current is not None:
-            self.current.cancel()
-
-    def wait(self, timeout=None):
-        return _deliverUntilDone(self, timeout)
-
-
 class AnyMC3DSlicerLogic:
     """Runs the backend on scene volumes (or image files) and imports its results into the scene.
 
@@ -357,17 +96,17 @@ class AnyMC3DSlicerLogic:
         volumesLogic, volumeRenderingLogic: the module logics; default Slicer's, or new ones on ``scene``.
         tempRoot: where the per-run temporary folders are made (default: the system's).
 
-    ``readAhead`` / ``schedule`` (default off; the Slicer module sets them): see the class attributes.
-
-    ``keepBackendReady`` (default False; the Slicer module sets it): keep one ``anymc3d standby`` process started
-    ahead of the next run, so that Apply does not wait for torch, timm and peft to import (9 s of the backend's
-    start-up on 2 cores, see benchmarks/results). It holds the imported libraries in memory (~0.5 GB) while idle.
+    The class attributes below are off by default; the Slicer module sets them.
     """
 
+    #: keep one ``anymc3d standby`` process started ahead of the next run, so that Apply does not wait for torch, timm
+    #: and peft to import (9 s on 2 cores, benchmarks/results); it holds them in memory (~0.5 GB) while idle
     keepBackendReady = False
     #: import a run's results with only the first-shown heatmap read at once, the others read in threads and filled
     #: in by ``PredictionJob.pollHeatmaps`` (the Slicer module sets it, with ``schedule``)
     readAhead = False
+    #: where training work folders are made (manifest, volumes, checkpoint; training.py); None: the system's temp
+    trainingRoot = None
     #: ``schedule(milliseconds, callback)`` on the GUI thread's event loop (the module passes ``qt.QTimer.singleShot``);
     #: None: callers poll (``job.wait``)
     schedule = None
@@ -474,7 +213,7 @@ class AnyMC3DSlicerLogic:
     def runPrediction(self, inputs, backbonePath, pluginPaths, options=None, displayOptions=None, onProgress=None, timeout=None):
         """Blocking variant (tests, scripts, self-test): returns the CaseResult."""
         job = self.startPrediction(inputs, backbonePath, pluginPaths, options, displayOptions, onProgress)
-        _waitOrCancel(job, timeout)
+        waitOrCancel(job, timeout)
         return job.result
 
     def startBatch(self, cases, backbonePath, pluginPaths, options=None, displayOptions=None, onCaseDone=None,
@@ -495,7 +234,7 @@ class AnyMC3DSlicerLogic:
 
     def runBatch(self, cases, backbonePath, pluginPaths, options=None, displayOptions=None, onCaseDone=None, timeout=None):
         batch = self.startBatch(cases, backbonePath, pluginPaths, options, displayOptions, onCaseDone)
-        _waitOrCancel(batch, timeout)
+        waitOrCancel(batch, timeout)
         return batch.results
 
     @staticmethod
@@ -615,21 +354,7 @@ class AnyMC3DSlicerLogic:
         colorNode = outputs.heatmapColorTableNode(self.scene)
         gradient = options.heatmapMethod in FINDING_METHODS
 
-        rows, rowHeatmaps, heatmapNodes = [], [], []
-        for pluginName, result in zip(uniqueNames, results):
-            if gradient:
-                byLabel = {label: heatmapVolume(path, f"{inputName} {pluginName} heatmap {label}")
-                           for label, path in result["finding_heatmaps"].items()}
-                heatmapNodes += list(byLabel.values())
-            else:
-                heatmapNode = heatmapVolume(result["heatmap"], f"{inputName} {pluginName} heatmap")
-                heatmapNodes.append(heatmapNode)
-            for label in result["labels"]:
-                rows.append({"Plugin": pluginName, "Finding": label,
-                             "Probability": float(result["probabilities"][label]),
-                             "Threshold": float((result.get("thresholds") or {}).get(label, float("nan"))),
-                             "Decision": "positive" if (result.get("decisions") or {}).get(label) else "negative"})
-                rowHeatmaps.append(byLabel[label] if gradient else heatmapNode)
+        rows, rowHeatmaps, heatmapNodes = self._findingRows(results, uniqueNames, inputName, gradient, heatmapVolume)
 
         tableNode = outputs.createFindingsTable(self.scene, f"{inputName} {pluginTitle} findings", rows)
         tableNode.SetAttribute(outputs.SLICING_AXIS_ATTRIBUTE, str(int(record["slicing_axis"])))
@@ -646,19 +371,44 @@ class AnyMC3DSlicerLogic:
 
         shownRow = int(np.argmax([row["Probability"] for row in rows])) if rows else 0
         for heatmapNode in heatmapNodes:
-            outputs.setUpHeatmapDisplay(heatmapNode, colorNode, displayOptions.threshold)
-            if displayOptions.volumeRendering and outputs.pendingHeatmapFile(heatmapNode) is None:
-                data = preread.get(paths[heatmapNode.GetID()])
-                outputs.setUpVolumeRendering(self.volumeRenderingLogic, heatmapNode, displayOptions.threshold,
-                                             visible=heatmapNode is rowHeatmaps[shownRow],
-                                             maxSize=displayOptions.volumeRenderingMaxSize,
-                                             blocks=getattr(data, "blocks", None))
+            self._setUpHeatmapViews(heatmapNode, colorNode, displayOptions, visible=heatmapNode is rowHeatmaps[shownRow],
+                                    data=preread.get(paths[heatmapNode.GetID()]))
         copies = [h.GetNodeReference(outputs.VOLUME_RENDERING_COPY_REFERENCE) for h in heatmapNodes]
         folderItem = outputs.placeInSubjectHierarchy(
             self.scene, inputNode, f"AnyMC3D {pluginTitle}: {inputName}",
             [tableNode, *heatmapNodes, *[c for c in copies if c is not None], importanceTableNode, chartNode, *seriesNodes])
         self.selectFinding(tableNode, shownRow, displayOptions)
         return PredictionOutputs(inputNode, tableNode, heatmapNodes, importanceTableNode, chartNode, folderItem, record), folderItem
+
+    @staticmethod
+    def _findingRows(results, uniqueNames, inputName, gradient, heatmapVolume):
+        """The findings table's rows (one per plugin and finding), the heatmap node of each row, and every heatmap
+        node made (``heatmapVolume(path, name)``): one per finding with a finding method, else one per plugin."""
+        rows, rowHeatmaps, heatmapNodes = [], [], []
+        for pluginName, result in zip(uniqueNames, results):
+            if gradient:
+                byLabel = {label: heatmapVolume(path, f"{inputName} {pluginName} heatmap {label}")
+                           for label, path in result["finding_heatmaps"].items()}
+            else:
+                heatmapNode = heatmapVolume(result["heatmap"], f"{inputName} {pluginName} heatmap")
+                byLabel = {label: heatmapNode for label in result["labels"]}
+            heatmapNodes += list(byLabel.values()) if gradient else [heatmapNode]
+            thresholds, decisions = result.get("thresholds") or {}, result.get("decisions") or {}
+            for label in result["labels"]:
+                rows.append({"Plugin": pluginName, "Finding": label,
+                             "Probability": float(result["probabilities"][label]),
+                             "Threshold": float(thresholds.get(label, float("nan"))),
+                             "Decision": "positive" if decisions.get(label) else "negative"})
+                rowHeatmaps.append(byLabel[label])
+        return rows, rowHeatmaps, heatmapNodes
+
+    def _setUpHeatmapViews(self, heatmapNode, colorNode, displayOptions, visible, data=None):
+        """A heatmap's slice-view display and, once its voxels are in (not pending), its 3D view."""
+        outputs.setUpHeatmapDisplay(heatmapNode, colorNode, displayOptions.threshold)
+        if displayOptions.volumeRendering and outputs.pendingHeatmapFile(heatmapNode) is None:
+            outputs.setUpVolumeRendering(self.volumeRenderingLogic, heatmapNode, displayOptions.threshold,
+                                         visible=visible, maxSize=displayOptions.volumeRenderingMaxSize,
+                                         blocks=getattr(data, "blocks", None))
 
     @staticmethod
     def firstHeatmapFile(record, options=None):

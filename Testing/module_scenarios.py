@@ -180,8 +180,8 @@ def selfTest(args):
         made.append(self)
 
     AnyMC3DSlicer.AnyMC3DSlicerLogic.__init__ = remember
-    commands, realRun = [], AnyMC3DSlicer.subprocess.run
-    AnyMC3DSlicer.subprocess.run = lambda command, **kwargs: commands.append([str(c) for c in command]) or realRun(command, **kwargs)
+    commands, realRun = [], AnyMC3DSlicer.selftest.subprocess.run
+    AnyMC3DSlicer.selftest.subprocess.run = lambda command, **kwargs: commands.append([str(c) for c in command]) or realRun(command, **kwargs)
     for signature, handler in app.connections:
         if signature == "startupCompleted()":
             handler()
@@ -227,6 +227,45 @@ def similarityFromPoint(args):
     tempDir = widget.similaritySession.tempDir
     widget.cleanup()
     seen["tempDirRemoved"] = not os.path.exists(tempDir)
+    return seen
+
+
+def trainSection(args):
+    """The Train section: the case table filled from the loaded volumes, labelled in its cells, Train and evaluate
+    (the real backend through the module's QProcess runner), progress, the evaluation, the plugin in the list."""
+    import dataclasses
+
+    from AnyMC3DSlicerLogic import trainingtable
+
+    widget = openModule(args["pluginFolder"])
+    widget.ui.backbonePathLineEdit.currentPath = args["backbone"]
+    widget._parameterNode.options.device = "cpu"
+    for path in args["volumes"]:
+        widget.logic.loadInputFile(path)
+    ui, seen, messages = widget.trainUi, {}, []
+    ui.nameEdit.type("lesion")
+    ui.findingsEdit.type("lesion")
+    ui.addVolumesButton.click()
+    table = ui.caseTableView.tableNode
+    seen["rows"] = [table.GetCellText(row, 0) for row in range(table.GetNumberOfRows())]
+    seen["columns"] = [table.GetColumnName(column) for column in range(table.GetNumberOfColumns())]
+    for row, label in enumerate(args["labels"]):  # what typing into the table view's cells does
+        table.SetCellText(row, seen["columns"].index("lesion"), str(label))
+    settings = trainingtable.trainingSettings(table)
+    trainingtable.setTrainingSettings(table, dataclasses.replace(settings, epochs=args["epochs"]))
+    original = widget.onTrainingProgress
+    widget.onTrainingProgress = lambda progress: (messages.append(progress.message), original(progress))
+    ui.startButton.click()
+    job = widget.trainingJob
+    seen["started"] = job is not None and ui.cancelButton.enabled and not ui.startButton.enabled
+    job.wait(900)
+    seen.update({"messages": messages, "status": ui.statusLabel.text, "dialogs": app.dialogs,
+                 "plugins": [item.text() for item in widget.ui.pluginListWidget.items],
+                 "charts": [chart.GetName() for chart in slicer.modules.plots.shown],
+                 "metricsTable": ui.metricsTableView.tableNode.GetName() if ui.metricsTableView.tableNode else None,
+                 "runTestEnabled": ui.runTestButton.enabled, "progressHidden": not ui.progressBar.visible,
+                 "testCases": sorted(node.GetName() for node in widget.trainingResult.testVolumeNodes)})
+    widget.cleanup()
     return seen
 
 

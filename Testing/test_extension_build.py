@@ -77,6 +77,9 @@ def test_installed_tree(installed):
     logicFiles = sorted(name for name in os.listdir(os.path.join(REPO_ROOT, "Logic")) if name.endswith(".py"))
     assert sorted(p.name for p in (modules / "AnyMC3DSlicerLogic").glob("*.py")) == logicFiles
     assert not (modules / "Logic").exists()
+    widgetFiles = sorted(p.name for p in Path(REPO_ROOT, "AnyMC3DSlicer", "AnyMC3DSlicerLib").glob("*.py"))
+    assert {"__init__.py", "selftest.py"} <= set(widgetFiles)
+    assert sorted(p.name for p in (modules / "AnyMC3DSlicerLib").glob("*.py")) == widgetFiles
     source = Path(REPO_ROOT, "python_backend", "anymc3d")
     backendFiles = sorted(str(p.relative_to(source)) for p in source.rglob("*.py") if "__pycache__" not in p.parts)
     assert sorted(str(p.relative_to(modules / "anymc3d")) for p in (modules / "anymc3d").rglob("*.py")

@@ -16,6 +16,7 @@ from AnyMC3DSlicerLogic.parameters import DisplayOptions, PredictionOptions
 from .slicer_testing import REPO_ROOT
 
 MODULE_FILE = os.path.join(REPO_ROOT, "AnyMC3DSlicer", "AnyMC3DSlicer.py")
+WIDGET_DIR = os.path.join(REPO_ROOT, "AnyMC3DSlicer", "AnyMC3DSlicerLib")
 UI_FILE = os.path.join(REPO_ROOT, "Resources", "UI", "AnyMC3DSlicer.ui")
 MODULE_CMAKE = os.path.join(REPO_ROOT, "AnyMC3DSlicer", "CMakeLists.txt")
 TOP_CMAKE = os.path.join(REPO_ROOT, "CMakeLists.txt")
@@ -53,10 +54,18 @@ def test_module_classes_follow_slicer_conventions():
     assert "ScriptedLoadableModule" in classes["AnyMC3DSlicer"]
     assert "ScriptedLoadableModuleWidget" in classes["AnyMC3DSlicerWidget"]
     assert "ScriptedLoadableModuleLogic" in classes["AnyMC3DSlicerLogic"]
-    assert "ScriptedLoadableModuleTest" in classes["AnyMC3DSlicerTest"]
+    assert classes["AnyMC3DSlicerTest"] == ["selftest.EndToEndTest"]  # its body is in AnyMC3DSlicerLib/selftest.py
+    selftestTree = ast.parse(read(os.path.join(WIDGET_DIR, "selftest.py")))
+    (endToEnd,) = [node for node in selftestTree.body if isinstance(node, ast.ClassDef) and node.name == "EndToEndTest"]
+    assert [base.id for base in endToEnd.bases] == ["ScriptedLoadableModuleTest"]
     source = read(MODULE_FILE)
     assert 'categories = ["Classification"]' in source
     assert "import imp\n" not in source
+
+
+def moduleFiles():
+    """The module file and the widget's parts (AnyMC3DSlicerLib/)."""
+    return [MODULE_FILE, *sorted(os.path.join(WIDGET_DIR, name) for name in os.listdir(WIDGET_DIR) if name.endswith(".py"))]
 
 
 def uiWidgets():
@@ -66,7 +75,7 @@ def uiWidgets():
 
 def test_ui_has_every_widget_the_module_uses():
     widgets = uiWidgets()
-    used = set(re.findall(r"self\.ui\.([A-Za-z0-9_]+)", read(MODULE_FILE)))
+    used = set(re.findall(r"self\.ui\.([A-Za-z0-9_]+)", "".join(read(path) for path in moduleFiles())))
     missing = sorted(used - set(widgets))
     assert not missing, missing
 
@@ -155,7 +164,7 @@ def test_volume_node_redecomposes_the_matrix(sceneContext):
     node.GetIJKToRASMatrix(readBack)
     a, b = (np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)]) for m in (readBack, oblique))
     assert not np.array_equal(a, b) and np.allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max())
-    source = read(MODULE_FILE)
+    source = read(os.path.join(WIDGET_DIR, "selftest.py"))
     assert "assertMatricesClose(heatmapMatrix, oblique)" in source and "array_equal" not in source
 
 

@@ -252,3 +252,35 @@ def test_self_test_skips_without_the_python_packages():
     seen = runScenario("selfTest", block=FRESH_SLICER_LACKS)
     assert "Python packages not installed" in seen["skipped"] and "torch" in seen["skipped"]
     assert seen["pip"] == [] and seen["torchInstalls"] == [] and seen["madeLogic"] == 0 and seen["commands"] == []
+
+
+def test_train_section_fills_the_table_trains_and_adds_the_plugin(tmp_path):
+    """The Train section with the real backend: the table filled from the loaded volumes, Train and evaluate, the
+    expected time then each epoch shown, the charts, the evaluation table, the new plugin in the list."""
+    from anymc3d.backbone import (
+        BackboneSpec,
+        create_backbone,
+        make_load_bearing,
+        save_backbone,
+    )
+
+    from .test_training_logic import lesionImage
+
+    spec = BackboneSpec("dinov2_vits14_reg", img_size=56, depth=3, embed_dim=96, num_heads=3)
+    backbone = save_backbone(make_load_bearing(create_backbone(spec), 0), spec, tmp_path / "tiny.safetensors")
+    volumes, labels = [], []
+    for index in range(16):
+        image, _ = lesionImage(index, index % 2 == 1)
+        volumes.append(str(tmp_path / f"case{index:02d}.nii.gz"))
+        sitk.WriteImage(image, volumes[-1])
+        labels.append(index % 2)
+    seen = runScenario("trainSection", {"pluginFolder": str(tmp_path / "plugins"), "backbone": str(backbone),
+                                        "volumes": volumes, "labels": labels, "epochs": 2}, timeout=900)
+    assert seen["rows"] == [f"case{index:02d}" for index in range(16)]
+    assert seen["columns"] == ["Case", "lesion", "Segmentation", "Split"] and seen["started"]
+    assert seen["messages"][0] == "Starting the training" and seen["messages"][1].startswith("Expected time: about ")
+    assert [m.split(":")[0] for m in seen["messages"] if m.startswith("Epoch")] == ["Epoch 1/2", "Epoch 2/2"]
+    assert seen["status"].startswith("Plugin lesion added to the plugins folder (held-out AUROC ")
+    assert seen["plugins"] == ["lesion"] and seen["dialogs"] == []
+    assert seen["charts"] == ["lesion training", "lesion ROC"] and seen["metricsTable"] == "lesion evaluation"
+    assert seen["runTestEnabled"] and seen["progressHidden"] and len(seen["testCases"]) == 4

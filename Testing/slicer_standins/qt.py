@@ -165,11 +165,21 @@ class QVBoxLayout:
         self.widgets.append(widget)
 
 
-class QLabel(QWidget):
+class _TextFirst(QWidget):
+    """Widgets whose constructors also take their text first, ``QLabel(text, parent=None)``, ``QPushButton(text,
+    parent=None)``, ``QCheckBox(text, parent=None)`` (Qt 5 qlabel.h, qpushbutton.h, qcheckbox.h)."""
+
+    def __init__(self, textOrParent=None, parent=None):
+        text = textOrParent if isinstance(textOrParent, str) else ""
+        super().__init__(parent if isinstance(textOrParent, str) else textOrParent)
+        self.text = text
+
+
+class QLabel(_TextFirst):
     pass
 
 
-class QPushButton(QWidget):
+class QPushButton(_TextFirst):
     SIGNALS = ("clicked",)
 
     def click(self):
@@ -177,8 +187,64 @@ class QPushButton(QWidget):
             self.clicked.emit(False)
 
 
-class ctkCollapsibleButton(QWidget):
-    pass
+class QLineEdit(QWidget):
+    """``text`` property; ``textChanged(QString)`` is emitted whenever the text changes, from code too (Qt 5
+    qlineedit.cpp: setText -> QWidgetLineControl::setText -> textChanged), ``textEdited`` only on typing."""
+
+    SIGNALS = ("textChanged", "textEdited")
+
+    def __init__(self, textOrParent=None, parent=None):
+        self._text = ""  # before QWidget's constructor sets ``text``
+        super().__init__(parent if isinstance(textOrParent, str) else textOrParent)
+        self._text = textOrParent if isinstance(textOrParent, str) else ""
+
+    @property
+    def text(self):
+        return self._text
+
+    @text.setter
+    def text(self, value):
+        if str(value) != self._text:
+            self._text = str(value)
+            self.textChanged.emit(self._text)
+
+    def type(self, value):
+        """What typing does: the new text, ``textEdited`` then ``textChanged`` (test helper, not a Qt member)."""
+        self._text = str(value)
+        self.textEdited.emit(self._text)
+        self.textChanged.emit(self._text)
+
+
+class QFormLayout:
+    """``QFormLayout(parentWidget)``; ``addRow(labelText, field)`` and ``addRow(widget)`` (Qt 5 qformlayout.h)."""
+
+    def __init__(self, parent=None):
+        self.rows = []
+        if parent is not None:
+            parent.formLayout = self
+
+    def addRow(self, labelOrWidget, field=None):
+        self.rows.append((labelOrWidget, field) if field is not None else (None, labelOrWidget))
+
+
+class ctkCollapsibleButton(_TextFirst):
+    """``collapsed`` property and ``contentsCollapsed(bool)`` (CTK Libs/Widgets/ctkCollapsibleButton.h)."""
+
+    SIGNALS = ("contentsCollapsed",)
+
+    def __init__(self, textOrParent=None, parent=None):
+        super().__init__(textOrParent, parent)
+        self._collapsed = False
+
+    @property
+    def collapsed(self):
+        return self._collapsed
+
+    @collapsed.setter
+    def collapsed(self, value):
+        if bool(value) != self._collapsed:
+            self._collapsed = bool(value)
+            self.contentsCollapsed.emit(self._collapsed)
 
 
 class qMRMLWidget(QWidget):
@@ -191,11 +257,11 @@ class QProgressBar(QWidget):
         self.value = 0
 
 
-class QCheckBox(QWidget):
+class QCheckBox(_TextFirst):
     SIGNALS = ("toggled",)
 
-    def __init__(self, parent=None):
-        super().__init__(parent)
+    def __init__(self, textOrParent=None, parent=None):
+        super().__init__(textOrParent, parent)
         self._checked = False
 
     @property
@@ -687,7 +753,7 @@ QCoreApplication.processEvents = staticmethod(_processEvents)
 
 # ------------------------------------------------------------------------------------------- .ui loading
 WIDGET_CLASSES = {cls.__name__: cls for cls in (
-    QWidget, QLabel, QPushButton, ctkCollapsibleButton, qMRMLWidget, QProgressBar, QCheckBox, QComboBox,
+    QWidget, QLabel, QPushButton, QLineEdit, ctkCollapsibleButton, qMRMLWidget, QProgressBar, QCheckBox, QComboBox,
     ctkSliderWidget, ctkPathLineEdit, QListWidget, QTableWidget, qMRMLNodeComboBox, qMRMLTableView)}
 
 

@@ -463,6 +463,7 @@ def install():
                                            plots=plots)
     slicer.appLogic = appLogic
     slicer.qMRMLWidget = qt.qMRMLWidget
+    slicer.qMRMLTableView = qt.qMRMLTableView  # PythonQt wraps Slicer's MRML widgets into the slicer module
     _module("slicer.ScriptedLoadableModule", ScriptedLoadableModule=ScriptedLoadableModule,
             ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
             ScriptedLoadableModuleLogic=ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest=ScriptedLoadableModuleTest)
