@@ -249,6 +249,10 @@ def _info_text(path: Path) -> str:
     lines.append(f"parameters   {lora + head:,} ({lora:,} LoRA, {head:,} queries and head)")
     if meta.get("description"):
         lines.append(f"description  {meta['description']}")
+    if meta.get("modality"):
+        lines.append(f"modality     {meta['modality']}")
+    if meta.get("body_part"):
+        lines.append(f"body part    {meta['body_part']}")
     summary = read_training_summary(path)
     lines += (training_lines(summary) if summary else  # untrained: its probabilities are those of random weights
               ["training     untrained (no training summary): its probabilities mean nothing"])

@@ -140,7 +140,7 @@ def _type_ok(value: Any, kinds) -> bool:
 def check_schema(value: Any, schema: dict, where: str) -> None:
     """Check ``value`` against the subset of JSON schema the project's schemas use (type, enum, const, allOf,
     if/then/else, required, properties, additionalProperties, items, minimum/maximum and their exclusive forms,
-    minLength/maxLength, minItems/maxItems, pattern); raise :class:`RecordError` naming the place. Used where
+    minLength/maxLength, minItems/maxItems, pattern, not); raise :class:`RecordError` naming the place. Used where
     jsonschema is not installed (a fresh Slicer): hand-written because the point is to need no third-party package."""
     if "type" in schema and not _type_ok(value, schema["type"]):
         raise RecordError(f"{where}: expected {schema['type']}, got {type(value).__name__}")
@@ -171,6 +171,12 @@ def _check_combined(value: Any, schema: dict, where: str) -> None:
             branch = schema.get("then")
         if branch is not None:
             check_schema(value, branch, where)
+    if "not" in schema:
+        try:
+            check_schema(value, schema["not"], where)
+        except RecordError:
+            return
+        raise RecordError(f"{where}: {value!r} must not match {schema['not']}")
 
 
 def _check_string(value: str, schema: dict, where: str) -> None:

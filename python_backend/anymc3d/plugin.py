@@ -37,6 +37,7 @@ from anymc3d.plugin_file import (  # noqa: F401 (re-exported: the torch-free rea
     PLUGIN_SUFFIX,
     TRAINING_KEY,
     WEIGHTS_NAME,
+    check_card,
     check_plugin_schema,
     find_plugins,
     parse_json,
@@ -114,10 +115,7 @@ class PluginConfig:
     def _check_description(self):
         if not self.name.strip():
             raise ValueError("name: must not be empty")
-        if not isinstance(self.modality, str) or (self.modality and not re.fullmatch(r"[A-Z]{2,4}", self.modality)):
-            raise ValueError(f"modality: a DICOM Modality code such as 'CT' or 'MR' (or ''), got {self.modality!r}")
-        if not isinstance(self.body_part, str) or len(self.body_part) > 200:
-            raise ValueError("body_part: a short text (at most 200 characters)")
+        check_card(name=self.name, description=self.description, modality=self.modality, body_part=self.body_part)
 
     def _check_findings(self):
         if not self.labels or len(set(self.labels)) != len(self.labels) or not all(str(x).strip() for x in self.labels):

@@ -33,6 +33,22 @@ def plugin_schema() -> dict:
     return json.loads(resources.files("anymc3d").joinpath("schemas/plugin.schema.json").read_text())
 
 
+def check_card(**texts: str) -> None:
+    """Check a plugin's model-card texts (``name``, ``description``, ``modality``, ``body_part``) against their
+    ``plugin.json`` schema, before a plugin is made or a training starts; ValueError naming the field and what it
+    must be (one line, length-limited, no control characters; the modality a DICOM Modality code)."""
+    properties = plugin_schema()["properties"]
+    for key, value in texts.items():
+        if value == "" and key != "name":
+            continue  # not stated
+        try:
+            check_schema(value, properties[key], key)
+        except RecordError:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            must = properties[key]["description"].removeprefix("optional: ").split("; absent")[0]
+            raise ValueError(f"{key}: {must}; got {shown}") from None
+
+
 def read_members(path: os.PathLike | str, weights: bool = True) -> tuple[bytes, Optional[bytes]]:
     """(plugin.json bytes, plugin.safetensors bytes) of a plugin file or folder; the weights are None when
     ``weights`` is False (a listing reads the small JSON member only). Sizes (and, in a zip, the members' names and

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from anymc3d.fileio import atomic_path
-from anymc3d.training.config import TrainingError
+from anymc3d.training.config import CARD_FIELDS, TrainingError
 
 CHECKPOINT_VERSION = 1
 
@@ -50,7 +50,8 @@ def log_path(out: Path) -> Path:
 
 def save_run(path: Path, trainable: dict[str, torch.Tensor], optimizer, identity: dict, run: dict) -> Path:
     """A training run's checkpoint: the trainable tensors, the best state, AdamW's moments and the RNG, with
-    ``identity`` (what makes it this run) and ``run`` (next_epoch, step, best, history, stopped) as JSON."""
+    ``identity`` (what makes it this run) and ``run`` (next_epoch, step, best, history, stopped, and the model card
+    texts ``card``) as JSON."""
     best = run["best"]
     tensors = {f"param.{k}": v for k, v in trainable.items()}
     tensors.update({f"best.{k}": v for k, v in best["state"].items()})
@@ -61,15 +62,17 @@ def save_run(path: Path, trainable: dict[str, torch.Tensor], optimizer, identity
     tensors["rng.torch"] = torch.get_rng_state()
     state = {"version": CHECKPOINT_VERSION, "identity": identity, "next_epoch": run["next_epoch"], "step": run["step"],
              "best_epoch": best["epoch"], "best_score": best["score"], "history": run["history"],
-             "stopped": run["stopped"], "names": list(trainable)}
+             "stopped": run["stopped"], "names": list(trainable), "card": run.get("card", {})}
     return write_checkpoint(path, tensors, json.loads(json.dumps(state)))
 
 
 def load_run(path: Path, trainable: dict[str, torch.Tensor], optimizer, identity: dict) -> dict:
     """Restore :func:`save_run`'s checkpoint into ``trainable`` and ``optimizer`` (and the RNG); TrainingError
-    naming the file when it is another run's. Returns next_epoch, step, best, history, stopped."""
+    naming the file when it is another run's. Returns next_epoch, step, best, history, stopped, card."""
     tensors, state = read_checkpoint(path)
     mine = json.loads(json.dumps(identity))
+    for key in CARD_FIELDS:  # the model card does not make the run (and an earlier version kept the name here)
+        state["identity"].get("config", {}).pop(key, None)
     if state["identity"] != mine:
         differs = [k for k in mine if state["identity"].get(k) != mine[k]]
         raise TrainingError(f"{path}: checkpoint of another run (different {', '.join(differs)}); "
@@ -87,4 +90,4 @@ def load_run(path: Path, trainable: dict[str, torch.Tensor], optimizer, identity
     best = {"epoch": state["best_epoch"], "score": state["best_score"],
             "state": {k.removeprefix("best."): t for k, t in tensors.items() if k.startswith("best.")}}
     return {"next_epoch": state["next_epoch"], "step": state["step"], "best": best, "history": state["history"],
-            "stopped": state["stopped"]}
+            "stopped": state["stopped"], "card": state.get("card", {})}

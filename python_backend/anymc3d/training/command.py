@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from anymc3d.contract import PRECISION_HELP, PRECISIONS, TASKS
-from anymc3d.training.config import TrainConfig
+from anymc3d.training.config import TrainConfig, TrainingError
 
 # torch and the trainer are imported by the handlers: building the parser (``anymc3d --help``) imports no torch
 
@@ -56,6 +56,13 @@ def register(sub) -> None:
     p.add_argument("--folds", type=int, default=1, help="Train K plugins on K stratified folds (default: 1).")
     p.add_argument("--seed", type=int, default=d.seed, help=f"Random seed (default: {d.seed}).")
     p.add_argument("--resume", action="store_true", help="Continue from the checkpoint beside --out (default: off).")
+    p.add_argument("--name", default="", help="The plugin's name in its model card (default: --out's file name).")
+    p.add_argument("--description", default="", help="The plugin's description: data, intended use, limits; one line "
+                   "(default: the manifest's name, its splits and the validation AUROC).")
+    p.add_argument("--modality", default="", help="Intended imaging modality, a DICOM Modality code (CT, MR, PT, ...): "
+                   "predictions and the review page warn on an image of another (default: not stated; then read from "
+                   "the intensity mapping).")
+    p.add_argument("--body-part", default="", help="Intended body part, free text, e.g. chest (default: not stated).")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="Compute device (default: auto = CUDA if available, else CPU).")
     p.add_argument("--no-progress", action="store_true", help="No progress bar (default: a bar on stderr).")
@@ -94,12 +101,16 @@ def _cmd_train(args) -> int:
     from anymc3d.backbone import load_backbone
     from anymc3d.training.trainer import train
 
-    config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                         accumulation=args.accumulation, lr_lora=args.lr_lora, lr_head=args.lr_head, gamma=args.gamma,
-                         alpha=args.alpha, seed=args.seed, augment=not args.no_augment, standardize=not args.no_standardize,
-                         lora=not args.no_lora, lambda_seg=args.lambda_seg, aux_seg=False if args.no_aux_seg else None,
-                         input_size=args.input_size, num_slices=args.num_slices, intensity=args.intensity,
-                         window=args.window)
+    try:
+        config = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+                             accumulation=args.accumulation, lr_lora=args.lr_lora, lr_head=args.lr_head, gamma=args.gamma,
+                             alpha=args.alpha, seed=args.seed, augment=not args.no_augment,
+                             standardize=not args.no_standardize, lora=not args.no_lora, lambda_seg=args.lambda_seg,
+                             aux_seg=False if args.no_aux_seg else None, input_size=args.input_size,
+                             num_slices=args.num_slices, intensity=args.intensity, window=args.window, name=args.name,
+                             description=args.description, modality=args.modality, body_part=args.body_part)
+    except ValueError as exc:  # a bad option: one line, before the backbone or the manifest is read
+        raise TrainingError(f"anymc3d train: {exc}") from None
     device = _device(args.device)
     if os.environ.get("LOCAL_RANK") is not None and device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -5,12 +5,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 from anymc3d.errors import AnyMC3DError
+from anymc3d.plugin_file import check_card
 
 
 #: the CPU plan: a full-size backbone (img_size >= 224) on a CPU trains on slices of this size, this many per volume,
 #: unless --input-size / --num-slices say otherwise (a ViT-S/14 forward+backward costs 1.19 s a slice at 224 px, 0.18 s
 #: at 112 px on 2 cores: 85 minutes an epoch at the full defaults on 24 cases)
 CPU_INPUT_SIZE, CPU_NUM_SLICES = 112, 24
+
+
+#: the settings that describe the plugin (its model card) rather than change what is learnt: a resumed run takes
+#: them from its command line, not from the checkpoint's identity
+CARD_FIELDS = ("name", "description", "modality", "body_part")
 
 
 class TrainingError(AnyMC3DError):
@@ -45,9 +51,13 @@ class TrainConfig:
     chunk_size: int = 32
     cache_embeddings: Optional[bool] = None  # None: when LoRA, augmentation and the auxiliary segmentation are off
     val_fraction: float = 0.25           # without a split column
-    name: str = ""
+    name: str = ""                       # the plugin's model card ("": name from --out, description generated)
+    description: str = ""
+    modality: str = ""                   # DICOM Modality code (CT, MR, ...), read by anymc3d.modality
+    body_part: str = ""
 
     def __post_init__(self):
+        check_card(**{key: getattr(self, key) for key in CARD_FIELDS if key != "name" or self.name})
         for key in ("epochs", "batch_size", "accumulation", "chunk_size"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be a positive integer, got {getattr(self, key)!r}")

@@ -37,7 +37,7 @@ from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.training.batching import case_seed, collate
 from anymc3d.training.checkpoints import (CHECKPOINT_VERSION, checkpoint_path, load_run, log_path, save_run,
                                           write_checkpoint)
-from anymc3d.training.config import CPU_INPUT_SIZE, CPU_NUM_SLICES, TrainConfig, TrainingError
+from anymc3d.training.config import CARD_FIELDS, CPU_INPUT_SIZE, CPU_NUM_SLICES, TrainConfig, TrainingError
 from anymc3d.training.distributed import Dist, init_distributed
 from anymc3d.training.standardize import plain_head, standardize_head
 
@@ -320,17 +320,22 @@ class Trainer:
 
     # -------------------------------------------------------------- checkpoints
     def _identity(self) -> dict:
+        config = {k: v for k, v in asdict(self.config).items() if k not in CARD_FIELDS}
         return {"manifest_sha256": self.manifest.sha256, "backbone_fingerprint": self.backbone.fingerprint,
-                "config": asdict(self.config), "world": self.dist.world,
+                "config": config, "world": self.dist.world,
                 "splits": {c.row: c.split for c in self.manifest.cases}}
 
     def _save(self, next_epoch: int, step: int, best: dict, history: list, stopped: bool) -> None:
         if self.dist.main:
             save_run(checkpoint_path(self.out), self.trainable(), self.optimizer, self._identity(),
-                     {"next_epoch": next_epoch, "step": step, "best": best, "history": history, "stopped": stopped})
+                     {"next_epoch": next_epoch, "step": step, "best": best, "history": history, "stopped": stopped,
+                      "card": {k: getattr(self.config, k) for k in CARD_FIELDS}})
 
     def _load(self, path: Path) -> tuple[int, int, dict, list, bool]:
+        """Restore the run; a model-card text this command line leaves unstated is the checkpoint's."""
         run = load_run(path, self.trainable(), self.optimizer, self._identity())
+        self.config = dataclasses.replace(self.config, **{k: v for k, v in run["card"].items()
+                                                          if k in CARD_FIELDS and not getattr(self.config, k)})
         return run["next_epoch"], run["step"], run["best"], run["history"], run["stopped"]
 
     # -------------------------------------------------------------- the run
@@ -451,8 +456,10 @@ class Trainer:
                               backbone_fingerprint=self.backbone.fingerprint, views=list(self.manifest.views),
                               preprocessing=[self.recipe] * len(self.manifest.views), lora=self.lora_settings,
                               calibration_a=cal.a, calibration_b=cal.b, thresholds=cal.thresholds,
-                              description=f"Trained by anymc3d train on {self.manifest.path.name} "
-                                          f"({summary['splits']}); best validation AUROC {best['score'][0]:.3f}.")
+                              description=self.config.description or (
+                                  f"Trained by anymc3d train on {self.manifest.path.name} ({summary['splits']}); best "
+                                  f"validation AUROC {best['score'][0]:.3f}."),
+                              modality=self.config.modality, body_part=self.config.body_part)
         path = None
         if self.dist.main:
             path = save_trained_plugin(self.out, config, head, lora, summary)
