@@ -85,6 +85,26 @@ def pluginFileName(settings):
     return f"{trainingtable.outputs_safe(settings.name)}.anymc3d"
 
 
+def cardArguments(settings):
+    """The ``anymc3d train`` options that put the table's name, description, intended modality and body part into
+    the plugin's model card (the ones left empty are left out: the backend's defaults)."""
+    card = (("--name", settings.name), ("--description", settings.description), ("--modality", settings.modality),
+            ("--body-part", settings.bodyPart))
+    return [part for option, value in card if str(value).strip() for part in (option, str(value).strip())]
+
+
+def checkCard(settings):
+    """TrainingInputError before anything runs when a model-card text breaks the plugin file's rules (the backend's
+    check: one line, length-limited, the modality a DICOM Modality code)."""
+    from anymc3d.plugin_file import check_card
+
+    try:
+        check_card(name=settings.name.strip(), description=settings.description.strip(),
+                   modality=settings.modality.strip(), body_part=settings.bodyPart.strip())
+    except ValueError as error:
+        raise trainingtable.TrainingInputError([f"plugin {error}"]) from None
+
+
 class TrainingJob:
     """``train``, ``eval`` and the test cases' scores of one case table, then the plugin installed in
     ``pluginLibrary``. Start with :meth:`start`; ``onProgress(TrainingProgress)``, ``onFinished(TrainingResult)``."""
@@ -115,6 +135,7 @@ class TrainingJob:
         """Check the table (TrainingInputError before anything runs), write the manifest (or, resuming, take the one
         of the recorded work folder), then start ``anymc3d train``."""
         settings = self.settings.validate()
+        checkCard(settings)
         if not os.path.isfile(settings.backbone):
             raise trainingtable.TrainingInputError([f"backbone weights file not found: {settings.backbone!r}"])
         if self.resume:
@@ -131,7 +152,8 @@ class TrainingJob:
         self.pluginPath = os.path.join(self.workFolder, pluginFileName(settings))
         self._run("training", ["train", self.manifestPath, "--backbone", settings.backbone, "--out", self.pluginPath,
                                "--epochs", str(settings.epochs), "--seed", str(settings.seed), "--device", settings.device,
-                               *(["--resume"] if self.resume else []), *self.trainArguments])
+                               *cardArguments(settings), *(["--resume"] if self.resume else []),
+                               *self.trainArguments])
         return self
 
     def _resumeFolder(self, settings):

@@ -239,7 +239,7 @@ def startTraining(logic, table, library, onProgress=None, resume=False):
 def test_training_through_the_logic_matches_anymc3d_eval(sceneContext, lesionScene, tinyBackbone, tmp_path):
     volumes, masks, labels = lesionScene
     settings = TrainingSettings(name="lesion", labels=("lesion",), backbone=tinyBackbone, epochs=3, device="cpu",
-                                description="synthetic lesion")
+                                description="synthetic lesion", modality="CT", bodyPart="phantom")
     table = labelledTable(sceneContext.scene, volumes, labels, settings, masks=masks)  # mask supervision too
     logic = makeLogic(sceneContext, tmp_path)
     library = PluginLibrary(str(tmp_path / "plugins"))
@@ -259,6 +259,8 @@ def test_training_through_the_logic_matches_anymc3d_eval(sceneContext, lesionSce
     (info,) = library.plugins()[0]
     assert info.path == result.pluginPath and os.listdir(library.folder) == ["lesion.anymc3d"]
     assert info.metadata["labels"] == ["lesion"]
+    assert [info.metadata.get(k) for k in ("name", "description", "modality", "body_part")] == [
+        "lesion", "synthetic lesion", "CT", "phantom"]  # the table's card
     assert info.metadata["localisation"]["task"] == "synthetic lesion"  # measured on the test cases' masks by eval
     assert job.result.metrics["localisation"]["cases"] == 2  # the test split's two lesion cases
     # the held-out AUROC is what `anymc3d eval` reports on the same manifest, run separately
