@@ -28,6 +28,7 @@ if not os.environ.get("DISPLAY"):
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 import slicer  # noqa: E402  (after trame_slicer, which brings slicer-core)
+import vtk  # noqa: E402
 from trame.app import get_server  # noqa: E402
 from trame.decorators import TrameApp, change, trigger  # noqa: E402
 from trame_server.utils.asynchronous import create_task  # noqa: E402
@@ -98,13 +99,24 @@ class ReviewApp:
             # vtkMRMLOrientationMarkerDisplayableManager)
             view.set_orientation_marker(slicer.vtkMRMLAbstractViewNode.OrientationMarkerTypeAxes,
                                         slicer.vtkMRMLAbstractViewNode.OrientationMarkerSizeSmall)
+        # a left-drag in a slice view adjusts window/level as in Slicer's "Adjust window/level" mouse mode
+        # (vtkMRMLWindowLevelWidget: horizontal = window, vertical = level); the 3D view's camera widget
+        # does not depend on the mode
+        for interaction in logic_outputs.nodesByClass(self.slicer_app.scene, "vtkMRMLInteractionNode"):
+            interaction.SetCurrentInteractionMode(slicer.vtkMRMLInteractionNode.AdjustWindowLevel)
         for view in self.slicer_app.view_manager.get_slice_views():
             # the anatomy in 3D: the three CT planes (with their overlay) around the heatmap's volume rendering;
             # a scale bar in each slice view
             view.set_visible_in_3d(True)
             view.set_ruler(slicer.vtkMRMLAbstractViewNode.RulerTypeThin, slicer.vtkMRMLAbstractViewNode.RulerColorWhite)
+            # a drag sets the image's window, never the heatmap's (Slicer would pick the foreground where it is
+            # drawn: vtkMRMLSliceLogic::GetEditableLayerAtWorldPosition)
+            view.get_displayable_manager_by_class(slicer.vtkMRMLScalarBarDisplayableManager) \
+                .SetAdjustForegroundWindowLevelEnabled(False)
         self._poll_task = None
         self._cursor_task = None
+        self._window_task = None
+        self._observed_display = (None, None)  # (display node, observer tag) of the shown image
         self._maxima = {}  # (heatmap node ID, image MTime) -> its maximum voxel (IJK)
         self.similarity = SimilarityController(self.state, self.session, self.slicer_app.view_manager,
                                                self._render_slice_views)
@@ -339,8 +351,31 @@ class ReviewApp:
             self._clear_views()
             self._publish_cases()  # the list shows the case's error from now on
         s.case_index = index
+        self._observe_window()
         self._publish_scene()
         self.loader.schedule_prefetch()
+
+    def _observe_window(self):
+        """Watch the shown image's display node: a drag in a slice view changes its window (session.window_dragged)."""
+        node, tag = self._observed_display
+        if node is not None:
+            node.RemoveObserver(tag)
+        current = self.session.current
+        display = current.input_node.GetDisplayNode() if current is not None and current.input_node else None
+        tag = display.AddObserver(vtk.vtkCommand.ModifiedEvent, self._on_display_modified) if display else None
+        self._observed_display = (display, tag)
+
+    def _on_display_modified(self, *_):
+        if self.loader.server_ready and (self._window_task is None or self._window_task.done()):
+            self._window_task = create_task(self._publish_dragged_window())
+
+    async def _publish_dragged_window(self):
+        await asyncio.sleep(0.2)  # a drag modifies the display node at every mouse move: published at most 5 / s
+        if self.session.window_dragged():
+            with self.state:
+                self.state.window_preset = "custom"
+                self._publish_window()
+                self.state.scene_version += 1
 
     def _clear_views(self):
         """A case that cannot be shown: empty views (never the previous case's images under this case's name)."""

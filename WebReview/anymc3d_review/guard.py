@@ -91,6 +91,7 @@ MAX_RENDER_SIDE = 2560
 MAX_ABS_NUMBER = 1e6
 #: the index page's first script: the key from the address goes to this tab's sessionStorage (per origin, unlike
 #: a cookie), and a reload without it in the address gets it back before trame's client reads it
+LAUNCHER_ROUTE = "/paraview/"  # trame-client's default launcher address (vue3-www: `${document.baseURI}paraview/`)
 KEEP_KEY_SCRIPT = (
     "<script>(function(){try{var p=new URLSearchParams(location.search),n='anymc3d_review_key',k=p.get('secret');"
     "if(k){sessionStorage.setItem(n,k);}else{k=sessionStorage.getItem(n);if(k){p.set('secret',k);"
@@ -312,6 +313,14 @@ def _area(protocol, name) -> str:
     return name
 
 
+async def _launcher_answer(request):
+    """trame's page asks a launcher for its websocket address first (POST ``/paraview/``) and takes the server's
+    own ``/ws`` when that fails (a 405 in the console of every page open). This server is its own launcher: the
+    same address, ``use_host`` being the host the page came from (trame-client fills it in). The request's body
+    (the page's configuration, with its key) is never read."""
+    return web.json_response({"sessionURL": "ws://use_host/ws"})
+
+
 def rpc_wrappers(note) -> dict:
     """RPC name -> (function -> its checked wrapper). A call whose arguments fail a check is refused (``note``)
     and does nothing."""
@@ -456,6 +465,7 @@ class AccessGuard:
                 or any(not isinstance(getattr(h, "unchunkers", None), dict) for h in handlers)):
             raise RuntimeError("the review server cannot secure this wslink/trame version (see anymc3d_review.guard)")
         app.middlewares.append(self.middleware)
+        app.router.add_post(LAUNCHER_ROUTE, _launcher_answer)
         checks = self._rpc_checks()
         for handler in handlers:
             handler.unchunkers = _CappedUnChunkers(handler.unchunkers)

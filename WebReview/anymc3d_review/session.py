@@ -147,6 +147,7 @@ class ReviewSession:
         self.display = DisplayOptions(volumeRenderingMaxSize=volume_rendering_max_size())
         self.window_preset = "auto"
         self.window_values = None  # (window, level) typed or dragged ("custom")
+        self._applied_window = None  # (window, level) the shown image got from here (a drag moves it)
         self.overlay_visible = True
         self.loaded: OrderedDict[int, LoadedCase] = OrderedDict()
         self.current: LoadedCase | None = None
@@ -503,7 +504,23 @@ class ReviewSession:
         """The presets that mean something for the image: CT windows in HU for a CT, percentiles otherwise."""
         return ["auto", *((n for n in WINDOW_PRESETS if n != "auto") if is_ct else PERCENTILE_PRESETS), "custom"]
 
+    def window_dragged(self) -> bool:
+        """Whether the shown image's window moved away from the one last applied here: a left-drag in a slice
+        view (Slicer's window/level widget sets the display node itself). It is then the "custom" window."""
+        shown = self.window_values_shown()
+        applied = self._applied_window
+        if shown is None or applied is None or max(abs(a - b) for a, b in zip(shown, applied)) < 1e-6:
+            return False
+        self.window_values = self._applied_window = shown
+        self.window_preset = "custom"
+        return True
+
     def _apply_window(self, loaded):
+        self._set_window(loaded)
+        if loaded is self.current:
+            self._applied_window = self.window_values_shown()
+
+    def _set_window(self, loaded):
         display = loaded.input_node.GetDisplayNode() if loaded.input_node is not None else None
         if display is None:
             return
@@ -589,6 +606,7 @@ class ReviewSession:
         for crosshair in logic_outputs.nodesByClass(self.scene, "vtkMRMLCrosshairNode"):
             crosshair.SetCrosshairRAS(float(ras[0]), float(ras[1]), float(ras[2]))
             crosshair.SetCrosshairColor(*CROSSHAIR_COLOR)
+            crosshair.SetCrosshairThickness(slicer.vtkMRMLCrosshairNode.Medium)  # 3 px: seen on the peak at a glance
             crosshair.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.ShowSmallBasic)
 
     def scroll(self, view_name: str, step: int):
