@@ -214,6 +214,8 @@ def _build_model_panel():
             html.Div("intended modality: {{ m.modality_text }}", v_if="m.modality_text", classes="model-modality")
             html.Div("body part: {{ m.body_part }}", v_if="m.body_part", classes="model-body-part")
             html.Div("training: {{ line }}", v_for="line in m.training", key="line", classes="model-training")
+            html.Div("{{ line }}", v_for="line in m.card", key="line", classes="model-card",
+                     style="white-space: pre-wrap;")
             html.Div("{{ m.description }}", v_if="m.description", classes="text-grey model-description")
     html.Div("image modality: {{ image_modality }}", v_if="shown_case >= 0 && image_modality",
              classes="text-caption image-modality")
