@@ -133,7 +133,7 @@ def test_probabilities_two_decimals_and_exact_values_in_details(reading):
 
 
 def test_model_is_one_line_below_the_findings_with_the_rest_on_demand(reading):
-    page, *_ = reading
+    page, record, *_ = reading
     show(page, "volume.nii.gz")
     assert page.locator(".model-line").count() == 1
     line = page.locator(".model-line").inner_text()
@@ -144,6 +144,10 @@ def test_model_is_one_line_below_the_findings_with_the_rest_on_demand(reading):
     page.locator(".model-more").click()
     wait_state(page, "s('model_details') === true")
     assert page.locator(".model-modality").count() == 1
+    # the model card: the demo plugin's operating points (untrained: no Youden thresholds, nothing measured)
+    result = record["results"][0]  # the record states the thresholds its plugin decided with
+    assert [t.strip() for t in page.locator(".model-card").all_inner_texts()] == \
+        ["operating point: " + ", ".join(f"{label} >= {result['thresholds'][label]:.2f}" for label in result["labels"])]
     page.locator(".model-more").click()
 
 
