@@ -43,7 +43,9 @@ class Findings:
             return None
         self.heatmap_for_row(row)
         self.row = row
-        return self.logic.selectFinding(self.current.table_node, row, self.display)
+        shown = self.logic.selectFinding(self.current.table_node, row, self.display)
+        self._apply_overlay_opacity()  # a hidden overlay stays hidden
+        return shown
 
     def shown_heatmap(self):
         if self.current is None or self.current.table_node is None:

@@ -38,7 +38,6 @@ from .runs import (  # noqa: F401 (re-exported)
 from .slice_display import SliceDisplay
 from .window_level import ALL_PRESETS, PERCENTILE_PRESETS, WINDOW_PRESETS, WindowLevel  # noqa: F401 (re-exported)
 
-
 logger = logging.getLogger("anymc3d.review")
 
 #: the 3D view's heatmap size limit (voxels per axis): a backend heatmap is a 14-16 pixel patch grid interpolated,
@@ -303,6 +302,7 @@ class ReviewSession(Findings, SliceDisplay, WindowLevel):
         else:
             self.row = 0
             logic_outputs.showHeatmapInSliceViews(self.scene, None, loaded.input_node, self.display.opacity)
+        self._apply_overlay_opacity()  # the Logic shows the overlay at the slider's opacity: hidden stays hidden
         if previous is None or previous.input_node is not loaded.input_node:
             self.reset_views(same_geometry=previous is not None and self._same_geometry(previous.input_node, loaded.input_node))
 

@@ -113,6 +113,11 @@ def test_overlay_switch_key_and_button(reading):
     change(page, lambda: page.keyboard.press("o"))
     assert state(page, "overlay_visible") is False
     assert heatmap_fraction(view_pixels(page, "Red")) < 0.002
+    show(page, "mri.nii.gz")  # a case switch (and the neighbour loaded while the page is idle) keeps it hidden
+    show(page, "volume.nii.gz")
+    page.wait_for_timeout(1500)
+    settle(page)
+    assert state(page, "overlay_visible") is False and heatmap_fraction(view_pixels(page, "Red")) < 0.002
     change(page, lambda: page.locator(".overlay-toggle").click())
     assert state(page, "overlay_visible") is True and heatmap_fraction(view_pixels(page, "Red")) > 0.02
 
