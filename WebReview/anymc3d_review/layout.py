@@ -21,6 +21,7 @@ VIEW_TITLES = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal", "ThreeD
 COLORBAR_LABEL = "relative attention (per-case max = 1), not a probability"
 
 SLICE_VIEW_NAMES = ("Red", "Green", "Yellow")
+SLIDER_STRIP_PX = 28  # the slice slider's strip under a slice view's image
 # Keys: over a slice view, Up/Down scroll its slices (what readers expect of a viewer); n/p, PageDown/PageUp, and
 # Up/Down anywhere else (the case list, the panel) change the case; m jumps to the heatmap's maximum.
 KEYS_HELP = ("n / p (or ↓ / ↑ outside the views): next / previous case · ↑ / ↓ over a view: slices · "
@@ -98,7 +99,7 @@ def _orientation_overlay(name):
     """Anatomical letters at the view's edges and the slice number / position (server-made text, escaped by Vue)."""
     base = "position: absolute; color: #ffd54f; font: bold 13px sans-serif; pointer-events: none; text-shadow: 0 0 2px #000;"
     where = {"left": "left: 34px; top: 50%;", "right": "right: 8px; top: 50%;", "top": "top: 4px; left: 50%;",
-             "bottom": "bottom: 28px; left: 50%;"}
+             "bottom": f"bottom: {SLIDER_STRIP_PX + 18}px; left: 50%;"}
     for edge, position in where.items():
         html.Div(f"{{{{ orientation.{name} && orientation.{name}.{edge} }}}}", classes=f"orientation orientation-{edge}",
                  style=base + position, __properties=[("data_view", "data-view")], data_view=name)
@@ -154,6 +155,10 @@ def build_ui(server, layout_manager):
         layout.title.set_text("AnyMC3D review")
         layout.title.classes = "review-title flex-grow-0 text-no-wrap"
         layout.root.classes = "anymc3d-review"
+        # no footer (trame's "Powered by trame" line): 32 px more for the views at 720 px, and the footer's
+        # auto-height ResizeObserver, re-laying out the app within the frame that measured it, was what made
+        # Chromium report "ResizeObserver loop completed with undelivered notifications" at every page open
+        layout.root.children.remove(layout.footer)
         layout.icon.title = "Show or hide the side panel"  # the drawer's menu icon: labelled like every icon
         layout.icon._attr_names.append(("aria_label", "aria-label"))
         layout.icon.aria_label = layout.icon.title
@@ -164,7 +169,10 @@ def build_ui(server, layout_manager):
             " .findings-table tr.selected td { background: rgba(255,255,255,0.12); }"
             " .findings-table td, .findings-table th { padding: 0 6px !important; height: 26px !important; }"
             " .case-list .v-list-item { min-height: 30px !important; }"
-            " .slice-slider-gutter { width: calc(100% - 140px) !important; }")  # the scale bar stays visible
+            # the slice slider has its own strip under the slice view's image: Slicer's scale bar (centred at the
+            # image's bottom, up to 70 % of its width) and the bottom letter stay visible above it
+            f" :has(> .slice-slider-gutter) > :first-child {{ height: calc(100% - {SLIDER_STRIP_PX}px) !important; }}"
+            f" .slice-slider-gutter {{ height: {SLIDER_STRIP_PX}px; background: #1a1a1a; }}")
         with layout.toolbar:
             html.Div("{{ folder_name }}", classes="text-caption text-grey ml-2 text-truncate folder-name")
             html.Div("one shared view: every open tab shows the same case",
@@ -206,6 +214,8 @@ def _build_model_panel():
             html.Div("intended modality: {{ m.modality_text }}", v_if="m.modality_text", classes="model-modality")
             html.Div("body part: {{ m.body_part }}", v_if="m.body_part", classes="model-body-part")
             html.Div("training: {{ line }}", v_for="line in m.training", key="line", classes="model-training")
+            html.Div("{{ line }}", v_for="line in m.card", key="line", classes="model-card",
+                     style="white-space: pre-wrap;")
             html.Div("{{ m.description }}", v_if="m.description", classes="text-grey model-description")
     html.Div("image modality: {{ image_modality }}", v_if="shown_case >= 0 && image_modality",
              classes="text-caption image-modality")
@@ -267,6 +277,15 @@ def _build_window():
                 variant=("window_preset === p.name ? 'flat' : 'text'",),
                 color=("window_preset === p.name ? 'primary' : undefined",),
                 click="window_preset = p.name", classes=("'window-preset window-' + p.name",))
+    # typed window and level (applied on Enter or when the field is left), in the image's units; a left-drag in a
+    # slice view changes them as in Slicer (horizontal: window, vertical: level)
+    with html.Div(classes="d-flex align-center mt-1", style="gap: 4px;", v_if="shown_case >= 0",
+                  title="window and level of the slice views; or left-drag in a slice view (horizontal: window, "
+                        "vertical: level)"):
+        for name, label in (("window_width", "Window"), ("window_level", "Level")):
+            v3.VTextField(model_value=(name,), label=label, type="number", density="compact", hide_details=True,
+                          variant="outlined", suffix=("window_units",), classes=f"window-field {name}-field",
+                          change=f"{name} = Number($event.target.value)")
 
 
 def _build_panel():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import time
 
@@ -81,14 +82,12 @@ class CaseLoader:
             preread = await self._read_case(neighbour)
             if self.state.case_index != index or self.state.loading or self.state.running:
                 return
-            views = self.views()
-            blocked = [view.set_render_blocked(True) for view in views]
-            try:
+            # no frame of the neighbour while it is imported (the Logic's import shows it; prefetch puts the shown
+            # case back); trame-slicer's public render_blocked() schedules one render of the shown case after
+            with contextlib.ExitStack() as blocked:
+                for view in self.views():
+                    blocked.enter_context(view.render_blocked())
                 loaded = self.session.prefetch(neighbour, preread)
-            finally:
-                for view, was_blocked in zip(views, blocked):
-                    if not was_blocked:
-                        view._is_render_blocked = False  # unblock without a render: the shown image did not change
             if loaded:
                 with self.state:
                     self.state.loaded_cases = sorted(self.session.loaded)

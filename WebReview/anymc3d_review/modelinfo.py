@@ -53,6 +53,7 @@ class PluginInfo:
     body_part: str = ""
     trained: bool | None = None    # None: unknown (file not read)
     training: list = dataclasses.field(default_factory=list)  # lines of the training summary
+    card: list = dataclasses.field(default_factory=list)  # the model card: operating points, measured localisation
 
     def as_state(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,7 +121,42 @@ class PluginInfoReader:
         info.body_part = _short(meta.get("body_part", ""), 200)
         info.trained = summary is not None
         info.training = training_lines(summary) if summary is not None else []
+        info.card = model_card_lines(meta, summary)
         return info
+
+
+def _number(value, digits=2) -> str:
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def model_card_lines(meta: dict, summary: dict | None) -> list[str]:
+    """What a plugin file holds about how far its outputs can be trusted, beyond its training summary, as lines:
+    the operating point of each finding (the threshold its decisions use; the validation's Youden threshold when
+    training stored one) and, when ``anymc3d eval --record`` measured it, where its heatmaps point (per method:
+    hit rate, the lesion's share of the map's mass against its share of the volume, median distance)."""
+    labels = [str(label) for label in meta.get("labels") or []]
+    lines = []
+    thresholds = meta.get("thresholds") or []
+    if meta.get("task") == "multilabel" and len(thresholds) == len(labels):
+        lines.append("operating point: " + ", ".join(f"{_short(label, 40)} >= {_number(t)}"
+                                                     for label, t in zip(labels, thresholds)))
+    youden = (summary or {}).get("youden_thresholds_validation")
+    if isinstance(youden, list) and len(youden) == len(labels):
+        lines.append("Youden threshold (validation): " + ", ".join(f"{_short(label, 40)} {_number(t)}"
+                                                                  for label, t in zip(labels, youden)))
+    card = meta.get("localisation") or {}
+    measured = card.get("measured") or {}
+    if measured:
+        task = f" on {_short(card['task'], 120)}" if card.get("task") else ""
+        lines.append(f"heatmap localisation{task}: best {_short(card.get('best', '?'), 40)}")
+    for method, m in measured.items():
+        distance = f", median distance {_number(m['median_distance_mm'], 1)} mm" if "median_distance_mm" in m else ""
+        lines.append(f"  {_short(method, 40)}: hit rate {_number(m.get('hit_rate'))} of {_short(m.get('cases', '?'), 20)} "
+                     f"cases, mass {_number(m.get('mass_over_volume_share'), 1)}x its volume share{distance}")
+    return lines
 
 
 def record_plugins(record) -> list[tuple[str, str]]:

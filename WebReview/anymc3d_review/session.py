@@ -4,8 +4,9 @@ No web code here (testable on a bare slicer-core scene). Every result node is ma
 ``readRecord`` checks a record, ``importResults`` makes the table, heatmaps, displays, volume renderings and chart,
 ``selectFinding`` / ``setHeatmapThreshold`` / ``heatmapMaximumRAS`` / ``mostImportantSliceRAS`` / ``jumpSlicesTo``
 drive the display and ``loadInputFile`` loads a case without results. This module only keeps a few loaded cases
-in the scene (switching back is then instant), points the slice views' background at the shown case, and hides the
-volume renderings of the cases not shown.
+in the scene (switching back is then instant), points the slice views' background at the shown case, hides the
+volume renderings of the cases not shown and runs cases from the page; the findings (findings.py), the views'
+display (slice_display.py) and window/level (window_level.py) are its mixins.
 """
 
 from __future__ import annotations
@@ -20,16 +21,12 @@ from collections import OrderedDict
 import numpy as np
 import slicer
 import vtk
-from AnyMC3DSlicerLogic import (
-    AnyMC3DSlicerLogic,
-    DisplayOptions,
-    PredictionOptions,
-    SubprocessRunner,
-)
+from AnyMC3DSlicerLogic import AnyMC3DSlicerLogic, DisplayOptions, PredictionOptions, SubprocessRunner
 from AnyMC3DSlicerLogic import outputs as logic_outputs
 from AnyMC3DSlicerLogic.parameters import GRADIENT_METHODS, HEATMAP_METHODS
 
 from .cases import Case, CaseFolder, RecordError
+from .findings import Findings
 from .runs import (  # noqa: F401 (re-exported)
     checked_results_folder,
     guarded_backend_command,
@@ -38,23 +35,11 @@ from .runs import (  # noqa: F401 (re-exported)
     start_prediction_into,
     sweep_stale_run_roots,
 )
-
+from .slice_display import SliceDisplay
+from .window_level import ALL_PRESETS, PERCENTILE_PRESETS, WINDOW_PRESETS, WindowLevel  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("anymc3d.review")
 
-#: window presets of the slice views: name -> (title, window, level) in the image's units (HU for CT);
-#: "auto" is the volume display's automatic window. Values: the usual radiology CT windows.
-WINDOW_PRESETS = {"auto": ("Auto", None, None), "brain": ("Brain", 80.0, 40.0),
-                  "soft_tissue": ("Soft tissue", 400.0, 40.0), "lung": ("Lung", 1500.0, -600.0),
-                  "bone": ("Bone", 1800.0, 400.0)}
-#: window presets of images that are not CT (MR, or no stated modality and no HU air): the window spans these
-#: percentiles of the image's values (name -> (title, low percentile, high percentile)); HU values mean nothing there
-PERCENTILE_PRESETS = {"p1_99": ("1–99 %", 1.0, 99.0), "p5_95": ("5–95 %", 5.0, 95.0), "p0_100": ("Full range", 0.0, 100.0)}
-ALL_PRESETS = ("auto", *(n for n in WINDOW_PRESETS if n != "auto"), *PERCENTILE_PRESETS, "custom")
-#: the crosshair's colour: cyan, which matplotlib's inferno (black, purple, red, orange, yellow) never takes,
-#: so it stays visible on the heatmap's peak
-CROSSHAIR_COLOR = (0.0, 0.9, 1.0)
-RAS_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) direction of R, A, S
 #: the 3D view's heatmap size limit (voxels per axis): a backend heatmap is a 14-16 pixel patch grid interpolated,
 #: so 128 per axis keeps every patch of a 512-pixel slice at 4 voxels or more
 VOLUME_RENDERING_MAX_SIZE = 128
@@ -116,7 +101,7 @@ def record_options(record) -> PredictionOptions:
     return PredictionOptions(heatmapMethod=method, ensemble=ensemble)
 
 
-class ReviewSession:
+class ReviewSession(Findings, SliceDisplay, WindowLevel):
     """Args:
         scene, volumes_logic, volume_rendering_logic: the scene and the module logics (trame-slicer's SlicerApp).
         folder: the CaseFolder.
@@ -147,6 +132,7 @@ class ReviewSession:
         self.display = DisplayOptions(volumeRenderingMaxSize=volume_rendering_max_size())
         self.window_preset = "auto"
         self.window_values = None  # (window, level) typed or dragged ("custom")
+        self._applied_window = None  # (window, level) the shown image got from here (a drag moves it)
         self.overlay_visible = True
         self.loaded: OrderedDict[int, LoadedCase] = OrderedDict()
         self.current: LoadedCase | None = None
@@ -316,6 +302,7 @@ class ReviewSession:
         else:
             self.row = 0
             logic_outputs.showHeatmapInSliceViews(self.scene, None, loaded.input_node, self.display.opacity)
+        self._apply_overlay_opacity()  # the Logic shows the overlay at the slider's opacity: hidden stays hidden
         if previous is None or previous.input_node is not loaded.input_node:
             self.reset_views(same_geometry=previous is not None and self._same_geometry(previous.input_node, loaded.input_node))
 
@@ -420,263 +407,6 @@ class ReviewSession:
         self.heatmap_errors.clear()
         self.run_errors = {new_index[path]: message for path, message in errors.items() if path in new_index}
 
-    def reset_views(self, same_geometry=False):
-        if self.views is None:
-            return
-        if not same_geometry:
-            for view in self.views.get_slice_views():
-                view.fit_view_to_content()
-        for view in self.views.get_threed_views():
-            view.reset_view()
-
-    # Findings and display ----------------------------------------------------------------------------------
-
-    def table_rows(self) -> list[dict]:
-        """The findings table node's rows (what the Logic wrote), for the page."""
-        if self.current is None or self.current.table_node is None:
-            return []
-        table_node = self.current.table_node
-        table = table_node.GetTable()
-        checked = _record_rows(self.current.record)
-        rows = []
-        for row in range(table.GetNumberOfRows()):
-            rows.append({"row": row,
-                         "plugin": table_node.GetCellText(row, 0),
-                         "finding": table_node.GetCellText(row, 1),
-                         "probability": float(table.GetValue(row, 2).ToDouble()),
-                         "threshold": float(table.GetValue(row, 3).ToDouble()),
-                         "decision": table_node.GetCellText(row, 4),
-                         "raw": None})
-            if row < len(checked) and checked[row]["finding"] == rows[-1]["finding"]:
-                rows[-1].update(checked[row])  # calibrated, raw, threshold and decision from the validated record
-        return rows
-
-    def heatmap_for_row(self, row: int):
-        """The heatmap node of the shown case's findings-table row ``row``; RecordError for anything else."""
-        if self.current is None or self.current.table_node is None:
-            raise RecordError("No findings shown")
-        count = self.current.table_node.GetNumberOfRows()
-        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < count:
-            raise RecordError(f"No finding {row!r}")
-        return self.logic.heatmapNodeForRow(self.current.table_node, row)
-
-    def select_finding(self, row: int):
-        if self.current is None or self.current.table_node is None:
-            return None
-        self.heatmap_for_row(row)
-        self.row = row
-        return self.logic.selectFinding(self.current.table_node, row, self.display)
-
-    def shown_heatmap(self):
-        if self.current is None or self.current.table_node is None:
-            return None
-        return self.logic.heatmapNodeForRow(self.current.table_node, self.row)
-
-    def set_threshold(self, threshold: float):
-        self.display.threshold = min(max(float(threshold), 0.0), 1.0)
-        for loaded in self.loaded.values():
-            for heatmap in loaded.heatmap_nodes():
-                self.logic.setHeatmapThreshold(heatmap, self.display.threshold)
-
-    def set_window_preset(self, name: str):
-        """Window/level of the slice views' image (a name of ALL_PRESETS: CT windows in HU, percentile windows for
-        other images), kept when the case changes while it fits the case (else the case gets Auto)."""
-        if name not in ALL_PRESETS or (name == "custom" and self.window_values is None):
-            raise RecordError(f"No window preset {name!r}")
-        self.window_preset = name
-        if self.current is not None:
-            self._apply_window(self.current)
-
-    def set_window_values(self, window: float, level: float):
-        """A typed (or dragged) window and level, in the image's units; kept as the "custom" preset."""
-        self.window_values = (max(float(window), 1e-3), float(level))
-        self.set_window_preset("custom")
-
-    def window_values_shown(self):
-        """(window, level) the shown image is displayed with, or None."""
-        node = self.current.input_node if self.current is not None else None
-        display = node.GetDisplayNode() if node is not None else None
-        return (display.GetWindow(), display.GetLevel()) if display is not None else None
-
-    @staticmethod
-    def presets_for(is_ct: bool) -> list[str]:
-        """The presets that mean something for the image: CT windows in HU for a CT, percentiles otherwise."""
-        return ["auto", *((n for n in WINDOW_PRESETS if n != "auto") if is_ct else PERCENTILE_PRESETS), "custom"]
-
-    def _apply_window(self, loaded):
-        display = loaded.input_node.GetDisplayNode() if loaded.input_node is not None else None
-        if display is None:
-            return
-        if self.window_preset == "custom" and self.window_values is not None:
-            display.AutoWindowLevelOff()
-            display.SetWindowLevel(*self.window_values)
-            return
-        if self.window_preset in PERCENTILE_PRESETS:
-            import numpy as np
-
-            _, low, high = PERCENTILE_PRESETS[self.window_preset]
-            voxels = logic_outputs.arrayFromVolumeNode(loaded.input_node).ravel()
-            sample = voxels[:: max(1, voxels.size // 2_000_000)]  # a subsample: the window of millions of voxels
-            lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
-            display.AutoWindowLevelOff()
-            display.SetWindowLevelMinMax(lo, max(hi, lo + 1e-3))
-            return
-        _, window, level = WINDOW_PRESETS.get(self.window_preset, WINDOW_PRESETS["auto"])
-        auto = logic_outputs.autoWindowOf(loaded.input_node)
-        if window is None and auto is not None:  # the automatic window computed when the file was read
-            display.AutoWindowLevelOff()
-            display.SetWindowLevelMinMax(*auto)
-        elif window is None:
-            display.AutoWindowLevelOn()
-        else:
-            display.AutoWindowLevelOff()
-            display.SetWindowLevel(window, level)
-
-    def set_opacity(self, opacity: float):
-        self.display.opacity = min(max(float(opacity), 0.0), 1.0)
-        self._apply_overlay_opacity()
-
-    def set_overlay_visible(self, visible: bool):
-        """Show or hide the heatmap overlay of the slice views (the opacity slider keeps its value)."""
-        self.overlay_visible = bool(visible)
-        self._apply_overlay_opacity()
-
-    def _apply_overlay_opacity(self):
-        opacity = self.display.opacity if self.overlay_visible else 0.0
-        for composite in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceCompositeNode"):
-            composite.SetForegroundOpacity(opacity)
-
-    def hide_crosshair(self):
-        """The crosshair marks a jump target of the shown case: a case switch removes it."""
-        for crosshair in logic_outputs.nodesByClass(self.scene, "vtkMRMLCrosshairNode"):
-            crosshair.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.NoCrosshair)
-
-    def jump_to_maximum(self):
-        heatmap = self.shown_heatmap()
-        if heatmap is None or logic_outputs.pendingHeatmapFile(heatmap) is not None:
-            return None
-        ras = self.logic.heatmapMaximumRAS(heatmap)
-        self.jump_slices_to(ras)
-        return ras
-
-    def jump_to_most_important_slice(self):
-        if self.current is None or self.current.table_node is None:
-            return None
-        ras = self.logic.mostImportantSliceRAS(self.current.table_node, self.row)
-        self.jump_slices_to(ras)
-        return ras
-
-    def jump_to_slice(self, index: int):
-        """Move the slice views to slice ``index`` along the slicing axis (a click on the chart)."""
-        if self.current is None or self.current.table_node is None:
-            return None
-        axis = int(self.current.table_node.GetAttribute(logic_outputs.SLICING_AXIS_ATTRIBUTE))
-        ijk = list(self.cursor_ijk(rounded=False) or [0.0, 0.0, 0.0])
-        dims = self.current.input_node.GetImageData().GetDimensions()
-        ijk[axis] = min(max(int(index), 0), dims[axis] - 1)
-        ras = logic_outputs.voxelToRas(self.current.input_node, ijk)
-        self.jump_slices_to(ras)
-        return ras
-
-    def jump_slices_to(self, ras):
-        """Move every slice plane through ``ras`` without panning (the field of view stays on the anatomy).
-
-        The Logic's ``jumpSlicesTo`` centres the views on the point (CenteredJumpSlice), which pushes half a view
-        off the image for a point near an edge; OffsetJumpSlice only moves the slices. The crosshair marks it.
-        """
-        slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, float(ras[0]), float(ras[1]), float(ras[2]),
-                                              slicer.vtkMRMLSliceNode.OffsetJumpSlice)
-        for crosshair in logic_outputs.nodesByClass(self.scene, "vtkMRMLCrosshairNode"):
-            crosshair.SetCrosshairRAS(float(ras[0]), float(ras[1]), float(ras[2]))
-            crosshair.SetCrosshairColor(*CROSSHAIR_COLOR)
-            crosshair.SetCrosshairMode(slicer.vtkMRMLCrosshairNode.ShowSmallBasic)
-
-    def scroll(self, view_name: str, step: int):
-        """One slice of the shown image further along view ``view_name``'s normal (Up/Down over the view)."""
-        if self.views is None or self.current is None:
-            return None
-        for view in self.views.get_slice_views():
-            if view.get_singleton_tag() == view_name:
-                low, high = view.get_slice_range()
-                value = min(max(view.get_slice_value() + step * view.get_slice_step(), low), high)
-                view.set_slice_value(value)
-                return value
-        return None
-
-    def orientation(self) -> dict:
-        """Per slice view: the anatomical letters at its edges and the slice number / position of the image."""
-        result = {}
-        if self.current is None:
-            return result
-        matrix = vtk.vtkMatrix4x4()
-        self.current.input_node.GetRASToIJKMatrix(matrix)
-        ras_to_ijk = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
-        dims = self.current.input_node.GetImageData().GetDimensions()
-        for slice_node in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceNode"):
-            m = slice_node.GetSliceToRAS()
-            to_ras = np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
-            letters = {}
-            for edge, direction in (("right", to_ras[:3, 0]), ("left", -to_ras[:3, 0]), ("top", to_ras[:3, 1]),
-                                    ("bottom", -to_ras[:3, 1])):
-                axis = int(np.argmax(np.abs(direction)))
-                letters[edge] = RAS_LETTERS[axis][int(direction[axis] > 0)]
-            normal_ijk = ras_to_ijk[:3, :3] @ to_ras[:3, 2]
-            axis = int(np.argmax(np.abs(normal_ijk)))
-            index = int(round(float((ras_to_ijk @ to_ras[:, 3])[axis])))
-            inside = 0 <= index < dims[axis]
-            letters["slice"] = (f"{index + 1}/{dims[axis]}" if inside else "outside") + \
-                f" · {slice_node.GetSliceOffset():.1f} mm"
-            # the view's in-plane centre (RAS): a jump that pans the view moves it, one that only moves the
-            # slice plane does not
-            normal = to_ras[:3, 2] / np.linalg.norm(to_ras[:3, 2])
-            origin = to_ras[:3, 3]
-            letters["center"] = [round(float(v), 3) for v in origin - float(origin @ normal) * normal]
-            result[slice_node.GetName()] = letters
-        return result
-
-    def importance(self):
-        """``(slicing_axis, {plugin: [importance per slice]})`` from the Logic's importance table node."""
-        if self.current is None or self.current.table_node is None:
-            return None, {}
-        table_node = self.current.table_node
-        table = table_node.GetNodeReference(logic_outputs.IMPORTANCE_REFERENCE).GetTable()
-        series = {}
-        for column_index in range(1, table.GetNumberOfColumns()):
-            column = table.GetColumn(column_index)
-            series[column.GetName()] = [float(column.GetValue(i)) for i in range(column.GetNumberOfTuples())]
-        return int(table_node.GetAttribute(logic_outputs.SLICING_AXIS_ATTRIBUTE)), series
-
-    # Where the slice views are -----------------------------------------------------------------------------
-
-    def cursor_ras(self):
-        """The point where the three slice planes meet (None without three independent slice views)."""
-        normals, offsets = [], []
-        for slice_node in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceNode"):
-            matrix = slice_node.GetSliceToRAS()
-            normal = np.array([matrix.GetElement(i, 2) for i in range(3)])
-            origin = np.array([matrix.GetElement(i, 3) for i in range(3)])
-            normals.append(normal)
-            offsets.append(float(normal @ origin))
-        if len(normals) < 3:
-            return None
-        normals, offsets = np.array(normals[:3]), np.array(offsets[:3])
-        if abs(np.linalg.det(normals)) < 1e-6:
-            return None
-        return tuple(float(x) for x in np.linalg.solve(normals, offsets))
-
-    def cursor_ijk(self, rounded=True):
-        """The cursor as a voxel index (I, J, K) of the shown case's input volume."""
-        ras = self.cursor_ras()
-        if ras is None or self.current is None:
-            return None
-        matrix = vtk.vtkMatrix4x4()
-        self.current.input_node.GetRASToIJKMatrix(matrix)
-        ijk = matrix.MultiplyPoint([*ras, 1.0])[:3]
-        return [int(round(x)) for x in ijk] if rounded else [float(x) for x in ijk]
-
-    def slice_offsets(self):
-        return {node.GetName(): float(node.GetSliceOffset()) for node in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceNode")}
-
     # Runs --------------------------------------------------------------------------------------------------
 
     def start_run(self, index: int, on_progress=None, on_finished=None):
@@ -764,24 +494,6 @@ class ReviewSession:
     def case_error(self, index) -> str:
         case = self.folder.case(index)
         return self.run_errors.get(index) or case.error or case.unreadable or self.load_errors.get(index, "")
-
-
-def _record_rows(record) -> list[dict]:
-    """The table's rows from a record already checked by ``anymc3d.contract.validate_record`` (results x labels,
-    the Logic's row order): calibrated and raw probability, threshold, and the decision recomputed from them
-    (the contract's rule: calibrated >= threshold; multiclass: the most probable label)."""
-    from anymc3d.contract import decide
-
-    rows = []
-    for result in (record or {}).get("results") or []:
-        probabilities = result["probabilities"]
-        decided = decide(result["task"], result["labels"], probabilities, result["thresholds"])
-        for label in result["labels"]:
-            positive = decided[label]
-            rows.append({"finding": label, "probability": float(probabilities[label]),
-                         "raw": float(result["probabilities_raw"][label]), "threshold": float(result["thresholds"][label]),
-                         "decision": "positive" if positive else "negative"})
-    return rows
 
 
 __all__ = ["GRADIENT_METHODS", "LoadedCase", "ReviewSession", "guarded_backend_command", "make_run_root", "record_options",

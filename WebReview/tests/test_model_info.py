@@ -74,6 +74,35 @@ def test_training_summary_is_shown_for_a_trained_plugin(demo_source, tmp_path):
     assert training_lines({}) == []  # nothing invented for a summary without the known keys
 
 
+def test_model_card_operating_points_and_measured_localisation_are_listed(demo_source, tmp_path):
+    """What the plugin file holds beyond its training summary: the thresholds the decisions use, the validation's
+    Youden thresholds and the localisation ``anymc3d eval --record`` measured (written here by the backend's own
+    record_localisation from localisation.model_card, read back through the torch side to compare)."""
+    from anymc3d.localisation import model_card
+    from anymc3d.plugin import read_plugin_metadata, record_localisation
+
+    summary = dict(SUMMARY, youden_thresholds_validation=[0.3, 0.6, 0.45])  # one per finding of the demo plugin
+    plugin = trained_copy(demo_source / "plugin.anymc3d", tmp_path / "carded.anymc3d", summary=summary)
+    before = PluginInfoReader(tmp_path).read(str(plugin), "carded")
+    assert not any(line.startswith("heatmap localisation") for line in before.card)  # never measured: not listed
+    summaries = {"grad_rollout": {"cases": 6, "hit_rate": 2 / 3, "mass_over_volume_share": 4.25,
+                                  "median_distance_mm": 3.5, "mean_mass_share": 0.1},
+                 "attention": {"cases": 6, "hit_rate": 0.0, "mass_over_volume_share": 1.1, "median_distance_mm": 41.0}}
+    record_localisation(plugin, model_card(summaries, "synthetic lesions in MNI152"))
+    meta = read_plugin_metadata(plugin)
+    info = PluginInfoReader(tmp_path).read(str(plugin), "carded")
+    labels, thresholds = meta["labels"], meta["thresholds"]
+    assert info.card[0] == "operating point: " + ", ".join(f"{label} >= {t:.2f}" for label, t in zip(labels, thresholds))
+    youden = summary["youden_thresholds_validation"]
+    assert info.card[1] == "Youden threshold (validation): " + ", ".join(
+        f"{label} {t:.2f}" for label, t in zip(labels, youden))
+    assert info.card[2] == f"heatmap localisation on synthetic lesions in MNI152: best {meta['localisation']['best']}"
+    assert meta["localisation"]["best"] == "grad_rollout"  # the highest hit rate
+    assert "  grad_rollout: hit rate 0.67 of 6 cases, mass 4.2x its volume share, median distance 3.5 mm" in info.card
+    assert "  attention: hit rate 0.00 of 6 cases, mass 1.1x its volume share, median distance 41.0 mm" in info.card
+    assert info.as_state()["card"] == info.card  # what the page's detail view lists
+
+
 def test_plugin_files_outside_the_folder_are_opened_only_when_given_on_the_command_line(demo_source, tmp_path):
     folder = tmp_path / "f"
     folder.mkdir()
