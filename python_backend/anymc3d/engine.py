@@ -124,8 +124,9 @@ class Engine:
             adapter matmuls; the fastest path, so the default); switching plugins restores the base weights bit
             for bit. False runs the adapters unmerged.
         compile: run the slice encoder through ``torch.compile`` (falls back to eager where it cannot compile).
-        heatmap: the heatmap method the caller will ask for, if known: "auto" precision is fp32 for the methods
-            whose bf16 maps missed the agreement bounds (``anymc3d.device.FP32_METHODS``).
+        heatmap: the heatmap method the caller will ask for, if known (the precision before the first
+            prediction). With "auto" precision each prediction runs in the precision its heatmap method allows
+            (``anymc3d.device.BF16_METHODS``), switched in place at no cost; its record says which.
     """
 
     def __init__(self, backbone: Union[str, os.PathLike, LoadedBackbone, nn.Module], *,
@@ -135,6 +136,7 @@ class Engine:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.device = resolve_device(device)
+        self.requested_precision = precision
         self.dtype = resolve_precision(precision, self.device, heatmap)
         self.chunk_size = chunk_size
         self.merge_lora = merge_lora
@@ -249,6 +251,13 @@ class Engine:
         """The backbone's precision as records name it: 'fp32', 'bf16' or 'fp16'."""
         return precision_name(self.dtype)
 
+    def _set_precision(self, heatmap: Optional[str]) -> None:
+        """Under "auto" precision, the precision this prediction's heatmap method allows."""
+        dtype = resolve_precision(self.requested_precision, self.device, heatmap)
+        if dtype != self.dtype:
+            self.dtype = dtype
+            place_backbone(self.model, self.device, dtype)
+
     def _prepare_weights(self, attached: _Attached) -> None:
         """Fold a merged plugin's LoRA into the weights (another plugin's merged LoRA is restored first)."""
         if attached.folded is not None:
@@ -280,6 +289,7 @@ class Engine:
         batch = [v[None] for v in views]  # (1, S_v, M, M): one case
         stage = (lambda name: (lambda done, total: progress(name, done, total))) if progress else (lambda name: None)
         self._prepare_weights(attached)
+        self._set_precision(heatmap)
         record = heatmap if heatmap in encoder.forward_heatmaps else None
         per_finding = heatmap in encoder.finding_heatmaps
         with torch.inference_mode():

@@ -1,17 +1,12 @@
 """Shared fixtures: small backbones with load-bearing random weights (never timm's near-identity init)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, fingerprint, make_load_bearing
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-# The oracle tests compare with float32 computations, so precision "auto" means fp32 in this suite (subprocesses
-# inherit it); test_precision.py runs bf16 against fp32 explicitly and clears the switch where it tests "auto".
-os.environ.setdefault("ANYMC3D_NO_BF16", "1")
 
 #: a small backbone per family: real DINOv2 / DINOv3 classes, fewer blocks, narrower
 SMALL = {

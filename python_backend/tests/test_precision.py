@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, fingerprint
+from anymc3d.backbone import BackboneSpec, LoadedBackbone, create_backbone, fingerprint, make_load_bearing
 from anymc3d.demo import random_plugin
 import anymc3d.device as device_module
-from anymc3d.device import (FP32_METHODS, NO_BF16_ENV, backbone_dtype, native_bf16, place_backbone,
+from anymc3d.device import (BF16_METHODS, NO_BF16_ENV, backbone_dtype, native_bf16, place_backbone,
                              resolve_precision)
 from anymc3d.engine import Engine
 from anymc3d.errors import AnyMC3DError
@@ -64,10 +64,32 @@ def test_auto_keeps_fp32_for_the_methods_that_missed_the_bounds(monkeypatch):
     monkeypatch.setattr(device_module, "AUTO_BF16", True)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == resolve_precision("auto", cpu, "attention") == torch.bfloat16
-    for method in FP32_METHODS:
+    for method in set(METHODS) - BF16_METHODS:
         assert resolve_precision("auto", cpu, method) == torch.float32
         assert resolve_precision("bf16", cpu, method) == torch.bfloat16  # asked for explicitly: given
-    assert Engine(_tiny_backbone(), device="cpu", heatmap=sorted(FP32_METHODS)[0]).precision == "fp32"
+    assert resolve_precision("auto", cpu, "occlusion") == torch.float32  # never measured in bf16
+    assert Engine(_tiny_backbone(), device="cpu", heatmap="grad_last").precision == "fp32"
+
+
+def test_auto_switches_per_prediction_to_what_its_heatmap_method_allows(monkeypatch):
+    """One engine, "auto": a prediction with an fp32 method runs and is recorded in fp32, the next one without a
+    heatmap in bf16; each equals a fixed-precision engine's result exactly."""
+    monkeypatch.setattr(device_module, "native_bf16", lambda device: True)
+    image = make_ct_volume(size=(40, 40, 6), spacing=(0.9, 0.9, 2.5), lesion=True, seed=3)
+    backbone = _tiny_backbone(load_bearing=True)
+    config, head, lora = random_plugin(copy.deepcopy(backbone.model), backbone.spec, name="p", labels=("a",), seed=1,
+                                       lora_scale=0.1, preprocessing=PreprocessConfig(input_size=28, num_slices=4))
+    plugin = LoadedPlugin(config=config, head=head, lora=lora)
+    engines = {p: Engine(copy.deepcopy(backbone), device="cpu", precision=p) for p in ("auto", "fp32", "bf16")}
+    for engine in engines.values():
+        engine.add_plugin(copy.deepcopy(plugin), "p")
+    auto, fp32, bf16 = engines["auto"], engines["fp32"], engines["bf16"]
+    for heatmap, expected in (("grad_last", fp32), (None, bf16), ("attention", bf16), ("grad_last", fp32)):
+        got, want = (e.predict_image(image, ["p"], heatmap=heatmap).predictions[0] for e in (auto, expected))
+        assert got.precision == want.precision == expected.precision
+        np.testing.assert_array_equal(got.probabilities, want.probabilities)
+    assert not np.array_equal(fp32.predict_image(image, ["p"]).predictions[0].probabilities,
+                              bf16.predict_image(image, ["p"]).predictions[0].probabilities)
 
 
 def test_explicit_precisions_and_bad_values(monkeypatch):
@@ -106,9 +128,9 @@ def test_bf16_products_on_cpu_are_the_mlps_matrix_products_in_an_fp32_stream():
     assert torch.equal(model.blocks[0].mlp.fc2(h), ref.mlp.fc2(h))  # fp32 again: the plain layer
 
 
-def _tiny_backbone() -> LoadedBackbone:
+def _tiny_backbone(load_bearing: bool = False) -> LoadedBackbone:
     spec = BackboneSpec("dinov2_vits14", img_size=28, depth=1, embed_dim=24, num_heads=2)
-    model = create_backbone(spec)
+    model = make_load_bearing(create_backbone(spec), seed=2) if load_bearing else create_backbone(spec)
     return LoadedBackbone(model=model, spec=spec, fingerprint=fingerprint(model))
 
 
@@ -123,10 +145,10 @@ def _map_agreement(ref: np.ndarray, low: np.ndarray) -> tuple[float, int]:
 
 
 def _check_map(ref: np.ndarray, low: np.ndarray, where: str, method: str) -> float:
-    """Pearson r >= 0.99 and the maximum within one patch (one grid step on each axis); returns r. A method in
-    FP32_METHODS (auto keeps it in fp32) is only reported."""
+    """Pearson r >= 0.99 and the maximum within one patch (one grid step on each axis); returns r. A method not in
+    BF16_METHODS (auto keeps it in fp32) is only reported."""
     r, moved = _map_agreement(ref, low)
-    if method in FP32_METHODS:
+    if method not in BF16_METHODS:
         print(f"{where}: r {r:.4f}, maximum {moved} patches from fp32's (fp32 by default)")
         return r
     assert r >= MIN_PEARSON, f"{where}: Pearson r {r:.4f} < {MIN_PEARSON}"
@@ -230,7 +252,7 @@ def _agreement(path: Path, count: int, methods) -> dict:
         assert not device_module.AUTO_BF16, f"bf16 moved a probability by {worst:.4f} > {PROB_TOL}, yet auto picks it"
     for method, where in misses.items():  # a map bound that does not hold: auto must keep that method in fp32
         print(f"{method}: {len(where)} map(s) out of bounds, e.g. {where[0]}")
-        assert not device_module.AUTO_BF16 or method in FP32_METHODS, f"{method} misses the bounds, yet auto picks bf16"
+        assert not device_module.AUTO_BF16 or method not in BF16_METHODS, f"{method} misses the bounds, yet auto picks bf16"
     return {m: min(r) for m, r in rs.items()}
 
 
