@@ -28,7 +28,12 @@ from anymc3d.modality import (  # noqa: F401 (the page's names for the backend's
     modality_mismatch,
     modality_name,
 )
-from anymc3d.plugin_file import evaluation_lines, read_plugin_json, read_training_summary, training_lines
+from anymc3d.plugin_file import (
+    evaluation_lines,
+    read_plugin_json,
+    read_training_summary,
+    training_lines,
+)
 
 logger = logging.getLogger("anymc3d.review")
 
