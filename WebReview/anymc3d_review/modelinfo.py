@@ -140,8 +140,8 @@ def _number(value, digits=2) -> str:
 def model_card_lines(meta: dict, summary: dict | None) -> list[str]:
     """What a plugin file holds about how far its outputs can be trusted, beyond its training summary, as lines:
     the operating point of each finding (the threshold its decisions use; the validation's Youden threshold when
-    training stored one) and, when ``anymc3d eval --record`` measured it, where its heatmaps point (per method:
-    hit rate, the lesion's share of the map's mass against its share of the volume, median distance) and, when
+    training stored one) and, when ``anymc3d eval --record-localisation`` measured it, where its heatmaps point
+    (per method: hit rate, the lesion's share of the map's mass against its share of the volume, median distance) and, when
     ``anymc3d eval --record-evaluation`` stored it, the held-out evaluation of each finding."""
     labels = [str(label) for label in meta.get("labels") or []]
     lines = []

@@ -76,7 +76,7 @@ def test_training_summary_is_shown_for_a_trained_plugin(demo_source, tmp_path):
 
 def test_model_card_operating_points_and_measured_localisation_are_listed(demo_source, tmp_path):
     """What the plugin file holds beyond its training summary: the thresholds the decisions use, the validation's
-    Youden thresholds and the localisation ``anymc3d eval --record`` measured (written here by the backend's own
+    Youden thresholds and the localisation ``anymc3d eval --record-localisation`` measured (written here by the backend's own
     record_localisation from localisation.model_card, read back through the torch side to compare)."""
     from anymc3d.localisation import model_card
     from anymc3d.plugin import read_plugin_metadata, record_localisation
