@@ -132,3 +132,21 @@ def test_a_hostile_or_oversized_evaluation_is_refused_on_load(evaluated, tmp_pat
             reader(bad)
     good = _with_evaluation(evaluated["plugin"], tmp_path / "same.anymc3d", lambda c: None)
     assert read_plugin_metadata(good)["evaluation"] == read_plugin_metadata(evaluated["plugin"])["evaluation"]
+
+
+def test_an_ensembles_evaluation_is_not_recorded_into_its_members(evaluated, tmp_path, caplog):
+    """The evaluation of a --folds ensemble is not any member's: refused in one line (exit 2), nothing rewritten."""
+    import shutil
+
+    from anymc3d.contract import EXIT_USAGE
+
+    folder = tmp_path / "folds"
+    folder.mkdir()
+    for name in ("fold0.anymc3d", "fold1.anymc3d"):
+        shutil.copy(evaluated["plugin"], folder / name)
+    (folder / "ensemble.json").write_text(json.dumps({"plugins": ["fold0.anymc3d", "fold1.anymc3d"], "folds": 2}))
+    before = (folder / "fold0.anymc3d").read_bytes()
+    assert main(["eval", str(evaluated["manifest"]), "--backbone", str(evaluated["backbone"]), "--plugin", str(folder),
+                 "--out", str(tmp_path / "ev"), "--device", "cpu", "--record-evaluation"]) == EXIT_USAGE
+    assert "records one plugin's evaluation, not an ensemble's" in caplog.text
+    assert (folder / "fold0.anymc3d").read_bytes() == before and not (tmp_path / "ev").exists()
