@@ -240,7 +240,8 @@ class TrainingJob:
         if self.stage == "training":
             return self._run("evaluating", ["eval", self.manifestPath, "--backbone", self.settings.backbone, "--plugin",
                                             self.pluginPath, "--out", self.evaluationFolder, "--device",
-                                            self.settings.device, *self._localisationArguments()])
+                                            self.settings.device, "--record-evaluation",
+                                            *self._localisationArguments()])
         if self.stage == "evaluating":
             testList = self._writeTestList()
             return self._run("scoring", ["predict", testList, "--backbone", self.settings.backbone, "--plugin",

@@ -263,6 +263,9 @@ def test_training_through_the_logic_matches_anymc3d_eval(sceneContext, lesionSce
         "lesion", "synthetic lesion", "CT", "phantom"]  # the table's card
     assert info.metadata["localisation"]["task"] == "synthetic lesion"  # measured on the test cases' masks by eval
     assert job.result.metrics["localisation"]["cases"] == 2  # the test split's two lesion cases
+    (recorded,) = info.metadata["evaluation"]["findings"]  # the held-out evaluation travels with the plugin
+    assert info.metadata["evaluation"]["cases"] == 4 and info.metadata["evaluation"]["split"] == "test"
+    assert recorded["auroc"] == result.metrics["per_label"]["lesion"]["auroc"]
     # the held-out AUROC is what `anymc3d eval` reports on the same manifest, run separately
     manifestPath = os.path.join(result.workFolder, "manifest.csv")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([BACKEND_PATH, os.environ.get("PYTHONPATH", "")]))

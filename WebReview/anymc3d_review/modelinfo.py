@@ -28,7 +28,12 @@ from anymc3d.modality import (  # noqa: F401 (the page's names for the backend's
     modality_mismatch,
     modality_name,
 )
-from anymc3d.plugin_file import read_plugin_json, read_training_summary, training_lines
+from anymc3d.plugin_file import (
+    evaluation_lines,
+    read_plugin_json,
+    read_training_summary,
+    training_lines,
+)
 
 logger = logging.getLogger("anymc3d.review")
 
@@ -135,8 +140,9 @@ def _number(value, digits=2) -> str:
 def model_card_lines(meta: dict, summary: dict | None) -> list[str]:
     """What a plugin file holds about how far its outputs can be trusted, beyond its training summary, as lines:
     the operating point of each finding (the threshold its decisions use; the validation's Youden threshold when
-    training stored one) and, when ``anymc3d eval --record`` measured it, where its heatmaps point (per method:
-    hit rate, the lesion's share of the map's mass against its share of the volume, median distance)."""
+    training stored one) and, when ``anymc3d eval --record-localisation`` measured it, where its heatmaps point
+    (per method: hit rate, the lesion's share of the map's mass against its share of the volume, median distance) and, when
+    ``anymc3d eval --record-evaluation`` stored it, the held-out evaluation of each finding."""
     labels = [str(label) for label in meta.get("labels") or []]
     lines = []
     thresholds = meta.get("thresholds") or []
@@ -156,7 +162,7 @@ def model_card_lines(meta: dict, summary: dict | None) -> list[str]:
         distance = f", median distance {_number(m['median_distance_mm'], 1)} mm" if "median_distance_mm" in m else ""
         lines.append(f"  {_short(method, 40)}: hit rate {_number(m.get('hit_rate'))} of {_short(m.get('cases', '?'), 20)} "
                      f"cases, mass {_number(m.get('mass_over_volume_share'), 1)}x its volume share{distance}")
-    return lines
+    return lines + evaluation_lines(meta.get("evaluation"))
 
 
 def record_plugins(record) -> list[tuple[str, str]]:

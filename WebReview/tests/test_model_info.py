@@ -76,7 +76,7 @@ def test_training_summary_is_shown_for_a_trained_plugin(demo_source, tmp_path):
 
 def test_model_card_operating_points_and_measured_localisation_are_listed(demo_source, tmp_path):
     """What the plugin file holds beyond its training summary: the thresholds the decisions use, the validation's
-    Youden thresholds and the localisation ``anymc3d eval --record`` measured (written here by the backend's own
+    Youden thresholds and the localisation ``anymc3d eval --record-localisation`` measured (written here by the backend's own
     record_localisation from localisation.model_card, read back through the torch side to compare)."""
     from anymc3d.localisation import model_card
     from anymc3d.plugin import read_plugin_metadata, record_localisation
@@ -101,6 +101,39 @@ def test_model_card_operating_points_and_measured_localisation_are_listed(demo_s
     assert "  grad_rollout: hit rate 0.67 of 6 cases, mass 4.2x its volume share, median distance 3.5 mm" in info.card
     assert "  attention: hit rate 0.00 of 6 cases, mass 1.1x its volume share, median distance 41.0 mm" in info.card
     assert info.as_state()["card"] == info.card  # what the page's detail view lists
+
+
+def test_the_recorded_held_out_evaluation_is_listed_one_line_per_finding(demo_source, tmp_path):
+    """``anymc3d eval --record-evaluation`` stores the held-out evaluation in the plugin file; the page lists it like
+    any plugin's card (written here by the backend's evaluate + evaluation_card + record_card on made-up test
+    probabilities; the AUROC checked against scikit-learn, sensitivity / specificity counted by hand)."""
+    from sklearn.metrics import roc_auc_score
+
+    from anymc3d.evaluation import evaluate, evaluation_card
+    from anymc3d.plugin import read_plugin_metadata, record_card
+
+    plugin = trained_copy(demo_source / "plugin.anymc3d", tmp_path / "evaluated.anymc3d",
+                          summary=dict(SUMMARY, youden_thresholds_validation=[0.3, 0.6, 0.45]))
+    labels = read_plugin_metadata(plugin)["labels"]
+    assert not any("held-out" in line for line in PluginInfoReader(tmp_path).read(str(plugin), "p").card)
+    rng = np.random.default_rng(4)
+    y, yv = rng.integers(0, 2, (40, len(labels))), rng.integers(0, 2, (20, len(labels)))
+    p, pv = np.clip(0.35 * y + rng.uniform(0, 0.65, y.shape), 0, 1), rng.uniform(0, 1, yv.shape)
+    metrics = evaluate(y, p, labels, [0.5] * len(labels), yv, pv, bootstrap=100)
+    metrics.update(evaluated_split="test", manifest_sha256="ab" * 32)
+    record_card(plugin, evaluation=evaluation_card(metrics, 100))
+    card = PluginInfoReader(tmp_path).read(str(plugin), "p").card
+    assert "held-out evaluation on the test split of manifest sha256 abababababababab" in card
+    for k, label in enumerate(labels):
+        e = metrics["per_label"][label]
+        lo, hi = e["auroc_ci95"]
+        points = (0.5, e["youden_threshold_from_validation"])
+        hand = [((p[:, k] >= t) & (y[:, k] == 1)).sum() / y[:, k].sum() for t in points]
+        spec = [((p[:, k] < t) & (y[:, k] == 0)).sum() / (1 - y[:, k]).sum() for t in points]
+        assert (f"  {label}: held-out AUROC {roc_auc_score(y[:, k], p[:, k]):.2f} (95 % CI {lo:.2f}-{hi:.2f}), "
+                f"sensitivity {hand[0]:.2f} / specificity {spec[0]:.2f} at 0.50; sensitivity {hand[1]:.2f} / "
+                f"specificity {spec[1]:.2f} at {e['youden_threshold_from_validation']:.2f} (validation Youden), "
+                f"40 cases ({int(y[:, k].sum())} positive)") in card, card
 
 
 def test_plugin_files_outside_the_folder_are_opened_only_when_given_on_the_command_line(demo_source, tmp_path):

@@ -227,7 +227,7 @@ def _cmd_info(args) -> int:
 def _info_text(path: Path) -> str:
     """The human-readable summary of one plugin: its metadata, parameter counts and training summary."""
     from anymc3d.plugin import load_plugin, read_plugin_metadata, read_training_summary
-    from anymc3d.plugin_file import training_lines
+    from anymc3d.plugin_file import evaluation_lines, training_lines
 
     from anymc3d.contract import backbone_description
 
@@ -256,6 +256,7 @@ def _info_text(path: Path) -> str:
     summary = read_training_summary(path)
     lines += (training_lines(summary) if summary else  # untrained: its probabilities are those of random weights
               ["training     untrained (no training summary): its probabilities mean nothing"])
+    lines += evaluation_lines(meta.get("evaluation"))
     return "\n".join(lines)
 
 

@@ -162,3 +162,26 @@ def write_report(metrics: dict, targets: np.ndarray, probs: np.ndarray, folder: 
         plt.close(fig)
         paths[f"roc_{label}"] = folder / f"roc_{safe_name(label)}.png"
     return paths
+
+
+def evaluation_card(metrics: dict, bootstrap: int) -> dict:
+    """The model card's summary of :func:`evaluate`'s ``metrics`` of one plugin (``plugin.json`` ``evaluation``,
+    schemas/plugin.schema.json): the split and manifest evaluated, the cases, and per finding its positives, AUROC with
+    the bootstrapped 95 % CI, and sensitivity / specificity at the plugin's threshold and, when validation chose one,
+    at the Youden threshold. Undefined numbers (an AUROC of one class only) are left out."""
+    def point(at):
+        return {key: at[key] for key in ("threshold", "sensitivity", "specificity")}
+
+    findings = []
+    for label in metrics["labels"]:
+        e = metrics["per_label"][label]
+        entry = {"label": label, "positives": e["positives"], "at_threshold": point(e["at_stored_threshold"])}
+        if e["auroc"] is not None:
+            entry["auroc"] = e["auroc"]
+        if e["auroc_ci95"] is not None:
+            entry["auroc_ci95"] = list(e["auroc_ci95"])
+        if e.get("at_youden"):
+            entry["at_youden"] = point(e["at_youden"])
+        findings.append(entry)
+    return {"split": metrics["evaluated_split"], "manifest_sha256": metrics["manifest_sha256"],
+            "cases": metrics["cases"], "bootstrap": int(bootstrap), "findings": findings}

@@ -80,6 +80,11 @@ class PluginConfig:
         "help": "Model card of the heatmaps: {'task': what they were measured on, 'measured': {method: {'cases', "
                 "'hit_rate', 'mass_over_volume_share', ...}}, 'best': method}; {} = never measured. `--heatmap-method "
                 "auto` opens the best method. Written only when measured."})
+    evaluation: dict = field(default_factory=dict, metadata={
+        "help": "Model card of the held-out evaluation (anymc3d.evaluation.evaluation_card): the split, the "
+                "manifest's sha256, the cases and per finding AUROC with its 95 % CI and sensitivity / specificity at "
+                "the plugin's threshold and the validation's Youden threshold; {} = never recorded. Written only when "
+                "recorded."})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Plugin file format version."})
     anymc3d_version: str = field(default=__version__, metadata={"help": "Version of anymc3d that wrote it."})
     weights_sha256: str = field(default="", metadata={"help": "SHA-256 of plugin.safetensors (set on save)."})
@@ -166,7 +171,7 @@ class PluginConfig:
         """plugin.json contents; ``encoder`` only when the kind has options, ``modality`` / ``body_part`` only when
         stated (so readers of older files still read plugins written now)."""
         options = {"encoder": dict(self.encoder)} if self.encoder else {}
-        options.update({key: getattr(self, key) for key in ("modality", "body_part", "localisation") if getattr(self, key)})
+        options.update({key: getattr(self, key) for key in ("modality", "body_part", "localisation", "evaluation") if getattr(self, key)})
         return {
             **options,
             "format_version": self.format_version, "kind": self.kind, "name": self.name, "labels": list(self.labels),
@@ -391,10 +396,17 @@ def record_localisation(path: os.PathLike | str, localisation: dict) -> PluginCo
 
     ``localisation``: ``{"task": ..., "measured": {method: {...numbers}}, "best": method}`` (checked as any
     plugin.json is). The file (or the folder's plugin.json) is replaced atomically."""
+    return record_card(path, localisation=localisation)
+
+
+def record_card(path: os.PathLike | str, **entries: dict) -> PluginConfig:
+    """Write model-card entries (``localisation``, ``evaluation``) into a plugin's ``plugin.json``, weights
+    untouched, in one atomic replacement of the file (or of the folder's plugin.json); checked as any plugin.json
+    is before anything is written."""
     path = Path(path)
     raw, weights = read_members(path, weights=not path.is_dir())
     d = parse_json(raw, path)
-    d["localisation"] = json.loads(json.dumps(localisation))
+    d.update(json.loads(json.dumps(entries)))
     config = validate_metadata(d, path)
     meta = json.dumps(config.to_dict(), indent=2, sort_keys=True).encode()
     if path.is_dir():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import zipfile
@@ -100,12 +101,43 @@ def check_plugin_schema(d: dict, source: os.PathLike | str = "plugin") -> dict:
         except RecordError as exc:
             where = str(exc).removeprefix("(top level)/")
             raise PluginError(f"{source}: invalid plugin metadata at {where}") from None
+        _check_evaluation(d, source)
         return d
     exc = schema_error(d, "plugin.schema.json")
     if exc is not None:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise PluginError(f"{source}: invalid plugin metadata at {where}: {exc.message}") from None
+    _check_evaluation(d, source)
     return d
+
+
+def _check_evaluation(d: dict, source) -> None:
+    """What the schema cannot say of a schema-valid ``evaluation`` card: one entry per label in the labels' order,
+    positives within the cases, every number finite (JSON readers accept NaN, which no bound refuses)."""
+    card = d.get("evaluation")
+    if card is None:
+        return
+    findings = card["findings"]
+    problem = None
+    if [f["label"] for f in findings] != list(d.get("labels") or []):
+        problem = "one entry per label, in the order of labels"
+    elif any(f["positives"] > card["cases"] for f in findings):
+        problem = "positives above the evaluated cases"
+    elif not all(math.isfinite(v) for v in _numbers(findings)):
+        problem = "numbers must be finite"
+    if problem:
+        raise PluginError(f"{source}: invalid plugin metadata at evaluation/findings: {problem}")
+
+
+def _numbers(value):
+    """Every number inside a JSON value."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
 
 
 def read_plugin_json(path: os.PathLike | str) -> dict:
@@ -206,6 +238,31 @@ def training_lines(summary: dict) -> list[str]:
         lines.append(f"manifest     {_short(os.path.basename(str(summary['manifest'])), 120)} "
                      f"(sha256 {_short(summary.get('manifest_sha256'), 64)[:16]})")
     return lines
+
+
+def evaluation_lines(card: Optional[dict]) -> list[str]:
+    """A plugin's recorded held-out evaluation (``plugin.json`` ``evaluation``), one line per finding, for
+    ``anymc3d info``, the review page and the Slicer module: AUROC with its 95 % CI, sensitivity / specificity at the
+    plugin's threshold and at the validation's Youden threshold, cases and positives."""
+    if not card:
+        return []
+    split = "test split" if card.get("split") == "test" else "all cases"
+    lines = [f"held-out evaluation on the {split} of manifest sha256 {_short(card.get('manifest_sha256'), 64)[:16]}"]
+    for f in card.get("findings") or []:
+        ci = f.get("auroc_ci95")
+        auroc = (f"AUROC {_number(f.get('auroc'), 2)}" + (f" (95 % CI {_number(ci[0], 2)}-{_number(ci[1], 2)})" if ci else "")
+                 if f.get("auroc") is not None else "AUROC n/a (one class only)")
+        points = [_operating_point(f.get("at_threshold"), "")]
+        if f.get("at_youden"):
+            points.append(_operating_point(f["at_youden"], " (validation Youden)"))
+        lines.append(f"  {_short(f.get('label'), 40)}: held-out {auroc}, {'; '.join(points)}, "
+                     f"{_short(card.get('cases'), 20)} cases ({_short(f.get('positives'), 20)} positive)")
+    return lines
+
+
+def _operating_point(point: dict, name: str) -> str:
+    return (f"sensitivity {_number(point.get('sensitivity'), 2)} / specificity {_number(point.get('specificity'), 2)} "
+            f"at {_number(point.get('threshold'), 2)}{name}")
 
 
 def _split_counts(split, s: dict) -> str:

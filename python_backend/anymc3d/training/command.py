@@ -85,6 +85,10 @@ def register(sub) -> None:
     e.add_argument("--record-localisation", metavar="TASK", default=None,
                    help="Write the measured localisation, described by TASK, into the plugin's model card "
                         "(--heatmap-method auto then opens its best method) (default: do not write).")
+    e.add_argument("--record-evaluation", action="store_true",
+                   help="Write the held-out evaluation (per finding AUROC with its 95%% CI, sensitivity/specificity at "
+                        "the operating points, cases, manifest sha256, split) into the plugin's model card, so that it "
+                        "travels with the plugin (default: do not write).")
     e.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0], help=PRECISION_HELP)
     e.set_defaults(handler=_cmd_eval)
 
@@ -130,7 +134,8 @@ def _cmd_eval(args) -> int:
     methods = args.heatmap_methods.split(",") if args.heatmap_methods else None
     metrics = evaluate_plugin(args.manifest, args.backbone, args.plugin, args.out, _device(args.device), args.bootstrap,
                               heatmap_methods=methods, localisation=not args.no_localisation,
-                              record=args.record_localisation, precision=args.precision)
+                              record=args.record_localisation, precision=args.precision,
+                              record_evaluation=args.record_evaluation)
     loc = metrics.get("localisation")
     print(json.dumps({"out": str(args.out), "macro_auroc": metrics["macro_auroc"],
                       "macro_auroc_ci95": metrics["macro_auroc_ci95"],

@@ -113,19 +113,23 @@ def localisation_report(manifest: Manifest, cases, backbone: LoadedBackbone, plu
 def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBackbone, plugin: Path | str,
                     out: Path | str, device: str = "cpu", bootstrap: int = 1000,
                     heatmap_methods: Optional[Sequence[str]] = None, localisation: bool = True,
-                    record: Optional[str] = None, precision: str = "fp32") -> dict:
+                    record: Optional[str] = None, precision: str = "fp32", record_evaluation: bool = False) -> dict:
     """``anymc3d eval``: metrics of a plugin (or ``--folds`` ensemble folder) on a manifest's test split
     (every case when the manifest has no test split); Youden thresholds from validation (the plugin's
     training summary, or the manifest's val split), never from the evaluated cases.
 
     With a mask column, also whether each heatmap method points at the lesion (:func:`localisation_report`, one
     plugin only); ``record`` (a description of the task) writes the result into the plugin's model card, so that
-    ``--heatmap-method auto`` opens its best method."""
+    ``--heatmap-method auto`` opens its best method. ``record_evaluation`` writes the metrics' summary
+    (:func:`anymc3d.evaluation.evaluation_card`) into the plugin's model card, so that the plugin file carries its
+    held-out evaluation (one plugin only); both in one atomic rewrite of the plugin, after the report is written."""
     from anymc3d.device import backbone_dtype, precision_name
     from anymc3d.evaluation import evaluate, write_report
     from anymc3d.plugin import load_plugin
 
     members = ensemble_members(Path(plugin))
+    if record_evaluation and len(members) != 1:
+        raise TrainingError(f"{plugin}: --record-evaluation records one plugin's evaluation, not an ensemble's")
     plugins = [load_plugin(p) for p in members]
     config = plugins[0].config
     manifest = _plugin_manifest(manifest_path, config)
@@ -149,8 +153,8 @@ def evaluate_plugin(manifest_path: Path | str, backbone: Path | str | LoadedBack
                     "precision": precision_name(backbone_dtype(backbone.model))})
     if localisation and len(plugins) == 1 and any(c.mask is not None for c in cases):
         metrics["localisation"] = localisation_report(manifest, cases, backbone, members[0], heatmap_methods, device)
-        _record_card(members[0], metrics["localisation"], record)
     write_report(metrics, y, probs, Path(out))
+    _record_card(members[0], metrics, record, record_evaluation, bootstrap)
     return metrics
 
 
@@ -163,13 +167,21 @@ def _plugin_manifest(manifest_path: Path | str, config) -> Manifest:
     return manifest
 
 
-def _record_card(plugin: Path, localisation: dict, record: Optional[str]) -> None:
-    """With ``record`` (a description of the task), the measured localisation into the plugin's model card."""
-    if record and localisation["cases"]:
-        from anymc3d.localisation import model_card
-        from anymc3d.plugin import record_localisation
+def _record_card(plugin: Path, metrics: dict, record: Optional[str], record_evaluation: bool, bootstrap: int) -> None:
+    """Into the plugin's model card: with ``record`` (a description of the task) the measured localisation, with
+    ``record_evaluation`` the held-out evaluation; one rewrite of the plugin."""
+    from anymc3d.evaluation import evaluation_card
+    from anymc3d.localisation import model_card
+    from anymc3d.plugin import record_card
 
-        record_localisation(plugin, model_card(localisation["methods"], record))
+    entries = {}
+    localisation = metrics.get("localisation")
+    if record and localisation and localisation["cases"]:
+        entries["localisation"] = model_card(localisation["methods"], record)
+    if record_evaluation:
+        entries["evaluation"] = evaluation_card(metrics, bootstrap)
+    if entries:
+        record_card(plugin, **entries)
 
 
 def _stored_youden(metrics: dict, members: list, labels, y: np.ndarray, probs: np.ndarray) -> None:
