@@ -15,8 +15,8 @@ synthetic = pytest.importorskip("anymc3d.synthetic")
 cli = pytest.importorskip("anymc3d.cli")
 config = pytest.importorskip("anymc3d.training.config")
 
-CARD = dict(name="Lung nodule", description="Research use only; trained on 8 phantoms.", modality="CT",
-            bodyPart="chest")
+CARD = {"name": "Lung nodule", "description": "Research use only; trained on 8 phantoms.", "modality": "CT",
+        "bodyPart": "chest"}
 
 
 def test_card_arguments_leave_out_what_the_table_does_not_state():
