@@ -158,9 +158,25 @@ def occlusion_variants(engine: Engine, name: str, x: torch.Tensor, grid, blocks,
     return out
 
 
+def gradient_weighted_variants(engine: Engine, name: str, x: torch.Tensor, grid) -> dict[str, np.ndarray]:
+    """Per-slice maps weighted by the finding's own slice relevance through the task query instead of a_s:
+    w_s = relu(<d logit / d h_s, h_s>) (gradient x input of the slice embedding; ``*gw``), for the last block's
+    CLS attention and the gradient-weighted attention maps."""
+    model = engine.plugins[name].model
+    with torch.inference_mode():
+        out = model([x[None]], heatmap="attention")
+    h = out.embeddings[0][0].float()  # (S, C)
+    g = model.logit_grads(out.embeddings)[0, 0].float()  # (S, C): finding 0
+    w = (g * h).sum(-1).clamp(min=0)
+    maps = {"attention*gw": finish(out.patch_maps[0], grid, w)}
+    for method in ("grad_last", "grad_rollout"):
+        maps[f"{method}*gw"] = finish(model.finding_maps([x[None]], out, method)[0, 0], grid, w)
+    return maps
+
+
 def case_maps(engine: Engine, name: str, x: torch.Tensor, grid, args) -> dict[str, np.ndarray]:
-    """Every measured map of one case: occlusion variants, then the engine's methods, each also restricted to the
-    body (``+body``: the map times the body mask on the patch grid)."""
+    """Every measured map of one case: occlusion variants, gradient-weighted variants, then the engine's methods,
+    each of the last two also restricted to the body (``+body``: the map times the body mask on the patch grid)."""
     maps = occlusion_variants(engine, name, x, grid, [int(b) for b in args.blocks.split(",")],
                               [int(d) for d in args.depths.split(",")])
     body = hm.body_mask(x).reshape(x.shape[0], grid[0], x.shape[1] // grid[0], grid[1], x.shape[2] // grid[1])
@@ -169,6 +185,9 @@ def case_maps(engine: Engine, name: str, x: torch.Tensor, grid, args) -> dict[st
         pred = engine.predict_slices([x], name, heatmap=method)
         maps[method] = pred.finding_heatmaps["lesion"] if pred.finding_heatmaps else pred.heatmap
         maps[f"{method}+body"] = maps[method] * body
+    if args.gradient_weighted:
+        for key, heat in gradient_weighted_variants(engine, name, x, grid).items():
+            maps[key], maps[f"{key}+body"] = heat, heat * body
     return maps
 
 
@@ -238,6 +257,8 @@ def main() -> None:
     p.add_argument("--deletion", default="occlusion_b2_d3,attention",
                    help="Maps whose deletion curve is measured (each point is a forward of the case).")
     p.add_argument("--depths", default="1,3", help="Occluded blocks' depths in slices (default: 1,3).")
+    p.add_argument("--gradient-weighted", action=argparse.BooleanOptionalAction, default=True,
+                   help="Also measure maps weighted per slice by the finding's gradient through the task query.")
     p.add_argument("--stage", default="all", choices=["probe", "train", "all"], help="Stop after this stage.")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
