@@ -12,11 +12,14 @@ Stages (each cached in --work, so a rerun measures again without redoing the oth
 3. training: ``anymc3d.train`` (LoRA on or off; the auxiliary segmentation off, so no map is taught the mask);
 4. test AUROC, and the localisation of every heatmap method on the test positives (``anymc3d.localisation``):
    pointing game (maximum within one patch of the lesion), the lesion's share of the map's mass against its
-   volume share, and the deletion curve's area; plus variants computed here: maps restricted to the body, and
-   occlusion with blocks of 1, 3 or 5 slices.
+   volume share, and the deletion curve's area; plus variants computed here: maps restricted to the body,
+   occlusion of squares of ``--blocks`` patches on ``--depths`` slices, and maps weighted per slice by the
+   finding's gradient through the task query (``*gw``).
 
     python benchmarks/real_anatomy_maps.py --backbone /work/wt/assets/dinov2s-imgfocus.safetensors \\
-        --work /tmp/maps --no-lora --epochs 12 --out benchmarks/results/real-anatomy-maps-frozen.json
+        --work /tmp/maps21/lora --tag lora --lora --slices 24 --epochs 6 --cases 16,8,16 --blocks 1,2 \\
+        --methods attention,rollout,grad_rollout,grad_last --deletion occlusion_b1_d3,occlusion_b2_d3,attention \\
+        --out benchmarks/results/real-anatomy-maps-lora-cpu-2026-12-07.json
 """
 from __future__ import annotations
 
