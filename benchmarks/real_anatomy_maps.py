@@ -12,11 +12,14 @@ Stages (each cached in --work, so a rerun measures again without redoing the oth
 3. training: ``anymc3d.train`` (LoRA on or off; the auxiliary segmentation off, so no map is taught the mask);
 4. test AUROC, and the localisation of every heatmap method on the test positives (``anymc3d.localisation``):
    pointing game (maximum within one patch of the lesion), the lesion's share of the map's mass against its
-   volume share, and the deletion curve's area; plus variants computed here: maps restricted to the body, and
-   occlusion with blocks of 1, 3 or 5 slices.
+   volume share, and the deletion curve's area; plus variants computed here: maps restricted to the body,
+   occlusion of squares of ``--blocks`` patches on ``--depths`` slices, and maps weighted per slice by the
+   finding's gradient through the task query (``*gw``).
 
     python benchmarks/real_anatomy_maps.py --backbone /work/wt/assets/dinov2s-imgfocus.safetensors \\
-        --work /tmp/maps --no-lora --epochs 12 --out benchmarks/results/real-anatomy-maps-frozen.json
+        --work /tmp/maps21/lora --tag lora --lora --slices 24 --epochs 6 --cases 16,8,16 --blocks 1,2 \\
+        --methods attention,rollout,grad_rollout,grad_last --deletion occlusion_b1_d3,occlusion_b2_d3,attention \\
+        --out benchmarks/results/real-anatomy-maps-lora-cpu-2026-12-07.json
 """
 from __future__ import annotations
 
@@ -158,9 +161,25 @@ def occlusion_variants(engine: Engine, name: str, x: torch.Tensor, grid, blocks,
     return out
 
 
+def gradient_weighted_variants(engine: Engine, name: str, x: torch.Tensor, grid) -> dict[str, np.ndarray]:
+    """Per-slice maps weighted by the finding's own slice relevance through the task query instead of a_s:
+    w_s = relu(<d logit / d h_s, h_s>) (gradient x input of the slice embedding; ``*gw``), for the last block's
+    CLS attention and the gradient-weighted attention maps."""
+    model = engine.plugins[name].model
+    with torch.inference_mode():
+        out = model([x[None]], heatmap="attention")
+    h = out.embeddings[0][0].float()  # (S, C)
+    g = model.logit_grads(out.embeddings)[0, 0].float()  # (S, C): finding 0
+    w = (g * h).sum(-1).clamp(min=0)
+    maps = {"attention*gw": finish(out.patch_maps[0], grid, w)}
+    for method in ("grad_last", "grad_rollout"):
+        maps[f"{method}*gw"] = finish(model.finding_maps([x[None]], out, method)[0, 0], grid, w)
+    return maps
+
+
 def case_maps(engine: Engine, name: str, x: torch.Tensor, grid, args) -> dict[str, np.ndarray]:
-    """Every measured map of one case: occlusion variants, then the engine's methods, each also restricted to the
-    body (``+body``: the map times the body mask on the patch grid)."""
+    """Every measured map of one case: occlusion variants, gradient-weighted variants, then the engine's methods,
+    each of the last two also restricted to the body (``+body``: the map times the body mask on the patch grid)."""
     maps = occlusion_variants(engine, name, x, grid, [int(b) for b in args.blocks.split(",")],
                               [int(d) for d in args.depths.split(",")])
     body = hm.body_mask(x).reshape(x.shape[0], grid[0], x.shape[1] // grid[0], grid[1], x.shape[2] // grid[1])
@@ -169,6 +188,9 @@ def case_maps(engine: Engine, name: str, x: torch.Tensor, grid, args) -> dict[st
         pred = engine.predict_slices([x], name, heatmap=method)
         maps[method] = pred.finding_heatmaps["lesion"] if pred.finding_heatmaps else pred.heatmap
         maps[f"{method}+body"] = maps[method] * body
+    if args.gradient_weighted:
+        for key, heat in gradient_weighted_variants(engine, name, x, grid).items():
+            maps[key], maps[f"{key}+body"] = heat, heat * body
     return maps
 
 
@@ -238,6 +260,8 @@ def main() -> None:
     p.add_argument("--deletion", default="occlusion_b2_d3,attention",
                    help="Maps whose deletion curve is measured (each point is a forward of the case).")
     p.add_argument("--depths", default="1,3", help="Occluded blocks' depths in slices (default: 1,3).")
+    p.add_argument("--gradient-weighted", action=argparse.BooleanOptionalAction, default=True,
+                   help="Also measure maps weighted per slice by the finding's gradient through the task query.")
     p.add_argument("--stage", default="all", choices=["probe", "train", "all"], help="Stop after this stage.")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

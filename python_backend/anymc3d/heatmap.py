@@ -25,9 +25,10 @@ from anymc3d.contract import GRADIENT_METHODS, HEATMAP_METHODS as METHODS, OCCLU
 
 #: slices per occluded block (a square of patches on this many neighbouring slices)
 OCCLUSION_DEPTH = 3
-#: patches per side of the occluded square (2: 4 times fewer backbone passes than single patches; what was measured
-#: on real anatomy, benchmarks/results/real-anatomy-maps-*)
-OCCLUSION_BLOCK = 2
+#: patches per side of the occluded square: single patches (2 costs 4 times fewer backbone passes, but a square of
+#: 2 x 2 patches puts the map's maximum up to two patches from the finding; measured on real anatomy,
+#: benchmarks/results/real-anatomy-maps-*)
+OCCLUSION_BLOCK = 1
 
 
 def check_method(method: str) -> str:

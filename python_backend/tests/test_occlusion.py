@@ -81,3 +81,37 @@ def test_body_mask_fills_dark_structures_inside_the_body():
     x[:, 8:12, 8:12] = 0.05  # a dark "ventricle" inside
     m = hm.body_mask(x)
     assert m[:, 4:16, 4:16].all() and not m[:, :4].any() and not m[:, :, 16:].any()
+
+
+@pytest.mark.slow
+def test_engine_occlusion_is_the_logit_drop_of_rerunning_the_engine_on_each_occluded_volume(demo_dir):
+    """The engine's default occlusion map (``OCCLUSION_BLOCK`` x ``OCCLUSION_BLOCK`` patches on ``OCCLUSION_DEPTH``
+    slices, body only, drops clamped at 0, max 1) against filling each square by hand and predicting again."""
+    from anymc3d.engine import Engine
+
+    engine = Engine(demo_dir / "backbone.safetensors", device="cpu")
+    name = engine.add_plugin(demo_dir / "plugin.anymc3d")
+    x = _case(112, n=3, seed=4)
+    pred = engine.predict_slices([x], name, heatmap="occlusion")
+    side = engine.backbone.spec.patch_size * hm.OCCLUSION_BLOCK
+    squares = -(-112 // side)
+    body = hm.body_mask(x)
+    fill = float(x[body].median())
+    depth, n = hm.OCCLUSION_DEPTH, x.shape[0]
+    for k, label in enumerate(pred.labels):
+        drops = np.zeros((n, squares, squares))
+        for s in range(n):
+            lo = max(0, min(s - depth // 2, n - depth))
+            for r in range(squares):
+                for c in range(squares):
+                    rows, cols = slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side)
+                    if not body[s, rows, cols].any():
+                        continue  # outside the body: not occluded, scores 0
+                    y = x.clone()
+                    for t in range(lo, lo + depth):
+                        if body[t, rows, cols].any():
+                            y[t, rows, cols] = fill
+                    drops[s, r, c] = pred.logits[k] - engine.predict_slices([y], name).logits[k]
+        drops = drops.clip(min=0).repeat(hm.OCCLUSION_BLOCK, 1).repeat(hm.OCCLUSION_BLOCK, 2)[:, :8, :8]
+        assert drops.max() > 1e-3  # occlusion moves the logit: the comparison can fail
+        np.testing.assert_allclose(pred.finding_heatmaps[label], drops / drops.max(), rtol=1e-3, atol=1e-4)
