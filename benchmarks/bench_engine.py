@@ -238,7 +238,8 @@ def cli_timing(name, size, slices, repeats):
             splits.append({"start-up (imports, backbone, plugin)": times["reading"],
                            "reading + preprocessing": times["encoding"] - times["reading"],
                            "encoding + heatmap": times["writing"] - times["encoding"],
-                           "writing (heatmap, record)": end - times["writing"], "total": end})
+                           "writing (heatmap, record)": times["last event"] - times["writing"],
+                           "exit (interpreter shutdown)": end - times["last event"], "total": end})
             # The Slicer module's way: an `anymc3d standby` process started ahead (when the module is opened or
             # after the previous run) is handed the same command line on stdin when Apply is pressed.
             times, end = _run_cli([sys.executable, "-m", "anymc3d", "standby"], json.dumps(args), settle=settle)
@@ -279,6 +280,7 @@ def _run_cli(cmd, stdin_line, settle=0.0):
         event = json.loads(line)
         key = event.get("stage") if event["event"] == "progress" else event["event"]
         times.setdefault(key, time.perf_counter() - start)
+        times["last event"] = time.perf_counter() - start
     proc.wait()
     return times, time.perf_counter() - start
 

@@ -1,4 +1,4 @@
 """``python -m anymc3d`` runs the command-line interface (the Slicer module starts it this way)."""
-from anymc3d.cli import main
+from anymc3d.cli import run
 
-raise SystemExit(main())
+run()

@@ -74,3 +74,16 @@ def test_predict_imports_no_training_packages_and_states_its_precision(demo_dir,
     native = bool(_flags() & {"amx_bf16", "avx512_bf16"})
     (result,) = json.loads(out.read_text(encoding="utf-8"))[0]["results"]
     assert result["precision"] == ("bf16" if native and AUTO_BF16 else "fp32")
+
+
+def test_the_entry_point_runs_atexit_handlers_flushes_and_keeps_the_exit_code():
+    """``cli.run`` skips only the interpreter's teardown: an atexit handler still runs (temporary files, Ray and
+    logging rely on them), buffered output still arrives, and the command's exit code is the process's."""
+    code = ("import atexit, sys, anymc3d.cli as cli\n"
+            "atexit.register(lambda: sys.stdout.write('atexit ran\\n'))\n"
+            "cli.main = lambda: (sys.stdout.write('result written\\n'), 3)[1]\n"
+            "cli.run()\n"
+            "sys.stdout.write('never\\n')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.splitlines() == ["result written", "atexit ran"]
