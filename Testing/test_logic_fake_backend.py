@@ -83,6 +83,7 @@ def test_command_line(sceneContext, tempRoot):
         PredictionOptions(precision="int8").commandLineArguments()
 
 
+# radon cc 36: one run's imported nodes checked one by one (each assertion a branch), in the order a user sees them
 def test_successful_run_imports_everything(sceneContext, obliqueVolumePath, fakePlugins, fakeLogic, tempRoot):
     logic = fakeLogic("ok")
     volume = sceneContext.loadVolume(obliqueVolumePath, "Oblique")

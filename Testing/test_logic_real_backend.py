@@ -58,6 +58,7 @@ def captureBackendOutputs(logic, keepDir):
     return captured
 
 
+# radon cc 22: one end-to-end run's assertions in order
 def test_real_backend_end_to_end(sceneContext, realLogic, demo, obliqueSmall, tmp_path, tempRoot):
     volume = sceneContext.loadVolume(obliqueSmall, "Oblique")
     captured = captureBackendOutputs(realLogic, str(tmp_path))

@@ -89,6 +89,7 @@ def test_ras_to_ijk_on_an_oblique_volume_and_through_a_transform(sceneContext, v
     assert "\n" not in str(error.value)
 
 
+# radon cc 23: one scenario's assertions in order (geometry, seed, maximum, cache)
 @pytest.mark.slow
 def test_point_map_geometry_seed_maximum_and_feature_cache(sceneContext, session, volumePath):
     volume = sceneContext.loadVolume(volumePath, "Oblique")

@@ -235,6 +235,7 @@ def startTraining(logic, table, library, onProgress=None, resume=False):
     return TrainingJob(logic, table, library, onProgress=onProgress, resume=resume, trainArguments=TINY_TRAIN).start()
 
 
+# radon cc 28: one training run (minutes) checked end to end: its assertions are the branches
 @pytest.mark.slow
 def test_training_through_the_logic_matches_anymc3d_eval(sceneContext, lesionScene, tinyBackbone, tmp_path):
     volumes, masks, labels = lesionScene

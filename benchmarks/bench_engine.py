@@ -91,6 +91,7 @@ def _plugins(model, spec, n):
     return out
 
 
+# radon cc 21: one interleaved timing loop over every variant row, so the rows share their repeats
 def throughput(name, device, slices, size, chunk, repeats, compile_row, plugin_rows=True, int8_row=False, drop=()):
     spec = BackboneSpec(name, img_size=size)
     model = make_load_bearing(create_backbone(spec))

@@ -1,4 +1,4 @@
-"""Stand-in for PythonQt's ``qt`` module: just the classes the module file uses, behaving as PythonQt does where
+"""Stand-in for PythonQt's ``qt`` module (one file, over 500 lines, because it is one module in PythonQt too): just the classes the module file uses, behaving as PythonQt does where
 it matters for the module (MeVisLab/pythonqt 642c06b: src/PythonQtSignalReceiver.cpp, PythonQtSignalTarget::call;
 src/PythonQtInstanceWrapper.cpp, the wrapper's dealloc) and with the members Slicer's and CTK's widgets expose
 (Slicer/Slicer 583e9b3 Libs/MRML/Widgets: qMRMLNodeComboBox.h, qMRMLSortFilterProxyModel.h, qMRMLTableView.h,

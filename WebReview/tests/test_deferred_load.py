@@ -42,6 +42,7 @@ def shown_row_label(result):
     return result["labels"][int(np.argmax(probabilities))]
 
 
+# radon cc 22: one page load followed stage by stage; each stage's assertions are branches
 def test_cold_case_shows_its_first_finding_then_completes_like_a_whole_load(review_folder, session_on, monkeypatch):
     from anymc3d_review.cases import CaseFolder
     from AnyMC3DSlicerLogic import outputs

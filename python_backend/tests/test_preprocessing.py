@@ -1,5 +1,6 @@
 """Tests of anymc3d.preprocessing (with its config, image reading, intensity and writing modules) and anymc3d.synthetic
-against independent computations."""
+against independent computations. Over 500 lines: one section per module of the preprocessing chain, whose
+tests share the chain's fixtures."""
 
 from __future__ import annotations
 
