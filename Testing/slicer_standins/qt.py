@@ -1,6 +1,7 @@
 """Stand-in for PythonQt's ``qt`` module (one file of over 500 lines, as ``qt`` is one module in PythonQt): just
-the classes the module file uses, behaving as PythonQt does where it matters for the module (MeVisLab/pythonqt 642c06b: src/PythonQtSignalReceiver.cpp, PythonQtSignalTarget::call;
-src/PythonQtInstanceWrapper.cpp, the wrapper's dealloc) and with the members Slicer's and CTK's widgets expose
+the classes the module file uses, behaving as PythonQt does where it matters for the module (MeVisLab/pythonqt
+642c06b: src/PythonQtSignalReceiver.cpp, PythonQtSignalTarget::call; src/PythonQtInstanceWrapper.cpp, the
+wrapper's dealloc) and with the members Slicer's and CTK's widgets expose
 (Slicer/Slicer 583e9b3 Libs/MRML/Widgets: qMRMLNodeComboBox.h, qMRMLSortFilterProxyModel.h, qMRMLTableView.h,
 qMRMLTableModel.h; commontk/CTK 868d56c Libs/Widgets):
 
