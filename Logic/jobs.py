@@ -84,7 +84,20 @@ def waitOrCancel(job, timeout):
         job.wait(30)
 
 
-class PredictionJob:
+class BackendJob:
+    """A job that runs one backend process at a time through the Logic's runner (``self.logic``, ``self.done``)."""
+
+    def cancel(self):
+        """Kill the running process tree; the job then ends as cancelled."""
+        if not self.done:
+            self.logic.runner.cancel()
+
+    def wait(self, timeout=None):
+        """Deliver the runner's callbacks until the job is finished (tests, self-test). False on timeout."""
+        return deliverUntilDone(self, timeout)
+
+
+class PredictionJob(BackendJob):
     """One running ``anymc3d predict`` process and the import of its results."""
 
     def __init__(self, logic, name, inputs, command, tempDir, pluginCount, options, displayOptions, onProgress, onFinished):
@@ -121,14 +134,6 @@ class PredictionJob:
             self.logic.startBackend(self.command, self._onStdoutLine, self._onStderrLine, self._onFinished)
         except Exception as error:  # noqa: BLE001 - any start failure is a failed case
             self._finish(CaseResult(self.name, "failed", f"Cannot start the backend: {error}", int(ExitCode.FATAL)))
-
-    def cancel(self):
-        if not self.done:
-            self.logic.runner.cancel()
-
-    def wait(self, timeout=None):
-        """Deliver the runner's callbacks until the job is finished (tests, self-test). False on timeout."""
-        return deliverUntilDone(self, timeout)
 
     # Backend output
 

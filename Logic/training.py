@@ -26,6 +26,7 @@ import shutil
 import tempfile
 
 from . import outputs, trainingtable
+from .jobs import BackendJob
 from .process import ExitCode, lastErrorLine, parseEventLine
 
 TRAINING_ROLE = {"history": "training history", "historyChart": "training chart", "metrics": "evaluation",
@@ -105,9 +106,10 @@ def checkCard(settings):
         raise trainingtable.TrainingInputError([f"plugin {error}"]) from None
 
 
-class TrainingJob:
+class TrainingJob(BackendJob):
     """``train``, ``eval`` and the test cases' scores of one case table, then the plugin installed in
-    ``pluginLibrary``. Start with :meth:`start`; ``onProgress(TrainingProgress)``, ``onFinished(TrainingResult)``."""
+    ``pluginLibrary``. Start with :meth:`start`; ``onProgress(TrainingProgress)``, ``onFinished(TrainingResult)``.
+    :meth:`cancel` keeps the checkpoint for a resume."""
 
     def __init__(self, logic, table, pluginLibrary, onProgress=None, onFinished=None, resume=False, overwrite=False,
                  trainArguments=()):
@@ -183,16 +185,6 @@ class TrainingJob:
                                     self._onFinished)
         except Exception as error:  # noqa: BLE001 - any start failure ends the job with its message
             self._finish(TrainingResult("failed", f"Cannot start the backend: {error}", workFolder=self.workFolder))
-
-    def cancel(self):
-        """Kill the running process tree; the job then ends "cancelled" (the checkpoint kept for a resume)."""
-        if not self.done:
-            self.logic.runner.cancel()
-
-    def wait(self, timeout=None):
-        from .jobs import deliverUntilDone
-
-        return deliverUntilDone(self, timeout)
 
     # Output -----------------------------------------------------------------------------------------------------
 

@@ -260,6 +260,19 @@ def settle(page, views=VIEWS, quiet=0.6, timeout=20.0):
         time.sleep(0.1)
 
 
+def show_case(page, name):
+    """Click case ``name`` in the list (unless it is shown) and wait for its scene and heatmap; then move the mouse
+    off the views (keys act on the page) and let the frames settle. Returns the case's index."""
+    index = next(c["index"] for c in state(page, "cases") if c["name"] == name)
+    if state(page, "shown_case") != index:
+        version = state(page, "scene_version")
+        page.locator(".case-item", has_text=name).click()
+        wait_state(page, f"s('shown_case') === {index} && s('scene_version') > {version} && !s('heatmap_loading')")
+    page.mouse.move(5, page.viewport_size["height"] - 5)
+    settle(page)
+    return index
+
+
 def view_box(page, view):
     """Bounding box of the image of view ``view`` (Red, Green, Yellow, ThreeD)."""
     return page.evaluate(

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
-from anymc3d_review.testing import ReviewServer, heatmap_fraction, settle, state, view_box, view_pixels, \
-    wait_frames, wait_state
+from anymc3d_review.testing import ReviewServer, heatmap_fraction, settle, show_case as show, state, view_box, \
+    view_pixels, wait_frames, wait_state
 
 pytestmark = pytest.mark.slow
 WIDTH, HEIGHT = 1280, 720
@@ -58,17 +58,6 @@ def reading(browser, reading_folder, tmp_path_factory):
         wait_frames(page, 0, timeout=60)
         yield page, record, errors, server
         page.close()
-
-
-def show(page, name):
-    index = next(c["index"] for c in state(page, "cases") if c["name"] == name)
-    if state(page, "shown_case") != index:
-        version = state(page, "scene_version")
-        page.locator(".case-item", has_text=name).click()
-        wait_state(page, f"s('shown_case') === {index} && s('scene_version') > {version} && !s('heatmap_loading')")
-    page.mouse.move(5, HEIGHT - 5)  # off the views: keys act on the page
-    settle(page)
-    return index
 
 
 def change(page, action):
