@@ -137,6 +137,11 @@ def _number(value, digits=2) -> str:
         return "?"
 
 
+#: what the page says of a plugin whose heatmaps were never measured against lesion masks
+NOT_MEASURED = ("heatmap localisation: never measured for this plugin (`anymc3d eval` with a mask column and "
+                "--record-localisation measures it)")
+
+
 def model_card_lines(meta: dict, summary: dict | None) -> list[str]:
     """What a plugin file holds about how far its outputs can be trusted, beyond its training summary, as lines:
     the operating point of each finding (the threshold its decisions use; the validation's Youden threshold when
@@ -158,6 +163,8 @@ def model_card_lines(meta: dict, summary: dict | None) -> list[str]:
     if measured:
         task = f" on {_short(card['task'], 120)}" if card.get("task") else ""
         lines.append(f"heatmap localisation{task}: best {_short(card.get('best', '?'), 40)}")
+    else:
+        lines.append(NOT_MEASURED)
     for method, m in measured.items():
         distance = f", median distance {_number(m['median_distance_mm'], 1)} mm" if "median_distance_mm" in m else ""
         lines.append(f"  {_short(method, 40)}: hit rate {_number(m.get('hit_rate'))} of {_short(m.get('cases', '?'), 20)} "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+from anymc3d_review.modelinfo import NOT_MEASURED
 from anymc3d_review.testing import ReviewServer, heatmap_fraction, settle, show_case as show, state, view_box, \
     view_pixels, wait_frames, wait_state
 
@@ -141,7 +142,8 @@ def test_model_is_one_line_below_the_findings_with_the_rest_on_demand(reading):
     # the model card: the demo plugin's operating points (untrained: no Youden thresholds, nothing measured)
     result = record["results"][0]  # the record states the thresholds its plugin decided with
     assert [t.strip() for t in page.locator(".model-card").all_inner_texts()] == \
-        ["operating point: " + ", ".join(f"{label} >= {result['thresholds'][label]:.2f}" for label in result["labels"])]
+        ["operating point: " + ", ".join(f"{label} >= {result['thresholds'][label]:.2f}" for label in result["labels"]),
+         NOT_MEASURED]
     page.locator(".model-more").click()
 
 

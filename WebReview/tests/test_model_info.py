@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from anymc3d_review.modelinfo import (
+    NOT_MEASURED,
     UNTRAINED,
     PluginInfoReader,
     image_modality,
@@ -84,7 +85,8 @@ def test_model_card_operating_points_and_measured_localisation_are_listed(demo_s
     summary = dict(SUMMARY, youden_thresholds_validation=[0.3, 0.6, 0.45])  # one per finding of the demo plugin
     plugin = trained_copy(demo_source / "plugin.anymc3d", tmp_path / "carded.anymc3d", summary=summary)
     before = PluginInfoReader(tmp_path).read(str(plugin), "carded")
-    assert not any(line.startswith("heatmap localisation") for line in before.card)  # never measured: not listed
+    assert NOT_MEASURED in before.card  # never measured: said so
+    assert not any(line.startswith("heatmap localisation on") for line in before.card)
     summaries = {"grad_rollout": {"cases": 6, "hit_rate": 2 / 3, "mass_over_volume_share": 4.25,
                                   "median_distance_mm": 3.5, "mean_mass_share": 0.1},
                  "attention": {"cases": 6, "hit_rate": 0.0, "mass_over_volume_share": 1.1, "median_distance_mm": 41.0}}
@@ -101,6 +103,7 @@ def test_model_card_operating_points_and_measured_localisation_are_listed(demo_s
     assert "  grad_rollout: hit rate 0.67 of 6 cases, mass 4.2x its volume share, median distance 3.5 mm" in info.card
     assert "  attention: hit rate 0.00 of 6 cases, mass 1.1x its volume share, median distance 41.0 mm" in info.card
     assert info.as_state()["card"] == info.card  # what the page's detail view lists
+    assert NOT_MEASURED not in info.card
 
 
 def test_the_recorded_held_out_evaluation_is_listed_one_line_per_finding(demo_source, tmp_path):
