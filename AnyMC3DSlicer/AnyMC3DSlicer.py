@@ -88,7 +88,7 @@ def checkVersions(slicerVersion=None):
 
 LogicPackage = importLogicPackage()
 # after importLogicPackage(), which may load anymc3d from the source tree; the widget's parts import the Logic package
-from anymc3d.contract import DEVICES, HEATMAP_METHODS
+from anymc3d.contract import DEVICES, HEATMAP_CHOICES
 from AnyMC3DSlicerLib import selftest
 from AnyMC3DSlicerLib.pluginsection import SETTINGS_PLUGIN_FOLDER, PluginSection
 from AnyMC3DSlicerLib.resultsection import ResultSection
@@ -206,7 +206,7 @@ class AnyMC3DSlicerWidget(PluginSection, ResultSection, TrainSection, ScriptedLo
         defaultFolder = os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "AnyMC3D", "plugins")
         self.ui.pluginFolderPathLineEdit.currentPath = settings.value(SETTINGS_PLUGIN_FOLDER, defaultFolder)
         self.ui.deviceComboBox.addItems([_(DEVICE_LABELS[device]) for device in DEVICES])
-        self.ui.heatmapMethodComboBox.addItems(list(HEATMAP_METHODS))
+        self.ui.heatmapMethodComboBox.addItems(list(HEATMAP_CHOICES))
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.hide()
 
@@ -323,7 +323,7 @@ class AnyMC3DSlicerWidget(PluginSection, ResultSection, TrainSection, ScriptedLo
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.ui.deviceComboBox.currentIndex = DEVICES.index(self._parameterNode.options.device)
-            self.ui.heatmapMethodComboBox.currentIndex = HEATMAP_METHODS.index(self._parameterNode.options.heatmapMethod)
+            self.ui.heatmapMethodComboBox.currentIndex = HEATMAP_CHOICES.index(self._parameterNode.options.heatmapMethod)
 
     def onParameterNodeModified(self, caller=None, event=None):
         """The parameter node changed (a bound widget, a script, an undo): show the display options it now holds."""
@@ -355,7 +355,7 @@ class AnyMC3DSlicerWidget(PluginSection, ResultSection, TrainSection, ScriptedLo
 
     def onHeatmapMethodChanged(self, index):
         if self._parameterNode:
-            self._parameterNode.options.heatmapMethod = HEATMAP_METHODS[index]
+            self._parameterNode.options.heatmapMethod = HEATMAP_CHOICES[index]
 
     def updateDeviceNote(self):
         device = DEVICES[self.ui.deviceComboBox.currentIndex]

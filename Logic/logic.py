@@ -267,9 +267,9 @@ class AnyMC3DSlicerLogic:
         results = record["results"]
         if len(results) != pluginCount:
             raise ValueError(f"Expected {pluginCount} plugin result(s), got {len(results)}")
-        gradient = options.heatmapMethod in FINDING_METHODS
         root = os.path.realpath(rootDir)
         for result in results:
+            gradient = _perFinding(result, options)
             if gradient and set(result["finding_heatmaps"]) != set(result["labels"]):
                 raise ValueError(f"Plugin {result['plugin']}: expected one heatmap per finding")
             maps = dict(result["finding_heatmaps"]) if gradient else {None: result["heatmap"]}
@@ -352,13 +352,12 @@ class AnyMC3DSlicerLogic:
         inputName = inputNode.GetName()
         pluginTitle = " + ".join(uniqueNames)
         colorNode = outputs.heatmapColorTableNode(self.scene)
-        gradient = options.heatmapMethod in FINDING_METHODS
-
-        rows, rowHeatmaps, heatmapNodes = self._findingRows(results, uniqueNames, inputName, gradient, heatmapVolume)
+        rows, rowHeatmaps, heatmapNodes = self._findingRows(results, uniqueNames, inputName, options, heatmapVolume)
 
         tableNode = outputs.createFindingsTable(self.scene, f"{inputName} {pluginTitle} findings", rows)
         tableNode.SetAttribute(outputs.SLICING_AXIS_ATTRIBUTE, str(int(record["slicing_axis"])))
-        tableNode.SetAttribute("AnyMC3D.HeatmapMethod", options.heatmapMethod)
+        methods = sorted({result.get("heatmap_method") or options.heatmapMethod for result in results})
+        tableNode.SetAttribute("AnyMC3D.HeatmapMethod", ", ".join(methods))  # what ran ("auto" resolved per plugin)
         tableNode.AddNodeReferenceID(outputs.INPUT_REFERENCE, inputNode.GetID())
         for heatmapNode in rowHeatmaps:
             tableNode.AddNodeReferenceID(outputs.HEATMAP_REFERENCE, heatmapNode.GetID())
@@ -381,11 +380,12 @@ class AnyMC3DSlicerLogic:
         return PredictionOutputs(inputNode, tableNode, heatmapNodes, importanceTableNode, chartNode, folderItem, record), folderItem
 
     @staticmethod
-    def _findingRows(results, uniqueNames, inputName, gradient, heatmapVolume):
+    def _findingRows(results, uniqueNames, inputName, options, heatmapVolume):
         """The findings table's rows (one per plugin and finding), the heatmap node of each row, and every heatmap
         node made (``heatmapVolume(path, name)``): one per finding with a finding method, else one per plugin."""
         rows, rowHeatmaps, heatmapNodes = [], [], []
         for pluginName, result in zip(uniqueNames, results):
+            gradient = _perFinding(result, options)
             if gradient:
                 byLabel = {label: heatmapVolume(path, f"{inputName} {pluginName} heatmap {label}")
                            for label, path in result["finding_heatmaps"].items()}
@@ -414,9 +414,9 @@ class AnyMC3DSlicerLogic:
     def firstHeatmapFile(record, options=None):
         """The heatmap file of the row :meth:`importResults` shows first (the most probable finding, as there), or
         None: what a viewer reads first when it imports the others deferred."""
-        gradient = (options if options is not None else PredictionOptions()).heatmapMethod in FINDING_METHODS
+        options = options if options is not None else PredictionOptions()
         rows = [(float(result["probabilities"][label]),
-                 (result.get("finding_heatmaps") or {}).get(label) if gradient else result.get("heatmap"))
+                 (result.get("finding_heatmaps") or {}).get(label) if _perFinding(result, options) else result.get("heatmap"))
                 for result in record.get("results") or [] for label in result.get("labels") or []]
         return rows[int(np.argmax([probability for probability, _ in rows]))][1] if rows else None
 
@@ -502,3 +502,9 @@ class AnyMC3DSlicerLogic:
         """A rough expected run time, for the CPU note in the GUI (ViT-B: ~0.3 s per slice on a CPU)."""
         perSlice = 0.3 if device == "cpu" else 0.02
         return 10.0 + perSlice * int(numSlices)
+
+
+def _perFinding(result, options):
+    """Whether a plugin's result came with one heatmap per finding: by the method its record names (what "auto"
+    chose for that plugin), else the method asked for."""
+    return (result.get("heatmap_method") or options.heatmapMethod) in FINDING_METHODS

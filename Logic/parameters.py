@@ -8,7 +8,14 @@ plain dataclass, so the Logic takes the same objects in both places.
 import dataclasses
 from typing import Annotated
 
-from anymc3d.contract import DEVICES, GRADIENT_METHODS, HEATMAP_METHODS, PRECISIONS  # noqa: F401 (the contract's, re-exported)
+from anymc3d.contract import (  # noqa: F401 (the contract's, re-exported)
+    AUTO_HEATMAP,
+    DEVICES,
+    GRADIENT_METHODS,
+    HEATMAP_CHOICES,
+    HEATMAP_METHODS,
+    PRECISIONS,
+)
 
 try:
     from slicer.parameterNodeWrapper import Choice, Maximum, Minimum, parameterPack
@@ -30,7 +37,7 @@ class PredictionOptions:
     """Options passed to ``anymc3d predict``."""
 
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    heatmapMethod: Annotated[str, Choice(HEATMAP_METHODS)] = "attention"
+    heatmapMethod: Annotated[str, Choice(HEATMAP_CHOICES)] = AUTO_HEATMAP  # each plugin's best measured map
     ensemble: bool = False
     chunkSize: Annotated[int, Minimum(1)] = 32
     precision: Annotated[str, Choice(PRECISIONS)] = "auto"
@@ -38,8 +45,8 @@ class PredictionOptions:
     def validate(self):
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.heatmapMethod not in HEATMAP_METHODS:
-            raise ValueError(f"heatmapMethod must be one of {HEATMAP_METHODS}, got {self.heatmapMethod!r}")
+        if self.heatmapMethod not in HEATMAP_CHOICES:
+            raise ValueError(f"heatmapMethod must be one of {HEATMAP_CHOICES}, got {self.heatmapMethod!r}")
         if int(self.chunkSize) < 1:
             raise ValueError(f"chunkSize must be >= 1, got {self.chunkSize!r}")
         if self.precision not in PRECISIONS:

@@ -16,7 +16,13 @@ import subprocess
 import sys
 import time
 
-from anymc3d.contract import GRADIENT_METHODS, PARTIAL_MARKER, heatmap_name, image_stem
+from anymc3d.contract import (
+    AUTO_HEATMAP,
+    GRADIENT_METHODS,
+    PARTIAL_MARKER,
+    heatmap_name,
+    image_stem,
+)
 
 MODE = os.environ.get("FAKE_ANYMC3D_MODE", "ok")
 
@@ -49,8 +55,11 @@ def predictOne(image, plugins, args, index, cases):
     importance = importance / importance.sum()
     emit(event="progress", case=index, cases=cases, image=image, stage="writing", done=0, total=1)
     results = []
+    # "auto": a plugin's best measured method, else its kind's default; these plugins were never measured and are
+    # slice plugins, whose default is attention (anymc3d.engine.auto_heatmap_method)
+    method = "attention" if args.heatmap_method == AUTO_HEATMAP else args.heatmap_method
     for pluginIndex, plugin in enumerate(plugins):
-        gradient = args.heatmap_method in GRADIENT_METHODS
+        gradient = method in GRADIENT_METHODS
         heatmaps = {}
         for label in (plugin["labels"] if gradient else [None]):
             name = heatmap_name(image_stem(image.split("+")[0]), plugin["name"], label, args.heatmap_format)
@@ -67,7 +76,7 @@ def predictOne(image, plugins, args, index, cases):
             "plugin": plugin["name"], "plugin_path": plugin["path"], "task": plugin["task"], "labels": plugin["labels"],
             "probabilities": probabilities, "probabilities_raw": probabilities, "thresholds": plugin["thresholds"],
             "decisions": {label: probabilities[label] >= plugin["thresholds"][label] for label in plugin["labels"]},
-            "slicing_axis": 2, "slice_importance": importance.tolist(), "heatmap_method": args.heatmap_method,
+            "slicing_axis": 2, "slice_importance": importance.tolist(), "heatmap_method": method,
             "heatmap": None if gradient else heatmaps[None],
             "finding_heatmaps": {label: path for label, path in heatmaps.items() if label} if gradient else {},
         })
@@ -83,7 +92,7 @@ def main():
     predict.add_argument("--backbone", required=True)
     predict.add_argument("--plugin", action="append", required=True)
     predict.add_argument("--heatmap")
-    predict.add_argument("--heatmap-method", default="attention")
+    predict.add_argument("--heatmap-method", default="auto")
     predict.add_argument("--heatmap-format", default="nii.gz")
     predict.add_argument("--json")
     predict.add_argument("--ensemble", action="store_true")

@@ -56,7 +56,7 @@ CAMERA_ACTIONS = ("left", "right", "up", "down", "zoom_in", "zoom_out", "reset",
 class ReviewApp(StatePublisher):
     """Args: folder (a CaseFolder or a path), backbone / plugins (for runs from the page), server (trame's)."""
 
-    def __init__(self, folder, backbone=None, plugins=(), server=None, heatmap_method="attention", device="auto",
+    def __init__(self, folder, backbone=None, plugins=(), server=None, heatmap_method="auto", device="auto",
                  cache_size=4, preload=True, access_key=None, quiet_vtk=False):
         self.server = get_server(server, client_type="vue3")
         self.guard = AccessGuard(access_key)

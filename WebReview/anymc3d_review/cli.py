@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from anymc3d.contract import DEVICES, HEATMAP_METHODS
+from anymc3d.contract import AUTO_HEATMAP, DEVICES, HEATMAP_CHOICES
 
 from .quiet import quiet_loggers, quiet_vtk
 
@@ -33,8 +33,8 @@ def register(subparsers) -> None:
                         help="Plugin for runs from the page; repeat for several (default: none, runs disabled).")
     review.add_argument("--backbone", type=Path, default=None,
                         help="Backbone weights for runs from the page (default: none, runs disabled).")
-    review.add_argument("--heatmap-method", default="attention", choices=HEATMAP_METHODS,
-                        help="Heatmap method of runs from the page (default: attention).")
+    review.add_argument("--heatmap-method", default=AUTO_HEATMAP, choices=HEATMAP_CHOICES,
+                        help="Heatmap method of runs from the page (default: auto, each plugin's best measured map).")
     review.add_argument("--device", default="auto", choices=DEVICES,
                         help="Device of runs from the page (default: auto).")
     review.add_argument("--port", type=int, default=8080, help="Port to listen on (default: 8080; 0: any free port).")

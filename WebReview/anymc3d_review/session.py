@@ -112,7 +112,7 @@ class ReviewSession(Findings, SliceDisplay, WindowLevel):
 
     def __init__(self, scene, volumes_logic, volume_rendering_logic, folder: CaseFolder, backbone=None, plugins=(),
                  views=None, cache_size=4, runner=None, backend_command=None, temp_root=None, device="auto",
-                 heatmap_method="attention"):
+                 heatmap_method="auto"):
         self.scene = scene
         self.folder = folder
         self.backbone = str(backbone) if backbone else None

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from anymc3d import __version__
-from anymc3d.contract import (AUTO_HEATMAP, DEVICES, EXIT_CASE_FAILED, EXIT_OK, EXIT_USAGE, HEATMAP_FORMATS,
-                              HEATMAP_METHODS, PRECISION_HELP, PRECISIONS, STATUS_ERROR)
+from anymc3d.contract import (AUTO_HEATMAP, DEVICES, EXIT_CASE_FAILED, EXIT_OK, EXIT_USAGE, HEATMAP_CHOICES,
+                              HEATMAP_FORMATS, PRECISION_HELP, PRECISIONS, STATUS_ERROR)
 from anymc3d.errors import AnyMC3DError, one_line
 
 logger = logging.getLogger("anymc3d")
@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--ensemble", action="store_true",
                       help="Treat the plugins as one ensemble: average calibrated logits (default: off).")
     pred.add_argument("--heatmap", type=Path, default=None, help="Folder for heatmap files (default: no heatmaps).")
-    pred.add_argument("--heatmap-method", default=AUTO_HEATMAP, choices=(AUTO_HEATMAP, *HEATMAP_METHODS),
+    pred.add_argument("--heatmap-method", default=AUTO_HEATMAP, choices=HEATMAP_CHOICES,
                       help="Heatmap method (default: auto = each plugin's own default map: attention, the paper's "
                            "last-block CLS attention, for 2D plugins; contribution for lifted-feature plugins).")
     pred.add_argument("--heatmap-format", default=HEATMAP_FORMATS[0], choices=HEATMAP_FORMATS,

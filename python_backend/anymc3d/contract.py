@@ -21,6 +21,8 @@ from typing import Any, Optional
 HEATMAP_METHODS = ("attention", "rollout", "grad_rollout", "grad_last", "contribution", "occlusion")
 #: ``--heatmap-method auto``: each plugin's own default map (``attention`` for 2D plugins)
 AUTO_HEATMAP = "auto"
+#: what a user may ask for: "auto" (a plugin's best measured method, else its kind's default) or a method
+HEATMAP_CHOICES = (AUTO_HEATMAP, *HEATMAP_METHODS)
 #: gradient-weighted attention methods (2D kind)
 GRADIENT_METHODS = ("grad_rollout", "grad_last")
 #: occlusion of token blocks in the plugin's slice space (2D kind): the logit's drop per block, per finding
