@@ -3,9 +3,12 @@ settings, kept in one ``vtkMRMLTableNode`` (saved with the scene), checked, and 
 
 The table node holds:
 
-- columns ``Case`` (the volume's name, shown), one column per finding holding "1", "0" or "" (multi-label task) or
-  one ``Class`` column holding a class name or "" (multi-class task), ``Segmentation`` (the mask's name, shown) and
-  ``Split`` ("auto", "train", "val" or "test");
+- columns ``Case`` (the volume's name, shown); for a multi-label task ``Labelled`` and one column per finding, all
+  bit columns (``vtkBitArray``: qMRMLTableView shows them as checkboxes), for a multi-class task one ``Class``
+  column holding a class name or "" (text: qMRMLTableView has no choice editor); ``Segmentation`` (the mask's name,
+  shown) and ``Split`` ("auto", "train", "val" or "test"). A bit cannot be empty, so a finding's unticked box means
+  0 only once the row's ``Labelled`` box is ticked; a row without it is a case without a label, refused by
+  :func:`checkedCases`;
 - per row a node reference to its volume (role ``AnyMC3DTrainingVolume<row>``) and optionally its mask
   (``AnyMC3DTrainingMask<row>``: a labelmap volume on the volume's grid, or a segmentation node, exported onto the
   volume's grid): references, not node IDs in cells, so that a scene imported with renamed IDs still works;
@@ -28,6 +31,7 @@ from . import outputs
 
 TABLE_ROLE = "training cases"
 CASE_COLUMN, CLASS_COLUMN, MASK_COLUMN, SPLIT_COLUMN = "Case", "Class", "Segmentation", "Split"
+LABELLED_COLUMN = "Labelled"
 SPLIT_CHOICES = ("auto", "train", "val", "test")
 VOLUME_REFERENCE = "AnyMC3DTrainingVolume"
 MASK_REFERENCE = "AnyMC3DTrainingMask"
@@ -71,7 +75,7 @@ class TrainingSettings:
             raise ValueError("findings: at least one, each named once")
         if self.task == "multiclass" and len(self.labels) < 2:
             raise ValueError("a multi-class task needs at least two classes")
-        reserved = [label for label in self.labels if label in (CASE_COLUMN, CLASS_COLUMN, MASK_COLUMN, SPLIT_COLUMN)
+        reserved = [label for label in self.labels if label in (CASE_COLUMN, CLASS_COLUMN, MASK_COLUMN, SPLIT_COLUMN, LABELLED_COLUMN)
                     or label.lower() in MANIFEST_RESERVED or label.lower().startswith(("image_", "mask_"))]
         if reserved:
             raise ValueError(f"findings may not be named {reserved}: the table or the manifest uses these names")
@@ -89,8 +93,8 @@ def outputs_safe(name):
 
 @dataclasses.dataclass
 class TrainingCase:
-    """One row of the table as read: ``labels`` maps each finding to "1", "0" or "" (multi-label) or ``Class`` to a
-    class name or "" (multi-class)."""
+    """One row of the table as read: ``labels`` maps each finding to "1", "0" or "" (multi-label; "" for every finding
+    of a row whose Labelled box is unticked) or ``Class`` to a class name or "" (multi-class)."""
 
     row: int
     name: str
@@ -125,18 +129,32 @@ def _columnNames(table):
     return [table.GetColumnName(index) for index in range(table.GetNumberOfColumns())]
 
 
+def _wantedColumns(settings):
+    """[(name, is a bit column)] of a table with ``settings``."""
+    bits = [LABELLED_COLUMN, *settings.labels] if settings.task == "multilabel" else []
+    names = [CASE_COLUMN, *bits, *([] if bits else [CLASS_COLUMN]), MASK_COLUMN, SPLIT_COLUMN]
+    return [(name, name in bits) for name in names]
+
+
+def _isBitColumn(table, index):
+    return table.GetTable().GetColumn(index).IsA("vtkBitArray") == 1 if 0 <= index < table.GetNumberOfColumns() else False
+
+
 def setTrainingSettings(table, settings):
     """Store ``settings`` on the table; the label columns follow its task and findings (values kept by name)."""
     settings.validate()
     old = readCases(table) if table.GetNumberOfColumns() else []
-    wanted = [CASE_COLUMN, *labelColumns(settings), MASK_COLUMN, SPLIT_COLUMN]
-    if _columnNames(table) != wanted:
+    wanted = _wantedColumns(settings)
+    if [(name, _isBitColumn(table, index)) for index, name in enumerate(_columnNames(table))] != wanted:
+        import vtk
+
         table.RemoveAllColumns()
-        for column in wanted:
-            table.AddColumn().SetName(column)
+        for column, bit in wanted:
+            table.AddColumn(vtk.vtkBitArray() if bit else None).SetName(column)
         for case in old:
             table.AddEmptyRow()
-            _writeRow(table, case.row, case.name, {k: v for k, v in case.labels.items() if k in wanted},
+            _writeRow(table, case.row, case.name, {k: v for k, v in case.labels.items() if (k, True) in wanted
+                                                   or (k, False) in wanted},
                       case.maskNode, case.split)
     for field in dataclasses.fields(TrainingSettings):
         table.SetAttribute(SETTINGS_PREFIX + field.name, json.dumps(getattr(settings, field.name)))
@@ -157,24 +175,28 @@ def trainingSettings(table):
 def _writeRow(table, row, name, labels, maskNode, split):
     table.SetCellText(row, 0, str(name))
     for column, value in labels.items():
-        table.SetCellText(row, _columnNames(table).index(column), str(value))
+        _setLabel(table, row, column, value)
+    if LABELLED_COLUMN in _columnNames(table):
+        settings = trainingSettings(table)
+        labelled = all(labels.get(label, "") in ("0", "1") for label in settings.labels)
+        table.SetCellText(row, _columnNames(table).index(LABELLED_COLUMN), "1" if labelled else "0")
     table.SetCellText(row, _columnNames(table).index(MASK_COLUMN), maskNode.GetName() if maskNode is not None else "")
     table.SetCellText(row, _columnNames(table).index(SPLIT_COLUMN), split)
     table.SetNodeReferenceID(f"{MASK_REFERENCE}{row}", maskNode.GetID() if maskNode is not None else None)
 
 
 def addCase(table, volumeNode, labels=None, split="auto", maskNode=None):
-    """Add a row for ``volumeNode``: ``labels`` {finding: 0/1} (multi-label) or {"Class": name} (multi-class)."""
+    """Add a row for ``volumeNode``: ``labels`` {finding: 0/1} (multi-label; the row is Labelled when every finding
+    is given) or {"Class": name} (multi-class)."""
     if split not in SPLIT_CHOICES:
         raise ValueError(f"split: one of {SPLIT_CHOICES}, got {split!r}")
-    row = table.AddEmptyRow()
     columns = labelColumns(trainingSettings(table))
-    cells = {column: "" for column in columns}
-    cells.update({str(k): (str(int(v)) if isinstance(v, (bool, int, np.integer)) else str(v)) for k, v in (labels or {}).items()})
-    unknown = set(cells) - set(columns)
+    unknown = {str(k) for k in (labels or {})} - set(columns)
     if unknown:
-        table.RemoveRow(row)
         raise ValueError(f"{volumeNode.GetName()}: no finding column {sorted(unknown)} (the findings are {columns})")
+    cells = {column: "" for column in columns}
+    cells.update({str(k): _labelText(table, str(k), v) for k, v in (labels or {}).items()})
+    row = table.AddEmptyRow()
     table.SetNodeReferenceID(f"{VOLUME_REFERENCE}{row}", volumeNode.GetID())
     _writeRow(table, row, volumeNode.GetName(), cells, maskNode, split)
     return row
@@ -191,8 +213,30 @@ def removeCase(table, row):
     table.RemoveRow(int(row))
 
 
+def _labelText(table, column, value):
+    """A label's cell text: a bit column takes 0/1 (bool, int, "0", "1") or "" (unlabelled), nothing else."""
+    text = str(int(value)) if isinstance(value, (bool, int, np.integer)) else str(value).strip()
+    if _isBitColumn(table, _columnNames(table).index(column)) and text not in ("0", "1", ""):
+        raise ValueError(f"{column}: a checkbox holds 1 or 0 (or \"\" for not labelled), got {value!r}")
+    return text
+
+
+def _setLabel(table, row, column, value):
+    """One finding's (or Labelled's, or Class's) cell; "" in a finding's bit column unticks the row's Labelled."""
+    text = _labelText(table, column, value)
+    index = _columnNames(table).index(column)
+    if text == "" and _isBitColumn(table, index):
+        table.SetCellText(int(row), _columnNames(table).index(LABELLED_COLUMN), "0")
+        text = "0"
+    table.SetCellText(int(row), index, text)
+
+
 def setCell(table, row, column, value):
-    """Set a label, split or mask (``column`` MASK_COLUMN with a node or None) of one row."""
+    """Set a label (a finding: 1/0, "" for not labelled; ``Labelled``: True/False; ``Class``: a class name), split or
+    mask (``column`` MASK_COLUMN with a node or None) of one row. Setting a finding does not tick ``Labelled``: the
+    row counts as labelled once that box is ticked, as in the table view."""
+    if column in labelColumns(trainingSettings(table)) or column == LABELLED_COLUMN:
+        return _setLabel(table, row, column, value)
     if column == MASK_COLUMN:
         table.SetNodeReferenceID(f"{MASK_REFERENCE}{row}", value.GetID() if value is not None else None)
         value = value.GetName() if value is not None else ""
@@ -222,6 +266,8 @@ def readCases(table):
     cases = []
     for row in range(table.GetNumberOfRows()):
         cells = {column: table.GetCellText(row, index).strip() for index, column in enumerate(columns)}
+        if cells.get(LABELLED_COLUMN, "1") != "1":  # the boxes of a row not labelled yet say nothing
+            cells.update({label: "" for label in settings.labels})
         cases.append(TrainingCase(row, cells.get(CASE_COLUMN, ""), table.GetNodeReference(f"{VOLUME_REFERENCE}{row}"),
                                   table.GetNodeReference(f"{MASK_REFERENCE}{row}"),
                                   {column: cells.get(column, "") for column in labelColumns(settings)},
@@ -243,7 +289,8 @@ def _target(case, settings):
         return None, f"{where}: class {value!r} is not one of {list(settings.labels)}" if value else f"{where}: no class"
     missing = [label for label, value in case.labels.items() if value not in ("0", "1")]
     if missing:
-        return None, f"case {case.name!r} (row {case.row + 1}): no label (0 or 1) for {', '.join(missing)}"
+        return None, (f"case {case.name!r} (row {case.row + 1}): no label for {', '.join(missing)} (tick its "
+                      f"{LABELLED_COLUMN} box once its findings are set)")
     return tuple(int(case.labels[label]) for label in settings.labels), None
 
 

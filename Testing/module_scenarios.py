@@ -249,8 +249,12 @@ def trainSection(args):
     table = ui.caseTableView.tableNode
     seen["rows"] = [table.GetCellText(row, 0) for row in range(table.GetNumberOfRows())]
     seen["columns"] = [table.GetColumnName(column) for column in range(table.GetNumberOfColumns())]
-    for row, label in enumerate(args["labels"]):  # what typing into the table view's cells does
-        table.SetCellText(row, seen["columns"].index("lesion"), str(label))
+    view = ui.caseTableView
+    seen["caseClickChanged"] = view.clickCheckBox(0, seen["columns"].index("Case"))  # a text cell: no checkbox
+    for row, label in enumerate(args["labels"]):  # what clicking the table view's checkboxes does
+        if label:
+            view.clickCheckBox(row, seen["columns"].index("lesion"))
+        view.clickCheckBox(row, seen["columns"].index("Labelled"))
     settings = trainingtable.trainingSettings(table)
     trainingtable.setTrainingSettings(table, dataclasses.replace(settings, epochs=args["epochs"]))
     original = widget.onTrainingProgress

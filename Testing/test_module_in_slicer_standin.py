@@ -277,7 +277,8 @@ def test_train_section_fills_the_table_trains_and_adds_the_plugin(tmp_path):
     seen = runScenario("trainSection", {"pluginFolder": str(tmp_path / "plugins"), "backbone": str(backbone),
                                         "volumes": volumes, "labels": labels, "epochs": 2}, timeout=900)
     assert seen["rows"] == [f"case{index:02d}" for index in range(16)]
-    assert seen["columns"] == ["Case", "lesion", "Segmentation", "Split"] and seen["started"]
+    assert seen["columns"] == ["Case", "Labelled", "lesion", "Segmentation", "Split"] and seen["started"]
+    assert seen["caseClickChanged"] is False
     assert seen["messages"][0] == "Starting the training" and seen["messages"][1].startswith("Expected time: about ")
     assert [m.split(":")[0] for m in seen["messages"] if m.startswith("Epoch")] == ["Epoch 1/2", "Epoch 2/2"]
     assert seen["status"].startswith("Plugin lesion added to the plugins folder (held-out AUROC ")

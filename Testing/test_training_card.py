@@ -37,6 +37,7 @@ def test_the_training_command_carries_the_tables_card(sceneContext, tmp_path):
     trainingtable.fillFromScene(table, sceneContext.scene)
     for row in range(8):
         trainingtable.setCell(table, row, "lesion", row % 2)
+        trainingtable.setCell(table, row, trainingtable.LABELLED_COLUMN, True)
         trainingtable.setCell(table, row, SPLIT_COLUMN, ["train", "train", "train", "train", "val", "val", "test",
                                                          "test"][row])
     runner = FakeRunner(lambda command: ([], 1))  # records the command line; the "run" then fails at once

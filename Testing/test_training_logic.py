@@ -25,6 +25,7 @@ from AnyMC3DSlicerLogic import (
 from AnyMC3DSlicerLogic.process import descendantPids
 from AnyMC3DSlicerLogic.training import TrainingJob, parseTrainLine
 from AnyMC3DSlicerLogic.trainingtable import (
+    LABELLED_COLUMN,
     MASK_COLUMN,
     SPLIT_COLUMN,
     TrainingInputError,
@@ -73,6 +74,7 @@ def labelledTable(scene, volumes, labels, settings=None, splits=None, masks=None
     trainingtable.fillFromScene(table, scene)
     for row, (label, split) in enumerate(zip(labels, splits or ["auto"] * len(labels))):
         trainingtable.setCell(table, row, "lesion", label)
+        trainingtable.setCell(table, row, LABELLED_COLUMN, True)
         trainingtable.setCell(table, row, SPLIT_COLUMN, split)
         if masks is not None:
             trainingtable.setCell(table, row, MASK_COLUMN, masks[row])
@@ -161,6 +163,54 @@ def test_multiclass_manifest_reads_back_as_one_class_column(sceneContext, lesion
     assert [int(c.target) for c in manifest.cases] == [("none", "small", "large").index(name) for name in classes]
 
 
+def test_multilabel_findings_are_checkbox_columns_exported_as_1_and_0(sceneContext, lesionScene, tmp_path):
+    """Each finding and Labelled are bit columns (qMRMLTableModel shows a vtkBitArray column as checkboxes); the
+    ticked boxes reach the manifest as 1/0; a row whose Labelled box is unticked is refused, its boxes ignored."""
+    import vtk
+
+    volumes, _, labels = lesionScene
+    settings = TrainingSettings(name="two", labels=("lesion", "odd"))
+    table = trainingtable.createTrainingTable(sceneContext.scene, settings)
+    trainingtable.fillFromScene(table, sceneContext.scene)
+    columns = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
+    assert columns == ["Case", LABELLED_COLUMN, "lesion", "odd", MASK_COLUMN, SPLIT_COLUMN]
+    assert [table.GetColumnType(name) == vtk.VTK_BIT for name in columns] == [False, True, True, True, False, False]
+    assert [table.GetTable().GetColumn(i).IsA("vtkBitArray") for i in range(6)] == [0, 1, 1, 1, 0, 0]
+    odd = [(row // 2) % 2 for row in range(16)]  # independent of lesion: every split gets both values of both
+    for row in range(16):  # what clicking the checkboxes does: the bit columns' values change
+        table.SetCellText(row, columns.index("lesion"), str(labels[row]))
+        table.SetCellText(row, columns.index("odd"), str(odd[row]))
+    (first, *_) = problemsOf(table)  # boxes set but no row ticked Labelled: every case is refused by name
+    assert first == "case 'case00' (row 1): no label for lesion, odd (tick its Labelled box once its findings are set)"
+    assert len(problemsOf(table)) == 16
+    for row in range(16):
+        trainingtable.setCell(table, row, LABELLED_COLUMN, True)
+        trainingtable.setCell(table, row, SPLIT_COLUMN, "train" if row < 8 else ("val" if row < 12 else "test"))
+    with pytest.raises(ValueError, match="a checkbox holds 1 or 0"):
+        trainingtable.setCell(table, 0, "odd", "yes")
+    path = trainingtable.writeManifest(table, str(tmp_path / "work"), makeLogic(sceneContext, tmp_path).writeInputVolume)
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["lesion"], row["odd"]) for row in rows] == [(str(a), str(b)) for a, b in zip(labels, odd)]
+    manifest = data.load_manifest(path, check_images=False)
+    assert manifest.labels == ["lesion", "odd"] and manifest.task == "multilabel"
+    assert [tuple(float(v) for v in c.target) for c in manifest.cases] == [(float(a), float(b)) for a, b in zip(labels, odd)]
+    # an unticked Labelled box: the case is refused by name, whatever its finding boxes say
+    trainingtable.setCell(table, 6, LABELLED_COLUMN, False)
+    assert problemsOf(table) == [first.replace("'case00' (row 1)", "'case06' (row 7)")]
+    # a table saved before the checkboxes (text label columns) becomes bit columns, labels kept, "" unlabelled
+    old = trainingtable.createTrainingTable(sceneContext.scene, TrainingSettings(name="old", labels=("lesion",)))
+    old.RemoveAllColumns()
+    for name in ("Case", "lesion", MASK_COLUMN, SPLIT_COLUMN):
+        old.AddColumn().SetName(name)
+    for row, value in enumerate(("1", "0", "")):
+        trainingtable.addCase(old, volumes[row])
+        old.SetCellText(row, 1, value)
+    trainingtable.setTrainingSettings(old, trainingtable.trainingSettings(old))
+    assert old.GetColumnType("lesion") == vtk.VTK_BIT and old.GetColumnType(LABELLED_COLUMN) == vtk.VTK_BIT
+    assert [case.labels["lesion"] for case in trainingtable.readCases(old)] == ["1", "0", ""]
+
+
 def problemsOf(table):
     with pytest.raises(TrainingInputError) as raised:
         trainingtable.checkedCases(table)
@@ -170,9 +220,12 @@ def problemsOf(table):
 def test_bad_tables_are_refused_before_anything_runs_naming_the_case(sceneContext, lesionScene, tmp_path):
     volumes, masks, labels = lesionScene
     table = labelledTable(sceneContext.scene, volumes, labels)
-    trainingtable.setCell(table, 3, "lesion", "")
-    assert problemsOf(table) == ["case 'case03' (row 4): no label (0 or 1) for lesion"]
-    trainingtable.setCell(table, 3, "lesion", 1)
+    unlabelled = "case 'case03' (row 4): no label for lesion (tick its Labelled box once its findings are set)"
+    trainingtable.setCell(table, 3, "lesion", "")  # an empty label: the row is not labelled any more
+    assert problemsOf(table) == [unlabelled]
+    trainingtable.setCell(table, 3, "lesion", 1)  # a ticked finding alone does not make the row labelled
+    assert problemsOf(table) == [unlabelled]
+    trainingtable.setCell(table, 3, LABELLED_COLUMN, True)
     # a mask on another grid (shifted by one voxel's spacing in x)
     shifted = sceneContext.volumesLogic.CloneVolume(sceneContext.scene, masks[5], "shifted mask")
     origin = list(shifted.GetOrigin())
@@ -199,6 +252,7 @@ def test_bad_tables_are_refused_before_anything_runs_naming_the_case(sceneContex
         trainingtable.removeCase(small, 3)
     assert trainingtable.readCases(small)[-1].volumeNode is volumes[3]
     trainingtable.setCell(small, 2, "lesion", 1)
+    trainingtable.setCell(small, 2, LABELLED_COLUMN, True)
     (problem,) = problemsOf(small)
     assert problem.startswith("too few cases to draw the 'auto' splits (cases per label combination {'0': 2, '1': 1}")
 

@@ -36,7 +36,7 @@ class TrainSection:
         ui.nameEdit.text, ui.findingsEdit.text = "finding", "finding"
         ui.multiclassCheckBox = qt.QCheckBox(_("One class per case (multi-class)"))
         ui.addVolumesButton = qt.QPushButton(_("Add loaded volumes"))
-        ui.caseTableView = slicer.qMRMLTableView()  # cells editable: 1 / 0 per finding, the split, as in the table
+        ui.caseTableView = slicer.qMRMLTableView()  # a checkbox per finding and Labelled (bit columns); text cells
         ui.caseTableView.setMRMLScene(slicer.mrmlScene)
         ui.startButton, ui.resumeButton, ui.cancelButton = (qt.QPushButton(text) for text in (
             _("Train and evaluate"), _("Resume"), _("Cancel training")))
@@ -90,8 +90,9 @@ class TrainSection:
             trainingtable.setTrainingSettings(table, self.trainingSettingsFromGui(trainingtable.trainingSettings(table)))
             added = trainingtable.fillFromScene(table, slicer.mrmlScene)
             self.showTrainingTable(table)
-            self.trainUi.statusLabel.text = _("{n} volume(s) added: enter each finding's label (1 or 0) and the split "
-                                              "(auto, train, val, test)").format(n=len(added))
+            self.trainUi.statusLabel.text = _(
+                "{n} volume(s) added: tick each case's findings and then its Labelled box (multi-class: type the "
+                "class name), and the split (auto, train, val, test)").format(n=len(added))
 
     def onStartTraining(self, resume=False):
         table = self.trainingTable(create=False)

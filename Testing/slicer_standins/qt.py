@@ -527,6 +527,20 @@ class qMRMLTableView(QWidget):
         values = [self.tableNode.GetCellText(row, column) for row in range(self.tableNode.GetNumberOfRows())]
         self._proxy.order = sorted(range(len(values)), key=lambda row: float(values[row]), reverse=descending)
 
+    def clickCheckBox(self, viewRow, column):
+        """What clicking a cell's checkbox does (Slicer/Slicer 583e9b3 Libs/MRML/Widgets/qMRMLTableModel.cxx,
+        updateModelFromMRML / updateMRMLFromModel): only a ``vtkBitArray`` column's cells are checkable, and only
+        while the table is not locked; a click flips the cell's bit in the table. Any other cell has no checkbox and
+        the click changes nothing. Returns whether the bit changed."""
+        row = self._proxy.mapToSource(QModelIndex(viewRow, column)).row()
+        array = self.tableNode.GetTable().GetColumn(column)
+        if not array.IsA("vtkBitArray") or self.tableNode.GetLocked():
+            return False
+        before = self.tableNode.GetTable().GetValue(row, column).ToInt()
+        self.tableNode.GetTable().SetValue(row, column, 0 if before else 1)
+        self.tableNode.GetTable().Modified()
+        return self.tableNode.GetTable().GetValue(row, column).ToInt() != before
+
     def selectViewRow(self, viewRow):
         self._selection.selected = [QModelIndex(viewRow, 0)]
         self.selectionChanged.emit()
