@@ -352,8 +352,9 @@ def _build_panel():
                     html.Span("0")
                     v3.VSpacer()
                     html.Span(COLORBAR_LABEL, classes="text-center colorbar-label",
-                              title="the heatmap divided by its maximum in this case (inferno colour map); "
-                                    "spread over [threshold, 1] and added to the image; shaded: under the threshold, not drawn")
+                              title="the heatmap divided by its maximum in this case (inferno colour map, spread "
+                                    "over [threshold, 1] and added to the image); shaded: under the threshold, "
+                                    "nothing added")
                     v3.VSpacer()
                     html.Span("1")
         _build_window()
