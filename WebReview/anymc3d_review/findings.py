@@ -57,6 +57,7 @@ class Findings:
         for loaded in self.loaded.values():
             for heatmap in loaded.heatmap_nodes():
                 self.logic.setHeatmapThreshold(heatmap, self.display.threshold)
+        self._apply_overlay_opacity()  # the colour map starts at the threshold
 
 
 def _record_rows(record) -> list[dict]:

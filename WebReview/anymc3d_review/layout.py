@@ -344,15 +344,17 @@ def _build_panel():
                 v3.VSlider(v_model=("threshold",), min=0, max=0.95, step=0.05, hide_details=True,
                            density="compact", classes="threshold-slider")
             with html.Div(classes="colorbar mt-1", style="position: relative;"):
-                html.Div(style=("{ height: '12px', background: colorbar, borderRadius: '2px' }",))
+                html.Div(style=("{ height: '12px', marginLeft: (threshold * 100) + '%', background: colorbar,"
+                                " borderRadius: '2px' }",))  # the colour map spans [threshold, 1]
                 html.Div(style=("{ position: 'absolute', top: 0, left: 0, height: '12px', width: (threshold * 100) + '%',"
                                 " background: 'rgba(0,0,0,0.6)' }",))
                 with html.Div(classes="d-flex text-caption text-grey"):
                     html.Span("0")
                     v3.VSpacer()
                     html.Span(COLORBAR_LABEL, classes="text-center colorbar-label",
-                              title="the heatmap divided by its maximum in this case (inferno colour map); "
-                                    "shaded: under the threshold, not drawn")
+                              title="the heatmap divided by its maximum in this case (inferno colour map, spread "
+                                    "over [threshold, 1] and added to the image); shaded: under the threshold, "
+                                    "nothing added")
                     v3.VSpacer()
                     html.Span("1")
         _build_window()

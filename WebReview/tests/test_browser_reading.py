@@ -99,7 +99,9 @@ def test_layout_at_1280x720_without_scrolling(reading):
 def test_overlay_switch_key_and_button(reading):
     page, *_ = reading
     show(page, "volume.nii.gz")
-    assert heatmap_fraction(view_pixels(page, "Red")) > 0.02
+    # on: over 0.008 (the additive overlay's colour starts at black at the threshold, so fewer pixels are strongly
+    # coloured than with the old alpha blend: 0.012 measured); off: under 0.002
+    assert heatmap_fraction(view_pixels(page, "Red")) > 0.008
     change(page, lambda: page.keyboard.press("o"))
     assert state(page, "overlay_visible") is False
     assert heatmap_fraction(view_pixels(page, "Red")) < 0.002
@@ -109,7 +111,7 @@ def test_overlay_switch_key_and_button(reading):
     settle(page)
     assert state(page, "overlay_visible") is False and heatmap_fraction(view_pixels(page, "Red")) < 0.002
     change(page, lambda: page.locator(".overlay-toggle").click())
-    assert state(page, "overlay_visible") is True and heatmap_fraction(view_pixels(page, "Red")) > 0.02
+    assert state(page, "overlay_visible") is True and heatmap_fraction(view_pixels(page, "Red")) > 0.008
 
 
 def test_probabilities_two_decimals_and_exact_values_in_details(reading):

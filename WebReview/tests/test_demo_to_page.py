@@ -46,5 +46,6 @@ def test_demo_prints_a_review_command_that_shows_its_case_with_results(tmp_path,
         assert abs(float(shown.rstrip("%")) / (100 if shown.endswith("%") else 1)
                    - result["probabilities"][label]) <= 0.006
         for view in VIEWS:
-            assert heatmap_fraction(view_pixels(page, view)) > 0.02, view
+            # 1 %: the additive overlay's colour starts at black at the threshold
+            assert heatmap_fraction(view_pixels(page, view)) > 0.01, view
         page.close()

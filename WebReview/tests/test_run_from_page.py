@@ -79,7 +79,7 @@ def test_run_case_from_page_writes_results_and_shows_them(run_page, run_folder):
     probabilities = results[0]["results"][0]["probabilities"]
     assert texts == [f"{probabilities[label]:.2f}" for label in results[0]["results"][0]["labels"]]  # as a reader reads it
     assert state(page, "cases")[0]["status"] == "results"
-    assert heatmap_fraction(view_pixels(page, "Red")) > 0.02
+    assert heatmap_fraction(view_pixels(page, "Red")) > 0.01  # additive overlay: from black at the threshold
 
 
 def test_failing_case_shows_error_and_list_goes_on(run_page):
