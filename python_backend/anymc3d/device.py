@@ -36,6 +36,9 @@ AUTO_BF16 = True
 #: (tests/test_precision.py, docs/model.md); "auto" computes every other method (the gradient maps, whose maxima
 #: moved at near-ties, occlusion and the lifted kinds' maps, not measured) in fp32
 BF16_METHODS = frozenset({"attention", "rollout"})
+#: what the PlaneCycle ``features`` and ``similarity`` commands pass as their output: never agreement-tested in
+#: bf16, so "auto" keeps them fp32
+FEATURES = "features"
 #: CPU flags (Linux /proc/cpuinfo, as lscpu shows them) that mean bf16 GEMMs run in hardware
 _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 

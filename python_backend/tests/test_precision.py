@@ -265,3 +265,14 @@ def test_trained_backbone_agrees_in_bf16_on_a_few_volumes(imgfocus):
 def test_trained_backbone_agrees_in_bf16_on_40_volumes(imgfocus):
     worst = _agreement(imgfocus, 40, METHODS)
     print("worst Pearson r per method over 40 volumes:", worst)
+
+
+def test_auto_keeps_the_planecycle_features_in_fp32(monkeypatch):
+    """Features and similarity maps were never measured against fp32 in bf16: "auto" gives them fp32."""
+    from anymc3d.device import FEATURES
+
+    monkeypatch.setattr(device_module, "native_bf16", lambda device: True)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == torch.bfloat16
+    assert resolve_precision("auto", cpu, FEATURES) == torch.float32
+    assert resolve_precision("bf16", cpu, FEATURES) == torch.bfloat16

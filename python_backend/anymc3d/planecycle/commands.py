@@ -131,12 +131,12 @@ def run_features(args) -> int:
         read_volume,
         write_features,
     )
-    from anymc3d.device import precision_name, resolve_device, resolve_precision
+    from anymc3d.device import FEATURES, precision_name, resolve_device, resolve_precision
 
     try:
         config, preprocess = _settings(args)
         device = resolve_device(args.device)
-        dtype = resolve_precision(args.precision, device)
+        dtype = resolve_precision(args.precision, device, FEATURES)  # not agreement-tested: auto keeps fp32
         model, digest = load_model(args.backbone, args.arch)
         layers = check_layers(args.layers, len(model.blocks))
         volume, _ = read_volume(args.input, preprocess)
@@ -176,14 +176,14 @@ def run_similarity(args) -> int:
         seed_to_slice,
         seed_token,
     )
-    from anymc3d.device import precision_name, resolve_device, resolve_precision
+    from anymc3d.device import FEATURES, precision_name, resolve_device, resolve_precision
     from anymc3d.image_writing import write_image_atomic
 
     seeds = list(dict.fromkeys(tuple(seed) for seed in args.seed))  # repeated seeds: one map
     try:
         config, preprocess = _settings(args)
         device = resolve_device(args.device)
-        dtype = resolve_precision(args.precision, device)
+        dtype = resolve_precision(args.precision, device, FEATURES)  # not agreement-tested: auto keeps fp32
         paths = similarity_outputs(args.out, seeds, args.format)
         volume, geometry = read_volume(args.input, preprocess)
         if geometry is None:
