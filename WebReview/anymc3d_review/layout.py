@@ -18,7 +18,8 @@ from .modelinfo import UNTRAINED
 
 LAYOUT_ID = "AnyMC3D review"
 VIEW_TITLES = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal", "ThreeD": "3D"}
-COLORBAR_LABEL = "relative attention (per-case max = 1), not a probability"
+#: any method's map (attention, gradient, occlusion) is divided by its case maximum: the bar says only that
+COLORBAR_LABEL = "heatmap relative to its case maximum (max = 1), not a probability"
 
 SLICE_VIEW_NAMES = ("Red", "Green", "Yellow")
 SLIDER_STRIP_PX = 28  # the slice slider's strip under a slice view's image

@@ -101,7 +101,7 @@ def test_untrained_plugin_is_flagged_beside_its_findings(model_page):
     assert page.locator(".modality-warning").count() == 0  # the demo CT is a CT in HU: no warning
     # the colour bar says what its 0-1 is
     assert page.locator(".colorbar-label").inner_text().strip() == \
-        "relative attention (per-case max = 1), not a probability"
+        "heatmap relative to its case maximum (max = 1), not a probability"
 
 
 def test_brain_mri_under_a_ct_plugin_is_warned_and_metadata_is_text(model_page):
