@@ -9,6 +9,7 @@ the table; bad tables are refused before anything runs. The slow tests train a p
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -305,7 +306,9 @@ def test_training_through_the_logic_matches_anymc3d_eval(sceneContext, lesionSce
     assert result.status == "ok", result.message + "\n" + "\n".join(job.stderrLog[-20:])
     # the expected time came first, then one report per epoch with loss and validation AUROC
     training = [r for r in reports if r.stage == "training" and r.expectedMinutes is not None]
-    assert training[0].epoch == 0 and training[0].expectedMinutes > 0
+    plan = re.search(r"Expected time: about ([0-9.]+) min", training[0].message)  # the trainer's own plan line
+    assert training[0].epoch == 0 and plan and training[0].expectedMinutes == float(plan.group(1)) >= 0
+    assert reports.index(training[0]) < min(reports.index(r) for r in reports if r.epoch > 0)
     epochs = [r for r in reports if r.epoch > 0]
     assert [r.epoch for r in epochs] == [1, 2, 3] and all(np.isfinite(r.loss) for r in epochs)
     history = job.historyTableNode.GetTable()
