@@ -260,6 +260,14 @@ def settle(page, views=VIEWS, quiet=0.6, timeout=20.0):
         time.sleep(0.1)
 
 
+def change_scene(page, action):
+    """Run ``action`` (a click, a key) and wait until the scene it changes is published and drawn."""
+    version = state(page, "scene_version")
+    action()
+    wait_state(page, f"s('scene_version') > {version}")
+    settle(page)
+
+
 def show_case(page, name):
     """Click case ``name`` in the list (unless it is shown) and wait for its scene and heatmap; then move the mouse
     off the views (keys act on the page) and let the frames settle. Returns the case's index."""

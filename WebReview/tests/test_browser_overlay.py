@@ -6,8 +6,8 @@ under a dark purple and jumps from 0 to its full blend at the threshold."""
 
 import numpy as np
 import pytest
-from anymc3d_review.testing import FRAME_SCRIPT, ReviewServer, now, settle, show_case as show, state, view_pixels, \
-    wait_frames, wait_state
+from anymc3d_review.testing import (change_scene as change, now, open_page, ReviewServer, settle, show_case as show, state,
+    view_pixels, wait_frames)
 
 pytestmark = pytest.mark.slow
 NOISE = 12  # JPEG noise of the view's image stream on grey (sum over the three channels stays under it)
@@ -17,19 +17,10 @@ RINGING = 75  # JPEG ringing next to a saturated tint darkens a few pixels by up
 @pytest.fixture(scope="module")
 def page(browser, review_folder):
     with ReviewServer(review_folder) as server:
-        page = browser.new_page(viewport={"width": 1280, "height": 720})
-        page.add_init_script(FRAME_SCRIPT)
-        page.goto(server.url)
+        page = open_page(browser, server.url, 1280, 720)
         wait_frames(page, 0, timeout=60)
         yield page
         page.close()
-
-
-def change(page, action):
-    version = state(page, "scene_version")
-    action()
-    wait_state(page, f"s('scene_version') > {version}")
-    settle(page)
 
 
 def set_threshold(page, value):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 from anymc3d_review.modelinfo import NOT_MEASURED
-from anymc3d_review.testing import ReviewServer, heatmap_fraction, settle, show_case as show, state, view_box, \
-    view_pixels, wait_frames, wait_state
+from anymc3d_review.testing import (change_scene as change, heatmap_fraction, ReviewServer, settle,
+    show_case as show, state, view_box, view_pixels, wait_frames, wait_state)
 
 pytestmark = pytest.mark.slow
 WIDTH, HEIGHT = 1280, 720
@@ -59,13 +59,6 @@ def reading(browser, reading_folder, tmp_path_factory):
         wait_frames(page, 0, timeout=60)
         yield page, record, errors, server
         page.close()
-
-
-def change(page, action):
-    version = state(page, "scene_version")
-    action()
-    wait_state(page, f"s('scene_version') > {version}")
-    settle(page)
 
 
 def box(page, selector):

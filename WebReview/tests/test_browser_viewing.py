@@ -8,8 +8,8 @@ slice slider has its own strip under the image, where Slicer's scale bar is not.
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from anymc3d_review.testing import FRAME_SCRIPT, ReviewServer, settle, show_case as show, state, view_box, \
-    view_pixels, wait_frames, wait_state
+from anymc3d_review.testing import (change_scene as change, FRAME_SCRIPT, ReviewServer, settle, show_case as show,
+    state, view_box, view_pixels, wait_frames, wait_state)
 
 pytestmark = pytest.mark.slow
 WIDTH, HEIGHT = 1280, 720
@@ -32,13 +32,6 @@ def viewing(browser, review_folder, tmp_path_factory):
         wait_frames(page, 0, timeout=60)
         yield page, server, problems
         page.close()
-
-
-def change(page, action):
-    version = state(page, "scene_version")
-    action()
-    wait_state(page, f"s('scene_version') > {version}")
-    settle(page)
 
 
 def test_clean_page_open_logs_no_error(viewing):
