@@ -34,3 +34,20 @@ def demo_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo")
     write_demo(folder)
     return folder
+
+
+def interrupt_at_validation(monkeypatch, count: int):
+    """Make the trainer's ``count``-th validation raise KeyboardInterrupt (a run killed mid-training); returns the
+    original method, to put back for the resumed run."""
+    from anymc3d.training.trainer import Trainer
+
+    original, calls = Trainer._validate, {"n": 0}
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == count:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_validate", interrupted)
+    return original

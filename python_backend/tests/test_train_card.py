@@ -17,7 +17,7 @@ from anymc3d.plugin import read_plugin_metadata
 from anymc3d.training.checkpoints import checkpoint_path, read_checkpoint
 from anymc3d.training.config import TrainConfig
 from anymc3d.training.trainer import Trainer, train
-from conftest import small_backbone
+from conftest import interrupt_at_validation, small_backbone
 from train_tasks import one_thread, split_list, write_task  # noqa: F401 (autouse: one torch thread per test)
 
 CARD = {"name": "Lesion finder", "description": "Synthetic spheres; research use only, not for diagnosis.",
@@ -93,15 +93,7 @@ def test_a_resumed_run_keeps_the_card_of_its_checkpoint(task, tmp_path, monkeypa
     is not part of what makes the run (a new description on --resume is taken, the checkpoint not refused)."""
     manifest, _ = task
     config = TrainConfig(epochs=2, num_slices=6, lora=False, augment=False, **CARD)
-    original, calls = Trainer._validate, {"n": 0}
-
-    def interrupted(self):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "_validate", interrupted)
+    original = interrupt_at_validation(monkeypatch, 2)
     out = tmp_path / "run.anymc3d"
     with pytest.raises(KeyboardInterrupt):
         train(manifest, small_backbone(), out, config, progress=False)

@@ -17,7 +17,7 @@ from anymc3d.plugin import load_plugin, read_training_summary
 from anymc3d.training.checkpoints import checkpoint_path, read_checkpoint
 from anymc3d.training.config import TrainConfig
 from anymc3d.training.trainer import Trainer, train
-from conftest import small_backbone
+from conftest import interrupt_at_validation, small_backbone
 from train_tasks import split_list, write_task
 
 #: tiny runs: 12 cases, 6 slices each, 3 epochs (each run takes seconds)
@@ -45,16 +45,7 @@ def test_interrupt_and_resume_gives_the_uninterrupted_plugin(tiny_task, tmp_path
     full = train(tiny_task, small_backbone(), tmp_path / "full.anymc3d", config, progress=False)[0]
     assert full.summary["epochs_run"] == 3
     # Ctrl-C during the third epoch's validation: epochs 0 and 1 are checkpointed, epoch 2's work is lost
-    calls = {"n": 0}
-    original = Trainer._validate
-
-    def interrupted(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "_validate", interrupted)
+    original = interrupt_at_validation(monkeypatch, 3)
     out = tmp_path / "resumed.anymc3d"
     with pytest.raises(KeyboardInterrupt):
         train(tiny_task, small_backbone(), out, config, progress=False)
