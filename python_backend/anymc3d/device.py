@@ -14,6 +14,7 @@ reports bf16 as unavailable, so ``auto`` gives fp32 everywhere (tests, or a CPU 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from pathlib import Path
@@ -67,8 +68,12 @@ def native_bf16(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and _cpu_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16() -> bool:
+    """The CPU's answer, read once per process ("auto" asks again at every prediction)."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     if any(probe() for probe in probes if probe is not None):
         return True
