@@ -251,18 +251,22 @@ def cli_timing(name, size, slices, repeats):
     for key in warm[0]:
         value = statistics.median(s[key] for s in warm)
         out.append(f"  {key:38s} {value:6.2f} s   (from the command line written to stdin)")
-    importing = statistics.median(_import_time() for _ in range(3))
+    importing = statistics.median(_import_time(teardown=False) for _ in range(3))
     floor = statistics.median(_import_time("torch") for _ in range(3))
-    timm_cost = statistics.median(_import_time("torch, timm") for _ in range(3)) - floor
-    vision = statistics.median(_import_time("torch, torchvision.ops") for _ in range(3)) - floor
-    out.append(f"  of the start-up, `import anymc3d.engine` alone: {importing:.2f} s; `import torch` alone: {floor:.2f} s "
-               "(the floor any torch process pays here)")
+    bare = statistics.median(_import_time("torch", teardown=False) for _ in range(3))
+    timm_cost = statistics.median(_import_time("torch, timm", teardown=False) for _ in range(3)) - bare
+    vision = statistics.median(_import_time("torch, torchvision.ops", teardown=False) for _ in range(3)) - bare
+    out.append(f"  `python -c \"import torch\"`: {floor:.2f} s, of which the interpreter's teardown {floor - bare:.2f} s "
+               f"(the CLI skips it); `import anymc3d.engine` without teardown: {importing:.2f} s")
     out.append(f"  `import timm` after torch: {timm_cost:.2f} s, of which torchvision.ops (+ torch._dynamo, imported by "
                f"timm/layers/create_norm.py unconditionally) about {vision:.2f} s")
     total = statistics.median(s["total"] for s in splits)
     encoding = statistics.median(s["encoding + heatmap"] for s in splits)
-    out.append(f"  beyond `import torch` and the forward (encoding + heatmap): {total - floor - encoding:.2f} s "
+    out.append(f"  beyond `python -c \"import torch\"` and the forward (encoding + heatmap): {total - floor - encoding:.2f} s "
                "(target <= 1.5 s)")
+    out.append(f"  beyond torch's import alone and the forward: {total - bare - encoding:.2f} s; of it `import timm` "
+               f"{timm_cost:.2f} s (timm 1.0.31 imports every model file and torchvision.ops unconditionally), the rest "
+               f"(anymc3d, SimpleITK, nibabel, loading, reading, writing, exit) {total - bare - encoding - timm_cost:.2f} s")
     return out
 
 
@@ -286,9 +290,12 @@ def _run_cli(cmd, stdin_line, settle=0.0):
     return times, time.perf_counter() - start
 
 
-def _import_time(module="anymc3d.engine"):
+def _import_time(module="anymc3d.engine", teardown=True):
+    """Wall time of ``python -c "import MODULE"``; without ``teardown`` the process ends with ``os._exit`` as the CLI
+    does, so the interpreter's module teardown is not counted."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+    subprocess.run([sys.executable, "-c", f"import {module}" + ("" if teardown else "; import os; os._exit(0)")],
+                   check=True)
     return time.perf_counter() - start
 
 
