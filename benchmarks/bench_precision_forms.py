@@ -43,7 +43,7 @@ from anymc3d.preprocessing import prepare, to_model_input
 from anymc3d.synthetic import make_ct_volume
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_engine import machine_line  # noqa: E402  (the one CPU line every benchmark output starts with)
+from bench_engine import machine_line  # the one CPU line every benchmark output starts with
 
 
 def _int8(model, mlp_only: bool, per_channel: bool):
