@@ -468,7 +468,7 @@ class AnyMC3DSlicerLogic:
         return heatmapNode
 
     def setHeatmapThreshold(self, heatmapNode, threshold):
-        heatmapNode.GetDisplayNode().SetThreshold(float(threshold), 1.0)
+        outputs.setHeatmapWindow(heatmapNode.GetDisplayNode(), threshold)
         for displayNode in outputs.volumeRenderingDisplayNodes(heatmapNode):
             outputs.setHeatmapTransferFunctions(displayNode.GetVolumePropertyNode().GetVolumeProperty(), threshold)
 

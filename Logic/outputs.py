@@ -332,20 +332,29 @@ def autoWindowOf(volumeNode):
 
 
 def setUpHeatmapDisplay(heatmapNode, colorNode, threshold):
-    """Slice-view display: blue -> red colour table on [0, 1], voxels under ``threshold`` transparent.
+    """Slice-view display: the inferno colour table spread over [threshold, 1] (:func:`setHeatmapWindow`).
 
     The display node is set up before it observes the heatmap (not ``CreateDefaultDisplayNodes``, whose automatic
     window/level computes a histogram of the whole volume first: 2 s for 512x512x300 voxels, thrown away here).
     """
     displayNode = heatmapNode.GetScene().AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
     displayNode.SetAutoWindowLevel(False)
-    displayNode.SetWindowLevelMinMax(0.0, 1.0)
     displayNode.SetAutoThreshold(False)
-    displayNode.SetThreshold(float(threshold), 1.0)
     displayNode.SetApplyThreshold(True)
+    setHeatmapWindow(displayNode, threshold)
     displayNode.SetAndObserveColorNodeID(colorNode.GetID())
     heatmapNode.SetAndObserveDisplayNodeID(displayNode.GetID())
     return displayNode
+
+
+def setHeatmapWindow(displayNode, threshold):
+    """The heatmap's colours over [threshold, 1]: inferno's black at the threshold, so the slice views' "Add"
+    compositing (:func:`showHeatmapInSliceViews`) adds nothing there (inferno's first colour, nearly black) and
+    a tint that grows with the value above it. The threshold also sets the display's alpha cut, which matters
+    only if a view alpha-blends."""
+    threshold = float(threshold)
+    displayNode.SetWindowLevelMinMax(min(threshold, 0.99), 1.0)
+    displayNode.SetThreshold(threshold, 1.0)
 
 
 def createFindingsTable(scene, name, rows):
@@ -414,6 +423,15 @@ def showHeatmapInSliceViews(scene, heatmapNode, backgroundVolumeNode, opacity):
         if backgroundVolumeNode is not None and not compositeNode.GetBackgroundVolumeID():
             compositeNode.SetBackgroundVolumeID(backgroundVolumeNode.GetID())
         compositeNode.SetForegroundVolumeID(heatmapNode.GetID() if heatmapNode is not None else None)
+    setOverlayOpacity(scene, opacity)
+
+
+def setOverlayOpacity(scene, opacity):
+    """The slice views add the heatmap to the image (Slicer's "Add" compositing: image + opacity x colour). Alpha
+    blending would cut the overlay out at the threshold instead, and the untinted image there would look brighter
+    than its tinted surroundings."""
+    for compositeNode in nodesByClass(scene, "vtkMRMLSliceCompositeNode"):
+        compositeNode.SetCompositing(slicer.vtkMRMLSliceCompositeNode.Add)
         compositeNode.SetForegroundOpacity(float(opacity))
 
 

@@ -63,7 +63,8 @@ class PredictionOptions:
 
 @parameterPack
 class DisplayOptions:
-    """How heatmaps are shown: slice-view overlay opacity and the threshold under which voxels are transparent.
+    """How heatmaps are shown: slice-view overlay opacity and the threshold at and under which nothing is
+    added to the image (the slice views add the heatmap; the 3D view's opacity starts there).
 
     ``volumeRenderingMaxSize`` > 0: the 3D view renders a block-averaged copy of a heatmap larger than that (voxels
     per axis); 0 (Slicer's default, a GPU renders the full volume): the heatmap itself.

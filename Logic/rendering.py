@@ -113,7 +113,7 @@ def volumeRenderingDisplayNodes(heatmapNode):
 
 
 def setHeatmapTransferFunctions(volumeProperty, threshold):
-    """Scalar opacity: 0 up to ``threshold``, then a linear ramp to MAX_VOLUME_RENDERING_OPACITY at 1; colour blue -> red."""
+    """Scalar opacity: 0 up to ``threshold``, then a linear ramp to MAX_VOLUME_RENDERING_OPACITY at 1; colours inferno over [0, 1]."""
     from .outputs import HEATMAP_COLOR_STOPS
 
     threshold = min(max(float(threshold), 0.0), 0.99)

@@ -6,7 +6,7 @@ path does; again only when the voxels or the geometry change) and gives each vol
 backend (``--features-cache``) computes the token volume once and every later point only reads it. ``request``
 converts the point's RAS to the volume's IJK (Slicer's IJK is SimpleITK's index order, which the backend's ``--seed``
 takes), starts the process through the Logic's runner (event-driven, never blocking), and on success imports the map
-as a scalar volume shown in the slice views' foreground with the blue -> red heatmap colours, replacing the previous
+as a scalar volume added to the slice views' image in the heatmap colours (inferno), replacing the previous
 similarity map of that volume. A newer point cancels a running job; the newest waiting point starts when it ends.
 ``cleanup()`` removes the session's folder (caches included).
 

@@ -29,19 +29,14 @@ class SliceDisplay:
         self._apply_overlay_opacity()
 
     def _apply_overlay_opacity(self):
-        """The overlay is added to the image (Slicer's "Add" compositing: image + opacity x colour), its colour map
-        spread over [threshold, 1]: black, so nothing added, at and under the threshold, a tint that grows with the
-        value above it. Alpha blending cuts the overlay out at the threshold instead (the display node turns the
-        threshold into an on/off alpha), and the untinted image there looks brighter than its tinted surroundings."""
-        opacity = self.display.opacity if self.overlay_visible else 0.0
-        for composite in logic_outputs.nodesByClass(self.scene, "vtkMRMLSliceCompositeNode"):
-            composite.SetCompositing(slicer.vtkMRMLSliceCompositeNode.Add)
-            composite.SetForegroundOpacity(opacity)
+        """The Logic's overlay: added to the image, its colour map over [threshold, 1] (``outputs.setOverlayOpacity``,
+        ``outputs.setHeatmapWindow``); a hidden overlay is opacity 0."""
+        logic_outputs.setOverlayOpacity(self.scene, self.display.opacity if self.overlay_visible else 0.0)
         for loaded in self.loaded.values():
             for heatmap in loaded.heatmap_nodes():
                 display_node = heatmap.GetDisplayNode()
                 if display_node is not None:
-                    display_node.SetWindowLevelMinMax(min(self.display.threshold, 0.99), 1.0)
+                    logic_outputs.setHeatmapWindow(display_node, self.display.threshold)
 
     def hide_crosshair(self):
         """The crosshair marks a jump target of the shown case: a case switch removes it."""
