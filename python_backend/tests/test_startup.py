@@ -1,7 +1,7 @@
 """Start-up: the command line answers --help, --version and usage errors without importing torch, and a
 prediction imports nothing that only training needs (peft, transformers). Each run is a fresh interpreter
 (subprocess), so sys.modules shows what the command itself imported; the times are printed, not asserted
-(benchmarks/bench_startup.py measures them)."""
+(benchmarks/bench_engine.py, section 4, measures them)."""
 from __future__ import annotations
 
 import json
