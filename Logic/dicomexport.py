@@ -93,7 +93,8 @@ def runExporter(python, recordPath, outDir, stem, timeout=600):
     """``python -m anymc3d.dicom_out``: the written objects as its JSON list; DicomExportError with its message."""
     command = [python, "-m", EXPORTER_MODULE, recordPath, "--out", outDir, "--stem", stem]
     try:
-        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        run = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                             timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise DicomExportError(f"the DICOM exporter could not run ({error})") from None
     if run.returncode != 0:

