@@ -11,8 +11,18 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AnyMC3DSlicerLogic import AnyMC3DSlicerLogic, SubprocessRunner, manifestcases, outputs, trainingtable
-from AnyMC3DSlicerLogic.trainingtable import LABELLED_COLUMN, TrainingInputError, TrainingSettings
+from AnyMC3DSlicerLogic import (
+    AnyMC3DSlicerLogic,
+    SubprocessRunner,
+    manifestcases,
+    outputs,
+    trainingtable,
+)
+from AnyMC3DSlicerLogic.trainingtable import (
+    LABELLED_COLUMN,
+    TrainingInputError,
+    TrainingSettings,
+)
 
 data = pytest.importorskip("anymc3d.data")
 synthetic = pytest.importorskip("anymc3d.synthetic")
@@ -177,8 +187,8 @@ def test_a_csv_that_does_not_fit_the_table_changes_nothing(sceneContext, tmp_pat
     trainingtable.addCase(table, volume)
     with pytest.raises(TrainingInputError) as error:
         manifestcases.ManifestImport(makeLogic(sceneContext, tmp_path), table, multilabelCsv).start()
-    assert error.value.problems == [f"{multilabelCsv}: label columns ['effusion', 'nodule'] are not the table's "
-                                    "findings ['lesion']"]
+    assert error.value.problems == [(f"{multilabelCsv}: label columns ['effusion', 'nodule'] are not the table's "
+                                     "findings ['lesion']")]
     assert table.GetNumberOfRows() == 1 and trainingtable.trainingSettings(table).labels == ("lesion",)
     for header, message in ((["image_ct", "image_pet", "x"], "one 'image' column"), (["image", "id"], "no label column")):
         bad = writeCsv(tmp_path / "bad.csv", header, [["a"] * len(header)])
