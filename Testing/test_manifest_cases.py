@@ -232,3 +232,29 @@ def test_the_logic_reads_manifests_without_torch():
             "assert not {'torch', 'nibabel'} & set(sys.modules), sorted({'torch', 'nibabel'} & set(sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.slow
+def test_the_train_sections_button_adds_a_manifests_cases_as_the_module(tmp_path, multilabelCsv):
+    """In the stand-in module (child process): cancelling the file dialog does nothing; a CSV's cases are read one
+    per event-loop turn after the click returns, its bad row named in one warning; Cancel stops a second CSV."""
+    from .test_module_in_slicer_standin import runScenario
+
+    with open(multilabelCsv, "a", encoding="utf-8", newline="") as file:
+        file.write("bad,cases/none.nii.gz,1,0,,train\n")  # line 11
+    second = writeCsv(tmp_path / "second.csv", ["id", "image", "effusion", "nodule"],
+                      [[f"more{k}", f"cases/img{k}.nii.gz", k % 2, 1 - k % 2] for k in range(4)])
+    seen = runScenario("manifestCases", {"pluginFolder": str(tmp_path / "plugins"), "manifest": multilabelCsv,
+                                         "second": second})
+    assert seen["afterCancelledDialog"] == {"table": False, "dialogs": []}
+    assert seen["rightAfterClick"] == {"rows": 0, "status": f"Reading 9 case(s) from {multilabelCsv}",
+                                       "buttonsEnabled": [False, False], "cancelEnabled": True}
+    assert seen["statuses"][0] == "Case 1/9 read: alpha" and len(seen["statuses"]) == 9
+    assert seen["rows"][:3] == ["alpha", "img1", "gamma"] and len(seen["rows"]) == 9
+    assert seen["columns"] == ["Case", "Labelled", "effusion", "nodule", "Segmentation", "Split"]
+    assert seen["findingsEdit"] == "effusion, nodule" and seen["buttonsEnabled"] == [True, True]
+    assert seen["status"] == f"9 case(s) added from {multilabelCsv}"
+    ((kind, text),) = seen["dialogs"]
+    assert kind == "warningDisplay" and text.splitlines()[1].startswith(f"{multilabelCsv} line 11: image ")
+    assert seen["asked"][0][1] == "Manifest (*.csv)"
+    assert seen["afterCancel"] == {"rows": 10, "status": f"1 case(s) added from {second} (cancelled)", "addEnabled": True}
