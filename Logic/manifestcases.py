@@ -237,9 +237,12 @@ class ManifestImport:
         return None
 
     def poll(self):
-        """Add the next case if its files have been read (on the caller's thread); reschedule while cases remain."""
+        """Add the next case if its files have been read (on the caller's thread); reschedule while cases remain. The
+        table gone from the scene (the scene closed) ends the import as cancelled."""
         if self.done:
             return
+        if self.table.GetScene() is None:
+            return self.cancel()
         if self._reads and self._reads[0][1].done():
             case, future = self._reads.pop(0)
             self._add(case, future)

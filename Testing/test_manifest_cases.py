@@ -225,6 +225,12 @@ def test_cases_are_added_one_per_event_loop_turn_and_cancel_stops(sceneContext, 
     assert job.done and job.cancelled and table.GetNumberOfRows() == 3
     turns.pop(0)()  # a turn scheduled before the cancel does nothing
     assert table.GetNumberOfRows() == 3
+    # the scene closed (the table removed) while cases are read: the import ends, nothing is added
+    other = trainingtable.createTrainingTable(sceneContext.scene, TrainingSettings(labels=("effusion", "nodule")))
+    job = manifestcases.ManifestImport(logic, other, multilabelCsv).start()
+    sceneContext.scene.RemoveNode(other)
+    turns.pop(0)()
+    assert job.done and job.cancelled and job.added == [] and turns == []
 
 
 def test_the_logic_reads_manifests_without_torch():
