@@ -120,19 +120,19 @@ def _cellPath(base, value, column, problems, where):
 
 
 def _rowLabels(r, settings, labelColumns, problems, where):
-    """{finding: 0/1} or {"Class": class name} of one row; None with the problems when a cell is not one."""
-    if settings.task == "multiclass":
-        cell = r.get(labelColumns[0]) or ""
-        number = rules.parse_class(cell.strip())
-        if number is None or number >= len(settings.labels):
-            named = f"not one of 0..{len(settings.labels) - 1} ({', '.join(settings.labels)})" if number is not None else "not a class number"
-            problems.append(f"{where}: class {labelColumns[0]} {cell!r} is {named}")
-            return None
-        return {CLASS_COLUMN: settings.labels[number]}
-    values = {column: rules.parse_binary((r.get(column) or "").strip()) for column in labelColumns}
-    bad = [f"{where}: label {column} must be 0 or 1, got {r.get(column)!r}" for column, v in values.items() if v is None]
+    """{finding: 0/1} or {"Class": class name} of one row (the backend's cell rules); None with the problems when a
+    cell is not one, or names a class the table has no name for."""
+    bad = []
+    values = rules.row_target(r, labelColumns, settings.task, where, bad)
+    if settings.task == "multiclass" and not bad and values[0] >= len(settings.labels):
+        bad.append(f"{where}: class {labelColumns[0]} {values[0]} has no name in the table (its classes are 0.."
+                   f"{len(settings.labels) - 1}: {', '.join(settings.labels)})")
     problems.extend(bad)
-    return None if bad else {column: int(v) for column, v in values.items()}
+    if bad:
+        return None
+    if settings.task == "multiclass":
+        return {CLASS_COLUMN: settings.labels[values[0]]}
+    return {column: int(value) for column, value in zip(labelColumns, values)}
 
 
 def _rowName(r, image):
@@ -154,10 +154,7 @@ def _row(path, line, r, settings, labelColumns, problems):
     maskValue = (r.get("mask") or "").strip()
     mask = _cellPath(base, maskValue, "mask", problems, where) if maskValue else ""
     labels = _rowLabels(r, settings, labelColumns, problems, where)
-    splitCell = (r.get("split") or "").strip()
-    split = rules.parse_split(splitCell) if splitCell else "auto"
-    if split is None:
-        problems.append(f"{where}: split must be train, val or test (or empty for auto), got {splitCell!r}")
+    split = rules.row_split(r, where, problems) if (r.get("split") or "").strip() else "auto"  # empty: auto
     if len(problems) > before:
         return None
     return ManifestCase(line, _rowName(r, image), image, mask, labels, split)

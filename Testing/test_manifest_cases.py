@@ -142,6 +142,13 @@ def test_multiclass_manifest_gives_class_names_and_writes_back_the_same_classes(
     assert job.problems == []
     assert [case.labels[trainingtable.CLASS_COLUMN] for case in trainingtable.readCases(named)] == [
         ("none", "low", "high")[g] for g in grades]
+    # a class that is not a number, or has no name in the table: named, nothing added
+    bad = writeCsv(tmp_path / "badgrades.csv", ["id", "image", "grade"],
+                   [["x1", "cases/c0.nrrd", "two"], ["x2", "cases/c0.nrrd", "3"], ["x3", "cases/c0.nrrd", "1.0"]])
+    job = importManifest(makeLogic(sceneContext, tmp_path), named, bad)
+    assert job.problems == [f"{bad} line 2: label grade must be a class number 0, 1, 2, ..., got 'two'",
+                            f"{bad} line 3: class grade 3 has no name in the table (its classes are 0..2: none, low, high)"]
+    assert trainingtable.readCases(named)[-1].name == "x3" and len(job.added) == 1
 
 
 def test_hostile_rows_are_each_named_and_the_good_rows_kept(sceneContext, tmp_path):

@@ -29,8 +29,8 @@ import torch
 from anymc3d.errors import AnyMC3DError, InputError
 from anymc3d.image_reading import absolute, link_problem, read_image
 from anymc3d.manifest_rules import (  # noqa: F401 (SPLITS, RESERVED: used by callers as data.*)
-    RESERVED, SPLITS, check_task, class_names, guess_task, label_candidates, parse_binary, parse_class, parse_split,
-    read_rows, view_columns)
+    RESERVED, SPLITS, check_task, class_names, guess_task, label_candidates, read_rows, row_split, row_target,
+    view_columns)
 from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.preprocessing import prepare
 
@@ -190,28 +190,14 @@ def _row_images(base: Path, r: dict, where: str, cols: _Columns, problems: list[
 def _row_target(r: dict, where: str, cols: _Columns, problems: list[str]) -> np.ndarray:
     if not cols.labels:
         return np.zeros(0, dtype=np.float32)
+    values = row_target(r, cols.labels, cols.task, where, problems)
     if cols.task == "multiclass":
-        v = parse_class((r.get(cols.labels[0]) or "").strip())
-        if v is None:
-            problems.append(f"{where}: label {cols.labels[0]} must be a class number 0, 1, 2, ..., "
-                            f"got {r.get(cols.labels[0])!r}")
-        return np.asarray(v or 0, dtype=np.int64)
-    target = []
-    for col in cols.labels:
-        v = parse_binary((r.get(col) or "").strip())
-        if v is None:
-            problems.append(f"{where}: label {col} must be 0 or 1, got {r.get(col)!r}")
-        target.append(v or 0.0)
-    return np.asarray(target, dtype=np.float32)
+        return np.asarray(values[0], dtype=np.int64)
+    return np.asarray(values, dtype=np.float32)
 
 
 def _row_split(r: dict, where: str, cols: _Columns, problems: list[str]) -> Optional[str]:
-    if not cols.split:
-        return None
-    split = parse_split(r.get("split"))
-    if split is None:
-        problems.append(f"{where}: split must be train, val or test, got {r.get('split')!r}")
-    return split
+    return row_split(r, where, problems) if cols.split else None
 
 
 def _row(base: Path, index: int, line: int, r: dict, cols: _Columns) -> ManifestRow:

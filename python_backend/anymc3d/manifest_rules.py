@@ -63,6 +63,32 @@ def parse_split(value: str | None) -> str | None:
     return SPLIT_ALIASES.get((value or "").strip().lower())
 
 
+def row_target(r: dict, label_cols: Sequence[str], task: str, where: str, problems: list[str]) -> list:
+    """A row's label values: [class number] (multi-class) or one 0.0/1.0 per label column (multi-label). A bad cell
+    adds its problem (``where``: the row's place, e.g. "line 3") and counts as 0."""
+    if task == "multiclass":
+        cell = r.get(label_cols[0])
+        number = parse_class((cell or "").strip())
+        if number is None:
+            problems.append(f"{where}: label {label_cols[0]} must be a class number 0, 1, 2, ..., got {cell!r}")
+        return [number or 0]
+    values = []
+    for col in label_cols:
+        number = parse_binary((r.get(col) or "").strip())
+        if number is None:
+            problems.append(f"{where}: label {col} must be 0 or 1, got {r.get(col)!r}")
+        values.append(number or 0.0)
+    return values
+
+
+def row_split(r: dict, where: str, problems: list[str]) -> str | None:
+    """A row's split (train / val / test, aliases allowed); None with the problem when its cell is not one."""
+    split = parse_split(r.get("split"))
+    if split is None:
+        problems.append(f"{where}: split must be train, val or test, got {r.get('split')!r}")
+    return split
+
+
 def guess_task(class_cells: Sequence[str], label_cols: Sequence[str]) -> str:
     """The task of a manifest whose task is not given: multi-class when it has ONE label column holding an integer
     above 1 (``class_cells``: that column's cells), else multi-label."""
