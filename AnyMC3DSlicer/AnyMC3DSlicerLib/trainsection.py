@@ -1,5 +1,5 @@
-"""The widget's "Train" section: the case table of the scene's volumes (labels, optional segmentation, split) and the
-plugin's settings, then ``anymc3d train`` / ``eval`` in the background through the Logic's process runner (the GUI
+"""The widget's "Train" section: the case table of the scene's volumes or a manifest CSV's cases (labels, optional
+segmentation, split) and the plugin's settings, then ``anymc3d train`` / ``eval`` in the background through the Logic's process runner (the GUI
 only receives its lines), a live chart of loss and validation AUROC, Cancel, Resume, the evaluation, and the plugin
 added to the plugin list. A mixin of the module's widget (``self.layout``, ``self.logic``, ``self.ui``,
 ``self.pluginLibrary``, ``startJob``)."""
