@@ -26,6 +26,7 @@ import json
 import os
 
 import numpy as np
+from anymc3d.manifest_rules import RESERVED
 
 from . import outputs
 
@@ -37,8 +38,9 @@ VOLUME_REFERENCE = "AnyMC3DTrainingVolume"
 MASK_REFERENCE = "AnyMC3DTrainingMask"
 SETTINGS_PREFIX = "AnyMC3D.Training."
 TASKS = ("multilabel", "multiclass")
-#: column names the backend's manifest reader does not take as labels (anymc3d.data.RESERVED, the image column)
-MANIFEST_RESERVED = ("image", "mask", "split", "id", "case")
+#: column names the backend's manifest reader does not take as labels (anymc3d.manifest_rules: its reserved columns
+#: and the image column)
+MANIFEST_RESERVED = ("image", *sorted(RESERVED))
 
 
 class TrainingInputError(ValueError):

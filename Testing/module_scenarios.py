@@ -273,6 +273,41 @@ def trainSection(args):
     return seen
 
 
+def manifestCases(args):
+    """Add cases from a manifest: the file dialog cancelled (nothing happens), then a CSV whose cases are read one at
+    a time off the event loop (the section answers at once), the bad rows in one message; a second CSV cancelled
+    after its first case."""
+    widget = openModule(args["pluginFolder"])
+    ui, seen = widget.trainUi, {}
+    ui.addManifestButton.click()  # the dialog cancelled: ""
+    seen["afterCancelledDialog"] = {"table": widget.trainingTable(create=False) is not None, "dialogs": list(app.dialogs)}
+    statuses = []
+    original = widget.onManifestProgress
+    widget.onManifestProgress = lambda *a: (original(*a), statuses.append(ui.statusLabel.text))
+    qt.QFileDialog.nextOpenFileName = args["manifest"]
+    ui.addManifestButton.click()
+    table = ui.caseTableView.tableNode
+    seen["rightAfterClick"] = {"rows": table.GetNumberOfRows(), "status": ui.statusLabel.text,
+                               "buttonsEnabled": [ui.addManifestButton.enabled, ui.startButton.enabled],
+                               "cancelEnabled": ui.cancelButton.enabled}
+    qt.QCoreApplication.processEvents()  # the event loop: one case per scheduled turn
+    seen.update({"statuses": list(statuses), "status": ui.statusLabel.text, "dialogs": list(app.dialogs),
+                 "rows": [table.GetCellText(row, 0) for row in range(table.GetNumberOfRows())],
+                 "columns": [table.GetColumnName(column) for column in range(table.GetNumberOfColumns())],
+                 "findingsEdit": ui.findingsEdit.text, "buttonsEnabled": [ui.addManifestButton.enabled, ui.startButton.enabled],
+                 "asked": qt.QFileDialog.asked})
+    qt.QFileDialog.nextOpenFileName = args["second"]
+    ui.addManifestButton.click()
+    while table.GetNumberOfRows() == len(seen["rows"]):
+        qt._pending.pop(0)()
+    ui.cancelButton.click()
+    qt.QCoreApplication.processEvents()
+    seen["afterCancel"] = {"rows": table.GetNumberOfRows(), "status": ui.statusLabel.text,
+                           "addEnabled": ui.addManifestButton.enabled}
+    widget.cleanup()
+    return seen
+
+
 if __name__ == "__main__":
     result = globals()[sys.argv[1]](json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
     print(json.dumps(result, default=str))

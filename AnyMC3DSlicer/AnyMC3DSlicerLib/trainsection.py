@@ -1,5 +1,5 @@
-"""The widget's "Train" section: the case table of the scene's volumes (labels, optional segmentation, split) and the
-plugin's settings, then ``anymc3d train`` / ``eval`` in the background through the Logic's process runner (the GUI
+"""The widget's "Train" section: the case table of the scene's volumes or a manifest CSV's cases (labels, optional
+segmentation, split) and the plugin's settings, then ``anymc3d train`` / ``eval`` in the background through the Logic's process runner (the GUI
 only receives its lines), a live chart of loss and validation AUROC, Cancel, Resume, the evaluation, and the plugin
 added to the plugin list. A mixin of the module's widget (``self.layout``, ``self.logic``, ``self.ui``,
 ``self.pluginLibrary``, ``startJob``)."""
@@ -10,7 +10,7 @@ import AnyMC3DSlicerLogic as LogicPackage
 import ctk
 import qt
 import slicer
-from AnyMC3DSlicerLogic import training, trainingtable
+from AnyMC3DSlicerLogic import manifestcases, training, trainingtable
 from slicer.i18n import tr as _
 
 
@@ -19,6 +19,7 @@ class TrainSection:
 
     trainingJob = None
     trainingResult = None
+    manifestImport = None
 
     def setupTrainSection(self):
         """Build the collapsed "Train" section below the .ui's sections."""
@@ -36,6 +37,10 @@ class TrainSection:
         ui.nameEdit.text, ui.findingsEdit.text = "finding", "finding"
         ui.multiclassCheckBox = qt.QCheckBox(_("One class per case (multi-class)"))
         ui.addVolumesButton = qt.QPushButton(_("Add loaded volumes"))
+        ui.addManifestButton = qt.QPushButton(_("Add cases from a manifest…"))
+        ui.addManifestButton.toolTip = _("A CSV as anymc3d train --manifest reads it: image, label columns (0/1 per "
+                                         "finding, or one class number), optional mask, split, id; paths relative "
+                                         "to the CSV")
         ui.caseTableView = slicer.qMRMLTableView()  # a checkbox per finding and Labelled (bit columns); text cells
         ui.caseTableView.setMRMLScene(slicer.mrmlScene)
         ui.startButton, ui.resumeButton, ui.cancelButton = (qt.QPushButton(text) for text in (
@@ -44,12 +49,13 @@ class TrainSection:
         ui.metricsTableView = slicer.qMRMLTableView()
         ui.metricsTableView.setMRMLScene(slicer.mrmlScene)
         ui.runTestButton = qt.QPushButton(_("Run on the test cases"))
-        for widget in (ui.multiclassCheckBox, ui.addVolumesButton, ui.caseTableView, ui.startButton, ui.resumeButton,
+        for widget in (ui.multiclassCheckBox, ui.addVolumesButton, ui.addManifestButton, ui.caseTableView, ui.startButton, ui.resumeButton,
                        ui.cancelButton, ui.progressBar, ui.statusLabel, ui.metricsTableView, ui.runTestButton):
             form.addRow(widget)
         ui.cancelButton.enabled = ui.runTestButton.enabled = False
         ui.progressBar.hide()
         ui.addVolumesButton.connect("clicked(bool)", self.onAddTrainingVolumes)
+        ui.addManifestButton.connect("clicked(bool)", self.onAddManifestCases)
         ui.startButton.connect("clicked(bool)", lambda checked: self.onStartTraining(resume=False))
         ui.resumeButton.connect("clicked(bool)", lambda checked: self.onStartTraining(resume=True))
         ui.cancelButton.connect("clicked(bool)", self.onCancelTraining)
@@ -93,6 +99,49 @@ class TrainSection:
             self.trainUi.statusLabel.text = _(
                 "{n} volume(s) added: tick each case's findings and then its Labelled box (multi-class: type the "
                 "class name), and the split (auto, train, val, test)").format(n=len(added))
+
+    def onAddManifestCases(self):
+        """Ask for a manifest CSV and add its cases: read one at a time off the event loop (the status label counts
+        them, Cancel stops), then one message listing every row not added."""
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Add cases from a manifest"), "", _("Manifest (*.csv)"))
+        if not path:  # cancelled
+            return None
+        table = self.trainingTable()
+        try:
+            trainingtable.setTrainingSettings(table, self.trainingSettingsFromGui(trainingtable.trainingSettings(table)))
+            self.manifestImport = manifestcases.ManifestImport(self.logic, table, path, self.onManifestProgress,
+                                                               self.onManifestFinished)
+            self.setManifestImportRunning(True)
+            self.manifestImport.start()
+        except (trainingtable.TrainingInputError, ValueError) as error:  # the file itself: nothing was added
+            self.manifestImport = None
+            self.setManifestImportRunning(False)
+            slicer.util.errorDisplay(_("Cannot add cases from the manifest:") + "\n" + str(error))
+            return None
+        self.showTrainingTable(table)  # the rows appear as the cases are read
+        self.trainUi.statusLabel.text = _("Reading {n} case(s) from {path}").format(n=len(self.manifestImport.plan.cases),
+                                                                                 path=path)
+        return self.manifestImport
+
+    def setManifestImportRunning(self, running):
+        ui = self.trainUi
+        ui.addManifestButton.enabled = ui.addVolumesButton.enabled = ui.startButton.enabled = not running
+        ui.resumeButton.enabled = not running
+        ui.cancelButton.enabled = running
+
+    def onManifestProgress(self, done, total, name):
+        self.trainUi.statusLabel.text = _("Case {done}/{total} read: {name}").format(done=done, total=total, name=name)
+
+    def onManifestFinished(self, job):
+        self.manifestImport = None
+        self.setManifestImportRunning(False)
+        self.showTrainingTable(job.table)
+        self.trainUi.statusLabel.text = _("{n} case(s) added from {path}{cancelled}").format(
+            n=len(job.added), path=job.path, cancelled=_(" (cancelled)") if job.cancelled else "")
+        if job.problems:
+            shown = job.problems[:40] + ([_("... and {n} more").format(n=len(job.problems) - 40)] if len(job.problems) > 40 else [])
+            slicer.util.warningDisplay(_("{n} row(s) of the manifest not added:").format(n=len(job.problems)) + "\n"
+                                       + "\n".join(shown))
 
     def onStartTraining(self, resume=False):
         table = self.trainingTable(create=False)
@@ -144,6 +193,8 @@ class TrainSection:
         self.trainUi.runTestButton.enabled = bool(result.testVolumeNodes)
 
     def onCancelTraining(self):
+        if self.manifestImport is not None:
+            self.manifestImport.cancel()
         if self.trainingJob is not None:
             self.trainingJob.cancel()
 

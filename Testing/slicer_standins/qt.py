@@ -570,10 +570,17 @@ class QUrl:
 
 
 class QFileDialog:
+    """``getOpenFileName(parent, caption, dir, filter)`` returns the chosen path, or an empty string when the user
+    cancels (Qt 5 qfiledialog.cpp, QFileDialog::getOpenFileName: "If the user presses Cancel, it returns a null
+    string"; PythonQt gives a QString as a Python str). The test sets ``nextOpenFileName``; ``asked`` records the
+    captions and filters."""
+
     nextOpenFileName = ""
+    asked: typing.ClassVar[list] = []
 
     @staticmethod
-    def getOpenFileName(*args):
+    def getOpenFileName(parent=None, caption="", directory="", filter=""):
+        QFileDialog.asked.append((caption, filter))
         return QFileDialog.nextOpenFileName
 
 

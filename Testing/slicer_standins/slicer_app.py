@@ -491,7 +491,8 @@ def install():
     slicer.util.reloadScriptedModule = reloadScriptedModule
     slicer.util.WaitCursor = contextlib.nullcontext
     slicer.util.tryWithErrorDisplay = tryWithErrorDisplay
-    for kind in ("errorDisplay", "confirmOkCancelDisplay", "confirmYesNoDisplay", "showStatusMessage", "infoDisplay"):
+    for kind in ("errorDisplay", "confirmOkCancelDisplay", "confirmYesNoDisplay", "showStatusMessage", "infoDisplay",
+                 "warningDisplay"):
         setattr(slicer.util, kind, dialog(kind))
     slicer.util.pip_install = pip_install
     slicer.util._executePythonModule = _executePythonModule

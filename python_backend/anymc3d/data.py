@@ -17,9 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,18 +26,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from anymc3d.contract import TASKS
 from anymc3d.errors import AnyMC3DError, InputError
 from anymc3d.image_reading import absolute, link_problem, read_image
+from anymc3d.manifest_rules import (  # noqa: F401 (SPLITS, RESERVED: used by callers as data.*)
+    RESERVED, SPLITS, check_task, class_names, guess_task, label_candidates, read_rows, row_split, row_target,
+    view_columns)
 from anymc3d.preprocess_config import PreprocessConfig
 from anymc3d.preprocessing import prepare
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                  "test": "test", "testing": "test"}
-RESERVED = {"split", "mask", "id", "case"}
 #: cases whose images together stay under this many voxels are kept in memory after the check
 CACHE_VOXELS = 400 * 1024 ** 2
 
@@ -104,29 +100,6 @@ class Manifest:
         return out
 
 
-def _view_columns(header: Sequence[str]) -> tuple[list[str], list[str]]:
-    if "image" in header:
-        return ["image"], ["image"]
-    cols = [h for h in header if h.startswith("image_") and len(h) > len("image_")]
-    return cols, [c.removeprefix("image_") for c in cols]
-
-
-def _parse_binary(value: str) -> Optional[float]:
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if number in (0.0, 1.0) else None
-
-
-def _parse_class(value: str) -> Optional[int]:
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return int(number) if math.isfinite(number) and number == int(number) and number >= 0 else None
-
-
 def _same_geometry(a: sitk.Image, b: sitk.Image) -> Optional[str]:
     """None when b lies on a's voxel grid, else what differs."""
     if a.GetSize() != b.GetSize():
@@ -152,24 +125,17 @@ class _Columns:
 def _read_rows(path: Path) -> tuple[bytes, list[str], list[tuple[int, dict]]]:
     """The file's bytes, its header and its data rows, each with the line it starts on (the header is line 1)."""
     try:
-        raw = path.read_bytes()
-        reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
-        header = list(reader.fieldnames or [])
-        rows = []
-        for r in reader:
-            inner = sum(v.count("\n") for v in r.values() if isinstance(v, str))  # quoted line breaks
-            rows.append((reader.line_num - inner, r))
+        return read_rows(path)
     except OSError as exc:
         raise InputError(path, f"cannot read the manifest ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except (UnicodeDecodeError, csv.Error, ValueError) as exc:
         raise InputError(path, f"cannot read the manifest ({exc})") from None
-    return raw, header, rows
 
 
 def _columns(path: Path, header: list[str], rows: list[tuple[int, dict]], labels: Optional[Sequence[str]],
              task: Optional[str], labelled: bool) -> _Columns:
     """Check the header (raising :class:`ManifestError`) and settle the label columns and the task."""
-    image_cols, views = _view_columns(header)
+    image_cols, views = view_columns(header)
     if not image_cols:
         raise ManifestError(path, ["no 'image' (or 'image_<view>') column in the header"])
     if not rows:
@@ -181,7 +147,7 @@ def _columns(path: Path, header: list[str], rows: list[tuple[int, dict]], labels
 
 
 def _label_columns(path: Path, header: list[str], image_cols: list[str], labels: Optional[Sequence[str]]) -> list[str]:
-    candidates = [h for h in header if h not in image_cols and h.lower() not in RESERVED and not h.startswith("mask_")]
+    candidates = label_candidates(header, image_cols)
     label_cols = list(labels) if labels else candidates
     missing_cols = [c for c in label_cols if c not in header]
     if missing_cols:
@@ -193,10 +159,8 @@ def _label_columns(path: Path, header: list[str], image_cols: list[str], labels:
 
 def _task(path: Path, rows: list[tuple[int, dict]], label_cols: list[str], task: Optional[str]) -> str:
     if task is None:
-        values = [_parse_class(r.get(label_cols[0]) or "") for _, r in rows] if len(label_cols) == 1 else []
-        task = "multiclass" if values and max((v or 0) for v in values) > 1 else "multilabel"
-    if task not in TASKS:
-        raise ValueError(f"task: must be one of {TASKS}, got {task!r}")
+        task = guess_task([r.get(label_cols[0]) or "" for _, r in rows] if len(label_cols) == 1 else [], label_cols)
+    check_task(task)
     if task == "multiclass" and len(label_cols) != 1:
         raise ManifestError(path, [f"a multi-class task needs ONE integer label column, got {label_cols}"])
     return task
@@ -226,28 +190,14 @@ def _row_images(base: Path, r: dict, where: str, cols: _Columns, problems: list[
 def _row_target(r: dict, where: str, cols: _Columns, problems: list[str]) -> np.ndarray:
     if not cols.labels:
         return np.zeros(0, dtype=np.float32)
+    values = row_target(r, cols.labels, cols.task, where, problems)
     if cols.task == "multiclass":
-        v = _parse_class((r.get(cols.labels[0]) or "").strip())
-        if v is None:
-            problems.append(f"{where}: label {cols.labels[0]} must be a class number 0, 1, 2, ..., "
-                            f"got {r.get(cols.labels[0])!r}")
-        return np.asarray(v or 0, dtype=np.int64)
-    target = []
-    for col in cols.labels:
-        v = _parse_binary((r.get(col) or "").strip())
-        if v is None:
-            problems.append(f"{where}: label {col} must be 0 or 1, got {r.get(col)!r}")
-        target.append(v or 0.0)
-    return np.asarray(target, dtype=np.float32)
+        return np.asarray(values[0], dtype=np.int64)
+    return np.asarray(values, dtype=np.float32)
 
 
 def _row_split(r: dict, where: str, cols: _Columns, problems: list[str]) -> Optional[str]:
-    if not cols.split:
-        return None
-    split = _SPLIT_ALIASES.get((r.get("split") or "").strip().lower())
-    if split is None:
-        problems.append(f"{where}: split must be train, val or test, got {r.get('split')!r}")
-    return split
+    return row_split(r, where, problems) if cols.split else None
 
 
 def _row(base: Path, index: int, line: int, r: dict, cols: _Columns) -> ManifestRow:
@@ -285,7 +235,7 @@ def load_manifest(path: Path | str, labels: Optional[Sequence[str]] = None, task
     cols = _columns(path, header, rows, labels, task, labelled)
     cases = [_row(path.parent, index, line, r, cols) for index, (line, r) in enumerate(rows, start=1)]
     if cols.task == "multiclass":
-        label_names = [f"{cols.labels[0]}_{k}" for k in range(int(max(int(c.target) for c in cases)) + 1)]
+        label_names = class_names(cols.labels[0], int(max(int(c.target) for c in cases)) + 1)
     else:
         label_names = list(cols.labels)
     manifest = Manifest(path=path, views=cols.views, labels=label_names, task=cols.task, cases=cases,

@@ -6,7 +6,6 @@ look with nibabel. Headers are checked before any voxel is read, so a file claim
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -19,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from anymc3d.contract import is_image_name, is_temporary
-from anymc3d.safeio import MAX_VOXELS
+from anymc3d.safeio import MAX_VOXELS, link_problem
 from anymc3d.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -47,22 +46,6 @@ def is_dicom_folder(folder: PathLike) -> bool:
 def dicom_series_ids(folder: PathLike) -> list[str]:
     """The series instance UIDs of the DICOM series directly in ``folder``, largest series first."""
     return [sid for sid, _ in _dicom_series(Path(folder))]
-
-
-def link_problem(path: PathLike) -> str | None:
-    """Why ``path`` cannot be opened as a file system entry: a symbolic-link loop, a dangling link, or
-    missing; None when it can. (``Path.exists()`` says False for all three without telling which.)"""
-    try:
-        os.stat(path)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            return "is a symbolic link loop"
-        if os.path.islink(path):
-            return f"is a dangling symbolic link (to {os.readlink(path)})"
-        return "file or folder not found"
-    except ValueError as error:  # embedded NUL and the like
-        return f"is not a usable path ({error})"
-    return None
 
 
 def absolute(path: PathLike) -> str:

@@ -15,6 +15,7 @@ Standard library and numpy only: the Slicer module and the review page use it wi
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -73,6 +74,22 @@ def read_json(path, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_D
     except OSError as error:
         raise ValueError(f"{path}: cannot read ({error.strerror or error})") from None
     return loads(raw, path, max_bytes, max_depth)
+
+
+def link_problem(path) -> str | None:
+    """Why ``path`` cannot be opened as a file system entry: a symbolic-link loop, a dangling link, or
+    missing; None when it can. (``Path.exists()`` says False for all three without telling which.)"""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if os.path.islink(path):
+            return f"is a dangling symbolic link (to {os.readlink(path)})"
+        return "file or folder not found"
+    except ValueError as error:  # embedded NUL and the like
+        return f"is not a usable path ({error})"
+    return None
 
 
 def read_limited(path, max_bytes: int) -> bytes:
@@ -138,4 +155,4 @@ def link_new(source: str, target: str) -> None:
 
 
 __all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_VOXELS", "check_stored_members", "check_voxels",
-           "create_exclusive", "inside", "json_depth", "link_new", "loads", "read_json", "read_limited"]
+           "create_exclusive", "inside", "json_depth", "link_new", "link_problem", "loads", "read_json", "read_limited"]

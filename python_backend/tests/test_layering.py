@@ -9,7 +9,7 @@ import anymc3d
 
 #: lowest first; a module may import only modules of a lower rank
 #: (subpackage modules by dotted name, e.g. "planecycle.op"; a subpackage's __init__ must stay import-free)
-ORDER = ["errors", "safeio", "contract", "plugin_file", "testing", "fileio", "device", "planecycle.config", "layouts", "catalog", "backbone", "imgfocus",
+ORDER = ["errors", "safeio", "contract", "manifest_rules", "plugin_file", "testing", "fileio", "device", "planecycle.config", "layouts", "catalog", "backbone", "imgfocus",
          "hub", "lora", "pooling",
          "planecycle.op", "planecycle.converter", "planecycle.head", "heatmap", "preprocess_config", "image_reading",
          "image_writing", "intensity", "modality", "preprocessing", "synthetic",
