@@ -1,4 +1,4 @@
-"""Cases from a manifest: the backend's own CSV (what ``anymc3d train --manifest`` reads) turned into rows of the
+"""Cases from a manifest: the backend's own CSV (what ``anymc3d train MANIFEST`` reads) turned into rows of the
 training case table, so that a researcher need not load every case into the scene by hand.
 
 The CSV is read with the backend's column rules (:mod:`anymc3d.manifest_rules`, torch-free: ``anymc3d.data`` imports

@@ -38,7 +38,7 @@ class TrainSection:
         ui.multiclassCheckBox = qt.QCheckBox(_("One class per case (multi-class)"))
         ui.addVolumesButton = qt.QPushButton(_("Add loaded volumes"))
         ui.addManifestButton = qt.QPushButton(_("Add cases from a manifest…"))
-        ui.addManifestButton.toolTip = _("A CSV as anymc3d train --manifest reads it: image, label columns (0/1 per "
+        ui.addManifestButton.toolTip = _("A CSV as anymc3d train reads it: image, label columns (0/1 per "
                                          "finding, or one class number), optional mask, split, id; paths relative "
                                          "to the CSV")
         ui.caseTableView = slicer.qMRMLTableView()  # a checkbox per finding and Labelled (bit columns); text cells
