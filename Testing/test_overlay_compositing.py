@@ -29,23 +29,20 @@ def _setValue(node, value):
 
 
 @pytest.fixture
-def sliceView():
-    """A scene with slicer-core's slice logic ("Red"), a grey image at 60 of [0, 200] and a heatmap shown as the
-    Logic shows it; returns (scene, slice logic, image, heatmap, render) with render() -> the centre pixel's RGB."""
-    scene = slicer.vtkMRMLScene()
-    application = slicer.vtkMRMLApplicationLogic()
-    application.SetMRMLScene(scene)
+def sliceView(sceneContext):
+    """The application's scene (Testing/slicer_testing.SceneContext) with slicer-core's slice logic ("Red"), a grey
+    image at 60 of [0, 200] and a heatmap shown as the Logic shows it; returns (scene, slice logic, image, heatmap,
+    render) with render() -> the centre pixel's RGB."""
+    scene = sceneContext.scene
     sliceLogic = slicer.vtkMRMLSliceLogic()
-    sliceLogic.SetMRMLApplicationLogic(application)
+    sliceLogic.SetMRMLApplicationLogic(sceneContext.appLogic)
     sliceLogic.SetMRMLScene(scene)
     sliceLogic.AddSliceNode("Red")
     image = _uniformVolume(scene, "image", 60.0)
-    grey = scene.AddNewNodeByClass("vtkMRMLColorTableNode")
-    grey.SetTypeToGrey()
     display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
     display.SetAutoWindowLevel(False)
     display.SetWindowLevelMinMax(0.0, 200.0)
-    display.SetAndObserveColorNodeID(grey.GetID())
+    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")  # the colour logic's grey table
     image.SetAndObserveDisplayNodeID(display.GetID())
     heatmap = _uniformVolume(scene, "heatmap", 0.0)
     out.setUpHeatmapDisplay(heatmap, out.heatmapColorTableNode(scene), 0.5)
@@ -60,7 +57,6 @@ def sliceView():
         pixels = numpy_support.vtk_to_numpy(output.GetPointData().GetScalars()).reshape(height, width, -1)
         return pixels[height // 2, width // 2, :3].astype(float)
 
-    render.keepAlive = (application, grey, display)  # the slice logic holds no reference to its application logic
     return scene, sliceLogic, image, heatmap, render
 
 
